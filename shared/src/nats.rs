@@ -1,0 +1,191 @@
+//! The NATS layout of SPEC §7: subject names, stream and bucket configs, header
+//! names, and the idempotent set-up every service runs at start.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use tracing::{info, warn};
+
+use crate::ids::StreamKey;
+
+/// Command stream: gateways publish, sequencers consume (work queue).
+pub const CMDS_STREAM: &str = "USYNC_CMDS";
+/// The op log: only the sequencer writes, only the compactor purges.
+pub const OPS_STREAM: &str = "USYNC_OPS";
+/// Cursor bucket.
+pub const CURSORS_BUCKET: &str = "usync-cursors";
+/// Snapshot object store.
+pub const SNAPSHOTS_BUCKET: &str = "usync-snapshots";
+/// The sequencers' shared durable consumer on `USYNC_CMDS`.
+pub const SEQUENCER_CONSUMER: &str = "usync-sequencer";
+
+/// Header carrying an op's `server_seq` in the log.
+pub const HDR_SEQ: &str = "Usync-Seq";
+/// Header carrying an op's `op_id` in the log.
+pub const HDR_OP_ID: &str = "Usync-Op-Id";
+
+/// Largest message either stream accepts: a frame (1 MiB) plus envelope.
+pub const MAX_MSG_SIZE: i32 = 2 * 1024 * 1024;
+
+pub fn cmd_subject(key: &StreamKey) -> String {
+    format!("usync.cmd.{}.{}.{}", key.org, key.project, key.namespace)
+}
+
+pub fn ops_subject(key: &StreamKey) -> String {
+    format!("usync.ops.{}.{}.{}", key.org, key.project, key.namespace)
+}
+
+pub fn presence_subject(org: &str, project: &str) -> String {
+    format!("usync.presence.{org}.{project}")
+}
+
+/// Parses `usync.{cmd|ops}.{org}.{project}.{ns}` back into a stream key.
+pub fn stream_key_from_subject(subject: &str) -> Option<StreamKey> {
+    let mut parts = subject.split('.');
+    if parts.next()? != "usync" {
+        return None;
+    }
+    let kind = parts.next()?;
+    if kind != "cmd" && kind != "ops" {
+        return None;
+    }
+    let (org, project, ns) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    StreamKey::parse(org, project, ns).ok()
+}
+
+/// Settings that shape the streams.
+#[derive(Debug, Clone, Copy)]
+pub struct LayoutOptions {
+    /// 1 or 3.
+    pub replicas: usize,
+}
+
+impl Default for LayoutOptions {
+    fn default() -> Self {
+        Self { replicas: 1 }
+    }
+}
+
+/// `USYNC_CMDS`: memory storage. A command lost before it is sequenced was never
+/// acked, so the client's outbox resends it; with `sync_interval: always` a file
+/// stream would cost an fsync per command for no guarantee anyone relies on.
+pub fn cmds_stream_config(opts: LayoutOptions) -> stream::Config {
+    stream::Config {
+        name: CMDS_STREAM.to_owned(),
+        description: Some("ultrasync commands, gateway -> sequencer".to_owned()),
+        subjects: vec!["usync.cmd.>".to_owned()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::Memory,
+        max_bytes: 256 * 1024 * 1024,
+        discard: stream::DiscardPolicy::New,
+        max_message_size: MAX_MSG_SIZE,
+        num_replicas: opts.replicas,
+        ..Default::default()
+    }
+}
+
+/// `USYNC_OPS`: the durable op log.
+pub fn ops_stream_config(opts: LayoutOptions) -> stream::Config {
+    stream::Config {
+        name: OPS_STREAM.to_owned(),
+        description: Some("ultrasync op log".to_owned()),
+        subjects: vec!["usync.ops.>".to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        deny_delete: true,
+        allow_direct: true,
+        allow_atomic_publish: true,
+        duplicate_window: Duration::from_secs(120),
+        max_message_size: MAX_MSG_SIZE,
+        num_replicas: opts.replicas,
+        ..Default::default()
+    }
+}
+
+/// Creates or updates the streams and buckets. Safe to run from every service at
+/// every start, concurrently.
+pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyhow::Result<()> {
+    for cfg in [cmds_stream_config(opts), ops_stream_config(opts)] {
+        let name = cfg.name.clone();
+        js.create_or_update_stream(cfg)
+            .await
+            .map_err(|e| anyhow::anyhow!("creating stream {name}: {e}"))?;
+    }
+    js.create_or_update_key_value(jetstream::kv::Config {
+        bucket: CURSORS_BUCKET.to_owned(),
+        description: "ultrasync client cursors".to_owned(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: opts.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("creating bucket {CURSORS_BUCKET}: {e}"))?;
+    if js.get_object_store(SNAPSHOTS_BUCKET).await.is_err() {
+        let created = js
+            .create_object_store(jetstream::object_store::Config {
+                bucket: SNAPSHOTS_BUCKET.to_owned(),
+                description: Some("ultrasync state snapshots".to_owned()),
+                storage: stream::StorageType::File,
+                num_replicas: opts.replicas,
+                ..Default::default()
+            })
+            .await;
+        if let Err(e) = created {
+            // Another service may have created it between our check and create.
+            if js.get_object_store(SNAPSHOTS_BUCKET).await.is_err() {
+                return Err(anyhow::anyhow!("creating object store {SNAPSHOTS_BUCKET}: {e}"));
+            }
+        }
+    }
+    info!(replicas = opts.replicas, "nats layout ready");
+    Ok(())
+}
+
+/// Connects to NATS, retrying for up to `patience` while the server comes up.
+pub async fn connect(url: &str, name: &str, patience: Duration) -> anyhow::Result<async_nats::Client> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .subscription_capacity(64 * 1024);
+        let attempt = async {
+            let client = opts.connect(url).await?;
+            tokio::time::timeout(Duration::from_secs(2), client.flush())
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer from {url}"))??;
+            anyhow::Ok(client)
+        }
+        .await;
+        match attempt {
+            Ok(client) => return Ok(client),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                warn!(url, error = %e, "nats not reachable yet, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot reach nats at {url}: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_round_trip() {
+        let k = StreamKey::parse("acme", "web", "settings").expect("key");
+        assert_eq!(ops_subject(&k), "usync.ops.acme.web.settings");
+        assert_eq!(stream_key_from_subject(&ops_subject(&k)), Some(k.clone()));
+        assert_eq!(stream_key_from_subject(&cmd_subject(&k)), Some(k));
+        assert_eq!(stream_key_from_subject("usync.ops.a.b"), None);
+        assert_eq!(stream_key_from_subject("usync.ops.a.b.c.d"), None);
+        assert_eq!(stream_key_from_subject("other.ops.a.b.c"), None);
+    }
+}

@@ -1,0 +1,202 @@
+//! The op envelope (SPEC §2) and the command envelope that travels from a gateway to
+//! the sequencer over `USYNC_CMDS`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::ids::StreamKey;
+
+/// What an op does to its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpType {
+    /// Payload is the new JSON value.
+    Set,
+    /// Payload is ignored; the key is removed.
+    Del,
+    /// Payload is an RFC 7386 merge patch applied to the current value.
+    Patch,
+    /// Payload is `{"change": "<base64 Automerge change>"}`.
+    CrdtOp,
+}
+
+impl OpType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Set => "set",
+            Self::Del => "del",
+            Self::Patch => "patch",
+            Self::CrdtOp => "crdt_op",
+        }
+    }
+}
+
+/// A compare-and-set guard carried by a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Precondition {
+    /// The key's version the writer based its edit on; `0` = create only if absent.
+    pub expected_version: u64,
+}
+
+/// A committed op, exactly as stored in `USYNC_OPS` and sent to clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Op {
+    pub op_id: String,
+    pub org_id: String,
+    pub project_id: String,
+    pub namespace: String,
+    pub actor_id: String,
+    pub client_id: String,
+    pub command_id: String,
+    pub server_seq: u64,
+    /// uhlc timestamp as a decimal string: the u64 is above 2^53 and would lose
+    /// precision as a JSON number in browsers.
+    pub hlc_ts: String,
+    pub key: String,
+    pub op_type: OpType,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precondition: Option<Precondition>,
+}
+
+/// A client's command after the gateway has authenticated and validated it: org,
+/// project and actor come from the verified token, never from the client's body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandEnvelope {
+    pub org_id: String,
+    pub project_id: String,
+    pub namespace: String,
+    pub actor_id: String,
+    pub client_id: String,
+    pub command_id: String,
+    pub key: String,
+    pub op_type: OpType,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precondition: Option<Precondition>,
+    /// Core NATS subject the sequencer publishes the ack or reject to. `None` for
+    /// commands whose submitter does not wait (the op still reaches subscribers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
+impl CommandEnvelope {
+    /// The op id: a hash of who sent the command, its id and what it does. A retry of
+    /// the same command hashes to the same id (invariant 5).
+    pub fn op_id(&self) -> String {
+        op_id(
+            &self.actor_id,
+            &self.command_id,
+            &self.key,
+            self.op_type,
+            &self.payload,
+            self.precondition,
+        )
+    }
+
+    /// The stream key, validated.
+    pub fn stream_key(&self) -> Result<StreamKey, crate::IdError> {
+        StreamKey::parse(&self.org_id, &self.project_id, &self.namespace)
+    }
+
+    /// Turns the command into the op it commits as.
+    pub fn into_op(self, op_id: String, server_seq: u64, hlc_ts: String) -> Op {
+        Op {
+            op_id,
+            org_id: self.org_id,
+            project_id: self.project_id,
+            namespace: self.namespace,
+            actor_id: self.actor_id,
+            client_id: self.client_id,
+            command_id: self.command_id,
+            server_seq,
+            hlc_ts,
+            key: self.key,
+            op_type: self.op_type,
+            payload: self.payload,
+            precondition: self.precondition,
+        }
+    }
+}
+
+/// `hash(actor_id, command_id, payload)` where "payload" is everything the command
+/// asks for (key, op type, value, precondition), so a reused command id with a
+/// different body is told apart from a retry. 128 bits of SHA-256, 32 hex chars.
+pub fn op_id(
+    actor_id: &str,
+    command_id: &str,
+    key: &str,
+    op_type: OpType,
+    payload: &Value,
+    precondition: Option<Precondition>,
+) -> String {
+    let mut h = Sha256::new();
+    for part in [actor_id, command_id, key, op_type.as_str()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    // serde_json's map is ordered by key, so this is canonical for equal values.
+    let body = serde_json::to_vec(payload).unwrap_or_default();
+    h.update((body.len() as u64).to_le_bytes());
+    h.update(&body);
+    match precondition {
+        Some(p) => {
+            h.update([1]);
+            h.update(p.expected_version.to_le_bytes());
+        }
+        None => h.update([0]),
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn op_id_is_stable_and_distinguishes() {
+        let a = op_id("u", "c1", "k", OpType::Set, &json!({"a":1,"b":2}), None);
+        let b = op_id("u", "c1", "k", OpType::Set, &json!({"b":2,"a":1}), None);
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, op_id("u", "c2", "k", OpType::Set, &json!({"a":1,"b":2}), None));
+        assert_ne!(a, op_id("v", "c1", "k", OpType::Set, &json!({"a":1,"b":2}), None));
+        assert_ne!(a, op_id("u", "c1", "k", OpType::Set, &json!({"a":1}), None));
+        // Length prefixes keep ("ab","c") and ("a","bc") apart.
+        assert_ne!(
+            op_id("ab", "c", "k", OpType::Del, &Value::Null, None),
+            op_id("a", "bc", "k", OpType::Del, &Value::Null, None)
+        );
+    }
+
+    #[test]
+    fn op_round_trips_with_spec_field_names() {
+        let op = Op {
+            op_id: "ab".into(),
+            org_id: "acme".into(),
+            project_id: "web".into(),
+            namespace: "settings".into(),
+            actor_id: "user-42".into(),
+            client_id: "laptop-1".into(),
+            command_id: "c-17".into(),
+            server_seq: 18,
+            hlc_ts: "7235619847381123072".into(),
+            key: "theme".into(),
+            op_type: OpType::Set,
+            payload: json!({"color":"dark"}),
+            precondition: Some(Precondition {
+                expected_version: 17,
+            }),
+        };
+        let v = serde_json::to_value(&op).expect("serialize");
+        assert_eq!(v["op_type"], "set");
+        assert_eq!(v["precondition"]["expected_version"], 17);
+        let back: Op = serde_json::from_value(v).expect("deserialize");
+        assert_eq!(back, op);
+    }
+}

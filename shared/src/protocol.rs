@@ -1,0 +1,251 @@
+//! WebSocket protocol v1 (SPEC §4): JSON text frames, each an object tagged by
+//! `"type"`. These types own all (de)serialization of frames; an unknown or malformed
+//! frame decodes to an error that the gateway answers with `invalid_message`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ErrorCode;
+use crate::op::{Op, OpType, Precondition};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A command as the client sends it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandFrame {
+    pub command_id: String,
+    pub namespace: String,
+    pub key: String,
+    pub op_type: OpType,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precondition: Option<Precondition>,
+}
+
+/// Client → server frames.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    Hello {
+        protocol: u32,
+        org_id: String,
+        project_id: String,
+        client_id: String,
+        /// `{namespace: last_server_seq | null}`; null asks for a snapshot.
+        #[serde(default)]
+        cursors: BTreeMap<String, Option<u64>>,
+    },
+    Subscribe {
+        namespace: String,
+        #[serde(default)]
+        last_server_seq: Option<u64>,
+    },
+    Unsubscribe {
+        namespace: String,
+    },
+    Command(CommandFrame),
+    Cursor {
+        namespace: String,
+        server_seq: u64,
+    },
+    Presence {
+        key: String,
+        #[serde(default)]
+        payload: Value,
+    },
+    Ping {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<Value>,
+    },
+}
+
+impl ClientMessage {
+    /// Decodes one text frame.
+    pub fn decode(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+/// The state of a key as a reject reports it (`current_state`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurrentState {
+    pub key: String,
+    pub version: u64,
+    pub value: Value,
+}
+
+/// One key in a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyState {
+    pub value: Value,
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heads: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc: Option<String>,
+}
+
+/// Server → client frames.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Welcome {
+        protocol: u32,
+        server_id: String,
+        session_id: String,
+        actor_id: String,
+    },
+    Snapshot {
+        namespace: String,
+        last_server_seq: u64,
+        state: BTreeMap<String, KeyState>,
+        digest: String,
+    },
+    Ops {
+        namespace: String,
+        seq_start: u64,
+        ops: Vec<Op>,
+    },
+    Synced {
+        namespace: String,
+        server_seq: u64,
+    },
+    Ack {
+        command_id: String,
+        server_seq: u64,
+        op: Op,
+    },
+    Reject {
+        command_id: String,
+        code: ErrorCode,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        current_state: Option<CurrentState>,
+    },
+    Presence {
+        actor_id: String,
+        client_id: String,
+        key: String,
+        payload: Value,
+        hlc_ts: String,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<Value>,
+    },
+}
+
+impl ServerMessage {
+    pub fn encode(&self) -> String {
+        // Serializing these types cannot fail: every map key is a string.
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"internal","message":"encode failed"}"#.to_owned()
+        })
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn reject(command_id: impl Into<String>, code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self::Reject {
+            command_id: command_id.into(),
+            code,
+            reason: reason.into(),
+            current_state: None,
+        }
+    }
+}
+
+/// Builds an `ops` frame from ops that are already JSON-encoded (as they sit in the
+/// log), so fan-out to many sockets does not re-serialize each op per socket.
+/// Decodes to the same [`ServerMessage::Ops`] as the serde path.
+pub fn encode_ops_frame<'a>(
+    namespace: &str,
+    seq_start: u64,
+    ops: impl IntoIterator<Item = &'a [u8]>,
+) -> String {
+    let ns = serde_json::to_string(namespace).unwrap_or_else(|_| "\"\"".to_owned());
+    let mut out = format!(r#"{{"type":"ops","namespace":{ns},"seq_start":{seq_start},"ops":["#);
+    for (i, op) in ops.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&String::from_utf8_lossy(op));
+    }
+    out.push_str("]}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn client_frames_decode() {
+        let hello = ClientMessage::decode(
+            r#"{"type":"hello","protocol":1,"org_id":"acme","project_id":"web","client_id":"c1","cursors":{"settings":null,"index":4}}"#,
+        )
+        .expect("hello");
+        match hello {
+            ClientMessage::Hello { cursors, .. } => {
+                assert_eq!(cursors.get("settings"), Some(&None));
+                assert_eq!(cursors.get("index"), Some(&Some(4)));
+            }
+            other => panic!("decoded as {other:?}"),
+        }
+        let cmd = ClientMessage::decode(
+            r#"{"type":"command","command_id":"c-1","namespace":"index","key":"k","op_type":"set","payload":{"a":1},"precondition":{"expected_version":0}}"#,
+        )
+        .expect("command");
+        assert!(matches!(cmd, ClientMessage::Command(CommandFrame { op_type: OpType::Set, .. })));
+        assert!(ClientMessage::decode(r#"{"type":"nope"}"#).is_err());
+        assert!(ClientMessage::decode(r#"{"type":"command"}"#).is_err());
+        assert!(ClientMessage::decode("not json").is_err());
+    }
+
+    #[test]
+    fn ops_frame_fast_path_matches_serde() {
+        let op: Op = serde_json::from_value(json!({
+            "op_id":"x","org_id":"o","project_id":"p","namespace":"n\"s","actor_id":"a",
+            "client_id":"c","command_id":"1","server_seq":5,"hlc_ts":"9","key":"k",
+            "op_type":"set","payload":{"v":[1,2]}
+        }))
+        .expect("op");
+        let raw = serde_json::to_vec(&op).expect("encode");
+        let fast = encode_ops_frame("n\"s", 5, [raw.as_slice(), raw.as_slice()]);
+        let decoded: ServerMessage = serde_json::from_str(&fast).expect("decode");
+        assert_eq!(
+            decoded,
+            ServerMessage::Ops {
+                namespace: "n\"s".into(),
+                seq_start: 5,
+                ops: vec![op.clone(), op]
+            }
+        );
+    }
+
+    #[test]
+    fn reject_encodes_code_in_snake_case() {
+        let v: Value = serde_json::from_str(
+            &ServerMessage::reject("c", ErrorCode::PreconditionFailed, "no").encode(),
+        )
+        .expect("json");
+        assert_eq!(v["type"], "reject");
+        assert_eq!(v["code"], "precondition_failed");
+        assert!(v.get("current_state").is_none());
+    }
+}
