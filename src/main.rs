@@ -1,1 +1,238 @@
-fn main() {}
+//! `ultrasync`: one binary, one subcommand per service plus the tools around them.
+//! Parsing and wiring only; the services live in their crates.
+
+mod dev;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use ultrasync_shared::auth;
+use ultrasync_shared::config::Config;
+
+#[derive(Parser)]
+#[command(name = "ultrasync", version, about = "Server-authoritative real-time sync on NATS JetStream")]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Settings every subcommand understands. Flags beat `ULTRASYNC_*` variables, which
+/// beat `ultrasync.toml`, which beats the defaults.
+#[derive(Args)]
+struct CommonArgs {
+    /// Config file [default: ./ultrasync.toml when present].
+    #[arg(long, global = true, env = "ULTRASYNC_CONFIG")]
+    config: Option<PathBuf>,
+    /// NATS server URL.
+    #[arg(long, global = true, env = "ULTRASYNC_NATS_URL")]
+    nats_url: Option<String>,
+    /// HS256 secret (at least 32 bytes).
+    #[arg(long, global = true, env = "ULTRASYNC_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// File holding the HS256 secret.
+    #[arg(long, global = true, env = "ULTRASYNC_JWT_SECRET_FILE")]
+    jwt_secret_file: Option<PathBuf>,
+    /// Stream replicas (1, or 3 on a NATS cluster).
+    #[arg(long, global = true, env = "ULTRASYNC_REPLICAS")]
+    replicas: Option<usize>,
+    /// Log format.
+    #[arg(long, global = true, env = "ULTRASYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything locally: a managed nats-server and all services in one process.
+    Dev(dev::DevArgs),
+    /// Run the gateway (WebSocket + HTTP) against a NATS server.
+    Gateway(GatewayArgs),
+    /// Run a sequencer against a NATS server.
+    Sequencer(SequencerArgs),
+    /// Mint a JWT from the configured secret (or the `dev` secret).
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+pub struct GatewayArgs {
+    /// Address to listen on.
+    #[arg(long, env = "ULTRASYNC_LISTEN")]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+pub struct SequencerArgs {
+    /// Milliseconds commands for one stream key are gathered into one write (1-10).
+    #[arg(long, env = "ULTRASYNC_BATCH_WINDOW_MS")]
+    batch_window_ms: Option<u64>,
+    /// Most commands in one write (1-1000).
+    #[arg(long, env = "ULTRASYNC_BATCH_MAX")]
+    batch_max: Option<usize>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// Organization the token is for.
+    #[arg(long)]
+    org: String,
+    /// Project(s) the token may touch; repeat or comma-separate; `*` = all.
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    project: Vec<String>,
+    /// Space-separated scopes: read, write, admin.
+    #[arg(long, default_value = "read write")]
+    scope: String,
+    /// Lifetime: seconds, or with a unit (30m, 12h, 7d).
+    #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+    ttl: u64,
+    /// Subject (the actor id).
+    #[arg(long, default_value = "dev-user")]
+    sub: String,
+    /// Namespace allow-list (comma-separated); all when absent.
+    #[arg(long, value_delimiter = ',')]
+    ns: Option<Vec<String>>,
+    /// The `dev` data folder whose secret to use when none is configured.
+    #[arg(long, env = "ULTRASYNC_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("not a duration: {s:?} (try 3600, 30m, 12h, 7d)"))?;
+    if n == 0 {
+        return Err("ttl must be positive".to_owned());
+    }
+    Ok(n * mult)
+}
+
+impl CommonArgs {
+    /// Loads the file and applies the flags / environment on top.
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut cfg = Config::load(self.config.as_deref())?;
+        if let Some(u) = &self.nats_url {
+            cfg.nats_url = u.clone();
+        }
+        if let Some(s) = &self.jwt_secret {
+            cfg.auth.jwt_secret = Some(s.clone());
+        }
+        if let Some(f) = &self.jwt_secret_file {
+            cfg.auth.jwt_secret_file = Some(f.clone());
+        }
+        if let Some(r) = self.replicas {
+            cfg.replicas = r;
+        }
+        Ok(cfg)
+    }
+}
+
+/// Cancels on Ctrl-C or SIGTERM.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+                t.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
+            _ = term.recv() => info!("terminated: shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ultrasync_shared::telemetry::init(matches!(cli.common.log_format, LogFormat::Json));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Dev(args) => dev::run(&cli.common, args).await,
+        Command::Gateway(args) => {
+            let mut cfg = cli.common.config()?;
+            if let Some(l) = args.listen {
+                cfg.gateway.listen = l;
+            }
+            cfg.validate()?;
+            let listener = tokio::net::TcpListener::bind(cfg.gateway.listen)
+                .await
+                .with_context(|| format!("binding {}", cfg.gateway.listen))?;
+            ultrasync_gateway::run(cfg, listener, shutdown_on_signals()).await
+        }
+        Command::Sequencer(args) => {
+            let mut cfg = cli.common.config()?;
+            if let Some(w) = args.batch_window_ms {
+                cfg.sequencer.batch_window_ms = w;
+            }
+            if let Some(m) = args.batch_max {
+                cfg.sequencer.batch_max = m;
+            }
+            cfg.validate()?;
+            ultrasync_sequencer::run(cfg, shutdown_on_signals()).await
+        }
+        Command::Token(args) => {
+            let cfg = cli.common.config()?;
+            let secret = match cfg.auth.secret() {
+                Ok(s) => s,
+                Err(configured) => {
+                    let dir = args.data_dir.clone().unwrap_or_else(|| cfg.dev.data_dir.clone());
+                    dev::read_dev_secret(&dir).with_context(|| {
+                        format!("{configured:#}; and no dev secret in {} (run `ultrasync dev` first)", dir.display())
+                    })?
+                }
+            };
+            ultrasync_shared::Id::parse("org", &args.org)?;
+            ultrasync_shared::Id::parse("sub", &args.sub)?;
+            let projects: Vec<&str> = args.project.iter().map(String::as_str).collect();
+            let mut claims = auth::claims(&args.sub, &args.org, &projects, &args.scope, args.ttl, &cfg.auth.audience);
+            claims.iss = cfg.auth.issuer.clone();
+            claims.ns = args.ns;
+            println!("{}", auth::mint_hs256(&secret, &claims)?);
+            Ok(())
+        }
+    }
+}
+
+/// How long services get to stop before the process gives up on them.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);

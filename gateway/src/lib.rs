@@ -1,1 +1,256 @@
-//! placeholder
+//! The gateway: the only service that speaks WebSocket and HTTP. It authenticates
+//! clients (JWT), turns their commands into `USYNC_CMDS` messages, routes the
+//! sequencer's answers back to the right socket, and fans committed ops out to every
+//! subscribed socket. Stateless: any number can run behind a load balancer.
+
+mod follow;
+mod hub;
+mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, kv};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use ultrasync_shared::ErrorCode;
+use ultrasync_shared::auth::{Principal, Verifier};
+use ultrasync_shared::config::Config;
+use ultrasync_shared::nats::{self, CURSORS_BUCKET, OPS_STREAM};
+
+use crate::hub::Hub;
+use crate::session::Session;
+
+/// Counters exported on `/v1/status`.
+#[derive(Default)]
+pub struct Metrics {
+    pub connections: AtomicU64,
+    pub slow_consumers: AtomicU64,
+    pub auth_failures: AtomicU64,
+}
+
+/// Routes the sequencer's answers (published to
+/// `usync.reply.{gateway_id}.{session_id}`) to the session that sent the command.
+pub struct Routes {
+    prefix: String,
+    sessions: Mutex<HashMap<String, mpsc::Sender<Vec<u8>>>>,
+}
+
+impl Routes {
+    fn new(gateway_id: &str) -> Arc<Self> {
+        Arc::new(Self {
+            prefix: format!("usync.reply.{gateway_id}"),
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Vec<u8>>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn reply_subject(&self, session_id: &str) -> String {
+        format!("{}.{session_id}", self.prefix)
+    }
+
+    pub fn register(&self, session_id: &str) -> mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = mpsc::channel(4096);
+        self.lock().insert(session_id.to_owned(), tx);
+        rx
+    }
+
+    pub fn unregister(&self, session_id: &str) {
+        self.lock().remove(session_id);
+    }
+
+    /// Hands an answer to its session; one the session cannot take is dropped (the
+    /// client times out and retries, and the retry is answered from the log).
+    pub fn deliver(&self, session_id: &str, body: Vec<u8>) {
+        let tx = self.lock().get(session_id).cloned();
+        if let Some(tx) = tx
+            && tx.try_send(body).is_err()
+        {
+            warn!(session = session_id, "dropping an answer for a full session");
+        }
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub gateway_id: String,
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub hub: Arc<Hub>,
+    pub routes: Arc<Routes>,
+    pub cursors: kv::Store,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+    pub started: Instant,
+}
+
+/// Serves on `listener` until `shutdown` fires, then closes every socket with 1013
+/// and returns.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let secret = config.auth.secret()?;
+    let verifier = Verifier::hs256(&secret, &config.auth.audience, config.auth.issuer.as_deref());
+    let client = nats::connect(&config.nats_url, "ultrasync-gateway", Duration::from_secs(30)).await?;
+    let js = jetstream::new(client.clone());
+    nats::ensure_layout(&js, config.layout()).await?;
+    let ops = js.get_stream(OPS_STREAM).await.context("opening USYNC_OPS")?;
+    let cursors = js.get_key_value(CURSORS_BUCKET).await.context("opening the cursor bucket")?;
+    let gateway_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    let routes = Routes::new(&gateway_id);
+
+    let mut replies = client
+        .subscribe(format!("usync.reply.{gateway_id}.*"))
+        .await
+        .context("subscribing to replies")?;
+    let router_routes = routes.clone();
+    let reply_task = tokio::spawn(async move {
+        while let Some(msg) = replies.next().await {
+            if let Some(session) = msg.subject.rsplit('.').next() {
+                router_routes.deliver(session, msg.payload.to_vec());
+            }
+        }
+    });
+
+    let state = Arc::new(AppState {
+        config,
+        verifier,
+        gateway_id: gateway_id.clone(),
+        nats: client.clone(),
+        js,
+        hub: Hub::new(ops),
+        routes,
+        cursors,
+        metrics: Metrics::default(),
+        shutdown: shutdown.clone(),
+        started: Instant::now(),
+    });
+    let addr = listener.local_addr()?;
+    info!(%addr, gateway_id = %gateway_id, "gateway listening");
+    let app = router(state);
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving http")?;
+    reply_task.abort();
+    let _ = client.flush().await;
+    info!("gateway stopped");
+    Ok(())
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/sync", get(sync_socket))
+        .route("/v1/status", get(status))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// An HTTP error in the shape of SPEC §5.
+pub fn http_error(code: ErrorCode, message: impl Into<String>) -> Response {
+    let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::json!({"error": {"code": code, "message": message.into()}});
+    (status, Json(body)).into_response()
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    access_token: Option<String>,
+}
+
+/// Checks the bearer token (header, or `access_token` for browsers).
+fn authenticate(state: &AppState, headers: &HeaderMap, query: &TokenQuery) -> Result<Principal, Response> {
+    let from_header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let token = from_header.or(query.access_token.as_deref());
+    let Some(token) = token else {
+        state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        return Err(http_error(ErrorCode::Unauthorized, "missing bearer token"));
+    };
+    state.verifier.verify(token).map_err(|e| {
+        state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        http_error(ErrorCode::Unauthorized, e.to_string())
+    })
+}
+
+fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
+    let allowed = &state.config.gateway.allowed_origins;
+    if allowed.is_empty() {
+        return true;
+    }
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        // Non-browser clients send no Origin; the token is what protects them.
+        None => true,
+        Some(origin) => allowed.iter().any(|a| a == origin),
+    }
+}
+
+async fn sync_socket(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let principal = match authenticate(&state, &headers, &query) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    if !origin_allowed(&state, &headers) {
+        return http_error(ErrorCode::Forbidden, "origin not allowed");
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let max = state.config.gateway.max_frame_bytes;
+    ws.max_frame_size(max)
+        .max_message_size(max)
+        .on_upgrade(move |socket| Session::run(state, socket, principal))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let connected = state.nats.connection_state() == async_nats::connection::State::Connected;
+    let streams = connected && state.js.get_stream_no_info(OPS_STREAM).await.is_ok();
+    if connected && streams {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        http_error(ErrorCode::Unavailable, "nats or the op log is not reachable")
+    }
+}
+
+async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "gateway_id": state.gateway_id,
+        "uptime_secs": state.started.elapsed().as_secs(),
+        "connected_clients": state.metrics.connections.load(Ordering::Relaxed),
+        "followed_stream_keys": state.hub.topic_count(),
+        "slow_consumers_closed": state.metrics.slow_consumers.load(Ordering::Relaxed),
+        "auth_failures": state.metrics.auth_failures.load(Ordering::Relaxed),
+    }))
+}

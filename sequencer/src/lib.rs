@@ -1,1 +1,142 @@
-//! placeholder
+//! The sequencer: the only writer of `USYNC_OPS`.
+//!
+//! It pulls commands from the shared durable consumer on `USYNC_CMDS`, hands each to
+//! the worker that owns its stream key, and the worker validates, dedupes, assigns
+//! the next dense `server_seq` and stores the ops with JetStream optimistic
+//! concurrency (`Nats-Expected-Last-Subject-Sequence`). Commands that arrive together
+//! go into one durable write (an atomic batch). Only after the publish ack does the
+//! worker answer the gateway and ack the command message, so an answered op is on
+//! disk (invariant 3) and a crash before that is retried by redelivery and deduped.
+//!
+//! Several instances may run against one NATS: if two write the same stream key, the
+//! expected-sequence check lets exactly one batch in; the loser reads what the winner
+//! wrote, re-plans its batch on top, and tries again. `server_seq` therefore stays
+//! dense and unique whatever the instances do (invariant 2).
+
+mod worker;
+mod writer;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use ultrasync_shared::config::Config;
+use ultrasync_shared::nats::{self, CMDS_STREAM, OPS_STREAM, SEQUENCER_CONSUMER};
+use ultrasync_shared::StreamKey;
+
+use crate::worker::{Pending, Worker, WorkerShared};
+
+/// Commands buffered per stream key before the dispatcher waits for its worker.
+const WORKER_QUEUE: usize = 4096;
+
+/// Runs one sequencer instance until `shutdown` fires; then finishes the batches it
+/// has taken and returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let client = nats::connect(&config.nats_url, "ultrasync-sequencer", Duration::from_secs(30)).await?;
+    let js = jetstream::new(client.clone());
+    nats::ensure_layout(&js, config.layout()).await?;
+    let cmds = js.get_stream(CMDS_STREAM).await.context("opening USYNC_CMDS")?;
+    let ops = js.get_stream(OPS_STREAM).await.context("opening USYNC_OPS")?;
+    let consumer = cmds
+        .get_or_create_consumer(
+            SEQUENCER_CONSUMER,
+            pull::Config {
+                durable_name: Some(SEQUENCER_CONSUMER.to_owned()),
+                description: Some("ultrasync sequencers (shared work queue)".to_owned()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 50_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .context("creating the sequencer consumer")?;
+
+    let shared = Arc::new(WorkerShared {
+        client: client.clone(),
+        js: js.clone(),
+        ops,
+        hlc: uhlc::HLC::default(),
+        config: config.sequencer.clone(),
+        max_value_bytes: 256 * 1024,
+    });
+    let instance = uuid::Uuid::new_v4().simple().to_string();
+    info!(instance = %instance, "sequencer running");
+
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .heartbeat(Duration::from_secs(5))
+        .messages()
+        .await
+        .context("pulling commands")?;
+    let mut workers: HashMap<StreamKey, mpsc::Sender<Pending>> = HashMap::new();
+    let mut tasks = JoinSet::new();
+
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        let msg = match msg {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                warn!(error = %e, "pulling commands failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            None => {
+                warn!("command consumer ended");
+                break;
+            }
+        };
+        let Some(key) = nats::stream_key_from_subject(&msg.subject) else {
+            warn!(subject = %msg.subject, "dropping command on an unexpected subject");
+            let _ = msg.ack_with(jetstream::AckKind::Term).await;
+            continue;
+        };
+        // Drop workers that went idle and closed their queue.
+        if workers.get(&key).is_some_and(|tx| tx.is_closed()) {
+            workers.remove(&key);
+        }
+        let tx = workers.entry(key.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+            let worker = Worker::new(key.clone(), shared.clone());
+            tasks.spawn(worker.run(rx));
+            tx
+        });
+        if let Err(mpsc::error::SendError(pending)) = tx.send(Pending::new(msg)).await {
+            // The worker closed between the check and the send: start a new one.
+            let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+            let worker = Worker::new(key.clone(), shared.clone());
+            tasks.spawn(worker.run(rx));
+            let _ = tx.send(pending).await;
+            workers.insert(key, tx);
+        }
+        // Reap finished workers without blocking.
+        while let Some(res) = tasks.try_join_next() {
+            if let Err(e) = res {
+                warn!(error = %e, "sequencer worker panicked");
+            }
+        }
+    }
+
+    info!("sequencer stopping: finishing taken batches");
+    drop(messages);
+    drop(workers);
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            warn!(error = %e, "sequencer worker panicked");
+        }
+    }
+    let _ = client.flush().await;
+    info!("sequencer stopped");
+    Ok(())
+}

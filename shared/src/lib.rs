@@ -9,6 +9,7 @@ pub mod error;
 pub mod ids;
 pub mod log;
 pub mod nats;
+pub mod natsd;
 pub mod op;
 pub mod protocol;
 pub mod telemetry;

@@ -1,1 +1,315 @@
-//! placeholder
+//! Test harness: real dependencies behind RAII guards. `NatsServer` runs a real
+//! nats-server on an ephemeral port with a temporary store; `Stack` adds the gateway
+//! and sequencers on port 0, in-process, and tears all down on drop. Nothing here
+//! mocks NATS.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use ultrasync_client::{ClientError, Connection, ServerMessage};
+use ultrasync_shared::auth;
+use ultrasync_shared::config::Config;
+use ultrasync_shared::log::LogEntry;
+use ultrasync_shared::natsd::{Natsd, NatsdOptions, find_nats_server};
+
+/// The org every harness token is for.
+pub const ORG: &str = "acme";
+
+/// Log output for tests: `ULTRASYNC_LOG=debug cargo test ...` to see it.
+pub fn init_tracing() {
+    if std::env::var_os("ULTRASYNC_LOG").is_some() {
+        ultrasync_shared::telemetry::init(false);
+    }
+}
+
+/// A nats-server with JetStream (`sync_interval: always`) on a free loopback port.
+pub struct NatsServer {
+    server: Natsd,
+    store: PathBuf,
+    /// Holds the temporary folder when the harness made it.
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    /// A server with a fresh temporary store.
+    pub fn start() -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let store = tmp.path().to_path_buf();
+        let mut s = Self::start_in(&store);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// A server whose store lives in `dir` (kept by the caller across restarts).
+    pub fn start_in(dir: &Path) -> Self {
+        let bin = find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)");
+        let server = Natsd::spawn(&NatsdOptions {
+            bin,
+            store_dir: dir.join("store"),
+            run_dir: dir.join("run"),
+            port: None,
+            extra_conf: String::new(),
+        })
+        .expect("start nats-server");
+        Self {
+            server,
+            store: dir.to_path_buf(),
+            _tmp: None,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.server.url
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.store
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
+    /// Stops the server cleanly (SIGTERM).
+    pub fn stop(&mut self) {
+        self.server.terminate(Duration::from_secs(10));
+    }
+}
+
+/// A fresh random HS256 secret for one test.
+pub fn random_secret() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// What a `Stack` runs.
+pub struct StackOptions {
+    pub sequencers: usize,
+    /// Reuse this folder for the NATS store (restart tests); a temp dir otherwise.
+    pub dir: Option<PathBuf>,
+    /// Reuse this secret (restart tests).
+    pub secret: Option<String>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            sequencers: 1,
+            dir: None,
+            secret: None,
+        }
+    }
+}
+
+struct Service {
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Service {
+    async fn shutdown(self) {
+        self.stop.cancel();
+        match tokio::time::timeout(Duration::from_secs(15), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("service failed: {e:#}"),
+            Ok(Err(e)) => panic!("service panicked: {e}"),
+            Err(_) => panic!("service did not stop within 15 s"),
+        }
+    }
+}
+
+/// nats-server + gateway + sequencer(s), all real, on loopback.
+pub struct Stack {
+    pub nats: NatsServer,
+    pub secret: String,
+    pub config: Config,
+    pub http: SocketAddr,
+    gateway: Option<Service>,
+    sequencers: Vec<Service>,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(opts: StackOptions) -> Self {
+        init_tracing();
+        let nats = match &opts.dir {
+            Some(d) => NatsServer::start_in(d),
+            None => NatsServer::start(),
+        };
+        let secret = opts.secret.unwrap_or_else(random_secret);
+        let mut config = Config::default();
+        config.nats_url = nats.url().to_owned();
+        config.auth.jwt_secret = Some(secret.clone());
+        config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+
+        let listener = tokio::net::TcpListener::bind(config.gateway.listen).await.expect("bind gateway");
+        let http = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(ultrasync_gateway::run(config.clone(), listener, stop.clone()));
+        let mut stack = Self {
+            nats,
+            secret,
+            config,
+            http,
+            gateway: Some(Service { stop, task }),
+            sequencers: Vec::new(),
+        };
+        for _ in 0..opts.sequencers {
+            stack.add_sequencer();
+        }
+        stack.wait_ready().await;
+        stack
+    }
+
+    /// Starts one more in-process sequencer instance (its own NATS connection).
+    pub fn add_sequencer(&mut self) {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(ultrasync_sequencer::run(self.config.clone(), stop.clone()));
+        self.sequencers.push(Service { stop, task });
+    }
+
+    /// Stops sequencer `i` gracefully.
+    pub async fn stop_sequencer(&mut self, i: usize) {
+        let s = self.sequencers.remove(i);
+        s.shutdown().await;
+    }
+
+    async fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.http);
+        for _ in 0..300 {
+            if let Ok(body) = http_get(&url).await
+                && body.0 == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("gateway never became ready");
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/sync", self.http)
+    }
+
+    /// A token for `sub` in org `acme`, all projects.
+    pub fn token(&self, sub: &str, scope: &str) -> String {
+        let claims = auth::claims(sub, ORG, &["*"], scope, 3600, auth::DEFAULT_AUDIENCE);
+        auth::mint_hs256(self.secret.as_bytes(), &claims).expect("mint")
+    }
+
+    /// Connects and says hello as `client_id` in project `project`.
+    pub async fn client(&self, sub: &str, project: &str, client_id: &str, cursors: &[(&str, Option<u64>)]) -> Connection {
+        let mut c = Connection::connect(&self.ws_url(), &self.token(sub, "read write"))
+            .await
+            .expect("connect");
+        let cursors: BTreeMap<String, Option<u64>> = cursors.iter().map(|(n, c)| ((*n).to_owned(), *c)).collect();
+        c.hello(ORG, project, client_id, cursors).await.expect("hello");
+        c
+    }
+
+    pub async fn jetstream(&self) -> jetstream::Context {
+        let client = async_nats::connect(self.nats.url()).await.expect("nats connect");
+        jetstream::new(client)
+    }
+
+    /// Stops the services gracefully, then the nats-server (SIGTERM).
+    pub async fn shutdown(mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.shutdown().await;
+        }
+        for s in self.sequencers.drain(..) {
+            s.shutdown().await;
+        }
+        // Blocking for the few milliseconds nats-server takes to exit is fine here.
+        self.nats.stop();
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gateway {
+            g.stop.cancel();
+            g.task.abort();
+        }
+        for s in &self.sequencers {
+            s.stop.cancel();
+            s.task.abort();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a real socket: (status, body).
+pub async fn http_get(url: &str) -> std::io::Result<(u16, String)> {
+    http_request("GET", url, &[], "").await
+}
+
+/// A minimal HTTP/1.1 request over a real socket: (status, body).
+pub async fn http_request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Every op on `subject` in `USYNC_OPS`, in stream order, straight from JetStream.
+pub async fn read_subject(js: &jetstream::Context, subject: &str) -> Vec<LogEntry> {
+    let stream = js.get_stream(ultrasync_shared::nats::OPS_STREAM).await.expect("ops stream");
+    let Some(head) = ultrasync_shared::log::head(&stream, subject).await.expect("head") else {
+        return Vec::new();
+    };
+    let mut entries = Box::pin(ultrasync_shared::log::read_from(&stream, subject, 1).await.expect("read"));
+    let mut out = Vec::new();
+    while let Some(e) = entries.next().await {
+        let e = e.expect("entry");
+        let done = e.stream_seq >= head.stream_seq;
+        out.push(e);
+        if done {
+            break;
+        }
+    }
+    out
+}
+
+/// Receives frames until `pred` says stop, failing after `limit`.
+pub async fn recv_until(
+    conn: &mut Connection,
+    limit: Duration,
+    mut pred: impl FnMut(&ServerMessage) -> bool,
+) -> Result<Vec<ServerMessage>, ClientError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let msg = conn.recv_timeout(left).await?;
+        let stop = pred(&msg);
+        seen.push(msg);
+        if stop {
+            return Ok(seen);
+        }
+    }
+}

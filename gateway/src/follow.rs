@@ -1,0 +1,179 @@
+//! A socket's follower for one namespace: catch-up from the client's cursor, then
+//! `synced`, then live ops, always contiguous and in `server_seq` order.
+
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use ultrasync_shared::ErrorCode;
+use ultrasync_shared::log;
+use ultrasync_shared::protocol::{ServerMessage, encode_ops_frame};
+
+use crate::hub::{Hub, LiveOp, Topic};
+use crate::session::Outbound;
+
+/// Most ops in one `ops` frame.
+const FRAME_OPS: usize = 500;
+
+pub struct Follower {
+    pub hub: Arc<Hub>,
+    pub topic: Arc<Topic>,
+    pub namespace: String,
+    pub out: mpsc::Sender<Outbound>,
+    /// Fired when the socket's queue overflows: the session closes with 4001.
+    pub slow: CancellationToken,
+}
+
+/// Why a follower stopped.
+#[derive(Debug)]
+enum Stop {
+    /// The socket is gone or closing.
+    Closed,
+    /// Told the client with an `error` frame.
+    Reported,
+}
+
+impl Follower {
+    /// Runs until the socket goes away. `cursor` is the last `server_seq` the client has.
+    pub async fn run(self, cursor: u64) {
+        let _ = self.follow(cursor).await;
+    }
+
+    async fn follow(&self, cursor: u64) -> Result<(), Stop> {
+        let (mut rx, head) = self.topic.subscribe().await;
+        if cursor > head {
+            return self
+                .report(
+                    ErrorCode::StaleBase,
+                    format!(
+                        "cursor {cursor} for namespace {} is ahead of the log (head {head}); resync from a snapshot",
+                        self.namespace
+                    ),
+                )
+                .await;
+        }
+        let mut last = cursor;
+        self.fill(&mut last, head).await?;
+        self.send(ServerMessage::Synced {
+            namespace: self.namespace.clone(),
+            server_seq: last,
+        })
+        .await?;
+
+        loop {
+            let op = match rx.recv().await {
+                Ok(op) => op,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let head = self.topic.head();
+                    self.fill(&mut last, head).await?;
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Err(Stop::Closed),
+            };
+            let mut live: Vec<Arc<LiveOp>> = Vec::new();
+            let mut next = Some(op);
+            // Take what is already queued so one frame carries many ops.
+            while let Some(op) = next.take() {
+                if op.server_seq <= last {
+                    // Already sent (catch-up overlapped the broadcast).
+                } else if op.server_seq == last + 1 {
+                    last = op.server_seq;
+                    live.push(op);
+                } else {
+                    // A hole: flush what we have, fill from ring or log, then continue.
+                    self.push_live(&mut live)?;
+                    self.fill(&mut last, op.server_seq - 1).await?;
+                    last = op.server_seq;
+                    live.push(op);
+                }
+                if live.len() < FRAME_OPS {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.push_live(&mut live)?;
+        }
+    }
+
+    /// Live ops go out without waiting: a socket that cannot take them is a slow
+    /// consumer and is closed (it resumes from its cursor).
+    fn push_live(&self, live: &mut Vec<Arc<LiveOp>>) -> Result<(), Stop> {
+        let Some(first) = live.first() else {
+            return Ok(());
+        };
+        let frame = encode_ops_frame(&self.namespace, first.server_seq, live.iter().map(|o| o.body.as_ref()));
+        live.clear();
+        match self.out.try_send(Outbound::Text(frame)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.slow.cancel();
+                Err(Stop::Closed)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Stop::Closed),
+        }
+    }
+
+    /// Sends ops `last+1..=to` from the topic's ring or the log, advancing `last`.
+    async fn fill(&self, last: &mut u64, to: u64) -> Result<(), Stop> {
+        while *last < to {
+            let from = *last + 1;
+            let chunk_to = to.min(from + FRAME_OPS as u64 - 1);
+            let bodies: Vec<(u64, bytes::Bytes)> = match self.topic.recent(from, chunk_to) {
+                Some(ops) => ops.iter().map(|o| (o.server_seq, o.body.clone())).collect(),
+                None => {
+                    let entries = log::read_range(self.hub.ops_stream(), &self.topic.subject, from, chunk_to).await;
+                    match entries {
+                        Ok(e) => e.into_iter().map(|e| (e.server_seq, e.payload)).collect(),
+                        Err(e) => {
+                            return self
+                                .report(ErrorCode::Unavailable, format!("reading the op log failed: {e}"))
+                                .await;
+                        }
+                    }
+                }
+            };
+            let Some(&(first, _)) = bodies.first() else {
+                return self
+                    .report(
+                        ErrorCode::Unavailable,
+                        format!("ops {from}..={chunk_to} of {} are not readable", self.namespace),
+                    )
+                    .await;
+            };
+            if first != from {
+                return self
+                    .report(
+                        ErrorCode::StaleBase,
+                        format!(
+                            "ops after {} of {} are compacted (oldest is {first}); resync from a snapshot",
+                            *last, self.namespace
+                        ),
+                    )
+                    .await;
+            }
+            // Keep only the contiguous run (the log cannot have holes, but be strict).
+            let mut n = 0;
+            for (i, (seq, _)) in bodies.iter().enumerate() {
+                if *seq != from + i as u64 {
+                    break;
+                }
+                n = i + 1;
+            }
+            let frame = encode_ops_frame(&self.namespace, from, bodies[..n].iter().map(|(_, b)| b.as_ref()));
+            self.out.send(Outbound::Text(frame)).await.map_err(|_| Stop::Closed)?;
+            *last = from + n as u64 - 1;
+        }
+        Ok(())
+    }
+
+    async fn send(&self, msg: ServerMessage) -> Result<(), Stop> {
+        self.out
+            .send(Outbound::Text(msg.encode()))
+            .await
+            .map_err(|_| Stop::Closed)
+    }
+
+    async fn report(&self, code: ErrorCode, message: String) -> Result<(), Stop> {
+        self.send(ServerMessage::error(code, message)).await?;
+        Err(Stop::Reported)
+    }
+}

@@ -1,0 +1,241 @@
+//! Fan-out. Each gateway follows every stream key that at least one of its sockets
+//! subscribes to with exactly one ordered JetStream consumer (a *topic*), keeps the
+//! newest ops in a ring, and broadcasts new ops to the sockets' followers. Sockets
+//! never get a consumer of their own for live ops, so a thousand sockets on one
+//! namespace cost one consumer. A follower that falls behind the broadcast fills the
+//! hole from the ring or, failing that, from the log, so nothing is ever skipped.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::stream::Stream;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{debug, warn};
+use ultrasync_shared::StreamKey;
+use ultrasync_shared::log::{self, LogEntry};
+use ultrasync_shared::nats::ops_subject;
+
+/// Ops a topic keeps for followers that are slightly behind.
+const RING: usize = 4096;
+/// Ops a broadcast may hold for its slowest follower before it lags.
+const BROADCAST: usize = 4096;
+
+/// One committed op, encoded as stored.
+#[derive(Debug)]
+pub struct LiveOp {
+    pub server_seq: u64,
+    pub body: Bytes,
+}
+
+impl From<LogEntry> for LiveOp {
+    fn from(e: LogEntry) -> Self {
+        Self {
+            server_seq: e.server_seq,
+            body: e.payload,
+        }
+    }
+}
+
+/// The gateway's topics, by stream key.
+pub struct Hub {
+    ops: Stream,
+    topics: Mutex<HashMap<StreamKey, Weak<Topic>>>,
+}
+
+impl Hub {
+    pub fn new(ops: Stream) -> Arc<Self> {
+        Arc::new(Self {
+            ops,
+            topics: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn ops_stream(&self) -> &Stream {
+        &self.ops
+    }
+
+    /// The topic for `key`, started when nobody follows it yet.
+    pub fn topic(&self, key: &StreamKey) -> Arc<Topic> {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = topics.get(key).and_then(Weak::upgrade) {
+            return t;
+        }
+        topics.retain(|_, t| t.strong_count() > 0);
+        let topic = Topic::start(key.clone(), self.ops.clone());
+        topics.insert(key.clone(), Arc::downgrade(&topic));
+        topic
+    }
+
+    /// Stream keys followed right now.
+    pub fn topic_count(&self) -> usize {
+        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.values().filter(|t| t.strong_count() > 0).count()
+    }
+}
+
+struct TopicState {
+    /// Newest `server_seq` seen (the head when the topic started, then live).
+    last_seq: u64,
+    ring: VecDeque<Arc<LiveOp>>,
+}
+
+/// One followed stream key.
+pub struct Topic {
+    pub key: StreamKey,
+    pub subject: String,
+    state: Mutex<TopicState>,
+    tx: broadcast::Sender<Arc<LiveOp>>,
+    ready: watch::Receiver<bool>,
+    /// Stops the follower task when the last follower drops the topic.
+    _stop: DropGuard,
+}
+
+impl Topic {
+    fn start(key: StreamKey, ops: Stream) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(BROADCAST);
+        let (ready_tx, ready) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let topic = Arc::new(Self {
+            subject: ops_subject(&key),
+            key,
+            state: Mutex::new(TopicState {
+                last_seq: 0,
+                ring: VecDeque::with_capacity(64),
+            }),
+            tx,
+            ready,
+            _stop: stop.clone().drop_guard(),
+        });
+        tokio::spawn(follow_log(Arc::downgrade(&topic), ops, ready_tx, stop));
+        topic
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TopicState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A receiver for every op after the returned head.
+    pub async fn subscribe(&self) -> (broadcast::Receiver<Arc<LiveOp>>, u64) {
+        let mut ready = self.ready.clone();
+        let _ = ready.wait_for(|r| *r).await;
+        let st = self.lock();
+        (self.tx.subscribe(), st.last_seq)
+    }
+
+    pub fn head(&self) -> u64 {
+        self.lock().last_seq
+    }
+
+    /// Ops `from..=to` if the ring still holds all of them.
+    pub fn recent(&self, from: u64, to: u64) -> Option<Vec<Arc<LiveOp>>> {
+        let st = self.lock();
+        let first = st.ring.front()?.server_seq;
+        let last = st.ring.back()?.server_seq;
+        if from < first || to > last || to < from {
+            return None;
+        }
+        let start = (from - first) as usize;
+        let end = (to - first) as usize;
+        Some(st.ring.range(start..=end).cloned().collect())
+    }
+
+    fn push(&self, entry: LogEntry) {
+        let mut st = self.lock();
+        if entry.server_seq <= st.last_seq {
+            return;
+        }
+        if entry.server_seq != st.last_seq + 1 && st.last_seq != 0 {
+            // Only possible if the log itself has a hole; the ring must stay dense.
+            warn!(stream_key = %self.key, expected = st.last_seq + 1, got = entry.server_seq, "op log is not dense");
+            st.ring.clear();
+        }
+        st.last_seq = entry.server_seq;
+        let op = Arc::new(LiveOp::from(entry));
+        if st.ring.len() == RING {
+            st.ring.pop_front();
+        }
+        st.ring.push_back(op.clone());
+        // No receivers is fine: followers come and go.
+        let _ = self.tx.send(op);
+    }
+}
+
+/// Follows the log for one topic until the topic is dropped.
+async fn follow_log(topic: Weak<Topic>, ops: Stream, ready: watch::Sender<bool>, stop: CancellationToken) {
+    let Some(subject) = topic.upgrade().map(|t| t.subject.clone()) else {
+        return;
+    };
+    let mut next_stream_seq: Option<u64> = None;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let start = match next_stream_seq {
+            Some(s) => s,
+            None => match log::head(&ops, &subject).await {
+                Ok(head) => {
+                    if let Some(t) = topic.upgrade() {
+                        let mut st = t.lock();
+                        st.last_seq = st.last_seq.max(head.map_or(0, |h| h.server_seq));
+                    }
+                    let _ = ready.send(true);
+                    head.map_or(1, |h| h.stream_seq + 1)
+                }
+                Err(e) => {
+                    warn!(subject = %subject, error = %e, "reading the head failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            },
+        };
+        let entries = match log::read_from(&ops, &subject, start).await {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(subject = %subject, error = %e, "following the log failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        let mut entries = std::pin::pin!(entries);
+        next_stream_seq = Some(start);
+        loop {
+            let item = tokio::select! {
+                _ = stop.cancelled() => {
+                    debug!(subject = %subject, "topic closed");
+                    return;
+                }
+                item = entries.next() => item,
+            };
+            match item {
+                Some(Ok(entry)) => {
+                    next_stream_seq = Some(entry.stream_seq + 1);
+                    match topic.upgrade() {
+                        Some(t) => t.push(entry),
+                        None => return,
+                    }
+                }
+                Some(Err(log::LogError::MissingSeq { stream_seq })) => {
+                    warn!(subject = %subject, stream_seq, "skipping a message without a server_seq");
+                    next_stream_seq = Some(stream_seq + 1);
+                }
+                Some(Err(e)) => {
+                    warn!(subject = %subject, error = %e, "op log read failed; resuming");
+                    break;
+                }
+                None => break,
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! One WebSocket session: hello, subscriptions, commands, cursors, pings. Every frame
+//! is authorized against the verified token, not only the handshake.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use ultrasync_shared::auth::Principal;
+use ultrasync_shared::error::close;
+use ultrasync_shared::ids::{Id, is_valid_id};
+use ultrasync_shared::protocol::{ClientMessage, CommandFrame, PROTOCOL_VERSION, ServerMessage};
+use ultrasync_shared::{CommandEnvelope, ErrorCode, StreamKey, validate_key};
+
+use crate::AppState;
+use crate::follow::Follower;
+
+/// How often the server pings an idle socket.
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// A socket silent for this long (no frame, no pong) is closed.
+const IDLE_LIMIT: Duration = Duration::from_secs(60);
+/// Commands one socket may have waiting for the sequencer.
+const MAX_INFLIGHT: usize = 10_000;
+
+/// A frame on its way to the socket.
+#[derive(Debug)]
+pub enum Outbound {
+    Text(String),
+}
+
+/// Who the socket is after `hello`.
+struct Bound {
+    org: Id,
+    project: Id,
+    client_id: Id,
+}
+
+pub struct Session {
+    state: Arc<AppState>,
+    principal: Principal,
+    session_id: String,
+    out: mpsc::Sender<Outbound>,
+    /// Answers from the sequencer, routed here by the gateway's reply subscription.
+    replies: mpsc::Receiver<Vec<u8>>,
+    slow: CancellationToken,
+    bound: Option<Bound>,
+    followers: HashMap<String, JoinHandle<()>>,
+    inflight: HashMap<String, Instant>,
+}
+
+/// Why the session loop ended, and the close frame to send.
+struct Closing(u16, String);
+
+impl Session {
+    pub async fn run(state: Arc<AppState>, socket: WebSocket, principal: Principal) {
+        let session_id = uuid::Uuid::new_v4().simple().to_string();
+        let (out, mut out_rx) = mpsc::channel(state.config.gateway.outbound_queue);
+        let replies = state.routes.register(&session_id);
+        let mut session = Session {
+            state: state.clone(),
+            principal,
+            session_id: session_id.clone(),
+            out,
+            replies,
+            slow: CancellationToken::new(),
+            bound: None,
+            followers: HashMap::new(),
+            inflight: HashMap::new(),
+        };
+        state.metrics.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (mut sink, mut stream) = socket.split();
+        let closing = session.serve(&mut sink, &mut stream, &mut out_rx).await;
+        for (_, f) in session.followers.drain() {
+            f.abort();
+        }
+        state.routes.unregister(&session_id);
+        state.metrics.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let Closing(code, reason) = closing;
+        debug!(session = %session_id, code, %reason, "socket closing");
+        let _ = sink
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await;
+        let _ = sink.close().await;
+    }
+
+    async fn serve(
+        &mut self,
+        sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+        stream: &mut futures::stream::SplitStream<WebSocket>,
+        out_rx: &mut mpsc::Receiver<Outbound>,
+    ) -> Closing {
+        let shutdown = self.state.shutdown.clone();
+        let expiry = tokio::time::sleep(Duration::from_secs(self.principal.expires_in()));
+        tokio::pin!(expiry);
+        let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let mut last_heard = Instant::now();
+        let command_timeout = Duration::from_secs(self.state.config.gateway.command_timeout_secs);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    return Closing(close::TRY_AGAIN_LATER, "server shutting down".into());
+                }
+                _ = self.slow.cancelled() => {
+                    self.state.metrics.slow_consumers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Closing(close::SLOW_CONSUMER, "slow consumer: resume from your cursor".into());
+                }
+                _ = &mut expiry => {
+                    return Closing(close::POLICY, "token expired".into());
+                }
+                frame = out_rx.recv() => {
+                    let Some(Outbound::Text(text)) = frame else {
+                        return Closing(close::INTERNAL, "outbound queue closed".into());
+                    };
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        return Closing(close::NORMAL, "peer gone".into());
+                    }
+                }
+                reply = self.replies.recv() => {
+                    let Some(reply) = reply else {
+                        return Closing(close::INTERNAL, "reply route closed".into());
+                    };
+                    self.on_reply(reply);
+                }
+                inbound = stream.next() => {
+                    last_heard = Instant::now();
+                    match inbound {
+                        None | Some(Err(_)) => return Closing(close::NORMAL, "peer gone".into()),
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(c) = self.on_frame(text.as_str()).await {
+                                return c;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            self.push(ServerMessage::error(ErrorCode::InvalidMessage, "frames are JSON text"));
+                        }
+                        Some(Ok(Message::Close(_))) => return Closing(close::NORMAL, "bye".into()),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > IDLE_LIMIT {
+                        return Closing(close::POLICY, "no heartbeat".into());
+                    }
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        return Closing(close::NORMAL, "peer gone".into());
+                    }
+                }
+                _ = sweep.tick() => {
+                    let now = Instant::now();
+                    let expired: Vec<String> = self
+                        .inflight
+                        .iter()
+                        .filter(|(_, t)| now.duration_since(**t) > command_timeout)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for id in expired {
+                        self.inflight.remove(&id);
+                        self.push(ServerMessage::reject(
+                            id,
+                            ErrorCode::Unavailable,
+                            "no answer from the sequencer in time; retry with the same command_id",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues a frame; a full queue marks the socket a slow consumer.
+    fn push(&self, msg: ServerMessage) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(Outbound::Text(msg.encode())) {
+            self.slow.cancel();
+        }
+    }
+
+    fn on_reply(&mut self, reply: Vec<u8>) {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[serde(default)]
+            command_id: String,
+        }
+        if let Ok(h) = serde_json::from_slice::<Head>(&reply) {
+            self.inflight.remove(&h.command_id);
+        }
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(Outbound::Text(text)) {
+            self.slow.cancel();
+        }
+    }
+
+    async fn on_frame(&mut self, text: &str) -> Option<Closing> {
+        let msg = match ClientMessage::decode(text) {
+            Ok(m) => m,
+            Err(e) => {
+                self.push(ServerMessage::error(ErrorCode::InvalidMessage, format!("bad frame: {e}")));
+                return None;
+            }
+        };
+        match msg {
+            ClientMessage::Hello {
+                protocol,
+                org_id,
+                project_id,
+                client_id,
+                cursors,
+            } => {
+                if self.bound.is_some() {
+                    self.push(ServerMessage::error(ErrorCode::InvalidMessage, "hello was already sent"));
+                    return None;
+                }
+                if protocol != PROTOCOL_VERSION {
+                    self.push(ServerMessage::error(
+                        ErrorCode::InvalidMessage,
+                        format!("protocol {protocol} is not spoken here; use {PROTOCOL_VERSION}"),
+                    ));
+                    return Some(Closing(close::PROTOCOL_MISMATCH, "protocol mismatch".into()));
+                }
+                let ids = (
+                    Id::parse("org_id", &org_id),
+                    Id::parse("project_id", &project_id),
+                    Id::parse("client_id", &client_id),
+                );
+                let (Ok(org), Ok(project), Ok(client_id)) = ids else {
+                    self.push(ServerMessage::error(ErrorCode::InvalidId, "org_id, project_id and client_id must match [A-Za-z0-9_-]{1,64}"));
+                    return Some(Closing(close::POLICY, "invalid id".into()));
+                };
+                if org != self.principal.org || !self.principal.allows_project(project.as_str()) {
+                    self.push(ServerMessage::error(ErrorCode::Forbidden, "the token does not grant this org/project"));
+                    return Some(Closing(close::POLICY, "forbidden".into()));
+                }
+                self.bound = Some(Bound {
+                    org,
+                    project,
+                    client_id,
+                });
+                self.push(ServerMessage::Welcome {
+                    protocol: PROTOCOL_VERSION,
+                    server_id: self.state.gateway_id.clone(),
+                    session_id: self.session_id.clone(),
+                    actor_id: self.principal.actor_id.to_string(),
+                });
+                for (ns, cursor) in cursors {
+                    self.subscribe(&ns, cursor);
+                }
+            }
+            _ if self.bound.is_none() => {
+                self.push(ServerMessage::error(ErrorCode::InvalidMessage, "send hello first"));
+            }
+            ClientMessage::Subscribe {
+                namespace,
+                last_server_seq,
+            } => self.subscribe(&namespace, last_server_seq),
+            ClientMessage::Unsubscribe { namespace } => {
+                if let Some(f) = self.followers.remove(&namespace) {
+                    f.abort();
+                }
+            }
+            ClientMessage::Command(frame) => self.command(frame).await,
+            ClientMessage::Cursor {
+                namespace,
+                server_seq,
+            } => self.cursor(&namespace, server_seq),
+            ClientMessage::Presence { .. } => {
+                self.push(ServerMessage::error(
+                    ErrorCode::Unavailable,
+                    "presence is not served by this gateway yet",
+                ));
+            }
+            ClientMessage::Ping { nonce } => self.push(ServerMessage::Pong { nonce }),
+        }
+        None
+    }
+
+    /// Resolves a namespace for this socket, or says why not.
+    fn stream_key(&self, namespace: &str, need_write: bool) -> Result<StreamKey, (ErrorCode, String)> {
+        let bound = self.bound.as_ref().ok_or((ErrorCode::InvalidMessage, "send hello first".to_owned()))?;
+        let ns = Id::parse("namespace", namespace).map_err(|e| (ErrorCode::InvalidId, e.to_string()))?;
+        let allowed = if need_write { self.principal.write } else { self.principal.read };
+        if !allowed {
+            let what = if need_write { "write" } else { "read" };
+            return Err((ErrorCode::Forbidden, format!("the token has no {what} scope")));
+        }
+        if !self.principal.allows_namespace(namespace) {
+            return Err((ErrorCode::Forbidden, format!("the token does not grant namespace {namespace}")));
+        }
+        Ok(StreamKey::new(bound.org.clone(), bound.project.clone(), ns))
+    }
+
+    fn subscribe(&mut self, namespace: &str, cursor: Option<u64>) {
+        let key = match self.stream_key(namespace, false) {
+            Ok(k) => k,
+            Err((code, message)) => return self.push(ServerMessage::error(code, message)),
+        };
+        if let Some(old) = self.followers.remove(namespace) {
+            old.abort();
+        }
+        let follower = Follower {
+            hub: self.state.hub.clone(),
+            topic: self.state.hub.topic(&key),
+            namespace: namespace.to_owned(),
+            out: self.out.clone(),
+            slow: self.slow.clone(),
+        };
+        // Until the materializer serves snapshots, a client without a cursor gets
+        // the whole log, which yields the same state.
+        let handle = tokio::spawn(follower.run(cursor.unwrap_or(0)));
+        self.followers.insert(namespace.to_owned(), handle);
+    }
+
+    async fn command(&mut self, frame: CommandFrame) {
+        let command_id = frame.command_id.clone();
+        let reject = |code, reason: String| ServerMessage::reject(command_id.clone(), code, reason);
+        let key = match self.stream_key(&frame.namespace, true) {
+            Ok(k) => k,
+            Err((code, reason)) => return self.push(reject(code, reason)),
+        };
+        if frame.command_id.is_empty() || frame.command_id.len() > 128 || frame.command_id.chars().any(char::is_control) {
+            return self.push(reject(ErrorCode::InvalidId, "command_id must be 1-128 bytes without control characters".into()));
+        }
+        if validate_key(&frame.key).is_err() {
+            return self.push(reject(ErrorCode::InvalidKey, "key must be 1-512 bytes of UTF-8 without control characters".into()));
+        }
+        if self.inflight.len() >= MAX_INFLIGHT && !self.inflight.contains_key(&frame.command_id) {
+            return self.push(reject(ErrorCode::RateLimited, format!("more than {MAX_INFLIGHT} commands in flight")));
+        }
+        let Some(bound) = self.bound.as_ref() else {
+            return;
+        };
+        let envelope = CommandEnvelope {
+            org_id: bound.org.to_string(),
+            project_id: bound.project.to_string(),
+            namespace: frame.namespace,
+            actor_id: self.principal.actor_id.to_string(),
+            client_id: bound.client_id.to_string(),
+            command_id: frame.command_id,
+            key: frame.key,
+            op_type: frame.op_type,
+            payload: frame.payload,
+            precondition: frame.precondition,
+            reply_to: Some(self.state.routes.reply_subject(&self.session_id)),
+        };
+        let body = match serde_json::to_vec(&envelope) {
+            Ok(b) => b,
+            Err(e) => return self.push(reject(ErrorCode::InvalidMessage, format!("command does not encode: {e}"))),
+        };
+        self.inflight.insert(command_id.clone(), Instant::now());
+        let subject = ultrasync_shared::nats::cmd_subject(&key);
+        // Publishing keeps the socket's order; the store ack is awaited off the loop.
+        match self.state.js.publish(subject, body.into()).await {
+            Ok(ack) => {
+                let routes = self.state.routes.clone();
+                let session_id = self.session_id.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = ack.await {
+                        warn!(error = %e, "command not accepted by USYNC_CMDS");
+                        let msg = ServerMessage::reject(command_id, ErrorCode::Unavailable, "the command queue is unavailable; retry");
+                        routes.deliver(&session_id, msg.encode().into_bytes());
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "publishing a command failed");
+                self.inflight.remove(&command_id);
+                self.push(reject(ErrorCode::Unavailable, "the command queue is unavailable; retry".into()));
+            }
+        }
+    }
+
+    fn cursor(&mut self, namespace: &str, server_seq: u64) {
+        let key = match self.stream_key(namespace, false) {
+            Ok(k) => k,
+            Err((code, message)) => return self.push(ServerMessage::error(code, message)),
+        };
+        let Some(bound) = self.bound.as_ref() else {
+            return;
+        };
+        if !is_valid_id(bound.client_id.as_str()) {
+            return;
+        }
+        let kv_key = format!("{}.{}.{}.{}", key.org, key.project, key.namespace, bound.client_id);
+        let value = serde_json::json!({
+            "server_seq": server_seq,
+            "seen_at_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        });
+        let cursors = self.state.cursors.clone();
+        tokio::spawn(async move {
+            if let Err(e) = cursors.put(kv_key, value.to_string().into()).await {
+                warn!(error = %e, "storing a cursor failed");
+            }
+        });
+    }
+}

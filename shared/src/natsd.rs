@@ -1,0 +1,183 @@
+//! A managed `nats-server` process: the one `ultrasync dev` runs and the test harness
+//! starts. It writes a config file with JetStream and `sync_interval: always` (the
+//! only setting under which a publish ack means "on disk", see NATS-NOTES.md), starts
+//! the server, waits until it accepts connections, and stops it on request or drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// Where to look for the binary, first match wins.
+pub const NATS_SERVER_ENV: &str = "ULTRASYNC_NATS_SERVER_BIN";
+
+/// Finds `nats-server`: `explicit`, then `$ULTRASYNC_NATS_SERVER_BIN`, then
+/// `.tools/bin/nats-server` in the working directory, the executable's directory or
+/// any of their parents (where `scripts/setup.sh` installs it), then `PATH`.
+pub fn find_nats_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os(NATS_SERVER_ENV) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut roots = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.push(cwd);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.push(exe);
+    }
+    if let Some(dir) = option_env!("CARGO_MANIFEST_DIR") {
+        roots.push(PathBuf::from(dir));
+    }
+    for root in roots {
+        for dir in root.ancestors() {
+            let candidate = dir.join(".tools/bin/nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!("nats-server not found: run ./scripts/setup.sh (installs it into .tools/bin) or set {NATS_SERVER_ENV}")
+}
+
+/// How to start the server.
+#[derive(Debug, Clone)]
+pub struct NatsdOptions {
+    pub bin: PathBuf,
+    /// JetStream store; kept across restarts when the same folder is given.
+    pub store_dir: PathBuf,
+    /// Where the config, ports file and log go.
+    pub run_dir: PathBuf,
+    /// Client port; `None` picks a free one.
+    pub port: Option<u16>,
+    /// Extra config lines appended verbatim (cluster, leafnodes, accounts...).
+    pub extra_conf: String,
+}
+
+/// A running nats-server, stopped when dropped.
+pub struct Natsd {
+    child: Child,
+    pub url: String,
+    pub port: u16,
+    pub log_file: PathBuf,
+}
+
+impl Natsd {
+    pub fn spawn(opts: &NatsdOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&opts.store_dir)
+            .with_context(|| format!("creating {}", opts.store_dir.display()))?;
+        std::fs::create_dir_all(&opts.run_dir)
+            .with_context(|| format!("creating {}", opts.run_dir.display()))?;
+        let store = std::fs::canonicalize(&opts.store_dir)?;
+        let run = std::fs::canonicalize(&opts.run_dir)?;
+        let listen = match opts.port {
+            Some(p) => format!("127.0.0.1:{p}"),
+            None => "127.0.0.1:-1".to_owned(),
+        };
+        let conf = format!(
+            "# Written by ultrasync; regenerated at every start.\n\
+             listen: {listen}\n\
+             ports_file_dir: {run:?}\n\
+             max_payload: 4MB\n\
+             jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n{}\n",
+            opts.extra_conf,
+        );
+        let conf_path = run.join("nats-server.conf");
+        std::fs::write(&conf_path, conf).with_context(|| format!("writing {}", conf_path.display()))?;
+        let log_file = run.join("nats-server.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_file)?;
+        let child = Command::new(&opts.bin)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", opts.bin.display()))?;
+        let pid = child.id();
+        let mut server = Self {
+            child,
+            url: String::new(),
+            port: 0,
+            log_file: log_file.clone(),
+        };
+        let ports_file = |dir: &Path| -> Option<PathBuf> {
+            std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(&format!("_{pid}.ports")))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = server.child.try_wait()? {
+                let tail = std::fs::read_to_string(&log_file).unwrap_or_default();
+                let tail: String = tail.lines().rev().take(5).collect::<Vec<_>>().join("\n");
+                bail!("nats-server exited ({status}); last log lines:\n{tail}");
+            }
+            if let Some(file) = ports_file(&run)
+                && let Ok(text) = std::fs::read_to_string(&file)
+                && let Ok(ports) = serde_json::from_str::<serde_json::Value>(&text)
+                && let Some(url) = ports["nats"][0].as_str()
+            {
+                server.url = url.to_owned();
+                server.port = url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                if std::net::TcpStream::connect(("127.0.0.1", server.port)).is_ok() {
+                    return Ok(server);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server did not come up within 30 s (log: {})", log_file.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub fn terminate(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGKILL now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Natsd {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(5));
+    }
+}
