@@ -22,7 +22,7 @@ pub struct DevArgs {
     /// Data folder (NATS store, logs, dev secret).
     #[arg(long, env = "ULTRASYNC_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Client port of the managed nats-server.
+    /// Client port of the managed nats-server (0 = any free port).
     #[arg(long, env = "ULTRASYNC_DEV_NATS_PORT")]
     nats_port: Option<u16>,
     /// Gateway address.
@@ -36,7 +36,8 @@ pub struct DevArgs {
 /// Reads the secret `ultrasync dev` keeps in its data folder.
 pub fn read_dev_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
     let path = data_dir.join(DEV_SECRET_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     Ok(text.trim().as_bytes().to_vec())
 }
 
@@ -72,7 +73,8 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
         cfg.gateway.listen = l;
     }
     let data_dir = cfg.dev.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     if cfg.auth.jwt_secret.is_none() && cfg.auth.jwt_secret_file.is_none() {
         cfg.auth.jwt_secret = Some(dev_secret(&data_dir)?);
     }
@@ -82,9 +84,16 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     // Bind the gateway first: a busy port fails before anything starts.
     let listener = tokio::net::TcpListener::bind(cfg.gateway.listen)
         .await
-        .with_context(|| format!("binding the gateway to {} (pass --listen)", cfg.gateway.listen))?;
+        .with_context(|| {
+            format!(
+                "binding the gateway to {} (pass --listen)",
+                cfg.gateway.listen
+            )
+        })?;
     let http_addr = listener.local_addr()?;
-    if std::net::TcpListener::bind(("127.0.0.1", cfg.dev.nats_port)).is_err() {
+    if cfg.dev.nats_port != 0
+        && std::net::TcpListener::bind(("127.0.0.1", cfg.dev.nats_port)).is_err()
+    {
         anyhow::bail!(
             "port {} is taken (another `ultrasync dev`?); pass --nats-port",
             cfg.dev.nats_port
@@ -97,31 +106,50 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
         bin,
         store_dir: data_dir.join("nats"),
         run_dir: data_dir.clone(),
-        port: Some(cfg.dev.nats_port),
+        port: (cfg.dev.nats_port != 0).then_some(cfg.dev.nats_port),
         extra_conf: String::new(),
     })?;
     cfg.nats_url = natsd.url.clone();
 
     let shutdown = shutdown_on_signals();
     let sequencer = tokio::spawn(ultrasync_sequencer::run(cfg.clone(), shutdown.clone()));
-    let gateway = tokio::spawn(ultrasync_gateway::run(cfg.clone(), listener, shutdown.clone()));
+    let gateway = tokio::spawn(ultrasync_gateway::run(
+        cfg.clone(),
+        listener,
+        shutdown.clone(),
+    ));
 
     let token = auth::mint_hs256(
         &secret,
-        &auth::claims("dev-user", "dev", &["*"], "read write admin", 7 * 86_400, &cfg.auth.audience),
+        &auth::claims(
+            "dev-user",
+            "dev",
+            &["*"],
+            "read write admin",
+            7 * 86_400,
+            &cfg.auth.audience,
+        ),
     )?;
     let ws = format!("ws://{http_addr}/v1/sync");
     println!();
     println!("ultrasync dev is running");
     println!("  WebSocket  {ws}");
     println!("  HTTP       http://{http_addr}");
-    println!("  NATS       {} (store {})", natsd.url, data_dir.join("nats").display());
+    println!(
+        "  NATS       {} (store {})",
+        natsd.url,
+        data_dir.join("nats").display()
+    );
     println!("  dev token  {token}");
     println!("             (org \"dev\", all projects, read write admin, 7 days)");
     println!();
     println!("  try:  websocat -H 'Authorization: Bearer {token}' {ws}");
-    println!(r#"        {{"type":"hello","protocol":1,"org_id":"dev","project_id":"demo","client_id":"term-1","cursors":{{"index":0}}}}"#);
-    println!(r#"        {{"type":"command","command_id":"c1","namespace":"index","key":"greeting","op_type":"set","payload":"hello"}}"#);
+    println!(
+        r#"        {{"type":"hello","protocol":1,"org_id":"dev","project_id":"demo","client_id":"term-1","cursors":{{"index":0}}}}"#
+    );
+    println!(
+        r#"        {{"type":"command","command_id":"c1","namespace":"index","key":"greeting","op_type":"set","payload":"hello"}}"#
+    );
     println!();
     println!("Ctrl-C stops everything.");
 
@@ -129,10 +157,13 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     let mut sequencer = sequencer;
     let mut gateway = gateway;
     let failed = tokio::select! {
+        biased;
         _ = shutdown.cancelled() => None,
         r = &mut sequencer => Some(("sequencer", r)),
         r = &mut gateway => Some(("gateway", r)),
     };
+    // A service that ends cleanly because the signal already fired is no failure.
+    let failed = failed.filter(|(_, r)| !(shutdown.is_cancelled() && matches!(r, Ok(Ok(())))));
     shutdown.cancel();
     let mut result = Ok(());
     if let Some((name, r)) = failed {
@@ -149,7 +180,9 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
             continue;
         }
         match tokio::time::timeout(STOP_GRACE, task).await {
-            Ok(Ok(Err(e))) => error!(service = name, error = %format!("{e:#}"), "stopped with an error"),
+            Ok(Ok(Err(e))) => {
+                error!(service = name, error = %format!("{e:#}"), "stopped with an error")
+            }
             Err(_) => error!(service = name, "did not stop in time"),
             _ => info!(service = name, "stopped"),
         }

@@ -16,7 +16,11 @@ use ultrasync_shared::auth;
 use ultrasync_shared::config::Config;
 
 #[derive(Parser)]
-#[command(name = "ultrasync", version, about = "Server-authoritative real-time sync on NATS JetStream")]
+#[command(
+    name = "ultrasync",
+    version,
+    about = "Server-authoritative real-time sync on NATS JetStream"
+)]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
@@ -35,7 +39,12 @@ struct CommonArgs {
     #[arg(long, global = true, env = "ULTRASYNC_NATS_URL")]
     nats_url: Option<String>,
     /// HS256 secret (at least 32 bytes).
-    #[arg(long, global = true, env = "ULTRASYNC_JWT_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "ULTRASYNC_JWT_SECRET",
+        hide_env_values = true
+    )]
     jwt_secret: Option<String>,
     /// File holding the HS256 secret.
     #[arg(long, global = true, env = "ULTRASYNC_JWT_SECRET_FILE")]
@@ -117,7 +126,9 @@ fn parse_ttl(s: &str) -> Result<u64, String> {
         Some((i, 'd')) => (&s[..i], 86_400),
         _ => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("not a duration: {s:?} (try 3600, 30m, 12h, 7d)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (try 3600, 30m, 12h, 7d)"))?;
     if n == 0 {
         return Err("ttl must be positive".to_owned());
     }
@@ -149,15 +160,16 @@ pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                error!(error = %e, "cannot listen for SIGTERM");
-                let _ = tokio::signal::ctrl_c().await;
-                t.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = tokio::signal::ctrl_c().await;
+                    t.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => info!("interrupt: shutting down"),
             _ = term.recv() => info!("terminated: shutting down"),
@@ -170,7 +182,10 @@ pub fn shutdown_on_signals() -> CancellationToken {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ultrasync_shared::telemetry::init(matches!(cli.common.log_format, LogFormat::Json));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -216,16 +231,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let secret = match cfg.auth.secret() {
                 Ok(s) => s,
                 Err(configured) => {
-                    let dir = args.data_dir.clone().unwrap_or_else(|| cfg.dev.data_dir.clone());
+                    let dir = args
+                        .data_dir
+                        .clone()
+                        .unwrap_or_else(|| cfg.dev.data_dir.clone());
                     dev::read_dev_secret(&dir).with_context(|| {
-                        format!("{configured:#}; and no dev secret in {} (run `ultrasync dev` first)", dir.display())
+                        format!(
+                            "{configured:#}; and no dev secret in {} (run `ultrasync dev` first)",
+                            dir.display()
+                        )
                     })?
                 }
             };
             ultrasync_shared::Id::parse("org", &args.org)?;
             ultrasync_shared::Id::parse("sub", &args.sub)?;
             let projects: Vec<&str> = args.project.iter().map(String::as_str).collect();
-            let mut claims = auth::claims(&args.sub, &args.org, &projects, &args.scope, args.ttl, &cfg.auth.audience);
+            let mut claims = auth::claims(
+                &args.sub,
+                &args.org,
+                &projects,
+                &args.scope,
+                args.ttl,
+                &cfg.auth.audience,
+            );
             claims.iss = cfg.auth.issuer.clone();
             claims.ns = args.ns;
             println!("{}", auth::mint_hs256(&secret, &claims)?);

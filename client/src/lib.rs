@@ -82,10 +82,13 @@ impl Connection {
                 }
                 Some(Err(e)) => return Err(ClientError::WebSocket(e.to_string())),
                 Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str(t.as_str()).map_err(|e| ClientError::Decode(format!("{e}: {t}")));
+                    return serde_json::from_str(t.as_str())
+                        .map_err(|e| ClientError::Decode(format!("{e}: {t}")));
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                    let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                        (u16::from(f.code), f.reason.to_string())
+                    });
                     return Err(ClientError::Closed { code, reason });
                 }
                 Some(Ok(_)) => {}
@@ -94,7 +97,9 @@ impl Connection {
     }
 
     pub async fn recv_timeout(&mut self, limit: Duration) -> Result<ServerMessage, ClientError> {
-        tokio::time::timeout(limit, self.recv()).await.map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(limit, self.recv())
+            .await
+            .map_err(|_| ClientError::Timeout)?
     }
 
     /// Sends `hello` and returns the `welcome`.
@@ -115,8 +120,12 @@ impl Connection {
         .await?;
         match self.recv_timeout(Duration::from_secs(10)).await? {
             w @ ServerMessage::Welcome { .. } => Ok(w),
-            ServerMessage::Error { code, message } => Err(ClientError::WebSocket(format!("{code}: {message}"))),
-            other => Err(ClientError::Decode(format!("expected welcome, got {other:?}"))),
+            ServerMessage::Error { code, message } => {
+                Err(ClientError::WebSocket(format!("{code}: {message}")))
+            }
+            other => Err(ClientError::Decode(format!(
+                "expected welcome, got {other:?}"
+            ))),
         }
     }
 

@@ -100,7 +100,11 @@ impl Follower {
         let Some(first) = live.first() else {
             return Ok(());
         };
-        let frame = encode_ops_frame(&self.namespace, first.server_seq, live.iter().map(|o| o.body.as_ref()));
+        let frame = encode_ops_frame(
+            &self.namespace,
+            first.server_seq,
+            live.iter().map(|o| o.body.as_ref()),
+        );
         live.clear();
         match self.out.try_send(Outbound::Text(frame)) {
             Ok(()) => Ok(()),
@@ -120,12 +124,17 @@ impl Follower {
             let bodies: Vec<(u64, bytes::Bytes)> = match self.topic.recent(from, chunk_to) {
                 Some(ops) => ops.iter().map(|o| (o.server_seq, o.body.clone())).collect(),
                 None => {
-                    let entries = log::read_range(self.hub.ops_stream(), &self.topic.subject, from, chunk_to).await;
+                    let entries =
+                        log::read_range(self.hub.ops_stream(), &self.topic.subject, from, chunk_to)
+                            .await;
                     match entries {
                         Ok(e) => e.into_iter().map(|e| (e.server_seq, e.payload)).collect(),
                         Err(e) => {
                             return self
-                                .report(ErrorCode::Unavailable, format!("reading the op log failed: {e}"))
+                                .report(
+                                    ErrorCode::Unavailable,
+                                    format!("reading the op log failed: {e}"),
+                                )
                                 .await;
                         }
                     }
@@ -135,7 +144,10 @@ impl Follower {
                 return self
                     .report(
                         ErrorCode::Unavailable,
-                        format!("ops {from}..={chunk_to} of {} are not readable", self.namespace),
+                        format!(
+                            "ops {from}..={chunk_to} of {} are not readable",
+                            self.namespace
+                        ),
                     )
                     .await;
             };
@@ -158,8 +170,15 @@ impl Follower {
                 }
                 n = i + 1;
             }
-            let frame = encode_ops_frame(&self.namespace, from, bodies[..n].iter().map(|(_, b)| b.as_ref()));
-            self.out.send(Outbound::Text(frame)).await.map_err(|_| Stop::Closed)?;
+            let frame = encode_ops_frame(
+                &self.namespace,
+                from,
+                bodies[..n].iter().map(|(_, b)| b.as_ref()),
+            );
+            self.out
+                .send(Outbound::Text(frame))
+                .await
+                .map_err(|_| Stop::Closed)?;
             *last = from + n as u64 - 1;
         }
         Ok(())

@@ -165,7 +165,12 @@ impl Topic {
 }
 
 /// Follows the log for one topic until the topic is dropped.
-async fn follow_log(topic: Weak<Topic>, ops: Stream, ready: watch::Sender<bool>, stop: CancellationToken) {
+async fn follow_log(
+    topic: Weak<Topic>,
+    ops: Stream,
+    ready: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
     let Some(subject) = topic.upgrade().map(|t| t.subject.clone()) else {
         return;
     };

@@ -83,7 +83,10 @@ impl Routes {
         if let Some(tx) = tx
             && tx.try_send(body).is_err()
         {
-            warn!(session = session_id, "dropping an answer for a full session");
+            warn!(
+                session = session_id,
+                "dropping an answer for a full session"
+            );
         }
     }
 }
@@ -105,14 +108,33 @@ pub struct AppState {
 
 /// Serves on `listener` until `shutdown` fires, then closes every socket with 1013
 /// and returns.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let secret = config.auth.secret()?;
-    let verifier = Verifier::hs256(&secret, &config.auth.audience, config.auth.issuer.as_deref());
-    let client = nats::connect(&config.nats_url, "ultrasync-gateway", Duration::from_secs(30)).await?;
+    let verifier = Verifier::hs256(
+        &secret,
+        &config.auth.audience,
+        config.auth.issuer.as_deref(),
+    );
+    let client = nats::connect(
+        &config.nats_url,
+        "ultrasync-gateway",
+        Duration::from_secs(30),
+    )
+    .await?;
     let js = jetstream::new(client.clone());
     nats::ensure_layout(&js, config.layout()).await?;
-    let ops = js.get_stream(OPS_STREAM).await.context("opening USYNC_OPS")?;
-    let cursors = js.get_key_value(CURSORS_BUCKET).await.context("opening the cursor bucket")?;
+    let ops = js
+        .get_stream(OPS_STREAM)
+        .await
+        .context("opening USYNC_OPS")?;
+    let cursors = js
+        .get_key_value(CURSORS_BUCKET)
+        .await
+        .context("opening the cursor bucket")?;
     let gateway_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
     let routes = Routes::new(&gateway_id);
 
@@ -145,10 +167,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let addr = listener.local_addr()?;
     info!(%addr, gateway_id = %gateway_id, "gateway listening");
     let app = router(state);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .context("serving http")?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+    .context("serving http")?;
     reply_task.abort();
     let _ = client.flush().await;
     info!("gateway stopped");
@@ -166,7 +191,8 @@ fn router(state: Arc<AppState>) -> Router {
 
 /// An HTTP error in the shape of SPEC §5.
 pub fn http_error(code: ErrorCode, message: impl Into<String>) -> Response {
-    let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status =
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = serde_json::json!({"error": {"code": code, "message": message.into()}});
     (status, Json(body)).into_response()
 }
@@ -177,11 +203,18 @@ struct TokenQuery {
 }
 
 /// Checks the bearer token (header, or `access_token` for browsers).
-fn authenticate(state: &AppState, headers: &HeaderMap, query: &TokenQuery) -> Result<Principal, Response> {
+fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &TokenQuery,
+) -> Result<Principal, Response> {
     let from_header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     let token = from_header.or(query.access_token.as_deref());
     let Some(token) = token else {
@@ -239,7 +272,10 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if connected && streams {
         (StatusCode::OK, "ready").into_response()
     } else {
-        http_error(ErrorCode::Unavailable, "nats or the op log is not reachable")
+        http_error(
+            ErrorCode::Unavailable,
+            "nats or the op log is not reachable",
+        )
     }
 }
 

@@ -73,16 +73,34 @@ impl Session {
             followers: HashMap::new(),
             inflight: HashMap::new(),
         };
-        state.metrics.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state
+            .metrics
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (mut sink, mut stream) = socket.split();
         let closing = session.serve(&mut sink, &mut stream, &mut out_rx).await;
         for (_, f) in session.followers.drain() {
             f.abort();
         }
         state.routes.unregister(&session_id);
-        state.metrics.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        state
+            .metrics
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let Closing(code, reason) = closing;
         debug!(session = %session_id, code, %reason, "socket closing");
+        // Frames already queued (an error explaining the close, acks) go out first,
+        // unless the socket is being dropped for not reading them.
+        if code != close::SLOW_CONSUMER {
+            let flush = async {
+                while let Ok(Outbound::Text(text)) = out_rx.try_recv() {
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
+        }
         let _ = sink
             .send(Message::Close(Some(CloseFrame {
                 code,
@@ -179,7 +197,9 @@ impl Session {
 
     /// Queues a frame; a full queue marks the socket a slow consumer.
     fn push(&self, msg: ServerMessage) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(Outbound::Text(msg.encode())) {
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            self.out.try_send(Outbound::Text(msg.encode()))
+        {
             self.slow.cancel();
         }
     }
@@ -203,7 +223,10 @@ impl Session {
         let msg = match ClientMessage::decode(text) {
             Ok(m) => m,
             Err(e) => {
-                self.push(ServerMessage::error(ErrorCode::InvalidMessage, format!("bad frame: {e}")));
+                self.push(ServerMessage::error(
+                    ErrorCode::InvalidMessage,
+                    format!("bad frame: {e}"),
+                ));
                 return None;
             }
         };
@@ -216,7 +239,10 @@ impl Session {
                 cursors,
             } => {
                 if self.bound.is_some() {
-                    self.push(ServerMessage::error(ErrorCode::InvalidMessage, "hello was already sent"));
+                    self.push(ServerMessage::error(
+                        ErrorCode::InvalidMessage,
+                        "hello was already sent",
+                    ));
                     return None;
                 }
                 if protocol != PROTOCOL_VERSION {
@@ -224,7 +250,10 @@ impl Session {
                         ErrorCode::InvalidMessage,
                         format!("protocol {protocol} is not spoken here; use {PROTOCOL_VERSION}"),
                     ));
-                    return Some(Closing(close::PROTOCOL_MISMATCH, "protocol mismatch".into()));
+                    return Some(Closing(
+                        close::PROTOCOL_MISMATCH,
+                        "protocol mismatch".into(),
+                    ));
                 }
                 let ids = (
                     Id::parse("org_id", &org_id),
@@ -232,11 +261,17 @@ impl Session {
                     Id::parse("client_id", &client_id),
                 );
                 let (Ok(org), Ok(project), Ok(client_id)) = ids else {
-                    self.push(ServerMessage::error(ErrorCode::InvalidId, "org_id, project_id and client_id must match [A-Za-z0-9_-]{1,64}"));
+                    self.push(ServerMessage::error(
+                        ErrorCode::InvalidId,
+                        "org_id, project_id and client_id must match [A-Za-z0-9_-]{1,64}",
+                    ));
                     return Some(Closing(close::POLICY, "invalid id".into()));
                 };
                 if org != self.principal.org || !self.principal.allows_project(project.as_str()) {
-                    self.push(ServerMessage::error(ErrorCode::Forbidden, "the token does not grant this org/project"));
+                    self.push(ServerMessage::error(
+                        ErrorCode::Forbidden,
+                        "the token does not grant this org/project",
+                    ));
                     return Some(Closing(close::POLICY, "forbidden".into()));
                 }
                 self.bound = Some(Bound {
@@ -255,7 +290,10 @@ impl Session {
                 }
             }
             _ if self.bound.is_none() => {
-                self.push(ServerMessage::error(ErrorCode::InvalidMessage, "send hello first"));
+                self.push(ServerMessage::error(
+                    ErrorCode::InvalidMessage,
+                    "send hello first",
+                ));
             }
             ClientMessage::Subscribe {
                 namespace,
@@ -283,16 +321,34 @@ impl Session {
     }
 
     /// Resolves a namespace for this socket, or says why not.
-    fn stream_key(&self, namespace: &str, need_write: bool) -> Result<StreamKey, (ErrorCode, String)> {
-        let bound = self.bound.as_ref().ok_or((ErrorCode::InvalidMessage, "send hello first".to_owned()))?;
-        let ns = Id::parse("namespace", namespace).map_err(|e| (ErrorCode::InvalidId, e.to_string()))?;
-        let allowed = if need_write { self.principal.write } else { self.principal.read };
+    fn stream_key(
+        &self,
+        namespace: &str,
+        need_write: bool,
+    ) -> Result<StreamKey, (ErrorCode, String)> {
+        let bound = self
+            .bound
+            .as_ref()
+            .ok_or((ErrorCode::InvalidMessage, "send hello first".to_owned()))?;
+        let ns =
+            Id::parse("namespace", namespace).map_err(|e| (ErrorCode::InvalidId, e.to_string()))?;
+        let allowed = if need_write {
+            self.principal.write
+        } else {
+            self.principal.read
+        };
         if !allowed {
             let what = if need_write { "write" } else { "read" };
-            return Err((ErrorCode::Forbidden, format!("the token has no {what} scope")));
+            return Err((
+                ErrorCode::Forbidden,
+                format!("the token has no {what} scope"),
+            ));
         }
         if !self.principal.allows_namespace(namespace) {
-            return Err((ErrorCode::Forbidden, format!("the token does not grant namespace {namespace}")));
+            return Err((
+                ErrorCode::Forbidden,
+                format!("the token does not grant namespace {namespace}"),
+            ));
         }
         Ok(StreamKey::new(bound.org.clone(), bound.project.clone(), ns))
     }
@@ -325,14 +381,26 @@ impl Session {
             Ok(k) => k,
             Err((code, reason)) => return self.push(reject(code, reason)),
         };
-        if frame.command_id.is_empty() || frame.command_id.len() > 128 || frame.command_id.chars().any(char::is_control) {
-            return self.push(reject(ErrorCode::InvalidId, "command_id must be 1-128 bytes without control characters".into()));
+        if frame.command_id.is_empty()
+            || frame.command_id.len() > 128
+            || frame.command_id.chars().any(char::is_control)
+        {
+            return self.push(reject(
+                ErrorCode::InvalidId,
+                "command_id must be 1-128 bytes without control characters".into(),
+            ));
         }
         if validate_key(&frame.key).is_err() {
-            return self.push(reject(ErrorCode::InvalidKey, "key must be 1-512 bytes of UTF-8 without control characters".into()));
+            return self.push(reject(
+                ErrorCode::InvalidKey,
+                "key must be 1-512 bytes of UTF-8 without control characters".into(),
+            ));
         }
         if self.inflight.len() >= MAX_INFLIGHT && !self.inflight.contains_key(&frame.command_id) {
-            return self.push(reject(ErrorCode::RateLimited, format!("more than {MAX_INFLIGHT} commands in flight")));
+            return self.push(reject(
+                ErrorCode::RateLimited,
+                format!("more than {MAX_INFLIGHT} commands in flight"),
+            ));
         }
         let Some(bound) = self.bound.as_ref() else {
             return;
@@ -352,7 +420,12 @@ impl Session {
         };
         let body = match serde_json::to_vec(&envelope) {
             Ok(b) => b,
-            Err(e) => return self.push(reject(ErrorCode::InvalidMessage, format!("command does not encode: {e}"))),
+            Err(e) => {
+                return self.push(reject(
+                    ErrorCode::InvalidMessage,
+                    format!("command does not encode: {e}"),
+                ));
+            }
         };
         self.inflight.insert(command_id.clone(), Instant::now());
         let subject = ultrasync_shared::nats::cmd_subject(&key);
@@ -364,7 +437,11 @@ impl Session {
                 tokio::spawn(async move {
                     if let Err(e) = ack.await {
                         warn!(error = %e, "command not accepted by USYNC_CMDS");
-                        let msg = ServerMessage::reject(command_id, ErrorCode::Unavailable, "the command queue is unavailable; retry");
+                        let msg = ServerMessage::reject(
+                            command_id,
+                            ErrorCode::Unavailable,
+                            "the command queue is unavailable; retry",
+                        );
                         routes.deliver(&session_id, msg.encode().into_bytes());
                     }
                 });
@@ -372,7 +449,10 @@ impl Session {
             Err(e) => {
                 warn!(error = %e, "publishing a command failed");
                 self.inflight.remove(&command_id);
-                self.push(reject(ErrorCode::Unavailable, "the command queue is unavailable; retry".into()));
+                self.push(reject(
+                    ErrorCode::Unavailable,
+                    "the command queue is unavailable; retry".into(),
+                ));
             }
         }
     }
@@ -388,7 +468,10 @@ impl Session {
         if !is_valid_id(bound.client_id.as_str()) {
             return;
         }
-        let kv_key = format!("{}.{}.{}.{}", key.org, key.project, key.namespace, bound.client_id);
+        let kv_key = format!(
+            "{}.{}.{}.{}",
+            key.org, key.project, key.namespace, bound.client_id
+        );
         let value = serde_json::json!({
             "server_seq": server_seq,
             "seen_at_ms": std::time::SystemTime::now()

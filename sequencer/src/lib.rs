@@ -27,9 +27,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use ultrasync_shared::StreamKey;
 use ultrasync_shared::config::Config;
 use ultrasync_shared::nats::{self, CMDS_STREAM, OPS_STREAM, SEQUENCER_CONSUMER};
-use ultrasync_shared::StreamKey;
 
 use crate::worker::{Pending, Worker, WorkerShared};
 
@@ -39,11 +39,22 @@ const WORKER_QUEUE: usize = 4096;
 /// Runs one sequencer instance until `shutdown` fires; then finishes the batches it
 /// has taken and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let client = nats::connect(&config.nats_url, "ultrasync-sequencer", Duration::from_secs(30)).await?;
+    let client = nats::connect(
+        &config.nats_url,
+        "ultrasync-sequencer",
+        Duration::from_secs(30),
+    )
+    .await?;
     let js = jetstream::new(client.clone());
     nats::ensure_layout(&js, config.layout()).await?;
-    let cmds = js.get_stream(CMDS_STREAM).await.context("opening USYNC_CMDS")?;
-    let ops = js.get_stream(OPS_STREAM).await.context("opening USYNC_OPS")?;
+    let cmds = js
+        .get_stream(CMDS_STREAM)
+        .await
+        .context("opening USYNC_CMDS")?;
+    let ops = js
+        .get_stream(OPS_STREAM)
+        .await
+        .context("opening USYNC_OPS")?;
     let consumer = cmds
         .get_or_create_consumer(
             SEQUENCER_CONSUMER,

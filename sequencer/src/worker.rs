@@ -50,13 +50,17 @@ pub struct Pending {
 impl Pending {
     pub fn new(msg: jetstream::Message) -> Self {
         let loose: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
-        let reply_to = loose.get("reply_to").and_then(Value::as_str).map(str::to_owned);
+        let reply_to = loose
+            .get("reply_to")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         let command_id = loose
             .get("command_id")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
-        let cmd = serde_json::from_slice::<CommandEnvelope>(&msg.payload).map_err(|e| e.to_string());
+        let cmd =
+            serde_json::from_slice::<CommandEnvelope>(&msg.payload).map_err(|e| e.to_string());
         Self {
             msg,
             cmd,
@@ -214,7 +218,13 @@ impl Worker {
                     continue;
                 }
                 let server_seq = next_seq + ops.len() as u64;
-                let hlc_ts = self.shared.hlc.new_timestamp().get_time().as_u64().to_string();
+                let hlc_ts = self
+                    .shared
+                    .hlc
+                    .new_timestamp()
+                    .get_time()
+                    .as_u64()
+                    .to_string();
                 let op = cmd.clone().into_op(op_id.clone(), server_seq, hlc_ts);
                 let body = match serde_json::to_vec(&op) {
                     Ok(b) => Bytes::from(b),
@@ -297,13 +307,20 @@ impl Worker {
                             op,
                         },
                         None => {
-                            let _ = p.msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                            let _ = p
+                                .msg
+                                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                                .await;
                             continue;
                         }
                     },
                 };
                 if let Some(to) = &p.reply_to
-                    && let Err(e) = self.shared.client.publish(to.clone(), reply.encode().into()).await
+                    && let Err(e) = self
+                        .shared
+                        .client
+                        .publish(to.clone(), reply.encode().into())
+                        .await
                 {
                     warn!(error = %e, "answering the gateway failed");
                 }
@@ -318,39 +335,61 @@ impl Worker {
     /// Checks what can be checked without state. Org, project and actor were put in
     /// by the gateway from the verified token.
     fn validate(&self, cmd: &CommandEnvelope) -> Result<(), ServerMessage> {
-        let reject = |code, reason: String| Err(ServerMessage::reject(&cmd.command_id, code, reason));
+        let reject =
+            |code, reason: String| Err(ServerMessage::reject(&cmd.command_id, code, reason));
         if cmd.org_id != self.key.org.as_str()
             || cmd.project_id != self.key.project.as_str()
             || cmd.namespace != self.key.namespace.as_str()
         {
-            return reject(ErrorCode::InvalidMessage, "command does not match its subject".into());
+            return reject(
+                ErrorCode::InvalidMessage,
+                "command does not match its subject".into(),
+            );
         }
         if !is_valid_id(&cmd.actor_id) || !is_valid_id(&cmd.client_id) {
-            return reject(ErrorCode::InvalidId, "actor_id and client_id must match [A-Za-z0-9_-]{1,64}".into());
+            return reject(
+                ErrorCode::InvalidId,
+                "actor_id and client_id must match [A-Za-z0-9_-]{1,64}".into(),
+            );
         }
         if !valid_command_id(&cmd.command_id) {
-            return reject(ErrorCode::InvalidId, "command_id must be 1-128 bytes without control characters".into());
+            return reject(
+                ErrorCode::InvalidId,
+                "command_id must be 1-128 bytes without control characters".into(),
+            );
         }
         if validate_key(&cmd.key).is_err() {
-            return reject(ErrorCode::InvalidKey, "key must be 1-512 bytes of UTF-8 without control characters".into());
+            return reject(
+                ErrorCode::InvalidKey,
+                "key must be 1-512 bytes of UTF-8 without control characters".into(),
+            );
         }
         match cmd.op_type {
             OpType::Set | OpType::Del => {}
             other => {
                 return reject(
                     ErrorCode::InvalidOp,
-                    format!("op type {} is not accepted in lww namespaces", other.as_str()),
+                    format!(
+                        "op type {} is not accepted in lww namespaces",
+                        other.as_str()
+                    ),
                 );
             }
         }
         if cmd.precondition.is_some() {
-            return reject(ErrorCode::InvalidOp, "preconditions are not accepted by this sequencer yet".into());
+            return reject(
+                ErrorCode::InvalidOp,
+                "preconditions are not accepted by this sequencer yet".into(),
+            );
         }
         let size = serde_json::to_vec(&cmd.payload).map_or(usize::MAX, |v| v.len());
         if size > self.shared.max_value_bytes {
             return reject(
                 ErrorCode::PayloadTooLarge,
-                format!("value is {size} bytes, the limit is {}", self.shared.max_value_bytes),
+                format!(
+                    "value is {size} bytes, the limit is {}",
+                    self.shared.max_value_bytes
+                ),
             );
         }
         Ok(())
@@ -411,6 +450,9 @@ fn valid_command_id(id: &str) -> bool {
 
 async fn nak_all(batch: &[Pending]) {
     for p in batch {
-        let _ = p.msg.ack_with(AckKind::Nak(Some(Duration::from_millis(250)))).await;
+        let _ = p
+            .msg
+            .ack_with(AckKind::Nak(Some(Duration::from_millis(250))))
+            .await;
     }
 }

@@ -83,7 +83,10 @@ async fn write_one(
     op: &Outgoing,
 ) -> Result<u64, WriteError> {
     let mut h = headers(op);
-    h.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expected_last.to_string().as_str());
+    h.insert(
+        NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        expected_last.to_string().as_str(),
+    );
     let ack = js
         .publish_with_headers(subject.to_owned(), h, op.body.clone())
         .await
@@ -118,7 +121,10 @@ async fn write_batch(
         h.insert(NATS_BATCH_ID, batch_id.as_str());
         h.insert(NATS_BATCH_SEQUENCE, (i + 1).to_string().as_str());
         if i == 0 {
-            h.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expected_last.to_string().as_str());
+            h.insert(
+                NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                expected_last.to_string().as_str(),
+            );
         }
         if i < last {
             // Messages before the commit are plain publishes: the connection keeps

@@ -174,9 +174,14 @@ mod tests {
 
     #[test]
     fn valid_token_grants_scopes() {
-        let t = mint_hs256(SECRET, &claims("u1", "acme", &["web"], "write", 60, "ultrasync"))
-            .expect("mint");
-        let p = Verifier::hs256(SECRET, "ultrasync", None).verify(&t).expect("verify");
+        let t = mint_hs256(
+            SECRET,
+            &claims("u1", "acme", &["web"], "write", 60, "ultrasync"),
+        )
+        .expect("mint");
+        let p = Verifier::hs256(SECRET, "ultrasync", None)
+            .verify(&t)
+            .expect("verify");
         assert_eq!(p.actor_id.as_str(), "u1");
         assert!(p.read && p.write && !p.admin);
         assert!(p.allows_project("web") && !p.allows_project("other"));
@@ -191,7 +196,10 @@ mod tests {
         c.iss = Some("issuer-a".into());
         assert!(v.verify(&mint_hs256(SECRET, &c).expect("mint")).is_ok());
         // Wrong secret.
-        assert!(v.verify(&mint_hs256(b"another-secret-another-secret-xx", &c).expect("mint")).is_err());
+        assert!(
+            v.verify(&mint_hs256(b"another-secret-another-secret-xx", &c).expect("mint"))
+                .is_err()
+        );
         // Expired.
         let mut old = c.clone();
         old.exp = now_secs() - 3600;

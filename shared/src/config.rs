@@ -211,6 +211,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let cfg = Config::from_toml(include_str!("../../ultrasync.example.toml"))
+            .expect("example config");
+        assert_eq!(
+            cfg.gateway.outbound_queue,
+            GatewayConfig::default().outbound_queue
+        );
+    }
+
+    #[test]
     fn secret_must_be_long_enough() {
         let mut a = AuthConfig::default();
         assert!(a.secret().is_err());

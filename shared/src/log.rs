@@ -6,8 +6,8 @@
 //! small requests, independent of how long the subject's history is.
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
@@ -121,7 +121,11 @@ pub async fn next_at_or_after(
 /// `None` when there is none (the subject ends before `from`). When `from` lies
 /// below the oldest op still in the log (compacted), the oldest op is returned: the
 /// caller compares its `server_seq` with what it asked for.
-pub async fn locate(stream: &Stream, subject: &str, from: u64) -> Result<Option<LogEntry>, LogError> {
+pub async fn locate(
+    stream: &Stream,
+    subject: &str,
+    from: u64,
+) -> Result<Option<LogEntry>, LogError> {
     match head(stream, subject).await? {
         Some(h) => locate_below(stream, subject, from, h).await,
         None => Ok(None),

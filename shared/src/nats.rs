@@ -137,7 +137,9 @@ pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyh
         if let Err(e) = created {
             // Another service may have created it between our check and create.
             if js.get_object_store(SNAPSHOTS_BUCKET).await.is_err() {
-                return Err(anyhow::anyhow!("creating object store {SNAPSHOTS_BUCKET}: {e}"));
+                return Err(anyhow::anyhow!(
+                    "creating object store {SNAPSHOTS_BUCKET}: {e}"
+                ));
             }
         }
     }
@@ -146,7 +148,11 @@ pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyh
 }
 
 /// Connects to NATS, retrying for up to `patience` while the server comes up.
-pub async fn connect(url: &str, name: &str, patience: Duration) -> anyhow::Result<async_nats::Client> {
+pub async fn connect(
+    url: &str,
+    name: &str,
+    patience: Duration,
+) -> anyhow::Result<async_nats::Client> {
     let deadline = tokio::time::Instant::now() + patience;
     let mut delay = Duration::from_millis(50);
     loop {

@@ -48,7 +48,9 @@ pub fn find_nats_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
             }
         }
     }
-    bail!("nats-server not found: run ./scripts/setup.sh (installs it into .tools/bin) or set {NATS_SERVER_ENV}")
+    bail!(
+        "nats-server not found: run ./scripts/setup.sh (installs it into .tools/bin) or set {NATS_SERVER_ENV}"
+    )
 }
 
 /// How to start the server.
@@ -94,7 +96,8 @@ impl Natsd {
             opts.extra_conf,
         );
         let conf_path = run.join("nats-server.conf");
-        std::fs::write(&conf_path, conf).with_context(|| format!("writing {}", conf_path.display()))?;
+        std::fs::write(&conf_path, conf)
+            .with_context(|| format!("writing {}", conf_path.display()))?;
         let log_file = run.join("nats-server.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -116,11 +119,15 @@ impl Natsd {
             log_file: log_file.clone(),
         };
         let ports_file = |dir: &Path| -> Option<PathBuf> {
-            std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.ends_with(&format!("_{pid}.ports")))
-            })
+            std::fs::read_dir(dir)
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.ends_with(&format!("_{pid}.ports")))
+                })
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -135,13 +142,20 @@ impl Natsd {
                 && let Some(url) = ports["nats"][0].as_str()
             {
                 server.url = url.to_owned();
-                server.port = url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                server.port = url
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
                 if std::net::TcpStream::connect(("127.0.0.1", server.port)).is_ok() {
                     return Ok(server);
                 }
             }
             if Instant::now() > deadline {
-                bail!("nats-server did not come up within 30 s (log: {})", log_file.display());
+                bail!(
+                    "nats-server did not come up within 30 s (log: {})",
+                    log_file.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -164,8 +164,14 @@ mod tests {
         let b = op_id("u", "c1", "k", OpType::Set, &json!({"b":2,"a":1}), None);
         assert_eq!(a, b);
         assert_eq!(a.len(), 32);
-        assert_ne!(a, op_id("u", "c2", "k", OpType::Set, &json!({"a":1,"b":2}), None));
-        assert_ne!(a, op_id("v", "c1", "k", OpType::Set, &json!({"a":1,"b":2}), None));
+        assert_ne!(
+            a,
+            op_id("u", "c2", "k", OpType::Set, &json!({"a":1,"b":2}), None)
+        );
+        assert_ne!(
+            a,
+            op_id("v", "c1", "k", OpType::Set, &json!({"a":1,"b":2}), None)
+        );
         assert_ne!(a, op_id("u", "c1", "k", OpType::Set, &json!({"a":1}), None));
         // Length prefixes keep ("ab","c") and ("a","bc") apart.
         assert_ne!(

@@ -159,7 +159,11 @@ impl ServerMessage {
         }
     }
 
-    pub fn reject(command_id: impl Into<String>, code: ErrorCode, reason: impl Into<String>) -> Self {
+    pub fn reject(
+        command_id: impl Into<String>,
+        code: ErrorCode,
+        reason: impl Into<String>,
+    ) -> Self {
         Self::Reject {
             command_id: command_id.into(),
             code,
@@ -211,7 +215,13 @@ mod tests {
             r#"{"type":"command","command_id":"c-1","namespace":"index","key":"k","op_type":"set","payload":{"a":1},"precondition":{"expected_version":0}}"#,
         )
         .expect("command");
-        assert!(matches!(cmd, ClientMessage::Command(CommandFrame { op_type: OpType::Set, .. })));
+        assert!(matches!(
+            cmd,
+            ClientMessage::Command(CommandFrame {
+                op_type: OpType::Set,
+                ..
+            })
+        ));
         assert!(ClientMessage::decode(r#"{"type":"nope"}"#).is_err());
         assert!(ClientMessage::decode(r#"{"type":"command"}"#).is_err());
         assert!(ClientMessage::decode("not json").is_err());

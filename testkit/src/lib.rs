@@ -145,15 +145,23 @@ impl Stack {
             None => NatsServer::start(),
         };
         let secret = opts.secret.unwrap_or_else(random_secret);
-        let mut config = Config::default();
-        config.nats_url = nats.url().to_owned();
+        let mut config = Config {
+            nats_url: nats.url().to_owned(),
+            ..Default::default()
+        };
         config.auth.jwt_secret = Some(secret.clone());
         config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
 
-        let listener = tokio::net::TcpListener::bind(config.gateway.listen).await.expect("bind gateway");
+        let listener = tokio::net::TcpListener::bind(config.gateway.listen)
+            .await
+            .expect("bind gateway");
         let http = listener.local_addr().expect("addr");
         let stop = CancellationToken::new();
-        let task = tokio::spawn(ultrasync_gateway::run(config.clone(), listener, stop.clone()));
+        let task = tokio::spawn(ultrasync_gateway::run(
+            config.clone(),
+            listener,
+            stop.clone(),
+        ));
         let mut stack = Self {
             nats,
             secret,
@@ -206,17 +214,28 @@ impl Stack {
     }
 
     /// Connects and says hello as `client_id` in project `project`.
-    pub async fn client(&self, sub: &str, project: &str, client_id: &str, cursors: &[(&str, Option<u64>)]) -> Connection {
+    pub async fn client(
+        &self,
+        sub: &str,
+        project: &str,
+        client_id: &str,
+        cursors: &[(&str, Option<u64>)],
+    ) -> Connection {
         let mut c = Connection::connect(&self.ws_url(), &self.token(sub, "read write"))
             .await
             .expect("connect");
-        let cursors: BTreeMap<String, Option<u64>> = cursors.iter().map(|(n, c)| ((*n).to_owned(), *c)).collect();
-        c.hello(ORG, project, client_id, cursors).await.expect("hello");
+        let cursors: BTreeMap<String, Option<u64>> =
+            cursors.iter().map(|(n, c)| ((*n).to_owned(), *c)).collect();
+        c.hello(ORG, project, client_id, cursors)
+            .await
+            .expect("hello");
         c
     }
 
     pub async fn jetstream(&self) -> jetstream::Context {
-        let client = async_nats::connect(self.nats.url()).await.expect("nats connect");
+        let client = async_nats::connect(self.nats.url())
+            .await
+            .expect("nats connect");
         jetstream::new(client)
     }
 
@@ -252,12 +271,22 @@ pub async fn http_get(url: &str) -> std::io::Result<(u16, String)> {
 }
 
 /// A minimal HTTP/1.1 request over a real socket: (status, body).
-pub async fn http_request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> std::io::Result<(u16, String)> {
+pub async fn http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap_or(url);
-    let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
     let mut stream = tokio::net::TcpStream::connect(host).await?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -272,17 +301,30 @@ pub async fn http_request(method: &str, url: &str, headers: &[(&str, &str)], bod
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
 /// Every op on `subject` in `USYNC_OPS`, in stream order, straight from JetStream.
 pub async fn read_subject(js: &jetstream::Context, subject: &str) -> Vec<LogEntry> {
-    let stream = js.get_stream(ultrasync_shared::nats::OPS_STREAM).await.expect("ops stream");
-    let Some(head) = ultrasync_shared::log::head(&stream, subject).await.expect("head") else {
+    let stream = js
+        .get_stream(ultrasync_shared::nats::OPS_STREAM)
+        .await
+        .expect("ops stream");
+    let Some(head) = ultrasync_shared::log::head(&stream, subject)
+        .await
+        .expect("head")
+    else {
         return Vec::new();
     };
-    let mut entries = Box::pin(ultrasync_shared::log::read_from(&stream, subject, 1).await.expect("read"));
+    let mut entries = Box::pin(
+        ultrasync_shared::log::read_from(&stream, subject, 1)
+            .await
+            .expect("read"),
+    );
     let mut out = Vec::new();
     while let Some(e) = entries.next().await {
         let e = e.expect("entry");
