@@ -79,7 +79,10 @@ fn stop_dev(dev: &mut Dev) {
     loop {
         if let Some(status) = dev.child.try_wait().expect("wait") {
             let log = std::fs::read_to_string(&dev.log).unwrap_or_default();
-            assert!(status.success(), "ultrasync dev exited with {status}; its log:\n{log}");
+            assert!(
+                status.success(),
+                "ultrasync dev exited with {status}; its log:\n{log}"
+            );
             return;
         }
         assert!(
