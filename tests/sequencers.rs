@@ -10,7 +10,7 @@ use ultrasync_shared::StreamKey;
 use ultrasync_shared::nats::ops_subject;
 use ultrasync_testkit::{Stack, StackOptions, read_subject};
 
-const NAMESPACES: [&str; 3] = ["index", "metadata", "settings"];
+const NAMESPACES: [&str; 2] = ["index", "metadata"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sequencers_ten_writers_five_thousand_commands() {

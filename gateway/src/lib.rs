@@ -95,6 +95,7 @@ impl Routes {
 pub struct AppState {
     pub config: Config,
     pub verifier: Verifier,
+    pub namespaces: ultrasync_shared::namespaces::Namespaces,
     pub gateway_id: String,
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
@@ -152,6 +153,7 @@ pub async fn run(
     });
 
     let state = Arc::new(AppState {
+        namespaces: config.namespaces()?,
         config,
         verifier,
         gateway_id: gateway_id.clone(),

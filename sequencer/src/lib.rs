@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream::consumer::{PriorityPolicy, pull};
+use async_nats::jetstream::{self};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -35,6 +36,10 @@ use crate::worker::{Pending, Worker, WorkerShared};
 
 /// Commands buffered per stream key before the dispatcher waits for its worker.
 const WORKER_QUEUE: usize = 4096;
+/// The priority group of the sequencer consumer.
+const PRIORITY_GROUP: &str = "sequencers";
+/// Header on answers naming the instance that sent them (operators, tests).
+pub const HDR_SEQUENCER: &str = "Usync-Sequencer";
 
 /// Runs one sequencer instance until `shutdown` fires; then finishes the batches it
 /// has taken and returns.
@@ -55,34 +60,45 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .get_stream(OPS_STREAM)
         .await
         .context("opening USYNC_OPS")?;
+    // One consumer shared by every instance, pinned to one of them at a time: that
+    // one is the active writer for every stream key; the others wait, pulling, and
+    // the server pins one of them when the active one stops pulling for
+    // `failover_secs`. Pinning is the scheduler, not the fence: the expected-sequence
+    // header on every write is what keeps a stale instance from doing harm.
     let consumer = cmds
-        .get_or_create_consumer(
-            SEQUENCER_CONSUMER,
-            pull::Config {
-                durable_name: Some(SEQUENCER_CONSUMER.to_owned()),
-                description: Some("ultrasync sequencers (shared work queue)".to_owned()),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: 50_000,
-                ..Default::default()
-            },
-        )
+        .create_consumer(pull::Config {
+            durable_name: Some(SEQUENCER_CONSUMER.to_owned()),
+            description: Some("ultrasync sequencers (one pinned active instance)".to_owned()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(config.sequencer.ack_wait_secs),
+            max_ack_pending: 50_000,
+            priority_policy: PriorityPolicy::PinnedClient,
+            priority_groups: vec![PRIORITY_GROUP.to_owned()],
+            priority_timeout: Duration::from_secs(config.sequencer.failover_secs),
+            ..Default::default()
+        })
         .await
         .context("creating the sequencer consumer")?;
 
+    let instance = format!(
+        "{}-{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let shared = Arc::new(WorkerShared {
         client: client.clone(),
         js: js.clone(),
         ops,
         hlc: uhlc::HLC::default(),
         config: config.sequencer.clone(),
-        max_value_bytes: 256 * 1024,
+        namespaces: config.namespaces()?,
+        instance: instance.clone(),
     });
-    let instance = uuid::Uuid::new_v4().simple().to_string();
     info!(instance = %instance, "sequencer running");
 
     let mut messages = consumer
         .stream()
+        .group(PRIORITY_GROUP)
         .max_messages_per_batch(1000)
         .heartbeat(Duration::from_secs(5))
         .messages()

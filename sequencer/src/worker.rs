@@ -1,30 +1,37 @@
-//! The per-stream-key worker: gathers a batch, plans it against the key's head,
+//! The per-stream-key worker: gathers a batch, plans it against the key's state,
 //! writes it, answers. One worker per key per instance; across instances the
 //! expected-sequence check on the write is the fence.
+//!
+//! A worker holds the namespace's state (built with the shared `apply`, so it is the
+//! same state the materializer builds) and the op ids of every op in the log, so it
+//! can check preconditions, merge patches and Automerge changes, validate schemas, and
+//! answer a retried command with its original ack however late the retry comes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, stream::Stream};
 use bytes::Bytes;
+use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use ultrasync_shared::config::SequencerConfig;
 use ultrasync_shared::ids::is_valid_id;
-use ultrasync_shared::log::{self, Head};
+use ultrasync_shared::log::{self, Head, LogError};
+use ultrasync_shared::namespaces::{Mode, NamespaceSpec, Namespaces};
 use ultrasync_shared::nats::ops_subject;
-use ultrasync_shared::protocol::ServerMessage;
+use ultrasync_shared::protocol::{CurrentState, ServerMessage};
+use ultrasync_shared::state::{self, ApplyError, KeyEntry, NamespaceState};
 use ultrasync_shared::{CommandEnvelope, ErrorCode, Op, OpType, StreamKey, validate_key};
 
+use crate::HDR_SEQUENCER;
 use crate::writer::{self, Outgoing, WriteError};
 
 /// A worker with nothing to do for this long exits; the next command starts a new one.
 const IDLE: Duration = Duration::from_secs(300);
-/// How many recent op ids a worker keeps to answer retries without reading the log.
-const RECENT_CAP: usize = 20_000;
-/// How many of the newest ops a worker reads when it takes a key.
-const RECENT_LOAD: u64 = 2_000;
 /// Conflicts in a row before a batch is handed back for redelivery.
 const MAX_CONFLICTS: u32 = 64;
 
@@ -35,7 +42,9 @@ pub struct WorkerShared {
     pub ops: Stream,
     pub hlc: uhlc::HLC,
     pub config: SequencerConfig,
-    pub max_value_bytes: usize,
+    pub namespaces: Namespaces,
+    /// This instance's id, sent on every answer.
+    pub instance: String,
 }
 
 /// A command message taken from `USYNC_CMDS`, decoded.
@@ -70,32 +79,33 @@ impl Pending {
     }
 }
 
-/// Op ids this worker knows are in the log, with their `server_seq`.
-#[derive(Default)]
-struct Recent {
-    map: HashMap<String, u64>,
-    order: VecDeque<String>,
+/// The key's state as of the log head this worker last saw.
+struct Loaded {
+    /// Stream sequence of the newest op (0 = the subject is empty).
+    head_stream_seq: u64,
+    state: NamespaceState,
+    /// Every op id in the log, with its `server_seq`.
+    op_ids: HashMap<String, u64>,
 }
 
-impl Recent {
-    fn insert(&mut self, op_id: String, server_seq: u64) {
-        if self.map.insert(op_id.clone(), server_seq).is_none() {
-            self.order.push_back(op_id);
-            while self.order.len() > RECENT_CAP {
-                if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&old);
-                }
+impl Loaded {
+    fn apply_entry(&mut self, key: &StreamKey, entry: &log::LogEntry) -> Result<(), LogError> {
+        let op = entry
+            .op()
+            .map_err(|e| LogError::Nats(format!("op {} does not decode: {e}", entry.server_seq)))?;
+        match state::apply(&mut self.state, &op) {
+            Ok(()) => {}
+            Err(ApplyError::InvalidOp(why)) => {
+                // Cannot happen for ops this code admitted; keep the sequence moving
+                // exactly as the materializer does.
+                warn!(stream_key = %key, seq = op.server_seq, %why, "a committed op does not apply; skipped");
+                self.state.last_seq = op.server_seq;
             }
+            Err(e @ ApplyError::OutOfOrder { .. }) => return Err(LogError::Nats(e.to_string())),
         }
-    }
-
-    fn get(&self, op_id: &str) -> Option<u64> {
-        self.map.get(op_id).copied()
-    }
-
-    fn clear(&mut self) {
-        self.map.clear();
-        self.order.clear();
+        self.op_ids.insert(entry.op_id.clone(), entry.server_seq);
+        self.head_stream_seq = entry.stream_seq;
+        Ok(())
     }
 }
 
@@ -111,20 +121,20 @@ enum Plan {
 pub struct Worker {
     key: StreamKey,
     subject: String,
-    shared: std::sync::Arc<WorkerShared>,
-    /// `None` until loaded, or after an error that makes the cached head doubtful.
-    head: Option<Option<Head>>,
-    recent: Recent,
+    spec: Option<Arc<NamespaceSpec>>,
+    shared: Arc<WorkerShared>,
+    /// `None` until loaded, or after an error that makes the cached state doubtful.
+    loaded: Option<Loaded>,
 }
 
 impl Worker {
-    pub fn new(key: StreamKey, shared: std::sync::Arc<WorkerShared>) -> Self {
+    pub fn new(key: StreamKey, shared: Arc<WorkerShared>) -> Self {
         Self {
             subject: ops_subject(&key),
+            spec: shared.namespaces.get(key.namespace.as_str()),
             key,
             shared,
-            head: None,
-            recent: Recent::default(),
+            loaded: None,
         }
     }
 
@@ -172,99 +182,63 @@ impl Worker {
     }
 
     async fn process(&mut self, batch: Vec<Pending>) {
+        let Some(spec) = self.spec.clone() else {
+            // Nothing to load or write: every command is refused.
+            let name = self.key.namespace.to_string();
+            let plans = batch
+                .iter()
+                .map(|p| {
+                    Plan::Reject(ServerMessage::reject(
+                        &p.command_id,
+                        ErrorCode::UnknownNamespace,
+                        format!("namespace {name} is not declared"),
+                    ))
+                })
+                .collect();
+            self.answer(&batch, plans, &[]).await;
+            return;
+        };
         let mut conflicts = 0;
         loop {
-            let head = match self.head {
-                Some(h) => h,
-                None => match self.load().await {
-                    Ok(h) => h,
+            if self.loaded.is_none() {
+                match self.load().await {
+                    Ok(l) => self.loaded = Some(l),
                     Err(e) => {
-                        warn!(stream_key = %self.key, error = %e, "cannot read the log head; retrying later");
+                        warn!(stream_key = %self.key, error = %e, "cannot load the key's state; retrying later");
                         nak_all(&batch).await;
                         return;
                     }
-                },
-            };
-            let next_seq = head.map_or(0, |h| h.server_seq) + 1;
-            let expected_last = head.map_or(0, |h| h.stream_seq);
-
-            let mut plans = Vec::with_capacity(batch.len());
-            let mut ops: Vec<Op> = Vec::new();
-            let mut outgoing: Vec<Outgoing> = Vec::new();
-            let mut in_batch: HashMap<String, usize> = HashMap::new();
-            for p in &batch {
-                let cmd = match &p.cmd {
-                    Ok(c) => c,
-                    Err(e) => {
-                        plans.push(Plan::Reject(ServerMessage::reject(
-                            &p.command_id,
-                            ErrorCode::InvalidMessage,
-                            format!("undecodable command: {e}"),
-                        )));
-                        continue;
-                    }
-                };
-                if let Err(reject) = self.validate(cmd) {
-                    plans.push(Plan::Reject(reject));
-                    continue;
                 }
-                let op_id = cmd.op_id();
-                if let Some(seq) = self.recent.get(&op_id) {
-                    plans.push(Plan::Existing(seq));
-                    continue;
-                }
-                if let Some(&i) = in_batch.get(&op_id) {
-                    plans.push(Plan::New(i));
-                    continue;
-                }
-                let server_seq = next_seq + ops.len() as u64;
-                let hlc_ts = self
-                    .shared
-                    .hlc
-                    .new_timestamp()
-                    .get_time()
-                    .as_u64()
-                    .to_string();
-                let op = cmd.clone().into_op(op_id.clone(), server_seq, hlc_ts);
-                let body = match serde_json::to_vec(&op) {
-                    Ok(b) => Bytes::from(b),
-                    Err(e) => {
-                        plans.push(Plan::Reject(ServerMessage::reject(
-                            &cmd.command_id,
-                            ErrorCode::InvalidOp,
-                            format!("op does not encode: {e}"),
-                        )));
-                        continue;
-                    }
-                };
-                in_batch.insert(op_id.clone(), ops.len());
-                plans.push(Plan::New(ops.len()));
-                outgoing.push(Outgoing {
-                    server_seq,
-                    op_id,
-                    body,
-                });
-                ops.push(op);
             }
+            let Some(loaded) = self.loaded.as_ref() else {
+                return;
+            };
+            let (plans, ops, outgoing, overlay) = self.plan(&spec, loaded, &batch);
 
             if !outgoing.is_empty() {
                 let written = writer::write(
                     &self.shared.client,
                     &self.shared.js,
                     &self.subject,
-                    expected_last,
+                    loaded.head_stream_seq,
                     &outgoing,
                 )
                 .await;
                 match written {
                     Ok(last_stream_seq) => {
                         let last = outgoing.last().map_or(0, |o| o.server_seq);
-                        self.head = Some(Some(Head {
-                            stream_seq: last_stream_seq,
-                            server_seq: last,
-                        }));
-                        for o in outgoing {
-                            self.recent.insert(o.op_id, o.server_seq);
+                        if let Some(loaded) = self.loaded.as_mut() {
+                            loaded.head_stream_seq = last_stream_seq;
+                            loaded.state.last_seq = last;
+                            for (key, entry) in overlay {
+                                match entry {
+                                    Some(e) => loaded.state.keys.insert(key, e),
+                                    None => loaded.state.keys.remove(&key),
+                                };
+                            }
+                            for o in outgoing {
+                                loaded.op_ids.insert(o.op_id, o.server_seq);
+                            }
                         }
                         debug!(stream_key = %self.key, ops = ops.len(), last_seq = last, "batch committed");
                     }
@@ -273,160 +247,254 @@ impl Worker {
                         debug!(stream_key = %self.key, %why, conflicts, "another writer moved the key; re-planning");
                         if conflicts >= MAX_CONFLICTS {
                             warn!(stream_key = %self.key, "too many write conflicts; handing the batch back");
-                            self.head = None;
+                            self.loaded = None;
                             nak_all(&batch).await;
                             return;
                         }
                         if let Err(e) = self.catch_up().await {
                             warn!(stream_key = %self.key, error = %e, "catching up after a conflict failed");
-                            self.head = None;
+                            self.loaded = None;
                         }
                         continue;
                     }
                     Err(WriteError::Other(e)) => {
                         warn!(stream_key = %self.key, error = %e, "op log write failed; commands will be redelivered");
-                        self.head = None;
+                        self.loaded = None;
                         nak_all(&batch).await;
                         return;
                     }
                 }
             }
-
-            for (p, plan) in batch.iter().zip(plans) {
-                let reply = match plan {
-                    Plan::Reject(m) => m,
-                    Plan::New(i) => ServerMessage::Ack {
-                        command_id: ops[i].command_id.clone(),
-                        server_seq: ops[i].server_seq,
-                        op: ops[i].clone(),
-                    },
-                    Plan::Existing(seq) => match self.stored_op(seq).await {
-                        Some(op) => ServerMessage::Ack {
-                            command_id: op.command_id.clone(),
-                            server_seq: op.server_seq,
-                            op,
-                        },
-                        None => {
-                            let _ = p
-                                .msg
-                                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                                .await;
-                            continue;
-                        }
-                    },
-                };
-                if let Some(to) = &p.reply_to
-                    && let Err(e) = self
-                        .shared
-                        .client
-                        .publish(to.clone(), reply.encode().into())
-                        .await
-                {
-                    warn!(error = %e, "answering the gateway failed");
-                }
-                if let Err(e) = p.msg.ack().await {
-                    warn!(error = %e, "acking a command failed; it will be redelivered and deduped");
-                }
-            }
+            self.answer(&batch, plans, &ops).await;
             return;
         }
     }
 
-    /// Checks what can be checked without state. Org, project and actor were put in
-    /// by the gateway from the verified token.
+    /// Decides every command of the batch against the state, numbering new ops from
+    /// the head. Returns the plans, the new ops, their encoded form, and the keys'
+    /// entries after the batch (to commit once the write lands).
+    #[allow(clippy::type_complexity)]
+    fn plan(
+        &self,
+        spec: &NamespaceSpec,
+        loaded: &Loaded,
+        batch: &[Pending],
+    ) -> (
+        Vec<Plan>,
+        Vec<Op>,
+        Vec<Outgoing>,
+        HashMap<String, Option<KeyEntry>>,
+    ) {
+        let next_seq = loaded.state.last_seq + 1;
+        let mut plans = Vec::with_capacity(batch.len());
+        let mut ops: Vec<Op> = Vec::new();
+        let mut outgoing: Vec<Outgoing> = Vec::new();
+        let mut overlay: HashMap<String, Option<KeyEntry>> = HashMap::new();
+        let mut in_batch: HashMap<String, usize> = HashMap::new();
+        for p in batch {
+            let cmd = match &p.cmd {
+                Ok(c) => c,
+                Err(e) => {
+                    plans.push(Plan::Reject(ServerMessage::reject(
+                        &p.command_id,
+                        ErrorCode::InvalidMessage,
+                        format!("undecodable command: {e}"),
+                    )));
+                    continue;
+                }
+            };
+            if let Err(reject) = self.validate(cmd) {
+                plans.push(Plan::Reject(reject));
+                continue;
+            }
+            let op_id = cmd.op_id();
+            if let Some(&seq) = loaded.op_ids.get(&op_id) {
+                plans.push(Plan::Existing(seq));
+                continue;
+            }
+            if let Some(&i) = in_batch.get(&op_id) {
+                plans.push(Plan::New(i));
+                continue;
+            }
+            let server_seq = next_seq + ops.len() as u64;
+            let current = match overlay.get(&cmd.key) {
+                Some(e) => e.as_ref(),
+                None => loaded.state.keys.get(&cmd.key),
+            };
+            let entry = match admit(spec, current, cmd, server_seq) {
+                Ok(e) => e,
+                Err(reject) => {
+                    plans.push(Plan::Reject(reject));
+                    continue;
+                }
+            };
+            let hlc_ts = self
+                .shared
+                .hlc
+                .new_timestamp()
+                .get_time()
+                .as_u64()
+                .to_string();
+            let op = cmd.clone().into_op(op_id.clone(), server_seq, hlc_ts);
+            let body = match serde_json::to_vec(&op) {
+                Ok(b) => Bytes::from(b),
+                Err(e) => {
+                    plans.push(Plan::Reject(ServerMessage::reject(
+                        &cmd.command_id,
+                        ErrorCode::InvalidOp,
+                        format!("op does not encode: {e}"),
+                    )));
+                    continue;
+                }
+            };
+            overlay.insert(cmd.key.clone(), entry);
+            in_batch.insert(op_id.clone(), ops.len());
+            plans.push(Plan::New(ops.len()));
+            outgoing.push(Outgoing {
+                server_seq,
+                op_id,
+                body,
+            });
+            ops.push(op);
+        }
+        (plans, ops, outgoing, overlay)
+    }
+
+    /// Sends every answer, then acks the command messages.
+    async fn answer(&self, batch: &[Pending], plans: Vec<Plan>, ops: &[Op]) {
+        let mut headers = HeaderMap::new();
+        headers.insert(HDR_SEQUENCER, self.shared.instance.as_str());
+        for (p, plan) in batch.iter().zip(plans) {
+            let reply = match plan {
+                Plan::Reject(m) => m,
+                Plan::New(i) => ServerMessage::Ack {
+                    command_id: ops[i].command_id.clone(),
+                    server_seq: ops[i].server_seq,
+                    op: ops[i].clone(),
+                },
+                Plan::Existing(seq) => match self.stored_op(seq).await {
+                    Some(op) => ServerMessage::Ack {
+                        command_id: op.command_id.clone(),
+                        server_seq: op.server_seq,
+                        op,
+                    },
+                    None => {
+                        let _ = p
+                            .msg
+                            .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                            .await;
+                        continue;
+                    }
+                },
+            };
+            if let Some(to) = &p.reply_to
+                && let Err(e) = self
+                    .shared
+                    .client
+                    .publish_with_headers(to.clone(), headers.clone(), reply.encode().into())
+                    .await
+            {
+                warn!(error = %e, "answering the gateway failed");
+            }
+            if let Err(e) = p.msg.ack().await {
+                warn!(error = %e, "acking a command failed; it will be redelivered and deduped");
+            }
+        }
+    }
+
+    /// Checks the envelope itself. Org, project and actor were put in by the gateway
+    /// from the verified token.
     fn validate(&self, cmd: &CommandEnvelope) -> Result<(), ServerMessage> {
-        let reject =
-            |code, reason: String| Err(ServerMessage::reject(&cmd.command_id, code, reason));
+        let reject = |code, reason: &str| Err(ServerMessage::reject(&cmd.command_id, code, reason));
         if cmd.org_id != self.key.org.as_str()
             || cmd.project_id != self.key.project.as_str()
             || cmd.namespace != self.key.namespace.as_str()
         {
             return reject(
                 ErrorCode::InvalidMessage,
-                "command does not match its subject".into(),
+                "command does not match its subject",
             );
         }
         if !is_valid_id(&cmd.actor_id) || !is_valid_id(&cmd.client_id) {
             return reject(
                 ErrorCode::InvalidId,
-                "actor_id and client_id must match [A-Za-z0-9_-]{1,64}".into(),
+                "actor_id and client_id must match [A-Za-z0-9_-]{1,64}",
             );
         }
-        if !valid_command_id(&cmd.command_id) {
+        if cmd.command_id.is_empty()
+            || cmd.command_id.len() > 128
+            || cmd.command_id.chars().any(char::is_control)
+        {
             return reject(
                 ErrorCode::InvalidId,
-                "command_id must be 1-128 bytes without control characters".into(),
+                "command_id must be 1-128 bytes without control characters",
             );
         }
         if validate_key(&cmd.key).is_err() {
             return reject(
                 ErrorCode::InvalidKey,
-                "key must be 1-512 bytes of UTF-8 without control characters".into(),
-            );
-        }
-        match cmd.op_type {
-            OpType::Set | OpType::Del => {}
-            other => {
-                return reject(
-                    ErrorCode::InvalidOp,
-                    format!(
-                        "op type {} is not accepted in lww namespaces",
-                        other.as_str()
-                    ),
-                );
-            }
-        }
-        if cmd.precondition.is_some() {
-            return reject(
-                ErrorCode::InvalidOp,
-                "preconditions are not accepted by this sequencer yet".into(),
-            );
-        }
-        let size = serde_json::to_vec(&cmd.payload).map_or(usize::MAX, |v| v.len());
-        if size > self.shared.max_value_bytes {
-            return reject(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "value is {size} bytes, the limit is {}",
-                    self.shared.max_value_bytes
-                ),
+                "key must be 1-512 bytes of UTF-8 without control characters",
             );
         }
         Ok(())
     }
 
-    /// Reads the key's head and the newest op ids from the log.
-    async fn load(&mut self) -> Result<Option<Head>, log::LogError> {
-        let head = log::head(&self.shared.ops, &self.subject).await?;
-        self.recent.clear();
-        if let Some(h) = head {
-            let from = h.server_seq.saturating_sub(RECENT_LOAD - 1).max(1);
-            for e in log::read_range(&self.shared.ops, &self.subject, from, h.server_seq).await? {
-                self.recent.insert(e.op_id, e.server_seq);
-            }
-        }
-        self.head = Some(head);
-        debug!(stream_key = %self.key, head = ?head, "worker took key");
-        Ok(head)
+    /// Reads the key's whole log: state and op ids. (With snapshots this becomes
+    /// snapshot + tail.)
+    async fn load(&self) -> Result<Loaded, LogError> {
+        let mut loaded = Loaded {
+            head_stream_seq: 0,
+            state: NamespaceState::default(),
+            op_ids: HashMap::new(),
+        };
+        let Some(head) = log::head(&self.shared.ops, &self.subject).await? else {
+            info!(stream_key = %self.key, "took key (empty)");
+            return Ok(loaded);
+        };
+        self.replay(&mut loaded, 1, head).await?;
+        info!(stream_key = %self.key, last_seq = loaded.state.last_seq, "took key");
+        Ok(loaded)
     }
 
-    /// After losing a write race: learn what the other writer stored.
-    async fn catch_up(&mut self) -> Result<(), log::LogError> {
-        let old = self.head.flatten();
-        let new = log::head(&self.shared.ops, &self.subject).await?;
-        let (Some(new), from) = (new, old.map_or(1, |h| h.server_seq + 1)) else {
-            self.head = Some(None);
+    /// Applies the ops from stream sequence `start` up to `head`.
+    async fn replay(&self, loaded: &mut Loaded, start: u64, head: Head) -> Result<(), LogError> {
+        if head.stream_seq < start {
+            return Ok(());
+        }
+        let mut entries = Box::pin(log::read_from(&self.shared.ops, &self.subject, start).await?);
+        while let Some(entry) = entries.next().await {
+            let entry = entry?;
+            if entry.server_seq <= loaded.state.last_seq {
+                continue;
+            }
+            if entry.server_seq != loaded.state.last_seq + 1 {
+                return Err(LogError::Nats(format!(
+                    "the log of {} starts at {} (compacted): a snapshot is needed",
+                    self.key, entry.server_seq
+                )));
+            }
+            loaded.apply_entry(&self.key, &entry)?;
+            if entry.stream_seq >= head.stream_seq {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// After losing a write race: apply what the other writer stored.
+    async fn catch_up(&mut self) -> Result<(), LogError> {
+        let Some(head) = log::head(&self.shared.ops, &self.subject).await? else {
             return Ok(());
         };
-        if new.server_seq + 1 - from > RECENT_CAP as u64 {
-            self.load().await?;
+        let Some(mut loaded) = self.loaded.take() else {
             return Ok(());
+        };
+        let start = loaded.head_stream_seq + 1;
+        let result = self.replay(&mut loaded, start, head).await;
+        if result.is_ok() {
+            self.loaded = Some(loaded);
         }
-        for e in log::read_range(&self.shared.ops, &self.subject, from, new.server_seq).await? {
-            self.recent.insert(e.op_id, e.server_seq);
-        }
-        self.head = Some(Some(new));
-        Ok(())
+        result
     }
 
     /// The op stored at `server_seq`, for answering a retry.
@@ -444,8 +512,103 @@ impl Worker {
     }
 }
 
-fn valid_command_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && !id.chars().any(char::is_control)
+/// The namespace's admission rules: mode, precondition, sizes, schema. Returns the
+/// key's entry after the op.
+pub fn admit(
+    spec: &NamespaceSpec,
+    current: Option<&KeyEntry>,
+    cmd: &CommandEnvelope,
+    seq: u64,
+) -> Result<Option<KeyEntry>, ServerMessage> {
+    let reject = |code, reason: String| Err(ServerMessage::reject(&cmd.command_id, code, reason));
+    let ns = &spec.name;
+    match (spec.mode, cmd.op_type) {
+        (Mode::Ephemeral, _) => {
+            return reject(
+                ErrorCode::InvalidOp,
+                format!("namespace {ns} is ephemeral: send presence frames"),
+            );
+        }
+        (Mode::Crdt, OpType::CrdtOp) => {
+            if cmd.precondition.is_some() {
+                return reject(
+                    ErrorCode::InvalidOp,
+                    format!("namespace {ns} is crdt: changes merge, no preconditions"),
+                );
+            }
+        }
+        (Mode::Crdt, other) => {
+            return reject(
+                ErrorCode::InvalidOp,
+                format!(
+                    "namespace {ns} is crdt: only crdt_op, not {}",
+                    other.as_str()
+                ),
+            );
+        }
+        (_, OpType::CrdtOp) => {
+            return reject(
+                ErrorCode::InvalidOp,
+                format!(
+                    "crdt_op needs a crdt namespace; {ns} is {}",
+                    spec.mode.as_str()
+                ),
+            );
+        }
+        (Mode::Cas, _) if cmd.precondition.is_none() => {
+            return reject(
+                ErrorCode::InvalidOp,
+                format!("namespace {ns} is cas: every write needs precondition.expected_version"),
+            );
+        }
+        _ => {}
+    }
+    if let Some(pre) = cmd.precondition {
+        let version = current.map_or(0, |e| e.version);
+        if pre.expected_version != version {
+            return Err(ServerMessage::Reject {
+                command_id: cmd.command_id.clone(),
+                code: ErrorCode::PreconditionFailed,
+                reason: format!(
+                    "expected version {}, the key is at {version}",
+                    pre.expected_version
+                ),
+                current_state: Some(CurrentState {
+                    key: cmd.key.clone(),
+                    version,
+                    value: current.map_or(Value::Null, |e| e.value.clone()),
+                }),
+            });
+        }
+    }
+    let payload_size = serde_json::to_vec(&cmd.payload).map_or(usize::MAX, |v| v.len());
+    if payload_size > spec.max_value_bytes {
+        return reject(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "payload is {payload_size} bytes; {ns} allows {}",
+                spec.max_value_bytes
+            ),
+        );
+    }
+    let entry = state::next_entry(current, cmd.op_type, &cmd.payload, seq)
+        .map_err(|e| ServerMessage::reject(&cmd.command_id, ErrorCode::InvalidOp, e.to_string()))?;
+    if let Some(e) = &entry {
+        let size = serde_json::to_vec(&e.value).map_or(usize::MAX, |v| v.len());
+        if size > spec.max_value_bytes {
+            return reject(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "the value would be {size} bytes; {ns} allows {}",
+                    spec.max_value_bytes
+                ),
+            );
+        }
+        if let Err(why) = spec.check_schema(&e.value) {
+            return reject(ErrorCode::SchemaInvalid, why);
+        }
+    }
+    Ok(entry)
 }
 
 async fn nak_all(batch: &[Pending]) {

@@ -23,6 +23,8 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub sequencer: SequencerConfig,
     pub dev: DevConfig,
+    /// Namespaces beyond the five defaults (SPEC §3).
+    pub namespaces: Vec<crate::namespaces::NamespaceConfig>,
 }
 
 impl Default for Config {
@@ -34,6 +36,7 @@ impl Default for Config {
             gateway: GatewayConfig::default(),
             sequencer: SequencerConfig::default(),
             dev: DevConfig::default(),
+            namespaces: Vec::new(),
         }
     }
 }
@@ -116,6 +119,11 @@ pub struct SequencerConfig {
     pub batch_window_ms: u64,
     /// Most commands in one durable write (JetStream allows 1000 per atomic batch).
     pub batch_max: usize,
+    /// Seconds the active sequencer may go without pulling before another takes over.
+    pub failover_secs: u64,
+    /// Seconds a taken command may stay unanswered before it is handed to another
+    /// instance (JetStream ack wait).
+    pub ack_wait_secs: u64,
 }
 
 impl Default for SequencerConfig {
@@ -123,6 +131,8 @@ impl Default for SequencerConfig {
         Self {
             batch_window_ms: 2,
             batch_max: 500,
+            failover_secs: 2,
+            ack_wait_secs: 5,
         }
     }
 }
@@ -180,10 +190,19 @@ impl Config {
         if !(1..=1000).contains(&self.sequencer.batch_max) {
             anyhow::bail!("sequencer.batch_max must be 1-1000");
         }
+        if self.sequencer.failover_secs == 0 || self.sequencer.ack_wait_secs == 0 {
+            anyhow::bail!("sequencer.failover_secs and sequencer.ack_wait_secs must be positive");
+        }
+        crate::namespaces::Namespaces::new(&self.namespaces)?;
         if self.gateway.outbound_queue == 0 {
             anyhow::bail!("gateway.outbound_queue must be at least 1");
         }
         Ok(())
+    }
+
+    /// The namespace registry (defaults + declared).
+    pub fn namespaces(&self) -> anyhow::Result<crate::namespaces::Namespaces> {
+        crate::namespaces::Namespaces::new(&self.namespaces)
     }
 
     pub fn layout(&self) -> crate::nats::LayoutOptions {

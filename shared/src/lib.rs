@@ -8,10 +8,12 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod log;
+pub mod namespaces;
 pub mod nats;
 pub mod natsd;
 pub mod op;
 pub mod protocol;
+pub mod state;
 pub mod telemetry;
 
 pub use error::ErrorCode;
