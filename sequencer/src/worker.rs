@@ -529,14 +529,13 @@ pub fn admit(
                 format!("namespace {ns} is ephemeral: send presence frames"),
             );
         }
-        (Mode::Crdt, OpType::CrdtOp) => {
-            if cmd.precondition.is_some() {
-                return reject(
-                    ErrorCode::InvalidOp,
-                    format!("namespace {ns} is crdt: changes merge, no preconditions"),
-                );
-            }
+        (Mode::Crdt, OpType::CrdtOp) if cmd.precondition.is_some() => {
+            return reject(
+                ErrorCode::InvalidOp,
+                format!("namespace {ns} is crdt: changes merge, no preconditions"),
+            );
         }
+        (Mode::Crdt, OpType::CrdtOp) => {}
         (Mode::Crdt, other) => {
             return reject(
                 ErrorCode::InvalidOp,
