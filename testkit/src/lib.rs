@@ -94,6 +94,8 @@ pub struct StackOptions {
     pub dir: Option<PathBuf>,
     /// Reuse this secret (restart tests).
     pub secret: Option<String>,
+    /// Namespaces beyond the defaults.
+    pub namespaces: Vec<ultrasync_shared::namespaces::NamespaceConfig>,
 }
 
 impl Default for StackOptions {
@@ -102,6 +104,7 @@ impl Default for StackOptions {
             sequencers: 1,
             dir: None,
             secret: None,
+            namespaces: Vec::new(),
         }
     }
 }
@@ -151,30 +154,50 @@ impl Stack {
         };
         config.auth.jwt_secret = Some(secret.clone());
         config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.namespaces = opts.namespaces;
+        config.validate().expect("valid test config");
 
-        let listener = tokio::net::TcpListener::bind(config.gateway.listen)
-            .await
-            .expect("bind gateway");
-        let http = listener.local_addr().expect("addr");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(ultrasync_gateway::run(
-            config.clone(),
-            listener,
-            stop.clone(),
-        ));
         let mut stack = Self {
             nats,
             secret,
             config,
-            http,
-            gateway: Some(Service { stop, task }),
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            gateway: None,
             sequencers: Vec::new(),
         };
+        stack.start_gateway().await;
         for _ in 0..opts.sequencers {
             stack.add_sequencer();
         }
-        stack.wait_ready().await;
         stack
+    }
+
+    async fn start_gateway(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.config.gateway.listen)
+            .await
+            .expect("bind gateway");
+        self.http = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(ultrasync_gateway::run(
+            self.config.clone(),
+            listener,
+            stop.clone(),
+        ));
+        self.gateway = Some(Service { stop, task });
+        self.wait_ready().await;
+    }
+
+    /// Stops the gateway gracefully and starts a new one (on a new port).
+    pub async fn restart_gateway(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.shutdown().await;
+        }
+        self.start_gateway().await;
+    }
+
+    /// Starts `ultrasync sequencer` (binary `bin`) as its own process.
+    pub fn sequencer_process(&self, bin: &Path) -> SequencerProcess {
+        SequencerProcess::spawn(bin, self.nats.url())
     }
 
     /// Starts one more in-process sequencer instance (its own NATS connection).
@@ -353,5 +376,56 @@ pub async fn recv_until(
         if stop {
             return Ok(seen);
         }
+    }
+}
+
+/// `ultrasync sequencer` as its own process, for kill -9 and SIGSTOP tests. Killed
+/// (SIGKILL, after SIGCONT) on drop.
+pub struct SequencerProcess {
+    child: std::process::Child,
+}
+
+impl SequencerProcess {
+    pub fn spawn(bin: &Path, nats_url: &str) -> Self {
+        let child = std::process::Command::new(bin)
+            .args(["sequencer", "--nats-url", nats_url])
+            .env(
+                "ULTRASYNC_LOG",
+                std::env::var("ULTRASYNC_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sequencer");
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    pub fn stop(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn cont(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+impl Drop for SequencerProcess {
+    fn drop(&mut self) {
+        self.cont();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

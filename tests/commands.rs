@@ -1,0 +1,523 @@
+//! The sequencer as the authority: namespace modes, preconditions, schemas, size
+//! limits, and exactly-once answers to retries.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use ultrasync_client::{
+    ClientMessage, CommandFrame, Connection, OpType, Precondition, ServerMessage,
+};
+use ultrasync_shared::namespaces::{Mode, NamespaceConfig};
+use ultrasync_shared::nats::ops_subject;
+use ultrasync_shared::{ErrorCode, StreamKey};
+use ultrasync_testkit::{Stack, StackOptions, read_subject};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn todos() -> NamespaceConfig {
+    NamespaceConfig {
+        name: "todos".into(),
+        mode: Mode::Lww,
+        schema: Some(json!({
+            "type": "object",
+            "required": ["title"],
+            "properties": {"title": {"type": "string"}, "done": {"type": "boolean"}}
+        })),
+        schema_file: None,
+        max_value_bytes: Some(200),
+    }
+}
+
+async fn stack() -> Stack {
+    Stack::start_with(StackOptions {
+        namespaces: vec![todos()],
+        ..Default::default()
+    })
+    .await
+}
+
+fn frame(
+    id: &str,
+    ns: &str,
+    key: &str,
+    op_type: OpType,
+    payload: Value,
+    expected: Option<u64>,
+) -> ClientMessage {
+    ClientMessage::Command(CommandFrame {
+        command_id: id.into(),
+        namespace: ns.into(),
+        key: key.into(),
+        op_type,
+        payload,
+        precondition: expected.map(|v| Precondition {
+            expected_version: v,
+        }),
+    })
+}
+
+/// Sends one command and returns its answer (ack or reject).
+async fn send(conn: &mut Connection, msg: ClientMessage) -> ServerMessage {
+    conn.send(&msg).await.expect("send");
+    loop {
+        match conn.recv_timeout(WAIT).await.expect("answer") {
+            m @ (ServerMessage::Ack { .. }
+            | ServerMessage::Reject { .. }
+            | ServerMessage::Error { .. }) => return m,
+            _ => continue,
+        }
+    }
+}
+
+fn acked(m: &ServerMessage) -> u64 {
+    match m {
+        ServerMessage::Ack { server_seq, .. } => *server_seq,
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+fn code(m: &ServerMessage) -> ErrorCode {
+    match m {
+        ServerMessage::Reject { code, .. } | ServerMessage::Error { code, .. } => *code,
+        other => panic!("expected a reject, got {other:?}"),
+    }
+}
+
+async fn log_len(stack: &Stack, ns: &str) -> usize {
+    let js = stack.jetstream().await;
+    read_subject(
+        &js,
+        &ops_subject(&StreamKey::parse("acme", "web", ns).expect("key")),
+    )
+    .await
+    .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_set_and_merge_patch() {
+    let stack = stack().await;
+    let mut c = stack.client("carla", "web", "carla-1", &[]).await;
+
+    // cas: create-if-absent, then compare-and-set on the returned version.
+    let v1 = acked(
+        &send(
+            &mut c,
+            frame(
+                "s1",
+                "settings",
+                "theme",
+                OpType::Set,
+                json!({"color": "dark"}),
+                Some(0),
+            ),
+        )
+        .await,
+    );
+    let again = send(
+        &mut c,
+        frame(
+            "s2",
+            "settings",
+            "theme",
+            OpType::Set,
+            json!({"color": "light"}),
+            Some(0),
+        ),
+    )
+    .await;
+    match again {
+        ServerMessage::Reject {
+            code,
+            current_state: Some(cs),
+            ..
+        } => {
+            assert_eq!(code, ErrorCode::PreconditionFailed);
+            assert_eq!(cs.key, "theme");
+            assert_eq!(cs.version, v1);
+            assert_eq!(cs.value, json!({"color": "dark"}));
+        }
+        other => panic!("expected precondition_failed with current_state, got {other:?}"),
+    }
+    let v2 = acked(
+        &send(
+            &mut c,
+            frame(
+                "s3",
+                "settings",
+                "theme",
+                OpType::Patch,
+                json!({"font": "mono"}),
+                Some(v1),
+            ),
+        )
+        .await,
+    );
+    assert!(v2 > v1);
+    let stale = send(
+        &mut c,
+        frame(
+            "s4",
+            "settings",
+            "theme",
+            OpType::Del,
+            Value::Null,
+            Some(v1),
+        ),
+    )
+    .await;
+    assert_eq!(code(&stale), ErrorCode::PreconditionFailed);
+    acked(
+        &send(
+            &mut c,
+            frame(
+                "s5",
+                "settings",
+                "theme",
+                OpType::Del,
+                Value::Null,
+                Some(v2),
+            ),
+        )
+        .await,
+    );
+    // Deleted: version 0 again, so create-if-absent works.
+    acked(
+        &send(
+            &mut c,
+            frame("s6", "settings", "theme", OpType::Set, json!(1), Some(0)),
+        )
+        .await,
+    );
+
+    // lww: precondition optional but enforced when given; patch merges.
+    acked(
+        &send(
+            &mut c,
+            frame(
+                "i1",
+                "index",
+                "doc",
+                OpType::Patch,
+                json!({"a": 1, "b": {"c": 2}}),
+                None,
+            ),
+        )
+        .await,
+    );
+    let ack = send(
+        &mut c,
+        frame(
+            "i2",
+            "index",
+            "doc",
+            OpType::Patch,
+            json!({"a": null, "b": {"d": 3}}),
+            None,
+        ),
+    )
+    .await;
+    let ServerMessage::Ack { op, .. } = &ack else {
+        panic!("{ack:?}")
+    };
+    assert_eq!(op.op_type, OpType::Patch);
+    assert_eq!(
+        code(
+            &send(
+                &mut c,
+                frame("i3", "index", "doc", OpType::Set, json!(0), Some(1))
+            )
+            .await
+        ),
+        ErrorCode::PreconditionFailed
+    );
+    acked(
+        &send(
+            &mut c,
+            frame("i4", "index", "doc", OpType::Set, json!(0), Some(2)),
+        )
+        .await,
+    );
+
+    // The state the log describes: replay it with the shared state machine.
+    let js = stack.jetstream().await;
+    let entries = read_subject(
+        &js,
+        &ops_subject(&StreamKey::parse("acme", "web", "index").expect("key")),
+    )
+    .await;
+    let mut state = ultrasync_shared::state::NamespaceState::default();
+    for e in &entries {
+        ultrasync_shared::state::apply(&mut state, &e.op().expect("op")).expect("apply");
+    }
+    assert_eq!(state.keys["doc"].value, json!(0));
+    assert_eq!(state.keys["doc"].version, 3);
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_commands_get_the_right_code_and_write_nothing() {
+    let stack = stack().await;
+    let mut c = stack.client("bea", "web", "bea-1", &[]).await;
+    // Something valid in each namespace first, so rejects have state to hit.
+    acked(
+        &send(
+            &mut c,
+            frame(
+                "ok1",
+                "todos",
+                "t1",
+                OpType::Set,
+                json!({"title": "buy milk"}),
+                None,
+            ),
+        )
+        .await,
+    );
+    acked(
+        &send(
+            &mut c,
+            frame("ok2", "settings", "s", OpType::Set, json!(1), Some(0)),
+        )
+        .await,
+    );
+    let before = (
+        log_len(&stack, "todos").await,
+        log_len(&stack, "settings").await,
+        log_len(&stack, "collab").await,
+    );
+
+    let big = "x".repeat(300);
+    let cases: Vec<(&str, ClientMessage, ErrorCode)> = vec![
+        (
+            "namespace id with a dot",
+            frame("b1", "to.dos", "k", OpType::Set, json!(1), None),
+            ErrorCode::InvalidId,
+        ),
+        (
+            "unknown namespace",
+            frame("b2", "nowhere", "k", OpType::Set, json!(1), None),
+            ErrorCode::UnknownNamespace,
+        ),
+        (
+            "empty key",
+            frame("b3", "todos", "", OpType::Set, json!({"title": "x"}), None),
+            ErrorCode::InvalidKey,
+        ),
+        (
+            "control char in key",
+            frame(
+                "b4",
+                "todos",
+                "a\u{7}",
+                OpType::Set,
+                json!({"title": "x"}),
+                None,
+            ),
+            ErrorCode::InvalidKey,
+        ),
+        (
+            "empty command id",
+            frame("", "todos", "k", OpType::Set, json!({"title": "x"}), None),
+            ErrorCode::InvalidId,
+        ),
+        (
+            "schema: missing title",
+            frame(
+                "b5",
+                "todos",
+                "t2",
+                OpType::Set,
+                json!({"done": true}),
+                None,
+            ),
+            ErrorCode::SchemaInvalid,
+        ),
+        (
+            "schema after patch",
+            frame(
+                "b6",
+                "todos",
+                "t1",
+                OpType::Patch,
+                json!({"title": 5}),
+                None,
+            ),
+            ErrorCode::SchemaInvalid,
+        ),
+        (
+            "value too large",
+            frame(
+                "b7",
+                "todos",
+                "t3",
+                OpType::Set,
+                json!({"title": big}),
+                None,
+            ),
+            ErrorCode::PayloadTooLarge,
+        ),
+        (
+            "cas without precondition",
+            frame("b8", "settings", "s", OpType::Set, json!(2), None),
+            ErrorCode::InvalidOp,
+        ),
+        (
+            "cas with a stale version",
+            frame("b9", "settings", "s", OpType::Set, json!(2), Some(99)),
+            ErrorCode::PreconditionFailed,
+        ),
+        (
+            "crdt_op in an lww namespace",
+            frame(
+                "b10",
+                "todos",
+                "t1",
+                OpType::CrdtOp,
+                json!({"change": "AA=="}),
+                None,
+            ),
+            ErrorCode::InvalidOp,
+        ),
+        (
+            "set in a crdt namespace",
+            frame("b11", "collab", "d", OpType::Set, json!(1), None),
+            ErrorCode::InvalidOp,
+        ),
+        (
+            "malformed Automerge bytes",
+            frame(
+                "b12",
+                "collab",
+                "d",
+                OpType::CrdtOp,
+                json!({"change": "bm90IGEgY2hhbmdl"}),
+                None,
+            ),
+            ErrorCode::InvalidOp,
+        ),
+        (
+            "crdt payload not base64",
+            frame(
+                "b13",
+                "collab",
+                "d",
+                OpType::CrdtOp,
+                json!({"change": "%%%"}),
+                None,
+            ),
+            ErrorCode::InvalidOp,
+        ),
+        (
+            "crdt payload shape",
+            frame("b14", "collab", "d", OpType::CrdtOp, json!([1]), None),
+            ErrorCode::InvalidOp,
+        ),
+        (
+            "command in an ephemeral namespace",
+            frame("b15", "presence", "me", OpType::Set, json!(1), None),
+            ErrorCode::InvalidOp,
+        ),
+    ];
+    for (what, msg, want) in cases {
+        let answer = send(&mut c, msg).await;
+        assert_eq!(code(&answer), want, "{what}: {answer:?}");
+    }
+    // A frame that is not a command at all is a protocol error.
+    c.send_raw(r#"{"type":"command","command_id":"b16","namespace":"todos","key":"k","op_type":"explode"}"#)
+        .await
+        .expect("send");
+    assert_eq!(
+        code(&c.recv_timeout(WAIT).await.expect("error")),
+        ErrorCode::InvalidMessage
+    );
+
+    // A read-only token cannot write at all.
+    let mut reader = Connection::connect(&stack.ws_url(), &stack.token("rob", "read"))
+        .await
+        .expect("connect");
+    reader
+        .hello("acme", "web", "rob-1", BTreeMap::new())
+        .await
+        .expect("hello");
+    let answer = send(
+        &mut reader,
+        frame(
+            "r1",
+            "todos",
+            "t9",
+            OpType::Set,
+            json!({"title": "x"}),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(code(&answer), ErrorCode::Forbidden);
+
+    let after = (
+        log_len(&stack, "todos").await,
+        log_len(&stack, "settings").await,
+        log_len(&stack, "collab").await,
+    );
+    assert_eq!(before, after, "a rejected command reached the log");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_gets_the_original_ack_across_restarts_and_past_the_dedupe_window() {
+    let mut stack = stack().await;
+    let cmd = || {
+        frame(
+            "pay-1",
+            "todos",
+            "invoice",
+            OpType::Set,
+            json!({"title": "pay rent"}),
+            Some(0),
+        )
+    };
+    let mut c = stack.client("ria", "web", "ria-1", &[]).await;
+    let first = send(&mut c, cmd()).await;
+    acked(&first);
+
+    // 1. Right away.
+    assert_eq!(send(&mut c, cmd()).await, first);
+
+    // 2. After the gateway restarts (new socket, new gateway id).
+    c.close().await;
+    stack.restart_gateway().await;
+    let mut c = stack.client("ria", "web", "ria-1", &[]).await;
+    assert_eq!(send(&mut c, cmd()).await, first);
+
+    // 3. After JetStream's own duplicate window has passed and a new sequencer
+    //    instance has taken the key: the op id is known from the log, not from NATS.
+    let js = stack.jetstream().await;
+    let mut cfg = ultrasync_shared::nats::ops_stream_config(stack.config.layout());
+    cfg.duplicate_window = Duration::from_secs(1);
+    js.update_stream(cfg)
+        .await
+        .expect("shrink the duplicate window");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stack.stop_sequencer(0).await;
+    stack.add_sequencer();
+    assert_eq!(send(&mut c, cmd()).await, first);
+
+    // Other writes in between do not matter: the retry still is no new op.
+    acked(
+        &send(
+            &mut c,
+            frame(
+                "pay-2",
+                "todos",
+                "other",
+                OpType::Set,
+                json!({"title": "x"}),
+                None,
+            ),
+        )
+        .await,
+    );
+    assert_eq!(send(&mut c, cmd()).await, first);
+    assert_eq!(log_len(&stack, "todos").await, 2);
+    stack.shutdown().await;
+}
