@@ -1,0 +1,187 @@
+//! Three clients editing one Automerge document at once, each with its own replica
+//! made with the `automerge` crate, converge to the document the server holds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ObjType, ROOT, ReadDoc};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::json;
+use tokio::sync::Barrier;
+use ultrasync_client::{Connection, OpType, ServerMessage};
+use ultrasync_shared::nats::ops_subject;
+use ultrasync_shared::state::{self, NamespaceState};
+use ultrasync_shared::{Op, StreamKey};
+use ultrasync_testkit::{Stack, read_subject};
+
+const ROUNDS: usize = 30;
+const KEY: &str = "board";
+
+fn send_change(doc: &mut AutoCommit) -> serde_json::Value {
+    doc.commit();
+    let change = doc.get_last_local_change().expect("a local change");
+    json!({"change": B64.encode(change.raw_bytes())})
+}
+
+fn absorb(doc: &mut AutoCommit, ops: &[Op]) -> u64 {
+    let mut last = 0;
+    for op in ops {
+        let bytes = B64
+            .decode(op.payload["change"].as_str().expect("change"))
+            .expect("base64");
+        let change = automerge::Change::from_bytes(bytes).expect("change");
+        doc.apply_changes([change]).expect("apply");
+        last = op.server_seq;
+    }
+    last
+}
+
+/// Reads frames for up to `limit`, applying ops; returns (last seq seen, acks seen).
+async fn pump(
+    conn: &mut Connection,
+    doc: &mut AutoCommit,
+    seen: &mut u64,
+    acks: &mut usize,
+    limit: Duration,
+) {
+    while let Ok(msg) = conn.recv_timeout(limit).await {
+        match msg {
+            ServerMessage::Ops { ops, seq_start, .. } => {
+                assert_eq!(seq_start, *seen + 1, "ops out of order");
+                *seen = absorb(doc, &ops);
+            }
+            ServerMessage::Ack { .. } => *acks += 1,
+            ServerMessage::Reject { code, reason, .. } => {
+                panic!("change rejected: {code} {reason}")
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_automerge_clients_converge_with_the_server() {
+    let stack = Arc::new(Stack::start().await);
+    let barrier = Arc::new(Barrier::new(3));
+    let mut tasks = Vec::new();
+    for i in 0..3usize {
+        let stack = stack.clone();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = stack
+                .client(
+                    &format!("editor-{i}"),
+                    "web",
+                    &format!("e{i}"),
+                    &[("collab", Some(0))],
+                )
+                .await;
+            let mut doc = AutoCommit::new();
+            let (mut seen, mut acks, mut sent) = (0u64, 0usize, 0usize);
+            if i == 0 {
+                doc.put(ROOT, "title", "shared board").expect("put");
+                doc.put_object(ROOT, "items", ObjType::List).expect("list");
+                let change = send_change(&mut doc);
+                conn.command("init", "collab", KEY, OpType::CrdtOp, change)
+                    .await
+                    .expect("send");
+                sent += 1;
+            }
+            // Everyone starts editing once the list exists locally.
+            while seen == 0 {
+                pump(
+                    &mut conn,
+                    &mut doc,
+                    &mut seen,
+                    &mut acks,
+                    Duration::from_millis(50),
+                )
+                .await;
+            }
+            barrier.wait().await;
+            let items = match doc.get(ROOT, "items").expect("get") {
+                Some((_, id)) => id,
+                None => panic!("no list"),
+            };
+            for r in 0..ROUNDS {
+                doc.insert(&items, 0, format!("e{i}-r{r}")).expect("insert");
+                doc.put(ROOT, format!("count_{i}"), r as i64).expect("put");
+                // Everyone writes the same field: a real conflict, resolved by Automerge.
+                doc.put(ROOT, "last_writer", format!("e{i}")).expect("put");
+                let change = send_change(&mut doc);
+                conn.command(&format!("e{i}-{r}"), "collab", KEY, OpType::CrdtOp, change)
+                    .await
+                    .expect("send");
+                sent += 1;
+                pump(
+                    &mut conn,
+                    &mut doc,
+                    &mut seen,
+                    &mut acks,
+                    Duration::from_millis(2),
+                )
+                .await;
+            }
+            while acks < sent {
+                pump(
+                    &mut conn,
+                    &mut doc,
+                    &mut seen,
+                    &mut acks,
+                    Duration::from_millis(50),
+                )
+                .await;
+            }
+            barrier.wait().await;
+            (conn, doc, seen)
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.expect("editor"));
+    }
+
+    // The server's document: the log replayed with the shared state machine.
+    let js = stack.jetstream().await;
+    let entries = read_subject(
+        &js,
+        &ops_subject(&StreamKey::parse("acme", "web", "collab").expect("key")),
+    )
+    .await;
+    assert_eq!(entries.len(), 1 + 3 * ROUNDS);
+    let mut server = NamespaceState::default();
+    for e in &entries {
+        state::apply(&mut server, &e.op().expect("op")).expect("apply");
+    }
+    let server_entry = &server.keys[KEY];
+    let server_heads = server_entry.heads().expect("crdt key has heads");
+    let last = entries.last().map_or(0, |e| e.server_seq);
+
+    for (conn, doc, seen) in &mut clients {
+        while *seen < last {
+            let (mut acks, limit) = (0, Duration::from_millis(200));
+            pump(conn, doc, seen, &mut acks, limit).await;
+        }
+        let json = serde_json::to_value(automerge::AutoSerde::from(&*doc)).expect("json");
+        assert_eq!(
+            json, server_entry.value,
+            "a client's document differs from the server's"
+        );
+        let mut heads: Vec<String> = doc.get_heads().iter().map(ToString::to_string).collect();
+        heads.sort();
+        assert_eq!(heads, server_heads);
+    }
+    assert_eq!(
+        server_entry.value["items"].as_array().map(Vec::len),
+        Some(3 * ROUNDS)
+    );
+    for i in 0..3 {
+        assert_eq!(server_entry.value[format!("count_{i}")], json!(ROUNDS - 1));
+    }
+    drop(clients);
+    if let Ok(stack) = Arc::try_unwrap(stack) {
+        stack.shutdown().await;
+    }
+}
