@@ -73,6 +73,8 @@ enum Command {
     Sequencer(SequencerArgs),
     /// Mint a JWT from the configured secret (or the `dev` secret).
     Token(TokenArgs),
+    /// Print the effective configuration (all sources merged, secrets redacted) as TOML.
+    Config,
 }
 
 #[derive(Args)]
@@ -225,6 +227,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             cfg.validate()?;
             ultrasync_sequencer::run(cfg, shutdown_on_signals()).await
+        }
+        Command::Config => {
+            let mut cfg = cli.common.config()?;
+            cfg.validate()?;
+            if cfg.auth.jwt_secret.is_some() {
+                cfg.auth.jwt_secret = Some("<redacted>".to_owned());
+            }
+            print!("{}", toml::to_string(&cfg)?);
+            Ok(())
         }
         Command::Token(args) => {
             let cfg = cli.common.config()?;
