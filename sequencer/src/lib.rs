@@ -60,6 +60,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .get_stream(OPS_STREAM)
         .await
         .context("opening USYNC_OPS")?;
+    let snapshots = js
+        .get_object_store(nats::SNAPSHOTS_BUCKET)
+        .await
+        .context("opening the snapshot store")?;
     // One consumer shared by every instance, pinned to one of them at a time: that
     // one is the active writer for every stream key; the others wait, pulling, and
     // the server pins one of them when the active one stops pulling for
@@ -89,6 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         client: client.clone(),
         js: js.clone(),
         ops,
+        snapshots,
         hlc: uhlc::HLC::default(),
         config: config.sequencer.clone(),
         namespaces: config.namespaces()?,

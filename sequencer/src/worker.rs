@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::object_store::GetErrorKind;
 use async_nats::jetstream::{self, AckKind, stream::Stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::Value;
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use ultrasync_shared::config::SequencerConfig;
@@ -24,6 +26,7 @@ use ultrasync_shared::log::{self, Head, LogError};
 use ultrasync_shared::namespaces::{Mode, NamespaceSpec, Namespaces};
 use ultrasync_shared::nats::ops_subject;
 use ultrasync_shared::protocol::{CurrentState, ServerMessage};
+use ultrasync_shared::snapshot::Snapshot;
 use ultrasync_shared::state::{self, ApplyError, KeyEntry, NamespaceState};
 use ultrasync_shared::{CommandEnvelope, ErrorCode, Op, OpType, StreamKey, validate_key};
 
@@ -40,6 +43,7 @@ pub struct WorkerShared {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub ops: Stream,
+    pub snapshots: jetstream::object_store::ObjectStore,
     pub hlc: uhlc::HLC,
     pub config: SequencerConfig,
     pub namespaces: Namespaces,
@@ -125,6 +129,10 @@ pub struct Worker {
     shared: Arc<WorkerShared>,
     /// `None` until loaded, or after an error that makes the cached state doubtful.
     loaded: Option<Loaded>,
+    /// `server_seq` of the newest snapshot written or loaded.
+    snapshot_seq: u64,
+    /// The snapshot being written, if any (one at a time per key).
+    snapshot_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Worker {
@@ -135,7 +143,100 @@ impl Worker {
             key,
             shared,
             loaded: None,
+            snapshot_seq: 0,
+            snapshot_task: None,
         }
+    }
+
+    /// The object name of this key's snapshot.
+    fn snapshot_name(&self) -> String {
+        format!(
+            "{}.{}.{}",
+            self.key.org, self.key.project, self.key.namespace
+        )
+    }
+
+    /// Writes a snapshot in the background once enough ops have gone by since the
+    /// last one.
+    fn maybe_snapshot(&mut self) {
+        let Some(loaded) = self.loaded.as_ref() else {
+            return;
+        };
+        if loaded.state.last_seq < self.snapshot_seq + self.shared.config.snapshot_every_ops {
+            return;
+        }
+        if self
+            .snapshot_task
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+        {
+            return;
+        }
+        let snapshot = Snapshot {
+            stream_key: self.key.to_string(),
+            head_stream_seq: loaded.head_stream_seq,
+            state: loaded.state.clone(),
+            op_ids: loaded.op_ids.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        };
+        self.snapshot_seq = loaded.state.last_seq;
+        let store = self.shared.snapshots.clone();
+        let name = self.snapshot_name();
+        let key = self.key.clone();
+        self.snapshot_task = Some(tokio::spawn(async move {
+            let bytes = snapshot.encode();
+            match store.put(name.as_str(), &mut bytes.as_slice()).await {
+                Ok(_) => {
+                    info!(stream_key = %key, seq = snapshot.state.last_seq, bytes = bytes.len(), "snapshot written")
+                }
+                Err(e) => warn!(stream_key = %key, error = %e, "writing a snapshot failed"),
+            }
+        }));
+    }
+
+    /// This key's snapshot, if there is a sound one that continues into the log.
+    async fn usable_snapshot(&self, head: Head) -> Option<Snapshot> {
+        let mut object = match self
+            .shared
+            .snapshots
+            .get(self.snapshot_name().as_str())
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if e.kind() == GetErrorKind::NotFound => return None,
+            Err(e) => {
+                warn!(stream_key = %self.key, error = %e, "reading the snapshot failed; replaying the log");
+                return None;
+            }
+        };
+        let mut bytes = Vec::new();
+        if let Err(e) = object.read_to_end(&mut bytes).await {
+            warn!(stream_key = %self.key, error = %e, "reading the snapshot failed; replaying the log");
+            return None;
+        }
+        let snapshot = match Snapshot::decode(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(stream_key = %self.key, error = %e, "snapshot refused; replaying the log");
+                return None;
+            }
+        };
+        let last = snapshot.state.last_seq;
+        // It must belong to this key and continue into the log as it is now.
+        let continues = if snapshot.stream_key != self.key.to_string() || last > head.server_seq {
+            false
+        } else if last == head.server_seq {
+            head.stream_seq == snapshot.head_stream_seq
+        } else {
+            matches!(
+                log::next_at_or_after(&self.shared.ops, &self.subject, snapshot.head_stream_seq + 1).await,
+                Ok(Some(e)) if e.server_seq == last + 1
+            )
+        };
+        if !continues {
+            warn!(stream_key = %self.key, snapshot_seq = last, head = head.server_seq, "snapshot does not match the log; replaying the log");
+            return None;
+        }
+        Some(snapshot)
     }
 
     pub async fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
@@ -241,6 +342,7 @@ impl Worker {
                             }
                         }
                         debug!(stream_key = %self.key, ops = ops.len(), last_seq = last, "batch committed");
+                        self.maybe_snapshot();
                     }
                     Err(WriteError::Conflict(why)) => {
                         conflicts += 1;
@@ -373,12 +475,20 @@ impl Worker {
                     op: ops[i].clone(),
                 },
                 Plan::Existing(seq) => match self.stored_op(seq).await {
-                    Some(op) => ServerMessage::Ack {
+                    Ok(Some(op)) => ServerMessage::Ack {
                         command_id: op.command_id.clone(),
                         server_seq: op.server_seq,
                         op,
                     },
-                    None => {
+                    Ok(None) => ServerMessage::reject(
+                        &p.command_id,
+                        ErrorCode::StaleBase,
+                        format!(
+                            "this command was applied at server_seq {seq}, which has been compacted; resync"
+                        ),
+                    ),
+                    Err(e) => {
+                        warn!(stream_key = %self.key, error = %e, "reading a stored op for a retry failed");
                         let _ = p
                             .msg
                             .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
@@ -439,9 +549,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Reads the key's whole log: state and op ids. (With snapshots this becomes
-    /// snapshot + tail.)
-    async fn load(&self) -> Result<Loaded, LogError> {
+    /// Builds the key's state and op ids: from its snapshot and the log after it, or
+    /// from the whole log when there is no sound snapshot.
+    async fn load(&mut self) -> Result<Loaded, LogError> {
         let mut loaded = Loaded {
             head_stream_seq: 0,
             state: NamespaceState::default(),
@@ -451,8 +561,23 @@ impl Worker {
             info!(stream_key = %self.key, "took key (empty)");
             return Ok(loaded);
         };
-        self.replay(&mut loaded, 1, head).await?;
-        info!(stream_key = %self.key, last_seq = loaded.state.last_seq, "took key");
+        let mut start = 1;
+        if let Some(snapshot) = self.usable_snapshot(head).await {
+            start = snapshot.head_stream_seq + 1;
+            self.snapshot_seq = snapshot.state.last_seq;
+            loaded.head_stream_seq = snapshot.head_stream_seq;
+            loaded.state = snapshot.state;
+            loaded.op_ids = snapshot.op_ids.into_iter().collect();
+        }
+        let from_snapshot = loaded.state.last_seq;
+        self.replay(&mut loaded, start, head).await?;
+        info!(
+            stream_key = %self.key,
+            last_seq = loaded.state.last_seq,
+            snapshot_seq = from_snapshot,
+            replayed = loaded.state.last_seq - from_snapshot,
+            "took key"
+        );
         Ok(loaded)
     }
 
@@ -497,17 +622,14 @@ impl Worker {
         result
     }
 
-    /// The op stored at `server_seq`, for answering a retry.
-    async fn stored_op(&self, server_seq: u64) -> Option<Op> {
-        match log::read_range(&self.shared.ops, &self.subject, server_seq, server_seq).await {
-            Ok(entries) => entries
-                .into_iter()
-                .find(|e| e.server_seq == server_seq)
-                .and_then(|e| e.op().ok()),
-            Err(e) => {
-                warn!(stream_key = %self.key, error = %e, "reading a stored op for a retry failed");
-                None
-            }
+    /// The op stored at `server_seq`, for answering a retry; `None` when the log no
+    /// longer holds it.
+    async fn stored_op(&self, server_seq: u64) -> Result<Option<Op>, LogError> {
+        let entries =
+            log::read_range(&self.shared.ops, &self.subject, server_seq, server_seq).await?;
+        match entries.into_iter().find(|e| e.server_seq == server_seq) {
+            Some(e) => e.op().map(Some).map_err(|e| LogError::Nats(e.to_string())),
+            None => Ok(None),
         }
     }
 }

@@ -124,6 +124,9 @@ pub struct SequencerConfig {
     /// Seconds a taken command may stay unanswered before it is handed to another
     /// instance (JetStream ack wait).
     pub ack_wait_secs: u64,
+    /// A snapshot of a stream key is written after this many ops, so an instance
+    /// taking the key over reads the snapshot and the log after it, not the whole log.
+    pub snapshot_every_ops: u64,
 }
 
 impl Default for SequencerConfig {
@@ -133,6 +136,7 @@ impl Default for SequencerConfig {
             batch_max: 500,
             failover_secs: 2,
             ack_wait_secs: 5,
+            snapshot_every_ops: 10_000,
         }
     }
 }
@@ -190,8 +194,13 @@ impl Config {
         if !(1..=1000).contains(&self.sequencer.batch_max) {
             anyhow::bail!("sequencer.batch_max must be 1-1000");
         }
-        if self.sequencer.failover_secs == 0 || self.sequencer.ack_wait_secs == 0 {
-            anyhow::bail!("sequencer.failover_secs and sequencer.ack_wait_secs must be positive");
+        if self.sequencer.failover_secs == 0
+            || self.sequencer.ack_wait_secs == 0
+            || self.sequencer.snapshot_every_ops == 0
+        {
+            anyhow::bail!(
+                "sequencer.failover_secs, ack_wait_secs and snapshot_every_ops must be positive"
+            );
         }
         crate::namespaces::Namespaces::new(&self.namespaces)?;
         if self.gateway.outbound_queue == 0 {

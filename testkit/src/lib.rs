@@ -96,6 +96,8 @@ pub struct StackOptions {
     pub secret: Option<String>,
     /// Namespaces beyond the defaults.
     pub namespaces: Vec<ultrasync_shared::namespaces::NamespaceConfig>,
+    /// Last word on the config before anything starts.
+    pub configure: fn(&mut Config),
 }
 
 impl Default for StackOptions {
@@ -105,6 +107,7 @@ impl Default for StackOptions {
             dir: None,
             secret: None,
             namespaces: Vec::new(),
+            configure: |_| {},
         }
     }
 }
@@ -155,6 +158,7 @@ impl Stack {
         config.auth.jwt_secret = Some(secret.clone());
         config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.namespaces = opts.namespaces;
+        (opts.configure)(&mut config);
         config.validate().expect("valid test config");
 
         let mut stack = Self {
