@@ -43,9 +43,10 @@ async fn send(
     .await
     .expect("send");
     loop {
-        match conn.recv_timeout(WAIT).await.expect("answer") {
-            m @ (ServerMessage::Ack { .. } | ServerMessage::Reject { .. }) => return m,
-            _ => {}
+        if let m @ (ServerMessage::Ack { .. } | ServerMessage::Reject { .. }) =
+            conn.recv_timeout(WAIT).await.expect("answer")
+        {
+            return m;
         }
     }
 }
