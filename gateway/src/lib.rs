@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, kv};
@@ -120,14 +120,7 @@ pub async fn run(
         &config.auth.audience,
         config.auth.issuer.as_deref(),
     );
-    let client = nats::connect(
-        &config.nats_url,
-        "ultrasync-gateway",
-        Duration::from_secs(30),
-    )
-    .await?;
-    let js = jetstream::new(client.clone());
-    nats::ensure_layout(&js, config.layout()).await?;
+    let (client, js) = nats::connect_service(&config, "ultrasync-gateway").await?;
     let ops = js
         .get_stream(OPS_STREAM)
         .await

@@ -44,14 +44,7 @@ pub const HDR_SEQUENCER: &str = "Usync-Sequencer";
 /// Runs one sequencer instance until `shutdown` fires; then finishes the batches it
 /// has taken and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let client = nats::connect(
-        &config.nats_url,
-        "ultrasync-sequencer",
-        Duration::from_secs(30),
-    )
-    .await?;
-    let js = jetstream::new(client.clone());
-    nats::ensure_layout(&js, config.layout()).await?;
+    let (client, js) = nats::connect_service(&config, "ultrasync-sequencer").await?;
     let cmds = js
         .get_stream(CMDS_STREAM)
         .await

@@ -147,6 +147,18 @@ pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyh
     Ok(())
 }
 
+/// What every service does first: connect (waiting up to 30 s for NATS to come up)
+/// and create or update the streams and buckets.
+pub async fn connect_service(
+    config: &crate::config::Config,
+    name: &str,
+) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
+    let client = connect(&config.nats_url, name, Duration::from_secs(30)).await?;
+    let js = jetstream::new(client.clone());
+    ensure_layout(&js, config.layout()).await?;
+    Ok((client, js))
+}
+
 /// Connects to NATS, retrying for up to `patience` while the server comes up.
 pub async fn connect(
     url: &str,
