@@ -6,8 +6,9 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::json;
@@ -20,6 +21,15 @@ const WRITERS: usize = 8;
 const PER_WRITER: usize = 2500;
 const WINDOW: usize = 250;
 const NAMESPACES: [&str; 2] = ["index", "metadata"];
+/// Acked-command counts at which the active sequencer is killed (false) or frozen (true).
+const CHAOS: [(usize, bool); 4] = [
+    (2_000, false),
+    (6_000, true),
+    (10_000, false),
+    (14_000, false),
+];
+/// How far past an action's point the writers may get before the action happens.
+const SLACK: usize = 1_500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_sequencer_killed_and_frozen_under_load() {
@@ -31,30 +41,40 @@ async fn active_sequencer_killed_and_frozen_under_load() {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_ultrasync"));
     let mut procs: Vec<SequencerProcess> = (0..2).map(|_| stack.sequencer_process(&bin)).collect();
 
-    // Who is active: the pid in the `Usync-Sequencer` header of the latest answer.
-    let active = Arc::new(AtomicU32::new(0));
+    // Who is active: when each instance last answered (the `Usync-Sequencer` header).
+    let answered: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
     let nc = async_nats::connect(stack.nats.url()).await.expect("nats");
     let mut answers = nc.subscribe("usync.reply.>").await.expect("subscribe");
     let watcher = {
-        let active = active.clone();
+        let answered = answered.clone();
         tokio::spawn(async move {
             while let Some(m) = answers.next().await {
                 let pid = m
                     .headers
                     .as_ref()
                     .and_then(|h| h.get(ultrasync_sequencer::HDR_SEQUENCER))
-                    .and_then(|v| v.as_str().split('-').next().and_then(|p| p.parse().ok()));
+                    .and_then(|v| {
+                        v.as_str()
+                            .split('-')
+                            .next()
+                            .and_then(|p| p.parse::<u32>().ok())
+                    });
                 if let Some(pid) = pid {
-                    active.store(pid, Ordering::Relaxed);
+                    answered.lock().expect("lock").insert(pid, Instant::now());
                 }
             }
         })
     };
+    // The writers may send only up to `cap` commands in all; the chaos raises it
+    // after each action, so every action is followed by fresh load (and the load can
+    // never run out before the chaos is done).
+    let cap = Arc::new(AtomicUsize::new(CHAOS[0].0 + SLACK));
 
     let progress = Arc::new(AtomicUsize::new(0));
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let progress = progress.clone();
+        let cap = cap.clone();
         let mut conn = stack
             .client(&format!("writer-{w}"), "web", &format!("w{w}"), &[])
             .await;
@@ -72,7 +92,12 @@ async fn active_sequencer_killed_and_frozen_under_load() {
             let mut next = 0;
             let mut resent = 0usize;
             while acked.len() < PER_WRITER {
-                while next < PER_WRITER && in_flight.len() < WINDOW {
+                let allowed = (cap.load(Ordering::Relaxed) / WRITERS).min(PER_WRITER);
+                if next >= allowed && in_flight.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                while next < allowed && in_flight.len() < WINDOW {
                     let (id, ns, key, payload) = cmd(next);
                     conn.command(&id, ns, &key, OpType::Set, payload)
                         .await
@@ -132,30 +157,38 @@ async fn active_sequencer_killed_and_frozen_under_load() {
     // so a stale instance tries to write.
     let chaos = {
         let progress = progress.clone();
-        let active = active.clone();
+        let answered = answered.clone();
+        let cap = cap.clone();
         let bin = bin.clone();
         let url = stack.nats.url().to_owned();
         tokio::spawn(async move {
             let (mut kills, mut freezes) = (0, 0);
-            let mut dead: HashSet<u32> = HashSet::new();
-            for (at, freeze) in [
-                (2_000, false),
-                (6_000, true),
-                (10_000, false),
-                (14_000, false),
-            ] {
-                // Wait for the point, and for an answer from a live instance.
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            let mut last_action = Instant::now();
+            for (k, &(at, freeze)) in CHAOS.iter().enumerate() {
+                // Wait for the point, and for an instance that has answered since the
+                // last action (the active one).
+                let deadline = Instant::now() + Duration::from_secs(120);
                 let i = loop {
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    if tokio::time::Instant::now() > deadline {
-                        return (kills, freezes, procs);
+                    assert!(
+                        Instant::now() < deadline,
+                        "no live active sequencer at {at}"
+                    );
+                    if progress.load(Ordering::Relaxed) < at {
+                        continue;
                     }
-                    let pid = active.load(Ordering::Relaxed);
-                    if progress.load(Ordering::Relaxed) >= at
-                        && !dead.contains(&pid)
-                        && let Some(i) = procs.iter().position(|p| p.pid() == pid)
-                    {
+                    let answered = answered.lock().expect("lock").clone();
+                    let newest = procs
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, p)| {
+                            answered
+                                .get(&p.pid())
+                                .filter(|t| **t > last_action)
+                                .map(|t| (i, *t))
+                        })
+                        .max_by_key(|(_, t)| *t);
+                    if let Some((i, _)) = newest {
                         break i;
                     }
                 };
@@ -165,12 +198,16 @@ async fn active_sequencer_killed_and_frozen_under_load() {
                     procs[i].cont();
                     freezes += 1;
                 } else {
-                    dead.insert(procs[i].pid());
                     procs[i].kill9();
                     procs.remove(i);
                     procs.push(SequencerProcess::spawn(&bin, &url));
                     kills += 1;
                 }
+                last_action = Instant::now();
+                let next = CHAOS
+                    .get(k + 1)
+                    .map_or(WRITERS * PER_WRITER, |(at, _)| at + SLACK);
+                cap.store(next, Ordering::Relaxed);
             }
             (kills, freezes, procs)
         })
