@@ -740,3 +740,160 @@ async fn nak_all(batch: &[Pending]) {
             .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+    use ultrasync_shared::Precondition;
+
+    fn cmd(key: &str, op_type: OpType, payload: Value, expected: Option<u64>) -> CommandEnvelope {
+        CommandEnvelope {
+            org_id: "o".into(),
+            project_id: "p".into(),
+            namespace: "settings".into(),
+            actor_id: "a".into(),
+            client_id: "c".into(),
+            command_id: "x".into(),
+            key: key.into(),
+            op_type,
+            payload,
+            precondition: expected.map(|v| Precondition {
+                expected_version: v,
+            }),
+            reply_to: None,
+        }
+    }
+
+    fn namespaces() -> Namespaces {
+        Namespaces::new(&[]).expect("defaults")
+    }
+
+    proptest! {
+        /// Compare-and-set against a model: a write is admitted exactly when its
+        /// expected version is the key's version (0 = absent), and the rejection
+        /// reports the version and value the key really has.
+        #[test]
+        fn cas_admission_matches_the_model(
+            steps in prop::collection::vec(("k[0-2]", 0u8..3, 0u64..6, any::<bool>()), 1..60)
+        ) {
+            let ns = namespaces();
+            let spec = ns.get("settings").expect("settings");
+            let mut state = NamespaceState::default();
+            let mut model: HashMap<String, (u64, Value)> = HashMap::new();
+            for (key, kind, guess, use_current) in steps {
+                let current = model.get(&key).map_or(0, |(v, _)| *v);
+                let expected = if use_current { current } else { guess };
+                let op_type = [OpType::Set, OpType::Del, OpType::Patch][kind as usize];
+                let payload = json!({"n": state.last_seq});
+                let seq = state.last_seq + 1;
+                let c = cmd(&key, op_type, payload.clone(), Some(expected));
+                match admit(&spec, state.keys.get(&key), &c, seq) {
+                    Ok(entry) => {
+                        prop_assert_eq!(expected, current, "admitted a stale write");
+                        match entry {
+                            Some(e) => { model.insert(key.clone(), (seq, e.value.clone())); state.keys.insert(key, e); }
+                            None => { model.remove(&key); state.keys.remove(&key); }
+                        }
+                        state.last_seq = seq;
+                    }
+                    Err(ServerMessage::Reject { code, current_state: Some(cs), .. }) => {
+                        prop_assert_eq!(code, ErrorCode::PreconditionFailed);
+                        prop_assert_ne!(expected, current, "refused a write based on the current version");
+                        prop_assert_eq!(cs.version, current);
+                        prop_assert_eq!(cs.value, model.get(&key).map_or(Value::Null, |(_, v)| v.clone()));
+                    }
+                    Err(other) => prop_assert!(false, "unexpected answer {:?}", other),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mode_rules() {
+        let ns = namespaces();
+        let get = |n: &str| ns.get(n).expect("namespace");
+        let reject_code = |r: Result<Option<KeyEntry>, ServerMessage>| match r {
+            Err(ServerMessage::Reject { code, .. }) => code,
+            other => panic!("expected a reject, got {other:?}"),
+        };
+        // cas needs a precondition; lww does not.
+        assert_eq!(
+            reject_code(admit(
+                &get("settings"),
+                None,
+                &cmd("k", OpType::Set, json!(1), None),
+                1
+            )),
+            ErrorCode::InvalidOp
+        );
+        assert!(
+            admit(
+                &get("index"),
+                None,
+                &cmd("k", OpType::Set, json!(1), None),
+                1
+            )
+            .is_ok()
+        );
+        // create-if-absent on lww, enforced when given.
+        assert!(
+            admit(
+                &get("index"),
+                None,
+                &cmd("k", OpType::Set, json!(1), Some(0)),
+                1
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            reject_code(admit(
+                &get("index"),
+                None,
+                &cmd("k", OpType::Set, json!(1), Some(3)),
+                1
+            )),
+            ErrorCode::PreconditionFailed
+        );
+        // crdt takes only crdt_op; others never do.
+        assert_eq!(
+            reject_code(admit(
+                &get("collab"),
+                None,
+                &cmd("k", OpType::Set, json!(1), None),
+                1
+            )),
+            ErrorCode::InvalidOp
+        );
+        assert_eq!(
+            reject_code(admit(
+                &get("index"),
+                None,
+                &cmd("k", OpType::CrdtOp, json!({}), None),
+                1
+            )),
+            ErrorCode::InvalidOp
+        );
+        assert_eq!(
+            reject_code(admit(
+                &get("presence"),
+                None,
+                &cmd("k", OpType::Set, json!(1), None),
+                1
+            )),
+            ErrorCode::InvalidOp
+        );
+        // Size is checked on the value after the op.
+        let big = json!("x".repeat(300 * 1024));
+        assert_eq!(
+            reject_code(admit(
+                &get("index"),
+                None,
+                &cmd("k", OpType::Set, big, None),
+                1
+            )),
+            ErrorCode::PayloadTooLarge
+        );
+    }
+}
