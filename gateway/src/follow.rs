@@ -7,13 +7,16 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use ultrasync_shared::ErrorCode;
 use ultrasync_shared::log;
-use ultrasync_shared::protocol::{ServerMessage, encode_ops_frame};
+use ultrasync_shared::protocol::{ServerMessage, encode_ops_frame, snapshot_frames};
+use ultrasync_shared::snapshot::Snapshot;
 
 use crate::hub::{Hub, LiveOp, Topic};
 use crate::session::Outbound;
 
 /// Most ops in one `ops` frame.
 const FRAME_OPS: usize = 500;
+/// About how much state one `snapshot` frame carries (frames stay under 1 MiB).
+const SNAPSHOT_FRAME_BYTES: usize = 512 * 1024;
 
 pub struct Follower {
     pub hub: Arc<Hub>,
@@ -34,13 +37,24 @@ enum Stop {
 }
 
 impl Follower {
-    /// Runs until the socket goes away. `cursor` is the last `server_seq` the client has.
-    pub async fn run(self, cursor: u64) {
+    /// Runs until the socket goes away. `cursor` is the last `server_seq` the client
+    /// has; `None` asks for a snapshot.
+    pub async fn run(self, cursor: Option<u64>) {
         let _ = self.follow(cursor).await;
     }
 
-    async fn follow(&self, cursor: u64) -> Result<(), Stop> {
+    async fn follow(&self, cursor: Option<u64>) -> Result<(), Stop> {
         let (mut rx, head) = self.topic.subscribe().await;
+        let mut last = cursor.unwrap_or(0);
+        if cursor.is_none() {
+            // Bootstrap from the newest snapshot when there is one; the log after it
+            // follows. Without one, the whole log is the bootstrap.
+            if let Some(s) = self.snapshot_up_to(head).await? {
+                last = s.state.last_seq;
+                self.send_snapshot(&s).await?;
+            }
+        }
+        let cursor = last;
         if cursor > head {
             return self
                 .report(
@@ -52,7 +66,6 @@ impl Follower {
                 )
                 .await;
         }
-        let mut last = cursor;
         self.fill(&mut last, head).await?;
         self.send(ServerMessage::Synced {
             namespace: self.namespace.clone(),
@@ -152,6 +165,16 @@ impl Follower {
                     .await;
             };
             if first != from {
+                // Compacted below the client's cursor: a snapshot that reaches the
+                // oldest op still in the log replaces what the client has.
+                if let Some(s) = self.snapshot_up_to(to).await?
+                    && s.state.last_seq + 1 >= first
+                    && s.state.last_seq > *last
+                {
+                    self.send_snapshot(&s).await?;
+                    *last = s.state.last_seq;
+                    continue;
+                }
                 return self
                     .report(
                         ErrorCode::StaleBase,
@@ -180,6 +203,28 @@ impl Follower {
                 .await
                 .map_err(|_| Stop::Closed)?;
             *last = from + n as u64 - 1;
+        }
+        Ok(())
+    }
+
+    /// The newest snapshot of this key, if it is not ahead of `head`.
+    async fn snapshot_up_to(&self, head: u64) -> Result<Option<Snapshot>, Stop> {
+        match self.hub.snapshot(&self.topic.key).await {
+            Ok(s) => Ok(s.filter(|s| s.state.last_seq <= head)),
+            Err(e) => {
+                self.report(
+                    ErrorCode::Unavailable,
+                    format!("reading the snapshot failed: {e}"),
+                )
+                .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn send_snapshot(&self, snapshot: &Snapshot) -> Result<(), Stop> {
+        for frame in snapshot_frames(&self.namespace, snapshot, SNAPSHOT_FRAME_BYTES) {
+            self.send(frame).await?;
         }
         Ok(())
     }

@@ -125,6 +125,10 @@ pub async fn run(
         .get_stream(OPS_STREAM)
         .await
         .context("opening USYNC_OPS")?;
+    let snapshots = js
+        .get_object_store(nats::SNAPSHOTS_BUCKET)
+        .await
+        .context("opening the snapshot store")?;
     let cursors = js
         .get_key_value(CURSORS_BUCKET)
         .await
@@ -152,7 +156,7 @@ pub async fn run(
         gateway_id: gateway_id.clone(),
         nats: client.clone(),
         js,
-        hub: Hub::new(ops),
+        hub: Hub::new(ops, snapshots),
         routes,
         cursors,
         metrics: Metrics::default(),

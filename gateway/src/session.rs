@@ -368,9 +368,7 @@ impl Session {
             out: self.out.clone(),
             slow: self.slow.clone(),
         };
-        // Until the materializer serves snapshots, a client without a cursor gets
-        // the whole log, which yields the same state.
-        let handle = tokio::spawn(follower.run(cursor.unwrap_or(0)));
+        let handle = tokio::spawn(follower.run(cursor));
         self.followers.insert(namespace.to_owned(), handle);
     }
 

@@ -100,11 +100,16 @@ pub enum ServerMessage {
         session_id: String,
         actor_id: String,
     },
+    /// The namespace's state at `last_server_seq`; replaces what the client had.
+    /// A large state comes in several frames: all but the last carry `more: true`,
+    /// each holds a disjoint part of `state`, and `digest` is the whole state's.
     Snapshot {
         namespace: String,
         last_server_seq: u64,
         state: BTreeMap<String, KeyState>,
         digest: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
     Ops {
         namespace: String,
@@ -142,6 +147,51 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<Value>,
     },
+}
+
+/// Splits a snapshot into `snapshot` frames of about `max_bytes` of state each (a key
+/// larger than that gets a frame of its own). Always at least one frame.
+pub fn snapshot_frames(
+    namespace: &str,
+    snapshot: &crate::snapshot::Snapshot,
+    max_bytes: usize,
+) -> Vec<ServerMessage> {
+    use base64::Engine as _;
+    let digest = snapshot.digest();
+    let mut frames = Vec::new();
+    let mut part = BTreeMap::new();
+    let mut size = 0;
+    for (key, entry) in &snapshot.state.keys {
+        let state = KeyState {
+            value: entry.value.clone(),
+            version: entry.version,
+            heads: entry.heads(),
+            doc: entry
+                .doc
+                .as_ref()
+                .map(|d| base64::engine::general_purpose::STANDARD.encode(d.save())),
+        };
+        let bytes = key.len() + serde_json::to_vec(&state).map_or(0, |v| v.len());
+        if size > 0 && size + bytes > max_bytes {
+            frames.push(std::mem::take(&mut part));
+            size = 0;
+        }
+        size += bytes;
+        part.insert(key.clone(), state);
+    }
+    frames.push(part);
+    let n = frames.len();
+    frames
+        .into_iter()
+        .enumerate()
+        .map(|(i, state)| ServerMessage::Snapshot {
+            namespace: namespace.to_owned(),
+            last_server_seq: snapshot.state.last_seq,
+            state,
+            digest: digest.clone(),
+            more: i + 1 < n,
+        })
+        .collect()
 }
 
 impl ServerMessage {
