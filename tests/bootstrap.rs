@@ -42,7 +42,7 @@ async fn bootstrap(conn: &mut Connection, namespaces: &[&str]) -> BTreeMap<Strin
                 digest,
                 more,
             } => {
-                let r = replicas.entry(namespace).or_insert_with(Replica::default);
+                let r = replicas.entry(namespace).or_default();
                 if r.snapshot_frames == 0
                     || r.state.last_seq != last_server_seq
                     || r.digest.is_some()
@@ -77,7 +77,7 @@ async fn bootstrap(conn: &mut Connection, namespaces: &[&str]) -> BTreeMap<Strin
                 }
             }
             ServerMessage::Ops { namespace, ops, .. } => {
-                let r = replicas.entry(namespace).or_insert_with(Replica::default);
+                let r = replicas.entry(namespace).or_default();
                 for op in ops {
                     state::apply(&mut r.state, &op)
                         .expect("tail op applies on top of the snapshot");
@@ -87,7 +87,7 @@ async fn bootstrap(conn: &mut Connection, namespaces: &[&str]) -> BTreeMap<Strin
                 namespace,
                 server_seq,
             } => {
-                let r = replicas.entry(namespace).or_insert_with(Replica::default);
+                let r = replicas.entry(namespace).or_default();
                 assert_eq!(server_seq, r.state.last_seq);
                 synced += 1;
             }
