@@ -5,13 +5,14 @@
 
 mod follow;
 mod hub;
+mod presence;
 mod session;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, kv};
@@ -100,6 +101,7 @@ pub struct AppState {
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
     pub hub: Arc<Hub>,
+    pub presence: Arc<presence::Presence>,
     pub routes: Arc<Routes>,
     pub cursors: kv::Store,
     pub metrics: Metrics,
@@ -149,6 +151,10 @@ pub async fn run(
         }
     });
 
+    let presence = presence::Presence::new(
+        client.clone(),
+        Duration::from_secs(config.gateway.presence_ttl_secs),
+    );
     let state = Arc::new(AppState {
         namespaces: config.namespaces()?,
         config,
@@ -157,6 +163,7 @@ pub async fn run(
         nats: client.clone(),
         js,
         hub: Hub::new(ops, snapshots),
+        presence,
         routes,
         cursors,
         metrics: Metrics::default(),

@@ -15,11 +15,13 @@ use tracing::{debug, warn};
 use ultrasync_shared::auth::Principal;
 use ultrasync_shared::error::close;
 use ultrasync_shared::ids::{Id, is_valid_id};
+use ultrasync_shared::namespaces::Mode;
 use ultrasync_shared::protocol::{ClientMessage, CommandFrame, PROTOCOL_VERSION, ServerMessage};
 use ultrasync_shared::{CommandEnvelope, ErrorCode, StreamKey, validate_key};
 
 use crate::AppState;
 use crate::follow::Follower;
+use crate::presence::Room;
 
 /// How often the server pings an idle socket.
 const PING_EVERY: Duration = Duration::from_secs(20);
@@ -52,6 +54,8 @@ pub struct Session {
     bound: Option<Bound>,
     followers: HashMap<String, JoinHandle<()>>,
     inflight: HashMap<String, Instant>,
+    /// Presence keys this socket shows (cleared with `null` on disconnect).
+    presence_keys: std::collections::HashSet<String>,
 }
 
 /// Why the session loop ended, and the close frame to send.
@@ -72,6 +76,7 @@ impl Session {
             bound: None,
             followers: HashMap::new(),
             inflight: HashMap::new(),
+            presence_keys: Default::default(),
         };
         state
             .metrics
@@ -82,6 +87,7 @@ impl Session {
         for (_, f) in session.followers.drain() {
             f.abort();
         }
+        session.leave_presence().await;
         state.routes.unregister(&session_id);
         state
             .metrics
@@ -286,7 +292,7 @@ impl Session {
                     actor_id: self.principal.actor_id.to_string(),
                 });
                 for (ns, cursor) in cursors {
-                    self.subscribe(&ns, cursor);
+                    self.subscribe(&ns, cursor).await;
                 }
             }
             _ if self.bound.is_none() => {
@@ -298,7 +304,7 @@ impl Session {
             ClientMessage::Subscribe {
                 namespace,
                 last_server_seq,
-            } => self.subscribe(&namespace, last_server_seq),
+            } => self.subscribe(&namespace, last_server_seq).await,
             ClientMessage::Unsubscribe { namespace } => {
                 if let Some(f) = self.followers.remove(&namespace) {
                     f.abort();
@@ -309,12 +315,7 @@ impl Session {
                 namespace,
                 server_seq,
             } => self.cursor(&namespace, server_seq),
-            ClientMessage::Presence { .. } => {
-                self.push(ServerMessage::error(
-                    ErrorCode::Unavailable,
-                    "presence is not served by this gateway yet",
-                ));
-            }
+            ClientMessage::Presence { key, payload } => self.presence(key, payload).await,
             ClientMessage::Ping { nonce } => self.push(ServerMessage::Pong { nonce }),
         }
         None
@@ -353,13 +354,35 @@ impl Session {
         Ok(StreamKey::new(bound.org.clone(), bound.project.clone(), ns))
     }
 
-    fn subscribe(&mut self, namespace: &str, cursor: Option<u64>) {
+    async fn subscribe(&mut self, namespace: &str, cursor: Option<u64>) {
         let key = match self.stream_key(namespace, false) {
             Ok(k) => k,
             Err((code, message)) => return self.push(ServerMessage::error(code, message)),
         };
         if let Some(old) = self.followers.remove(namespace) {
             old.abort();
+        }
+        if self
+            .state
+            .namespaces
+            .get(namespace)
+            .is_some_and(|s| s.mode == Mode::Ephemeral)
+        {
+            // An ephemeral namespace has no log: joining it means getting the
+            // current presence set, then every change. The table is open (subscribed)
+            // before this socket's next frame is read, so its own updates reach it.
+            let room = match self.state.presence.room(&key.org, &key.project).await {
+                Ok(r) => r,
+                Err(e) => {
+                    return self.push(ServerMessage::error(
+                        ErrorCode::Unavailable,
+                        format!("presence is unavailable: {e}"),
+                    ));
+                }
+            };
+            let handle = tokio::spawn(follow_presence(room, self.out.clone(), self.slow.clone()));
+            self.followers.insert(namespace.to_owned(), handle);
+            return;
         }
         let follower = Follower {
             hub: self.state.hub.clone(),
@@ -370,6 +393,83 @@ impl Session {
         };
         let handle = tokio::spawn(follower.run(cursor));
         self.followers.insert(namespace.to_owned(), handle);
+    }
+
+    /// A presence update from this socket; `null` leaves.
+    async fn presence(&mut self, key: String, payload: serde_json::Value) {
+        let Some(ns) = self.state.namespaces.names().find(|n| {
+            self.state
+                .namespaces
+                .get(n)
+                .is_some_and(|s| s.mode == Mode::Ephemeral)
+        }) else {
+            return self.push(ServerMessage::error(
+                ErrorCode::UnknownNamespace,
+                "no ephemeral namespace is declared",
+            ));
+        };
+        let ns = ns.to_owned();
+        let stream_key = match self.stream_key(&ns, true) {
+            Ok(k) => k,
+            Err((code, message)) => return self.push(ServerMessage::error(code, message)),
+        };
+        if validate_key(&key).is_err() {
+            return self.push(ServerMessage::error(
+                ErrorCode::InvalidKey,
+                "presence key must be 1-512 bytes without control characters",
+            ));
+        }
+        let size = serde_json::to_vec(&payload).map_or(usize::MAX, |v| v.len());
+        let max = self
+            .state
+            .namespaces
+            .get(&ns)
+            .map_or(0, |s| s.max_value_bytes);
+        if size > max {
+            return self.push(ServerMessage::error(
+                ErrorCode::PayloadTooLarge,
+                format!("presence payload is {size} bytes; the limit is {max}"),
+            ));
+        }
+        let Some(bound) = self.bound.as_ref() else {
+            return;
+        };
+        if payload.is_null() {
+            self.presence_keys.remove(&key);
+        } else {
+            self.presence_keys.insert(key.clone());
+        }
+        self.state
+            .presence
+            .publish(
+                &stream_key.org,
+                &stream_key.project,
+                self.principal.actor_id.as_str(),
+                bound.client_id.as_str(),
+                &key,
+                payload,
+            )
+            .await;
+    }
+
+    /// On disconnect: everything this socket showed leaves.
+    async fn leave_presence(&mut self) {
+        let Some(bound) = self.bound.as_ref() else {
+            return;
+        };
+        for key in std::mem::take(&mut self.presence_keys) {
+            self.state
+                .presence
+                .publish(
+                    &bound.org,
+                    &bound.project,
+                    self.principal.actor_id.as_str(),
+                    bound.client_id.as_str(),
+                    &key,
+                    serde_json::Value::Null,
+                )
+                .await;
+        }
     }
 
     async fn command(&mut self, frame: CommandFrame) {
@@ -483,5 +583,39 @@ impl Session {
                 warn!(error = %e, "storing a cursor failed");
             }
         });
+    }
+}
+
+/// A socket's presence follower: the current set, then every change. Live frames never
+/// wait: a socket that cannot take them is a slow consumer.
+async fn follow_presence(room: Arc<Room>, out: mpsc::Sender<Outbound>, slow: CancellationToken) {
+    let (mut rx, current) = room.join();
+    for e in current {
+        if out.send(Outbound::Text(e.frame().encode())).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        let event = match rx.recv().await {
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                // Missed updates: the current set says where everyone is now.
+                for e in room.current() {
+                    if out.send(Outbound::Text(e.frame().encode())).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            Err(_) => return,
+        };
+        match out.try_send(Outbound::Text(event.frame().encode())) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                slow.cancel();
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
     }
 }

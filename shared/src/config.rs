@@ -98,6 +98,8 @@ pub struct GatewayConfig {
     pub allowed_origins: Vec<String>,
     /// Seconds a command may wait for the sequencer's answer before `unavailable`.
     pub command_timeout_secs: u64,
+    /// Seconds a presence entry lives unless its client refreshes it.
+    pub presence_ttl_secs: u64,
 }
 
 impl Default for GatewayConfig {
@@ -108,6 +110,7 @@ impl Default for GatewayConfig {
             outbound_queue: 1024,
             allowed_origins: Vec::new(),
             command_timeout_secs: 10,
+            presence_ttl_secs: 30,
         }
     }
 }

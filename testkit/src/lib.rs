@@ -136,6 +136,7 @@ pub struct Stack {
     pub config: Config,
     pub http: SocketAddr,
     gateway: Option<Service>,
+    extra_gateways: Vec<Service>,
     sequencers: Vec<Service>,
 }
 
@@ -167,6 +168,7 @@ impl Stack {
             config,
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             gateway: None,
+            extra_gateways: Vec::new(),
             sequencers: Vec::new(),
         };
         stack.start_gateway().await;
@@ -189,6 +191,29 @@ impl Stack {
         ));
         self.gateway = Some(Service { stop, task });
         self.wait_ready().await;
+    }
+
+    /// Starts one more gateway on the same NATS; returns its WebSocket URL.
+    pub async fn add_gateway(&mut self) -> String {
+        let listener = tokio::net::TcpListener::bind(self.config.gateway.listen)
+            .await
+            .expect("bind gateway");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(ultrasync_gateway::run(
+            self.config.clone(),
+            listener,
+            stop.clone(),
+        ));
+        self.extra_gateways.push(Service { stop, task });
+        let url = format!("http://{addr}/readyz");
+        for _ in 0..300 {
+            if matches!(http_get(&url).await, Ok((200, _))) {
+                return format!("ws://{addr}/v1/sync");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("extra gateway never became ready");
     }
 
     /// Stops the gateway gracefully and starts a new one (on a new port).
@@ -271,6 +296,9 @@ impl Stack {
         if let Some(g) = self.gateway.take() {
             g.shutdown().await;
         }
+        for g in self.extra_gateways.drain(..) {
+            g.shutdown().await;
+        }
         for s in self.sequencers.drain(..) {
             s.shutdown().await;
         }
@@ -285,7 +313,7 @@ impl Drop for Stack {
             g.stop.cancel();
             g.task.abort();
         }
-        for s in &self.sequencers {
+        for s in self.sequencers.iter().chain(&self.extra_gateways) {
             s.stop.cancel();
             s.task.abort();
         }
