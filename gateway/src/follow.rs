@@ -15,6 +15,9 @@ use crate::session::Outbound;
 
 /// Most ops in one `ops` frame.
 const FRAME_OPS: usize = 500;
+/// About how many bytes of ops one `ops` frame carries: the per-socket queue is
+/// bounded in frames, so frames must be bounded in bytes for the queue to be.
+const FRAME_BYTES: usize = 512 * 1024;
 /// About how much state one `snapshot` frame carries (frames stay under 1 MiB).
 const SNAPSHOT_FRAME_BYTES: usize = 512 * 1024;
 
@@ -113,20 +116,23 @@ impl Follower {
         let Some(first) = live.first() else {
             return Ok(());
         };
-        let frame = encode_ops_frame(
+        let frames = ops_frames(
             &self.namespace,
             first.server_seq,
             live.iter().map(|o| o.body.as_ref()),
         );
         live.clear();
-        match self.out.try_send(Outbound::Text(frame)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.slow.cancel();
-                Err(Stop::Closed)
+        for frame in frames {
+            match self.out.try_send(Outbound::Text(frame)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.slow.cancel();
+                    return Err(Stop::Closed);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Stop::Closed),
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Stop::Closed),
         }
+        Ok(())
     }
 
     /// Sends ops `last+1..=to` from the topic's ring or the log, advancing `last`.
@@ -193,15 +199,16 @@ impl Follower {
                 }
                 n = i + 1;
             }
-            let frame = encode_ops_frame(
+            for frame in ops_frames(
                 &self.namespace,
                 from,
                 bodies[..n].iter().map(|(_, b)| b.as_ref()),
-            );
-            self.out
-                .send(Outbound::Text(frame))
-                .await
-                .map_err(|_| Stop::Closed)?;
+            ) {
+                self.out
+                    .send(Outbound::Text(frame))
+                    .await
+                    .map_err(|_| Stop::Closed)?;
+            }
             *last = from + n as u64 - 1;
         }
         Ok(())
@@ -239,5 +246,55 @@ impl Follower {
     async fn report(&self, code: ErrorCode, message: String) -> Result<(), Stop> {
         self.send(ServerMessage::error(code, message)).await?;
         Err(Stop::Reported)
+    }
+}
+
+/// Encodes contiguous ops starting at `first_seq` as `ops` frames of at most
+/// `FRAME_BYTES` each (an op larger than that gets a frame of its own).
+fn ops_frames<'a>(
+    namespace: &str,
+    first_seq: u64,
+    bodies: impl IntoIterator<Item = &'a [u8]>,
+) -> Vec<String> {
+    let mut frames = Vec::new();
+    let mut group: Vec<&[u8]> = Vec::new();
+    let mut group_start = first_seq;
+    let mut size = 0;
+    for (i, body) in bodies.into_iter().enumerate() {
+        if !group.is_empty() && size + body.len() > FRAME_BYTES {
+            frames.push(encode_ops_frame(namespace, group_start, group.drain(..)));
+            group_start = first_seq + i as u64;
+            size = 0;
+        }
+        size += body.len();
+        group.push(body);
+    }
+    if !group.is_empty() {
+        frames.push(encode_ops_frame(namespace, group_start, group));
+    }
+    frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_frames_split_by_bytes_and_keep_the_sequence() {
+        let small = b"\"small\"".to_vec();
+        let big = format!("\"{}\"", "b".repeat(FRAME_BYTES)).into_bytes();
+        let bodies: Vec<&[u8]> = vec![&small, &small, &big, &small, &big];
+        let frames = ops_frames("ns", 7, bodies);
+        let starts: Vec<u64> = frames
+            .iter()
+            .map(|f| {
+                serde_json::from_str::<serde_json::Value>(f)
+                    .ok()
+                    .and_then(|v| v["seq_start"].as_u64())
+                    .unwrap_or(0)
+            })
+            .collect();
+        assert_eq!(starts, vec![7, 9, 10, 11]);
+        assert!(frames.iter().all(|f| f.len() <= FRAME_BYTES + 200));
     }
 }

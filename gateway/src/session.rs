@@ -27,6 +27,8 @@ use crate::presence::Room;
 const PING_EVERY: Duration = Duration::from_secs(20);
 /// A socket silent for this long (no frame, no pong) is closed.
 const IDLE_LIMIT: Duration = Duration::from_secs(60);
+/// Longest one frame may take to reach a peer before it counts as a slow consumer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Commands one socket may have waiting for the sequencer.
 const MAX_INFLIGHT: usize = 10_000;
 
@@ -60,6 +62,50 @@ pub struct Session {
 
 /// Why the session loop ended, and the close frame to send.
 struct Closing(u16, String);
+
+/// Per-socket token bucket for inbound frames.
+struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+    /// Frames refused since the last one let through.
+    refused: u32,
+}
+
+impl RateLimit {
+    fn new(per_sec: u32) -> Self {
+        let rate = f64::from(per_sec);
+        Self {
+            rate,
+            burst: rate * 2.0,
+            tokens: rate * 2.0,
+            last: Instant::now(),
+            refused: 0,
+        }
+    }
+
+    /// True when the frame may pass.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            true
+        } else {
+            self.refused += 1;
+            false
+        }
+    }
+
+    /// A client that ignores a whole burst's worth of refusals is closed.
+    fn exhausted(&self) -> bool {
+        f64::from(self.refused) > self.burst
+    }
+}
 
 impl Session {
     pub async fn run(state: Arc<AppState>, socket: WebSocket, principal: Principal) {
@@ -107,13 +153,18 @@ impl Session {
             };
             let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
         }
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            })))
-            .await;
-        let _ = sink.close().await;
+        // A peer that does not read may never take the close frame: do not wait long.
+        let close_frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
+        let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(close_frame)).await;
+        if code == close::TOO_BIG {
+            // The rest of the oversize frame is still unread: closing now would make
+            // the kernel reset the connection, and the peer could lose the close frame.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
     }
 
     async fn serve(
@@ -128,6 +179,7 @@ impl Session {
         let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         let mut last_heard = Instant::now();
+        let mut limit = RateLimit::new(self.state.config.gateway.max_messages_per_sec);
         let command_timeout = Duration::from_secs(self.state.config.gateway.command_timeout_secs);
         loop {
             tokio::select! {
@@ -135,10 +187,7 @@ impl Session {
                 _ = shutdown.cancelled() => {
                     return Closing(close::TRY_AGAIN_LATER, "server shutting down".into());
                 }
-                _ = self.slow.cancelled() => {
-                    self.state.metrics.slow_consumers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Closing(close::SLOW_CONSUMER, "slow consumer: resume from your cursor".into());
-                }
+                _ = self.slow.cancelled() => return self.slow_consumer(),
                 _ = &mut expiry => {
                     return Closing(close::POLICY, "token expired".into());
                 }
@@ -146,8 +195,8 @@ impl Session {
                     let Some(Outbound::Text(text)) = frame else {
                         return Closing(close::INTERNAL, "outbound queue closed".into());
                     };
-                    if sink.send(Message::Text(text.into())).await.is_err() {
-                        return Closing(close::NORMAL, "peer gone".into());
+                    if let Some(c) = self.write(sink, Message::Text(text.into()), &shutdown).await {
+                        return c;
                     }
                 }
                 reply = self.replies.recv() => {
@@ -159,8 +208,26 @@ impl Session {
                 inbound = stream.next() => {
                     last_heard = Instant::now();
                     match inbound {
-                        None | Some(Err(_)) => return Closing(close::NORMAL, "peer gone".into()),
+                        None => return Closing(close::NORMAL, "peer gone".into()),
+                        Some(Err(e)) => {
+                            // tungstenite reports an over-long frame or message as a
+                            // capacity error ("Space limit exceeded: Message too long").
+                            let text = e.to_string();
+                            if text.contains("too long") || text.contains("Space limit") {
+                                self.push(ServerMessage::error(ErrorCode::PayloadTooLarge, format!("frame too large: {text}")));
+                                return Closing(close::TOO_BIG, "frame too large".into());
+                            }
+                            return Closing(close::NORMAL, "peer gone".into());
+                        }
                         Some(Ok(Message::Text(text))) => {
+                            if !limit.take() {
+                                if limit.exhausted() {
+                                    self.push(ServerMessage::error(ErrorCode::RateLimited, "too many frames; closing"));
+                                    return Closing(close::POLICY, "rate limit".into());
+                                }
+                                self.refuse_rate_limited(text.as_str());
+                                continue;
+                            }
                             if let Some(c) = self.on_frame(text.as_str()).await {
                                 return c;
                             }
@@ -176,8 +243,8 @@ impl Session {
                     if last_heard.elapsed() > IDLE_LIMIT {
                         return Closing(close::POLICY, "no heartbeat".into());
                     }
-                    if sink.send(Message::Ping(Default::default())).await.is_err() {
-                        return Closing(close::NORMAL, "peer gone".into());
+                    if let Some(c) = self.write(sink, Message::Ping(Default::default()), &shutdown).await {
+                        return c;
                     }
                 }
                 _ = sweep.tick() => {
@@ -201,6 +268,35 @@ impl Session {
         }
     }
 
+    /// Writes one frame to the socket. The write waits for the peer to read; while it
+    /// waits, the socket can still be found a slow consumer (its queue overflowed), the
+    /// server can stop, and a peer that takes longer than `WRITE_TIMEOUT` for one frame
+    /// is a slow consumer too.
+    async fn write(
+        &self,
+        sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+        msg: Message,
+        shutdown: &CancellationToken,
+    ) -> Option<Closing> {
+        tokio::select! {
+            sent = sink.send(msg) => sent.err().map(|_| Closing(close::NORMAL, "peer gone".into())),
+            _ = self.slow.cancelled() => Some(self.slow_consumer()),
+            _ = tokio::time::sleep(WRITE_TIMEOUT) => Some(self.slow_consumer()),
+            _ = shutdown.cancelled() => Some(Closing(close::TRY_AGAIN_LATER, "server shutting down".into())),
+        }
+    }
+
+    fn slow_consumer(&self) -> Closing {
+        self.state
+            .metrics
+            .slow_consumers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Closing(
+            close::SLOW_CONSUMER,
+            "slow consumer: resume from your cursor".into(),
+        )
+    }
+
     /// Queues a frame; a full queue marks the socket a slow consumer.
     fn push(&self, msg: ServerMessage) {
         if let Err(mpsc::error::TrySendError::Full(_)) =
@@ -208,6 +304,27 @@ impl Session {
         {
             self.slow.cancel();
         }
+    }
+
+    /// Answers a frame refused by the rate limit: a command gets a `reject` (so its
+    /// sender knows to retry it), anything else an `error`.
+    fn refuse_rate_limited(&self, text: &str) {
+        #[derive(serde::Deserialize)]
+        struct Peek {
+            #[serde(rename = "type")]
+            kind: String,
+            #[serde(default)]
+            command_id: String,
+        }
+        let msg = match serde_json::from_str::<Peek>(text) {
+            Ok(p) if p.kind == "command" => ServerMessage::reject(
+                p.command_id,
+                ErrorCode::RateLimited,
+                "too many frames; slow down and retry",
+            ),
+            _ => ServerMessage::error(ErrorCode::RateLimited, "too many frames; slow down"),
+        };
+        self.push(msg);
     }
 
     fn on_reply(&mut self, reply: Vec<u8>) {

@@ -100,6 +100,10 @@ pub struct GatewayConfig {
     pub command_timeout_secs: u64,
     /// Seconds a presence entry lives unless its client refreshes it.
     pub presence_ttl_secs: u64,
+    /// Frames per second one socket may send (token bucket; the burst is twice this).
+    /// Over it, frames are refused with `rate_limited`; a socket that keeps going
+    /// for a further burst's worth is closed (1008).
+    pub max_messages_per_sec: u32,
 }
 
 impl Default for GatewayConfig {
@@ -111,6 +115,7 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             command_timeout_secs: 10,
             presence_ttl_secs: 30,
+            max_messages_per_sec: 1000,
         }
     }
 }
@@ -206,6 +211,9 @@ impl Config {
             );
         }
         crate::namespaces::Namespaces::new(&self.namespaces)?;
+        if self.gateway.max_messages_per_sec == 0 {
+            anyhow::bail!("gateway.max_messages_per_sec must be at least 1");
+        }
         if self.gateway.outbound_queue == 0 {
             anyhow::bail!("gateway.outbound_queue must be at least 1");
         }
