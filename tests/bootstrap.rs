@@ -10,13 +10,11 @@ use automerge::{AutoCommit, Automerge, ROOT};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
-use tokio::io::AsyncReadExt;
 use ultrasync_client::{Connection, OpType, ServerMessage};
 use ultrasync_shared::StreamKey;
-use ultrasync_shared::nats::{OPS_STREAM, SNAPSHOTS_BUCKET, ops_subject};
-use ultrasync_shared::snapshot::Snapshot;
+use ultrasync_shared::nats::{OPS_STREAM, ops_subject};
 use ultrasync_shared::state::{self, KeyEntry, NamespaceState};
-use ultrasync_testkit::{Stack, StackOptions, read_subject};
+use ultrasync_testkit::{Stack, StackOptions, read_subject, wait_for_snapshot};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -123,23 +121,6 @@ async fn live_state(stack: &Stack, ns: &str) -> NamespaceState {
     st
 }
 
-async fn snapshot_of(stack: &Stack, ns: &str, at_least: u64) -> Snapshot {
-    let js = stack.jetstream().await;
-    let store = js.get_object_store(SNAPSHOTS_BUCKET).await.expect("store");
-    for _ in 0..200 {
-        if let Ok(mut o) = store.get(format!("acme.web.{ns}").as_str()).await {
-            let mut bytes = Vec::new();
-            o.read_to_end(&mut bytes).await.expect("read");
-            let s = Snapshot::decode(&bytes).expect("sound");
-            if s.state.last_seq >= at_least {
-                return s;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no snapshot of {ns}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_bootstrap_from_snapshot_and_tail() {
     let stack = Stack::start_with(StackOptions {
@@ -194,9 +175,9 @@ async fn clients_bootstrap_from_snapshot_and_tail() {
         )
         .await;
     }
-    let index_snap = snapshot_of(&stack, "index", 100).await;
-    snapshot_of(&stack, "metadata", 50).await;
-    snapshot_of(&stack, "collab", 50).await;
+    let index_snap = wait_for_snapshot(&stack, "web", "index", 100).await;
+    wait_for_snapshot(&stack, "web", "metadata", 50).await;
+    wait_for_snapshot(&stack, "web", "collab", 50).await;
 
     // A new client asks for snapshots.
     let mut fresh = stack

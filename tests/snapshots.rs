@@ -10,14 +10,12 @@ use automerge::{AutoCommit, ROOT};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
-use tokio::io::AsyncReadExt;
 use ultrasync_client::{
     ClientMessage, CommandFrame, Connection, OpType, Precondition, ServerMessage,
 };
-use ultrasync_shared::nats::{OPS_STREAM, SNAPSHOTS_BUCKET, ops_subject};
-use ultrasync_shared::snapshot::Snapshot;
+use ultrasync_shared::nats::{OPS_STREAM, ops_subject};
 use ultrasync_shared::{ErrorCode, StreamKey};
-use ultrasync_testkit::{Stack, StackOptions, read_subject};
+use ultrasync_testkit::{Stack, StackOptions, read_subject, wait_for_snapshot};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -61,23 +59,6 @@ fn seq(m: &ServerMessage) -> u64 {
 fn change(doc: &mut AutoCommit) -> Value {
     doc.commit();
     json!({"change": B64.encode(doc.get_last_local_change().expect("change").raw_bytes())})
-}
-
-async fn snapshot_at_least(stack: &Stack, name: &str, seq: u64) -> Snapshot {
-    let js = stack.jetstream().await;
-    let store = js.get_object_store(SNAPSHOTS_BUCKET).await.expect("store");
-    for _ in 0..200 {
-        if let Ok(mut obj) = store.get(name).await {
-            let mut bytes = Vec::new();
-            obj.read_to_end(&mut bytes).await.expect("read");
-            let snap = Snapshot::decode(&bytes).expect("a sound snapshot");
-            if snap.state.last_seq >= seq {
-                return snap;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no snapshot of {name} at {seq} or later");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,8 +105,8 @@ async fn a_new_sequencer_takes_over_from_the_snapshot_not_the_whole_log() {
     }
 
     // Snapshots were written; drop the log up to them, as compaction would.
-    let settings = snapshot_at_least(&stack, "acme.web.settings", 100).await;
-    let collab = snapshot_at_least(&stack, "acme.web.collab", 50).await;
+    let settings = wait_for_snapshot(&stack, "web", "settings", 100).await;
+    let collab = wait_for_snapshot(&stack, "web", "collab", 50).await;
     let js = stack.jetstream().await;
     let ops = js.get_stream(OPS_STREAM).await.expect("ops");
     for (ns, snap) in [("settings", &settings), ("collab", &collab)] {

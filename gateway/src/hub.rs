@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 use ultrasync_shared::StreamKey;
 use ultrasync_shared::log::{self, LogEntry};
 use ultrasync_shared::nats::ops_subject;
-use ultrasync_shared::snapshot::Snapshot;
+use ultrasync_shared::snapshot::{self, Snapshot};
 
 /// Ops a topic keeps for followers that are slightly behind.
 const RING: usize = 4096;
@@ -66,27 +66,13 @@ impl Hub {
 
     /// The newest sound snapshot of `key`, if any. A damaged one is never served.
     pub async fn snapshot(&self, key: &StreamKey) -> Result<Option<Snapshot>, String> {
-        use tokio::io::AsyncReadExt;
-        let name = format!("{}.{}.{}", key.org, key.project, key.namespace);
-        let mut object = match self.snapshots.get(name.as_str()).await {
-            Ok(o) => o,
-            Err(e) if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound => {
-                return Ok(None);
-            }
-            Err(e) => return Err(e.to_string()),
-        };
-        let mut bytes = Vec::new();
-        object
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| e.to_string())?;
-        match Snapshot::decode(&bytes) {
-            Ok(s) if s.stream_key == key.to_string() => Ok(Some(s)),
-            Ok(_) => Ok(None),
-            Err(e) => {
-                warn!(stream_key = %key, error = %e, "refusing a damaged snapshot");
+        match snapshot::fetch(&self.snapshots, key).await {
+            Ok(s) => Ok(s),
+            Err(snapshot::FetchError::Refused(why)) => {
+                warn!(stream_key = %key, %why, "refusing a damaged snapshot");
                 Ok(None)
             }
+            Err(e) => Err(e.to_string()),
         }
     }
 

@@ -122,15 +122,12 @@ pub async fn run(
         &config.auth.audience,
         config.auth.issuer.as_deref(),
     );
-    let (client, js) = nats::connect_service(&config, "ultrasync-gateway").await?;
-    let ops = js
-        .get_stream(OPS_STREAM)
-        .await
-        .context("opening USYNC_OPS")?;
-    let snapshots = js
-        .get_object_store(nats::SNAPSHOTS_BUCKET)
-        .await
-        .context("opening the snapshot store")?;
+    let nats::ServiceNats {
+        client,
+        js,
+        ops,
+        snapshots,
+    } = nats::connect_service(&config, "ultrasync-gateway").await?;
     let cursors = js
         .get_key_value(CURSORS_BUCKET)
         .await

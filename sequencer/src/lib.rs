@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use ultrasync_shared::StreamKey;
 use ultrasync_shared::config::Config;
-use ultrasync_shared::nats::{self, CMDS_STREAM, OPS_STREAM, SEQUENCER_CONSUMER};
+use ultrasync_shared::nats::{self, CMDS_STREAM, SEQUENCER_CONSUMER};
 
 use crate::worker::{Pending, Worker, WorkerShared};
 
@@ -44,19 +44,16 @@ pub const HDR_SEQUENCER: &str = "Usync-Sequencer";
 /// Runs one sequencer instance until `shutdown` fires; then finishes the batches it
 /// has taken and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (client, js) = nats::connect_service(&config, "ultrasync-sequencer").await?;
+    let nats::ServiceNats {
+        client,
+        js,
+        ops,
+        snapshots,
+    } = nats::connect_service(&config, "ultrasync-sequencer").await?;
     let cmds = js
         .get_stream(CMDS_STREAM)
         .await
         .context("opening USYNC_CMDS")?;
-    let ops = js
-        .get_stream(OPS_STREAM)
-        .await
-        .context("opening USYNC_OPS")?;
-    let snapshots = js
-        .get_object_store(nats::SNAPSHOTS_BUCKET)
-        .await
-        .context("opening the snapshot store")?;
     // One consumer shared by every instance, pinned to one of them at a time: that
     // one is the active writer for every stream key; the others wait, pulling, and
     // the server pins one of them when the active one stops pulling for

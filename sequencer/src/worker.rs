@@ -12,12 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::object_store::GetErrorKind;
 use async_nats::jetstream::{self, AckKind, stream::Stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use ultrasync_shared::config::SequencerConfig;
@@ -26,7 +24,7 @@ use ultrasync_shared::log::{self, Head, LogError};
 use ultrasync_shared::namespaces::{Mode, NamespaceSpec, Namespaces};
 use ultrasync_shared::nats::ops_subject;
 use ultrasync_shared::protocol::{CurrentState, ServerMessage};
-use ultrasync_shared::snapshot::Snapshot;
+use ultrasync_shared::snapshot::{self, Snapshot};
 use ultrasync_shared::state::{self, ApplyError, KeyEntry, NamespaceState};
 use ultrasync_shared::{CommandEnvelope, ErrorCode, Op, OpType, StreamKey, validate_key};
 
@@ -148,14 +146,6 @@ impl Worker {
         }
     }
 
-    /// The object name of this key's snapshot.
-    fn snapshot_name(&self) -> String {
-        format!(
-            "{}.{}.{}",
-            self.key.org, self.key.project, self.key.namespace
-        )
-    }
-
     /// Writes a snapshot in the background once enough ops have gone by since the
     /// last one.
     fn maybe_snapshot(&mut self) {
@@ -180,7 +170,7 @@ impl Worker {
         };
         self.snapshot_seq = loaded.state.last_seq;
         let store = self.shared.snapshots.clone();
-        let name = self.snapshot_name();
+        let name = snapshot::object_name(&self.key);
         let key = self.key.clone();
         self.snapshot_task = Some(tokio::spawn(async move {
             let bytes = snapshot.encode();
@@ -195,34 +185,17 @@ impl Worker {
 
     /// This key's snapshot, if there is a sound one that continues into the log.
     async fn usable_snapshot(&self, head: Head) -> Option<Snapshot> {
-        let mut object = match self
-            .shared
-            .snapshots
-            .get(self.snapshot_name().as_str())
-            .await
-        {
-            Ok(o) => o,
-            Err(e) if e.kind() == GetErrorKind::NotFound => return None,
+        let snapshot = match snapshot::fetch(&self.shared.snapshots, &self.key).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return None,
             Err(e) => {
-                warn!(stream_key = %self.key, error = %e, "reading the snapshot failed; replaying the log");
-                return None;
-            }
-        };
-        let mut bytes = Vec::new();
-        if let Err(e) = object.read_to_end(&mut bytes).await {
-            warn!(stream_key = %self.key, error = %e, "reading the snapshot failed; replaying the log");
-            return None;
-        }
-        let snapshot = match Snapshot::decode(&bytes) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(stream_key = %self.key, error = %e, "snapshot refused; replaying the log");
+                warn!(stream_key = %self.key, error = %e, "no usable snapshot; replaying the log");
                 return None;
             }
         };
         let last = snapshot.state.last_seq;
-        // It must belong to this key and continue into the log as it is now.
-        let continues = if snapshot.stream_key != self.key.to_string() || last > head.server_seq {
+        // It must continue into the log as the log is now.
+        let continues = if last > head.server_seq {
             false
         } else if last == head.server_seq {
             head.stream_seq == snapshot.head_stream_seq

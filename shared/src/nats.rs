@@ -147,16 +147,40 @@ pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyh
     Ok(())
 }
 
-/// What every service does first: connect (waiting up to 30 s for NATS to come up)
-/// and create or update the streams and buckets.
+/// What a service holds after start-up.
+pub struct ServiceNats {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    /// `USYNC_OPS`.
+    pub ops: jetstream::stream::Stream,
+    /// `usync-snapshots`.
+    pub snapshots: jetstream::object_store::ObjectStore,
+}
+
+/// What every service does first: connect (waiting up to 30 s for NATS to come up),
+/// create or update the streams and buckets, and open the op log and snapshot store.
 pub async fn connect_service(
     config: &crate::config::Config,
     name: &str,
-) -> anyhow::Result<(async_nats::Client, jetstream::Context)> {
+) -> anyhow::Result<ServiceNats> {
+    use anyhow::Context as _;
     let client = connect(&config.nats_url, name, Duration::from_secs(30)).await?;
     let js = jetstream::new(client.clone());
     ensure_layout(&js, config.layout()).await?;
-    Ok((client, js))
+    let ops = js
+        .get_stream(OPS_STREAM)
+        .await
+        .context("opening USYNC_OPS")?;
+    let snapshots = js
+        .get_object_store(SNAPSHOTS_BUCKET)
+        .await
+        .context("opening the snapshot store")?;
+    Ok(ServiceNats {
+        client,
+        js,
+        ops,
+        snapshots,
+    })
 }
 
 /// Connects to NATS, retrying for up to `patience` while the server comes up.

@@ -86,6 +86,49 @@ struct BodyKey {
     doc: Option<String>,
 }
 
+/// The object name of a stream key's snapshot in `usync-snapshots`.
+pub fn object_name(key: &crate::StreamKey) -> String {
+    format!("{}.{}.{}", key.org, key.project, key.namespace)
+}
+
+/// Why a stored snapshot could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The store could not be read (retry later).
+    #[error("reading the snapshot store: {0}")]
+    Store(String),
+    /// The blob is damaged or belongs elsewhere: never serve it; rebuild instead.
+    #[error("snapshot refused: {0}")]
+    Refused(String),
+}
+
+/// Reads and checks `key`'s snapshot; `Ok(None)` when there is none.
+pub async fn fetch(
+    store: &async_nats::jetstream::object_store::ObjectStore,
+    key: &crate::StreamKey,
+) -> Result<Option<Snapshot>, FetchError> {
+    use async_nats::jetstream::object_store::GetErrorKind;
+    use tokio::io::AsyncReadExt;
+    let mut object = match store.get(object_name(key).as_str()).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(FetchError::Store(e.to_string())),
+    };
+    let mut bytes = Vec::new();
+    object
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| FetchError::Store(e.to_string()))?;
+    let snapshot = Snapshot::decode(&bytes).map_err(|e| FetchError::Refused(e.to_string()))?;
+    if snapshot.stream_key != key.to_string() {
+        return Err(FetchError::Refused(format!(
+            "it is {}'s",
+            snapshot.stream_key
+        )));
+    }
+    Ok(Some(snapshot))
+}
+
 impl Snapshot {
     pub fn digest(&self) -> String {
         state::digest(&self.state)

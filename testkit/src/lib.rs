@@ -392,6 +392,33 @@ pub async fn read_subject(js: &jetstream::Context, subject: &str) -> Vec<LogEntr
     out
 }
 
+/// Waits (up to 10 s) for a sound snapshot of `acme/{project}/{ns}` at `at_least` or
+/// later, as the sequencer writes them in the background.
+pub async fn wait_for_snapshot(
+    stack: &Stack,
+    project: &str,
+    ns: &str,
+    at_least: u64,
+) -> ultrasync_shared::snapshot::Snapshot {
+    let js = stack.jetstream().await;
+    let store = js
+        .get_object_store(ultrasync_shared::nats::SNAPSHOTS_BUCKET)
+        .await
+        .expect("snapshot store");
+    let key = ultrasync_shared::StreamKey::parse(ORG, project, ns).expect("key");
+    for _ in 0..200 {
+        if let Some(s) = ultrasync_shared::snapshot::fetch(&store, &key)
+            .await
+            .expect("a sound snapshot")
+            && s.state.last_seq >= at_least
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no snapshot of {key} at {at_least} or later");
+}
+
 /// Receives frames until `pred` says stop, failing after `limit`.
 pub async fn recv_until(
     conn: &mut Connection,
