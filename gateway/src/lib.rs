@@ -5,12 +5,13 @@
 
 mod follow;
 mod hub;
+mod metrics;
 mod presence;
 mod session;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,15 +35,8 @@ use ultrasync_shared::config::Config;
 use ultrasync_shared::nats::{self, CURSORS_BUCKET, OPS_STREAM};
 
 use crate::hub::Hub;
+pub use crate::metrics::Metrics;
 use crate::session::Session;
-
-/// Counters exported on `/v1/status`.
-#[derive(Default)]
-pub struct Metrics {
-    pub connections: AtomicU64,
-    pub slow_consumers: AtomicU64,
-    pub auth_failures: AtomicU64,
-}
 
 /// Routes the sequencer's answers (published to
 /// `usync.reply.{gateway_id}.{session_id}`) to the session that sent the command.
@@ -187,6 +181,7 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/sync", get(sync_socket))
         .route("/v1/status", get(status))
+        .route("/metrics", get(prometheus))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -280,6 +275,13 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             "nats or the op log is not reachable",
         )
     }
+}
+
+async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
+    let body = state
+        .metrics
+        .render(state.hub.topic_count(), state.started.elapsed());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {

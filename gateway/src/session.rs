@@ -19,9 +19,9 @@ use ultrasync_shared::namespaces::Mode;
 use ultrasync_shared::protocol::{ClientMessage, CommandFrame, PROTOCOL_VERSION, ServerMessage};
 use ultrasync_shared::{CommandEnvelope, ErrorCode, StreamKey, validate_key};
 
-use crate::AppState;
 use crate::follow::Follower;
 use crate::presence::Room;
+use crate::{AppState, Metrics};
 
 /// How often the server pings an idle socket.
 const PING_EVERY: Duration = Duration::from_secs(20);
@@ -220,6 +220,7 @@ impl Session {
                             return Closing(close::NORMAL, "peer gone".into());
                         }
                         Some(Ok(Message::Text(text))) => {
+                            Metrics::inc(&self.state.metrics.messages_in);
                             if !limit.take() {
                                 if limit.exhausted() {
                                     self.push(ServerMessage::error(ErrorCode::RateLimited, "too many frames; closing"));
@@ -278,6 +279,9 @@ impl Session {
         msg: Message,
         shutdown: &CancellationToken,
     ) -> Option<Closing> {
+        if matches!(msg, Message::Text(_)) {
+            Metrics::inc(&self.state.metrics.messages_out);
+        }
         tokio::select! {
             sent = sink.send(msg) => sent.err().map(|_| Closing(close::NORMAL, "peer gone".into())),
             _ = self.slow.cancelled() => Some(self.slow_consumer()),
@@ -299,6 +303,9 @@ impl Session {
 
     /// Queues a frame; a full queue marks the socket a slow consumer.
     fn push(&self, msg: ServerMessage) {
+        if let ServerMessage::Reject { code, .. } = &msg {
+            self.state.metrics.reject(*code);
+        }
         if let Err(mpsc::error::TrySendError::Full(_)) =
             self.out.try_send(Outbound::Text(msg.encode()))
         {
@@ -330,11 +337,25 @@ impl Session {
     fn on_reply(&mut self, reply: Vec<u8>) {
         #[derive(serde::Deserialize)]
         struct Head {
+            #[serde(rename = "type")]
+            kind: String,
             #[serde(default)]
             command_id: String,
+            #[serde(default)]
+            code: Option<ErrorCode>,
         }
         if let Ok(h) = serde_json::from_slice::<Head>(&reply) {
-            self.inflight.remove(&h.command_id);
+            let sent = self.inflight.remove(&h.command_id);
+            match (h.kind.as_str(), h.code) {
+                ("ack", _) => {
+                    Metrics::inc(&self.state.metrics.acks);
+                    if let Some(t) = sent {
+                        self.state.metrics.ack_latency(t.elapsed());
+                    }
+                }
+                (_, Some(code)) => self.state.metrics.reject(code),
+                _ => {}
+            }
         }
         let text = String::from_utf8_lossy(&reply).into_owned();
         if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(Outbound::Text(text)) {

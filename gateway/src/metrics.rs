@@ -1,0 +1,170 @@
+//! Gateway metrics, exported on `/metrics` in the Prometheus text format (and in part
+//! on `/v1/status`). Plain atomics; no registry crate.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ultrasync_shared::ErrorCode;
+
+/// Upper bounds (seconds) of the ack latency histogram.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    /// Open sockets (gauge).
+    pub connections: AtomicU64,
+    pub slow_consumers: AtomicU64,
+    pub auth_failures: AtomicU64,
+    /// Text frames received from clients.
+    pub messages_in: AtomicU64,
+    /// Frames written to clients.
+    pub messages_out: AtomicU64,
+    pub acks: AtomicU64,
+    rejects: Mutex<BTreeMap<&'static str, u64>>,
+    /// Command received → ack sent, per bucket (cumulative counts are built when
+    /// rendering), plus the sum in microseconds and the count.
+    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_us: AtomicU64,
+    latency_count: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn reject(&self, code: ErrorCode) {
+        let mut r = self.rejects.lock().unwrap_or_else(|p| p.into_inner());
+        *r.entry(code.as_str()).or_default() += 1;
+    }
+
+    pub fn ack_latency(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, followed_stream_keys: usize, uptime: Duration) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        metric(
+            "ultrasync_gateway_connections",
+            "gauge",
+            "Open WebSocket connections.",
+            get(&self.connections),
+        );
+        metric(
+            "ultrasync_gateway_followed_stream_keys",
+            "gauge",
+            "Stream keys this gateway follows.",
+            followed_stream_keys as u64,
+        );
+        metric(
+            "ultrasync_gateway_uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+            uptime.as_secs(),
+        );
+        metric(
+            "ultrasync_gateway_messages_in_total",
+            "counter",
+            "Frames received from clients.",
+            get(&self.messages_in),
+        );
+        metric(
+            "ultrasync_gateway_messages_out_total",
+            "counter",
+            "Frames written to clients.",
+            get(&self.messages_out),
+        );
+        metric(
+            "ultrasync_gateway_acks_total",
+            "counter",
+            "Commands acknowledged.",
+            get(&self.acks),
+        );
+        metric(
+            "ultrasync_gateway_slow_consumers_total",
+            "counter",
+            "Sockets closed as slow consumers (4001).",
+            get(&self.slow_consumers),
+        );
+        metric(
+            "ultrasync_gateway_auth_failures_total",
+            "counter",
+            "Connections refused for their token.",
+            get(&self.auth_failures),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ultrasync_gateway_rejects_total Commands rejected, by code.\n# TYPE ultrasync_gateway_rejects_total counter"
+        );
+        for (code, n) in self
+            .rejects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "ultrasync_gateway_rejects_total{{code=\"{code}\"}} {n}"
+            );
+        }
+        let name = "ultrasync_gateway_ack_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} From a command's arrival to its ack.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += get(&self.latency[i]);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += get(&self.latency[LATENCY_BUCKETS.len()]);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum {}", get(&self.latency_sum_us) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {}", get(&self.latency_count));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_a_cumulative_histogram() {
+        let m = Metrics::default();
+        Metrics::inc(&m.acks);
+        m.reject(ErrorCode::PreconditionFailed);
+        m.reject(ErrorCode::PreconditionFailed);
+        m.ack_latency(Duration::from_micros(1500));
+        m.ack_latency(Duration::from_secs(9));
+        let text = m.render(3, Duration::from_secs(5));
+        assert!(text.contains("ultrasync_gateway_acks_total 1\n"));
+        assert!(text.contains("ultrasync_gateway_rejects_total{code=\"precondition_failed\"} 2\n"));
+        assert!(text.contains("ultrasync_gateway_ack_latency_seconds_bucket{le=\"0.001\"} 0\n"));
+        assert!(text.contains("ultrasync_gateway_ack_latency_seconds_bucket{le=\"0.002\"} 1\n"));
+        assert!(text.contains("ultrasync_gateway_ack_latency_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(text.contains("ultrasync_gateway_ack_latency_seconds_count 2\n"));
+        assert!(text.contains("ultrasync_gateway_followed_stream_keys 3\n"));
+    }
+}

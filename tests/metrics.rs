@@ -1,0 +1,93 @@
+//! `/metrics` reflects what happened on real sockets.
+
+use std::time::Duration;
+
+use serde_json::json;
+use ultrasync_client::{OpType, ServerMessage};
+use ultrasync_testkit::{Stack, http_get};
+
+/// The value of one sample line (`name{labels} value`).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(series))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_acks_rejects_latency_and_connections() {
+    let stack = Stack::start().await;
+    let mut c = stack.client("mo", "web", "mo-1", &[]).await;
+    c.command("ok-1", "index", "k", OpType::Set, json!(1))
+        .await
+        .expect("send");
+    // settings is cas: no precondition is an invalid_op reject from the sequencer.
+    c.command("bad-1", "settings", "k", OpType::Set, json!(1))
+        .await
+        .expect("send");
+    // An unknown namespace is rejected by the gateway itself.
+    c.command("bad-2", "nowhere", "k", OpType::Set, json!(1))
+        .await
+        .expect("send");
+    let mut answers = 0;
+    while answers < 3 {
+        if matches!(
+            c.recv_timeout(Duration::from_secs(10))
+                .await
+                .expect("answer"),
+            ServerMessage::Ack { .. } | ServerMessage::Reject { .. }
+        ) {
+            answers += 1;
+        }
+    }
+
+    let (status, text) = http_get(&format!("http://{}/metrics", stack.http))
+        .await
+        .expect("metrics");
+    assert_eq!(status, 200);
+    assert_eq!(sample(&text, "ultrasync_gateway_connections"), Some(1.0));
+    assert_eq!(sample(&text, "ultrasync_gateway_acks_total"), Some(1.0));
+    assert_eq!(
+        sample(
+            &text,
+            "ultrasync_gateway_rejects_total{code=\"invalid_op\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "ultrasync_gateway_rejects_total{code=\"unknown_namespace\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "ultrasync_gateway_ack_latency_seconds_count"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "ultrasync_gateway_ack_latency_seconds_bucket{le=\"+Inf\"}"
+        ),
+        Some(1.0)
+    );
+    // hello + 3 commands in; welcome + 3 answers out.
+    assert!(sample(&text, "ultrasync_gateway_messages_in_total") >= Some(4.0));
+    assert!(sample(&text, "ultrasync_gateway_messages_out_total") >= Some(4.0));
+
+    // A refused token is counted.
+    assert!(
+        ultrasync_client::Connection::connect(&stack.ws_url(), "garbage")
+            .await
+            .is_err()
+    );
+    let (_, text) = http_get(&format!("http://{}/metrics", stack.http))
+        .await
+        .expect("metrics");
+    assert_eq!(
+        sample(&text, "ultrasync_gateway_auth_failures_total"),
+        Some(1.0)
+    );
+    stack.shutdown().await;
+}
