@@ -38,25 +38,30 @@ fn absorb(doc: &mut AutoCommit, ops: &[Op]) -> u64 {
     last
 }
 
-/// Reads frames for up to `limit`, applying ops; returns (last seq seen, acks seen).
-async fn pump(
-    conn: &mut Connection,
-    doc: &mut AutoCommit,
-    seen: &mut u64,
-    acks: &mut usize,
-    limit: Duration,
-) {
-    while let Ok(msg) = conn.recv_timeout(limit).await {
-        match msg {
-            ServerMessage::Ops { ops, seq_start, .. } => {
-                assert_eq!(seq_start, *seen + 1, "ops out of order");
-                *seen = absorb(doc, &ops);
+/// One editing client: its socket, its replica, and how far it has got.
+struct Editor {
+    conn: Connection,
+    doc: AutoCommit,
+    /// Last `server_seq` applied to `doc`.
+    seen: u64,
+    acks: usize,
+}
+
+impl Editor {
+    /// Reads frames for up to `limit` each, applying ops and counting acks.
+    async fn pump(&mut self, limit: Duration) {
+        while let Ok(msg) = self.conn.recv_timeout(limit).await {
+            match msg {
+                ServerMessage::Ops { ops, seq_start, .. } => {
+                    assert_eq!(seq_start, self.seen + 1, "ops out of order");
+                    self.seen = absorb(&mut self.doc, &ops);
+                }
+                ServerMessage::Ack { .. } => self.acks += 1,
+                ServerMessage::Reject { code, reason, .. } => {
+                    panic!("change rejected: {code} {reason}")
+                }
+                _ => {}
             }
-            ServerMessage::Ack { .. } => *acks += 1,
-            ServerMessage::Reject { code, reason, .. } => {
-                panic!("change rejected: {code} {reason}")
-            }
-            _ => {}
         }
     }
 }
@@ -70,7 +75,7 @@ async fn three_automerge_clients_converge_with_the_server() {
         let stack = stack.clone();
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
-            let mut conn = stack
+            let conn = stack
                 .client(
                     &format!("editor-{i}"),
                     "web",
@@ -78,64 +83,58 @@ async fn three_automerge_clients_converge_with_the_server() {
                     &[("collab", Some(0))],
                 )
                 .await;
-            let mut doc = AutoCommit::new();
-            let (mut seen, mut acks, mut sent) = (0u64, 0usize, 0usize);
+            let mut ed = Editor {
+                conn,
+                doc: AutoCommit::new(),
+                seen: 0,
+                acks: 0,
+            };
+            let mut sent = 0usize;
             if i == 0 {
-                doc.put(ROOT, "title", "shared board").expect("put");
-                doc.put_object(ROOT, "items", ObjType::List).expect("list");
-                let change = send_change(&mut doc);
-                conn.command("init", "collab", KEY, OpType::CrdtOp, change)
+                ed.doc.put(ROOT, "title", "shared board").expect("put");
+                ed.doc
+                    .put_object(ROOT, "items", ObjType::List)
+                    .expect("list");
+                let change = send_change(&mut ed.doc);
+                ed.conn
+                    .command("init", "collab", KEY, OpType::CrdtOp, change)
                     .await
                     .expect("send");
                 sent += 1;
             }
             // Everyone starts editing once the list exists locally.
-            while seen == 0 {
-                pump(
-                    &mut conn,
-                    &mut doc,
-                    &mut seen,
-                    &mut acks,
-                    Duration::from_millis(50),
-                )
-                .await;
+            while ed.seen == 0 {
+                ed.pump(Duration::from_millis(50)).await;
             }
             barrier.wait().await;
-            let items = match doc.get(ROOT, "items").expect("get") {
+            let items = match ed.doc.get(ROOT, "items").expect("get") {
                 Some((_, id)) => id,
                 None => panic!("no list"),
             };
             for r in 0..ROUNDS {
-                doc.insert(&items, 0, format!("e{i}-r{r}")).expect("insert");
-                doc.put(ROOT, format!("count_{i}"), r as i64).expect("put");
+                ed.doc
+                    .insert(&items, 0, format!("e{i}-r{r}"))
+                    .expect("insert");
+                ed.doc
+                    .put(ROOT, format!("count_{i}"), r as i64)
+                    .expect("put");
                 // Everyone writes the same field: a real conflict, resolved by Automerge.
-                doc.put(ROOT, "last_writer", format!("e{i}")).expect("put");
-                let change = send_change(&mut doc);
-                conn.command(&format!("e{i}-{r}"), "collab", KEY, OpType::CrdtOp, change)
+                ed.doc
+                    .put(ROOT, "last_writer", format!("e{i}"))
+                    .expect("put");
+                let change = send_change(&mut ed.doc);
+                ed.conn
+                    .command(&format!("e{i}-{r}"), "collab", KEY, OpType::CrdtOp, change)
                     .await
                     .expect("send");
                 sent += 1;
-                pump(
-                    &mut conn,
-                    &mut doc,
-                    &mut seen,
-                    &mut acks,
-                    Duration::from_millis(2),
-                )
-                .await;
+                ed.pump(Duration::from_millis(2)).await;
             }
-            while acks < sent {
-                pump(
-                    &mut conn,
-                    &mut doc,
-                    &mut seen,
-                    &mut acks,
-                    Duration::from_millis(50),
-                )
-                .await;
+            while ed.acks < sent {
+                ed.pump(Duration::from_millis(50)).await;
             }
             barrier.wait().await;
-            (conn, doc, seen)
+            ed
         }));
     }
     let mut clients = Vec::new();
@@ -159,11 +158,11 @@ async fn three_automerge_clients_converge_with_the_server() {
     let server_heads = server_entry.heads().expect("crdt key has heads");
     let last = entries.last().map_or(0, |e| e.server_seq);
 
-    for (conn, doc, seen) in &mut clients {
-        while *seen < last {
-            let (mut acks, limit) = (0, Duration::from_millis(200));
-            pump(conn, doc, seen, &mut acks, limit).await;
+    for ed in &mut clients {
+        while ed.seen < last {
+            ed.pump(Duration::from_millis(200)).await;
         }
+        let doc = &mut ed.doc;
         let json = serde_json::to_value(automerge::AutoSerde::from(&*doc)).expect("json");
         assert_eq!(
             json, server_entry.value,
