@@ -216,3 +216,40 @@ async fn a_client_that_stops_reading_is_closed_and_resumes_without_loss() {
     assert_eq!(last, N);
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_and_hello_timeout() {
+    let stack = Stack::start_with(StackOptions {
+        configure: |c| {
+            c.gateway.max_connections = 2;
+            c.gateway.hello_timeout_secs = 1;
+        },
+        ..Default::default()
+    })
+    .await;
+    let token = stack.token("cap", "read");
+    // One socket says hello; another never does.
+    let _greeted = stack.client("cap", "web", "cap-1", &[]).await;
+    let mut silent = Connection::connect(&stack.ws_url(), &token)
+        .await
+        .expect("second socket");
+    // The cap is reached: a third is refused before the upgrade.
+    match Connection::connect(&stack.ws_url(), &token).await {
+        Err(ClientError::Http(status)) => assert_eq!(status, 503),
+        other => panic!("expected 503, got {:?}", other.map(|_| ())),
+    }
+    // The silent one is closed for sending no hello, which frees its slot.
+    let (code, codes) = until_closed(&mut silent, "no hello").await;
+    assert_eq!(code, 1008);
+    assert!(codes.contains(&ErrorCode::InvalidMessage), "{codes:?}");
+    let mut admitted = false;
+    for _ in 0..100 {
+        if Connection::connect(&stack.ws_url(), &token).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "the freed slot was not reused");
+    stack.shutdown().await;
+}

@@ -101,6 +101,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
     pub started: Instant,
+    /// One permit per open socket (`max_connections`).
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves on `listener` until `shutdown` fires, then closes every socket with 1013
@@ -142,6 +144,7 @@ pub async fn run(
         }
     });
 
+    let max_connections = config.gateway.max_connections;
     let presence = presence::Presence::new(
         client.clone(),
         Duration::from_secs(config.gateway.presence_ttl_secs),
@@ -160,6 +163,7 @@ pub async fn run(
         metrics: Metrics::default(),
         shutdown: shutdown.clone(),
         started: Instant::now(),
+        connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
     });
     let addr = listener.local_addr()?;
     info!(%addr, gateway_id = %gateway_id, "gateway listening");
@@ -254,10 +258,16 @@ async fn sync_socket(
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
     };
+    let Ok(slot) = state.connection_slots.clone().try_acquire_owned() else {
+        return http_error(ErrorCode::Unavailable, "too many connections; retry later");
+    };
     let max = state.config.gateway.max_frame_bytes;
     ws.max_frame_size(max)
         .max_message_size(max)
-        .on_upgrade(move |socket| Session::run(state, socket, principal))
+        .on_upgrade(move |socket| async move {
+            Session::run(state, socket, principal).await;
+            drop(slot);
+        })
 }
 
 async fn healthz() -> &'static str {

@@ -27,6 +27,10 @@ use crate::{AppState, Metrics};
 const PING_EVERY: Duration = Duration::from_secs(20);
 /// A socket silent for this long (no frame, no pong) is closed.
 const IDLE_LIMIT: Duration = Duration::from_secs(60);
+/// The close reason for a socket that kept flooding.
+const RATE_LIMITED: &str = "rate limit";
+/// How long a close lingers for a peer that may still be sending.
+const LINGER: Duration = Duration::from_millis(500);
 /// Longest one frame may take to reach a peer before it counts as a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Commands one socket may have waiting for the sequencer.
@@ -141,6 +145,7 @@ impl Session {
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let Closing(code, reason) = closing;
         debug!(session = %session_id, code, %reason, "socket closing");
+        let lingers = code == close::TOO_BIG || reason == RATE_LIMITED;
         // Frames already queued (an error explaining the close, acks) go out first,
         // unless the socket is being dropped for not reading them.
         if code != close::SLOW_CONSUMER {
@@ -159,10 +164,15 @@ impl Session {
             reason: reason.into(),
         }));
         let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(close_frame)).await;
-        if code == close::TOO_BIG {
-            // The rest of the oversize frame is still unread: closing now would make
-            // the kernel reset the connection, and the peer could lose the close frame.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        if lingers {
+            // The peer is likely still sending: closing with its data unread makes the
+            // kernel reset the connection, and the peer could lose the close frame.
+            // Linger a little, reading and dropping what it sends.
+            let drain = async {
+                while let Some(Ok(_)) = stream.next().await {}
+                tokio::time::sleep(LINGER).await;
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
     }
@@ -180,6 +190,10 @@ impl Session {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         let mut last_heard = Instant::now();
         let mut limit = RateLimit::new(self.state.config.gateway.max_messages_per_sec);
+        let hello_deadline = tokio::time::sleep(Duration::from_secs(
+            self.state.config.gateway.hello_timeout_secs,
+        ));
+        tokio::pin!(hello_deadline);
         let command_timeout = Duration::from_secs(self.state.config.gateway.command_timeout_secs);
         loop {
             tokio::select! {
@@ -190,6 +204,10 @@ impl Session {
                 _ = self.slow.cancelled() => return self.slow_consumer(),
                 _ = &mut expiry => {
                     return Closing(close::POLICY, "token expired".into());
+                }
+                _ = &mut hello_deadline, if self.bound.is_none() => {
+                    self.push(ServerMessage::error(ErrorCode::InvalidMessage, "no hello in time"));
+                    return Closing(close::POLICY, "no hello".into());
                 }
                 frame = out_rx.recv() => {
                     let Some(Outbound::Text(text)) = frame else {
@@ -224,7 +242,7 @@ impl Session {
                             if !limit.take() {
                                 if limit.exhausted() {
                                     self.push(ServerMessage::error(ErrorCode::RateLimited, "too many frames; closing"));
-                                    return Closing(close::POLICY, "rate limit".into());
+                                    return Closing(close::POLICY, RATE_LIMITED.into());
                                 }
                                 self.refuse_rate_limited(text.as_str());
                                 continue;

@@ -104,6 +104,10 @@ pub struct GatewayConfig {
     /// Over it, frames are refused with `rate_limited`; a socket that keeps going
     /// for a further burst's worth is closed (1008).
     pub max_messages_per_sec: u32,
+    /// Open sockets this gateway accepts; more get 503 before the upgrade.
+    pub max_connections: usize,
+    /// Seconds a new socket has to send `hello` before it is closed (1008).
+    pub hello_timeout_secs: u64,
 }
 
 impl Default for GatewayConfig {
@@ -116,6 +120,8 @@ impl Default for GatewayConfig {
             command_timeout_secs: 10,
             presence_ttl_secs: 30,
             max_messages_per_sec: 1000,
+            max_connections: 10_000,
+            hello_timeout_secs: 10,
         }
     }
 }
@@ -211,8 +217,13 @@ impl Config {
             );
         }
         crate::namespaces::Namespaces::new(&self.namespaces)?;
-        if self.gateway.max_messages_per_sec == 0 {
-            anyhow::bail!("gateway.max_messages_per_sec must be at least 1");
+        if self.gateway.max_messages_per_sec == 0
+            || self.gateway.max_connections == 0
+            || self.gateway.hello_timeout_secs == 0
+        {
+            anyhow::bail!(
+                "gateway.max_messages_per_sec, max_connections and hello_timeout_secs must be positive"
+            );
         }
         if self.gateway.outbound_queue == 0 {
             anyhow::bail!("gateway.outbound_queue must be at least 1");
