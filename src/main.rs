@@ -2,6 +2,7 @@
 //! Parsing and wiring only; the services live in their crates.
 
 mod dev;
+mod inspect;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -75,6 +76,9 @@ enum Command {
     Token(TokenArgs),
     /// Print the effective configuration (all sources merged, secrets redacted) as TOML.
     Config,
+    /// Admin views of what is stored (JSON).
+    #[command(subcommand)]
+    Inspect(inspect::Inspect),
 }
 
 #[derive(Args)]
@@ -228,6 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.validate()?;
             ultrasync_sequencer::run(cfg, shutdown_on_signals()).await
         }
+        Command::Inspect(what) => inspect::run(&cli.common.config()?, what).await,
         Command::Config => {
             let mut cfg = cli.common.config()?;
             cfg.validate()?;

@@ -1,0 +1,114 @@
+//! `ultrasync inspect`: read-only admin views of what is stored, as JSON.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use clap::Subcommand;
+use futures::TryStreamExt;
+use serde_json::{Value, json};
+use ultrasync_shared::config::Config;
+use ultrasync_shared::nats::{self, CMDS_STREAM, CURSORS_BUCKET, OPS_STREAM, SNAPSHOTS_BUCKET};
+use ultrasync_shared::{StreamKey, log, snapshot};
+
+#[derive(Subcommand)]
+pub enum Inspect {
+    /// The NATS resources of ultrasync with message counts, and every stream key's head.
+    Streams,
+    /// A stream key's stored snapshot (state, versions, digest, op count).
+    Snapshot {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        ns: String,
+    },
+}
+
+pub async fn run(config: &Config, what: Inspect) -> anyhow::Result<()> {
+    let client = nats::connect(
+        &config.nats_url,
+        "ultrasync-inspect",
+        Duration::from_secs(5),
+    )
+    .await?;
+    let js = jetstream::new(client);
+    let out = match what {
+        Inspect::Streams => streams(&js).await?,
+        Inspect::Snapshot { org, project, ns } => {
+            let key = StreamKey::parse(&org, &project, &ns)?;
+            let store = js
+                .get_object_store(SNAPSHOTS_BUCKET)
+                .await
+                .context("opening the snapshot store")?;
+            match snapshot::fetch(&store, &key).await? {
+                None => anyhow::bail!("no snapshot of {key}"),
+                Some(s) => json!({
+                    "stream_key": s.stream_key,
+                    "last_server_seq": s.state.last_seq,
+                    "head_stream_seq": s.head_stream_seq,
+                    "digest": s.digest(),
+                    "op_ids": s.op_ids.len(),
+                    "state": s.state.keys.iter().map(|(k, e)| {
+                        (k.clone(), json!({"value": e.value, "version": e.version, "heads": e.heads()}))
+                    }).collect::<serde_json::Map<String, Value>>(),
+                }),
+            }
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn state_json(info: &jetstream::stream::Info) -> Value {
+    let s = &info.state;
+    json!({
+        "messages": s.messages,
+        "bytes": s.bytes,
+        "first_seq": s.first_sequence,
+        "last_seq": s.last_sequence,
+        "consumers": s.consumer_count,
+        "subjects": s.subjects_count,
+    })
+}
+
+async fn streams(js: &jetstream::Context) -> anyhow::Result<Value> {
+    let mut resources = serde_json::Map::new();
+    for (label, stream) in [
+        ("USYNC_CMDS", CMDS_STREAM.to_owned()),
+        ("USYNC_OPS", OPS_STREAM.to_owned()),
+        (CURSORS_BUCKET, format!("KV_{CURSORS_BUCKET}")),
+        (SNAPSHOTS_BUCKET, format!("OBJ_{SNAPSHOTS_BUCKET}")),
+    ] {
+        let value = match js.get_stream(&stream).await {
+            Ok(mut s) => state_json(s.info().await?),
+            Err(_) => json!({"missing": true}),
+        };
+        resources.insert(label.to_owned(), value);
+    }
+    // Every stream key in the op log, with its head.
+    let ops = js
+        .get_stream(OPS_STREAM)
+        .await
+        .context("opening USYNC_OPS")?;
+    let subjects: Vec<(String, usize)> = ops
+        .info_with_subjects("usync.ops.>")
+        .await?
+        .try_collect()
+        .await?;
+    let mut keys = Vec::new();
+    for (subject, messages) in subjects {
+        let head = log::head(&ops, &subject).await?;
+        let first = log::next_at_or_after(&ops, &subject, 1).await?;
+        keys.push(json!({
+            "stream_key": nats::stream_key_from_subject(&subject).map(|k| k.to_string()),
+            "subject": subject,
+            "messages": messages,
+            "first_server_seq": first.map(|e| e.server_seq),
+            "head_server_seq": head.map(|h| h.server_seq),
+        }));
+    }
+    keys.sort_by(|a, b| a["subject"].as_str().cmp(&b["subject"].as_str()));
+    Ok(json!({"resources": resources, "stream_keys": keys}))
+}
