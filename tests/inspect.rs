@@ -6,18 +6,32 @@ use serde_json::{Value, json};
 use ultrasync_client::{OpType, ServerMessage};
 use ultrasync_testkit::{Stack, StackOptions, wait_for_snapshot};
 
-fn inspect(stack: &Stack, args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_ultrasync"))
+/// Runs `ultrasync inspect ARGS` against the stack's NATS.
+fn run_inspect(stack: &Stack, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ultrasync"))
         .args(["--nats-url", stack.nats.url(), "inspect"])
         .args(args)
         .output()
-        .expect("run ultrasync inspect");
+        .expect("run ultrasync inspect")
+}
+
+/// `run_inspect`, which must succeed, parsed as JSON.
+fn inspect(stack: &Stack, args: &[&str]) -> Value {
+    let out = run_inspect(stack, args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("json")
+}
+
+const SNAPSHOT_OF: [&str; 7] = ["snapshot", "--org", "acme", "--project", "web", "--ns", ""];
+
+fn snapshot_args(ns: &str) -> Vec<&str> {
+    let mut args = SNAPSHOT_OF.to_vec();
+    args[6] = ns;
+    args
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,38 +84,13 @@ async fn inspect_shows_streams_heads_and_snapshots() {
     assert_eq!(head("acme/web/metadata"), Some((json!(3), json!(3))));
 
     let stored = wait_for_snapshot(&stack, "web", "index", 10).await;
-    let snap = inspect(
-        &stack,
-        &[
-            "snapshot",
-            "--org",
-            "acme",
-            "--project",
-            "web",
-            "--ns",
-            "index",
-        ],
-    );
+    let snap = inspect(&stack, &snapshot_args("index"));
     assert_eq!(snap["last_server_seq"], stored.state.last_seq);
     assert_eq!(snap["digest"], stored.digest());
     assert_eq!(snap["state"].as_object().map(|m| m.len()), Some(4));
 
     // No snapshot: a clear error, non-zero exit.
-    let out = Command::new(env!("CARGO_BIN_EXE_ultrasync"))
-        .args([
-            "--nats-url",
-            stack.nats.url(),
-            "inspect",
-            "snapshot",
-            "--org",
-            "acme",
-            "--project",
-            "web",
-            "--ns",
-            "metadata",
-        ])
-        .output()
-        .expect("run");
+    let out = run_inspect(&stack, &snapshot_args("metadata"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot"));
     stack.shutdown().await;
