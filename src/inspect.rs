@@ -9,12 +9,24 @@ use futures::TryStreamExt;
 use serde_json::{Value, json};
 use ultrasync_shared::config::Config;
 use ultrasync_shared::nats::{self, CMDS_STREAM, CURSORS_BUCKET, OPS_STREAM, SNAPSHOTS_BUCKET};
-use ultrasync_shared::{StreamKey, log, snapshot};
+use ultrasync_shared::{StreamKey, log, reads, snapshot};
 
 #[derive(Subcommand)]
 pub enum Inspect {
     /// The NATS resources of ultrasync with message counts, and every stream key's head.
     Streams,
+    /// A stream key's live state as a materializer holds it (or one key of it).
+    State {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        project: String,
+        #[arg(long)]
+        ns: String,
+        /// Only this key.
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// A stream key's stored snapshot (state, versions, digest, op count).
     Snapshot {
         #[arg(long)]
@@ -36,6 +48,37 @@ pub async fn run(config: &Config, what: Inspect) -> anyhow::Result<()> {
     let js = jetstream::new(client);
     let out = match what {
         Inspect::Streams => streams(&js).await?,
+        Inspect::State {
+            org,
+            project,
+            ns,
+            key,
+        } => {
+            let stream_key = StreamKey::parse(&org, &project, &ns)?;
+            let client = js.client();
+            match key {
+                Some(k) => {
+                    let r = reads::key(&client, &stream_key, &k, None)
+                        .await
+                        .with_context(|| format!("reading {k} of {stream_key}"))?;
+                    json!({
+                        "stream_key": stream_key.to_string(),
+                        "key": k,
+                        "last_server_seq": r.last_server_seq,
+                        "exists": r.value.is_some(),
+                        "value": r.value,
+                        "version": r.version,
+                        "heads": r.heads,
+                    })
+                }
+                None => {
+                    let s = reads::snapshot(&client, &stream_key, &Default::default())
+                        .await
+                        .with_context(|| format!("reading the state of {stream_key}"))?;
+                    snapshot_json(&s)
+                }
+            }
+        }
         Inspect::Snapshot { org, project, ns } => {
             let key = StreamKey::parse(&org, &project, &ns)?;
             let store = js
@@ -44,21 +87,25 @@ pub async fn run(config: &Config, what: Inspect) -> anyhow::Result<()> {
                 .context("opening the snapshot store")?;
             match snapshot::fetch(&store, &key).await? {
                 None => anyhow::bail!("no snapshot of {key}"),
-                Some(s) => json!({
-                    "stream_key": s.stream_key,
-                    "last_server_seq": s.state.last_seq,
-                    "head_stream_seq": s.head_stream_seq,
-                    "digest": s.digest(),
-                    "op_ids": s.op_ids.len(),
-                    "state": s.state.keys.iter().map(|(k, e)| {
-                        (k.clone(), json!({"value": e.value, "version": e.version, "heads": e.heads()}))
-                    }).collect::<serde_json::Map<String, Value>>(),
-                }),
+                Some(s) => snapshot_json(&s),
             }
         }
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+fn snapshot_json(s: &snapshot::Snapshot) -> Value {
+    json!({
+        "stream_key": s.stream_key,
+        "last_server_seq": s.state.last_seq,
+        "head_stream_seq": s.head_stream_seq,
+        "digest": s.digest(),
+        "op_ids": s.op_ids.len(),
+        "state": s.state.keys.iter().map(|(k, e)| {
+            (k.clone(), json!({"value": e.value, "version": e.version, "heads": e.heads()}))
+        }).collect::<serde_json::Map<String, Value>>(),
+    })
 }
 
 fn state_json(info: &jetstream::stream::Info) -> Value {

@@ -3,6 +3,7 @@
 
 mod dev;
 mod inspect;
+mod rebuild;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -72,6 +73,10 @@ enum Command {
     Gateway(GatewayArgs),
     /// Run a sequencer against a NATS server.
     Sequencer(SequencerArgs),
+    /// Run a materializer (RocksDB state, snapshots, reads) against a NATS server.
+    Materializer(MaterializerArgs),
+    /// Rebuild every stream key from snapshot + log and compare with the live state.
+    Rebuild(rebuild::RebuildArgs),
     /// Mint a JWT from the configured secret (or the `dev` secret).
     Token(TokenArgs),
     /// Print the effective configuration (all sources merged, secrets redacted) as TOML.
@@ -96,6 +101,22 @@ pub struct SequencerArgs {
     /// Most commands in one write (1-1000).
     #[arg(long, env = "ULTRASYNC_BATCH_MAX")]
     batch_max: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct MaterializerArgs {
+    /// Folder of this instance's RocksDB state.
+    #[arg(long, env = "ULTRASYNC_MATERIALIZER_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Instance name (its durable consumer is usync-materializer-{name}).
+    #[arg(long, env = "ULTRASYNC_MATERIALIZER_NAME")]
+    name: Option<String>,
+    /// Snapshot a stream key after this many ops.
+    #[arg(long, env = "ULTRASYNC_SNAPSHOT_EVERY_OPS")]
+    snapshot_every_ops: Option<u64>,
+    /// ... or this many seconds after its first op since the last snapshot.
+    #[arg(long, env = "ULTRASYNC_SNAPSHOT_INTERVAL_SECS")]
+    snapshot_interval_secs: Option<u64>,
 }
 
 #[derive(Args)]
@@ -200,6 +221,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<rebuild::Mismatch>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -232,6 +257,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.validate()?;
             ultrasync_sequencer::run(cfg, shutdown_on_signals()).await
         }
+        Command::Materializer(args) => {
+            let mut cfg = cli.common.config()?;
+            if let Some(d) = args.data_dir {
+                cfg.materializer.data_dir = d;
+            }
+            if let Some(n) = args.name {
+                cfg.materializer.name = n;
+            }
+            if let Some(n) = args.snapshot_every_ops {
+                cfg.materializer.snapshot_every_ops = n;
+            }
+            if let Some(n) = args.snapshot_interval_secs {
+                cfg.materializer.snapshot_interval_secs = n;
+            }
+            cfg.validate()?;
+            ultrasync_materializer::run(cfg, shutdown_on_signals()).await
+        }
+        Command::Rebuild(args) => rebuild::run(&cli.common.config()?, args).await,
         Command::Inspect(what) => inspect::run(&cli.common.config()?, what).await,
         Command::Config => {
             let mut cfg = cli.common.config()?;

@@ -124,7 +124,7 @@ async fn live_state(stack: &Stack, ns: &str) -> NamespaceState {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_bootstrap_from_snapshot_and_tail() {
     let stack = Stack::start_with(StackOptions {
-        configure: |c| c.sequencer.snapshot_every_ops = 50,
+        configure: |c| c.materializer.snapshot_every_ops = 50,
         ..Default::default()
     })
     .await;

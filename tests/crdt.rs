@@ -1,5 +1,7 @@
 //! Three clients editing one Automerge document at once, each with its own replica
-//! made with the `automerge` crate, converge to the document the server holds.
+//! made with the `automerge` crate, converge to the document the server holds; a
+//! fourth client that bootstraps from the materializer's snapshot loads the same
+//! document with the `automerge` crate.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,6 +180,58 @@ async fn three_automerge_clients_converge_with_the_server() {
     );
     for i in 0..3 {
         assert_eq!(server_entry.value[format!("count_{i}")], json!(ROUNDS - 1));
+    }
+    // A new client bootstraps from the snapshot: the saved document in it loads in
+    // the automerge crate and is the editors' document.
+    let key = StreamKey::parse("acme", "web", "collab").expect("key");
+    let nc = stack.nats_client().await;
+    let stored = ultrasync_shared::reads::snapshot(
+        &nc,
+        &key,
+        &ultrasync_shared::reads::ReadRequest {
+            min_seq: Some(last),
+            store: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("materialized snapshot");
+    assert_eq!(stored.state.last_seq, last);
+    let mut fresh = stack
+        .client("nora", "web", "nora-1", &[("collab", None)])
+        .await;
+    let frames = ultrasync_testkit::recv_until(&mut fresh, Duration::from_secs(20), |m| {
+        matches!(m, ServerMessage::Synced { .. })
+    })
+    .await
+    .expect("bootstrap");
+    let mut loaded = None;
+    for frame in &frames {
+        if let ServerMessage::Snapshot {
+            last_server_seq,
+            state,
+            ..
+        } = frame
+        {
+            assert_eq!(*last_server_seq, last);
+            let ks = &state[KEY];
+            let bytes = B64.decode(ks.doc.as_deref().expect("doc")).expect("base64");
+            let doc = automerge::Automerge::load(&bytes).expect("the snapshot's document loads");
+            let mut heads: Vec<String> = doc.get_heads().iter().map(ToString::to_string).collect();
+            heads.sort();
+            assert_eq!(Some(&heads), ks.heads.as_ref());
+            assert_eq!(heads, server_heads);
+            loaded = Some(doc);
+        }
+    }
+    let loaded = loaded.expect("a snapshot frame");
+    for ed in &clients {
+        let theirs = serde_json::to_value(automerge::AutoSerde::from(&ed.doc)).expect("json");
+        let ours = serde_json::to_value(automerge::AutoSerde::from(&loaded)).expect("json");
+        assert_eq!(
+            ours, theirs,
+            "the bootstrapped document differs from an editor's"
+        );
     }
     drop(clients);
     if let Ok(stack) = Arc::try_unwrap(stack) {

@@ -200,7 +200,7 @@ async fn active_sequencer_killed_and_frozen_under_load() {
                 } else {
                     procs[i].kill9();
                     procs.remove(i);
-                    procs.push(SequencerProcess::spawn(&bin, &url));
+                    procs.push(SequencerProcess::spawn(&bin, "sequencer", &url, &[]));
                     kills += 1;
                 }
                 last_action = Instant::now();

@@ -37,7 +37,7 @@ fn snapshot_args(ns: &str) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_shows_streams_heads_and_snapshots() {
     let stack = Stack::start_with(StackOptions {
-        configure: |c| c.sequencer.snapshot_every_ops = 10,
+        configure: |c| c.materializer.snapshot_every_ops = 10,
         ..Default::default()
     })
     .await;

@@ -64,7 +64,7 @@ fn change(doc: &mut AutoCommit) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_sequencer_takes_over_from_the_snapshot_not_the_whole_log() {
     let mut stack = Stack::start_with(StackOptions {
-        configure: |c| c.sequencer.snapshot_every_ops = 50,
+        configure: |c| c.materializer.snapshot_every_ops = 50,
         ..Default::default()
     })
     .await;

@@ -173,7 +173,20 @@ impl Follower {
             if first != from {
                 // Compacted below the client's cursor: a snapshot that reaches the
                 // oldest op still in the log replaces what the client has.
-                if let Some(s) = self.snapshot_up_to(to).await?
+                let stored = self.snapshot_up_to(to).await?;
+                let fresh = match &stored {
+                    Some(s) if s.state.last_seq + 1 >= first => None,
+                    // The stored one is too old for what is left of the log: the
+                    // materializer's state is newer.
+                    _ => self
+                        .hub
+                        .materialized(&self.topic.key, false)
+                        .await
+                        .ok()
+                        .flatten()
+                        .filter(|s| s.state.last_seq <= to),
+                };
+                if let Some(s) = fresh.or(stored)
                     && s.state.last_seq + 1 >= first
                     && s.state.last_seq > *last
                 {

@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 use ultrasync_shared::StreamKey;
 use ultrasync_shared::log::{self, LogEntry};
 use ultrasync_shared::nats::ops_subject;
+use ultrasync_shared::reads;
 use ultrasync_shared::snapshot::{self, Snapshot};
 
 /// Ops a topic keeps for followers that are slightly behind.
@@ -43,6 +44,7 @@ impl From<LogEntry> for LiveOp {
 
 /// The gateway's topics, by stream key.
 pub struct Hub {
+    client: async_nats::Client,
     ops: Stream,
     snapshots: async_nats::jetstream::object_store::ObjectStore,
     topics: Mutex<HashMap<StreamKey, Weak<Topic>>>,
@@ -50,10 +52,12 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(
+        client: async_nats::Client,
         ops: Stream,
         snapshots: async_nats::jetstream::object_store::ObjectStore,
     ) -> Arc<Self> {
         Arc::new(Self {
+            client,
             ops,
             snapshots,
             topics: Mutex::new(HashMap::new()),
@@ -64,13 +68,48 @@ impl Hub {
         &self.ops
     }
 
-    /// The newest sound snapshot of `key`, if any. A damaged one is never served.
+    /// The newest sound snapshot of `key`, if any. A damaged one is never served: a
+    /// materializer is asked for the state instead, and to store it over the damaged
+    /// one.
     pub async fn snapshot(&self, key: &StreamKey) -> Result<Option<Snapshot>, String> {
         match snapshot::fetch(&self.snapshots, key).await {
             Ok(s) => Ok(s),
             Err(snapshot::FetchError::Refused(why)) => {
-                warn!(stream_key = %key, %why, "refusing a damaged snapshot");
-                Ok(None)
+                warn!(stream_key = %key, %why, "refusing a damaged snapshot; asking a materializer");
+                self.materialized(key, true).await
+            }
+            Err(e) => {
+                warn!(stream_key = %key, error = %e, "snapshot store unreadable; asking a materializer");
+                self.materialized(key, false)
+                    .await
+                    .map_err(|_| e.to_string())
+            }
+        }
+    }
+
+    /// `key`'s state from a materializer, as of what it has applied (`None` when it
+    /// holds nothing, or no materializer runs). With `store`, it also writes that
+    /// state to the snapshot store.
+    pub async fn materialized(
+        &self,
+        key: &StreamKey,
+        store: bool,
+    ) -> Result<Option<Snapshot>, String> {
+        let req = reads::ReadRequest {
+            store,
+            ..Default::default()
+        };
+        match reads::snapshot(&self.client, key, &req).await {
+            Ok(s) if s.state.last_seq > 0 => Ok(Some(s)),
+            Ok(_) | Err(reads::ReadError::NoResponders) => Ok(None),
+            Err(reads::ReadError::Refused {
+                code: ultrasync_shared::ErrorCode::PayloadTooLarge,
+                ..
+            }) if store => {
+                // Too big for one message; it was stored: read it from there.
+                snapshot::fetch(&self.snapshots, key)
+                    .await
+                    .map_err(|e| e.to_string())
             }
             Err(e) => Err(e.to_string()),
         }

@@ -4,6 +4,7 @@
 //! subscribed socket. Stateless: any number can run behind a load balancer.
 
 mod follow;
+mod http;
 mod hub;
 mod metrics;
 mod presence;
@@ -156,7 +157,7 @@ pub async fn run(
         gateway_id: gateway_id.clone(),
         nats: client.clone(),
         js,
-        hub: Hub::new(ops, snapshots),
+        hub: Hub::new(client.clone(), ops, snapshots),
         presence,
         routes,
         cursors,
@@ -185,6 +186,8 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/sync", get(sync_socket))
         .route("/v1/status", get(status))
+        .route("/v1/{org}/{project}/{ns}/snapshot", get(http::snapshot))
+        .route("/v1/{org}/{project}/{ns}/keys/{key}", get(http::key))
         .route("/metrics", get(prometheus))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

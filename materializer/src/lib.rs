@@ -1,4 +1,592 @@
-//! The materializer (SPEC §8, issue 4): will consume `USYNC_OPS`, apply ops with
-//! `ultrasync_shared::state::apply` into RocksDB, write snapshots in the
-//! `ultrasync_shared::snapshot` format and serve reads over NATS request-reply.
-//! Nothing is here yet; the crate holds its place in the workspace layout.
+//! The materializer: applies `USYNC_OPS` into RocksDB with the shared state machine,
+//! writes snapshots to `usync-snapshots`, and serves reads over NATS request-reply.
+//!
+//! Every instance is a full replica: it has its own RocksDB folder and its own durable
+//! consumer `usync-materializer-{name}` over every `usync.ops.>` subject, and answers
+//! reads in the queue group `materializers` (see [`ultrasync_shared::reads`]). Scale
+//! reads by adding instances; each needs its own `name` and `data_dir`.
+//!
+//! Where an instance is lives in RocksDB, in the same write batch as the state (see
+//! [`store`]): at start-up the durable consumer is created anew from that position,
+//! so the store, not the server's ack floor, says what was applied.
+//!
+//! A stream key whose log no longer starts where the store stands (compacted while
+//! this instance was away, or a new instance) is loaded from its snapshot, then the
+//! log after it. A damaged snapshot is never used: the key is rebuilt from the log and
+//! a sound snapshot written over the damaged one.
+
+pub mod rebuild;
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::object_store::ObjectStore;
+use async_nats::jetstream::stream::Stream;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use ultrasync_shared::config::{Config, MaterializerConfig};
+use ultrasync_shared::error::ErrorCode;
+use ultrasync_shared::log::{self, LogEntry};
+use ultrasync_shared::nats::{self, ops_subject};
+use ultrasync_shared::reads::{self, ReadRequest, Verb};
+use ultrasync_shared::{StreamKey, snapshot, state};
+
+use crate::store::{Applier, Store, StoreError};
+
+/// Ops read from the log per step when filling a gap or rebuilding.
+const FILL_CHUNK: u64 = 2000;
+/// Messages applied in one write batch at most.
+const APPLY_CHUNK: usize = 1000;
+
+/// The durable consumer of instance `name`.
+pub fn consumer_name(name: &str) -> String {
+    format!("usync-materializer-{name}")
+}
+
+struct Shared {
+    client: async_nats::Client,
+    ops: Stream,
+    snapshots: ObjectStore,
+    store: Arc<Store>,
+    /// Bumped after every applied batch; readers waiting for `min_seq` watch it.
+    progress: watch::Sender<u64>,
+}
+
+/// Runs one materializer until `shutdown` fires.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let nats::ServiceNats {
+        client,
+        ops,
+        snapshots,
+        ..
+    } = nats::connect_service(&config, "ultrasync-materializer").await?;
+    let cfg = config.materializer.clone();
+    let dir = cfg.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await?
+        .with_context(|| format!("opening RocksDB in {}", cfg.data_dir.display()))?;
+    let shared = Arc::new(Shared {
+        client,
+        ops,
+        snapshots,
+        store: Arc::new(store),
+        progress: watch::channel(0).0,
+    });
+    let reads = tokio::spawn(serve_reads(shared.clone(), shutdown.clone()));
+    let result = apply_loop(shared.clone(), &cfg, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = reads.await;
+    let _ = shared.client.flush().await;
+    info!("materializer stopped");
+    result
+}
+
+async fn apply_loop(
+    shared: Arc<Shared>,
+    cfg: &MaterializerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut applier = Applier::new(shared.store.clone());
+    let mut snapshots = Snapshots::new(cfg);
+    snapshots.check_stored(&shared).await?;
+    let durable = consumer_name(&cfg.name);
+    info!(name = %cfg.name, applied = shared.store.applied()?, "materializer running");
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    'consumer: loop {
+        let from = shared.store.applied()? + 1;
+        let consumer = match start_consumer(&shared.ops, &durable, from).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "creating the materializer consumer failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'consumer,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'consumer,
+                }
+            }
+        };
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(APPLY_CHUNK)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .context("pulling ops")?;
+        let mut messages = messages.ready_chunks(APPLY_CHUNK);
+        loop {
+            let chunk = tokio::select! {
+                _ = shutdown.cancelled() => break 'consumer,
+                _ = tick.tick() => {
+                    snapshots.write_due(&shared);
+                    continue;
+                }
+                c = messages.next() => c,
+            };
+            let Some(chunk) = chunk else {
+                warn!("op consumer ended; starting it again");
+                continue 'consumer;
+            };
+            let mut entries = Vec::with_capacity(chunk.len());
+            let mut last = None;
+            let mut failed = false;
+            for m in chunk {
+                match m {
+                    Ok(m) => {
+                        match (
+                            nats::stream_key_from_subject(&m.subject),
+                            LogEntry::from_consumer_message(&m),
+                        ) {
+                            (Some(key), Ok(entry)) => entries.push((key, entry)),
+                            (_, Err(e)) => {
+                                warn!(subject = %m.subject, error = %e, "skipping a message that is not an op")
+                            }
+                            (None, _) => {
+                                warn!(subject = %m.subject, "skipping an op on an unexpected subject")
+                            }
+                        }
+                        last = Some(m);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "pulling ops failed");
+                        failed = true;
+                    }
+                }
+            }
+            if !entries.is_empty() {
+                let counts = apply_all(&mut applier, &shared, entries, true).await?;
+                for (key, n) in counts {
+                    snapshots.record(key, n);
+                }
+                shared.progress.send_modify(|n| *n += 1);
+            }
+            if let Some(m) = last
+                && let Err(e) = m.ack().await
+            {
+                debug!(error = %e, "acking ops failed (the store holds the position)");
+            }
+            snapshots.write_due(&shared);
+            if failed {
+                // Start over from the store's position rather than trust the stream.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue 'consumer;
+            }
+        }
+    }
+    snapshots.finish().await;
+    Ok(())
+}
+
+/// (Re)creates the durable consumer so it delivers from stream sequence `from`.
+async fn start_consumer(
+    ops: &Stream,
+    durable: &str,
+    from: u64,
+) -> anyhow::Result<async_nats::jetstream::consumer::PullConsumer> {
+    let _ = ops.delete_consumer(durable).await;
+    let consumer = ops
+        .create_consumer(pull::Config {
+            durable_name: Some(durable.to_owned()),
+            description: Some("ultrasync materializer (position kept in its RocksDB)".into()),
+            filter_subject: "usync.ops.>".to_owned(),
+            deliver_policy: if from <= 1 {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                }
+            },
+            ack_policy: AckPolicy::All,
+            ack_wait: Duration::from_secs(60),
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await
+        .context("creating the materializer consumer")?;
+    Ok(consumer)
+}
+
+/// Applies `entries` in one or more write batches, filling gaps from the log or a
+/// snapshot. Returns the ops newly applied per stream key.
+async fn apply_all(
+    applier: &mut Applier,
+    shared: &Shared,
+    mut entries: Vec<(StreamKey, LogEntry)>,
+    record_position: bool,
+) -> anyhow::Result<HashMap<StreamKey, u64>> {
+    let mut counts: HashMap<StreamKey, u64> = HashMap::new();
+    loop {
+        let (done, rest) = apply_blocking(applier, entries, record_position).await?;
+        for (k, n) in done.per_key {
+            *counts.entry(k).or_default() += n;
+        }
+        let Some(gap) = done.gap else {
+            return Ok(counts);
+        };
+        entries = rest;
+        entries.drain(..done.taken);
+        warn!(stream_key = %gap.stream_key, expected = gap.expected, got = gap.got, "ops missing before this one; filling from the log");
+        let filled = fill(
+            applier,
+            &shared.ops,
+            Some(&shared.snapshots),
+            &gap.stream_key,
+            gap.got - 1,
+            u64::MAX,
+        )
+        .await?;
+        *counts.entry(gap.stream_key).or_default() += filled;
+    }
+}
+
+/// Runs one `Applier::apply` off the async threads.
+async fn apply_blocking(
+    applier: &mut Applier,
+    entries: Vec<(StreamKey, LogEntry)>,
+    record_position: bool,
+) -> anyhow::Result<(store::Applied, Vec<(StreamKey, LogEntry)>)> {
+    let mut owned = std::mem::replace(applier, Applier::new(applier.store().clone()));
+    let (owned, entries, result) = tokio::task::spawn_blocking(move || {
+        let r = owned.apply(&entries, record_position);
+        (owned, entries, r)
+    })
+    .await?;
+    *applier = owned;
+    Ok((result?, entries))
+}
+
+/// Brings `key` up to `to` from the log; where the log no longer holds the next op,
+/// from the newest sound snapshot (at most `snapshot_limit`) and the log after it.
+/// Returns how many ops were applied (a snapshot counts as what it skipped).
+pub(crate) async fn fill(
+    applier: &mut Applier,
+    ops: &Stream,
+    snapshots: Option<&ObjectStore>,
+    key: &StreamKey,
+    to: u64,
+    snapshot_limit: u64,
+) -> anyhow::Result<u64> {
+    let subject = ops_subject(key);
+    let mut applied = 0;
+    loop {
+        let head = applier.head(key)?;
+        if head.last_seq >= to {
+            return Ok(applied);
+        }
+        let from = head.last_seq + 1;
+        let chunk = log::read_range(ops, &subject, from, to.min(from + FILL_CHUNK - 1)).await?;
+        if chunk.first().map(|e| e.server_seq) == Some(from) {
+            let entries: Vec<_> = chunk.into_iter().map(|e| (key.clone(), e)).collect();
+            let (done, _) = apply_blocking(applier, entries, false).await?;
+            applied += done.per_key.values().sum::<u64>();
+            if done.taken == 0 {
+                anyhow::bail!("the log of {key} does not continue at {from}");
+            }
+            continue;
+        }
+        // The log does not hold `from`: only a snapshot past it can help.
+        let oldest = chunk.first().map(|e| e.server_seq);
+        let snapshot = match snapshots {
+            Some(store) => match snapshot::fetch(store, key).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(stream_key = %key, error = %e, "cannot use the stored snapshot");
+                    None
+                }
+            },
+            None => None,
+        };
+        match snapshot {
+            Some(s)
+                if s.state.last_seq >= from
+                    && s.state.last_seq <= snapshot_limit
+                    && oldest.is_none_or(|o| s.state.last_seq + 1 >= o) =>
+            {
+                info!(stream_key = %key, seq = s.state.last_seq, "loading the stream key from its snapshot");
+                applied += s.state.last_seq - head.last_seq;
+                let mut owned = std::mem::replace(applier, Applier::new(applier.store().clone()));
+                let k = key.clone();
+                let (owned, result) = tokio::task::spawn_blocking(move || {
+                    let r = owned.install(&k, &s);
+                    (owned, r)
+                })
+                .await?;
+                *applier = owned;
+                result?;
+            }
+            _ => anyhow::bail!(
+                "ops {from}.. of {key} are no longer in the log (oldest: {}) and no sound snapshot covers them",
+                oldest.map_or("none".to_owned(), |o| o.to_string())
+            ),
+        }
+    }
+}
+
+/// When each stream key's next snapshot is due, and the writes in flight.
+struct Snapshots {
+    enabled: bool,
+    every_ops: u64,
+    interval: Duration,
+    /// Ops applied since the last snapshot, and when the first of them came.
+    pending: HashMap<StreamKey, (u64, Instant)>,
+    /// Keys whose stored snapshot is damaged: written again at once, over it.
+    forced: HashSet<StreamKey>,
+    writing: HashMap<StreamKey, tokio::task::JoinHandle<()>>,
+}
+
+impl Snapshots {
+    fn new(cfg: &MaterializerConfig) -> Self {
+        Self {
+            enabled: cfg.write_snapshots,
+            every_ops: cfg.snapshot_every_ops,
+            interval: Duration::from_secs(cfg.snapshot_interval_secs),
+            pending: HashMap::new(),
+            forced: HashSet::new(),
+            writing: HashMap::new(),
+        }
+    }
+
+    fn record(&mut self, key: StreamKey, ops: u64) {
+        if ops > 0 {
+            self.pending.entry(key).or_insert((0, Instant::now())).0 += ops;
+        }
+    }
+
+    /// At start-up: any stored snapshot that is damaged or behind the store is due.
+    async fn check_stored(&mut self, shared: &Shared) -> anyhow::Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let store = shared.store.clone();
+        let keys = tokio::task::spawn_blocking(move || store.stream_keys()).await??;
+        for (key, head) in keys {
+            if head.last_seq == 0 {
+                continue;
+            }
+            match snapshot::fetch(&shared.snapshots, &key).await {
+                Ok(Some(s)) if s.state.last_seq >= head.last_seq => {}
+                Ok(Some(s)) => self.record(key, head.last_seq - s.state.last_seq),
+                Ok(None) => self.record(key, head.last_seq),
+                Err(snapshot::FetchError::Refused(why)) => {
+                    warn!(stream_key = %key, %why, "the stored snapshot is damaged; writing a new one");
+                    self.forced.insert(key);
+                }
+                Err(e) => warn!(stream_key = %key, error = %e, "cannot check the stored snapshot"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the snapshot writes that are due (one at a time per stream key).
+    fn write_due(&mut self, shared: &Arc<Shared>) {
+        if !self.enabled {
+            return;
+        }
+        self.writing.retain(|_, t| !t.is_finished());
+        let due: Vec<(StreamKey, bool)> = self
+            .pending
+            .iter()
+            .filter(|(_, (n, since))| *n >= self.every_ops || since.elapsed() >= self.interval)
+            .map(|(k, _)| (k.clone(), false))
+            .chain(self.forced.iter().map(|k| (k.clone(), true)))
+            .filter(|(k, _)| !self.writing.contains_key(k))
+            .collect();
+        for (key, force) in due {
+            self.pending.remove(&key);
+            self.forced.remove(&key);
+            let shared = shared.clone();
+            let task_key = key.clone();
+            let task = tokio::spawn(async move {
+                if let Err(e) = write_snapshot(&shared, &task_key, force).await {
+                    warn!(stream_key = %task_key, error = %e, "writing a snapshot failed");
+                }
+            });
+            self.writing.insert(key, task);
+        }
+    }
+
+    async fn finish(&mut self) {
+        for (_, t) in self.writing.drain() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Encodes `key`'s state as stored now; returns the blob and its `last_server_seq`.
+async fn encode_snapshot(shared: &Shared, key: &StreamKey) -> anyhow::Result<(Vec<u8>, u64)> {
+    let store = shared.store.clone();
+    let key = key.clone();
+    tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        let s = store.snapshot(&key)?;
+        Ok((s.encode(), s.state.last_seq))
+    })
+    .await?
+    .map_err(Into::into)
+}
+
+async fn write_snapshot(shared: &Shared, key: &StreamKey, force: bool) -> anyhow::Result<()> {
+    let (bytes, seq) = encode_snapshot(shared, key).await?;
+    if seq == 0 {
+        return Ok(());
+    }
+    match snapshot::put(&shared.snapshots, key, seq, &bytes, force)
+        .await
+        .map_err(anyhow::Error::msg)?
+    {
+        snapshot::Put::Written => {
+            info!(stream_key = %key, seq, bytes = bytes.len(), "snapshot written")
+        }
+        snapshot::Put::Kept { stored_seq } => {
+            debug!(stream_key = %key, seq, stored_seq, "a snapshot as new is stored already")
+        }
+    }
+    Ok(())
+}
+
+async fn serve_reads(shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut sub = shared
+        .client
+        .queue_subscribe(reads::SUBSCRIPTION, reads::QUEUE.to_owned())
+        .await
+        .context("subscribing to reads")?;
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = sub.next() => m,
+        };
+        let Some(msg) = msg else { break };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let Some(reply) = msg.reply.clone() else {
+                return;
+            };
+            let (headers, body) = match answer(&shared, &msg).await {
+                Ok(body) => reads::ok_reply(body),
+                Err((code, message)) => reads::error_reply(code, message),
+            };
+            if let Err(e) = shared
+                .client
+                .publish_with_headers(reply, headers, body)
+                .await
+            {
+                debug!(error = %e, "answering a read failed");
+            }
+        });
+    }
+    let _ = sub.unsubscribe().await;
+    Ok(())
+}
+
+type ReadResult = Result<Bytes, (ErrorCode, String)>;
+
+fn internal(e: impl std::fmt::Display) -> (ErrorCode, String) {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    warn!(error_id = %id, error = %e, "read failed");
+    (ErrorCode::Internal, format!("internal error {id}"))
+}
+
+async fn answer(shared: &Shared, msg: &async_nats::Message) -> ReadResult {
+    let (verb, key) = reads::parse_subject(&msg.subject).ok_or((
+        ErrorCode::InvalidMessage,
+        format!("not a read subject: {}", msg.subject),
+    ))?;
+    let req: ReadRequest = if msg.payload.is_empty() {
+        ReadRequest::default()
+    } else {
+        serde_json::from_slice(&msg.payload)
+            .map_err(|e| (ErrorCode::InvalidMessage, format!("bad read request: {e}")))?
+    };
+    if let Some(min) = req.min_seq {
+        wait_for(shared, &key, min).await?;
+    }
+    match verb {
+        Verb::Snapshot => {
+            let (bytes, seq) = encode_snapshot(shared, &key).await.map_err(internal)?;
+            if req.store && seq > 0 {
+                snapshot::put(&shared.snapshots, &key, seq, &bytes, true)
+                    .await
+                    .map_err(internal)?;
+                info!(stream_key = %key, seq, "snapshot written on request");
+            }
+            let limit = shared
+                .client
+                .server_info()
+                .max_payload
+                .saturating_sub(64 * 1024);
+            if bytes.len() > limit {
+                return Err((
+                    ErrorCode::PayloadTooLarge,
+                    format!(
+                        "the snapshot of {key} is {} bytes, more than one message carries; read it from {}",
+                        bytes.len(),
+                        nats::SNAPSHOTS_BUCKET
+                    ),
+                ));
+            }
+            Ok(bytes.into())
+        }
+        Verb::Key => {
+            let name = req
+                .key
+                .ok_or((ErrorCode::InvalidMessage, "key is required".to_owned()))?;
+            ultrasync_shared::validate_key(&name)
+                .map_err(|e| (ErrorCode::InvalidKey, e.to_string()))?;
+            let store = shared.store.clone();
+            let k = key.clone();
+            let (last, entry) = tokio::task::spawn_blocking(move || store.entry(&k, &name))
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
+            let reply = reads::KeyReply {
+                last_server_seq: last,
+                heads: entry.as_ref().and_then(|e| e.heads()),
+                version: entry.as_ref().map_or(0, |e| e.version),
+                value: entry.map(|e| e.value),
+            };
+            Ok(serde_json::to_vec(&reply).map_err(internal)?.into())
+        }
+        Verb::Digest => {
+            let store = shared.store.clone();
+            let k = key.clone();
+            let s = tokio::task::spawn_blocking(move || store.snapshot(&k))
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
+            let reply = reads::DigestReply {
+                last_server_seq: s.state.last_seq,
+                digest: state::digest(&s.state),
+                keys: s.state.keys.len() as u64,
+            };
+            Ok(serde_json::to_vec(&reply).map_err(internal)?.into())
+        }
+    }
+}
+
+/// Waits until `key` is applied up to `min`, for at most `reads::MAX_WAIT`.
+async fn wait_for(shared: &Shared, key: &StreamKey, min: u64) -> Result<(), (ErrorCode, String)> {
+    let deadline = tokio::time::Instant::now() + reads::MAX_WAIT;
+    let mut progress = shared.progress.subscribe();
+    loop {
+        let head = shared.store.head(key).map_err(internal)?;
+        if head.last_seq >= min {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, progress.changed()).await {
+            Ok(Ok(())) => {}
+            _ => {
+                return Err((
+                    ErrorCode::Unavailable,
+                    format!(
+                        "this materializer has {key} up to {}, not yet {min}; retry later",
+                        head.last_seq
+                    ),
+                ));
+            }
+        }
+    }
+}

@@ -31,8 +31,9 @@ use tracing::{info, warn};
 use ultrasync_shared::StreamKey;
 use ultrasync_shared::config::Config;
 use ultrasync_shared::nats::{self, CMDS_STREAM, SEQUENCER_CONSUMER};
+use ultrasync_shared::reads;
 
-use crate::worker::{Pending, Worker, WorkerShared};
+use crate::worker::{Job, Pending, Worker, WorkerShared};
 
 /// Commands buffered per stream key before the dispatcher waits for its worker.
 const WORKER_QUEUE: usize = 4096;
@@ -99,12 +100,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .messages()
         .await
         .context("pulling commands")?;
-    let mut workers: HashMap<StreamKey, mpsc::Sender<Pending>> = HashMap::new();
+    // Digest requests (operators, `rebuild --verify`, tests): the worker of the key
+    // answers with the state it admits commands against.
+    let mut digests = client
+        .queue_subscribe(reads::SEQUENCER_SUBSCRIPTION, PRIORITY_GROUP.to_owned())
+        .await
+        .context("subscribing to digest requests")?;
+    let mut workers: HashMap<StreamKey, mpsc::Sender<Job>> = HashMap::new();
     let mut tasks = JoinSet::new();
 
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(req) = digests.next() => {
+                let Some(key) = reads::parse_sequencer_subject(&req.subject) else {
+                    continue;
+                };
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                dispatch(&mut workers, &mut tasks, &shared, key, Job::Digest(tx)).await;
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let Some(reply) = req.reply else { return };
+                    let (headers, body) = match rx.await {
+                        Ok(Ok(d)) => reads::ok_reply(serde_json::to_vec(&d).unwrap_or_default()),
+                        Ok(Err(why)) => reads::error_reply(ultrasync_shared::ErrorCode::Unavailable, why),
+                        Err(_) => reads::error_reply(ultrasync_shared::ErrorCode::Unavailable, "the worker stopped"),
+                    };
+                    let _ = client.publish_with_headers(reply, headers, body).await;
+                });
+                continue;
+            }
             m = messages.next() => m,
         };
         let msg = match msg {
@@ -124,24 +149,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let _ = msg.ack_with(jetstream::AckKind::Term).await;
             continue;
         };
-        // Drop workers that went idle and closed their queue.
-        if workers.get(&key).is_some_and(|tx| tx.is_closed()) {
-            workers.remove(&key);
-        }
-        let tx = workers.entry(key.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-            let worker = Worker::new(key.clone(), shared.clone());
-            tasks.spawn(worker.run(rx));
-            tx
-        });
-        if let Err(mpsc::error::SendError(pending)) = tx.send(Pending::new(msg)).await {
-            // The worker closed between the check and the send: start a new one.
-            let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-            let worker = Worker::new(key.clone(), shared.clone());
-            tasks.spawn(worker.run(rx));
-            let _ = tx.send(pending).await;
-            workers.insert(key, tx);
-        }
+        dispatch(
+            &mut workers,
+            &mut tasks,
+            &shared,
+            key,
+            Job::Command(Pending::new(msg)),
+        )
+        .await;
         // Reap finished workers without blocking.
         while let Some(res) = tasks.try_join_next() {
             if let Err(e) = res {
@@ -151,6 +166,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
 
     info!("sequencer stopping: finishing taken batches");
+    let _ = digests.unsubscribe().await;
     drop(messages);
     drop(workers);
     while let Some(res) = tasks.join_next().await {
@@ -161,4 +177,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let _ = client.flush().await;
     info!("sequencer stopped");
     Ok(())
+}
+
+/// Hands `job` to the worker of `key`, starting one when there is none (or it went
+/// idle and closed its queue).
+async fn dispatch(
+    workers: &mut HashMap<StreamKey, mpsc::Sender<Job>>,
+    tasks: &mut JoinSet<()>,
+    shared: &Arc<WorkerShared>,
+    key: StreamKey,
+    mut job: Job,
+) {
+    loop {
+        if workers.get(&key).is_none_or(|tx| tx.is_closed()) {
+            let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+            let worker = Worker::new(key.clone(), shared.clone());
+            tasks.spawn(worker.run(rx));
+            workers.insert(key.clone(), tx);
+        }
+        let Some(tx) = workers.get(&key) else { return };
+        match tx.send(job).await {
+            Ok(()) => return,
+            // The worker closed between the check and the send: start a new one.
+            Err(mpsc::error::SendError(back)) => {
+                workers.remove(&key);
+                job = back;
+            }
+        }
+    }
 }

@@ -16,7 +16,7 @@ use async_nats::jetstream::{self, AckKind, stream::Stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 use ultrasync_shared::config::SequencerConfig;
 use ultrasync_shared::ids::is_valid_id;
@@ -24,6 +24,7 @@ use ultrasync_shared::log::{self, Head, LogError};
 use ultrasync_shared::namespaces::{Mode, NamespaceSpec, Namespaces};
 use ultrasync_shared::nats::ops_subject;
 use ultrasync_shared::protocol::{CurrentState, ServerMessage};
+use ultrasync_shared::reads::DigestReply;
 use ultrasync_shared::snapshot::{self, Snapshot};
 use ultrasync_shared::state::{self, ApplyError, KeyEntry, NamespaceState};
 use ultrasync_shared::{CommandEnvelope, ErrorCode, Op, OpType, StreamKey, validate_key};
@@ -47,6 +48,14 @@ pub struct WorkerShared {
     pub namespaces: Namespaces,
     /// This instance's id, sent on every answer.
     pub instance: String,
+}
+
+/// What a worker is handed.
+pub enum Job {
+    Command(Pending),
+    /// Report the key's state digest as this worker holds it (after catching up
+    /// with the log).
+    Digest(oneshot::Sender<Result<DigestReply, String>>),
 }
 
 /// A command message taken from `USYNC_CMDS`, decoded.
@@ -127,10 +136,6 @@ pub struct Worker {
     shared: Arc<WorkerShared>,
     /// `None` until loaded, or after an error that makes the cached state doubtful.
     loaded: Option<Loaded>,
-    /// `server_seq` of the newest snapshot written or loaded.
-    snapshot_seq: u64,
-    /// The snapshot being written, if any (one at a time per key).
-    snapshot_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Worker {
@@ -141,46 +146,7 @@ impl Worker {
             key,
             shared,
             loaded: None,
-            snapshot_seq: 0,
-            snapshot_task: None,
         }
-    }
-
-    /// Writes a snapshot in the background once enough ops have gone by since the
-    /// last one.
-    fn maybe_snapshot(&mut self) {
-        let Some(loaded) = self.loaded.as_ref() else {
-            return;
-        };
-        if loaded.state.last_seq < self.snapshot_seq + self.shared.config.snapshot_every_ops {
-            return;
-        }
-        if self
-            .snapshot_task
-            .as_ref()
-            .is_some_and(|t| !t.is_finished())
-        {
-            return;
-        }
-        let snapshot = Snapshot {
-            stream_key: self.key.to_string(),
-            head_stream_seq: loaded.head_stream_seq,
-            state: loaded.state.clone(),
-            op_ids: loaded.op_ids.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-        };
-        self.snapshot_seq = loaded.state.last_seq;
-        let store = self.shared.snapshots.clone();
-        let name = snapshot::object_name(&self.key);
-        let key = self.key.clone();
-        self.snapshot_task = Some(tokio::spawn(async move {
-            let bytes = snapshot.encode();
-            match store.put(name.as_str(), &mut bytes.as_slice()).await {
-                Ok(_) => {
-                    info!(stream_key = %key, seq = snapshot.state.last_seq, bytes = bytes.len(), "snapshot written")
-                }
-                Err(e) => warn!(stream_key = %key, error = %e, "writing a snapshot failed"),
-            }
-        }));
     }
 
     /// This key's snapshot, if there is a sound one that continues into the log.
@@ -212,22 +178,33 @@ impl Worker {
         Some(snapshot)
     }
 
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let window = Duration::from_millis(self.shared.config.batch_window_ms);
         let max = self.shared.config.batch_max;
         loop {
+            let mut digests = Vec::new();
             let first = match tokio::time::timeout(IDLE, rx.recv()).await {
-                Ok(Some(p)) => p,
+                Ok(Some(Job::Command(p))) => p,
+                Ok(Some(Job::Digest(tx))) => {
+                    self.digest(tx).await;
+                    continue;
+                }
                 Ok(None) => return,
                 Err(_) => {
                     // Idle: stop taking work, finish anything that slipped in.
                     rx.close();
                     let mut rest = Vec::new();
-                    while let Ok(p) = rx.try_recv() {
-                        rest.push(p);
+                    while let Ok(job) = rx.try_recv() {
+                        match job {
+                            Job::Command(p) => rest.push(p),
+                            Job::Digest(tx) => digests.push(tx),
+                        }
                     }
                     if !rest.is_empty() {
                         self.process(rest).await;
+                    }
+                    for tx in digests {
+                        self.digest(tx).await;
                     }
                     debug!(stream_key = %self.key, "worker idle, exiting");
                     return;
@@ -236,7 +213,8 @@ impl Worker {
             let mut batch = vec![first];
             while batch.len() < max {
                 match rx.try_recv() {
-                    Ok(p) => batch.push(p),
+                    Ok(Job::Command(p)) => batch.push(p),
+                    Ok(Job::Digest(tx)) => digests.push(tx),
                     Err(_) => break,
                 }
             }
@@ -246,13 +224,42 @@ impl Worker {
                 let deadline = tokio::time::Instant::now() + window;
                 while batch.len() < max {
                     match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(p)) => batch.push(p),
+                        Ok(Some(Job::Command(p))) => batch.push(p),
+                        Ok(Some(Job::Digest(tx))) => digests.push(tx),
                         _ => break,
                     }
                 }
             }
             self.process(batch).await;
+            for tx in digests {
+                self.digest(tx).await;
+            }
         }
+    }
+
+    /// Answers a digest request with the state this worker holds, caught up with the
+    /// log (another instance may have written since).
+    async fn digest(&mut self, tx: oneshot::Sender<Result<DigestReply, String>>) {
+        let result = match self.loaded.is_some() {
+            true => self.catch_up().await,
+            false => match self.load().await {
+                Ok(l) => {
+                    self.loaded = Some(l);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let answer = match (result, self.loaded.as_ref()) {
+            (Ok(()), Some(l)) => Ok(DigestReply {
+                last_server_seq: l.state.last_seq,
+                digest: state::digest(&l.state),
+                keys: l.state.keys.len() as u64,
+            }),
+            (Ok(()), None) => Err("the key's state is not loaded".to_owned()),
+            (Err(e), _) => Err(e.to_string()),
+        };
+        let _ = tx.send(answer);
     }
 
     async fn process(&mut self, batch: Vec<Pending>) {
@@ -315,7 +322,6 @@ impl Worker {
                             }
                         }
                         debug!(stream_key = %self.key, ops = ops.len(), last_seq = last, "batch committed");
-                        self.maybe_snapshot();
                     }
                     Err(WriteError::Conflict(why)) => {
                         conflicts += 1;
@@ -537,7 +543,6 @@ impl Worker {
         let mut start = 1;
         if let Some(snapshot) = self.usable_snapshot(head).await {
             start = snapshot.head_stream_seq + 1;
-            self.snapshot_seq = snapshot.state.last_seq;
             loaded.head_stream_seq = snapshot.head_stream_seq;
             loaded.state = snapshot.state;
             loaded.op_ids = snapshot.op_ids.into_iter().collect();

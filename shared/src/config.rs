@@ -22,6 +22,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub gateway: GatewayConfig,
     pub sequencer: SequencerConfig,
+    pub materializer: MaterializerConfig,
     pub dev: DevConfig,
     /// Namespaces beyond the five defaults (SPEC §3).
     pub namespaces: Vec<crate::namespaces::NamespaceConfig>,
@@ -35,6 +36,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             gateway: GatewayConfig::default(),
             sequencer: SequencerConfig::default(),
+            materializer: MaterializerConfig::default(),
             dev: DevConfig::default(),
             namespaces: Vec::new(),
         }
@@ -138,9 +140,6 @@ pub struct SequencerConfig {
     /// Seconds a taken command may stay unanswered before it is handed to another
     /// instance (JetStream ack wait).
     pub ack_wait_secs: u64,
-    /// A snapshot of a stream key is written after this many ops, so an instance
-    /// taking the key over reads the snapshot and the log after it, not the whole log.
-    pub snapshot_every_ops: u64,
 }
 
 impl Default for SequencerConfig {
@@ -150,7 +149,34 @@ impl Default for SequencerConfig {
             batch_max: 500,
             failover_secs: 2,
             ack_wait_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaterializerConfig {
+    /// Where this instance keeps its RocksDB state (one folder per instance).
+    pub data_dir: PathBuf,
+    /// This instance's name: its durable consumer is `usync-materializer-{name}`.
+    /// Every instance is a full replica; give each its own name and folder.
+    pub name: String,
+    /// A stream key's snapshot is written after this many ops since the last one...
+    pub snapshot_every_ops: u64,
+    /// ...or this many seconds after its first op since the last one.
+    pub snapshot_interval_secs: u64,
+    /// Whether this instance writes snapshots (at least one instance should).
+    pub write_snapshots: bool,
+}
+
+impl Default for MaterializerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(".ultrasync/materializer"),
+            name: "default".to_owned(),
             snapshot_every_ops: 10_000,
+            snapshot_interval_secs: 60,
+            write_snapshots: true,
         }
     }
 }
@@ -208,14 +234,19 @@ impl Config {
         if !(1..=1000).contains(&self.sequencer.batch_max) {
             anyhow::bail!("sequencer.batch_max must be 1-1000");
         }
-        if self.sequencer.failover_secs == 0
-            || self.sequencer.ack_wait_secs == 0
-            || self.sequencer.snapshot_every_ops == 0
+        if self.sequencer.failover_secs == 0 || self.sequencer.ack_wait_secs == 0 {
+            anyhow::bail!("sequencer.failover_secs and ack_wait_secs must be positive");
+        }
+        if self.materializer.snapshot_every_ops == 0
+            || self.materializer.snapshot_interval_secs == 0
         {
             anyhow::bail!(
-                "sequencer.failover_secs, ack_wait_secs and snapshot_every_ops must be positive"
+                "materializer.snapshot_every_ops and snapshot_interval_secs must be positive"
             );
         }
+        crate::ids::Id::parse("materializer.name", &self.materializer.name).map_err(|e| {
+            anyhow::anyhow!("materializer.name must be an id (letters, digits, - and _): {e}")
+        })?;
         crate::namespaces::Namespaces::new(&self.namespaces)?;
         if self.gateway.max_messages_per_sec == 0
             || self.gateway.max_connections == 0

@@ -22,6 +22,8 @@ pub enum ErrorCode {
     SlowConsumer,
     Unavailable,
     Internal,
+    /// HTTP only: the key does not exist (404). Added after SPEC §4's set.
+    NotFound,
 }
 
 impl ErrorCode {
@@ -43,6 +45,7 @@ impl ErrorCode {
             Self::SlowConsumer => "slow_consumer",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::NotFound => "not_found",
         }
     }
 
@@ -56,7 +59,7 @@ impl ErrorCode {
             | Self::InvalidKey
             | Self::InvalidOp
             | Self::SchemaInvalid => 400,
-            Self::UnknownNamespace => 404,
+            Self::UnknownNamespace | Self::NotFound => 404,
             Self::PreconditionFailed => 409,
             Self::StaleBase => 410,
             Self::PayloadTooLarge => 413,

@@ -13,6 +13,7 @@ pub mod nats;
 pub mod natsd;
 pub mod op;
 pub mod protocol;
+pub mod reads;
 pub mod snapshot;
 pub mod state;
 pub mod telemetry;

@@ -90,6 +90,21 @@ pub struct KeyState {
     pub doc: Option<String>,
 }
 
+impl KeyState {
+    pub fn from_entry(entry: &crate::state::KeyEntry) -> Self {
+        use base64::Engine as _;
+        Self {
+            value: entry.value.clone(),
+            version: entry.version,
+            heads: entry.heads(),
+            doc: entry
+                .doc
+                .as_ref()
+                .map(|d| base64::engine::general_purpose::STANDARD.encode(d.save())),
+        }
+    }
+}
+
 /// Server → client frames.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -156,21 +171,12 @@ pub fn snapshot_frames(
     snapshot: &crate::snapshot::Snapshot,
     max_bytes: usize,
 ) -> Vec<ServerMessage> {
-    use base64::Engine as _;
     let digest = snapshot.digest();
     let mut frames = Vec::new();
     let mut part = BTreeMap::new();
     let mut size = 0;
     for (key, entry) in &snapshot.state.keys {
-        let state = KeyState {
-            value: entry.value.clone(),
-            version: entry.version,
-            heads: entry.heads(),
-            doc: entry
-                .doc
-                .as_ref()
-                .map(|d| base64::engine::general_purpose::STANDARD.encode(d.save())),
-        };
+        let state = KeyState::from_entry(entry);
         let bytes = key.len() + serde_json::to_vec(&state).map_or(0, |v| v.len());
         if size > 0 && size + bytes > max_bytes {
             frames.push(std::mem::take(&mut part));

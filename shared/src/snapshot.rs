@@ -129,6 +129,54 @@ pub async fn fetch(
     Ok(Some(snapshot))
 }
 
+/// Object metadata entry holding the snapshot's `last_server_seq`, so writers can
+/// compare without downloading the blob.
+pub const META_LAST_SEQ: &str = "last_server_seq";
+
+/// What [`put`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Written,
+    /// The stored snapshot was as new or newer and sound enough to keep (by its
+    /// metadata): nothing written.
+    Kept {
+        stored_seq: u64,
+    },
+}
+
+/// Stores an encoded snapshot of `key` at `last_seq`, unless the store already holds
+/// one at `last_seq` or later. `force` writes regardless (replacing a damaged one).
+pub async fn put(
+    store: &async_nats::jetstream::object_store::ObjectStore,
+    key: &crate::StreamKey,
+    last_seq: u64,
+    bytes: &[u8],
+    force: bool,
+) -> Result<Put, String> {
+    let name = object_name(key);
+    if !force
+        && let Ok(info) = store.info(name.as_str()).await
+        && let Some(stored_seq) = info
+            .metadata
+            .get(META_LAST_SEQ)
+            .and_then(|v| v.parse::<u64>().ok())
+        && stored_seq >= last_seq
+    {
+        return Ok(Put::Kept { stored_seq });
+    }
+    let meta = async_nats::jetstream::object_store::ObjectMetadata {
+        name,
+        description: Some(format!("ultrasync snapshot of {key}")),
+        metadata: [(META_LAST_SEQ.to_owned(), last_seq.to_string())].into(),
+        ..Default::default()
+    };
+    store
+        .put(meta, &mut &bytes[..])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Put::Written)
+}
+
 impl Snapshot {
     pub fn digest(&self) -> String {
         state::digest(&self.state)

@@ -1,6 +1,6 @@
 //! Test harness: real dependencies behind RAII guards. `NatsServer` runs a real
 //! nats-server on an ephemeral port with a temporary store; `Stack` adds the gateway
-//! and sequencers on port 0, in-process, and tears all down on drop. Nothing here
+//! (port 0), sequencers and materializers, in-process, and tears all down on drop. Nothing here
 //! mocks NATS.
 
 use std::collections::BTreeMap;
@@ -90,6 +90,8 @@ pub fn random_secret() -> String {
 /// What a `Stack` runs.
 pub struct StackOptions {
     pub sequencers: usize,
+    /// In-process materializers (each a full replica with its own RocksDB folder).
+    pub materializers: usize,
     /// Reuse this folder for the NATS store (restart tests); a temp dir otherwise.
     pub dir: Option<PathBuf>,
     /// Reuse this secret (restart tests).
@@ -104,6 +106,7 @@ impl Default for StackOptions {
     fn default() -> Self {
         Self {
             sequencers: 1,
+            materializers: 1,
             dir: None,
             secret: None,
             namespaces: Vec::new(),
@@ -138,6 +141,9 @@ pub struct Stack {
     gateway: Option<Service>,
     extra_gateways: Vec<Service>,
     sequencers: Vec<Service>,
+    materializers: Vec<Service>,
+    /// Holds the materializers' folders when the harness made them.
+    state_dir: tempfile::TempDir,
 }
 
 impl Stack {
@@ -170,10 +176,15 @@ impl Stack {
             gateway: None,
             extra_gateways: Vec::new(),
             sequencers: Vec::new(),
+            materializers: Vec::new(),
+            state_dir: tempfile::tempdir().expect("temp dir"),
         };
         stack.start_gateway().await;
         for _ in 0..opts.sequencers {
             stack.add_sequencer();
+        }
+        for i in 0..opts.materializers {
+            stack.add_materializer(&format!("m{i}"));
         }
         stack
     }
@@ -226,7 +237,7 @@ impl Stack {
 
     /// Starts `ultrasync sequencer` (binary `bin`) as its own process.
     pub fn sequencer_process(&self, bin: &Path) -> SequencerProcess {
-        SequencerProcess::spawn(bin, self.nats.url())
+        ServiceProcess::spawn(bin, "sequencer", self.nats.url(), &[])
     }
 
     /// Starts one more in-process sequencer instance (its own NATS connection).
@@ -234,6 +245,45 @@ impl Stack {
         let stop = CancellationToken::new();
         let task = tokio::spawn(ultrasync_sequencer::run(self.config.clone(), stop.clone()));
         self.sequencers.push(Service { stop, task });
+    }
+
+    /// The RocksDB folder of materializer `name` (kept for the stack's life).
+    pub fn materializer_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.path().join(format!("materializer-{name}"))
+    }
+
+    /// Starts one more in-process materializer named `name`.
+    pub fn add_materializer(&mut self, name: &str) {
+        let mut config = self.config.clone();
+        config.materializer.name = name.to_owned();
+        config.materializer.data_dir = self.materializer_dir(name);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(ultrasync_materializer::run(config, stop.clone()));
+        self.materializers.push(Service { stop, task });
+    }
+
+    /// Stops materializer `i` (in start order) gracefully.
+    pub async fn stop_materializer(&mut self, i: usize) {
+        let s = self.materializers.remove(i);
+        s.shutdown().await;
+    }
+
+    /// Starts `ultrasync materializer` (binary `bin`) as its own process, named
+    /// `name`, with its folder under the stack's.
+    pub fn materializer_process(&self, bin: &Path, name: &str) -> ServiceProcess {
+        let dir = self.materializer_dir(name);
+        let dir = dir.to_string_lossy().into_owned();
+        let mut args = vec!["--data-dir", dir.as_str(), "--name", name];
+        let every = self.config.materializer.snapshot_every_ops.to_string();
+        args.extend(["--snapshot-every-ops", every.as_str()]);
+        ServiceProcess::spawn(bin, "materializer", self.nats.url(), &args)
+    }
+
+    /// A NATS client for request-reply reads.
+    pub async fn nats_client(&self) -> async_nats::Client {
+        async_nats::connect(self.nats.url())
+            .await
+            .expect("nats connect")
     }
 
     /// Stops sequencer `i` gracefully.
@@ -302,6 +352,9 @@ impl Stack {
         for s in self.sequencers.drain(..) {
             s.shutdown().await;
         }
+        for s in self.materializers.drain(..) {
+            s.shutdown().await;
+        }
         // Blocking for the few milliseconds nats-server takes to exit is fine here.
         self.nats.stop();
     }
@@ -313,7 +366,12 @@ impl Drop for Stack {
             g.stop.cancel();
             g.task.abort();
         }
-        for s in self.sequencers.iter().chain(&self.extra_gateways) {
+        for s in self
+            .sequencers
+            .iter()
+            .chain(&self.extra_gateways)
+            .chain(&self.materializers)
+        {
             s.stop.cancel();
             s.task.abort();
         }
@@ -332,6 +390,35 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<(u16, String)> {
+    let r = http_exchange(method, url, headers, body).await?;
+    Ok((r.status, r.body))
+}
+
+/// An HTTP response as [`http_exchange`] read it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == &name.to_ascii_lowercase())
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 request over a real socket, `Connection: close`.
+pub async fn http_exchange(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<HttpResponse> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap_or(url);
     let (host, path) = rest
@@ -351,16 +438,22 @@ pub async fn http_request(
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    })
 }
 
 /// Every op on `subject` in `USYNC_OPS`, in stream order, straight from JetStream.
@@ -393,7 +486,7 @@ pub async fn read_subject(js: &jetstream::Context, subject: &str) -> Vec<LogEntr
 }
 
 /// Waits (up to 10 s) for a sound snapshot of `acme/{project}/{ns}` at `at_least` or
-/// later, as the sequencer writes them in the background.
+/// later, as a materializer writes them in the background.
 pub async fn wait_for_snapshot(
     stack: &Stack,
     project: &str,
@@ -438,16 +531,19 @@ pub async fn recv_until(
     }
 }
 
-/// `ultrasync sequencer` as its own process, for kill -9 and SIGSTOP tests. Killed
-/// (SIGKILL, after SIGCONT) on drop.
-pub struct SequencerProcess {
+/// A service (`ultrasync sequencer`, `ultrasync materializer`) as its own process,
+/// for kill -9 and SIGSTOP tests. Killed (SIGKILL, after SIGCONT) on drop.
+pub struct ServiceProcess {
     child: std::process::Child,
 }
 
-impl SequencerProcess {
-    pub fn spawn(bin: &Path, nats_url: &str) -> Self {
+pub type SequencerProcess = ServiceProcess;
+
+impl ServiceProcess {
+    pub fn spawn(bin: &Path, service: &str, nats_url: &str, args: &[&str]) -> Self {
         let child = std::process::Command::new(bin)
-            .args(["sequencer", "--nats-url", nats_url])
+            .args([service, "--nats-url", nats_url])
+            .args(args)
             .env(
                 "ULTRASYNC_LOG",
                 std::env::var("ULTRASYNC_LOG").unwrap_or_else(|_| "warn".into()),
@@ -455,7 +551,7 @@ impl SequencerProcess {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .spawn()
-            .expect("spawn sequencer");
+            .expect("spawn service");
         Self { child }
     }
 
@@ -481,7 +577,7 @@ impl SequencerProcess {
     }
 }
 
-impl Drop for SequencerProcess {
+impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.cont();
         let _ = self.child.kill();
