@@ -1,6 +1,6 @@
 //! `ultrasync dev`: the embedded default. Starts a managed nats-server with its store
-//! under `./.ultrasync/`, then the gateway, a sequencer and a materializer (RocksDB
-//! under `./.ultrasync/materializer`) in this process, prints the
+//! under `./.ultrasync/`, then the gateway, a sequencer, a materializer (RocksDB
+//! under `./.ultrasync/materializer`) and the compactor in this process, prints the
 //! URLs and a dev token, and stops everything in order on Ctrl-C / SIGTERM.
 
 use std::net::SocketAddr;
@@ -120,6 +120,7 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     }
     let sequencer = tokio::spawn(ultrasync_sequencer::run(cfg.clone(), shutdown.clone()));
     let materializer = tokio::spawn(ultrasync_materializer::run(cfg.clone(), shutdown.clone()));
+    let compactor = tokio::spawn(ultrasync_compactor::run(cfg.clone(), shutdown.clone()));
     let gateway = tokio::spawn(ultrasync_gateway::run(
         cfg.clone(),
         listener,
@@ -164,11 +165,13 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     let mut sequencer = sequencer;
     let mut gateway = gateway;
     let mut materializer = materializer;
+    let mut compactor = compactor;
     let failed = tokio::select! {
         biased;
         _ = shutdown.cancelled() => None,
         r = &mut sequencer => Some(("sequencer", r)),
         r = &mut materializer => Some(("materializer", r)),
+        r = &mut compactor => Some(("compactor", r)),
         r = &mut gateway => Some(("gateway", r)),
     };
     // A service that ends cleanly because the signal already fired is no failure.
@@ -188,6 +191,7 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
         ("gateway", gateway),
         ("sequencer", sequencer),
         ("materializer", materializer),
+        ("compactor", compactor),
     ] {
         if task.is_finished() {
             continue;

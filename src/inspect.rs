@@ -15,6 +15,12 @@ use ultrasync_shared::{StreamKey, log, reads, snapshot};
 pub enum Inspect {
     /// The NATS resources of ultrasync with message counts, and every stream key's head.
     Streams,
+    /// Every client's cursor with its lag behind the head and when it was last seen.
+    Cursors {
+        /// Clients unseen this long are marked expired (default: the compactor's TTL).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
     /// A stream key's live state as a materializer holds it (or one key of it).
     State {
         #[arg(long)]
@@ -48,6 +54,9 @@ pub async fn run(config: &Config, what: Inspect) -> anyhow::Result<()> {
     let js = jetstream::new(client);
     let out = match what {
         Inspect::Streams => streams(&js).await?,
+        Inspect::Cursors { ttl_secs } => {
+            cursors(&js, ttl_secs.unwrap_or(config.compactor.cursor_ttl_secs)).await?
+        }
         Inspect::State {
             org,
             project,
@@ -93,6 +102,33 @@ pub async fn run(config: &Config, what: Inspect) -> anyhow::Result<()> {
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+async fn cursors(js: &jetstream::Context, ttl_secs: u64) -> anyhow::Result<Value> {
+    let ops = js
+        .get_stream(OPS_STREAM)
+        .await
+        .context("opening USYNC_OPS")?;
+    let now = ultrasync_shared::cursors::now_ms();
+    let mut out = Vec::new();
+    for (key, clients) in ultrasync_compactor::read_cursors(js).await? {
+        let head = log::head(&ops, &nats::ops_subject(&key))
+            .await?
+            .map_or(0, |h| h.server_seq);
+        for (client_id, c) in clients {
+            let seen = now.saturating_sub(c.seen_at_ms) / 1000;
+            out.push(json!({
+                "stream_key": key.to_string(),
+                "client_id": client_id,
+                "server_seq": c.server_seq,
+                "head": head,
+                "lag": head.saturating_sub(c.server_seq),
+                "seen_secs_ago": seen,
+                "live": seen <= ttl_secs,
+            }));
+        }
+    }
+    Ok(json!({"cursors": out, "ttl_secs": ttl_secs}))
 }
 
 fn snapshot_json(s: &snapshot::Snapshot) -> Value {

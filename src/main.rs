@@ -75,6 +75,11 @@ enum Command {
     Sequencer(SequencerArgs),
     /// Run a materializer (RocksDB state, snapshots, reads) against a NATS server.
     Materializer(MaterializerArgs),
+    /// Run the compactor (trims the op log below every live client's cursor and the
+    /// snapshot) against a NATS server.
+    Compactor(CompactorArgs),
+    /// One compaction pass now; prints what it purged (or would, with --dry-run).
+    Compact(CompactArgs),
     /// Rebuild every stream key from snapshot + log and compare with the live state.
     Rebuild(rebuild::RebuildArgs),
     /// Mint a JWT from the configured secret (or the `dev` secret).
@@ -117,6 +122,48 @@ pub struct MaterializerArgs {
     /// ... or this many seconds after its first op since the last snapshot.
     #[arg(long, env = "ULTRASYNC_SNAPSHOT_INTERVAL_SECS")]
     snapshot_interval_secs: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct CompactorArgs {
+    /// Seconds between passes.
+    #[arg(long, env = "ULTRASYNC_COMPACT_INTERVAL_SECS")]
+    interval_secs: Option<u64>,
+    /// Clients unseen this long no longer hold the log back.
+    #[arg(long, env = "ULTRASYNC_CURSOR_TTL_SECS")]
+    cursor_ttl_secs: Option<u64>,
+    /// Ops kept below the computed floor.
+    #[arg(long, env = "ULTRASYNC_RETENTION_OPS")]
+    retention_ops: Option<u64>,
+    /// Serve Prometheus /metrics here.
+    #[arg(long, env = "ULTRASYNC_COMPACTOR_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl CompactorArgs {
+    fn apply(&self, cfg: &mut Config) {
+        if let Some(v) = self.interval_secs {
+            cfg.compactor.interval_secs = v;
+        }
+        if let Some(v) = self.cursor_ttl_secs {
+            cfg.compactor.cursor_ttl_secs = v;
+        }
+        if let Some(v) = self.retention_ops {
+            cfg.compactor.retention_ops = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            cfg.compactor.metrics_listen = Some(v);
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct CompactArgs {
+    /// Print what would be purged; purge nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    settings: CompactorArgs,
 }
 
 #[derive(Args)]
@@ -273,6 +320,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             cfg.validate()?;
             ultrasync_materializer::run(cfg, shutdown_on_signals()).await
+        }
+        Command::Compactor(args) => {
+            let mut cfg = cli.common.config()?;
+            args.apply(&mut cfg);
+            cfg.validate()?;
+            ultrasync_compactor::run(cfg, shutdown_on_signals()).await
+        }
+        Command::Compact(args) => {
+            let mut cfg = cli.common.config()?;
+            args.settings.apply(&mut cfg);
+            cfg.validate()?;
+            let client = ultrasync_shared::nats::connect(
+                &cfg.nats_url,
+                "ultrasync-compact",
+                Duration::from_secs(5),
+            )
+            .await?;
+            let js = async_nats::jetstream::new(client);
+            let report =
+                ultrasync_compactor::compact_once(&js, &cfg.compactor, args.dry_run, None).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
         }
         Command::Rebuild(args) => rebuild::run(&cli.common.config()?, args).await,
         Command::Inspect(what) => inspect::run(&cli.common.config()?, what).await,

@@ -69,6 +69,23 @@ impl Follower {
                 )
                 .await;
         }
+        // A cursor below the compacted part of the log gets a snapshot, even when the
+        // ring still holds the ops (SPEC §4: below the floor means snapshot + tail).
+        if cursor < head
+            && let Some(first) = self.oldest().await?
+            && cursor + 1 < first
+            && !self.resync(&mut last, head, first).await?
+        {
+            return self
+                .report(
+                    ErrorCode::StaleBase,
+                    format!(
+                        "ops after {cursor} of {} are compacted (oldest is {first}); resync from a snapshot",
+                        self.namespace
+                    ),
+                )
+                .await;
+        }
         self.fill(&mut last, head).await?;
         self.send(ServerMessage::Synced {
             namespace: self.namespace.clone(),
@@ -171,27 +188,7 @@ impl Follower {
                     .await;
             };
             if first != from {
-                // Compacted below the client's cursor: a snapshot that reaches the
-                // oldest op still in the log replaces what the client has.
-                let stored = self.snapshot_up_to(to).await?;
-                let fresh = match &stored {
-                    Some(s) if s.state.last_seq + 1 >= first => None,
-                    // The stored one is too old for what is left of the log: the
-                    // materializer's state is newer.
-                    _ => self
-                        .hub
-                        .materialized(&self.topic.key, false)
-                        .await
-                        .ok()
-                        .flatten()
-                        .filter(|s| s.state.last_seq <= to),
-                };
-                if let Some(s) = fresh.or(stored)
-                    && s.state.last_seq + 1 >= first
-                    && s.state.last_seq > *last
-                {
-                    self.send_snapshot(&s).await?;
-                    *last = s.state.last_seq;
+                if self.resync(last, to, first).await? {
                     continue;
                 }
                 return self
@@ -225,6 +222,48 @@ impl Follower {
             *last = from + n as u64 - 1;
         }
         Ok(())
+    }
+
+    /// The log below `first` is compacted and the client is at `last`, below it: sends
+    /// a snapshot that reaches `first` (the stored one, else the materializer's
+    /// state) and moves `last` to it. `false` when there is none.
+    async fn resync(&self, last: &mut u64, to: u64, first: u64) -> Result<bool, Stop> {
+        let stored = self.snapshot_up_to(to).await?;
+        let fresh = match &stored {
+            Some(s) if s.state.last_seq + 1 >= first => None,
+            // The stored one is too old for what is left of the log: the
+            // materializer's state is newer.
+            _ => self
+                .hub
+                .materialized(&self.topic.key, false)
+                .await
+                .ok()
+                .flatten()
+                .filter(|s| s.state.last_seq <= to),
+        };
+        match fresh.or(stored) {
+            Some(s) if s.state.last_seq + 1 >= first && s.state.last_seq > *last => {
+                self.send_snapshot(&s).await?;
+                *last = s.state.last_seq;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// The oldest `server_seq` still in the log (`None` when the subject is empty).
+    async fn oldest(&self) -> Result<Option<u64>, Stop> {
+        match log::next_at_or_after(self.hub.ops_stream(), &self.topic.subject, 1).await {
+            Ok(e) => Ok(e.map(|e| e.server_seq)),
+            Err(e) => {
+                self.report(
+                    ErrorCode::Unavailable,
+                    format!("reading the op log failed: {e}"),
+                )
+                .await?;
+                Ok(None)
+            }
+        }
     }
 
     /// The newest snapshot of this key, if it is not ahead of `head`.

@@ -1,6 +1,8 @@
-//! HTTP reads of materialized state (SPEC §5): `GET /v1/{org}/{project}/{ns}/snapshot`
-//! and `GET /v1/{org}/{project}/{ns}/keys/{key}`. Both ask a materializer over NATS
-//! request-reply; `?min_seq=N` waits until it has applied op N (read-your-writes).
+//! HTTP reads (SPEC §5): `GET /v1/{org}/{project}/{ns}/snapshot` and `…/keys/{key}` ask
+//! a materializer over NATS request-reply (`?min_seq=N` waits until it has applied op
+//! N: read-your-writes); `…/ops?since=N&limit=M` reads the log (410 `stale_base` below
+//! the compacted floor); `POST /v1/{org}/{project}/cursors` stores a polling client's
+//! cursor.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use ultrasync_shared::auth::Principal;
 use ultrasync_shared::namespaces::Mode;
 use ultrasync_shared::protocol::KeyState;
 use ultrasync_shared::reads::{self, ReadError, ReadRequest};
-use ultrasync_shared::{ErrorCode, StreamKey, validate_key};
+use ultrasync_shared::{ErrorCode, StreamKey, log, validate_key};
 
 use crate::{AppState, TokenQuery, authenticate, http_error};
 
@@ -22,10 +24,40 @@ use crate::{AppState, TokenQuery, authenticate, http_error};
 pub struct ReadQuery {
     access_token: Option<String>,
     min_seq: Option<u64>,
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Most ops one `ops` answer carries.
+const MAX_OPS_LIMIT: usize = 1000;
+
+/// A cursor may not be above the head of its stream key (it would hold a state this
+/// log never had).
+pub async fn check_cursor(
+    state: &AppState,
+    key: &StreamKey,
+    server_seq: u64,
+) -> Result<(), (ErrorCode, String)> {
+    let head = state.hub.head(key).await.map_err(|e| {
+        (
+            ErrorCode::Unavailable,
+            format!("reading the log failed: {e}"),
+        )
+    })?;
+    if server_seq > head {
+        return Err((
+            ErrorCode::StaleBase,
+            format!(
+                "cursor {server_seq} of {} is above the head {head}; resync from a snapshot",
+                key.namespace
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the token and that it may read `org/project/ns`; the stream key.
-fn readable(
+pub(crate) fn readable(
     state: &AppState,
     headers: &HeaderMap,
     query: &ReadQuery,
@@ -162,4 +194,96 @@ pub async fn key(
         resp.headers_mut().insert(header::ETAG, etag);
     }
     resp
+}
+
+pub async fn ops(
+    State(state): State<Arc<AppState>>,
+    Path((org, project, ns)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    Query(query): Query<ReadQuery>,
+) -> Response {
+    let key = match readable(&state, &headers, &query, (&org, &project, &ns)) {
+        Ok((_, key)) => key,
+        Err(r) => return r,
+    };
+    let since = query.since.unwrap_or(0);
+    let limit = query.limit.unwrap_or(500).clamp(1, MAX_OPS_LIMIT);
+    let subject = ultrasync_shared::nats::ops_subject(&key);
+    let ops_stream = state.hub.ops_stream();
+    let head = match log::head(ops_stream, &subject).await {
+        Ok(h) => h.map_or(0, |h| h.server_seq),
+        Err(e) => return http_error(ErrorCode::Unavailable, format!("reading the log: {e}")),
+    };
+    if since > head {
+        return http_error(
+            ErrorCode::StaleBase,
+            format!("since={since} is above the head {head}; resync from the snapshot"),
+        );
+    }
+    let to = head.min(since + limit as u64);
+    let entries = match log::read_range(ops_stream, &subject, since + 1, to).await {
+        Ok(e) => e,
+        Err(e) => return http_error(ErrorCode::Unavailable, format!("reading the log: {e}")),
+    };
+    if since < to && entries.first().map(|e| e.server_seq) != Some(since + 1) {
+        return http_error(
+            ErrorCode::StaleBase,
+            format!(
+                "ops after {since} of {ns} are compacted (oldest is {}); GET the snapshot and read from its last_server_seq",
+                entries
+                    .first()
+                    .map_or("gone".to_owned(), |e| e.server_seq.to_string())
+            ),
+        );
+    }
+    // Contiguous ops only, each as stored.
+    let mut last = since;
+    let mut body = String::from("{\"ops\":[");
+    for e in &entries {
+        if e.server_seq != last + 1 {
+            break;
+        }
+        if last > since {
+            body.push(',');
+        }
+        body.push_str(&String::from_utf8_lossy(&e.payload));
+        last = e.server_seq;
+    }
+    body.push_str(&format!(
+        "],\"last_server_seq\":{last},\"more\":{}}}",
+        last < head
+    ));
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+#[derive(Deserialize)]
+pub struct CursorBody {
+    client_id: String,
+    namespace: String,
+    server_seq: u64,
+}
+
+pub async fn cursor(
+    State(state): State<Arc<AppState>>,
+    Path((org, project)): Path<(String, String)>,
+    headers: HeaderMap,
+    Query(query): Query<ReadQuery>,
+    body: Result<Json<CursorBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return http_error(ErrorCode::InvalidMessage, e.body_text()),
+    };
+    let key = match readable(&state, &headers, &query, (&org, &project, &body.namespace)) {
+        Ok((_, key)) => key,
+        Err(r) => return r,
+    };
+    if let Err(e) = ultrasync_shared::Id::parse("client_id", &body.client_id) {
+        return http_error(ErrorCode::InvalidId, e.to_string());
+    }
+    if let Err((code, message)) = check_cursor(&state, &key, body.server_seq).await {
+        return http_error(code, message);
+    }
+    state.cursors.record(&key, &body.client_id, body.server_seq);
+    Json(serde_json::json!({"ok": true})).into_response()
 }

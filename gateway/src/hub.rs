@@ -68,6 +68,26 @@ impl Hub {
         &self.ops
     }
 
+    /// The newest `server_seq` of `key`: from its topic when this gateway follows it,
+    /// else from the log.
+    pub async fn head(&self, key: &StreamKey) -> Result<u64, log::LogError> {
+        let followed = self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .and_then(Weak::upgrade);
+        if let Some(topic) = followed {
+            let head = topic.head();
+            if head > 0 {
+                return Ok(head);
+            }
+        }
+        Ok(log::head(&self.ops, &ops_subject(key))
+            .await?
+            .map_or(0, |h| h.server_seq))
+    }
+
     /// The newest sound snapshot of `key`, if any. A damaged one is never served: a
     /// materializer is asked for the state instead, and to store it over the damaged
     /// one.

@@ -3,6 +3,7 @@
 //! sequencer's answers back to the right socket, and fans committed ops out to every
 //! subscribed socket. Stateless: any number can run behind a load balancer.
 
+mod cursors;
 mod follow;
 mod http;
 mod hub;
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -98,7 +99,7 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub presence: Arc<presence::Presence>,
     pub routes: Arc<Routes>,
-    pub cursors: kv::Store,
+    pub cursors: Arc<cursors::CursorWriter>,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
     pub started: Instant,
@@ -129,6 +130,7 @@ pub async fn run(
         .get_key_value(CURSORS_BUCKET)
         .await
         .context("opening the cursor bucket")?;
+    let cursor_flush = Duration::from_millis(config.gateway.cursor_flush_ms);
     let gateway_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
     let routes = Routes::new(&gateway_id);
 
@@ -160,7 +162,7 @@ pub async fn run(
         hub: Hub::new(client.clone(), ops, snapshots),
         presence,
         routes,
-        cursors,
+        cursors: cursors::CursorWriter::start(cursors, cursor_flush, shutdown.clone()),
         metrics: Metrics::default(),
         shutdown: shutdown.clone(),
         started: Instant::now(),
@@ -188,6 +190,11 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/{org}/{project}/{ns}/snapshot", get(http::snapshot))
         .route("/v1/{org}/{project}/{ns}/keys/{key}", get(http::key))
+        .route("/v1/{org}/{project}/{ns}/ops", get(http::ops))
+        .route(
+            "/v1/{org}/{project}/cursors",
+            axum::routing::post(http::cursor),
+        )
         .route("/metrics", get(prometheus))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use ultrasync_shared::auth::Principal;
 use ultrasync_shared::error::close;
-use ultrasync_shared::ids::{Id, is_valid_id};
+use ultrasync_shared::ids::Id;
 use ultrasync_shared::namespaces::Mode;
 use ultrasync_shared::protocol::{ClientMessage, CommandFrame, PROTOCOL_VERSION, ServerMessage};
 use ultrasync_shared::{CommandEnvelope, ErrorCode, StreamKey, validate_key};
@@ -470,7 +470,7 @@ impl Session {
             ClientMessage::Cursor {
                 namespace,
                 server_seq,
-            } => self.cursor(&namespace, server_seq),
+            } => self.cursor(&namespace, server_seq).await,
             ClientMessage::Presence { key, payload } => self.presence(key, payload).await,
             ClientMessage::Ping { nonce } => self.push(ServerMessage::Pong { nonce }),
         }
@@ -711,7 +711,7 @@ impl Session {
         }
     }
 
-    fn cursor(&mut self, namespace: &str, server_seq: u64) {
+    async fn cursor(&mut self, namespace: &str, server_seq: u64) {
         let key = match self.stream_key(namespace, false) {
             Ok(k) => k,
             Err((code, message)) => return self.push(ServerMessage::error(code, message)),
@@ -719,26 +719,11 @@ impl Session {
         let Some(bound) = self.bound.as_ref() else {
             return;
         };
-        if !is_valid_id(bound.client_id.as_str()) {
-            return;
+        let client_id = bound.client_id.to_string();
+        match crate::http::check_cursor(&self.state, &key, server_seq).await {
+            Ok(()) => self.state.cursors.record(&key, &client_id, server_seq),
+            Err((code, message)) => self.push(ServerMessage::error(code, message)),
         }
-        let kv_key = format!(
-            "{}.{}.{}.{}",
-            key.org, key.project, key.namespace, bound.client_id
-        );
-        let value = serde_json::json!({
-            "server_seq": server_seq,
-            "seen_at_ms": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-        });
-        let cursors = self.state.cursors.clone();
-        tokio::spawn(async move {
-            if let Err(e) = cursors.put(kv_key, value.to_string().into()).await {
-                warn!(error = %e, "storing a cursor failed");
-            }
-        });
     }
 }
 

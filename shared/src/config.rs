@@ -23,6 +23,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub sequencer: SequencerConfig,
     pub materializer: MaterializerConfig,
+    pub compactor: CompactorConfig,
     pub dev: DevConfig,
     /// Namespaces beyond the five defaults (SPEC §3).
     pub namespaces: Vec<crate::namespaces::NamespaceConfig>,
@@ -37,6 +38,7 @@ impl Default for Config {
             gateway: GatewayConfig::default(),
             sequencer: SequencerConfig::default(),
             materializer: MaterializerConfig::default(),
+            compactor: CompactorConfig::default(),
             dev: DevConfig::default(),
             namespaces: Vec::new(),
         }
@@ -110,6 +112,8 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// Seconds a new socket has to send `hello` before it is closed (1008).
     pub hello_timeout_secs: u64,
+    /// Cursor reports are coalesced per client and written to KV this often.
+    pub cursor_flush_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -124,6 +128,7 @@ impl Default for GatewayConfig {
             max_messages_per_sec: 1000,
             max_connections: 10_000,
             hello_timeout_secs: 10,
+            cursor_flush_ms: 1000,
         }
     }
 }
@@ -177,6 +182,31 @@ impl Default for MaterializerConfig {
             snapshot_every_ops: 10_000,
             snapshot_interval_secs: 60,
             write_snapshots: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompactorConfig {
+    /// Seconds between compaction passes.
+    pub interval_secs: u64,
+    /// A client whose cursor was last reported longer ago than this no longer holds
+    /// the log back (it resyncs from a snapshot when it returns).
+    pub cursor_ttl_secs: u64,
+    /// Ops kept below the computed floor, for clients slightly behind it.
+    pub retention_ops: u64,
+    /// Where the compactor serves Prometheus `/metrics` (off when unset).
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Default for CompactorConfig {
+    fn default() -> Self {
+        Self {
+            interval_secs: 60,
+            cursor_ttl_secs: 7 * 86_400,
+            retention_ops: 1000,
+            metrics_listen: None,
         }
     }
 }
@@ -255,6 +285,12 @@ impl Config {
             anyhow::bail!(
                 "gateway.max_messages_per_sec, max_connections and hello_timeout_secs must be positive"
             );
+        }
+        if self.compactor.interval_secs == 0 || self.compactor.cursor_ttl_secs == 0 {
+            anyhow::bail!("compactor.interval_secs and cursor_ttl_secs must be positive");
+        }
+        if self.gateway.cursor_flush_ms == 0 {
+            anyhow::bail!("gateway.cursor_flush_ms must be positive");
         }
         if self.gateway.outbound_queue == 0 {
             anyhow::bail!("gateway.outbound_queue must be at least 1");

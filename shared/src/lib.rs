@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod cursors;
 pub mod error;
 pub mod ids;
 pub mod log;

@@ -1,0 +1,55 @@
+//! Client cursors in KV `usync-cursors`: `{org}.{project}.{ns}.{client_id}` → the last
+//! `server_seq` the client has durably applied, and when it last said so. Gateways
+//! write them (coalesced); the compactor reads them to find how far the log may be
+//! trimmed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::StreamKey;
+use crate::ids::is_valid_id;
+
+/// One stored cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CursorRecord {
+    pub server_seq: u64,
+    /// Unix time in milliseconds of the client's last cursor report.
+    pub seen_at_ms: u64,
+}
+
+/// The KV key of `client_id`'s cursor on `key`.
+pub fn kv_key(key: &StreamKey, client_id: &str) -> String {
+    format!("{}.{}.{}.{client_id}", key.org, key.project, key.namespace)
+}
+
+/// Parses a KV key back into the stream key and client id.
+pub fn parse_kv_key(kv_key: &str) -> Option<(StreamKey, String)> {
+    let mut parts = kv_key.split('.');
+    let (org, project, ns, client) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || !is_valid_id(client) {
+        return None;
+    }
+    Some((StreamKey::parse(org, project, ns).ok()?, client.to_owned()))
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_keys_round_trip() {
+        let k = StreamKey::parse("acme", "web", "index").expect("key");
+        let kv = kv_key(&k, "tab-1");
+        assert_eq!(kv, "acme.web.index.tab-1");
+        assert_eq!(parse_kv_key(&kv), Some((k, "tab-1".to_owned())));
+        assert_eq!(parse_kv_key("acme.web.index"), None);
+        assert_eq!(parse_kv_key("acme.web.index.a.b"), None);
+    }
+}
