@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::Args;
-use futures::TryStreamExt;
 use serde_json::{Value, json};
 use ultrasync_materializer::rebuild::rebuild;
 use ultrasync_shared::config::Config;
@@ -70,14 +69,9 @@ pub async fn run(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
         .get_object_store(SNAPSHOTS_BUCKET)
         .await
         .context("opening the snapshot store")?;
-    let subjects: Vec<(String, usize)> = ops
-        .info_with_subjects("usync.ops.>")
+    let keys: Vec<StreamKey> = log::stream_keys(&ops)
         .await?
-        .try_collect()
-        .await?;
-    let mut keys: Vec<StreamKey> = subjects
-        .iter()
-        .filter_map(|(s, _)| nats::stream_key_from_subject(s))
+        .into_iter()
         .filter(|k| args.org.as_deref().is_none_or(|o| k.org.as_str() == o))
         .filter(|k| {
             args.project
@@ -86,7 +80,6 @@ pub async fn run(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
         })
         .filter(|k| args.ns.as_deref().is_none_or(|n| k.namespace.as_str() == n))
         .collect();
-    keys.sort();
     let scratch = tempfile::tempdir().context("scratch folder")?;
     let mut report = Vec::new();
     let mut bad = 0;

@@ -13,7 +13,7 @@ use ultrasync_compactor::{Metrics, compact_once, read_cursors};
 use ultrasync_shared::nats::{CURSORS_BUCKET, OPS_STREAM, ops_subject};
 use ultrasync_shared::state::{self, KeyEntry, NamespaceState};
 use ultrasync_shared::{ErrorCode, StreamKey, log, reads};
-use ultrasync_testkit::{Stack, StackOptions, http_exchange, wait_for_snapshot};
+use ultrasync_testkit::{Stack, StackOptions, wait_for_snapshot};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -105,17 +105,12 @@ async fn first_in_log(stack: &Stack) -> Option<u64> {
         .map(|e| e.server_seq)
 }
 
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ultrasync"))
+}
+
 fn run_cli(stack: &Stack, args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(PathBuf::from(env!("CARGO_BIN_EXE_ultrasync")))
-        .args(args)
-        .args(["--nats-url", stack.nats.url()])
-        .env("ULTRASYNC_LOG", "warn")
-        .output()
-        .expect("run ultrasync");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    stack.run_cli(&bin(), args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,26 +226,16 @@ async fn a_lagging_client_holds_the_log_until_it_expires_then_resyncs() {
     );
 
     // Over HTTP: below the floor is 410 stale_base, above it reads.
-    let auth = format!("Bearer {}", stack.token("poller", "read"));
-    let base = format!("http://{}/v1/acme/web", stack.http);
-    let r = http_exchange(
-        "GET",
-        &format!("{base}/index/ops?since=5"),
-        &[("Authorization", &auth)],
-        "",
-    )
-    .await
-    .expect("http");
+    let token = stack.token("poller", "read");
+    let path = "/v1/acme/web";
+    let r = stack
+        .get(&format!("{path}/index/ops?since=5"), &token)
+        .await;
     assert_eq!(r.status, 410, "{}", r.body);
     assert!(r.body.contains("stale_base"), "{}", r.body);
-    let r = http_exchange(
-        "GET",
-        &format!("{base}/index/ops?since=95&limit=3"),
-        &[("Authorization", &auth)],
-        "",
-    )
-    .await
-    .expect("http");
+    let r = stack
+        .get(&format!("{path}/index/ops?since=95&limit=3"), &token)
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let page: Value = serde_json::from_str(&r.body).expect("json");
     assert_eq!(page["ops"].as_array().map(Vec::len), Some(3));
@@ -259,17 +244,14 @@ async fn a_lagging_client_holds_the_log_until_it_expires_then_resyncs() {
         (page["last_server_seq"].clone(), page["more"].clone()),
         (json!(98), json!(true))
     );
-    let r = http_exchange(
-        "POST",
-        &format!("{base}/cursors"),
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
-        r#"{"client_id":"poller-1","namespace":"index","server_seq":1000}"#,
-    )
-    .await
-    .expect("http");
+    let r = stack
+        .http(
+            "POST",
+            &format!("{path}/cursors"),
+            &token,
+            r#"{"client_id":"poller-1","namespace":"index","server_seq":1000}"#,
+        )
+        .await;
     assert_eq!(r.status, 410, "a cursor above the head: {}", r.body);
 
     // Alice and Bob stay; Carl's cursor expires; then the log goes up to the snapshot

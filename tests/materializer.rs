@@ -14,9 +14,7 @@ use ultrasync_client::{OpType, ServerMessage};
 use ultrasync_shared::nats::{SNAPSHOTS_BUCKET, ops_subject};
 use ultrasync_shared::state::{self, NamespaceState};
 use ultrasync_shared::{StreamKey, reads, snapshot};
-use ultrasync_testkit::{
-    ServiceProcess, Stack, StackOptions, http_exchange, read_subject, wait_for_snapshot,
-};
+use ultrasync_testkit::{ServiceProcess, Stack, StackOptions, read_subject, wait_for_snapshot};
 
 const WRITERS: usize = 4;
 const PER_WRITER: usize = 2500;
@@ -48,16 +46,7 @@ async fn model(stack: &Stack, ns: &str) -> NamespaceState {
 
 /// Runs the binary against the stack; (exit code, stdout).
 fn run_cli(stack: &Stack, args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(bin())
-        .args(args)
-        .args(["--nats-url", stack.nats.url()])
-        .env("ULTRASYNC_LOG", "warn")
-        .output()
-        .expect("run ultrasync");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    stack.run_cli(&bin(), args)
 }
 
 /// One writer: `PER_WRITER` commands (set, patch, del over 97 keys per namespace),
@@ -421,16 +410,10 @@ async fn reads_inspect_state_and_a_second_replica() {
 
     // The same over HTTP (SPEC §5).
     let token = stack.token("reader", "read");
-    let auth = format!("Bearer {token}");
-    let base = format!("http://{}/v1/acme/web/metadata", stack.http);
-    let r = http_exchange(
-        "GET",
-        &format!("{base}/keys/k3?min_seq=30"),
-        &[("Authorization", &auth)],
-        "",
-    )
-    .await
-    .expect("http");
+    let path = "/v1/acme/web/metadata";
+    let r = stack
+        .get(&format!("{path}/keys/k3?min_seq=30"), &token)
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("etag"), Some("\"25\""));
     let body: Value = serde_json::from_str(&r.body).expect("json");
@@ -438,50 +421,37 @@ async fn reads_inspect_state_and_a_second_replica() {
         (body["value"].clone(), body["version"].clone()),
         (json!({"i": 24}), json!(25))
     );
-    let r = http_exchange(
-        "GET",
-        &format!("{base}/snapshot"),
-        &[("Authorization", &auth)],
-        "",
-    )
-    .await
-    .expect("http");
+    let r = stack.get(&format!("{path}/snapshot"), &token).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let body: Value = serde_json::from_str(&r.body).expect("json");
     assert_eq!(body["last_server_seq"], json!(30));
     assert_eq!(body["digest"], json!(state::digest(&expected)));
     assert_eq!(body["state"]["k6"]["value"], json!({"i": 27}));
-    for (url, headers, status) in [
+    for (url, token, status) in [
+        (format!("{path}/keys/nope"), token.as_str(), 404),
+        (format!("{path}/snapshot"), "", 401),
         (
-            format!("{base}/keys/nope"),
-            vec![("Authorization", auth.as_str())],
-            404,
-        ),
-        (format!("{base}/snapshot"), vec![], 401),
-        (
-            format!("http://{}/v1/other/web/metadata/snapshot", stack.http),
-            vec![("Authorization", auth.as_str())],
+            "/v1/other/web/metadata/snapshot".to_owned(),
+            token.as_str(),
             403,
         ),
         (
-            format!("http://{}/v1/acme/web/nosuch/snapshot", stack.http),
-            vec![("Authorization", auth.as_str())],
+            "/v1/acme/web/nosuch/snapshot".to_owned(),
+            token.as_str(),
             404,
         ),
         (
-            format!("http://{}/v1/acme/web/presence/snapshot", stack.http),
-            vec![("Authorization", auth.as_str())],
+            "/v1/acme/web/presence/snapshot".to_owned(),
+            token.as_str(),
             404,
         ),
         (
-            format!("http://{}/v1/acme/w.b/metadata/snapshot", stack.http),
-            vec![("Authorization", auth.as_str())],
+            "/v1/acme/w.b/metadata/snapshot".to_owned(),
+            token.as_str(),
             400,
         ),
     ] {
-        let r = http_exchange("GET", &url, &headers, "")
-            .await
-            .expect("http");
+        let r = stack.get(&url, token).await;
         assert_eq!(r.status, status, "{url}: {}", r.body);
         let err: Value = serde_json::from_str(&r.body).expect("error json");
         assert!(err["error"]["code"].is_string(), "{url}: {}", r.body);
@@ -513,14 +483,7 @@ async fn reads_inspect_state_and_a_second_replica() {
         reads::digest(&nc, &key("metadata"), None).await,
         Err(reads::ReadError::NoResponders)
     ));
-    let r = http_exchange(
-        "GET",
-        &format!("{base}/snapshot"),
-        &[("Authorization", &auth)],
-        "",
-    )
-    .await
-    .expect("http");
+    let r = stack.get(&format!("{path}/snapshot"), &token).await;
     assert_eq!(r.status, 503, "{}", r.body);
     let (code, _) = run_cli(&stack, &["rebuild", "--verify"]);
     assert_ne!(

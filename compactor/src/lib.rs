@@ -118,21 +118,6 @@ pub async fn read_cursors(
     Ok(out)
 }
 
-/// The stream keys in `USYNC_OPS`.
-pub async fn stream_keys(ops: &jetstream::stream::Stream) -> anyhow::Result<Vec<StreamKey>> {
-    let subjects: Vec<(String, usize)> = ops
-        .info_with_subjects("usync.ops.>")
-        .await?
-        .try_collect()
-        .await?;
-    let mut keys: Vec<StreamKey> = subjects
-        .iter()
-        .filter_map(|(s, _)| nats::stream_key_from_subject(s))
-        .collect();
-    keys.sort();
-    Ok(keys)
-}
-
 /// One compaction pass over every stream key.
 pub async fn compact_once(
     js: &jetstream::Context,
@@ -157,7 +142,7 @@ pub async fn compact_once(
         stream_keys: Vec::new(),
         purged_total: 0,
     };
-    for key in stream_keys(&ops).await? {
+    for key in log::stream_keys(&ops).await? {
         let subject = nats::ops_subject(&key);
         let head = log::head(&ops, &subject).await?.map_or(0, |h| h.server_seq);
         let first = log::next_at_or_after(&ops, &subject, 1)

@@ -253,3 +253,21 @@ pub async fn read_range(
     }
     Ok(out)
 }
+
+/// Every stream key with ops in the log (`usync.ops.>` subjects), sorted.
+pub async fn stream_keys(stream: &Stream) -> Result<Vec<crate::StreamKey>, LogError> {
+    use futures::TryStreamExt as _;
+    let subjects: Vec<(String, usize)> = stream
+        .info_with_subjects("usync.ops.>")
+        .await
+        .map_err(nats_err)?
+        .try_collect()
+        .await
+        .map_err(nats_err)?;
+    let mut keys: Vec<crate::StreamKey> = subjects
+        .iter()
+        .filter_map(|(s, _)| crate::nats::stream_key_from_subject(s))
+        .collect();
+    keys.sort();
+    Ok(keys)
+}

@@ -305,6 +305,44 @@ impl Stack {
         panic!("gateway never became ready");
     }
 
+    /// `GET http://{gateway}{path}` with `token` as the bearer (none when empty).
+    pub async fn get(&self, path: &str, token: &str) -> HttpResponse {
+        self.http("GET", path, token, "").await
+    }
+
+    /// A request to the gateway with `token` as the bearer (none when empty) and a
+    /// JSON body.
+    pub async fn http(&self, method: &str, path: &str, token: &str, body: &str) -> HttpResponse {
+        let auth = format!("Bearer {token}");
+        let mut headers = vec![("Content-Type", "application/json")];
+        if !token.is_empty() {
+            headers.push(("Authorization", auth.as_str()));
+        }
+        http_exchange(
+            method,
+            &format!("http://{}{path}", self.http),
+            &headers,
+            body,
+        )
+        .await
+        .expect("http")
+    }
+
+    /// Runs the `ultrasync` binary `bin` with `args` against this stack's NATS:
+    /// (exit code, stdout).
+    pub fn run_cli(&self, bin: &Path, args: &[&str]) -> (i32, String) {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .args(["--nats-url", self.nats.url()])
+            .env("ULTRASYNC_LOG", "warn")
+            .output()
+            .expect("run ultrasync");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://{}/v1/sync", self.http)
     }
