@@ -22,10 +22,10 @@ use crate::{AppState, TokenQuery, authenticate, http_error};
 
 #[derive(Deserialize)]
 pub struct ReadQuery {
-    access_token: Option<String>,
-    min_seq: Option<u64>,
-    since: Option<u64>,
-    limit: Option<usize>,
+    pub(crate) access_token: Option<String>,
+    pub(crate) min_seq: Option<u64>,
+    pub(crate) since: Option<u64>,
+    pub(crate) limit: Option<usize>,
 }
 
 /// Most ops one `ops` answer carries.

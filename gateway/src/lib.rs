@@ -3,6 +3,7 @@
 //! sequencer's answers back to the right socket, and fans committed ops out to every
 //! subscribed socket. Stateless: any number can run behind a load balancer.
 
+mod api;
 mod cursors;
 mod follow;
 mod http;
@@ -189,7 +190,18 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sync", get(sync_socket))
         .route("/v1/status", get(status))
         .route("/v1/{org}/{project}/{ns}/snapshot", get(http::snapshot))
-        .route("/v1/{org}/{project}/{ns}/keys/{key}", get(http::key))
+        .route(
+            "/v1/{org}/{project}/{ns}/keys/{key}",
+            get(http::key).put(api::put_key).delete(api::delete_key),
+        )
+        .route(
+            "/v1/{org}/{project}/{ns}/keys/{key}/history",
+            get(api::history),
+        )
+        .route(
+            "/v1/{org}/{project}/{ns}/commands",
+            axum::routing::post(api::commands),
+        )
         .route("/v1/{org}/{project}/{ns}/ops", get(http::ops))
         .route(
             "/v1/{org}/{project}/cursors",

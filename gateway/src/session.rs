@@ -635,20 +635,8 @@ impl Session {
             Ok(k) => k,
             Err((code, reason)) => return self.push(reject(code, reason)),
         };
-        if frame.command_id.is_empty()
-            || frame.command_id.len() > 128
-            || frame.command_id.chars().any(char::is_control)
-        {
-            return self.push(reject(
-                ErrorCode::InvalidId,
-                "command_id must be 1-128 bytes without control characters".into(),
-            ));
-        }
-        if validate_key(&frame.key).is_err() {
-            return self.push(reject(
-                ErrorCode::InvalidKey,
-                "key must be 1-512 bytes of UTF-8 without control characters".into(),
-            ));
+        if let Err((code, reason)) = crate::api::check_frame(&frame) {
+            return self.push(reject(code, reason));
         }
         if self.inflight.len() >= MAX_INFLIGHT && !self.inflight.contains_key(&frame.command_id) {
             return self.push(reject(

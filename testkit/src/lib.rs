@@ -186,6 +186,9 @@ impl Stack {
         for i in 0..opts.materializers {
             stack.add_materializer(&format!("m{i}"));
         }
+        if opts.materializers > 0 {
+            stack.wait_for_reads().await;
+        }
         stack
     }
 
@@ -277,6 +280,22 @@ impl Stack {
         let every = self.config.materializer.snapshot_every_ops.to_string();
         args.extend(["--snapshot-every-ops", every.as_str()]);
         ServiceProcess::spawn(bin, "materializer", self.nats.url(), &args)
+    }
+
+    /// Waits (up to 15 s) until a materializer answers reads.
+    pub async fn wait_for_reads(&self) {
+        let nc = self.nats_client().await;
+        let key = ultrasync_shared::StreamKey::parse(ORG, "web", "index").expect("key");
+        for _ in 0..300 {
+            if ultrasync_shared::reads::digest(&nc, &key, None)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no materializer answered reads");
     }
 
     /// A NATS client for request-reply reads.

@@ -1,0 +1,381 @@
+//! The HTTP write API of SPEC §5: `POST …/{ns}/commands` (a batch, answered in
+//! order), `PUT` / `DELETE …/keys/{key}` (`If-Match: "<version>"` becomes a
+//! precondition; a mismatch is 409 with the current state) and `GET
+//! …/keys/{key}/history` (the key's ops still in the log, newest first). Commands take
+//! the same path as WebSocket commands: `USYNC_CMDS`, the sequencer, an answer on the
+//! gateway's reply subject.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::Value;
+use ultrasync_shared::auth::Principal;
+use ultrasync_shared::protocol::{CommandFrame, ServerMessage};
+use ultrasync_shared::{CommandEnvelope, ErrorCode, Id, OpType, Precondition, StreamKey, log};
+
+use crate::http::{ReadQuery, readable};
+use crate::{AppState, http_error};
+
+/// Most commands in one `POST …/commands`.
+const MAX_BATCH: usize = 1000;
+/// Most history entries returned.
+const MAX_HISTORY: usize = 1000;
+
+/// Checks a command frame the way a WebSocket command is checked.
+pub fn check_frame(frame: &CommandFrame) -> Result<(), (ErrorCode, String)> {
+    if frame.command_id.is_empty()
+        || frame.command_id.len() > 128
+        || frame.command_id.chars().any(char::is_control)
+    {
+        return Err((
+            ErrorCode::InvalidId,
+            "command_id must be 1-128 bytes without control characters".into(),
+        ));
+    }
+    if ultrasync_shared::validate_key(&frame.key).is_err() {
+        return Err((
+            ErrorCode::InvalidKey,
+            "key must be 1-512 bytes of UTF-8 without control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Token, scope and namespace checks for a write.
+fn writable(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &ReadQuery,
+    path: (&str, &str, &str),
+) -> Result<(Principal, StreamKey), Response> {
+    let (principal, key) = readable(state, headers, query, path)?;
+    if !principal.write {
+        return Err(http_error(
+            ErrorCode::Forbidden,
+            "the token lacks the write scope",
+        ));
+    }
+    Ok((principal, key))
+}
+
+/// Sends `frames` as `client_id` and waits for every answer (in the order sent).
+async fn run_commands(
+    state: &AppState,
+    principal: &Principal,
+    key: &StreamKey,
+    client_id: &str,
+    frames: Vec<CommandFrame>,
+) -> Vec<ServerMessage> {
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut answers = state.routes.register(&request_id);
+    let reply_to = state.routes.reply_subject(&request_id);
+    let mut results: Vec<Option<ServerMessage>> = vec![None; frames.len()];
+    let mut waiting: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, frame) in frames.into_iter().enumerate() {
+        if let Err((code, reason)) = check_frame(&frame) {
+            results[i] = Some(ServerMessage::reject(frame.command_id, code, reason));
+            continue;
+        }
+        let envelope = CommandEnvelope {
+            org_id: key.org.to_string(),
+            project_id: key.project.to_string(),
+            namespace: key.namespace.to_string(),
+            actor_id: principal.actor_id.to_string(),
+            client_id: client_id.to_owned(),
+            command_id: frame.command_id.clone(),
+            key: frame.key,
+            op_type: frame.op_type,
+            payload: frame.payload,
+            precondition: frame.precondition,
+            reply_to: Some(reply_to.clone()),
+        };
+        let published = match serde_json::to_vec(&envelope) {
+            Ok(body) => state
+                .js
+                .publish(ultrasync_shared::nats::cmd_subject(key), body.into())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match published {
+            Ok(ack) => {
+                // The stream ack: a command the queue did not take is answered now.
+                if ack.await.is_err() {
+                    results[i] = Some(ServerMessage::reject(
+                        frame.command_id,
+                        ErrorCode::Unavailable,
+                        "the command queue is unavailable; retry",
+                    ));
+                    continue;
+                }
+                waiting.entry(frame.command_id).or_default().push(i);
+            }
+            Err(e) => {
+                results[i] = Some(ServerMessage::reject(
+                    frame.command_id,
+                    ErrorCode::Unavailable,
+                    format!("the command queue is unavailable ({e}); retry"),
+                ));
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(state.config.gateway.command_timeout_secs);
+    while !waiting.is_empty() {
+        let Ok(Some(body)) = tokio::time::timeout_at(deadline, answers.recv()).await else {
+            break;
+        };
+        let Ok(msg) = serde_json::from_slice::<ServerMessage>(&body) else {
+            continue;
+        };
+        let id = match &msg {
+            ServerMessage::Ack { command_id, .. } | ServerMessage::Reject { command_id, .. } => {
+                command_id.clone()
+            }
+            _ => continue,
+        };
+        if let Some(slots) = waiting.remove(&id) {
+            for i in slots {
+                results[i] = Some(msg.clone());
+            }
+        }
+    }
+    state.routes.unregister(&request_id);
+    for (id, slots) in waiting {
+        for i in slots {
+            results[i] = Some(ServerMessage::reject(
+                id.clone(),
+                ErrorCode::Unavailable,
+                "no answer in time; retry with the same command_id",
+            ));
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| ServerMessage::reject("", ErrorCode::Internal, "lost answer")))
+        .collect()
+}
+
+#[derive(Deserialize)]
+pub struct CommandsBody {
+    client_id: String,
+    commands: Vec<HttpCommand>,
+}
+
+/// A command in a `POST …/commands` body (the namespace comes from the path).
+#[derive(Deserialize)]
+pub struct HttpCommand {
+    command_id: String,
+    key: String,
+    op_type: OpType,
+    #[serde(default)]
+    payload: Value,
+    #[serde(default)]
+    precondition: Option<Precondition>,
+}
+
+pub async fn commands(
+    State(state): State<Arc<AppState>>,
+    Path((org, project, ns)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    Query(query): Query<ReadQuery>,
+    body: Result<Json<CommandsBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let (principal, key) = match writable(&state, &headers, &query, (&org, &project, &ns)) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return http_error(ErrorCode::InvalidMessage, e.body_text()),
+    };
+    if let Err(e) = Id::parse("client_id", &body.client_id) {
+        return http_error(ErrorCode::InvalidId, e.to_string());
+    }
+    if body.commands.is_empty() || body.commands.len() > MAX_BATCH {
+        return http_error(
+            ErrorCode::InvalidMessage,
+            format!("send 1-{MAX_BATCH} commands"),
+        );
+    }
+    let frames = body
+        .commands
+        .into_iter()
+        .map(|c| CommandFrame {
+            command_id: c.command_id,
+            namespace: ns.clone(),
+            key: c.key,
+            op_type: c.op_type,
+            payload: c.payload,
+            precondition: c.precondition,
+        })
+        .collect();
+    let results = run_commands(&state, &principal, &key, &body.client_id, frames).await;
+    Json(serde_json::json!({"results": results})).into_response()
+}
+
+/// `"<n>"` (or `W/"<n>"`) → n.
+fn parse_etag(v: &HeaderValue) -> Option<u64> {
+    let s = v.to_str().ok()?.trim();
+    let s = s.strip_prefix("W/").unwrap_or(s);
+    s.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
+}
+
+/// One write through the command path; the HTTP answer of SPEC §5.
+async fn write_key(
+    state: Arc<AppState>,
+    (org, project, ns, name): (String, String, String, String),
+    headers: HeaderMap,
+    query: ReadQuery,
+    op_type: OpType,
+    payload: Value,
+) -> Response {
+    let (principal, key) = match writable(&state, &headers, &query, (&org, &project, &ns)) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let precondition = match headers.get(header::IF_MATCH) {
+        None => None,
+        Some(v) => match parse_etag(v) {
+            Some(expected_version) => Some(Precondition { expected_version }),
+            None => {
+                return http_error(
+                    ErrorCode::InvalidMessage,
+                    "If-Match must be a quoted version, e.g. \"12\"",
+                );
+            }
+        },
+    };
+    let client_id = headers
+        .get("x-client-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("http")
+        .to_owned();
+    if let Err(e) = Id::parse("client_id", &client_id) {
+        return http_error(ErrorCode::InvalidId, e.to_string());
+    }
+    // A client that retries sends the same Idempotency-Key and gets the first answer.
+    let command_id = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let frame = CommandFrame {
+        command_id,
+        namespace: ns,
+        key: name,
+        op_type,
+        payload,
+        precondition,
+    };
+    let answer = run_commands(&state, &principal, &key, &client_id, vec![frame])
+        .await
+        .into_iter()
+        .next();
+    match answer {
+        Some(ServerMessage::Ack { server_seq, op, .. }) => {
+            let mut resp = Json(serde_json::json!({
+                "server_seq": server_seq,
+                "version": server_seq,
+                "op": op,
+            }))
+            .into_response();
+            if let Ok(etag) = HeaderValue::from_str(&format!("\"{server_seq}\"")) {
+                resp.headers_mut().insert(header::ETAG, etag);
+            }
+            resp
+        }
+        Some(ServerMessage::Reject {
+            code,
+            reason,
+            current_state,
+            ..
+        }) => {
+            let status = StatusCode::from_u16(code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut body = serde_json::json!({"error": {"code": code, "message": reason}});
+            if let Some(cs) = current_state {
+                body["current_state"] = serde_json::to_value(cs).unwrap_or(Value::Null);
+            }
+            (status, Json(body)).into_response()
+        }
+        _ => http_error(ErrorCode::Internal, "no answer"),
+    }
+}
+
+pub async fn put_key(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+    Query(query): Query<ReadQuery>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(value) = match body {
+        Ok(b) => b,
+        Err(e) => return http_error(ErrorCode::InvalidMessage, e.body_text()),
+    };
+    write_key(state, path, headers, query, OpType::Set, value).await
+}
+
+pub async fn delete_key(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+    Query(query): Query<ReadQuery>,
+) -> Response {
+    write_key(state, path, headers, query, OpType::Del, Value::Null).await
+}
+
+pub async fn history(
+    State(state): State<Arc<AppState>>,
+    Path((org, project, ns, name)): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+    Query(query): Query<ReadQuery>,
+) -> Response {
+    let key = match readable(&state, &headers, &query, (&org, &project, &ns)) {
+        Ok((_, key)) => key,
+        Err(r) => return r,
+    };
+    if let Err(e) = ultrasync_shared::validate_key(&name) {
+        return http_error(ErrorCode::InvalidKey, e.to_string());
+    }
+    let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY);
+    let subject = ultrasync_shared::nats::ops_subject(&key);
+    let ops_stream = state.hub.ops_stream();
+    let head = match log::head(ops_stream, &subject).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return Json(serde_json::json!({"ops": [], "key": name})).into_response(),
+        Err(e) => return http_error(ErrorCode::Unavailable, format!("reading the log: {e}")),
+    };
+    // The log has no per-key index: scan what is left of it (compaction bounds it).
+    let mut found: std::collections::VecDeque<Value> = std::collections::VecDeque::new();
+    let entries = match log::read_from(ops_stream, &subject, 1).await {
+        Ok(e) => e,
+        Err(e) => return http_error(ErrorCode::Unavailable, format!("reading the log: {e}")),
+    };
+    let mut entries = Box::pin(entries);
+    while let Some(entry) = entries.next().await {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => return http_error(ErrorCode::Unavailable, format!("reading the log: {e}")),
+        };
+        let done = entry.stream_seq >= head.stream_seq;
+        if let Ok(op) = serde_json::from_slice::<Value>(&entry.payload)
+            && op.get("key").and_then(Value::as_str) == Some(name.as_str())
+        {
+            found.push_front(op);
+            found.truncate(limit);
+        }
+        if done {
+            break;
+        }
+    }
+    Json(serde_json::json!({"key": name, "ops": found, "head": head.server_seq})).into_response()
+}
