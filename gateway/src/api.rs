@@ -163,24 +163,37 @@ async fn run_commands(
         .collect()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct CommandsBody {
     client_id: String,
     commands: Vec<HttpCommand>,
 }
 
 /// A command in a `POST …/commands` body (the namespace comes from the path).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct HttpCommand {
     command_id: String,
     key: String,
+    /// `set`, `del`, `patch` or `crdt_op`.
+    #[schema(value_type = String)]
     op_type: OpType,
     #[serde(default)]
+    #[schema(value_type = Object)]
     payload: Value,
+    /// `{"expected_version": N}`.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     precondition: Option<Precondition>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/{org}/{project}/{ns}/commands",
+    params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path)),
+    request_body = CommandsBody,
+    responses((status = 200, body = crate::openapi::CommandsAnswer), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    description = "A batch of commands, answered in order with ack or reject."
+)]
 pub async fn commands(
     State(state): State<Arc<AppState>>,
     Path((org, project, ns)): Path<(String, String, String)>,
@@ -310,6 +323,14 @@ async fn write_key(
     }
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/{org}/{project}/{ns}/keys/{key}",
+    params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("If-Match" = Option<String>, Header), ("Idempotency-Key" = Option<String>, Header), ("X-Client-Id" = Option<String>, Header)),
+    request_body = Object,
+    responses((status = 200, body = crate::openapi::WriteAnswer, headers(("ETag" = String))), (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody), (status = 429, body = crate::openapi::ErrorBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    description = "Set the key's value; If-Match makes it conditional (409 with current_state on mismatch)."
+)]
 pub async fn put_key(
     State(state): State<Arc<AppState>>,
     Path(path): Path<(String, String, String, String)>,
@@ -324,6 +345,13 @@ pub async fn put_key(
     write_key(state, path, headers, query, OpType::Set, value).await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/{org}/{project}/{ns}/keys/{key}",
+    params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("If-Match" = Option<String>, Header), ("Idempotency-Key" = Option<String>, Header), ("X-Client-Id" = Option<String>, Header)),
+    responses((status = 200, body = crate::openapi::WriteAnswer), (status = 409, body = crate::openapi::ErrorBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    description = "Delete the key; If-Match makes it conditional."
+)]
 pub async fn delete_key(
     State(state): State<Arc<AppState>>,
     Path(path): Path<(String, String, String, String)>,
@@ -333,6 +361,13 @@ pub async fn delete_key(
     write_key(state, path, headers, query, OpType::Del, Value::Null).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/{org}/{project}/{ns}/keys/{key}/history",
+    params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("limit" = Option<usize>, Query)),
+    responses((status = 200, body = crate::openapi::HistoryBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    description = "The key's ops still in the log, newest first."
+)]
 pub async fn history(
     State(state): State<Arc<AppState>>,
     Path((org, project, ns, name)): Path<(String, String, String, String)>,

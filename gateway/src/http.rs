@@ -115,6 +115,13 @@ fn read_error(e: ReadError) -> Response {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/{org}/{project}/{ns}/snapshot",
+    params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("min_seq" = Option<u64>, Query)),
+    responses((status = 200, body = crate::openapi::SnapshotBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    description = "The namespace's state (bootstrap), from a materializer."
+)]
 pub async fn snapshot(
     State(state): State<Arc<AppState>>,
     Path((org, project, ns)): Path<(String, String, String)>,
@@ -157,6 +164,13 @@ pub async fn snapshot(
     .into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/{org}/{project}/{ns}/keys/{key}",
+    params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("min_seq" = Option<u64>, Query)),
+    responses((status = 200, body = crate::openapi::KeyBody, headers(("ETag" = String))), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    description = "One key; ETag is its version."
+)]
 pub async fn key(
     State(state): State<Arc<AppState>>,
     Path((org, project, ns, name)): Path<(String, String, String, String)>,
@@ -196,6 +210,13 @@ pub async fn key(
     resp
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/{org}/{project}/{ns}/ops",
+    params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("since" = Option<u64>, Query), ("limit" = Option<usize>, Query)),
+    responses((status = 200, body = crate::openapi::OpsPage), (status = 410, body = crate::openapi::ErrorBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    description = "Ops after `since`, at most `limit`; 410 stale_base below the compacted floor."
+)]
 pub async fn ops(
     State(state): State<Arc<AppState>>,
     Path((org, project, ns)): Path<(String, String, String)>,
@@ -256,13 +277,21 @@ pub async fn ops(
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct CursorBody {
     client_id: String,
     namespace: String,
     server_seq: u64,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/{org}/{project}/cursors",
+    params(("org" = String, Path), ("project" = String, Path)),
+    request_body = CursorBody,
+    responses((status = 200, body = crate::openapi::OkBody), (status = 410, body = crate::openapi::ErrorBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    description = "A polling client's cursor: it has applied everything up to server_seq."
+)]
 pub async fn cursor(
     State(state): State<Arc<AppState>>,
     Path((org, project)): Path<(String, String)>,

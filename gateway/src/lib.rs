@@ -9,6 +9,7 @@ mod follow;
 mod http;
 mod hub;
 mod metrics;
+mod openapi;
 mod presence;
 mod session;
 
@@ -189,6 +190,7 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/sync", get(sync_socket))
         .route("/v1/status", get(status))
+        .route("/v1/openapi.json", get(openapi_json))
         .route("/v1/{org}/{project}/{ns}/snapshot", get(http::snapshot))
         .route(
             "/v1/{org}/{project}/{ns}/keys/{key}",
@@ -263,6 +265,19 @@ fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
     }
 }
 
+/// The WebSocket endpoint (SPEC §4); 401 before the upgrade without a valid token,
+/// 403 for an Origin outside the allow-list, 503 when the connection cap is reached.
+#[utoipa::path(
+    get,
+    path = "/v1/sync",
+    params(("access_token" = Option<String>, Query)),
+    responses(
+        (status = 101, description = "switching to the WebSocket protocol"),
+        (status = 401, body = crate::openapi::ErrorBody),
+        (status = 403, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)
+    )
+)]
 async fn sync_socket(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -292,10 +307,17 @@ async fn sync_socket(
         })
 }
 
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")), security(()))]
 async fn healthz() -> &'static str {
     "ok"
 }
 
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    responses((status = 200, description = "NATS and the op log are reachable"), (status = 503, body = crate::openapi::ErrorBody)),
+    security(())
+)]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let connected = state.nats.connection_state() == async_nats::connection::State::Connected;
     let streams = connected && state.js.get_stream_no_info(OPS_STREAM).await.is_ok();
@@ -309,6 +331,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")), security(()))]
 async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
     let body = state
         .metrics
@@ -316,6 +339,7 @@ async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
+#[utoipa::path(get, path = "/v1/status", responses((status = 200, description = "version, uptime, connected clients, followed stream keys", body = Object)), security(()))]
 async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -326,4 +350,9 @@ async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "slow_consumers_closed": state.metrics.slow_consumers.load(Ordering::Relaxed),
         "auth_failures": state.metrics.auth_failures.load(Ordering::Relaxed),
     }))
+}
+
+#[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "this document", body = Object)), security(()))]
+async fn openapi_json() -> Json<serde_json::Value> {
+    Json(openapi::document())
 }
