@@ -96,6 +96,12 @@ pub struct GatewayArgs {
     /// Address to listen on.
     #[arg(long, env = "ULTRASYNC_LISTEN")]
     listen: Option<SocketAddr>,
+    /// PEM certificate chain: serve TLS (wss://, https://) on --listen.
+    #[arg(long, env = "ULTRASYNC_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "ULTRASYNC_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -286,6 +292,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut cfg = cli.common.config()?;
             if let Some(l) = args.listen {
                 cfg.gateway.listen = l;
+            }
+            if args.tls_cert.is_some() {
+                cfg.gateway.tls_cert_file = args.tls_cert;
+                cfg.gateway.tls_key_file = args.tls_key;
             }
             cfg.validate()?;
             let listener = tokio::net::TcpListener::bind(cfg.gateway.listen)

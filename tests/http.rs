@@ -233,3 +233,60 @@ async fn the_openapi_document_lists_every_route() {
     }
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_allowed_origins_only() {
+    let stack = Stack::start_with(ultrasync_testkit::StackOptions {
+        materializers: 0,
+        configure: |c| c.gateway.cors_origins = vec!["https://app.example".into()],
+        ..Default::default()
+    })
+    .await;
+    let url = format!("http://{}/v1/acme/web/index/keys/k", stack.http);
+    let preflight = |origin: &'static str| {
+        let url = url.clone();
+        async move {
+            ultrasync_testkit::http_exchange(
+                "OPTIONS",
+                &url,
+                &[
+                    ("Origin", origin),
+                    ("Access-Control-Request-Method", "PUT"),
+                    ("Access-Control-Request-Headers", "authorization, if-match"),
+                ],
+                "",
+            )
+            .await
+            .expect("http")
+        }
+    };
+    let ok = preflight("https://app.example").await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert!(
+        ok.header("access-control-allow-methods")
+            .is_some_and(|m| m.contains("PUT"))
+    );
+    let other = preflight("https://evil.example").await;
+    assert_eq!(other.header("access-control-allow-origin"), None);
+    let r = ultrasync_testkit::http_exchange(
+        "GET",
+        &format!("http://{}/v1/status", stack.http),
+        &[("Origin", "https://app.example")],
+        "",
+    )
+    .await
+    .expect("http");
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert!(
+        r.header("access-control-expose-headers")
+            .is_some_and(|h| h.to_ascii_lowercase().contains("etag"))
+    );
+    stack.shutdown().await;
+}

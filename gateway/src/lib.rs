@@ -12,6 +12,7 @@ mod metrics;
 mod openapi;
 mod presence;
 mod session;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -171,15 +172,52 @@ pub async fn run(
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
     });
     let addr = listener.local_addr()?;
-    info!(%addr, gateway_id = %gateway_id, "gateway listening");
+    let tls = tls::server_config(&state.config.gateway)?;
+    let plain_listen = state.config.gateway.plain_listen;
     let app = router(state);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
-    .context("serving http")?;
+    let make = app.into_make_service_with_connect_info::<SocketAddr>();
+    match tls {
+        None => {
+            info!(%addr, gateway_id = %gateway_id, "gateway listening (plain)");
+            axum::serve(listener, make)
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .await
+                .context("serving http")?;
+        }
+        Some(tls) => {
+            info!(%addr, gateway_id = %gateway_id, "gateway listening (TLS)");
+            let plain = match plain_listen {
+                Some(p) => {
+                    let l = TcpListener::bind(p)
+                        .await
+                        .with_context(|| format!("binding the plain listener {p}"))?;
+                    info!(addr = %l.local_addr()?, "gateway plain listener");
+                    Some(tokio::spawn(
+                        axum::serve(l, make.clone())
+                            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                            .into_future(),
+                    ))
+                }
+                None => None,
+            };
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                stopper.graceful_shutdown(Some(Duration::from_secs(10)));
+            });
+            let config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
+            axum_server::from_tcp_rustls(listener.into_std()?, config)?
+                .handle(handle)
+                .serve(make)
+                .await
+                .context("serving https")?;
+            if let Some(p) = plain {
+                let _ = p.await;
+            }
+        }
+    }
     reply_task.abort();
     let _ = client.flush().await;
     info!("gateway stopped");
@@ -187,7 +225,7 @@ pub async fn run(
 }
 
 fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/sync", get(sync_socket))
         .route("/v1/status", get(status))
         .route("/v1/openapi.json", get(openapi_json))
@@ -211,8 +249,40 @@ fn router(state: Arc<AppState>) -> Router {
         )
         .route("/metrics", get(prometheus))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(state)
+        .route("/readyz", get(readyz));
+    match cors(&state.config.gateway.cors_origins) {
+        Some(layer) => router.layer(layer).with_state(state),
+        None => router.with_state(state),
+    }
+}
+
+/// CORS for the HTTP API: `["*"]` allows any origin, otherwise the listed ones; the
+/// bearer token travels in `Authorization` (no cookies, so no credentials mode).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::IF_MATCH,
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("x-client-id"),
+            ])
+            .expose_headers([header::ETAG])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 /// An HTTP error in the shape of SPEC §5.

@@ -114,6 +114,17 @@ pub struct GatewayConfig {
     pub hello_timeout_secs: u64,
     /// Cursor reports are coalesced per client and written to KV this often.
     pub cursor_flush_ms: u64,
+    /// PEM certificate chain: with `tls_key_file`, `listen` serves TLS (`wss://`,
+    /// `https://`; TLS 1.2 and 1.3 only).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// An extra plain (unencrypted) listener next to the TLS one, e.g. for a local
+    /// health check; off when unset.
+    pub plain_listen: Option<SocketAddr>,
+    /// Origins allowed by CORS for the HTTP API; `["*"]` = any; empty = no CORS
+    /// headers (browsers then refuse cross-origin reads).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -129,6 +140,10 @@ impl Default for GatewayConfig {
             max_connections: 10_000,
             hello_timeout_secs: 10,
             cursor_flush_ms: 1000,
+            tls_cert_file: None,
+            tls_key_file: None,
+            plain_listen: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -288,6 +303,9 @@ impl Config {
         }
         if self.compactor.interval_secs == 0 || self.compactor.cursor_ttl_secs == 0 {
             anyhow::bail!("compactor.interval_secs and cursor_ttl_secs must be positive");
+        }
+        if self.gateway.tls_cert_file.is_some() != self.gateway.tls_key_file.is_some() {
+            anyhow::bail!("gateway.tls_cert_file and tls_key_file go together");
         }
         if self.gateway.cursor_flush_ms == 0 {
             anyhow::bail!("gateway.cursor_flush_ms must be positive");
