@@ -13,6 +13,7 @@ mod openapi;
 mod presence;
 mod session;
 mod tls;
+pub mod webhooks;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -171,6 +172,14 @@ pub async fn run(
         started: Instant::now(),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
     });
+    webhooks::start(
+        &state.js,
+        &state.config.webhooks,
+        state.config.namespaces()?,
+        state.metrics.webhooks.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     let addr = listener.local_addr()?;
     let tls = tls::server_config(&state.config.gateway)?;
     let plain_listen = state.config.gateway.plain_listen;

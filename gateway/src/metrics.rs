@@ -31,6 +31,7 @@ pub struct Metrics {
     latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
     latency_count: AtomicU64,
+    pub webhooks: std::sync::Arc<crate::webhooks::WebhookMetrics>,
 }
 
 impl Metrics {
@@ -65,6 +66,24 @@ impl Metrics {
             );
         };
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        metric(
+            "ultrasync_webhook_deliveries_total",
+            "counter",
+            "Ops delivered to webhook endpoints (every event answered 2xx).",
+            get(&self.webhooks.delivered),
+        );
+        metric(
+            "ultrasync_webhook_failed_attempts_total",
+            "counter",
+            "Webhook attempts that failed (retried with backoff).",
+            get(&self.webhooks.failed_attempts),
+        );
+        metric(
+            "ultrasync_webhook_dead_lettered_total",
+            "counter",
+            "Ops given up on after max_attempts and sent to USYNC_WEBHOOKS_DLQ.",
+            get(&self.webhooks.dead_lettered),
+        );
         metric(
             "ultrasync_gateway_connections",
             "gauge",

@@ -27,6 +27,44 @@ pub struct Config {
     pub dev: DevConfig,
     /// Namespaces beyond the five defaults (SPEC §3).
     pub namespaces: Vec<crate::namespaces::NamespaceConfig>,
+    /// Webhooks: committed ops POSTed to HTTP endpoints (run by the gateways).
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One webhook: events of matching stream keys POSTed to `url`, signed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// An id: the durable consumer is `usync-webhook-{name}`.
+    pub name: String,
+    /// `http://` or `https://` endpoint.
+    pub url: String,
+    /// HMAC-SHA256 key for the `Usync-Signature` header (>= 16 bytes).
+    pub secret: String,
+    pub org: String,
+    /// Only this project (all when unset).
+    #[serde(default)]
+    pub project: Option<String>,
+    /// Only this namespace (all when unset).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// `op.committed` and/or `doc.updated` (crdt namespaces); both when empty.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Attempts per op before it goes to the dead-letter stream.
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt, at most 60 s.
+    #[serde(default = "default_webhook_backoff_ms")]
+    pub backoff_ms: u64,
+}
+
+fn default_webhook_attempts() -> u32 {
+    8
+}
+
+fn default_webhook_backoff_ms() -> u64 {
+    500
 }
 
 impl Default for Config {
@@ -41,6 +79,7 @@ impl Default for Config {
             compactor: CompactorConfig::default(),
             dev: DevConfig::default(),
             namespaces: Vec::new(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -303,6 +342,32 @@ impl Config {
         }
         if self.compactor.interval_secs == 0 || self.compactor.cursor_ttl_secs == 0 {
             anyhow::bail!("compactor.interval_secs and cursor_ttl_secs must be positive");
+        }
+        for w in &self.webhooks {
+            crate::ids::Id::parse("webhook name", &w.name)?;
+            crate::ids::Id::parse("webhook org", &w.org)?;
+            if let Some(p) = &w.project {
+                crate::ids::Id::parse("webhook project", p)?;
+            }
+            if let Some(n) = &w.namespace {
+                crate::ids::Id::parse("webhook namespace", n)?;
+            }
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                anyhow::bail!("webhook {}: url must be http:// or https://", w.name);
+            }
+            if w.secret.len() < 16 {
+                anyhow::bail!("webhook {}: secret must be at least 16 bytes", w.name);
+            }
+            if w.max_attempts == 0 {
+                anyhow::bail!("webhook {}: max_attempts must be positive", w.name);
+            }
+            if let Some(e) = w
+                .events
+                .iter()
+                .find(|e| !matches!(e.as_str(), "op.committed" | "doc.updated"))
+            {
+                anyhow::bail!("webhook {}: unknown event {e:?}", w.name);
+            }
         }
         if self.gateway.tls_cert_file.is_some() != self.gateway.tls_key_file.is_some() {
             anyhow::bail!("gateway.tls_cert_file and tls_key_file go together");

@@ -1,0 +1,321 @@
+//! Webhooks: committed ops POSTed to configured endpoints, at least once.
+//!
+//! Each webhook has one durable consumer on `USYNC_OPS` (`usync-webhook-{name}`,
+//! filtered to its org / project / namespace) shared by every gateway, so any number
+//! of gateways deliver together and a restart resumes where the last ack left off. An
+//! op is acked only after the endpoint answered 2xx for each of its events; a failure
+//! is retried after `backoff_ms * 2^(attempt-1)` (at most 60 s) and, after
+//! `max_attempts`, published to the dead-letter stream `USYNC_WEBHOOKS_DLQ`
+//! (`usync.webhooks.dead.{name}`) and acked.
+//!
+//! Each POST carries `Usync-Event` (`op.committed` or `doc.updated`), `Usync-Delivery`
+//! (`{op_id}.{event}`, the same on every retry), `Usync-Timestamp` (Unix seconds) and
+//! `Usync-Signature: sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use ultrasync_shared::config::WebhookConfig;
+use ultrasync_shared::log::LogEntry;
+use ultrasync_shared::namespaces::{Mode, Namespaces};
+use ultrasync_shared::nats::OPS_STREAM;
+
+/// The dead-letter stream.
+pub const DLQ_STREAM: &str = "USYNC_WEBHOOKS_DLQ";
+/// Longest wait between attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// One POST may take this long.
+const POST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+pub struct WebhookMetrics {
+    pub delivered: AtomicU64,
+    pub failed_attempts: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+/// `sha256=<hex>` of `{timestamp}.{body}`.
+pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    // HMAC accepts keys of any length.
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Starts one delivery task per configured webhook.
+pub async fn start(
+    js: &jetstream::Context,
+    hooks: &[WebhookConfig],
+    namespaces: Namespaces,
+    metrics: Arc<WebhookMetrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: DLQ_STREAM.to_owned(),
+        subjects: vec!["usync.webhooks.dead.>".to_owned()],
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .context("creating the webhook dead-letter stream")?;
+    let ops = js
+        .get_stream(OPS_STREAM)
+        .await
+        .context("opening USYNC_OPS")?;
+    let namespaces = Arc::new(namespaces);
+    for hook in hooks {
+        let filter = format!(
+            "usync.ops.{}.{}.{}",
+            hook.org,
+            hook.project.as_deref().unwrap_or("*"),
+            hook.namespace.as_deref().unwrap_or("*")
+        );
+        let consumer = ops
+            .get_or_create_consumer(
+                &format!("usync-webhook-{}", hook.name),
+                pull::Config {
+                    durable_name: Some(format!("usync-webhook-{}", hook.name)),
+                    description: Some(format!("ultrasync webhook {}", hook.name)),
+                    filter_subject: filter,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: POST_TIMEOUT * 3,
+                    max_ack_pending: 256,
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("creating the consumer of webhook {}", hook.name))?;
+        let hook = Arc::new(hook.clone());
+        let js = js.clone();
+        let metrics = metrics.clone();
+        let namespaces = namespaces.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            info!(webhook = %hook.name, url = %hook.url, "webhook delivery running");
+            loop {
+                let mut messages = match consumer.messages().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(webhook = %hook.name, error = %e, "pulling ops for a webhook failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                loop {
+                    let msg = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        m = messages.next() => m,
+                    };
+                    match msg {
+                        Some(Ok(m)) => deliver(&js, &hook, &namespaces, &metrics, m).await,
+                        Some(Err(e)) => {
+                            debug!(webhook = %hook.name, error = %e, "webhook pull error");
+                        }
+                        None => break,
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+async fn deliver(
+    js: &jetstream::Context,
+    hook: &WebhookConfig,
+    namespaces: &Namespaces,
+    metrics: &WebhookMetrics,
+    msg: jetstream::Message,
+) {
+    let Ok(entry) = LogEntry::from_consumer_message(&msg) else {
+        let _ = msg.ack_with(AckKind::Term).await;
+        return;
+    };
+    let Ok(op) = entry.op() else {
+        let _ = msg.ack_with(AckKind::Term).await;
+        return;
+    };
+    let crdt = namespaces
+        .get(&op.namespace)
+        .is_some_and(|s| s.mode == Mode::Crdt);
+    let wants = |e: &str| hook.events.is_empty() || hook.events.iter().any(|x| x == e);
+    let op_json: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap_or_default();
+    let mut events = Vec::new();
+    if wants("op.committed") {
+        events.push((
+            "op.committed",
+            serde_json::json!({"type": "op.committed", "op": op_json}),
+        ));
+    }
+    if crdt && wants("doc.updated") {
+        events.push((
+            "doc.updated",
+            serde_json::json!({
+                "type": "doc.updated",
+                "org_id": op.org_id,
+                "project_id": op.project_id,
+                "namespace": op.namespace,
+                "key": op.key,
+                "server_seq": op.server_seq,
+                "op_id": op.op_id,
+            }),
+        ));
+    }
+    let mut failed = None;
+    for (event, body) in &events {
+        let body = serde_json::to_vec(body).unwrap_or_default();
+        let delivery = format!("{}.{event}", op.op_id);
+        match post(hook, event, &delivery, &body).await {
+            Ok(status) if (200..300).contains(&status) => {}
+            Ok(status) => failed = Some(format!("HTTP {status}")),
+            Err(e) => failed = Some(e),
+        }
+        if failed.is_some() {
+            break;
+        }
+    }
+    let Some(why) = failed else {
+        metrics.delivered.fetch_add(1, Ordering::Relaxed);
+        let _ = msg.double_ack().await;
+        return;
+    };
+    metrics.failed_attempts.fetch_add(1, Ordering::Relaxed);
+    let attempt = msg.info().map_or(1, |i| i.delivered.max(1) as u32);
+    if attempt >= hook.max_attempts {
+        warn!(webhook = %hook.name, op_id = %op.op_id, attempt, %why, "webhook gave up; dead-lettered");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Usync-Webhook", hook.name.as_str());
+        headers.insert("Usync-Error", why.as_str());
+        let subject = format!("usync.webhooks.dead.{}", hook.name);
+        let stored = match js
+            .publish_with_headers(subject, headers, entry.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        if stored {
+            metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            let _ = msg.ack_with(AckKind::Term).await;
+        } else {
+            let _ = msg.ack_with(AckKind::Nak(Some(MAX_BACKOFF))).await;
+        }
+        return;
+    }
+    let delay = Duration::from_millis(hook.backoff_ms.saturating_mul(1 << (attempt - 1).min(16)))
+        .min(MAX_BACKOFF);
+    debug!(webhook = %hook.name, op_id = %op.op_id, attempt, ?delay, %why, "webhook failed; retrying");
+    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+}
+
+/// One signed POST; the HTTP status.
+async fn post(
+    hook: &WebhookConfig,
+    event: &str,
+    delivery: &str,
+    body: &[u8],
+) -> Result<u16, String> {
+    let timestamp = ultrasync_shared::auth::now_secs();
+    let (tls, rest) = match hook.url.split_once("://") {
+        Some(("https", rest)) => (true, rest),
+        Some(("http", rest)) => (false, rest),
+        _ => return Err(format!("bad url {}", hook.url)),
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    let addr = if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:{}", if tls { 443 } else { 80 })
+    };
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: ultrasync-webhooks\r\nUsync-Event: {event}\r\nUsync-Delivery: {delivery}\r\nUsync-Timestamp: {timestamp}\r\nUsync-Signature: {}\r\n\r\n",
+        body.len(),
+        signature(hook.secret.as_bytes(), timestamp, body)
+    )
+    .into_bytes();
+    head.extend_from_slice(body);
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let mut response = Vec::new();
+        if tls {
+            let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+                .map_err(|e| e.to_string())?;
+            let mut stream = tls_connector()
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            stream.write_all(&head).await.map_err(|e| e.to_string())?;
+            let _ = stream.read_to_end(&mut response).await;
+        } else {
+            let mut stream = tcp;
+            stream.write_all(&head).await.map_err(|e| e.to_string())?;
+            let _ = stream.read_to_end(&mut response).await;
+        }
+        let text = String::from_utf8_lossy(&response);
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<u16>().ok())
+            .ok_or_else(|| "no HTTP status in the answer".to_owned())
+    };
+    tokio::time::timeout(POST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    });
+    tokio_rustls::TlsConnector::from(config.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_hmac_sha256_of_timestamp_dot_body() {
+        // Known-answer: HMAC-SHA256("key", "1.{}").
+        let sig = signature(b"key", 1, b"{}");
+        assert!(sig.starts_with("sha256="));
+        assert_eq!(sig.len(), 7 + 64);
+        assert_eq!(sig, signature(b"key", 1, b"{}"));
+        assert_ne!(sig, signature(b"key", 2, b"{}"));
+        assert_ne!(sig, signature(b"other", 1, b"{}"));
+    }
+}
