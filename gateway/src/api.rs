@@ -62,6 +62,10 @@ fn writable(
             "the token lacks the write scope",
         ));
     }
+    state
+        .hooks
+        .authorize(&principal, &key, crate::hooks::Access::Write)
+        .map_err(|e| http_error(e.code, e.message))?;
     Ok((principal, key))
 }
 
@@ -83,7 +87,7 @@ async fn run_commands(
             results[i] = Some(ServerMessage::reject(frame.command_id, code, reason));
             continue;
         }
-        let envelope = CommandEnvelope {
+        let mut envelope = CommandEnvelope {
             org_id: key.org.to_string(),
             project_id: key.project.to_string(),
             namespace: key.namespace.to_string(),
@@ -96,6 +100,10 @@ async fn run_commands(
             precondition: frame.precondition,
             reply_to: Some(reply_to.clone()),
         };
+        if let Err(e) = state.hooks.before_apply(principal, &mut envelope) {
+            results[i] = Some(ServerMessage::reject(frame.command_id, e.code, e.message));
+            continue;
+        }
         let published = match serde_json::to_vec(&envelope) {
             Ok(body) => state
                 .js
@@ -148,6 +156,9 @@ async fn run_commands(
         }
     }
     state.routes.unregister(&request_id);
+    for msg in results.iter().flatten() {
+        state.hooks.after_apply(principal, msg);
+    }
     for (id, slots) in waiting {
         for i in slots {
             results[i] = Some(ServerMessage::reject(

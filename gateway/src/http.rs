@@ -99,7 +99,13 @@ pub(crate) fn readable(
             ErrorCode::UnknownNamespace,
             format!("{ns} is ephemeral: it has no stored state"),
         )),
-        Some(_) => Ok((principal, key)),
+        Some(_) => {
+            state
+                .hooks
+                .authorize(&principal, &key, crate::hooks::Access::Read)
+                .map_err(|e| http_error(e.code, e.message))?;
+            Ok((principal, key))
+        }
     }
 }
 

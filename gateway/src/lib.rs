@@ -6,6 +6,7 @@
 mod api;
 mod cursors;
 mod follow;
+pub mod hooks;
 mod http;
 mod hub;
 mod metrics;
@@ -109,6 +110,7 @@ pub struct AppState {
     pub started: Instant,
     /// One permit per open socket (`max_connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
+    pub hooks: Arc<dyn hooks::Hooks>,
 }
 
 /// Serves on `listener` until `shutdown` fires, then closes every socket with 1013
@@ -117,6 +119,16 @@ pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_with_hooks(config, listener, shutdown, Arc::new(hooks::NoHooks)).await
+}
+
+/// [`run`] with an embedder's [`hooks::Hooks`].
+pub async fn run_with_hooks(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    hooks: Arc<dyn hooks::Hooks>,
 ) -> anyhow::Result<()> {
     let secret = config.auth.secret()?;
     let verifier = Verifier::hs256(
@@ -171,6 +183,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         started: Instant::now(),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        hooks,
     });
     webhooks::start(
         &state.js,
@@ -326,9 +339,13 @@ fn authenticate(
         state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
         return Err(http_error(ErrorCode::Unauthorized, "missing bearer token"));
     };
-    state.verifier.verify(token).map_err(|e| {
+    let principal = state.verifier.verify(token).map_err(|e| {
         state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
         http_error(ErrorCode::Unauthorized, e.to_string())
+    })?;
+    state.hooks.authenticate(principal, headers).map_err(|e| {
+        state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        http_error(e.code, e.message)
     })
 }
 

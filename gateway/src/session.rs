@@ -132,6 +132,7 @@ impl Session {
             .metrics
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state.hooks.on_connect(&session.principal, &session_id);
         let (mut sink, mut stream) = socket.split();
         let closing = session.serve(&mut sink, &mut stream, &mut out_rx).await;
         for (_, f) in session.followers.drain() {
@@ -139,6 +140,7 @@ impl Session {
         }
         session.leave_presence().await;
         state.routes.unregister(&session_id);
+        state.hooks.on_disconnect(&session.principal, &session_id);
         state
             .metrics
             .connections
@@ -375,6 +377,9 @@ impl Session {
                 _ => {}
             }
         }
+        if let Ok(answer) = serde_json::from_slice::<ServerMessage>(&reply) {
+            self.state.hooks.after_apply(&self.principal, &answer);
+        }
         let text = String::from_utf8_lossy(&reply).into_owned();
         if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(Outbound::Text(text)) {
             self.slow.cancel();
@@ -507,7 +512,17 @@ impl Session {
                 format!("the token does not grant namespace {namespace}"),
             ));
         }
-        Ok(StreamKey::new(bound.org.clone(), bound.project.clone(), ns))
+        let key = StreamKey::new(bound.org.clone(), bound.project.clone(), ns);
+        let access = if need_write {
+            crate::hooks::Access::Write
+        } else {
+            crate::hooks::Access::Read
+        };
+        self.state
+            .hooks
+            .authorize(&self.principal, &key, access)
+            .map_err(|e| (e.code, e.message))?;
+        Ok(key)
     }
 
     async fn subscribe(&mut self, namespace: &str, cursor: Option<u64>) {
@@ -647,7 +662,7 @@ impl Session {
         let Some(bound) = self.bound.as_ref() else {
             return;
         };
-        let envelope = CommandEnvelope {
+        let mut envelope = CommandEnvelope {
             org_id: bound.org.to_string(),
             project_id: bound.project.to_string(),
             namespace: frame.namespace,
@@ -660,6 +675,13 @@ impl Session {
             precondition: frame.precondition,
             reply_to: Some(self.state.routes.reply_subject(&self.session_id)),
         };
+        if let Err(e) = self
+            .state
+            .hooks
+            .before_apply(&self.principal, &mut envelope)
+        {
+            return self.push(reject(e.code, e.message));
+        }
         let body = match serde_json::to_vec(&envelope) {
             Ok(b) => b,
             Err(e) => {
