@@ -72,6 +72,16 @@ async fn metrics_count_acks_rejects_latency_and_connections() {
         ),
         Some(1.0)
     );
+    // Queue depths: gauges present (the socket reads, so its queue is near empty).
+    assert!(sample(&text, "ultrasync_gateway_outbound_queued_frames").is_some());
+    assert!(
+        sample(&text, "ultrasync_gateway_outbound_queue_max_frames")
+            .is_some_and(|v| v <= 1024.0)
+    );
+    assert_eq!(
+        sample(&text, "ultrasync_webhook_dead_lettered_total"),
+        Some(0.0)
+    );
     // hello + 3 commands in; welcome + 3 answers out.
     assert!(sample(&text, "ultrasync_gateway_messages_in_total") >= Some(4.0));
     assert!(sample(&text, "ultrasync_gateway_messages_out_total") >= Some(4.0));

@@ -32,7 +32,11 @@ pub struct Metrics {
     latency_sum_us: AtomicU64,
     latency_count: AtomicU64,
     pub webhooks: std::sync::Arc<crate::webhooks::WebhookMetrics>,
+    /// Per socket: how many frames wait in its outbound queue (`None` once closed).
+    queues: Mutex<BTreeMap<String, QueueProbe>>,
 }
+
+type QueueProbe = Box<dyn Fn() -> Option<usize> + Send + Sync>;
 
 impl Metrics {
     pub fn inc(counter: &AtomicU64) {
@@ -42,6 +46,30 @@ impl Metrics {
     pub fn reject(&self, code: ErrorCode) {
         let mut r = self.rejects.lock().unwrap_or_else(|p| p.into_inner());
         *r.entry(code.as_str()).or_default() += 1;
+    }
+
+    /// Tracks socket `id`'s outbound queue until [`Metrics::untrack_queue`].
+    pub fn track_queue(&self, id: &str, probe: QueueProbe) {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), probe);
+    }
+
+    pub fn untrack_queue(&self, id: &str) {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// (frames queued over all sockets, the fullest socket's queue).
+    pub fn queue_depths(&self) -> (u64, u64) {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues
+            .values()
+            .filter_map(|probe| probe())
+            .fold((0, 0), |(sum, max), d| (sum + d as u64, max.max(d as u64)))
     }
 
     pub fn ack_latency(&self, d: Duration) {
@@ -66,6 +94,19 @@ impl Metrics {
             );
         };
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (queued, fullest) = self.queue_depths();
+        metric(
+            "ultrasync_gateway_outbound_queued_frames",
+            "gauge",
+            "Frames waiting in the outbound queues of all sockets.",
+            queued,
+        );
+        metric(
+            "ultrasync_gateway_outbound_queue_max_frames",
+            "gauge",
+            "Frames waiting in the fullest socket's outbound queue (the limit is outbound_queue).",
+            fullest,
+        );
         metric(
             "ultrasync_webhook_deliveries_total",
             "counter",

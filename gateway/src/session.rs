@@ -133,6 +133,15 @@ impl Session {
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         state.hooks.on_connect(&session.principal, &session_id);
+        let probe = session.out.downgrade();
+        state.metrics.track_queue(
+            &session_id,
+            Box::new(move || {
+                probe
+                    .upgrade()
+                    .map(|tx| tx.max_capacity() - tx.capacity())
+            }),
+        );
         let (mut sink, mut stream) = socket.split();
         let closing = session.serve(&mut sink, &mut stream, &mut out_rx).await;
         for (_, f) in session.followers.drain() {
@@ -141,6 +150,7 @@ impl Session {
         session.leave_presence().await;
         state.routes.unregister(&session_id);
         state.hooks.on_disconnect(&session.principal, &session_id);
+        state.metrics.untrack_queue(&session_id);
         state
             .metrics
             .connections
