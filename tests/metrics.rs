@@ -75,8 +75,7 @@ async fn metrics_count_acks_rejects_latency_and_connections() {
     // Queue depths: gauges present (the socket reads, so its queue is near empty).
     assert!(sample(&text, "ultrasync_gateway_outbound_queued_frames").is_some());
     assert!(
-        sample(&text, "ultrasync_gateway_outbound_queue_max_frames")
-            .is_some_and(|v| v <= 1024.0)
+        sample(&text, "ultrasync_gateway_outbound_queue_max_frames").is_some_and(|v| v <= 1024.0)
     );
     assert_eq!(
         sample(&text, "ultrasync_webhook_dead_lettered_total"),

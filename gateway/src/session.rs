@@ -136,11 +136,7 @@ impl Session {
         let probe = session.out.downgrade();
         state.metrics.track_queue(
             &session_id,
-            Box::new(move || {
-                probe
-                    .upgrade()
-                    .map(|tx| tx.max_capacity() - tx.capacity())
-            }),
+            Box::new(move || probe.upgrade().map(|tx| tx.max_capacity() - tx.capacity())),
         );
         let (mut sink, mut stream) = socket.split();
         let closing = session.serve(&mut sink, &mut stream, &mut out_rx).await;

@@ -391,6 +391,23 @@ impl Stack {
         c
     }
 
+    /// Connects with a token of `scope` and says hello without cursors.
+    pub async fn client_with_scope(
+        &self,
+        sub: &str,
+        project: &str,
+        client_id: &str,
+        scope: &str,
+    ) -> Connection {
+        let mut c = Connection::connect(&self.ws_url(), &self.token(sub, scope))
+            .await
+            .expect("connect");
+        c.hello(ORG, project, client_id, BTreeMap::new())
+            .await
+            .expect("hello");
+        c
+    }
+
     pub async fn jetstream(&self) -> jetstream::Context {
         let client = async_nats::connect(self.nats.url())
             .await
