@@ -171,6 +171,18 @@ async fn http_push_pull_and_bootstrap_match_the_websocket_view() {
     let snap: Value = serde_json::from_str(&r.body).expect("json");
     assert_eq!(snap["digest"], json!(state::digest(&pulled)));
     assert_eq!(snap["last_server_seq"], json!(6));
+    // /v1/status: the followed stream key with its head and lag.
+    let status: Value =
+        serde_json::from_str(&stack.get("/v1/status", "").await.body).expect("json");
+    let row = status["stream_keys"]
+        .as_array()
+        .expect("stream keys")
+        .iter()
+        .find(|r| r["stream_key"] == json!("acme/web/index"))
+        .cloned()
+        .expect("index is followed");
+    assert_eq!(row["head"], json!(6));
+    assert!(row["lag"].as_u64().is_some());
     stack.shutdown().await;
 }
 

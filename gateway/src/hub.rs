@@ -135,6 +135,18 @@ impl Hub {
         }
     }
 
+    /// Every followed stream key with the newest `server_seq` this gateway has fanned
+    /// out, sorted.
+    pub fn followed(&self) -> Vec<(StreamKey, u64)> {
+        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<(StreamKey, u64)> = topics
+            .iter()
+            .filter_map(|(k, t)| t.upgrade().map(|t| (k.clone(), t.head())))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The topic for `key`, started when nobody follows it yet.
     pub fn topic(&self, key: &StreamKey) -> Arc<Topic> {
         let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());

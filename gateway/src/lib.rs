@@ -437,12 +437,29 @@ async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
 
 #[utoipa::path(get, path = "/v1/status", responses((status = 200, description = "version, uptime, connected clients, followed stream keys", body = Object)), security(()))]
 async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    // Per followed stream key: the log head, what this gateway has fanned out, and
+    // the difference (at most 100 keys, to keep the answer cheap).
+    let mut lag = Vec::new();
+    for (key, fanned) in state.hub.followed().into_iter().take(100) {
+        let head = ultrasync_shared::log::head(state.hub.ops_stream(), &nats::ops_subject(&key))
+            .await
+            .ok()
+            .flatten()
+            .map_or(fanned, |h| h.server_seq);
+        lag.push(serde_json::json!({
+            "stream_key": key.to_string(),
+            "head": head,
+            "fanned_out": fanned,
+            "lag": head.saturating_sub(fanned),
+        }));
+    }
     Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "gateway_id": state.gateway_id,
         "uptime_secs": state.started.elapsed().as_secs(),
         "connected_clients": state.metrics.connections.load(Ordering::Relaxed),
         "followed_stream_keys": state.hub.topic_count(),
+        "stream_keys": lag,
         "slow_consumers_closed": state.metrics.slow_consumers.load(Ordering::Relaxed),
         "auth_failures": state.metrics.auth_failures.load(Ordering::Relaxed),
     }))
