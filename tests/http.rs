@@ -302,3 +302,36 @@ async fn cors_answers_allowed_origins_only() {
     );
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_limits_answer_413_and_429_in_the_error_envelope() {
+    let stack = Stack::start_with(ultrasync_testkit::StackOptions {
+        materializers: 0,
+        configure: |c| {
+            c.gateway.max_frame_bytes = 4096;
+            c.gateway.max_messages_per_sec = 5;
+        },
+        ..Default::default()
+    })
+    .await;
+    let token = stack.token("lim", "read write");
+    let big = format!("\"{}\"", "x".repeat(8192));
+    let r = stack
+        .http("PUT", "/v1/acme/web/index/keys/big", &token, &big)
+        .await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    let e: Value = serde_json::from_str(&r.body).expect("envelope");
+    assert_eq!(e["error"]["code"], json!("payload_too_large"));
+    // Burst 10, 5/s: a quick run of 30 requests meets 429.
+    let mut limited = 0;
+    for _ in 0..30 {
+        let r = stack.get("/v1/acme/web/index/ops", &token).await;
+        if r.status == 429 {
+            let e: Value = serde_json::from_str(&r.body).expect("envelope");
+            assert_eq!(e["error"]["code"], json!("rate_limited"));
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "no 429 in a burst of 30");
+    stack.shutdown().await;
+}

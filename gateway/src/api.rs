@@ -218,7 +218,7 @@ pub async fn commands(
     };
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return http_error(ErrorCode::InvalidMessage, e.body_text()),
+        Err(e) => return crate::http::body_error(e),
     };
     if let Err(e) = Id::parse("client_id", &body.client_id) {
         return http_error(ErrorCode::InvalidId, e.to_string());
@@ -351,7 +351,7 @@ pub async fn put_key(
 ) -> Response {
     let Json(value) = match body {
         Ok(b) => b,
-        Err(e) => return http_error(ErrorCode::InvalidMessage, e.body_text()),
+        Err(e) => return crate::http::body_error(e),
     };
     write_key(state, path, headers, query, OpType::Set, value).await
 }

@@ -56,6 +56,30 @@ pub async fn check_cursor(
     Ok(())
 }
 
+/// A JSON body that did not parse: 413 when it was too big, else 400.
+pub(crate) fn body_error(e: axum::extract::rejection::JsonRejection) -> Response {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        http_error(ErrorCode::PayloadTooLarge, e.body_text())
+    } else {
+        http_error(ErrorCode::InvalidMessage, e.body_text())
+    }
+}
+
+/// HTTP requests per actor: the socket rate (`max_messages_per_sec`, burst twice
+/// that) applies to each token's actor across its HTTP requests on this gateway.
+fn rate_limited(state: &AppState, principal: &Principal) -> bool {
+    let mut limits = state.http_limits.lock().unwrap_or_else(|p| p.into_inner());
+    if limits.len() > 100_000 {
+        limits.clear();
+    }
+    !limits
+        .entry(format!("{}/{}", principal.org, principal.actor_id))
+        .or_insert_with(|| {
+            crate::session::RateLimit::new(state.config.gateway.max_messages_per_sec)
+        })
+        .take()
+}
+
 /// Checks the token and that it may read `org/project/ns`; the stream key.
 pub(crate) fn readable(
     state: &AppState,
@@ -70,6 +94,12 @@ pub(crate) fn readable(
             access_token: query.access_token.clone(),
         },
     )?;
+    if rate_limited(state, &principal) {
+        return Err(http_error(
+            ErrorCode::RateLimited,
+            "too many requests; slow down",
+        ));
+    }
     let key = StreamKey::parse(org, project, ns)
         .map_err(|e| http_error(ErrorCode::InvalidId, e.to_string()))?;
     if principal.org != key.org || !principal.allows_project(project) {
@@ -307,7 +337,7 @@ pub async fn cursor(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return http_error(ErrorCode::InvalidMessage, e.body_text()),
+        Err(e) => return body_error(e),
     };
     let key = match readable(&state, &headers, &query, (&org, &project, &body.namespace)) {
         Ok((_, key)) => key,

@@ -111,6 +111,8 @@ pub struct AppState {
     /// One permit per open socket (`max_connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     pub hooks: Arc<dyn hooks::Hooks>,
+    /// Per-actor rate limits of the HTTP API.
+    pub(crate) http_limits: Mutex<HashMap<String, session::RateLimit>>,
 }
 
 /// Serves on `listener` until `shutdown` fires, then closes every socket with 1013
@@ -184,6 +186,7 @@ pub async fn run_with_hooks(
         started: Instant::now(),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         hooks,
+        http_limits: Mutex::new(HashMap::new()),
     });
     webhooks::start(
         &state.js,
@@ -271,7 +274,10 @@ fn router(state: Arc<AppState>) -> Router {
         )
         .route("/metrics", get(prometheus))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.config.gateway.max_frame_bytes,
+        ));
     match cors(&state.config.gateway.cors_origins) {
         Some(layer) => router.layer(layer).with_state(state),
         None => router.with_state(state),

@@ -68,7 +68,7 @@ pub struct Session {
 struct Closing(u16, String);
 
 /// Per-socket token bucket for inbound frames.
-struct RateLimit {
+pub(crate) struct RateLimit {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -78,7 +78,7 @@ struct RateLimit {
 }
 
 impl RateLimit {
-    fn new(per_sec: u32) -> Self {
+    pub(crate) fn new(per_sec: u32) -> Self {
         let rate = f64::from(per_sec);
         Self {
             rate,
@@ -90,7 +90,7 @@ impl RateLimit {
     }
 
     /// True when the frame may pass.
-    fn take(&mut self) -> bool {
+    pub(crate) fn take(&mut self) -> bool {
         let now = Instant::now();
         self.tokens =
             (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
