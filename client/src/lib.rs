@@ -1,5 +1,8 @@
-//! The Rust client for ultrasync's WebSocket protocol: typed frames over one
-//! connection. The CLI, the tests and the benchmark use it.
+//! The Rust client for ultrasync: [`Connection`] speaks the WebSocket protocol frame
+//! by frame (the CLI, the tests and the benchmark use it); [`sync::SyncClient`] is the
+//! local-first SDK on top (replica, persisted outbox, optimistic edits, reconnects).
+
+pub mod sync;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
