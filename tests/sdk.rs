@@ -82,13 +82,27 @@ async fn offline_edits_survive_a_restart_and_land_exactly_once_in_order() {
     // The server comes up; the client "restarts" from its store.
     let stack = Stack::start().await;
     let token = stack.token("alice", "read write");
-    let alice = SyncClient::start(options(&stack.ws_url(), &token, "alice-1", &store, &["index"]))
-        .expect("restart");
-    assert_eq!(alice.outbox_len(), 100, "the outbox did not survive the restart");
+    let alice = SyncClient::start(options(
+        &stack.ws_url(),
+        &token,
+        "alice-1",
+        &store,
+        &["index"],
+    ))
+    .expect("restart");
+    assert_eq!(
+        alice.outbox_len(),
+        100,
+        "the outbox did not survive the restart"
+    );
     settled(&stack, &alice, &["index"]).await;
 
     let js = stack.jetstream().await;
-    let log = read_subject(&js, &ops_subject(&StreamKey::parse("acme", "web", "index").expect("key"))).await;
+    let log = read_subject(
+        &js,
+        &ops_subject(&StreamKey::parse("acme", "web", "index").expect("key")),
+    )
+    .await;
     assert_eq!(log.len(), 100, "not exactly once");
     let ids: Vec<String> = log.iter().map(|e| e.op().expect("op").command_id).collect();
     let want: Vec<String> = (1..=100).map(|n| format!("alice-1-{n}")).collect();
@@ -109,9 +123,18 @@ async fn offline_edits_survive_a_restart_and_land_exactly_once_in_order() {
     assert_eq!(state::digest(&a), state::digest(&b));
     // Alice's own restart keeps her view too.
     alice.close().await;
-    let again = SyncClient::start(options(&stack.ws_url(), &token, "alice-1", &store, &["index"]))
-        .expect("again");
-    assert_eq!(again.confirmed("index").map(|s| state::digest(&s)), Some(state::digest(&a)));
+    let again = SyncClient::start(options(
+        &stack.ws_url(),
+        &token,
+        "alice-1",
+        &store,
+        &["index"],
+    ))
+    .expect("again");
+    assert_eq!(
+        again.confirmed("index").map(|s| state::digest(&s)),
+        Some(state::digest(&a))
+    );
     again.close().await;
     bob.close().await;
     stack.shutdown().await;
@@ -132,7 +155,8 @@ async fn a_rejected_optimistic_edit_is_rolled_back_and_reported() {
         .expect("start")
     };
     let ann = start("ann");
-    ann.put_if("settings", "theme", json!("dark"), 0).expect("edit");
+    ann.put_if("settings", "theme", json!("dark"), 0)
+        .expect("edit");
     settled(&stack, &ann, &["settings"]).await;
 
     let ben = start("ben");
@@ -141,7 +165,10 @@ async fn a_rejected_optimistic_edit_is_rolled_back_and_reported() {
     let id = ben
         .put_if("settings", "theme", json!("light"), 0)
         .expect("edit");
-    assert_eq!(ben.get("settings", "theme").map(|v| v.value), Some(json!("light")));
+    assert_eq!(
+        ben.get("settings", "theme").map(|v| v.value),
+        Some(json!("light"))
+    );
     let rejected = loop {
         match tokio::time::timeout(Duration::from_secs(20), changes.recv())
             .await
@@ -203,7 +230,8 @@ async fn three_replicas_with_random_disconnects_converge_to_the_server() {
             1 => {
                 let key = format!("s{}", next(4));
                 let version = c.get("settings", &key).map_or(0, |v| v.version);
-                c.put_if("settings", &key, json!(round), version).expect("cas");
+                c.put_if("settings", &key, json!(round), version)
+                    .expect("cas");
             }
             2 => {
                 c.edit_doc("collab", "board", |d| {

@@ -83,11 +83,20 @@ pub struct SyncOptions {
 #[derive(Debug, Clone)]
 pub enum Change {
     /// A committed op, in server order; the confirmed state now includes it.
-    Op { namespace: String, op: Op },
+    Op {
+        namespace: String,
+        op: Op,
+    },
     /// The namespace's confirmed state was replaced by a snapshot.
-    Snapshot { namespace: String, last_server_seq: u64 },
+    Snapshot {
+        namespace: String,
+        last_server_seq: u64,
+    },
     /// Catch-up done; live from here.
-    Synced { namespace: String, server_seq: u64 },
+    Synced {
+        namespace: String,
+        server_seq: u64,
+    },
     /// The server refused an edit; it is rolled back locally.
     Rejected {
         command_id: String,
@@ -102,7 +111,9 @@ pub enum Change {
         payload: Value,
     },
     Connected,
-    Disconnected { reason: String },
+    Disconnected {
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,7 +289,8 @@ impl SyncClient {
                         Some(b) => {
                             let raw = B64.decode(b).map_err(|e| SyncError::Store(e.to_string()))?;
                             Some(Box::new(
-                                Automerge::load(&raw).map_err(|e| SyncError::Store(e.to_string()))?,
+                                Automerge::load(&raw)
+                                    .map_err(|e| SyncError::Store(e.to_string()))?,
                             ))
                         }
                         None => None,
@@ -415,7 +427,9 @@ impl SyncClient {
             .and_then(|e| e.doc.as_ref())
             .map(|d| d.save());
         let mut doc = match base {
-            Some(bytes) => AutoCommit::load(&bytes).map_err(|e| SyncError::Invalid(e.to_string()))?,
+            Some(bytes) => {
+                AutoCommit::load(&bytes).map_err(|e| SyncError::Invalid(e.to_string()))?
+            }
             None => AutoCommit::new(),
         };
         for p in local
