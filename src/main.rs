@@ -1,6 +1,7 @@
 //! `ultrasync`: one binary, one subcommand per service plus the tools around them.
 //! Parsing and wiring only; the services live in their crates.
 
+mod cli;
 mod dev;
 mod inspect;
 mod rebuild;
@@ -86,6 +87,8 @@ enum Command {
     Token(TokenArgs),
     /// Print the effective configuration (all sources merged, secrets redacted) as TOML.
     Config,
+    #[command(flatten)]
+    Client(cli::ClientCommand),
     /// Admin views of what is stored (JSON).
     #[command(subcommand)]
     Inspect(inspect::Inspect),
@@ -274,6 +277,9 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<cli::Exit>().is_some() => {
+            ExitCode::from(e.downcast_ref::<cli::Exit>().map_or(1, |x| x.0))
+        }
         Err(e) if e.downcast_ref::<rebuild::Mismatch>().is_some() => {
             eprintln!("error: {e:#}");
             ExitCode::from(3)
@@ -353,6 +359,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Command::Client(cmd) => cli::run(cmd).await,
         Command::Rebuild(args) => rebuild::run(&cli.common.config()?, args).await,
         Command::Inspect(what) => inspect::run(&cli.common.config()?, what).await,
         Command::Config => {

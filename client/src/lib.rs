@@ -2,6 +2,7 @@
 //! by frame (the CLI, the tests and the benchmark use it); [`sync::SyncClient`] is the
 //! local-first SDK on top (replica, persisted outbox, optimistic edits, reconnects).
 
+pub mod http;
 pub mod sync;
 
 use std::collections::BTreeMap;

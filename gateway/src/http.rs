@@ -264,7 +264,7 @@ pub async fn ops(
         Err(r) => return r,
     };
     let since = query.since.unwrap_or(0);
-    let limit = query.limit.unwrap_or(500).clamp(1, MAX_OPS_LIMIT);
+    let limit = query.limit.unwrap_or(500).min(MAX_OPS_LIMIT);
     let subject = ultrasync_shared::nats::ops_subject(&key);
     let ops_stream = state.hub.ops_stream();
     let head = match log::head(ops_stream, &subject).await {
@@ -276,6 +276,13 @@ pub async fn ops(
             ErrorCode::StaleBase,
             format!("since={since} is above the head {head}; resync from the snapshot"),
         );
+    }
+    if limit == 0 {
+        // Just the head (e.g. to follow from now on).
+        return Json(serde_json::json!({
+            "ops": [], "last_server_seq": since, "more": since < head, "head": head,
+        }))
+        .into_response();
     }
     let to = head.min(since + limit as u64);
     let entries = match log::read_range(ops_stream, &subject, since + 1, to).await {
@@ -307,7 +314,7 @@ pub async fn ops(
         last = e.server_seq;
     }
     body.push_str(&format!(
-        "],\"last_server_seq\":{last},\"more\":{}}}",
+        "],\"last_server_seq\":{last},\"more\":{},\"head\":{head}}}",
         last < head
     ));
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()

@@ -65,6 +65,8 @@ pub struct OpsPage {
     /// `server_seq` of the last op in `ops` (or `since` when there is none).
     pub last_server_seq: u64,
     pub more: bool,
+    /// The newest `server_seq` in the log.
+    pub head: u64,
 }
 
 /// A key's ops still in the log, newest first.
