@@ -1,6 +1,7 @@
 //! `ultrasync`: one binary, one subcommand per service plus the tools around them.
 //! Parsing and wiring only; the services live in their crates.
 
+mod bench;
 mod cli;
 mod dev;
 mod inspect;
@@ -81,6 +82,9 @@ enum Command {
     Compactor(CompactorArgs),
     /// One compaction pass now; prints what it purged (or would, with --dry-run).
     Compact(CompactArgs),
+    /// Load-test a stack of its own: throughput, latency, fan-out, bootstrap and raw
+    /// JetStream; writes a JSON report and an SVG chart.
+    Bench(bench::BenchArgs),
     /// Rebuild every stream key from snapshot + log and compare with the live state.
     Rebuild(rebuild::RebuildArgs),
     /// Mint a JWT from the configured secret (or the `dev` secret).
@@ -360,6 +364,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Client(cmd) => cli::run(cmd).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Rebuild(args) => rebuild::run(&cli.common.config()?, args).await,
         Command::Inspect(what) => inspect::run(&cli.common.config()?, what).await,
         Command::Config => {

@@ -1,0 +1,593 @@
+//! `ultrasync bench`: drives a stack through real WebSocket connections and writes a
+//! JSON report and an SVG chart to a results folder.
+//!
+//! By default it starts its own stack (a managed nats-server with `sync_interval:
+//! always` in a temporary folder, gateway, sequencer and materializer in this
+//! process, so the load generator shares the machine with everything, as the targets
+//! assume). Scenarios:
+//!
+//! - `jetstream`: raw JetStream publishes (file storage, same server, same
+//!   durability) with bounded in-flight acks: the physical limit of this machine.
+//! - `throughput`: one org, one client per project (stream key), open loop at rising
+//!   total rates until p99 ack latency passes 100 ms or acks fall behind the offer.
+//! - `latency`: a fixed 1,000 ops/s.
+//! - `fanout`: one writer at 100 ops/s, N subscribers; commit-to-receipt latency.
+//! - `bootstrap`: a namespace with K keys, then the time a new client takes from
+//!   `hello` (null cursor) to `synced`.
+//!
+//! Latencies are measured from the scheduled send time (open loop: a slow server
+//! cannot hide its queueing) with an HDR histogram (µs, 3 significant digits).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use ultrasync_client::{Connection, OpType, ServerMessage};
+use ultrasync_shared::auth;
+use ultrasync_shared::config::Config;
+use ultrasync_shared::natsd::{Natsd, NatsdOptions, find_nats_server};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Scenarios to run (comma separated): jetstream, throughput, latency, fanout,
+    /// bootstrap, or all.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    scenario: Vec<String>,
+    /// Seconds per measurement step.
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    /// Small sizes and short steps (a smoke run).
+    #[arg(long)]
+    quick: bool,
+    /// Fan-out subscribers.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Keys written before the bootstrap measurement.
+    #[arg(long, default_value_t = 100_000)]
+    bootstrap_keys: usize,
+    /// Where the report and chart go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+}
+
+/// The stack under test, in this process.
+struct Stack {
+    natsd: Natsd,
+    _dir: tempfile::TempDir,
+    ws: String,
+    secret: String,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Stack {
+    async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let bin = find_nats_server(None)?;
+        let natsd = Natsd::spawn(&NatsdOptions {
+            bin,
+            store_dir: dir.path().join("nats"),
+            run_dir: dir.path().to_path_buf(),
+            port: None,
+            extra_conf: String::new(),
+        })?;
+        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let mut config = Config {
+            nats_url: natsd.url.clone(),
+            ..Default::default()
+        };
+        config.auth.jwt_secret = Some(secret.clone());
+        config.gateway.max_messages_per_sec = 1_000_000;
+        config.gateway.outbound_queue = 65_536;
+        config.materializer.data_dir = dir.path().join("materializer");
+        config.validate()?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let tasks = vec![
+            tokio::spawn(ultrasync_sequencer::run(config.clone(), stop.clone())),
+            tokio::spawn(ultrasync_materializer::run(config.clone(), stop.clone())),
+            tokio::spawn(ultrasync_gateway::run(config, listener, stop.clone())),
+        ];
+        let stack = Self {
+            natsd,
+            _dir: dir,
+            ws: format!("ws://{addr}/v1/sync"),
+            secret,
+            stop,
+            tasks,
+        };
+        // Ready when a socket gets a welcome.
+        for _ in 0..200 {
+            if let Ok(mut c) = Connection::connect(&stack.ws, &stack.token("probe")).await
+                && c.hello("bench", "probe", "probe", BTreeMap::new()).await.is_ok()
+            {
+                return Ok(stack);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("the stack did not come up")
+    }
+
+    fn token(&self, sub: &str) -> String {
+        let claims = auth::claims(sub, "bench", &["*"], "read write", 86_400, auth::DEFAULT_AUDIENCE);
+        auth::mint_hs256(self.secret.as_bytes(), &claims).unwrap_or_default()
+    }
+
+    async fn client(&self, project: &str, client: &str, cursors: &[(&str, Option<u64>)]) -> anyhow::Result<Connection> {
+        let mut c = Connection::connect(&self.ws, &self.token(client)).await?;
+        let cursors = cursors.iter().map(|(n, s)| ((*n).to_owned(), *s)).collect();
+        c.hello("bench", project, client, cursors).await?;
+        Ok(c)
+    }
+
+    async fn stop(mut self) {
+        self.stop.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+        }
+        let mut natsd = self.natsd;
+        let _ = tokio::task::spawn_blocking(move || natsd.terminate(Duration::from_secs(10))).await;
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+fn summary(h: &Histogram<u64>) -> Value {
+    let ms = |v: u64| v as f64 / 1000.0;
+    json!({
+        "count": h.len(),
+        "p50_ms": ms(h.value_at_quantile(0.50)),
+        "p90_ms": ms(h.value_at_quantile(0.90)),
+        "p99_ms": ms(h.value_at_quantile(0.99)),
+        "max_ms": ms(h.max()),
+    })
+}
+
+/// Progress on one line of stderr.
+fn progress(label: &str, done: Duration, total: Duration, extra: &str) {
+    let width = 30;
+    let frac = (done.as_secs_f64() / total.as_secs_f64()).clamp(0.0, 1.0);
+    let filled = (frac * width as f64) as usize;
+    eprint!(
+        "\r{label:<28} [{}{}] {:>5.1}s {extra:<40}",
+        "#".repeat(filled),
+        " ".repeat(width - filled),
+        done.as_secs_f64()
+    );
+}
+
+/// (user+system CPU seconds, peak RSS bytes) of a process, from /proc.
+fn process_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = 100.0; // USER_HZ on Linux
+    let cpu = (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / ticks;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())?;
+    Some((cpu, hwm * 1024))
+}
+
+/// Open-loop writers: `clients` sockets (one project each), `rate` ops/s in all, for
+/// `duration`; returns (acked, ack latency histogram, elapsed).
+async fn open_loop(
+    stack: &Stack,
+    clients: usize,
+    rate: u64,
+    duration: Duration,
+    label: &str,
+) -> anyhow::Result<(u64, Histogram<u64>, Duration)> {
+    let merged = Arc::new(Mutex::new(histogram()));
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now() + Duration::from_millis(200);
+    let per_client = rate as f64 / clients as f64;
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let mut conn = stack
+            .client(&format!("p{i}"), &format!("w{i}-{rate}"), &[])
+            .await?;
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let total = (per_client * duration.as_secs_f64()).round() as u64;
+            let mut sent_at: HashMap<String, Instant> = HashMap::new();
+            let mut local = histogram();
+            let mut next = 0u64;
+            let deadline = start + duration + Duration::from_secs(10);
+            let interval = Duration::from_secs_f64(1.0 / per_client.max(0.001));
+            while (next < total || !sent_at.is_empty()) && Instant::now() < deadline {
+                // Send everything that is due (open loop).
+                let now = Instant::now();
+                while next < total {
+                    let due = start + interval.mul_f64(next as f64);
+                    if due > now {
+                        break;
+                    }
+                    let id = format!("c{next}");
+                    if conn
+                        .command(&id, "index", &format!("k{}", next % 1000), OpType::Set, json!({"n": next}))
+                        .await
+                        .is_err()
+                    {
+                        return local;
+                    }
+                    sent_at.insert(id, due);
+                    next += 1;
+                }
+                let wait = if next < total {
+                    (start + interval.mul_f64(next as f64)).saturating_duration_since(Instant::now())
+                } else {
+                    Duration::from_millis(100)
+                };
+                match tokio::time::timeout(wait.max(Duration::from_micros(200)), conn.recv()).await {
+                    Ok(Ok(ServerMessage::Ack { command_id, .. })) => {
+                        if let Some(t) = sent_at.remove(&command_id) {
+                            let us = t.elapsed().as_micros() as u64;
+                            let _ = local.record(us.max(1));
+                            acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    Ok(Ok(ServerMessage::Reject { command_id, .. })) => {
+                        sent_at.remove(&command_id);
+                    }
+                    Ok(Ok(_)) | Err(_) => {}
+                    Ok(Err(_)) => return local,
+                }
+            }
+            local
+        }));
+    }
+    let total = duration + Duration::from_millis(200);
+    let begun = Instant::now();
+    let ticker = {
+        let acked = acked.clone();
+        let label = label.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let done = begun.elapsed();
+                progress(&label, done, total, &format!("{} acked", acked.load(std::sync::atomic::Ordering::Relaxed)));
+                if done >= total {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    for t in tasks {
+        if let Ok(h) = t.await {
+            let _ = merged.lock().unwrap_or_else(|p| p.into_inner()).add(h);
+        }
+    }
+    let elapsed = start.elapsed().min(duration + Duration::from_secs(10)).max(duration);
+    let _ = ticker.await;
+    eprintln!();
+    let h = merged.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok((acked.load(std::sync::atomic::Ordering::Relaxed), h, elapsed))
+}
+
+async fn jetstream(natsd_url: &str, duration: Duration) -> anyhow::Result<Value> {
+    use async_nats::jetstream;
+    let client = async_nats::connect(natsd_url).await?;
+    let js = jetstream::new(client);
+    let _ = js.delete_stream("USYNC_BENCH").await;
+    js.create_stream(jetstream::stream::Config {
+        name: "USYNC_BENCH".into(),
+        subjects: vec!["usync.bench.>".into()],
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; 200]);
+    let mut h = histogram();
+    let in_flight = 256;
+    let mut pending = std::collections::VecDeque::new();
+    let begun = Instant::now();
+    let mut acked = 0u64;
+    while begun.elapsed() < duration {
+        while pending.len() < in_flight {
+            let t = Instant::now();
+            let ack = js.publish("usync.bench.x", payload.clone()).await?;
+            pending.push_back((t, ack));
+        }
+        if let Some((t, ack)) = pending.pop_front() {
+            ack.await?;
+            let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+            acked += 1;
+        }
+        if acked % 2000 == 0 {
+            progress("jetstream raw publish", begun.elapsed(), duration, &format!("{acked} acked"));
+        }
+    }
+    while let Some((t, ack)) = pending.pop_front() {
+        ack.await?;
+        let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+        acked += 1;
+    }
+    let elapsed = begun.elapsed();
+    eprintln!();
+    let _ = js.delete_stream("USYNC_BENCH").await;
+    Ok(json!({
+        "acked": acked,
+        "ops_per_sec": acked as f64 / elapsed.as_secs_f64(),
+        "in_flight": in_flight,
+        "payload_bytes": 200,
+        "latency": summary(&h),
+    }))
+}
+
+async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow::Result<Value> {
+    let merged = Arc::new(Mutex::new(histogram()));
+    let mut tasks = Vec::new();
+    let epoch = Instant::now();
+    let expected = (100.0 * duration.as_secs_f64()) as u64;
+    for i in 0..subscribers {
+        let mut conn = stack.client("fan", &format!("s{i}"), &[("index", Some(0))]).await?;
+        let merged = merged.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut local = histogram();
+            let mut seen = 0;
+            while seen < expected {
+                match tokio::time::timeout(Duration::from_secs(30), conn.recv()).await {
+                    Ok(Ok(ServerMessage::Ops { ops, .. })) => {
+                        for op in ops {
+                            seen += 1;
+                            if let Some(sent) = op.payload["t_us"].as_u64() {
+                                let now = epoch.elapsed().as_micros() as u64;
+                                let _ = local.record(now.saturating_sub(sent).max(1));
+                            }
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                    _ => break,
+                }
+            }
+            let _ = merged.lock().unwrap_or_else(|p| p.into_inner()).add(&local);
+        }));
+        if i % 100 == 99 {
+            progress("fanout: connecting", Duration::from_secs_f64(i as f64), Duration::from_secs_f64(subscribers as f64), "");
+        }
+    }
+    eprintln!();
+    let mut writer = stack.client("fan", "fan-writer", &[]).await?;
+    let begun = Instant::now();
+    for n in 0..expected {
+        let due = begun + Duration::from_millis(10 * n);
+        tokio::time::sleep_until(due.into()).await;
+        let t = epoch.elapsed().as_micros() as u64;
+        writer
+            .command(&format!("f{n}"), "index", "ticker", OpType::Set, json!({"t_us": t}))
+            .await?;
+        if n % 20 == 0 {
+            progress("fanout 100 ops/s", begun.elapsed(), duration, &format!("{subscribers} subscribers"));
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    eprintln!();
+    let h = merged.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(json!({"subscribers": subscribers, "ops": expected, "rate": 100, "latency": summary(&h)}))
+}
+
+async fn bootstrap(stack: &Stack, keys: usize) -> anyhow::Result<Value> {
+    let mut w = stack.client("boot", "boot-writer", &[]).await?;
+    let begun = Instant::now();
+    let mut in_flight = 0usize;
+    let mut acked = 0usize;
+    let mut sent = 0usize;
+    while acked < keys {
+        while sent < keys && in_flight < 2000 {
+            w.command(&format!("b{sent}"), "index", &format!("key-{sent}"), OpType::Set, json!({"n": sent, "pad": "0123456789abcdef"}))
+                .await?;
+            sent += 1;
+            in_flight += 1;
+        }
+        if let ServerMessage::Ack { .. } | ServerMessage::Reject { .. } = w.recv_timeout(Duration::from_secs(60)).await? {
+            acked += 1;
+            in_flight -= 1;
+        }
+        if acked % 5000 == 0 {
+            progress("bootstrap: writing keys", Duration::from_secs_f64(acked as f64), Duration::from_secs_f64(keys as f64), "");
+        }
+    }
+    eprintln!();
+    let write_secs = begun.elapsed().as_secs_f64();
+    // A new client with no cursor: snapshot (when one is stored) + tail, then synced.
+    let started = Instant::now();
+    let mut c = stack.client("boot", "boot-reader", &[("index", None)]).await?;
+    let mut frames = 0;
+    let mut snapshot_keys = 0;
+    let mut ops = 0;
+    loop {
+        match c.recv_timeout(Duration::from_secs(120)).await? {
+            ServerMessage::Snapshot { state, .. } => {
+                frames += 1;
+                snapshot_keys += state.len();
+            }
+            ServerMessage::Ops { ops: o, .. } => ops += o.len(),
+            ServerMessage::Synced { .. } => break,
+            _ => {}
+        }
+    }
+    Ok(json!({
+        "keys": keys,
+        "write_secs": write_secs,
+        "bootstrap_ms": started.elapsed().as_secs_f64() * 1000.0,
+        "snapshot_frames": frames,
+        "snapshot_keys": snapshot_keys,
+        "tail_ops": ops,
+    }))
+}
+
+/// A small SVG: the throughput scenario's p50 and p99 against the offered rate.
+fn chart(steps: &[Value], raw_rate: Option<f64>) -> String {
+    let (w, h, pad) = (720.0, 400.0, 60.0);
+    let max_rate = steps
+        .iter()
+        .filter_map(|s| s["offered_ops_per_sec"].as_f64())
+        .fold(1.0_f64, f64::max);
+    let max_ms = steps
+        .iter()
+        .filter_map(|s| s["latency"]["p99_ms"].as_f64())
+        .fold(100.0_f64, f64::max)
+        .min(1000.0);
+    let x = |r: f64| pad + (w - 2.0 * pad) * r / max_rate;
+    let y = |ms: f64| h - pad - (h - 2.0 * pad) * ms.min(max_ms) / max_ms;
+    let line = |key: &str| -> String {
+        steps
+            .iter()
+            .filter_map(|s| Some(format!("{:.1},{:.1}", x(s["offered_ops_per_sec"].as_f64()?), y(s["latency"][key].as_f64()?))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut svg = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{pad}" y="24" font-size="15">ultrasync bench: ack latency vs offered load (open loop)</text>
+<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>
+<text x="{r}" y="{lb}" text-anchor="end">offered ops/s (max {max_rate:.0})</text>
+<text x="14" y="{pad}" >ms (max {max_ms:.0})</text>
+<line x1="{pad}" y1="{y100:.1}" x2="{r}" y2="{y100:.1}" stroke="#c00" stroke-dasharray="4 4"/><text x="{r}" y="{y100m:.1}" text-anchor="end" fill="#c00">100 ms</text>
+<polyline fill="none" stroke="#06c" stroke-width="2" points="{p50}"/>
+<polyline fill="none" stroke="#e80" stroke-width="2" points="{p99}"/>
+<text x="{lx}" y="{ly1}" fill="#06c">p50</text><text x="{lx}" y="{ly2}" fill="#e80">p99</text>
+"##,
+        b = h - pad,
+        r = w - pad,
+        lb = h - pad + 30.0,
+        y100 = y(100.0),
+        y100m = y(100.0) - 4.0,
+        p50 = line("p50_ms"),
+        p99 = line("p99_ms"),
+        lx = pad + 10.0,
+        ly1 = pad + 14.0,
+        ly2 = pad + 30.0,
+    );
+    if let Some(raw) = raw_rate
+        && raw <= max_rate * 1.5
+    {
+        let xr = x(raw.min(max_rate));
+        svg.push_str(&format!(
+            r##"<line x1="{xr:.1}" y1="{pad}" x2="{xr:.1}" y2="{b}" stroke="#090" stroke-dasharray="2 3"/><text x="{xr:.1}" y="{t}" fill="#090">raw JetStream {raw:.0}/s</text>
+"##,
+            b = h - pad,
+            t = pad - 6.0
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let all = args.scenario.iter().any(|s| s == "all");
+    let wants = |s: &str| all || args.scenario.iter().any(|x| x == s);
+    let step = Duration::from_secs(if args.quick { 1 } else { args.duration.max(1) });
+    let subscribers = if args.quick { args.subscribers.min(50) } else { args.subscribers };
+    let boot_keys = if args.quick { args.bootstrap_keys.min(2000) } else { args.bootstrap_keys };
+    eprintln!("starting a stack (nats-server with sync_interval: always, gateway, sequencer, materializer)...");
+    let stack = Stack::start().await?;
+    let mut report = serde_json::Map::new();
+    report.insert(
+        "machine".into(),
+        json!({
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "os": std::env::consts::OS,
+        }),
+    );
+    let mut raw_rate = None;
+    if wants("jetstream") {
+        let r = jetstream(&stack.natsd.url, step).await?;
+        raw_rate = r["ops_per_sec"].as_f64();
+        report.insert("jetstream".into(), r);
+    }
+    let mut steps = Vec::new();
+    if wants("throughput") {
+        let rates: &[u64] = if args.quick {
+            &[500, 2000]
+        } else {
+            &[1000, 2500, 5000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000]
+        };
+        for &rate in rates {
+            let (acked, h, elapsed) =
+                open_loop(&stack, 8, rate, step, &format!("throughput {rate}/s")).await?;
+            let achieved = acked as f64 / elapsed.as_secs_f64();
+            let p99 = h.value_at_quantile(0.99) as f64 / 1000.0;
+            steps.push(json!({
+                "offered_ops_per_sec": rate,
+                "acked_ops_per_sec": achieved,
+                "acked": acked,
+                "latency": summary(&h),
+            }));
+            if p99 > 100.0 || achieved < rate as f64 * 0.9 {
+                break;
+            }
+        }
+        let best = steps
+            .iter()
+            .filter(|s| s["latency"]["p99_ms"].as_f64().is_some_and(|p| p <= 100.0))
+            .filter_map(|s| s["acked_ops_per_sec"].as_f64())
+            .fold(0.0_f64, f64::max);
+        report.insert(
+            "throughput".into(),
+            json!({
+                "clients": 8,
+                "steps": steps,
+                "best_ops_per_sec_with_p99_under_100ms": best,
+                "ratio_to_raw_jetstream": raw_rate.map(|r| best / r),
+            }),
+        );
+    }
+    if wants("latency") {
+        let (acked, h, elapsed) = open_loop(&stack, 4, 1000, step * 2, "latency at 1000/s").await?;
+        report.insert(
+            "latency".into(),
+            json!({"offered_ops_per_sec": 1000, "acked_ops_per_sec": acked as f64 / elapsed.as_secs_f64(), "latency": summary(&h)}),
+        );
+    }
+    if wants("fanout") {
+        report.insert("fanout".into(), fanout(&stack, subscribers, step * 2).await?);
+    }
+    if wants("bootstrap") {
+        report.insert("bootstrap".into(), bootstrap(&stack, boot_keys).await?);
+    }
+    let mut processes = serde_json::Map::new();
+    if let Some((cpu, rss)) = process_usage(std::process::id()) {
+        processes.insert(
+            "ultrasync (gateway + sequencer + materializer + load generator)".into(),
+            json!({"cpu_secs": cpu, "peak_rss_mib": rss as f64 / 1048576.0}),
+        );
+    }
+    if let Some((cpu, rss)) = process_usage(stack.natsd.pid()) {
+        processes.insert(
+            "nats-server".into(),
+            json!({"cpu_secs": cpu, "peak_rss_mib": rss as f64 / 1048576.0}),
+        );
+    }
+    report.insert("processes".into(), Value::Object(processes));
+    stack.stop().await;
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let json_path = args.out.join(format!("bench-{stamp}.json"));
+    let svg_path = args.out.join(format!("bench-{stamp}.svg"));
+    let report = Value::Object(report);
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(&svg_path, chart(&steps, raw_rate))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    eprintln!("report: {}\nchart:  {}", json_path.display(), svg_path.display());
+    Ok(())
+}
