@@ -106,7 +106,9 @@ impl Stack {
         // Ready when a socket gets a welcome.
         for _ in 0..200 {
             if let Ok(mut c) = Connection::connect(&stack.ws, &stack.token("probe")).await
-                && c.hello("bench", "probe", "probe", BTreeMap::new()).await.is_ok()
+                && c.hello("bench", "probe", "probe", BTreeMap::new())
+                    .await
+                    .is_ok()
             {
                 return Ok(stack);
             }
@@ -116,11 +118,23 @@ impl Stack {
     }
 
     fn token(&self, sub: &str) -> String {
-        let claims = auth::claims(sub, "bench", &["*"], "read write", 86_400, auth::DEFAULT_AUDIENCE);
+        let claims = auth::claims(
+            sub,
+            "bench",
+            &["*"],
+            "read write",
+            86_400,
+            auth::DEFAULT_AUDIENCE,
+        );
         auth::mint_hs256(self.secret.as_bytes(), &claims).unwrap_or_default()
     }
 
-    async fn client(&self, project: &str, client: &str, cursors: &[(&str, Option<u64>)]) -> anyhow::Result<Connection> {
+    async fn client(
+        &self,
+        project: &str,
+        client: &str,
+        cursors: &[(&str, Option<u64>)],
+    ) -> anyhow::Result<Connection> {
         let mut c = Connection::connect(&self.ws, &self.token(client)).await?;
         let cursors = cursors.iter().map(|(n, s)| ((*n).to_owned(), *s)).collect();
         c.hello("bench", project, client, cursors).await?;
@@ -217,7 +231,13 @@ async fn open_loop(
                     }
                     let id = format!("c{next}");
                     if conn
-                        .command(&id, "index", &format!("k{}", next % 1000), OpType::Set, json!({"n": next}))
+                        .command(
+                            &id,
+                            "index",
+                            &format!("k{}", next % 1000),
+                            OpType::Set,
+                            json!({"n": next}),
+                        )
                         .await
                         .is_err()
                     {
@@ -227,11 +247,13 @@ async fn open_loop(
                     next += 1;
                 }
                 let wait = if next < total {
-                    (start + interval.mul_f64(next as f64)).saturating_duration_since(Instant::now())
+                    (start + interval.mul_f64(next as f64))
+                        .saturating_duration_since(Instant::now())
                 } else {
                     Duration::from_millis(100)
                 };
-                match tokio::time::timeout(wait.max(Duration::from_micros(200)), conn.recv()).await {
+                match tokio::time::timeout(wait.max(Duration::from_micros(200)), conn.recv()).await
+                {
                     Ok(Ok(ServerMessage::Ack { command_id, .. })) => {
                         if let Some(t) = sent_at.remove(&command_id) {
                             let us = t.elapsed().as_micros() as u64;
@@ -257,7 +279,12 @@ async fn open_loop(
         tokio::spawn(async move {
             loop {
                 let done = begun.elapsed();
-                progress(&label, done, total, &format!("{} acked", acked.load(std::sync::atomic::Ordering::Relaxed)));
+                progress(
+                    &label,
+                    done,
+                    total,
+                    &format!("{} acked", acked.load(std::sync::atomic::Ordering::Relaxed)),
+                );
                 if done >= total {
                     break;
                 }
@@ -270,7 +297,10 @@ async fn open_loop(
             let _ = merged.lock().unwrap_or_else(|p| p.into_inner()).add(h);
         }
     }
-    let elapsed = start.elapsed().min(duration + Duration::from_secs(10)).max(duration);
+    let elapsed = start
+        .elapsed()
+        .min(duration + Duration::from_secs(10))
+        .max(duration);
     let _ = ticker.await;
     eprintln!();
     let h = merged.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -307,7 +337,12 @@ async fn jetstream(natsd_url: &str, duration: Duration) -> anyhow::Result<Value>
             acked += 1;
         }
         if acked % 2000 == 0 {
-            progress("jetstream raw publish", begun.elapsed(), duration, &format!("{acked} acked"));
+            progress(
+                "jetstream raw publish",
+                begun.elapsed(),
+                duration,
+                &format!("{acked} acked"),
+            );
         }
     }
     while let Some((t, ack)) = pending.pop_front() {
@@ -333,7 +368,9 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
     let epoch = Instant::now();
     let expected = (100.0 * duration.as_secs_f64()) as u64;
     for i in 0..subscribers {
-        let mut conn = stack.client("fan", &format!("s{i}"), &[("index", Some(0))]).await?;
+        let mut conn = stack
+            .client("fan", &format!("s{i}"), &[("index", Some(0))])
+            .await?;
         let merged = merged.clone();
         tasks.push(tokio::spawn(async move {
             let mut local = histogram();
@@ -356,7 +393,12 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
             let _ = merged.lock().unwrap_or_else(|p| p.into_inner()).add(&local);
         }));
         if i % 100 == 99 {
-            progress("fanout: connecting", Duration::from_secs_f64(i as f64), Duration::from_secs_f64(subscribers as f64), "");
+            progress(
+                "fanout: connecting",
+                Duration::from_secs_f64(i as f64),
+                Duration::from_secs_f64(subscribers as f64),
+                "",
+            );
         }
     }
     eprintln!();
@@ -367,10 +409,21 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
         tokio::time::sleep_until(due.into()).await;
         let t = epoch.elapsed().as_micros() as u64;
         writer
-            .command(&format!("f{n}"), "index", "ticker", OpType::Set, json!({"t_us": t}))
+            .command(
+                &format!("f{n}"),
+                "index",
+                "ticker",
+                OpType::Set,
+                json!({"t_us": t}),
+            )
             .await?;
         if n % 20 == 0 {
-            progress("fanout 100 ops/s", begun.elapsed(), duration, &format!("{subscribers} subscribers"));
+            progress(
+                "fanout 100 ops/s",
+                begun.elapsed(),
+                duration,
+                &format!("{subscribers} subscribers"),
+            );
         }
     }
     for t in tasks {
@@ -389,24 +442,39 @@ async fn bootstrap(stack: &Stack, keys: usize) -> anyhow::Result<Value> {
     let mut sent = 0usize;
     while acked < keys {
         while sent < keys && in_flight < 2000 {
-            w.command(&format!("b{sent}"), "index", &format!("key-{sent}"), OpType::Set, json!({"n": sent, "pad": "0123456789abcdef"}))
-                .await?;
+            w.command(
+                &format!("b{sent}"),
+                "index",
+                &format!("key-{sent}"),
+                OpType::Set,
+                json!({"n": sent, "pad": "0123456789abcdef"}),
+            )
+            .await?;
             sent += 1;
             in_flight += 1;
         }
-        if let ServerMessage::Ack { .. } | ServerMessage::Reject { .. } = w.recv_timeout(Duration::from_secs(60)).await? {
+        if let ServerMessage::Ack { .. } | ServerMessage::Reject { .. } =
+            w.recv_timeout(Duration::from_secs(60)).await?
+        {
             acked += 1;
             in_flight -= 1;
         }
         if acked % 5000 == 0 {
-            progress("bootstrap: writing keys", Duration::from_secs_f64(acked as f64), Duration::from_secs_f64(keys as f64), "");
+            progress(
+                "bootstrap: writing keys",
+                Duration::from_secs_f64(acked as f64),
+                Duration::from_secs_f64(keys as f64),
+                "",
+            );
         }
     }
     eprintln!();
     let write_secs = begun.elapsed().as_secs_f64();
     // A new client with no cursor: snapshot (when one is stored) + tail, then synced.
     let started = Instant::now();
-    let mut c = stack.client("boot", "boot-reader", &[("index", None)]).await?;
+    let mut c = stack
+        .client("boot", "boot-reader", &[("index", None)])
+        .await?;
     let mut frames = 0;
     let mut snapshot_keys = 0;
     let mut ops = 0;
@@ -448,7 +516,13 @@ fn chart(steps: &[Value], raw_rate: Option<f64>) -> String {
     let line = |key: &str| -> String {
         steps
             .iter()
-            .filter_map(|s| Some(format!("{:.1},{:.1}", x(s["offered_ops_per_sec"].as_f64()?), y(s["latency"][key].as_f64()?))))
+            .filter_map(|s| {
+                Some(format!(
+                    "{:.1},{:.1}",
+                    x(s["offered_ops_per_sec"].as_f64()?),
+                    y(s["latency"][key].as_f64()?)
+                ))
+            })
             .collect::<Vec<_>>()
             .join(" ")
     };
@@ -494,9 +568,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let all = args.scenario.iter().any(|s| s == "all");
     let wants = |s: &str| all || args.scenario.iter().any(|x| x == s);
     let step = Duration::from_secs(if args.quick { 1 } else { args.duration.max(1) });
-    let subscribers = if args.quick { args.subscribers.min(50) } else { args.subscribers };
-    let boot_keys = if args.quick { args.bootstrap_keys.min(2000) } else { args.bootstrap_keys };
-    eprintln!("starting a stack (nats-server with sync_interval: always, gateway, sequencer, materializer)...");
+    let subscribers = if args.quick {
+        args.subscribers.min(50)
+    } else {
+        args.subscribers
+    };
+    let boot_keys = if args.quick {
+        args.bootstrap_keys.min(2000)
+    } else {
+        args.bootstrap_keys
+    };
+    eprintln!(
+        "starting a stack (nats-server with sync_interval: always, gateway, sequencer, materializer)..."
+    );
     let stack = Stack::start().await?;
     let mut report = serde_json::Map::new();
     report.insert(
@@ -517,7 +601,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let rates: &[u64] = if args.quick {
             &[500, 2000]
         } else {
-            &[1000, 2500, 5000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000]
+            &[
+                1000, 2500, 5000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000,
+            ]
         };
         for &rate in rates {
             let (acked, h, elapsed) =
@@ -557,7 +643,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     if wants("fanout") {
-        report.insert("fanout".into(), fanout(&stack, subscribers, step * 2).await?);
+        report.insert(
+            "fanout".into(),
+            fanout(&stack, subscribers, step * 2).await?,
+        );
     }
     if wants("bootstrap") {
         report.insert("bootstrap".into(), bootstrap(&stack, boot_keys).await?);
@@ -578,7 +667,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     report.insert("processes".into(), Value::Object(processes));
     stack.stop().await;
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -588,6 +678,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)?;
     std::fs::write(&svg_path, chart(&steps, raw_rate))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
-    eprintln!("report: {}\nchart:  {}", json_path.display(), svg_path.display());
+    eprintln!(
+        "report: {}\nchart:  {}",
+        json_path.display(),
+        svg_path.display()
+    );
     Ok(())
 }

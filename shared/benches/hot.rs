@@ -1,0 +1,104 @@
+//! The per-op hot path, in isolation: decode a command, validate it, apply it, encode
+//! it for fan-out, and the state digest. `cargo bench -p ultrasync-shared`.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use serde_json::json;
+use ultrasync_shared::namespaces::{NamespaceConfig, Namespaces};
+use ultrasync_shared::op::{CommandEnvelope, Op, OpType};
+use ultrasync_shared::protocol::encode_ops_frame;
+use ultrasync_shared::state::{self, NamespaceState};
+use ultrasync_shared::validate_key;
+
+fn command_json() -> String {
+    json!({
+        "org_id": "acme", "project_id": "web", "namespace": "todos", "actor_id": "alice",
+        "client_id": "tab-1", "command_id": "c-123456", "key": "todo:42",
+        "op_type": "set", "payload": {"title": "buy milk", "done": false, "tags": ["home", "errand"]},
+        "reply_to": "usync.reply.g1.s1"
+    })
+    .to_string()
+}
+
+fn op(seq: u64) -> Op {
+    Op {
+        op_id: format!("{seq:032x}"),
+        org_id: "acme".into(),
+        project_id: "web".into(),
+        namespace: "todos".into(),
+        actor_id: "alice".into(),
+        client_id: "tab-1".into(),
+        command_id: format!("c-{seq}"),
+        server_seq: seq,
+        hlc_ts: "7297000000000000000".into(),
+        key: format!("todo:{}", seq % 1000),
+        op_type: if seq % 3 == 0 {
+            OpType::Patch
+        } else {
+            OpType::Set
+        },
+        payload: json!({"title": "buy milk", "done": seq % 2 == 0, "n": seq}),
+        precondition: None,
+    }
+}
+
+fn hot(c: &mut Criterion) {
+    let text = command_json();
+    c.bench_function("decode command", |b| {
+        b.iter(|| serde_json::from_str::<CommandEnvelope>(black_box(&text)).expect("decode"))
+    });
+
+    let namespaces = Namespaces::new(&[NamespaceConfig {
+        name: "todos".into(),
+        mode: ultrasync_shared::namespaces::Mode::Lww,
+        schema: Some(json!({"type": "object", "required": ["title"],
+            "properties": {"title": {"type": "string"}, "done": {"type": "boolean"}}})),
+        schema_file: None,
+        max_value_bytes: Some(65536),
+    }])
+    .expect("namespaces");
+    let cmd: CommandEnvelope = serde_json::from_str(&text).expect("decode");
+    c.bench_function("validate command (ids, key, size, schema)", |b| {
+        b.iter(|| {
+            let spec = namespaces.get(black_box(&cmd.namespace)).expect("spec");
+            validate_key(&cmd.key).expect("key");
+            let size = serde_json::to_vec(&cmd.payload).map_or(0, |v| v.len());
+            assert!(size <= spec.max_value_bytes);
+            spec.check_schema(&cmd.payload).expect("schema");
+        })
+    });
+
+    let ops: Vec<Op> = (1..=10_000).map(op).collect();
+    c.bench_function("apply 10,000 ops (set/patch over 1,000 keys)", |b| {
+        b.iter(|| {
+            let mut st = NamespaceState::default();
+            for o in &ops {
+                state::apply(&mut st, o).expect("apply");
+            }
+            st
+        })
+    });
+
+    let bodies: Vec<Vec<u8>> = ops[..100]
+        .iter()
+        .map(|o| serde_json::to_vec(o).expect("encode"))
+        .collect();
+    c.bench_function("encode an ops frame of 100 stored ops", |b| {
+        b.iter(|| encode_ops_frame("todos", 1, bodies.iter().map(|v| v.as_slice())))
+    });
+    c.bench_function("encode one op (JSON)", |b| {
+        b.iter(|| serde_json::to_vec(black_box(&ops[7])).expect("encode"))
+    });
+
+    let mut st = NamespaceState::default();
+    for o in &ops {
+        state::apply(&mut st, o).expect("apply");
+    }
+    c.bench_function("digest of a 1,000-key state", |b| {
+        b.iter(|| state::digest(black_box(&st)))
+    });
+}
+
+criterion_group!(benches, hot);
+criterion_main!(benches);

@@ -1,0 +1,62 @@
+//! `ultrasync bench --quick` end to end: every scenario runs against its own stack and
+//! the report and chart are written. Figures are not asserted (they are measured by
+//! the benchmark, not by tests).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn a_quick_bench_writes_a_report_and_a_chart() {
+    let out = tempfile::tempdir().expect("tmp");
+    let run = Command::new(env!("CARGO_BIN_EXE_ultrasync"))
+        .args([
+            "bench",
+            "--quick",
+            "--subscribers",
+            "10",
+            "--bootstrap-keys",
+            "300",
+            "--out",
+        ])
+        .arg(out.path())
+        .env("ULTRASYNC_LOG", "error")
+        .output()
+        .expect("run bench");
+    assert!(
+        run.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: Value = serde_json::from_slice(&run.stdout).expect("report on stdout");
+    for scenario in [
+        "jetstream",
+        "throughput",
+        "latency",
+        "fanout",
+        "bootstrap",
+        "processes",
+    ] {
+        assert!(report.get(scenario).is_some(), "no {scenario} in {report}");
+    }
+    assert!(
+        report["jetstream"]["ops_per_sec"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0)
+    );
+    assert!(report["latency"]["latency"]["p99_ms"].as_f64().is_some());
+    assert!(
+        report["fanout"]["latency"]["count"]
+            .as_u64()
+            .is_some_and(|c| c > 0)
+    );
+    assert_eq!(report["bootstrap"]["keys"].as_u64(), Some(300));
+    let files: Vec<String> = std::fs::read_dir(out.path())
+        .expect("results")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    assert!(files.iter().any(|f| f.ends_with(".json")), "{files:?}");
+    let svg = files.iter().find(|f| f.ends_with(".svg")).expect("a chart");
+    let text = std::fs::read_to_string(out.path().join(svg)).expect("svg");
+    assert!(text.starts_with("<svg") && text.contains("polyline"));
+}
