@@ -33,12 +33,12 @@ fn op(seq: u64) -> Op {
         server_seq: seq,
         hlc_ts: "7297000000000000000".into(),
         key: format!("todo:{}", seq % 1000),
-        op_type: if seq % 3 == 0 {
+        op_type: if seq.is_multiple_of(3) {
             OpType::Patch
         } else {
             OpType::Set
         },
-        payload: json!({"title": "buy milk", "done": seq % 2 == 0, "n": seq}),
+        payload: json!({"title": "buy milk", "done": seq.is_multiple_of(2), "n": seq}),
         precondition: None,
     }
 }
