@@ -336,7 +336,7 @@ async fn jetstream(natsd_url: &str, duration: Duration) -> anyhow::Result<Value>
             let _ = h.record((t.elapsed().as_micros() as u64).max(1));
             acked += 1;
         }
-        if acked % 2000 == 0 {
+        if acked.is_multiple_of(2000) {
             progress(
                 "jetstream raw publish",
                 begun.elapsed(),
@@ -392,7 +392,7 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
             }
             let _ = merged.lock().unwrap_or_else(|p| p.into_inner()).add(&local);
         }));
-        if i % 100 == 99 {
+        if (i + 1).is_multiple_of(100) {
             progress(
                 "fanout: connecting",
                 Duration::from_secs_f64(i as f64),
@@ -417,7 +417,7 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
                 json!({"t_us": t}),
             )
             .await?;
-        if n % 20 == 0 {
+        if n.is_multiple_of(20) {
             progress(
                 "fanout 100 ops/s",
                 begun.elapsed(),
@@ -459,7 +459,7 @@ async fn bootstrap(stack: &Stack, keys: usize) -> anyhow::Result<Value> {
             acked += 1;
             in_flight -= 1;
         }
-        if acked % 5000 == 0 {
+        if acked.is_multiple_of(5000) {
             progress(
                 "bootstrap: writing keys",
                 Duration::from_secs_f64(acked as f64),
