@@ -191,6 +191,17 @@ fn json_arg(what: &str, text: &str) -> anyhow::Result<Value> {
     })
 }
 
+/// `/v1/{org}/{project}/{ns}/keys/{key}`.
+fn key_path(r: &Resolved, namespace: &str, key: &str) -> String {
+    format!(
+        "/v1/{}/{}/{}/keys/{}",
+        r.org,
+        r.project,
+        namespace,
+        segment(key)
+    )
+}
+
 /// Percent-encodes a key for a path segment.
 fn segment(s: &str) -> String {
     let mut out = String::new();
@@ -263,13 +274,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             let headers: Vec<(&str, String)> = if_version
                 .map(|v| vec![("If-Match", format!("\"{v}\""))])
                 .unwrap_or_default();
-            let path = format!(
-                "/v1/{}/{}/{}/keys/{}",
-                r.org,
-                r.project,
-                namespace,
-                segment(&key)
-            );
+            let path = key_path(&r, &namespace, &key);
             print(&call(&r, "PUT", &path, &headers, Some(value.to_string())).await?);
         }
         ClientCommand::Del {
@@ -282,13 +287,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             let headers: Vec<(&str, String)> = if_version
                 .map(|v| vec![("If-Match", format!("\"{v}\""))])
                 .unwrap_or_default();
-            let path = format!(
-                "/v1/{}/{}/{}/keys/{}",
-                r.org,
-                r.project,
-                namespace,
-                segment(&key)
-            );
+            let path = key_path(&r, &namespace, &key);
             print(&call(&r, "DELETE", &path, &headers, None).await?);
         }
         ClientCommand::Get {
@@ -297,13 +296,7 @@ pub async fn run(cmd: ClientCommand) -> anyhow::Result<()> {
             key,
         } => {
             let r = resolve(&target)?;
-            let path = format!(
-                "/v1/{}/{}/{}/keys/{}",
-                r.org,
-                r.project,
-                namespace,
-                segment(&key)
-            );
+            let path = key_path(&r, &namespace, &key);
             print(&call(&r, "GET", &path, &[], None).await?);
         }
         ClientCommand::Patch {
