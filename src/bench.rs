@@ -14,6 +14,8 @@
 //! - `fanout`: one writer at 100 ops/s, N subscribers; commit-to-receipt latency.
 //! - `bootstrap`: a namespace with K keys, then the time a new client takes from
 //!   `hello` (null cursor) to `synced`.
+//! - `idle`: a gateway in its own process holding N idle sockets (each after
+//!   `hello`): its resident memory before and with them.
 //!
 //! Latencies are measured from the scheduled send time (open loop: a slow server
 //! cannot hide its queueing) with an HDR histogram (µs, 3 significant digits).
@@ -51,6 +53,9 @@ pub struct BenchArgs {
     /// Keys written before the bootstrap measurement.
     #[arg(long, default_value_t = 100_000)]
     bootstrap_keys: usize,
+    /// Idle sockets held open against a separate gateway process.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
     /// Where the report and chart go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -499,6 +504,119 @@ async fn bootstrap(stack: &Stack, keys: usize) -> anyhow::Result<Value> {
     }))
 }
 
+/// Resident set (VmRSS, VmHWM) of a process, in bytes.
+fn rss(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    Some((kib("VmRSS:")? * 1024, kib("VmHWM:")? * 1024))
+}
+
+async fn idle(stack: &Stack, connections: usize) -> anyhow::Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.path().join("ultrasync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nmax_connections = {}\nhello_timeout_secs = 60\n",
+            connections + 100
+        ),
+    )?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "gateway",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--nats-url",
+            &stack.natsd.url,
+        ])
+        .arg("--config")
+        .arg(&config)
+        .env("ULTRASYNC_JWT_SECRET", &stack.secret)
+        .env("ULTRASYNC_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting a gateway process")?;
+    let ws = format!("ws://127.0.0.1:{port}/v1/sync");
+    let base = format!("http://127.0.0.1:{port}");
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(r) = ultrasync_client::http::request(
+            "GET",
+            &base,
+            "/readyz",
+            &[],
+            None,
+            Duration::from_secs(2),
+        )
+        .await
+            && r.status == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !ready {
+        let _ = child.kill();
+        anyhow::bail!("the gateway process did not come up");
+    }
+    let before = rss(child.id()).map_or(0, |r| r.0);
+    let token = stack.token("idle");
+    let mut held = Vec::with_capacity(connections);
+    let begun = Instant::now();
+    while held.len() < connections {
+        let batch = (connections - held.len()).min(200);
+        let opened = futures::future::join_all((0..batch).map(|i| {
+            let ws = ws.clone();
+            let token = token.clone();
+            let n = held.len() + i;
+            async move {
+                let mut c = Connection::connect(&ws, &token).await?;
+                c.hello("bench", "idle", &format!("idle-{n}"), BTreeMap::new())
+                    .await?;
+                Ok::<_, ultrasync_client::ClientError>(c)
+            }
+        }))
+        .await;
+        for c in opened {
+            held.push(c?);
+        }
+        progress(
+            "idle: opening sockets",
+            Duration::from_secs_f64(held.len() as f64),
+            Duration::from_secs_f64(connections as f64),
+            &format!("{} open", held.len()),
+        );
+    }
+    eprintln!();
+    let open_secs = begun.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (with, peak) = rss(child.id()).unwrap_or((0, 0));
+    drop(held);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    Ok(json!({
+        "connections": connections,
+        "open_secs": open_secs,
+        "gateway_rss_mib_before": mib(before),
+        "gateway_rss_mib_with_connections": mib(with),
+        "gateway_peak_rss_mib": mib(peak),
+        "kib_per_connection": (with.saturating_sub(before)) as f64 / 1024.0 / connections.max(1) as f64,
+    }))
+}
+
 /// A small SVG: the throughput scenario's p50 and p99 against the offered rate.
 fn chart(steps: &[Value], raw_rate: Option<f64>) -> String {
     let (w, h, pad) = (720.0, 400.0, 60.0);
@@ -650,6 +768,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if wants("bootstrap") {
         report.insert("bootstrap".into(), bootstrap(&stack, boot_keys).await?);
+    }
+    if wants("idle") {
+        let n = if args.quick {
+            args.idle_connections.min(200)
+        } else {
+            args.idle_connections
+        };
+        report.insert("idle".into(), idle(&stack, n).await?);
     }
     let mut processes = serde_json::Map::new();
     if let Some((cpu, rss)) = process_usage(std::process::id()) {
