@@ -82,6 +82,7 @@ async fn run_commands(
     let reply_to = state.routes.reply_subject(&request_id);
     let mut results: Vec<Option<ServerMessage>> = vec![None; frames.len()];
     let mut waiting: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut acks = Vec::new();
     for (i, frame) in frames.into_iter().enumerate() {
         if let Err((code, reason)) = check_frame(&frame) {
             results[i] = Some(ServerMessage::reject(frame.command_id, code, reason));
@@ -114,16 +115,8 @@ async fn run_commands(
         };
         match published {
             Ok(ack) => {
-                // The stream ack: a command the queue did not take is answered now.
-                if ack.await.is_err() {
-                    results[i] = Some(ServerMessage::reject(
-                        frame.command_id,
-                        ErrorCode::Unavailable,
-                        "the command queue is unavailable; retry",
-                    ));
-                    continue;
-                }
-                waiting.entry(frame.command_id).or_default().push(i);
+                waiting.entry(frame.command_id.clone()).or_default().push(i);
+                acks.push((i, frame.command_id, ack));
             }
             Err(e) => {
                 results[i] = Some(ServerMessage::reject(

@@ -70,6 +70,12 @@ pub trait Hooks: Send + Sync + 'static {
 
     fn after_apply(&self, _principal: &Principal, _answer: &ServerMessage) {}
 
+    /// Whether [`Hooks::after_apply`] wants to be called: answers are decoded for it
+    /// on the hot path only when it does.
+    fn observes_answers(&self) -> bool {
+        true
+    }
+
     fn on_connect(&self, _principal: &Principal, _session_id: &str) {}
 
     fn on_disconnect(&self, _principal: &Principal, _session_id: &str) {}
@@ -78,4 +84,8 @@ pub trait Hooks: Send + Sync + 'static {
 /// The default: no business rules.
 pub struct NoHooks;
 
-impl Hooks for NoHooks {}
+impl Hooks for NoHooks {
+    fn observes_answers(&self) -> bool {
+        false
+    }
+}

@@ -383,7 +383,9 @@ impl Session {
                 _ => {}
             }
         }
-        if let Ok(answer) = serde_json::from_slice::<ServerMessage>(&reply) {
+        if self.state.hooks.observes_answers()
+            && let Ok(answer) = serde_json::from_slice::<ServerMessage>(&reply)
+        {
             self.state.hooks.after_apply(&self.principal, &answer);
         }
         let text = String::from_utf8_lossy(&reply).into_owned();
