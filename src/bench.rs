@@ -81,6 +81,7 @@ impl Stack {
             run_dir: dir.path().to_path_buf(),
             port: None,
             extra_conf: String::new(),
+            ..Default::default()
         })?;
         let secret = hex::encode(rand::random::<[u8; 32]>());
         let mut config = Config {

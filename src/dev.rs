@@ -109,6 +109,7 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
         run_dir: data_dir.clone(),
         port: (cfg.dev.nats_port != 0).then_some(cfg.dev.nats_port),
         extra_conf: String::new(),
+        ..Default::default()
     })?;
     cfg.nats_url = natsd.url.clone();
 

@@ -45,12 +45,7 @@ pub enum Inspect {
 }
 
 pub async fn run(config: &Config, what: Inspect) -> anyhow::Result<()> {
-    let client = nats::connect(
-        &config.nats_url,
-        "ultrasync-inspect",
-        Duration::from_secs(5),
-    )
-    .await?;
+    let client = nats::connect(config, "ultrasync-inspect", Duration::from_secs(5)).await?;
     let js = jetstream::new(client);
     let out = match what {
         Inspect::Streams => streams(&js).await?,

@@ -39,9 +39,20 @@ struct CommonArgs {
     /// Config file [default: ./ultrasync.toml when present].
     #[arg(long, global = true, env = "ULTRASYNC_CONFIG")]
     config: Option<PathBuf>,
-    /// NATS server URL.
+    /// NATS server URL(s), comma separated (several nodes of a cluster).
     #[arg(long, global = true, env = "ULTRASYNC_NATS_URL")]
     nats_url: Option<String>,
+    /// NATS user (each service has its own in deploy/nats/users.conf).
+    #[arg(long, global = true, env = "ULTRASYNC_NATS_USER")]
+    nats_user: Option<String>,
+    /// Password of --nats-user.
+    #[arg(
+        long,
+        global = true,
+        env = "ULTRASYNC_NATS_PASSWORD",
+        hide_env_values = true
+    )]
+    nats_password: Option<String>,
     /// HS256 secret (at least 32 bytes).
     #[arg(
         long,
@@ -71,6 +82,10 @@ enum LogFormat {
 enum Command {
     /// Run everything locally: a managed nats-server and all services in one process.
     Dev(dev::DevArgs),
+    /// Create or update the JetStream layout (streams, cursor bucket, snapshot store)
+    /// with the configured replicas. Run once per deployment, with admin credentials;
+    /// services whose NATS user may not create streams expect it done.
+    Setup,
     /// Run the gateway (WebSocket + HTTP) against a NATS server.
     Gateway(GatewayArgs),
     /// Run a sequencer against a NATS server.
@@ -229,6 +244,12 @@ impl CommonArgs {
         if let Some(u) = &self.nats_url {
             cfg.nats_url = u.clone();
         }
+        if let Some(u) = &self.nats_user {
+            cfg.nats_user = Some(u.clone());
+        }
+        if let Some(p) = &self.nats_password {
+            cfg.nats_password = Some(p.clone());
+        }
         if let Some(s) = &self.jwt_secret {
             cfg.auth.jwt_secret = Some(s.clone());
         }
@@ -351,16 +372,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut cfg = cli.common.config()?;
             args.settings.apply(&mut cfg);
             cfg.validate()?;
-            let client = ultrasync_shared::nats::connect(
-                &cfg.nats_url,
-                "ultrasync-compact",
-                Duration::from_secs(5),
-            )
-            .await?;
+            let client =
+                ultrasync_shared::nats::connect(&cfg, "ultrasync-compact", Duration::from_secs(5))
+                    .await?;
             let js = async_nats::jetstream::new(client);
             let report =
                 ultrasync_compactor::compact_once(&js, &cfg.compactor, args.dry_run, None).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Setup => {
+            let cfg = cli.common.config()?;
+            cfg.validate()?;
+            let client =
+                ultrasync_shared::nats::connect(&cfg, "ultrasync-setup", Duration::from_secs(10))
+                    .await?;
+            let js = async_nats::jetstream::new(client);
+            ultrasync_shared::nats::ensure_layout(&js, cfg.layout()).await?;
+            let problems = ultrasync_shared::nats::check_layout(&js).await?;
+            if !problems.is_empty() {
+                anyhow::bail!("layout still incomplete: {}", problems.join("; "));
+            }
+            for (name, replicas) in ultrasync_shared::nats::describe_layout(&js).await? {
+                println!("{name:<24} replicas {replicas}");
+            }
             Ok(())
         }
         Command::Client(cmd) => cli::run(cmd).await,
@@ -372,6 +407,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.validate()?;
             if cfg.auth.jwt_secret.is_some() {
                 cfg.auth.jwt_secret = Some("<redacted>".to_owned());
+            }
+            if cfg.nats_password.is_some() {
+                cfg.nats_password = Some("<redacted>".to_owned());
             }
             print!("{}", toml::to_string(&cfg)?);
             Ok(())

@@ -54,12 +54,7 @@ pub async fn run(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
             "rebuild only verifies: pass --verify. To rebuild a materializer, stop it, delete its data_dir and start it again: it rebuilds from snapshot + log"
         );
     }
-    let client = nats::connect(
-        &config.nats_url,
-        "ultrasync-rebuild",
-        Duration::from_secs(5),
-    )
-    .await?;
+    let client = nats::connect(config, "ultrasync-rebuild", Duration::from_secs(5)).await?;
     let js = jetstream::new(client.clone());
     let ops = js
         .get_stream(OPS_STREAM)

@@ -31,7 +31,7 @@ use ultrasync_shared::namespaces::{Mode, Namespaces};
 use ultrasync_shared::nats::OPS_STREAM;
 
 /// The dead-letter stream.
-pub const DLQ_STREAM: &str = "USYNC_WEBHOOKS_DLQ";
+pub use ultrasync_shared::nats::DLQ_STREAM;
 /// Longest wait between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// One POST may take this long.
@@ -68,14 +68,13 @@ pub async fn start(
     if hooks.is_empty() {
         return Ok(());
     }
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: DLQ_STREAM.to_owned(),
-        subjects: vec!["usync.webhooks.dead.>".to_owned()],
-        storage: jetstream::stream::StorageType::File,
-        ..Default::default()
-    })
+    // Normally made by `ultrasync setup` / the service start-up (`ensure_layout`);
+    // only looked up here when it exists.
+    js.get_or_create_stream(ultrasync_shared::nats::dlq_stream_config(
+        ultrasync_shared::nats::LayoutOptions::default(),
+    ))
     .await
-    .context("creating the webhook dead-letter stream")?;
+    .context("opening the webhook dead-letter stream")?;
     let ops = js
         .get_stream(OPS_STREAM)
         .await

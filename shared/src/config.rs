@@ -15,8 +15,14 @@ pub const DEFAULT_CONFIG_FILE: &str = "ultrasync.toml";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// NATS server URL(s), comma separated.
+    /// NATS server URL(s), comma separated; on a cluster list several nodes so a
+    /// service can connect (and reconnect) through any of them.
     pub nats_url: String,
+    /// NATS user (with `nats_password`); each service has its own in the shipped
+    /// `deploy/nats/users.conf`. None: no authentication (or credentials in the URL).
+    pub nats_user: Option<String>,
+    /// Password of `nats_user`. Prefer `ULTRASYNC_NATS_PASSWORD` to the file.
+    pub nats_password: Option<String>,
     /// Stream replicas: 1, or 3 on a NATS cluster.
     pub replicas: usize,
     pub auth: AuthConfig,
@@ -71,6 +77,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".to_owned(),
+            nats_user: None,
+            nats_password: None,
             replicas: 1,
             auth: AuthConfig::default(),
             gateway: GatewayConfig::default(),
@@ -309,6 +317,10 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        crate::nats::server_addrs(&self.nats_url)?;
+        if self.nats_user.is_some() != self.nats_password.is_some() {
+            anyhow::bail!("nats_user and nats_password go together");
+        }
         if !matches!(self.replicas, 1 | 3) {
             anyhow::bail!("replicas must be 1 or 3, got {}", self.replicas);
         }
@@ -408,6 +420,13 @@ mod tests {
         assert_eq!(cfg.gateway.outbound_queue, 1024);
         assert!(Config::from_toml("nats_ur = \"x\"").is_err());
         assert!(Config::from_toml("replicas = 2").is_err());
+        assert!(Config::from_toml("nats_user = \"gateway\"").is_err());
+        let cfg = Config::from_toml(
+            "nats_url = \"nats://a:4222, nats://b:4222,nats://c:4222\"\nnats_user = \"gateway\"\nnats_password = \"pw\"\n",
+        )
+        .expect("credentials and a server list");
+        assert_eq!(cfg.nats_user.as_deref(), Some("gateway"));
+        assert!(Config::from_toml("nats_url = \"nats://a:4222,,nope:x\"").is_err());
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub const OPS_STREAM: &str = "USYNC_OPS";
 pub const CURSORS_BUCKET: &str = "usync-cursors";
 /// Snapshot object store.
 pub const SNAPSHOTS_BUCKET: &str = "usync-snapshots";
+/// Webhook dead letters (`usync.webhooks.dead.{name}`), written by the gateways.
+pub const DLQ_STREAM: &str = "USYNC_WEBHOOKS_DLQ";
 /// The sequencers' shared durable consumer on `USYNC_CMDS`.
 pub const SEQUENCER_CONSUMER: &str = "usync-sequencer";
 
@@ -105,25 +107,45 @@ pub fn ops_stream_config(opts: LayoutOptions) -> stream::Config {
     }
 }
 
-/// Creates or updates the streams and buckets. Safe to run from every service at
-/// every start, concurrently.
-pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyhow::Result<()> {
-    for cfg in [cmds_stream_config(opts), ops_stream_config(opts)] {
-        let name = cfg.name.clone();
-        js.create_or_update_stream(cfg)
-            .await
-            .map_err(|e| anyhow::anyhow!("creating stream {name}: {e}"))?;
+/// `USYNC_WEBHOOKS_DLQ`: webhook events that ran out of attempts.
+pub fn dlq_stream_config(opts: LayoutOptions) -> stream::Config {
+    stream::Config {
+        name: DLQ_STREAM.to_owned(),
+        description: Some("ultrasync webhook dead letters".to_owned()),
+        subjects: vec!["usync.webhooks.dead.>".to_owned()],
+        storage: stream::StorageType::File,
+        num_replicas: opts.replicas,
+        ..Default::default()
     }
-    js.create_or_update_key_value(jetstream::kv::Config {
+}
+
+fn cursors_bucket_config(opts: LayoutOptions) -> jetstream::kv::Config {
+    jetstream::kv::Config {
         bucket: CURSORS_BUCKET.to_owned(),
         description: "ultrasync client cursors".to_owned(),
         history: 1,
         storage: stream::StorageType::File,
         num_replicas: opts.replicas,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("creating bucket {CURSORS_BUCKET}: {e}"))?;
+    }
+}
+
+/// Creates or updates the streams and buckets (`ultrasync setup`, `ultrasync dev`,
+/// and services whose NATS user may). Safe to run concurrently.
+pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyhow::Result<()> {
+    for cfg in [
+        cmds_stream_config(opts),
+        ops_stream_config(opts),
+        dlq_stream_config(opts),
+    ] {
+        let name = cfg.name.clone();
+        js.create_or_update_stream(cfg)
+            .await
+            .map_err(|e| anyhow::anyhow!("creating stream {name}: {e}"))?;
+    }
+    js.create_or_update_key_value(cursors_bucket_config(opts))
+        .await
+        .map_err(|e| anyhow::anyhow!("creating bucket {CURSORS_BUCKET}: {e}"))?;
     if js.get_object_store(SNAPSHOTS_BUCKET).await.is_err() {
         let created = js
             .create_object_store(jetstream::object_store::Config {
@@ -142,9 +164,119 @@ pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyh
                 ));
             }
         }
+    } else {
+        // The object store API has no update: change its stream's replicas directly.
+        let name = format!("OBJ_{SNAPSHOTS_BUCKET}");
+        let have = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| anyhow::anyhow!("reading stream {name}: {e}"))?
+            .cached_info()
+            .config
+            .clone();
+        if have.num_replicas != opts.replicas {
+            js.update_stream(stream::Config {
+                num_replicas: opts.replicas,
+                ..have
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("updating stream {name}: {e}"))?;
+        }
     }
     info!(replicas = opts.replicas, "nats layout ready");
     Ok(())
+}
+
+/// Stream name and replicas of every part of the layout, as stored now.
+pub async fn describe_layout(js: &jetstream::Context) -> anyhow::Result<Vec<(String, usize)>> {
+    let mut out = Vec::new();
+    for name in [
+        CMDS_STREAM.to_owned(),
+        OPS_STREAM.to_owned(),
+        DLQ_STREAM.to_owned(),
+        format!("KV_{CURSORS_BUCKET}"),
+        format!("OBJ_{SNAPSHOTS_BUCKET}"),
+    ] {
+        let s = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| anyhow::anyhow!("reading stream {name}: {e}"))?;
+        out.push((name, s.cached_info().config.num_replicas));
+    }
+    Ok(out)
+}
+
+/// Reads the layout without changing it (only `STREAM.INFO`, which every service
+/// user may do): the list of what is missing or differs from what the code needs.
+/// Replicas are not compared: they are the operator's choice at `ultrasync setup`.
+pub async fn check_layout(js: &jetstream::Context) -> anyhow::Result<Vec<String>> {
+    let opts = LayoutOptions::default();
+    let kv = cursors_bucket_config(opts);
+    let wanted = [
+        cmds_stream_config(opts),
+        ops_stream_config(opts),
+        dlq_stream_config(opts),
+    ];
+    let mut problems = Vec::new();
+    for want in wanted {
+        match js.get_stream(&want.name).await {
+            Err(e) if stream_not_found(&e) => {
+                problems.push(format!("stream {} is missing", want.name));
+            }
+            Err(e) => return Err(anyhow::anyhow!("reading stream {}: {e}", want.name)),
+            Ok(s) => {
+                let have = &s.cached_info().config;
+                let differs = have.subjects != want.subjects
+                    || have.storage != want.storage
+                    || have.retention != want.retention
+                    || have.allow_direct != want.allow_direct
+                    || have.allow_atomic_publish != want.allow_atomic_publish
+                    || have.deny_delete != want.deny_delete;
+                if differs {
+                    problems.push(format!("stream {} has another configuration", want.name));
+                }
+            }
+        }
+    }
+    for (kind, stream) in [
+        ("bucket", format!("KV_{}", kv.bucket)),
+        ("object store", format!("OBJ_{SNAPSHOTS_BUCKET}")),
+    ] {
+        match js.get_stream(&stream).await {
+            Ok(_) => {}
+            Err(e) if stream_not_found(&e) => {
+                problems.push(format!("{kind} {stream} is missing"));
+            }
+            Err(e) => return Err(anyhow::anyhow!("reading {kind} {stream}: {e}")),
+        }
+    }
+    Ok(problems)
+}
+
+fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// What services do at start: go on when the layout is there; otherwise create it
+/// if this NATS user may, else fail telling the operator to run `ultrasync setup`.
+pub async fn prepare_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyhow::Result<()> {
+    let problems = check_layout(js).await?;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    info!(problems = %problems.join("; "), "nats layout incomplete; creating it");
+    ensure_layout(js, opts).await.map_err(|e| {
+        anyhow::anyhow!(
+            "the JetStream layout is not ready ({}) and this NATS user cannot create it ({e:#}); \
+             run `ultrasync setup` once with admin credentials \
+             (ULTRASYNC_NATS_USER=admin ULTRASYNC_NATS_PASSWORD=... ultrasync setup --replicas N)",
+            problems.join("; ")
+        )
+    })
 }
 
 /// What a service holds after start-up.
@@ -158,15 +290,15 @@ pub struct ServiceNats {
 }
 
 /// What every service does first: connect (waiting up to 30 s for NATS to come up),
-/// create or update the streams and buckets, and open the op log and snapshot store.
+/// check (or create) the streams and buckets, and open the op log and snapshot store.
 pub async fn connect_service(
     config: &crate::config::Config,
     name: &str,
 ) -> anyhow::Result<ServiceNats> {
     use anyhow::Context as _;
-    let client = connect(&config.nats_url, name, Duration::from_secs(30)).await?;
+    let client = connect(config, name, Duration::from_secs(30)).await?;
     let js = jetstream::new(client.clone());
-    ensure_layout(&js, config.layout()).await?;
+    prepare_layout(&js, config.layout()).await?;
     let ops = js
         .get_stream(OPS_STREAM)
         .await
@@ -183,21 +315,46 @@ pub async fn connect_service(
     })
 }
 
-/// Connects to NATS, retrying for up to `patience` while the server comes up.
+/// Parses `nats_url`: one or more URLs, comma separated (`nats://a:4222,b:4222`).
+pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    let addrs = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| anyhow::anyhow!("bad NATS URL {u:?}: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if addrs.is_empty() {
+        anyhow::bail!("nats_url names no server");
+    }
+    Ok(addrs)
+}
+
+/// Connects to NATS as the configured user, through any of the configured servers
+/// (and the ones a cluster advertises), retrying for up to `patience` while NATS
+/// comes up. Once connected the client reconnects forever, to any server.
 pub async fn connect(
-    url: &str,
+    config: &crate::config::Config,
     name: &str,
     patience: Duration,
 ) -> anyhow::Result<async_nats::Client> {
+    let url = config.nats_url.as_str();
+    let addrs = server_addrs(url)?;
     let deadline = tokio::time::Instant::now() + patience;
     let mut delay = Duration::from_millis(50);
     loop {
-        let opts = async_nats::ConnectOptions::new()
+        let mut opts = async_nats::ConnectOptions::new()
             .name(name)
             .connection_timeout(Duration::from_secs(5))
-            .subscription_capacity(64 * 1024);
+            .subscription_capacity(64 * 1024)
+            .max_reconnects(None);
+        if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
+            opts = opts.user_and_password(user.clone(), password.clone());
+        }
         let attempt = async {
-            let client = opts.connect(url).await?;
+            let client = opts.connect(addrs.clone()).await?;
             tokio::time::timeout(Duration::from_secs(2), client.flush())
                 .await
                 .map_err(|_| anyhow::anyhow!("no answer from {url}"))??;

@@ -53,8 +53,21 @@ pub fn find_nats_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// How to start the server.
+/// Membership in a cluster of servers on loopback (tests, `dev --cluster 3`).
 #[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Cluster name (the same on every node).
+    pub name: String,
+    /// This node's name (JetStream in a cluster needs unique server names).
+    pub server_name: String,
+    /// This node's route port.
+    pub port: u16,
+    /// Route ports of the other nodes.
+    pub routes: Vec<u16>,
+}
+
+/// How to start the server.
+#[derive(Debug, Clone, Default)]
 pub struct NatsdOptions {
     pub bin: PathBuf,
     /// JetStream store; kept across restarts when the same folder is given.
@@ -63,8 +76,27 @@ pub struct NatsdOptions {
     pub run_dir: PathBuf,
     /// Client port; `None` picks a free one.
     pub port: Option<u16>,
-    /// Extra config lines appended verbatim (cluster, leafnodes, accounts...).
+    /// Extra config lines appended verbatim (leafnodes, accounts...).
     pub extra_conf: String,
+    /// Cluster membership; a single server when `None`.
+    pub cluster: Option<ClusterOptions>,
+    /// A users/permissions file (the shipped `deploy/nats/users.conf`): copied next
+    /// to the generated config unchanged and included.
+    pub users_conf: Option<PathBuf>,
+    /// Environment of the server process (the passwords `users_conf` reads).
+    pub env: Vec<(String, String)>,
+}
+
+/// Free loopback TCP ports (bound, then released: a port can in principle be taken
+/// by someone else before it is used, which on loopback in tests is rare enough).
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<Vec<_>>>()?)
 }
 
 /// A running nats-server, stopped when dropped.
@@ -87,7 +119,7 @@ impl Natsd {
             Some(p) => format!("127.0.0.1:{p}"),
             None => "127.0.0.1:-1".to_owned(),
         };
-        let conf = format!(
+        let mut conf = format!(
             "# Written by ultrasync; regenerated at every start.\n\
              listen: {listen}\n\
              ports_file_dir: {run:?}\n\
@@ -95,6 +127,25 @@ impl Natsd {
              jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n{}\n",
             opts.extra_conf,
         );
+        if let Some(c) = &opts.cluster {
+            let routes: Vec<String> = c
+                .routes
+                .iter()
+                .map(|p| format!("    nats-route://127.0.0.1:{p}"))
+                .collect();
+            conf.push_str(&format!(
+                "server_name: {}\ncluster {{\n  name: {}\n  listen: 127.0.0.1:{}\n  routes: [\n{}\n  ]\n}}\n",
+                c.server_name,
+                c.name,
+                c.port,
+                routes.join("\n"),
+            ));
+        }
+        if let Some(users) = &opts.users_conf {
+            let copy = run.join("users.conf");
+            std::fs::copy(users, &copy).with_context(|| format!("copying {}", users.display()))?;
+            conf.push_str("include ./users.conf\n");
+        }
         let conf_path = run.join("nats-server.conf");
         std::fs::write(&conf_path, conf)
             .with_context(|| format!("writing {}", conf_path.display()))?;
@@ -104,6 +155,7 @@ impl Natsd {
             .append(true)
             .open(&log_file)?;
         let child = Command::new(&opts.bin)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .arg("-c")
             .arg(&conf_path)
             .stdin(Stdio::null())

@@ -16,7 +16,7 @@ use ultrasync_client::{ClientError, Connection, ServerMessage};
 use ultrasync_shared::auth;
 use ultrasync_shared::config::Config;
 use ultrasync_shared::log::LogEntry;
-use ultrasync_shared::natsd::{Natsd, NatsdOptions, find_nats_server};
+use ultrasync_shared::natsd::{ClusterOptions, Natsd, NatsdOptions, find_nats_server, free_ports};
 
 /// The org every harness token is for.
 pub const ORG: &str = "acme";
@@ -55,6 +55,7 @@ impl NatsServer {
             run_dir: dir.join("run"),
             port: None,
             extra_conf: String::new(),
+            ..Default::default()
         })
         .expect("start nats-server");
         Self {
@@ -79,6 +80,178 @@ impl NatsServer {
     /// Stops the server cleanly (SIGTERM).
     pub fn stop(&mut self) {
         self.server.terminate(Duration::from_secs(10));
+    }
+
+    /// A server with a fresh temporary store, the shipped `deploy/nats/users.conf`
+    /// (unchanged) and `users`' passwords in its environment: every client must log
+    /// in, and each user has exactly the shipped permissions.
+    pub fn start_with_users(users: &NatsUsers) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let bin = find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)");
+        let server = Natsd::spawn(&NatsdOptions {
+            bin,
+            store_dir: tmp.path().join("store"),
+            run_dir: tmp.path().join("run"),
+            users_conf: Some(shipped_users_conf()),
+            env: users.server_env(),
+            ..Default::default()
+        })
+        .expect("start nats-server with users.conf");
+        Self {
+            server,
+            store: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+        }
+    }
+
+    /// The server's log file.
+    pub fn log_file(&self) -> &Path {
+        &self.server.log_file
+    }
+}
+
+/// The shipped users and permissions file.
+pub fn shipped_users_conf() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/users.conf")
+}
+
+/// Random passwords for the users of `deploy/nats/users.conf`, new for every test.
+pub struct NatsUsers {
+    passwords: BTreeMap<&'static str, String>,
+}
+
+impl NatsUsers {
+    pub const NAMES: [&'static str; 5] =
+        ["admin", "gateway", "sequencer", "materializer", "compactor"];
+
+    pub fn random() -> Self {
+        Self {
+            passwords: Self::NAMES
+                .iter()
+                .map(|n| (*n, hex::encode(rand::random::<[u8; 16]>())))
+                .collect(),
+        }
+    }
+
+    pub fn password(&self, user: &str) -> &str {
+        self.passwords.get(user).expect("a known user")
+    }
+
+    /// `USYNC_{USER}_PASSWORD` for the nats-server process.
+    pub fn server_env(&self) -> Vec<(String, String)> {
+        self.passwords
+            .iter()
+            .map(|(u, p)| (format!("USYNC_{}_PASSWORD", u.to_uppercase()), p.clone()))
+            .collect()
+    }
+
+    /// `ULTRASYNC_NATS_USER` / `ULTRASYNC_NATS_PASSWORD` for an ultrasync process.
+    pub fn client_env(&self, user: &str) -> Vec<(String, String)> {
+        vec![
+            ("ULTRASYNC_NATS_USER".to_owned(), user.to_owned()),
+            (
+                "ULTRASYNC_NATS_PASSWORD".to_owned(),
+                self.password(user).to_owned(),
+            ),
+        ]
+    }
+
+    /// A client logged in as `user`.
+    pub async fn connect(&self, url: &str, user: &str) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .user_and_password(user.to_owned(), self.password(user).to_owned())
+            .connect(url)
+            .await
+            .expect("nats connect with a user")
+    }
+}
+
+/// A cluster of nats-servers on loopback: fixed (pre-picked) client and route ports
+/// and one store per node, so a node can be killed and restarted as itself.
+pub struct NatsCluster {
+    nodes: Vec<Option<Natsd>>,
+    opts: Vec<NatsdOptions>,
+    ports: Vec<u16>,
+    _tmp: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    pub fn start(n: usize) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let bin = find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)");
+        let ports = free_ports(2 * n).expect("free ports");
+        let (client, route) = ports.split_at(n);
+        let opts: Vec<NatsdOptions> = (0..n)
+            .map(|i| NatsdOptions {
+                bin: bin.clone(),
+                store_dir: tmp.path().join(format!("n{i}/store")),
+                run_dir: tmp.path().join(format!("n{i}/run")),
+                port: Some(client[i]),
+                cluster: Some(ClusterOptions {
+                    name: "usync-test".to_owned(),
+                    server_name: format!("n{i}"),
+                    port: route[i],
+                    routes: (0..n).filter(|j| *j != i).map(|j| route[j]).collect(),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        let nodes = opts
+            .iter()
+            .map(|o| Some(Natsd::spawn(o).expect("start cluster node")))
+            .collect();
+        Self {
+            nodes,
+            opts,
+            ports: client.to_vec(),
+            _tmp: tmp,
+        }
+    }
+
+    /// Every node's URL, comma separated (what `nats_url` takes).
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn node_url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.ports[i])
+    }
+
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].as_ref().map(Natsd::pid)
+    }
+
+    /// SIGKILL node `i` (its store stays).
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut n) = self.nodes[i].take() {
+            n.kill();
+        }
+    }
+
+    /// Starts node `i` again with its store and ports.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node {i} is running");
+        self.nodes[i] = Some(Natsd::spawn(&self.opts[i]).expect("restart cluster node"));
+    }
+
+    /// Waits (up to 30 s) until JetStream answers through the cluster.
+    pub async fn wait_jetstream(&self) {
+        let client = async_nats::ConnectOptions::new()
+            .connect(ultrasync_shared::nats::server_addrs(&self.url()).expect("server list"))
+            .await
+            .expect("nats connect");
+        let js = jetstream::new(client);
+        for _ in 0..300 {
+            if js.query_account().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("JetStream never became ready on the cluster");
     }
 }
 
@@ -615,9 +788,21 @@ pub type SequencerProcess = ServiceProcess;
 
 impl ServiceProcess {
     pub fn spawn(bin: &Path, service: &str, nats_url: &str, args: &[&str]) -> Self {
+        Self::spawn_with_env(bin, service, nats_url, args, &[])
+    }
+
+    /// As [`ServiceProcess::spawn`], with extra environment (NATS user, secrets).
+    pub fn spawn_with_env(
+        bin: &Path,
+        service: &str,
+        nats_url: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
         let child = std::process::Command::new(bin)
             .args([service, "--nats-url", nats_url])
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env(
                 "ULTRASYNC_LOG",
                 std::env::var("ULTRASYNC_LOG").unwrap_or_else(|_| "warn".into()),
@@ -631,6 +816,11 @@ impl ServiceProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process has exited (and how).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -657,4 +847,42 @@ impl Drop for ServiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `ultrasync gateway` as its own process on a free loopback port.
+pub struct GatewayProcess {
+    pub process: ServiceProcess,
+    pub addr: SocketAddr,
+}
+
+impl GatewayProcess {
+    /// Starts it and waits (up to 30 s) until `/readyz` answers 200.
+    pub async fn start(bin: &Path, nats_url: &str, env: &[(String, String)]) -> Self {
+        let port = free_ports(1).expect("free port")[0];
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listen = addr.to_string();
+        let mut process =
+            ServiceProcess::spawn_with_env(bin, "gateway", nats_url, &["--listen", &listen], env);
+        let url = format!("http://{addr}/readyz");
+        for _ in 0..600 {
+            if matches!(http_get(&url).await, Ok((200, _))) {
+                return Self { process, addr };
+            }
+            if let Some(status) = process.exited() {
+                panic!("gateway exited before it was ready: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("gateway at {addr} never became ready");
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/sync", self.addr)
+    }
+}
+
+/// A token for `sub` in org `acme`, all projects, signed with `secret`.
+pub fn token_for(secret: &str, sub: &str, scope: &str) -> String {
+    let claims = auth::claims(sub, ORG, &["*"], scope, 3600, auth::DEFAULT_AUDIENCE);
+    auth::mint_hs256(secret.as_bytes(), &claims).expect("mint")
 }
