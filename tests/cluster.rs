@@ -1,0 +1,444 @@
+//! ultrasync on a 3-node NATS cluster (R3 streams) on loopback, every service a
+//! process: 2 gateways, 2 sequencers, 2 materializers. Writers send commands under
+//! load while the node leading `USYNC_OPS` is killed (kill -9) and restarted, then
+//! one gateway, the active sequencer and one materializer are killed. Writers
+//! reconnect to the surviving gateway and resend what was not acked (same command
+//! ids, SPEC §4). Afterwards: every acked op is in the log with the `server_seq` it
+//! was acked with, exactly once; `server_seq` is dense per stream key; each
+//! materializer, on its own, reports the digest of the log's state.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::json;
+use ultrasync_client::{ClientError, Connection, Op, OpType, ServerMessage};
+use ultrasync_shared::nats::{OPS_STREAM, ops_subject};
+use ultrasync_shared::state::{self, NamespaceState};
+use ultrasync_shared::{ErrorCode, StreamKey, reads};
+use ultrasync_testkit::{
+    GatewayProcess, NatsCluster, ORG, ServiceProcess, random_secret, read_subject, token_for,
+};
+
+const WRITERS: usize = 4;
+const PER_WRITER: usize = 1500;
+const WINDOW: usize = 50;
+const NAMESPACES: [&str; 2] = ["index", "metadata"];
+/// Acked-command counts at which the chaos acts, in order: kill the op log's leader
+/// node, restart it, kill a gateway, kill the active sequencer, kill a materializer.
+const CHAOS: [usize; 5] = [800, 1600, 2500, 3500, 4500];
+/// How far past an action's point the writers may get before the action happens.
+const SLACK: usize = 400;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ultrasync"))
+}
+
+fn key(ns: &str) -> StreamKey {
+    StreamKey::parse(ORG, "web", ns).expect("key")
+}
+
+fn command(w: usize, i: usize) -> (String, &'static str, String, serde_json::Value) {
+    (
+        format!("w{w}-{i}"),
+        NAMESPACES[i % 2],
+        format!("k{}", i % 7),
+        json!({"w": w, "i": i}),
+    )
+}
+
+/// Connects to the first gateway that answers, starting at `first`, and says hello.
+async fn connect_any(
+    gateways: &[String],
+    first: usize,
+    token: &str,
+    client_id: &str,
+) -> Connection {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = first;
+    loop {
+        let url = &gateways[i % gateways.len()];
+        if let Ok(mut c) = Connection::connect(url, token).await
+            && let Ok(ServerMessage::Welcome { .. }) =
+                c.hello(ORG, "web", client_id, BTreeMap::new()).await
+        {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "no gateway accepts {client_id}");
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One writer: `PER_WRITER` commands, `WINDOW` in flight, never more than its share
+/// of `cap`; an outbox of what is unacked, resent after a reconnect or `unavailable`.
+async fn write(
+    w: usize,
+    gateways: Arc<Vec<String>>,
+    token: String,
+    progress: Arc<AtomicUsize>,
+    cap: Arc<AtomicUsize>,
+) -> (HashMap<String, Op>, usize, usize) {
+    let client_id = format!("w{w}");
+    let mut conn = connect_any(&gateways, w, &token, &client_id).await;
+    let mut acked: HashMap<String, Op> = HashMap::new();
+    let mut outbox: HashSet<usize> = HashSet::new();
+    let (mut next, mut resent, mut reconnects) = (0, 0, 0);
+    let mut quiet_since = Instant::now();
+    while acked.len() < PER_WRITER {
+        let allowed = (cap.load(Ordering::Relaxed) / WRITERS).min(PER_WRITER);
+        if next >= allowed && outbox.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let mut broken = false;
+        while next < allowed && outbox.len() < WINDOW {
+            let (id, ns, key, payload) = command(w, next);
+            outbox.insert(next);
+            next += 1;
+            if conn
+                .command(&id, ns, &key, OpType::Set, payload)
+                .await
+                .is_err()
+            {
+                broken = true;
+                break;
+            }
+        }
+        if !broken {
+            match conn.recv_timeout(Duration::from_secs(2)).await {
+                Ok(ServerMessage::Ack { command_id, op, .. }) => {
+                    quiet_since = Instant::now();
+                    let i: usize = command_id[format!("w{w}-").len()..]
+                        .parse()
+                        .expect("own id");
+                    outbox.remove(&i);
+                    match acked.insert(command_id.clone(), op.clone()) {
+                        Some(prev) => assert_eq!(prev, op, "two different acks for {command_id}"),
+                        None => {
+                            progress.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok(ServerMessage::Reject {
+                    command_id,
+                    code: code @ (ErrorCode::Unavailable | ErrorCode::RateLimited),
+                    ..
+                }) => {
+                    // Outcome unknown: resend the same command (same id).
+                    quiet_since = Instant::now();
+                    if code == ErrorCode::RateLimited {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let i: usize = command_id[format!("w{w}-").len()..]
+                        .parse()
+                        .expect("own id");
+                    let (id, ns, key, payload) = command(w, i);
+                    broken = conn
+                        .command(&id, ns, &key, OpType::Set, payload)
+                        .await
+                        .is_err();
+                    resent += 1;
+                }
+                Ok(ServerMessage::Reject {
+                    command_id,
+                    code,
+                    reason,
+                    ..
+                }) => panic!("{command_id}: {code} {reason}"),
+                Ok(_) => {}
+                Err(ClientError::Timeout) => {
+                    // A live gateway answers every command within its timeout; a
+                    // long silence means the socket is dead without a close.
+                    broken = quiet_since.elapsed() > Duration::from_secs(30);
+                }
+                Err(_) => broken = true,
+            }
+        }
+        if broken {
+            reconnects += 1;
+            conn = connect_any(&gateways, w + reconnects, &token, &client_id).await;
+            quiet_since = Instant::now();
+            let mut pending: Vec<usize> = outbox.iter().copied().collect();
+            pending.sort_unstable();
+            for i in pending {
+                let (id, ns, key, payload) = command(w, i);
+                // A failure here shows up on the next receive.
+                let _ = conn.command(&id, ns, &key, OpType::Set, payload).await;
+                resent += 1;
+            }
+        }
+    }
+    (acked, resent, reconnects)
+}
+
+/// The state the log describes, applied with the shared state machine.
+async fn model(js: &async_nats::jetstream::Context, ns: &str) -> NamespaceState {
+    let mut st = NamespaceState::default();
+    for e in read_subject(js, &ops_subject(&key(ns))).await {
+        state::apply(&mut st, &e.op().expect("op")).expect("apply");
+    }
+    st
+}
+
+fn materializer(url: &str, dir: &std::path::Path, name: &str) -> ServiceProcess {
+    let dir = dir.join(name).to_string_lossy().into_owned();
+    ServiceProcess::spawn(
+        &bin(),
+        "materializer",
+        url,
+        &["--data-dir", &dir, "--name", name],
+    )
+}
+
+/// Waits until `until` holds, polling; panics with `what` after `limit`.
+async fn wait_for(limit: Duration, what: &str, mut until: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !until() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_node_cluster_loses_nothing_when_nodes_and_services_die() {
+    ultrasync_testkit::init_tracing();
+    let mut cluster = NatsCluster::start(3);
+    cluster.wait_jetstream().await;
+    let url = cluster.url();
+
+    let setup = std::process::Command::new(bin())
+        .args(["setup", "--replicas", "3", "--nats-url", &url])
+        .env("ULTRASYNC_LOG", "warn")
+        .output()
+        .expect("run setup");
+    let printed = String::from_utf8_lossy(&setup.stdout).into_owned();
+    assert!(
+        setup.status.success(),
+        "setup: {}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    assert!(
+        printed.contains("USYNC_OPS") && printed.contains("replicas 3"),
+        "{printed}"
+    );
+
+    let secret = random_secret();
+    let env = vec![("ULTRASYNC_JWT_SECRET".to_owned(), secret.clone())];
+    let mut gateways = vec![
+        GatewayProcess::start(&bin(), &url, &env).await,
+        GatewayProcess::start(&bin(), &url, &env).await,
+    ];
+    let mut sequencers: Vec<ServiceProcess> = (0..2)
+        .map(|_| ServiceProcess::spawn(&bin(), "sequencer", &url, &[]))
+        .collect();
+    let state_dir = tempfile::tempdir().expect("tmp");
+    let mut materializers = vec![
+        Some(materializer(&url, state_dir.path(), "m0")),
+        Some(materializer(&url, state_dir.path(), "m1")),
+    ];
+
+    let nc = async_nats::ConnectOptions::new()
+        .connect(ultrasync_shared::nats::server_addrs(&url).expect("urls"))
+        .await
+        .expect("nats");
+    let js = async_nats::jetstream::new(nc.clone());
+
+    // Who is the active sequencer: when each instance last answered.
+    let answered: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
+    let mut answers = nc.subscribe("usync.reply.>").await.expect("subscribe");
+    let watcher = {
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            while let Some(m) = answers.next().await {
+                let pid = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(ultrasync_sequencer::HDR_SEQUENCER))
+                    .and_then(|v| v.as_str().split('-').next()?.parse::<u32>().ok());
+                if let Some(pid) = pid {
+                    answered.lock().expect("lock").insert(pid, Instant::now());
+                }
+            }
+        })
+    };
+
+    let ws: Arc<Vec<String>> = Arc::new(gateways.iter().map(GatewayProcess::ws_url).collect());
+    let token = token_for(&secret, "writer", "read write");
+    let progress = Arc::new(AtomicUsize::new(0));
+    let cap = Arc::new(AtomicUsize::new(CHAOS[0] + SLACK));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            tokio::spawn(write(
+                w,
+                ws.clone(),
+                token.clone(),
+                progress.clone(),
+                cap.clone(),
+            ))
+        })
+        .collect();
+
+    let reached = |at: usize| {
+        let progress = progress.clone();
+        move || progress.load(Ordering::Relaxed) >= at
+    };
+    let limit = Duration::from_secs(180);
+    let raise = |k: usize| {
+        let next = CHAOS
+            .get(k + 1)
+            .map_or(WRITERS * PER_WRITER, |at| at + SLACK);
+        cap.store(next, Ordering::Relaxed);
+    };
+
+    // 1. kill -9 the node leading USYNC_OPS.
+    wait_for(limit, "the first chaos point", reached(CHAOS[0])).await;
+    let leader = js
+        .get_stream(OPS_STREAM)
+        .await
+        .expect("ops stream")
+        .cached_info()
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a leader");
+    let victim: usize = leader
+        .strip_prefix('n')
+        .and_then(|n| n.parse().ok())
+        .expect("node name");
+    eprintln!(
+        "cluster: kill -9 node {victim} (USYNC_OPS leader, pid {:?})",
+        cluster.pid(victim)
+    );
+    cluster.kill9(victim);
+    raise(0);
+
+    // 2. ... and restart it with its store and ports while the load goes on.
+    wait_for(limit, "progress with a node down", reached(CHAOS[1])).await;
+    cluster.restart(victim);
+    eprintln!("cluster: node {victim} restarted");
+    raise(1);
+
+    // 3. kill -9 a gateway: its writers move to the other one.
+    wait_for(limit, "progress after the restart", reached(CHAOS[2])).await;
+    gateways[0].process.kill9();
+    eprintln!("cluster: gateway 0 killed");
+    raise(2);
+
+    // 4. kill -9 the active sequencer (the one that answered last).
+    wait_for(limit, "progress after the gateway", reached(CHAOS[3])).await;
+    let since = Instant::now();
+    let mut active = None;
+    wait_for(limit, "an answering sequencer", || {
+        let answered = answered.lock().expect("lock");
+        active = sequencers
+            .iter()
+            .position(|p| answered.get(&p.pid()).is_some_and(|t| *t > since));
+        active.is_some()
+    })
+    .await;
+    let active = active.expect("active");
+    sequencers[active].kill9();
+    eprintln!("cluster: active sequencer {active} killed");
+    raise(3);
+
+    // 5. kill -9 a materializer.
+    wait_for(limit, "progress after the sequencer", reached(CHAOS[4])).await;
+    if let Some(mut m) = materializers[0].take() {
+        m.kill9();
+    }
+    eprintln!("cluster: materializer m0 killed");
+    raise(4);
+
+    let mut acked: HashMap<String, Op> = HashMap::new();
+    let (mut resent, mut reconnects) = (0, 0);
+    for w in writers {
+        let (a, r, c) = w.await.expect("writer");
+        acked.extend(a);
+        resent += r;
+        reconnects += c;
+    }
+    watcher.abort();
+    eprintln!(
+        "cluster: {} commands acked, {resent} resent, {reconnects} reconnects",
+        acked.len()
+    );
+    assert_eq!(acked.len(), WRITERS * PER_WRITER);
+    assert!(reconnects > 0, "the killed gateway's writers reconnected");
+
+    // Every acked op is in the log, once, with its server_seq; dense per key.
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    let mut heads = BTreeMap::new();
+    for ns in NAMESPACES {
+        let entries = read_subject(&js, &ops_subject(&key(ns))).await;
+        let seqs: Vec<u64> = entries.iter().map(|e| e.server_seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=entries.len() as u64).collect::<Vec<_>>(),
+            "{ns}: server_seq not dense"
+        );
+        for e in &entries {
+            let op = e.op().expect("op");
+            assert!(
+                seen.insert(op.command_id.clone()),
+                "{} is in the log twice",
+                op.command_id
+            );
+            assert_eq!(
+                acked.get(&op.command_id),
+                Some(&op),
+                "log and ack differ for {}",
+                op.command_id
+            );
+        }
+        total += entries.len();
+        heads.insert(ns, entries.len() as u64);
+    }
+    assert_eq!(total, WRITERS * PER_WRITER, "every acked op exactly once");
+
+    // Each materializer on its own (m0 restarted from its store after the kill)
+    // reaches the head with the log's digest, as does the live sequencer.
+    if let Some(mut m) = materializers[1].take() {
+        m.kill9();
+    }
+    for name in ["m0", "m1"] {
+        let mut m = materializer(&url, state_dir.path(), name);
+        for ns in NAMESPACES {
+            let expected = model(&js, ns).await;
+            let head = heads[ns];
+            assert_eq!(expected.last_seq, head);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let live = loop {
+                match reads::digest(&nc, &key(ns), Some(head)).await {
+                    Ok(d) if d.last_server_seq >= head => break d,
+                    _ => {
+                        assert!(
+                            Instant::now() < deadline,
+                            "{name} never reached {ns} {head}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            assert_eq!(
+                live.digest,
+                state::digest(&expected),
+                "{name}/{ns}: materialized state differs from the log"
+            );
+        }
+        m.kill9();
+    }
+    for ns in NAMESPACES {
+        let seq = reads::sequencer_digest(&nc, &key(ns))
+            .await
+            .expect("sequencer digest");
+        assert_eq!(seq.last_server_seq, heads[ns]);
+        assert_eq!(seq.digest, state::digest(&model(&js, ns).await));
+    }
+    drop(gateways);
+    drop(sequencers);
+}
