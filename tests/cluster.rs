@@ -236,7 +236,7 @@ async fn three_node_cluster_loses_nothing_when_nodes_and_services_die() {
         .map(|_| ServiceProcess::spawn(&bin(), "sequencer", &url, &[]))
         .collect();
     let state_dir = tempfile::tempdir().expect("tmp");
-    let mut materializers = vec![
+    let mut materializers = [
         Some(materializer(&url, state_dir.path(), "m0")),
         Some(materializer(&url, state_dir.path(), "m1")),
     ];
