@@ -2,6 +2,8 @@
 //! under `./.ultrasync/`, then the gateway, a sequencer, a materializer (RocksDB
 //! under `./.ultrasync/materializer`) and the compactor in this process, prints the
 //! URLs and a dev token, and stops everything in order on Ctrl-C / SIGTERM.
+//! `--cluster 3` runs three managed nats-servers as a cluster on loopback instead
+//! (stores under `./.ultrasync/nats-{1,2,3}`) with every stream on 3 replicas.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use anyhow::Context as _;
 use clap::Args;
 use tracing::{error, info};
 use ultrasync_shared::auth;
-use ultrasync_shared::natsd::{Natsd, NatsdOptions, find_nats_server};
+use ultrasync_shared::natsd::{ClusterOptions, Natsd, NatsdOptions, find_nats_server, free_ports};
 
 use crate::{CommonArgs, STOP_GRACE, shutdown_on_signals};
 
@@ -32,6 +34,10 @@ pub struct DevArgs {
     /// nats-server binary [default: .tools/bin/nats-server, then PATH].
     #[arg(long, env = "ULTRASYNC_NATS_SERVER_BIN")]
     nats_server_bin: Option<PathBuf>,
+    /// Managed nats-servers: 1, or 3 for a cluster on loopback (client ports
+    /// --nats-port, +1, +2; streams with 3 replicas).
+    #[arg(long, default_value_t = 1)]
+    cluster: usize,
 }
 
 /// Reads the secret `ultrasync dev` keeps in its data folder.
@@ -92,26 +98,60 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
             )
         })?;
     let http_addr = listener.local_addr()?;
-    if cfg.dev.nats_port != 0
-        && std::net::TcpListener::bind(("127.0.0.1", cfg.dev.nats_port)).is_err()
-    {
-        anyhow::bail!(
-            "port {} is taken (another `ultrasync dev`?); pass --nats-port",
-            cfg.dev.nats_port
-        );
+    let nodes = args.cluster;
+    if !matches!(nodes, 1 | 3) {
+        anyhow::bail!("--cluster takes 1 or 3 (nodes), got {nodes}");
+    }
+    let client_ports: Vec<u16> = if cfg.dev.nats_port == 0 {
+        free_ports(nodes)?
+    } else {
+        (0..nodes as u16).map(|i| cfg.dev.nats_port + i).collect()
+    };
+    for p in &client_ports {
+        if std::net::TcpListener::bind(("127.0.0.1", *p)).is_err() {
+            anyhow::bail!("port {p} is taken (another `ultrasync dev`?); pass --nats-port");
+        }
     }
 
     let bin = find_nats_server(args.nats_server_bin.as_deref())?;
-    info!(bin = %bin.display(), "starting nats-server");
-    let mut natsd = Natsd::spawn(&NatsdOptions {
-        bin,
-        store_dir: data_dir.join("nats"),
-        run_dir: data_dir.clone(),
-        port: (cfg.dev.nats_port != 0).then_some(cfg.dev.nats_port),
-        extra_conf: String::new(),
-        ..Default::default()
-    })?;
-    cfg.nats_url = natsd.url.clone();
+    info!(bin = %bin.display(), nodes, "starting nats-server");
+    let mut natsds: Vec<Natsd> = Vec::new();
+    if nodes == 1 {
+        natsds.push(Natsd::spawn(&NatsdOptions {
+            bin,
+            store_dir: data_dir.join("nats"),
+            run_dir: data_dir.clone(),
+            port: (cfg.dev.nats_port != 0).then_some(cfg.dev.nats_port),
+            extra_conf: String::new(),
+            ..Default::default()
+        })?);
+    } else {
+        let routes = free_ports(nodes)?;
+        for i in 0..nodes {
+            let dir = data_dir.join(format!("nats-{}", i + 1));
+            natsds.push(Natsd::spawn(&NatsdOptions {
+                bin: bin.clone(),
+                store_dir: dir.join("store"),
+                run_dir: dir,
+                port: Some(client_ports[i]),
+                cluster: Some(ClusterOptions {
+                    name: "usync-dev".to_owned(),
+                    server_name: format!("nats-{}", i + 1),
+                    port: routes[i],
+                    routes: (0..nodes).filter(|j| *j != i).map(|j| routes[j]).collect(),
+                }),
+                ..Default::default()
+            })?);
+        }
+        cfg.replicas = 3;
+    }
+    cfg.nats_url = natsds
+        .iter()
+        .map(|n| n.url.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    // Create the layout once here rather than racing four services to it.
+    create_layout(&cfg, nodes > 1).await?;
 
     let shutdown = shutdown_on_signals();
     // The materializer's state lives with the rest of the dev data unless configured.
@@ -144,11 +184,19 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     println!("ultrasync dev is running");
     println!("  WebSocket  {ws}");
     println!("  HTTP       http://{http_addr}");
-    println!(
-        "  NATS       {} (store {})",
-        natsd.url,
-        data_dir.join("nats").display()
-    );
+    if nodes == 1 {
+        println!(
+            "  NATS       {} (store {})",
+            cfg.nats_url,
+            data_dir.join("nats").display()
+        );
+    } else {
+        println!(
+            "  NATS       {} ({nodes}-node cluster, streams on 3 replicas, stores under {}/nats-N)",
+            cfg.nats_url,
+            data_dir.display()
+        );
+    }
     println!("  dev token  {token}");
     println!("             (org \"dev\", all projects, read write admin, 7 days)");
     println!();
@@ -205,7 +253,33 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
             _ => info!(service = name, "stopped"),
         }
     }
-    tokio::task::spawn_blocking(move || natsd.terminate(Duration::from_secs(10))).await?;
+    tokio::task::spawn_blocking(move || {
+        for natsd in &mut natsds {
+            natsd.terminate(Duration::from_secs(10));
+        }
+    })
+    .await?;
     info!("nats-server stopped; bye");
     result
+}
+
+/// Creates the streams and buckets (what `ultrasync setup` does), on a cluster
+/// after waiting (up to 30 s) for its JetStream meta leader to be elected.
+async fn create_layout(
+    cfg: &ultrasync_shared::config::Config,
+    cluster: bool,
+) -> anyhow::Result<()> {
+    let client =
+        ultrasync_shared::nats::connect(cfg, "ultrasync-dev", Duration::from_secs(30)).await?;
+    let js = async_nats::jetstream::new(client);
+    if cluster {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while let Err(e) = js.query_account().await {
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("JetStream did not come up on the cluster: {e}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    ultrasync_shared::nats::ensure_layout(&js, cfg.layout()).await
 }

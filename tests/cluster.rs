@@ -442,3 +442,120 @@ async fn three_node_cluster_loses_nothing_when_nodes_and_services_die() {
     drop(gateways);
     drop(sequencers);
 }
+
+/// `ultrasync dev --cluster 3`: three managed nats-servers on loopback, streams on 3
+/// replicas, the services on top; a write is acked; SIGTERM stops all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_cluster_runs_three_nodes_with_r3_streams() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut child = Command::new(bin())
+        .args([
+            "dev",
+            "--cluster",
+            "3",
+            "--nats-port",
+            "0",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(dir.path())
+        .env_remove("ULTRASYNC_JWT_SECRET")
+        .env("ULTRASYNC_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ultrasync dev --cluster 3");
+    // Killed on any panic below; SIGTERM is the normal way out.
+    struct Guard(std::process::Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().expect("stdout");
+    let mut guard = Guard(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut ws, mut nats, mut token) = (None, None, None);
+    while token.is_none() {
+        let Some(Ok(line)) = lines.next() else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["WebSocket", url, ..] => ws = Some((*url).to_owned()),
+            ["NATS", url, ..] => nats = Some((*url).to_owned()),
+            ["dev", "token", t, ..] => token = Some((*t).to_owned()),
+            _ => {}
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let (ws, nats, token) = (
+        ws.expect("WebSocket URL printed"),
+        nats.expect("NATS URLs printed"),
+        token.expect("dev token printed"),
+    );
+    let urls = ultrasync_shared::nats::server_addrs(&nats).expect("NATS URLs");
+    assert_eq!(urls.len(), 3, "three nodes: {nats}");
+
+    let mut conn = Connection::connect(&ws, &token).await.expect("connect");
+    conn.hello("dev", "demo", "term-1", BTreeMap::new())
+        .await
+        .expect("hello");
+    conn.command("c1", "index", "greeting", OpType::Set, json!("hello"))
+        .await
+        .expect("send");
+    match conn
+        .recv_timeout(Duration::from_secs(30))
+        .await
+        .expect("answer")
+    {
+        ServerMessage::Ack { server_seq, .. } => assert_eq!(server_seq, 1),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+
+    let nc = async_nats::ConnectOptions::new()
+        .connect(urls.clone())
+        .await
+        .expect("nats");
+    let js = async_nats::jetstream::new(nc.clone());
+    for name in [OPS_STREAM, ultrasync_shared::nats::CMDS_STREAM] {
+        let info = js
+            .get_stream(name)
+            .await
+            .expect("stream")
+            .cached_info()
+            .clone();
+        assert_eq!(info.config.num_replicas, 3, "{name}");
+        assert_eq!(
+            info.cluster.expect("cluster info").replicas.len(),
+            2,
+            "{name}: a leader and two followers"
+        );
+    }
+    drop(nc);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(guard.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = guard.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "dev did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "dev exited with {status}");
+    for u in &urls {
+        let port = u.port();
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "nats-server on {port} still running"
+        );
+    }
+}

@@ -263,20 +263,37 @@ fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
 
 /// What services do at start: go on when the layout is there; otherwise create it
 /// if this NATS user may, else fail telling the operator to run `ultrasync setup`.
+/// Creation may also lose a race with another service creating the same streams
+/// (on a cluster the loser can time out): the layout is checked again after a
+/// failure, and creation tried twice.
 pub async fn prepare_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyhow::Result<()> {
     let problems = check_layout(js).await?;
     if problems.is_empty() {
         return Ok(());
     }
     info!(problems = %problems.join("; "), "nats layout incomplete; creating it");
-    ensure_layout(js, opts).await.map_err(|e| {
-        anyhow::anyhow!(
-            "the JetStream layout is not ready ({}) and this NATS user cannot create it ({e:#}); \
-             run `ultrasync setup` once with admin credentials \
-             (ULTRASYNC_NATS_USER=admin ULTRASYNC_NATS_PASSWORD=... ultrasync setup --replicas N)",
-            problems.join("; ")
-        )
-    })
+    let mut failure = None;
+    for _ in 0..2 {
+        match ensure_layout(js, opts).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                if check_layout(js).await?.is_empty() {
+                    return Ok(());
+                }
+                warn!(error = %e, "creating the nats layout failed");
+                failure = Some(e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    let e = failure.unwrap_or_else(|| anyhow::anyhow!("unknown"));
+    Err(anyhow::anyhow!(
+        "the JetStream layout is not ready ({}) and creating it failed ({e:#}); \
+         when this NATS user may not create streams, run `ultrasync setup` once with \
+         admin credentials (ULTRASYNC_NATS_USER=admin ULTRASYNC_NATS_PASSWORD=... \
+         ultrasync setup --replicas N)",
+        problems.join("; ")
+    ))
 }
 
 /// What a service holds after start-up.
