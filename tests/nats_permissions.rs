@@ -47,6 +47,13 @@ async fn run_as(users: &NatsUsers, url: &str, user: &str, args: &[&str]) -> (boo
     )
 }
 
+/// A refused JetStream request gets no answer; wait 2 s for it, not the default 5.
+fn short_timeout(client: async_nats::Client) -> async_nats::jetstream::Context {
+    async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(client)
+}
+
 fn violations(nats: &NatsServer) -> Vec<String> {
     std::fs::read_to_string(nats.log_file())
         .unwrap_or_default()
@@ -182,18 +189,23 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
         .await
         .expect("cursor");
 
-    // Read it back through the gateway from the materializer (read-your-writes).
-    let (status, body) = http_request(
-        "GET",
-        &format!(
-            "http://{}/v1/{ORG}/web/index/keys/greeting?min_seq=3",
-            gateway.addr
-        ),
-        &[("Authorization", &format!("Bearer {token}"))],
-        "",
-    )
-    .await
-    .expect("http");
+    // Read it back through the gateway from the materializer (read-your-writes),
+    // once the materializer process serves reads.
+    let read_url = format!(
+        "http://{}/v1/{ORG}/web/index/keys/greeting?min_seq=3",
+        gateway.addr
+    );
+    let auth = format!("Bearer {token}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (status, body) = loop {
+        let (status, body) = http_request("GET", &read_url, &[("Authorization", &auth)], "")
+            .await
+            .expect("http");
+        if status != 503 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"value\":3"), "{body}");
 
@@ -262,9 +274,9 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
         let url = url.clone();
         let subject = subject.clone();
         async move {
-            let js = async_nats::jetstream::new(users.connect(&url, user).await);
+            let js = short_timeout(users.connect(&url, user).await);
             match js.publish(subject, "forged".into()).await {
-                Ok(ack) => tokio::time::timeout(Duration::from_secs(10), ack)
+                Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack)
                     .await
                     .is_ok_and(|a| a.is_ok()),
                 Err(_) => false,
@@ -276,7 +288,7 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
         let url = url.clone();
         let subject = subject.clone();
         async move {
-            let js = async_nats::jetstream::new(users.connect(&url, user).await);
+            let js = short_timeout(users.connect(&url, user).await);
             let ops = js.get_stream(OPS_STREAM).await.expect("stream info");
             ops.purge().filter(subject).sequence(3).await
         }
