@@ -47,32 +47,6 @@ install_nats_server() {
   "$bin" --version >&2
 }
 
-install_libclang() {
-  # bindgen finds libclang through llvm-config or the usual library paths.
-  if ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 \
-    || ls /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1 \
-    || ls /usr/lib/aarch64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1; then
-    return 0
-  fi
-  if ! command -v apt-get >/dev/null 2>&1; then
-    log "libclang is needed to build RocksDB (bindgen); install your system's libclang-dev"
-    exit 1
-  fi
-  local sudo=""
-  if [[ "$(id -u)" != 0 ]]; then
-    if command -v sudo >/dev/null 2>&1; then
-      sudo="sudo"
-    else
-      log "libclang-dev is missing and this user cannot run apt-get; install it as root"
-      exit 1
-    fi
-  fi
-  log "installing libclang-dev (apt-get) for RocksDB's bindgen"
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    libclang-dev >&2
-}
-
 # Runs apt-get install for the given packages, as root or through sudo.
 apt_install() {
   if ! command -v apt-get >/dev/null 2>&1; then
@@ -91,6 +65,17 @@ apt_install() {
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "$@" >&2
+}
+
+install_libclang() {
+  # bindgen finds libclang through llvm-config or the usual library paths.
+  if ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 \
+    || ls /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1 \
+    || ls /usr/lib/aarch64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1; then
+    return 0
+  fi
+  log "installing libclang-dev (apt-get) for RocksDB's bindgen"
+  apt_install libclang-dev
 }
 
 install_docker_compose() {
