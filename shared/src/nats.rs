@@ -24,6 +24,36 @@ pub const HDR_SEQ: &str = "Usync-Seq";
 /// Header carrying an op's `op_id` in the log.
 pub const HDR_OP_ID: &str = "Usync-Op-Id";
 
+/// Header on a message carrying several JSON documents (commands gateway →
+/// sequencer, answers sequencer → gateway), one per line: how many.
+pub const HDR_BATCH: &str = "Usync-Batch";
+
+/// Joins JSON documents into one message body, one per line. Compact JSON (what
+/// `serde_json` writes) never holds a raw newline, so the line is the boundary.
+pub fn join_lines<T: AsRef<[u8]>>(docs: &[T]) -> Vec<u8> {
+    let len = docs.iter().map(|d| d.as_ref().len() + 1).sum();
+    let mut out = Vec::with_capacity(len);
+    for (i, d) in docs.iter().enumerate() {
+        if i > 0 {
+            out.push(b'\n');
+        }
+        out.extend_from_slice(d.as_ref());
+    }
+    out
+}
+
+/// The documents of a message: its lines when it carries [`HDR_BATCH`], otherwise
+/// the whole body.
+pub fn split_lines<'a>(
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &'a [u8],
+) -> Vec<&'a [u8]> {
+    match headers.and_then(|h| h.get(HDR_BATCH)) {
+        Some(_) => payload.split(|b| *b == b'\n').collect(),
+        None => vec![payload],
+    }
+}
+
 /// Largest message either stream accepts: a frame (1 MiB) plus envelope.
 pub const MAX_MSG_SIZE: i32 = 2 * 1024 * 1024;
 
@@ -57,22 +87,28 @@ pub fn stream_key_from_subject(subject: &str) -> Option<StreamKey> {
 }
 
 /// Settings that shape the streams.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LayoutOptions {
     /// 1 or 3.
     pub replicas: usize,
+    /// In a replica region: the home region's JetStream domain, whose `USYNC_OPS`
+    /// this region's `USYNC_OPS` mirrors (and whose `USYNC_CMDS` takes commands).
+    pub mirror_of: Option<String>,
 }
 
 impl Default for LayoutOptions {
     fn default() -> Self {
-        Self { replicas: 1 }
+        Self {
+            replicas: 1,
+            mirror_of: None,
+        }
     }
 }
 
 /// `USYNC_CMDS`: memory storage. A command lost before it is sequenced was never
 /// acked, so the client's outbox resends it; with `sync_interval: always` a file
 /// stream would cost an fsync per command for no guarantee anyone relies on.
-pub fn cmds_stream_config(opts: LayoutOptions) -> stream::Config {
+pub fn cmds_stream_config(opts: &LayoutOptions) -> stream::Config {
     stream::Config {
         name: CMDS_STREAM.to_owned(),
         description: Some("ultrasync commands, gateway -> sequencer".to_owned()),
@@ -87,8 +123,30 @@ pub fn cmds_stream_config(opts: LayoutOptions) -> stream::Config {
     }
 }
 
-/// `USYNC_OPS`: the durable op log.
-pub fn ops_stream_config(opts: LayoutOptions) -> stream::Config {
+/// `USYNC_OPS`: the durable op log. In a replica region, a mirror of the home
+/// region's (same sequence numbers, subjects and headers; read-only; purged by this
+/// region's compactor, since purges do not propagate).
+pub fn ops_stream_config(opts: &LayoutOptions) -> stream::Config {
+    if let Some(home) = &opts.mirror_of {
+        return stream::Config {
+            name: OPS_STREAM.to_owned(),
+            description: Some(format!("ultrasync op log, mirrored from domain {home}")),
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            allow_direct: true,
+            max_message_size: MAX_MSG_SIZE,
+            num_replicas: opts.replicas,
+            mirror: Some(stream::Source {
+                name: OPS_STREAM.to_owned(),
+                external: Some(stream::External {
+                    api_prefix: format!("$JS.{home}.API"),
+                    delivery_prefix: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+    }
     stream::Config {
         name: OPS_STREAM.to_owned(),
         description: Some("ultrasync op log".to_owned()),
@@ -108,7 +166,13 @@ pub fn ops_stream_config(opts: LayoutOptions) -> stream::Config {
 /// Creates or updates the streams and buckets. Safe to run from every service at
 /// every start, concurrently.
 pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyhow::Result<()> {
-    for cfg in [cmds_stream_config(opts), ops_stream_config(opts)] {
+    // A replica region has no command stream of its own: its gateways' commands
+    // reach the home region's over the leafnode connection.
+    let streams = match opts.mirror_of {
+        None => vec![cmds_stream_config(&opts), ops_stream_config(&opts)],
+        Some(_) => vec![ops_stream_config(&opts)],
+    };
+    for cfg in streams {
         let name = cfg.name.clone();
         js.create_or_update_stream(cfg)
             .await
@@ -229,5 +293,24 @@ mod tests {
         assert_eq!(stream_key_from_subject("usync.ops.a.b"), None);
         assert_eq!(stream_key_from_subject("usync.ops.a.b.c.d"), None);
         assert_eq!(stream_key_from_subject("other.ops.a.b.c"), None);
+    }
+}
+
+#[cfg(test)]
+mod lines_tests {
+    use super::*;
+
+    #[test]
+    fn joined_documents_split_back() {
+        let docs = [
+            serde_json::to_vec(&serde_json::json!({"a": "x\ny"})).expect("encodes"),
+            b"{}".to_vec(),
+        ];
+        let body = join_lines(&docs);
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(HDR_BATCH, "2");
+        let parts = split_lines(Some(&h), &body);
+        assert_eq!(parts, vec![docs[0].as_slice(), docs[1].as_slice()]);
+        assert_eq!(split_lines(None, &body), vec![body.as_slice()]);
     }
 }
