@@ -61,6 +61,13 @@ struct CommonArgs {
     /// Stream replicas (1, or 3 on a NATS cluster).
     #[arg(long, global = true, env = "ULTRASYNC_REPLICAS")]
     replicas: Option<usize>,
+    /// This region's name (logs).
+    #[arg(long, global = true, env = "ULTRASYNC_REGION")]
+    region: Option<String>,
+    /// Make this a replica region of the one whose NATS JetStream domain this is:
+    /// mirror its op log, forward writes to it, run no sequencer.
+    #[arg(long, global = true, env = "ULTRASYNC_HOME_DOMAIN")]
+    home_domain: Option<String>,
     /// Log format.
     #[arg(long, global = true, env = "ULTRASYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -242,6 +249,12 @@ impl CommonArgs {
         }
         if let Some(r) = self.replicas {
             cfg.replicas = r;
+        }
+        if let Some(r) = &self.region {
+            cfg.region.name = Some(r.clone());
+        }
+        if let Some(d) = &self.home_domain {
+            cfg.region.home_domain = Some(d.clone());
         }
         Ok(cfg)
     }

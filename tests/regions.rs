@@ -264,6 +264,20 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
     leaf_cfg.validate().expect("valid leaf config");
     let leaf_region = Region::start(leaf_cfg.clone(), false).await;
 
+    let status = ultrasync_client::http::request(
+        "GET",
+        &leaf_region.http,
+        "/v1/status",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("status");
+    let status: serde_json::Value = serde_json::from_str(&status.body).expect("json");
+    assert_eq!(status["region"], json!("leaf"));
+    assert_eq!(status["home_domain"], json!("hub"));
+
     // A replica region runs no sequencer.
     let refused = ultrasync_sequencer::run(leaf_cfg.clone(), CancellationToken::new()).await;
     assert!(refused.is_err(), "a sequencer started in the leaf region");

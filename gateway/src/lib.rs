@@ -489,6 +489,8 @@ async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "gateway_id": state.gateway_id,
+        "region": state.config.region.name,
+        "home_domain": state.config.region.home_domain,
         "uptime_secs": state.started.elapsed().as_secs(),
         "connected_clients": state.metrics.connections.load(Ordering::Relaxed),
         "followed_stream_keys": state.hub.topic_count(),
