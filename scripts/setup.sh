@@ -6,6 +6,9 @@
 #                that `ultrasync dev` manages and the test harness starts).
 #   libclang     Debian's libclang-dev, which RocksDB's bindgen needs to build the
 #                materializer (apt-get; as root, or through sudo).
+#   docker-compose  Debian's docker-compose (1.29), which the deploy test runs as
+#                `docker-compose config` to validate deploy/docker-compose.yml (no
+#                Docker engine needed; apt-get, as root or through sudo).
 #
 # The Rust toolchain itself is the machine's (rustup); everything else comes from here.
 set -euo pipefail
@@ -44,15 +47,10 @@ install_nats_server() {
   "$bin" --version >&2
 }
 
-install_libclang() {
-  # bindgen finds libclang through llvm-config or the usual library paths.
-  if ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 \
-    || ls /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1 \
-    || ls /usr/lib/aarch64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1; then
-    return 0
-  fi
+# Runs apt-get install for the given packages, as root or through sudo.
+apt_install() {
   if ! command -v apt-get >/dev/null 2>&1; then
-    log "libclang is needed to build RocksDB (bindgen); install your system's libclang-dev"
+    log "$* missing and there is no apt-get; install it with your system's package manager"
     exit 1
   fi
   local sudo=""
@@ -60,16 +58,37 @@ install_libclang() {
     if command -v sudo >/dev/null 2>&1; then
       sudo="sudo"
     else
-      log "libclang-dev is missing and this user cannot run apt-get; install it as root"
+      log "$* missing and this user cannot run apt-get; install it as root"
       exit 1
     fi
   fi
-  log "installing libclang-dev (apt-get) for RocksDB's bindgen"
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    libclang-dev >&2
+    "$@" >&2
+}
+
+install_libclang() {
+  # bindgen finds libclang through llvm-config or the usual library paths.
+  if ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 \
+    || ls /usr/lib/x86_64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1 \
+    || ls /usr/lib/aarch64-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1; then
+    return 0
+  fi
+  log "installing libclang-dev (apt-get) for RocksDB's bindgen"
+  apt_install libclang-dev
+}
+
+install_docker_compose() {
+  # Only its `config` command is used (tests/deploy.rs): it validates and renders the
+  # compose file without talking to a Docker engine.
+  if command -v docker-compose >/dev/null 2>&1; then
+    return 0
+  fi
+  log "installing docker-compose (apt-get) to validate deploy/docker-compose.yml"
+  apt_install docker-compose
 }
 
 install_nats_server
 install_libclang
+install_docker_compose
 log "tools ready in $tools"

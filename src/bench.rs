@@ -56,17 +56,38 @@ pub struct BenchArgs {
     /// Idle sockets held open against a separate gateway process.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
+    /// Ops written to the bootstrap namespace (spread over its keys).
+    #[arg(long, default_value_t = 1_000_000)]
+    bootstrap_ops: usize,
+    /// Clients (one project, so one stream key, each) of the throughput scenario.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Offered rates of the throughput scenario (comma separated ops/s).
+    #[arg(long, value_delimiter = ',')]
+    rates: Option<Vec<u64>>,
+    /// Drive an existing stack: its gateway's WebSocket URL (`ws://host:port/v1/sync`).
+    /// Tokens are minted from the configured JWT secret (`--jwt-secret`,
+    /// `ULTRASYNC_JWT_SECRET`, or the config file); the raw JetStream scenario uses
+    /// `--nats-url`. Its per-socket rate limit must allow the offered rates.
+    #[arg(long)]
+    url: Option<String>,
     /// Where the report and chart go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
 }
 
-/// The stack under test, in this process.
+/// The stack under test: started by this run (in this process, with its own
+/// nats-server), or an existing one (`--url`).
 struct Stack {
-    natsd: Natsd,
-    _dir: tempfile::TempDir,
     ws: String,
     secret: String,
+    nats_url: String,
+    own: Option<OwnStack>,
+}
+
+struct OwnStack {
+    natsd: Natsd,
+    _dir: tempfile::TempDir,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -102,25 +123,46 @@ impl Stack {
             tokio::spawn(ultrasync_gateway::run(config, listener, stop.clone())),
         ];
         let stack = Self {
-            natsd,
-            _dir: dir,
             ws: format!("ws://{addr}/v1/sync"),
             secret,
-            stop,
-            tasks,
+            nats_url: natsd.url.clone(),
+            own: Some(OwnStack {
+                natsd,
+                _dir: dir,
+                stop,
+                tasks,
+            }),
         };
-        // Ready when a socket gets a welcome.
+        stack.wait_ready().await?;
+        Ok(stack)
+    }
+
+    /// An existing stack: its gateway's WebSocket URL, its JWT secret and its NATS.
+    async fn attach(ws: String, secret: String, nats_url: String) -> anyhow::Result<Self> {
+        let stack = Self {
+            ws,
+            secret,
+            nats_url,
+            own: None,
+        };
+        stack.wait_ready().await?;
+        Ok(stack)
+    }
+
+    /// Ready when a socket gets a welcome.
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let mut last = String::new();
         for _ in 0..200 {
-            if let Ok(mut c) = Connection::connect(&stack.ws, &stack.token("probe")).await
-                && c.hello("bench", "probe", "probe", BTreeMap::new())
-                    .await
-                    .is_ok()
-            {
-                return Ok(stack);
+            match Connection::connect(&self.ws, &self.token("probe")).await {
+                Ok(mut c) => match c.hello("bench", "probe", "probe", BTreeMap::new()).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        anyhow::bail!("the stack did not come up")
+        anyhow::bail!("the stack at {} did not answer a hello: {last}", self.ws)
     }
 
     fn token(&self, sub: &str) -> String {
@@ -147,13 +189,55 @@ impl Stack {
         Ok(c)
     }
 
-    async fn stop(mut self) {
-        self.stop.cancel();
-        for t in self.tasks.drain(..) {
+    async fn stop(self) {
+        let Some(mut own) = self.own else { return };
+        own.stop.cancel();
+        for t in own.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
         }
-        let mut natsd = self.natsd;
+        let mut natsd = own.natsd;
         let _ = tokio::task::spawn_blocking(move || natsd.terminate(Duration::from_secs(10))).await;
+    }
+
+    /// The processes measured: this one and its nats-server, or (`--url`) every
+    /// `ultrasync` and `nats-server` process on this machine but this one.
+    fn processes(&self) -> Vec<(String, u32)> {
+        match &self.own {
+            Some(own) => vec![
+                (
+                    "ultrasync (gateway + sequencer + materializer + load generator)".to_owned(),
+                    std::process::id(),
+                ),
+                ("nats-server".to_owned(), own.natsd.pid()),
+            ],
+            None => {
+                let me = std::process::id();
+                let mut found = Vec::new();
+                for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                    let Some(pid) = entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.parse::<u32>().ok())
+                    else {
+                        continue;
+                    };
+                    let comm =
+                        std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+                    let comm = comm.trim();
+                    if pid != me && (comm == "ultrasync" || comm == "nats-server") {
+                        let args = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                        let role = args
+                            .split(|b| *b == 0)
+                            .nth(1)
+                            .map(|a| String::from_utf8_lossy(a).into_owned())
+                            .unwrap_or_default();
+                        found.push((format!("{comm} {role} (pid {pid})").trim().to_owned(), pid));
+                    }
+                }
+                found.push(("load generator (this process)".to_owned(), me));
+                found
+            }
+        }
     }
 }
 
@@ -440,40 +524,77 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
     Ok(json!({"subscribers": subscribers, "ops": expected, "rate": 100, "latency": summary(&h)}))
 }
 
-async fn bootstrap(stack: &Stack, keys: usize) -> anyhow::Result<Value> {
-    let mut w = stack.client("boot", "boot-writer", &[]).await?;
+/// Writers of the bootstrap namespace, each with this many commands in flight.
+const BOOT_WRITERS: usize = 8;
+const BOOT_IN_FLIGHT: usize = 1000;
+
+async fn bootstrap(stack: &Stack, keys: usize, ops: usize) -> anyhow::Result<Value> {
     let begun = Instant::now();
-    let mut in_flight = 0usize;
-    let mut acked = 0usize;
-    let mut sent = 0usize;
-    while acked < keys {
-        while sent < keys && in_flight < 2000 {
-            w.command(
-                &format!("b{sent}"),
-                "index",
-                &format!("key-{sent}"),
-                OpType::Set,
-                json!({"n": sent, "pad": "0123456789abcdef"}),
-            )
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..BOOT_WRITERS {
+        let mut conn = stack
+            .client("boot", &format!("boot-writer-{w}"), &[])
             .await?;
-            sent += 1;
-            in_flight += 1;
-        }
-        if let ServerMessage::Ack { .. } | ServerMessage::Reject { .. } =
-            w.recv_timeout(Duration::from_secs(60)).await?
-        {
-            acked += 1;
-            in_flight -= 1;
-        }
-        if acked.is_multiple_of(5000) {
-            progress(
-                "bootstrap: writing keys",
-                Duration::from_secs_f64(acked as f64),
-                Duration::from_secs_f64(keys as f64),
-                "",
-            );
-        }
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            // Op n sets key n % keys: every key is written ops / keys times.
+            let mine: Vec<usize> = (w..ops).step_by(BOOT_WRITERS).collect();
+            let mut sent = 0usize;
+            let mut done = 0usize;
+            while done < mine.len() {
+                while sent < mine.len() && sent - done < BOOT_IN_FLIGHT {
+                    let n = mine[sent];
+                    conn.command(
+                        &format!("b{n}"),
+                        "index",
+                        &format!("key-{}", n % keys),
+                        OpType::Set,
+                        json!({"n": n, "pad": "0123456789abcdef"}),
+                    )
+                    .await?;
+                    sent += 1;
+                }
+                match conn.recv_timeout(Duration::from_secs(60)).await? {
+                    ServerMessage::Ack { .. } => {
+                        done += 1;
+                        acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    ServerMessage::Reject {
+                        command_id, code, ..
+                    } => {
+                        anyhow::bail!("bootstrap write {command_id} refused: {code:?}")
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
     }
+    let total = Duration::from_secs_f64(ops as f64);
+    let ticker = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            loop {
+                let n = acked.load(std::sync::atomic::Ordering::Relaxed);
+                let rate = n as f64 / begun.elapsed().as_secs_f64().max(0.001);
+                progress(
+                    "bootstrap: writing ops",
+                    Duration::from_secs_f64(n as f64),
+                    total,
+                    &format!("{n}/{ops} ops, {rate:.0}/s"),
+                );
+                if n >= ops {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    for w in writers {
+        w.await.context("a bootstrap writer stopped")??;
+    }
+    let _ = ticker.await;
     eprintln!();
     let write_secs = begun.elapsed().as_secs_f64();
     // A new client with no cursor: snapshot (when one is stored) + tail, then synced.
@@ -497,7 +618,9 @@ async fn bootstrap(stack: &Stack, keys: usize) -> anyhow::Result<Value> {
     }
     Ok(json!({
         "keys": keys,
+        "ops": ops,
         "write_secs": write_secs,
+        "write_ops_per_sec": ops as f64 / write_secs,
         "bootstrap_ms": started.elapsed().as_secs_f64() * 1000.0,
         "snapshot_frames": frames,
         "snapshot_keys": snapshot_keys,
@@ -536,7 +659,7 @@ async fn idle(stack: &Stack, connections: usize) -> anyhow::Result<Value> {
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--nats-url",
-            &stack.natsd.url,
+            &stack.nats_url,
         ])
         .arg("--config")
         .arg(&config)
@@ -683,7 +806,8 @@ fn chart(steps: &[Value], raw_rate: Option<f64>) -> String {
     svg
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+/// `config` is needed only with `--url` (secret, NATS URL).
+pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Result<()> {
     let all = args.scenario.iter().any(|s| s == "all");
     let wants = |s: &str| all || args.scenario.iter().any(|x| x == s);
     let step = Duration::from_secs(if args.quick { 1 } else { args.duration.max(1) });
@@ -697,10 +821,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         args.bootstrap_keys
     };
-    eprintln!(
-        "starting a stack (nats-server with sync_interval: always, gateway, sequencer, materializer)..."
-    );
-    let stack = Stack::start().await?;
+    let stack = match &args.url {
+        None => {
+            eprintln!(
+                "starting a stack (nats-server with sync_interval: always, gateway, sequencer, materializer)..."
+            );
+            Stack::start().await?
+        }
+        Some(url) => {
+            let config = config?;
+            let secret =
+                String::from_utf8(config.auth.secret()?).context("the JWT secret is not UTF-8")?;
+            eprintln!("using the stack at {url} (NATS {})", config.nats_url);
+            Stack::attach(url.clone(), secret, config.nats_url.clone()).await?
+        }
+    };
+    let measured = stack.processes();
+    let usage_before: Vec<Option<(f64, u64)>> = measured
+        .iter()
+        .map(|(_, pid)| process_usage(*pid))
+        .collect();
     let mut report = serde_json::Map::new();
     report.insert(
         "machine".into(),
@@ -711,22 +851,28 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let mut raw_rate = None;
     if wants("jetstream") {
-        let r = jetstream(&stack.natsd.url, step).await?;
+        let r = jetstream(&stack.nats_url, step).await?;
         raw_rate = r["ops_per_sec"].as_f64();
         report.insert("jetstream".into(), r);
     }
     let mut steps = Vec::new();
     if wants("throughput") {
-        let rates: &[u64] = if args.quick {
-            &[500, 2000]
-        } else {
-            &[
+        let rates: Vec<u64> = match (&args.rates, args.quick) {
+            (Some(r), _) => r.clone(),
+            (None, true) => vec![500, 2000],
+            (None, false) => vec![
                 1000, 2500, 5000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000,
-            ]
+            ],
         };
-        for &rate in rates {
-            let (acked, h, elapsed) =
-                open_loop(&stack, 8, rate, step, &format!("throughput {rate}/s")).await?;
+        for &rate in &rates {
+            let (acked, h, elapsed) = open_loop(
+                &stack,
+                args.clients,
+                rate,
+                step,
+                &format!("throughput {rate}/s"),
+            )
+            .await?;
             let achieved = acked as f64 / elapsed.as_secs_f64();
             let p99 = h.value_at_quantile(0.99) as f64 / 1000.0;
             steps.push(json!({
@@ -747,7 +893,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.insert(
             "throughput".into(),
             json!({
-                "clients": 8,
+                "clients": args.clients,
                 "steps": steps,
                 "best_ops_per_sec_with_p99_under_100ms": best,
                 "ratio_to_raw_jetstream": raw_rate.map(|r| best / r),
@@ -768,7 +914,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     if wants("bootstrap") {
-        report.insert("bootstrap".into(), bootstrap(&stack, boot_keys).await?);
+        let boot_ops = if args.quick {
+            args.bootstrap_ops.min(boot_keys * 2)
+        } else {
+            args.bootstrap_ops
+        }
+        .max(boot_keys);
+        report.insert(
+            "bootstrap".into(),
+            bootstrap(&stack, boot_keys, boot_ops).await?,
+        );
     }
     if wants("idle") {
         let n = if args.quick {
@@ -778,20 +933,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         report.insert("idle".into(), idle(&stack, n).await?);
     }
+    // CPU spent during this run, and peak RSS, per process.
     let mut processes = serde_json::Map::new();
-    if let Some((cpu, rss)) = process_usage(std::process::id()) {
-        processes.insert(
-            "ultrasync (gateway + sequencer + materializer + load generator)".into(),
-            json!({"cpu_secs": cpu, "peak_rss_mib": rss as f64 / 1048576.0}),
-        );
-    }
-    if let Some((cpu, rss)) = process_usage(stack.natsd.pid()) {
-        processes.insert(
-            "nats-server".into(),
-            json!({"cpu_secs": cpu, "peak_rss_mib": rss as f64 / 1048576.0}),
-        );
+    for ((name, pid), before) in measured.iter().zip(usage_before) {
+        if let Some((cpu, rss)) = process_usage(*pid) {
+            let spent = cpu - before.map_or(0.0, |b| b.0);
+            processes.insert(
+                name.clone(),
+                json!({"cpu_secs": spent, "peak_rss_mib": rss as f64 / 1048576.0}),
+            );
+        }
     }
     report.insert("processes".into(), Value::Object(processes));
+    report.insert(
+        "stack".into(),
+        json!(match &args.url {
+            Some(u) => format!("existing: {u}"),
+            None => "started by the bench (one process + nats-server)".to_owned(),
+        }),
+    );
     stack.stop().await;
 
     std::fs::create_dir_all(&args.out)

@@ -492,7 +492,7 @@ async fn a_retry_gets_the_original_ack_across_restarts_and_past_the_dedupe_windo
     // 3. After JetStream's own duplicate window has passed and a new sequencer
     //    instance has taken the key: the op id is known from the log, not from NATS.
     let js = stack.jetstream().await;
-    let mut cfg = ultrasync_shared::nats::ops_stream_config(stack.config.layout());
+    let mut cfg = ultrasync_shared::nats::ops_stream_config(&stack.config.layout());
     cfg.duplicate_window = Duration::from_secs(1);
     js.update_stream(cfg)
         .await

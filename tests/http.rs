@@ -81,7 +81,7 @@ async fn http_push_pull_and_bootstrap_match_the_websocket_view() {
         .iter()
         .map(|m| m["type"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(kinds, ["ack", "ack", "reject", "ack"]);
+    assert_eq!(kinds, ["ack", "ack", "reject", "ack"], "{}", r.body);
     assert_eq!(results["results"][2]["code"], json!("invalid_key"));
     assert_eq!(results["results"][1]["server_seq"], json!(4));
     let r = stack

@@ -82,7 +82,6 @@ async fn run_commands(
     let reply_to = state.routes.reply_subject(&request_id);
     let mut results: Vec<Option<ServerMessage>> = vec![None; frames.len()];
     let mut waiting: HashMap<String, Vec<usize>> = HashMap::new();
-    let mut acks = Vec::new();
     for (i, frame) in frames.into_iter().enumerate() {
         if let Err((code, reason)) = check_frame(&frame) {
             results[i] = Some(ServerMessage::reject(frame.command_id, code, reason));
@@ -105,24 +104,23 @@ async fn run_commands(
             results[i] = Some(ServerMessage::reject(frame.command_id, e.code, e.message));
             continue;
         }
-        let published = match serde_json::to_vec(&envelope) {
-            Ok(body) => state
-                .js
-                .publish(ultrasync_shared::nats::cmd_subject(key), body.into())
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match published {
-            Ok(ack) => {
+        match serde_json::to_vec(&envelope) {
+            Ok(body) => {
                 waiting.entry(frame.command_id.clone()).or_default().push(i);
-                acks.push((i, frame.command_id, ack));
+                state.publisher.submit(
+                    ultrasync_shared::nats::cmd_subject(key),
+                    crate::publisher::Queued {
+                        body: body.into(),
+                        route: request_id.clone(),
+                        command_id: frame.command_id,
+                    },
+                );
             }
             Err(e) => {
                 results[i] = Some(ServerMessage::reject(
                     frame.command_id,
-                    ErrorCode::Unavailable,
-                    format!("the command queue is unavailable ({e}); retry"),
+                    ErrorCode::InvalidMessage,
+                    format!("command does not encode: {e}"),
                 ));
             }
         }
@@ -130,21 +128,22 @@ async fn run_commands(
     let deadline = tokio::time::Instant::now()
         + Duration::from_secs(state.config.gateway.command_timeout_secs);
     while !waiting.is_empty() {
-        let Ok(Some(body)) = tokio::time::timeout_at(deadline, answers.recv()).await else {
+        let Ok(Some(bodies)) = tokio::time::timeout_at(deadline, answers.recv()).await else {
             break;
         };
-        let Ok(msg) = serde_json::from_slice::<ServerMessage>(&body) else {
-            continue;
-        };
-        let id = match &msg {
-            ServerMessage::Ack { command_id, .. } | ServerMessage::Reject { command_id, .. } => {
-                command_id.clone()
-            }
-            _ => continue,
-        };
-        if let Some(slots) = waiting.remove(&id) {
-            for i in slots {
-                results[i] = Some(msg.clone());
+        for body in bodies {
+            let Ok(msg) = serde_json::from_slice::<ServerMessage>(&body) else {
+                continue;
+            };
+            let id = match &msg {
+                ServerMessage::Ack { command_id, .. }
+                | ServerMessage::Reject { command_id, .. } => command_id.clone(),
+                _ => continue,
+            };
+            if let Some(slots) = waiting.remove(&id) {
+                for i in slots {
+                    results[i] = Some(msg.clone());
+                }
             }
         }
     }

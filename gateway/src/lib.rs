@@ -12,6 +12,7 @@ mod hub;
 mod metrics;
 mod openapi;
 mod presence;
+mod publisher;
 mod session;
 mod tls;
 pub mod webhooks;
@@ -49,7 +50,7 @@ use crate::session::Session;
 /// `usync.reply.{gateway_id}.{session_id}`) to the session that sent the command.
 pub struct Routes {
     prefix: String,
-    sessions: Mutex<HashMap<String, mpsc::Sender<Vec<u8>>>>,
+    sessions: Mutex<HashMap<String, mpsc::Sender<Vec<Vec<u8>>>>>,
 }
 
 impl Routes {
@@ -60,7 +61,7 @@ impl Routes {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Vec<u8>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Vec<Vec<u8>>>>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -68,7 +69,7 @@ impl Routes {
         format!("{}.{session_id}", self.prefix)
     }
 
-    pub fn register(&self, session_id: &str) -> mpsc::Receiver<Vec<u8>> {
+    pub fn register(&self, session_id: &str) -> mpsc::Receiver<Vec<Vec<u8>>> {
         let (tx, rx) = mpsc::channel(4096);
         self.lock().insert(session_id.to_owned(), tx);
         rx
@@ -78,12 +79,13 @@ impl Routes {
         self.lock().remove(session_id);
     }
 
-    /// Hands an answer to its session; one the session cannot take is dropped (the
-    /// client times out and retries, and the retry is answered from the log).
-    pub fn deliver(&self, session_id: &str, body: Vec<u8>) {
+    /// Hands answers (those that came in one message) to their session; ones the
+    /// session cannot take are dropped (the client times out and retries, and the
+    /// retry is answered from the log).
+    pub fn deliver(&self, session_id: &str, answers: Vec<Vec<u8>>) {
         let tx = self.lock().get(session_id).cloned();
         if let Some(tx) = tx
-            && tx.try_send(body).is_err()
+            && tx.try_send(answers).is_err()
         {
             warn!(
                 session = session_id,
@@ -109,6 +111,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub presence: Arc<presence::Presence>,
     pub routes: Arc<Routes>,
+    /// Commands on their way to `USYNC_CMDS`.
+    pub publisher: Arc<publisher::Publisher>,
     pub cursors: Arc<cursors::CursorWriter>,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
@@ -165,7 +169,13 @@ pub async fn run_with_hooks(
     let reply_task = tokio::spawn(async move {
         while let Some(msg) = replies.next().await {
             if let Some(session) = msg.subject.rsplit('.').next() {
-                router_routes.deliver(session, msg.payload.to_vec());
+                // Answers to one session may come several to a message; they stay
+                // together up to the socket.
+                let answers = nats::split_lines(msg.headers.as_ref(), &msg.payload)
+                    .into_iter()
+                    .map(<[u8]>::to_vec)
+                    .collect();
+                router_routes.deliver(session, answers);
             }
         }
     });
@@ -181,6 +191,7 @@ pub async fn run_with_hooks(
         verifier,
         gateway_id: gateway_id.clone(),
         nats: client.clone(),
+        publisher: publisher::Publisher::new(js.clone(), routes.clone()),
         js,
         hub: Hub::new(client.clone(), ops, snapshots),
         presence,
@@ -193,9 +204,16 @@ pub async fn run_with_hooks(
         hooks,
         http_limits: Mutex::new(HashMap::new()),
     });
+    // Webhooks are sent from the home region only: a replica region would deliver
+    // every op a second time.
+    let hooks_here: &[ultrasync_shared::config::WebhookConfig] =
+        match state.config.region.is_replica() {
+            true => &[],
+            false => &state.config.webhooks,
+        };
     webhooks::start(
         &state.js,
-        &state.config.webhooks,
+        hooks_here,
         state.config.namespaces()?,
         state.metrics.webhooks.clone(),
         shutdown.clone(),
@@ -471,6 +489,8 @@ async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "gateway_id": state.gateway_id,
+        "region": state.config.region.name,
+        "home_domain": state.config.region.home_domain,
         "uptime_secs": state.started.elapsed().as_secs(),
         "connected_clients": state.metrics.connections.load(Ordering::Relaxed),
         "followed_stream_keys": state.hub.topic_count(),

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 use ultrasync_shared::auth::Principal;
 use ultrasync_shared::error::close;
 use ultrasync_shared::ids::Id;
@@ -40,6 +40,9 @@ const MAX_INFLIGHT: usize = 10_000;
 #[derive(Debug)]
 pub enum Outbound {
     Text(String),
+    /// Frames that go out together in one socket write (the answers of one
+    /// sequencer batch): one queue slot, one flush.
+    Texts(Vec<String>),
 }
 
 /// Who the socket is after `hello`.
@@ -55,7 +58,7 @@ pub struct Session {
     session_id: String,
     out: mpsc::Sender<Outbound>,
     /// Answers from the sequencer, routed here by the gateway's reply subscription.
-    replies: mpsc::Receiver<Vec<u8>>,
+    replies: mpsc::Receiver<Vec<Vec<u8>>>,
     slow: CancellationToken,
     bound: Option<Bound>,
     followers: HashMap<String, JoinHandle<()>>,
@@ -158,9 +161,15 @@ impl Session {
         // unless the socket is being dropped for not reading them.
         if code != close::SLOW_CONSUMER {
             let flush = async {
-                while let Ok(Outbound::Text(text)) = out_rx.try_recv() {
-                    if sink.send(Message::Text(text.into())).await.is_err() {
-                        break;
+                while let Ok(item) = out_rx.try_recv() {
+                    let texts = match item {
+                        Outbound::Text(t) => vec![t],
+                        Outbound::Texts(ts) => ts,
+                    };
+                    for text in texts {
+                        if sink.send(Message::Text(text.into())).await.is_err() {
+                            return;
+                        }
                     }
                 }
             };
@@ -218,10 +227,12 @@ impl Session {
                     return Closing(close::POLICY, "no hello".into());
                 }
                 frame = out_rx.recv() => {
-                    let Some(Outbound::Text(text)) = frame else {
-                        return Closing(close::INTERNAL, "outbound queue closed".into());
+                    let texts = match frame {
+                        Some(Outbound::Text(text)) => vec![text],
+                        Some(Outbound::Texts(texts)) => texts,
+                        None => return Closing(close::INTERNAL, "outbound queue closed".into()),
                     };
-                    if let Some(c) = self.write(sink, Message::Text(text.into()), &shutdown).await {
+                    if let Some(c) = self.write_all(sink, texts, &shutdown).await {
                         return c;
                     }
                 }
@@ -229,7 +240,7 @@ impl Session {
                     let Some(reply) = reply else {
                         return Closing(close::INTERNAL, "reply route closed".into());
                     };
-                    self.on_reply(reply);
+                    self.on_replies(reply);
                 }
                 inbound = stream.next() => {
                     last_heard = Instant::now();
@@ -316,6 +327,38 @@ impl Session {
         }
     }
 
+    /// Writes frames with one flush at the end (one socket write for many small
+    /// frames). Each frame gets `WRITE_TIMEOUT`: a peer that keeps reading is not a
+    /// slow consumer however large the batch.
+    async fn write_all(
+        &self,
+        sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+        texts: Vec<String>,
+        shutdown: &CancellationToken,
+    ) -> Option<Closing> {
+        let last = texts.len().saturating_sub(1);
+        for (i, text) in texts.into_iter().enumerate() {
+            Metrics::inc(&self.state.metrics.messages_out);
+            let msg = Message::Text(text.into());
+            let step = async {
+                match i == last {
+                    true => sink.send(msg).await,
+                    false => sink.feed(msg).await,
+                }
+            };
+            let closing = tokio::select! {
+                sent = step => sent.err().map(|_| Closing(close::NORMAL, "peer gone".into())),
+                _ = self.slow.cancelled() => Some(self.slow_consumer()),
+                _ = tokio::time::sleep(WRITE_TIMEOUT) => Some(self.slow_consumer()),
+                _ = shutdown.cancelled() => Some(Closing(close::TRY_AGAIN_LATER, "server shutting down".into())),
+            };
+            if closing.is_some() {
+                return closing;
+            }
+        }
+        None
+    }
+
     fn slow_consumer(&self) -> Closing {
         self.state
             .metrics
@@ -360,7 +403,9 @@ impl Session {
         self.push(msg);
     }
 
-    fn on_reply(&mut self, reply: Vec<u8>) {
+    /// Answers of this socket's commands (several when the sequencer answered a
+    /// batch): bookkeeping, then one queue slot for all of them.
+    fn on_replies(&mut self, replies: Vec<Vec<u8>>) {
         #[derive(serde::Deserialize)]
         struct Head {
             #[serde(rename = "type")]
@@ -370,26 +415,36 @@ impl Session {
             #[serde(default)]
             code: Option<ErrorCode>,
         }
-        if let Ok(h) = serde_json::from_slice::<Head>(&reply) {
-            let sent = self.inflight.remove(&h.command_id);
-            match (h.kind.as_str(), h.code) {
-                ("ack", _) => {
-                    Metrics::inc(&self.state.metrics.acks);
-                    if let Some(t) = sent {
-                        self.state.metrics.ack_latency(t.elapsed());
+        let mut texts = Vec::with_capacity(replies.len());
+        for reply in replies {
+            if let Ok(h) = serde_json::from_slice::<Head>(&reply) {
+                let sent = self.inflight.remove(&h.command_id);
+                match (h.kind.as_str(), h.code) {
+                    ("ack", _) => {
+                        Metrics::inc(&self.state.metrics.acks);
+                        if let Some(t) = sent {
+                            self.state.metrics.ack_latency(t.elapsed());
+                        }
                     }
+                    (_, Some(code)) => self.state.metrics.reject(code),
+                    _ => {}
                 }
-                (_, Some(code)) => self.state.metrics.reject(code),
-                _ => {}
             }
+            if self.state.hooks.observes_answers()
+                && let Ok(answer) = serde_json::from_slice::<ServerMessage>(&reply)
+            {
+                self.state.hooks.after_apply(&self.principal, &answer);
+            }
+            texts.push(
+                String::from_utf8(reply)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            );
         }
-        if self.state.hooks.observes_answers()
-            && let Ok(answer) = serde_json::from_slice::<ServerMessage>(&reply)
-        {
-            self.state.hooks.after_apply(&self.principal, &answer);
-        }
-        let text = String::from_utf8_lossy(&reply).into_owned();
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(Outbound::Text(text)) {
+        let item = match texts.len() {
+            1 => Outbound::Text(texts.pop().unwrap_or_default()),
+            _ => Outbound::Texts(texts),
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(item) {
             self.slow.cancel();
         }
     }
@@ -700,33 +755,16 @@ impl Session {
             }
         };
         self.inflight.insert(command_id.clone(), Instant::now());
-        let subject = ultrasync_shared::nats::cmd_subject(&key);
-        // Publishing keeps the socket's order; the store ack is awaited off the loop.
-        match self.state.js.publish(subject, body.into()).await {
-            Ok(ack) => {
-                let routes = self.state.routes.clone();
-                let session_id = self.session_id.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = ack.await {
-                        warn!(error = %e, "command not accepted by USYNC_CMDS");
-                        let msg = ServerMessage::reject(
-                            command_id,
-                            ErrorCode::Unavailable,
-                            "the command queue is unavailable; retry",
-                        );
-                        routes.deliver(&session_id, msg.encode().into_bytes());
-                    }
-                });
-            }
-            Err(e) => {
-                warn!(error = %e, "publishing a command failed");
-                self.inflight.remove(&command_id);
-                self.push(reject(
-                    ErrorCode::Unavailable,
-                    "the command queue is unavailable; retry".into(),
-                ));
-            }
-        }
+        // One publisher per stream key keeps the socket's order and gathers commands
+        // under load; a command it cannot store is answered with a reject.
+        self.state.publisher.submit(
+            ultrasync_shared::nats::cmd_subject(&key),
+            crate::publisher::Queued {
+                body: body.into(),
+                route: self.session_id.clone(),
+                command_id,
+            },
+        );
     }
 
     async fn cursor(&mut self, namespace: &str, server_seq: u64) {

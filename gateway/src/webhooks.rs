@@ -71,7 +71,7 @@ pub async fn start(
     // Normally made by `ultrasync setup` / the service start-up (`ensure_layout`);
     // only looked up here when it exists.
     js.get_or_create_stream(ultrasync_shared::nats::dlq_stream_config(
-        ultrasync_shared::nats::LayoutOptions::default(),
+        &ultrasync_shared::nats::LayoutOptions::default(),
     ))
     .await
     .context("opening the webhook dead-letter stream")?;

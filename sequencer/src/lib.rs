@@ -13,6 +13,7 @@
 //! wrote, re-plans its batch on top, and tries again. `server_seq` therefore stays
 //! dense and unique whatever the instances do (invariant 2).
 
+mod committer;
 mod worker;
 mod writer;
 
@@ -45,6 +46,11 @@ pub const HDR_SEQUENCER: &str = "Usync-Sequencer";
 /// Runs one sequencer instance until `shutdown` fires; then finishes the batches it
 /// has taken and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some(home) = &config.region.home_domain {
+        anyhow::bail!(
+            "this region mirrors the op log of domain {home}: writes are sequenced there; run sequencers in the home region only"
+        );
+    }
     let nats::ServiceNats {
         client,
         js,
@@ -82,13 +88,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let shared = Arc::new(WorkerShared {
         client: client.clone(),
-        js: js.clone(),
         ops,
         snapshots,
         hlc: uhlc::HLC::default(),
         config: config.sequencer.clone(),
         namespaces: config.namespaces()?,
         instance: instance.clone(),
+        committer: committer::Committer::start(client.clone(), js.clone()),
     });
     info!(instance = %instance, "sequencer running");
 
@@ -149,14 +155,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let _ = msg.ack_with(jetstream::AckKind::Term).await;
             continue;
         };
-        dispatch(
-            &mut workers,
-            &mut tasks,
-            &shared,
-            key,
-            Job::Command(Pending::new(msg)),
-        )
-        .await;
+        for p in Pending::from_message(msg) {
+            dispatch(
+                &mut workers,
+                &mut tasks,
+                &shared,
+                key.clone(),
+                Job::Command(p),
+            )
+            .await;
+        }
         // Reap finished workers without blocking.
         while let Some(res) = tasks.try_join_next() {
             if let Err(e) = res {

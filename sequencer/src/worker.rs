@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -22,7 +23,7 @@ use ultrasync_shared::config::SequencerConfig;
 use ultrasync_shared::ids::is_valid_id;
 use ultrasync_shared::log::{self, Head, LogError};
 use ultrasync_shared::namespaces::{Mode, NamespaceSpec, Namespaces};
-use ultrasync_shared::nats::ops_subject;
+use ultrasync_shared::nats::{HDR_BATCH, join_lines, ops_subject};
 use ultrasync_shared::protocol::{CurrentState, ServerMessage};
 use ultrasync_shared::reads::DigestReply;
 use ultrasync_shared::snapshot::{self, Snapshot};
@@ -30,17 +31,19 @@ use ultrasync_shared::state::{self, ApplyError, KeyEntry, NamespaceState};
 use ultrasync_shared::{CommandEnvelope, ErrorCode, Op, OpType, StreamKey, validate_key};
 
 use crate::HDR_SEQUENCER;
-use crate::writer::{self, Outgoing, WriteError};
+use crate::writer::{Outgoing, WriteError};
 
 /// A worker with nothing to do for this long exits; the next command starts a new one.
 const IDLE: Duration = Duration::from_secs(300);
+/// Most bytes of answers in one message to a gateway (NATS' max_payload is 4 MiB;
+/// a single larger answer still goes, alone).
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// Conflicts in a row before a batch is handed back for redelivery.
 const MAX_CONFLICTS: u32 = 64;
 
 /// What every worker of an instance shares.
 pub struct WorkerShared {
     pub client: async_nats::Client,
-    pub js: jetstream::Context,
     pub ops: Stream,
     pub snapshots: jetstream::object_store::ObjectStore,
     pub hlc: uhlc::HLC,
@@ -48,6 +51,8 @@ pub struct WorkerShared {
     pub namespaces: Namespaces,
     /// This instance's id, sent on every answer.
     pub instance: String,
+    /// Group commit of every worker's writes.
+    pub committer: crate::committer::Committer,
 }
 
 /// What a worker is handed.
@@ -58,9 +63,43 @@ pub enum Job {
     Digest(oneshot::Sender<Result<DigestReply, String>>),
 }
 
-/// A command message taken from `USYNC_CMDS`, decoded.
-pub struct Pending {
+/// A message taken from `USYNC_CMDS`: one command, or several of one stream key
+/// ([`ultrasync_shared::nats::HDR_BATCH`]). It is acked once every command in it is
+/// answered, and handed back for redelivery when any of them must be retried (the
+/// ones already answered are then answered again from their op ids).
+pub struct Delivery {
     msg: jetstream::Message,
+    open: AtomicUsize,
+    /// Longest redelivery delay asked for (ms); 0 = ack.
+    retry_ms: AtomicU64,
+}
+
+impl Delivery {
+    async fn finish(&self, retry: Option<Duration>) {
+        if let Some(d) = retry {
+            self.retry_ms
+                .fetch_max((d.as_millis() as u64).max(1), Ordering::AcqRel);
+        }
+        if self.open.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let result = match self.retry_ms.load(Ordering::Acquire) {
+            0 => self.msg.ack().await,
+            ms => {
+                self.msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(ms))))
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "acking a command message failed; it will be redelivered and deduped");
+        }
+    }
+}
+
+/// A command taken from `USYNC_CMDS`, decoded.
+pub struct Pending {
+    delivery: Arc<Delivery>,
     cmd: Result<CommandEnvelope, String>,
     /// Known even when the body does not decode, so a reject can still be sent.
     reply_to: Option<String>,
@@ -68,24 +107,59 @@ pub struct Pending {
 }
 
 impl Pending {
-    pub fn new(msg: jetstream::Message) -> Self {
-        let loose: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
-        let reply_to = loose
-            .get("reply_to")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        let command_id = loose
-            .get("command_id")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let cmd =
-            serde_json::from_slice::<CommandEnvelope>(&msg.payload).map_err(|e| e.to_string());
-        Self {
+    /// The commands of one message, in order.
+    pub fn from_message(msg: jetstream::Message) -> Vec<Self> {
+        let decoded: Vec<(Result<CommandEnvelope, String>, Option<String>, String)> =
+            ultrasync_shared::nats::split_lines(msg.headers.as_ref(), &msg.payload)
+                .into_iter()
+                .map(decode)
+                .collect();
+        let delivery = Arc::new(Delivery {
             msg,
-            cmd,
-            reply_to,
-            command_id,
+            open: AtomicUsize::new(decoded.len()),
+            retry_ms: AtomicU64::new(0),
+        });
+        decoded
+            .into_iter()
+            .map(|(cmd, reply_to, command_id)| Self {
+                delivery: delivery.clone(),
+                cmd,
+                reply_to,
+                command_id,
+            })
+            .collect()
+    }
+
+    async fn ack(&self) {
+        self.delivery.finish(None).await;
+    }
+
+    async fn retry_after(&self, delay: Duration) {
+        self.delivery.finish(Some(delay)).await;
+    }
+}
+
+/// One command document: the envelope, or why not, with the reply route and id
+/// (read loosely so a malformed command can still be answered).
+fn decode(doc: &[u8]) -> (Result<CommandEnvelope, String>, Option<String>, String) {
+    match serde_json::from_slice::<CommandEnvelope>(doc) {
+        Ok(cmd) => {
+            let reply_to = cmd.reply_to.clone();
+            let id = cmd.command_id.clone();
+            (Ok(cmd), reply_to, id)
+        }
+        Err(e) => {
+            let loose: Value = serde_json::from_slice(doc).unwrap_or(Value::Null);
+            let reply_to = loose
+                .get("reply_to")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            let id = loose
+                .get("command_id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            (Err(e.to_string()), reply_to, id)
         }
     }
 }
@@ -297,14 +371,11 @@ impl Worker {
             let (plans, ops, outgoing, overlay) = self.plan(&spec, loaded, &batch);
 
             if !outgoing.is_empty() {
-                let written = writer::write(
-                    &self.shared.client,
-                    &self.shared.js,
-                    &self.subject,
-                    loaded.head_stream_seq,
-                    &outgoing,
-                )
-                .await;
+                let written = self
+                    .shared
+                    .committer
+                    .write(&self.subject, loaded.head_stream_seq, outgoing.clone())
+                    .await;
                 match written {
                     Ok(last_stream_seq) => {
                         let last = outgoing.last().map_or(0, |o| o.server_seq);
@@ -445,6 +516,9 @@ impl Worker {
     async fn answer(&self, batch: &[Pending], plans: Vec<Plan>, ops: &[Op]) {
         let mut headers = HeaderMap::new();
         headers.insert(HDR_SEQUENCER, self.shared.instance.as_str());
+        let mut routes: Vec<(String, Vec<String>, usize)> = Vec::new();
+        let mut done = Vec::with_capacity(batch.len());
+        let mut retry = Vec::new();
         for (p, plan) in batch.iter().zip(plans) {
             let reply = match plan {
                 Plan::Reject(m) => m,
@@ -468,26 +542,51 @@ impl Worker {
                     ),
                     Err(e) => {
                         warn!(stream_key = %self.key, error = %e, "reading a stored op for a retry failed");
-                        let _ = p
-                            .msg
-                            .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                            .await;
+                        retry.push(p);
                         continue;
                     }
                 },
             };
-            if let Some(to) = &p.reply_to
-                && let Err(e) = self
-                    .shared
-                    .client
-                    .publish_with_headers(to.clone(), headers.clone(), reply.encode().into())
-                    .await
+            if let Some(to) = &p.reply_to {
+                let doc = reply.encode();
+                // One message per route, up to MAX_ANSWER_BYTES (NATS caps a message).
+                match routes.iter_mut().rev().find(|(r, _, _)| r == to) {
+                    Some((_, docs, bytes)) if *bytes + doc.len() <= MAX_ANSWER_BYTES => {
+                        *bytes += doc.len() + 1;
+                        docs.push(doc);
+                    }
+                    _ => {
+                        let bytes = doc.len();
+                        routes.push((to.clone(), vec![doc], bytes));
+                    }
+                }
+            }
+            done.push(p);
+        }
+        // One message per route: a socket's answers of this batch travel together.
+        for (to, docs, _) in routes {
+            let mut headers = headers.clone();
+            let body = match docs.as_slice() {
+                [one] => one.clone().into_bytes(),
+                _ => {
+                    headers.insert(HDR_BATCH, docs.len().to_string().as_str());
+                    join_lines(&docs)
+                }
+            };
+            if let Err(e) = self
+                .shared
+                .client
+                .publish_with_headers(to, headers, body.into())
+                .await
             {
                 warn!(error = %e, "answering the gateway failed");
             }
-            if let Err(e) = p.msg.ack().await {
-                warn!(error = %e, "acking a command failed; it will be redelivered and deduped");
-            }
+        }
+        for p in done {
+            p.ack().await;
+        }
+        for p in retry {
+            p.retry_after(Duration::from_millis(500)).await;
         }
     }
 
@@ -712,10 +811,7 @@ pub fn admit(
 
 async fn nak_all(batch: &[Pending]) {
     for p in batch {
-        let _ = p
-            .msg
-            .ack_with(AckKind::Nak(Some(Duration::from_millis(250))))
-            .await;
+        p.retry_after(Duration::from_millis(250)).await;
     }
 }
 

@@ -72,7 +72,18 @@ pub async fn write(
     match ops {
         [] => Err(WriteError::Other("empty write".to_owned())),
         [op] => write_one(js, subject, expected_last, op).await,
-        _ => write_batch(client, subject, expected_last, ops).await,
+        _ => write_many(
+            client,
+            &[SubjectWrite {
+                subject,
+                expected_last,
+                ops,
+            }],
+        )
+        .await?
+        .first()
+        .copied()
+        .ok_or_else(|| WriteError::Other("empty batch".to_owned())),
     }
 }
 
@@ -108,56 +119,79 @@ async fn write_one(
     }
 }
 
-async fn write_batch(
+/// One stream key's part of a shared atomic batch.
+pub struct SubjectWrite<'a> {
+    pub subject: &'a str,
+    /// The subject's last stream sequence the ops were planned against (0 = empty).
+    pub expected_last: u64,
+    pub ops: &'a [Outgoing],
+}
+
+/// Stores every write in one atomic batch: all of them, or nothing when any
+/// subject's check fails. Returns, per write, the stream sequence of its last op.
+pub async fn write_many(
     client: &async_nats::Client,
-    subject: &str,
-    expected_last: u64,
-    ops: &[Outgoing],
-) -> Result<u64, WriteError> {
+    writes: &[SubjectWrite<'_>],
+) -> Result<Vec<u64>, WriteError> {
+    let total: usize = writes.iter().map(|w| w.ops.len()).sum();
+    if total == 0 || writes.iter().any(|w| w.ops.is_empty()) {
+        return Err(WriteError::Other("empty batch".to_owned()));
+    }
     let batch_id = uuid::Uuid::new_v4().simple().to_string();
-    let last = ops.len() - 1;
-    for (i, op) in ops.iter().enumerate() {
-        let mut h = headers(op);
-        h.insert(NATS_BATCH_ID, batch_id.as_str());
-        h.insert(NATS_BATCH_SEQUENCE, (i + 1).to_string().as_str());
-        if i == 0 {
-            h.insert(
-                NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                expected_last.to_string().as_str(),
-            );
-        }
-        if i < last {
-            // Messages before the commit are plain publishes: the connection keeps
-            // them in order, and any failure is reported on the commit.
-            client
-                .publish_with_headers(subject.to_owned(), h, op.body.clone())
+    let mut n = 0usize;
+    for w in writes {
+        for (i, op) in w.ops.iter().enumerate() {
+            n += 1;
+            let mut h = headers(op);
+            h.insert(NATS_BATCH_ID, batch_id.as_str());
+            h.insert(NATS_BATCH_SEQUENCE, n.to_string().as_str());
+            if i == 0 {
+                // Only a subject's first message in a batch may carry the check.
+                h.insert(
+                    NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    w.expected_last.to_string().as_str(),
+                );
+            }
+            if n < total {
+                // Messages before the commit are plain publishes: the connection
+                // keeps them in order, and any failure is reported on the commit.
+                client
+                    .publish_with_headers(w.subject.to_owned(), h, op.body.clone())
+                    .await
+                    .map_err(|e| WriteError::Other(format!("batch publish: {e}")))?;
+                continue;
+            }
+            h.insert(NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL);
+            let resp = client
+                .request_with_headers(w.subject.to_owned(), h, op.body.clone())
                 .await
-                .map_err(|e| WriteError::Other(format!("batch publish: {e}")))?;
-            continue;
+                .map_err(|e| WriteError::Other(format!("batch commit: {e}")))?;
+            let ack: BatchAck = serde_json::from_slice(&resp.payload)
+                .map_err(|e| WriteError::Other(format!("batch commit answer: {e}")))?;
+            if let Some(err) = ack.error {
+                let text = format!("{} ({})", err.description, err.err_code);
+                return if CONFLICT_CODES.contains(&err.err_code) {
+                    Err(WriteError::Conflict(text))
+                } else {
+                    Err(WriteError::Other(text))
+                };
+            }
+            if ack.count != 0 && ack.count != total as u64 {
+                return Err(WriteError::Other(format!(
+                    "batch stored {} of {total} ops",
+                    ack.count
+                )));
+            }
+            // A batch is stored as consecutive stream sequences ending at `seq`.
+            let first = ack.seq + 1 - total as u64;
+            let mut lasts = Vec::with_capacity(writes.len());
+            let mut end = 0u64;
+            for w in writes {
+                end += w.ops.len() as u64;
+                lasts.push(first + end - 1);
+            }
+            return Ok(lasts);
         }
-        h.insert(NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL);
-        let resp = client
-            .request_with_headers(subject.to_owned(), h, op.body.clone())
-            .await
-            .map_err(|e| WriteError::Other(format!("batch commit: {e}")))?;
-        let ack: BatchAck = serde_json::from_slice(&resp.payload)
-            .map_err(|e| WriteError::Other(format!("batch commit answer: {e}")))?;
-        if let Some(err) = ack.error {
-            let text = format!("{} ({})", err.description, err.err_code);
-            return if CONFLICT_CODES.contains(&err.err_code) {
-                Err(WriteError::Conflict(text))
-            } else {
-                Err(WriteError::Other(text))
-            };
-        }
-        if ack.count != 0 && ack.count != ops.len() as u64 {
-            return Err(WriteError::Other(format!(
-                "batch stored {} of {} ops",
-                ack.count,
-                ops.len()
-            )));
-        }
-        return Ok(ack.seq);
     }
     Err(WriteError::Other("empty batch".to_owned()))
 }

@@ -87,6 +87,18 @@ fn hot(c: &mut Criterion) {
     c.bench_function("encode an ops frame of 100 stored ops", |b| {
         b.iter(|| encode_ops_frame("todos", 1, bodies.iter().map(|v| v.as_slice())))
     });
+    // What zstd would buy on catch-up: the ratio of a 100-op frame, and its cost.
+    let frame = encode_ops_frame("todos", 1, bodies.iter().map(|v| v.as_slice()));
+    let packed = zstd::bulk::compress(frame.as_bytes(), 1).expect("zstd");
+    eprintln!(
+        "a 100-op ops frame: {} bytes, zstd level 1: {} bytes (ratio {:.1})",
+        frame.len(),
+        packed.len(),
+        frame.len() as f64 / packed.len() as f64
+    );
+    c.bench_function("zstd level 1 of a 100-op frame", |b| {
+        b.iter(|| zstd::bulk::compress(black_box(frame.as_bytes()), 1).expect("zstd"))
+    });
     c.bench_function("encode one op (JSON)", |b| {
         b.iter(|| serde_json::to_vec(black_box(&ops[7])).expect("encode"))
     });

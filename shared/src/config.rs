@@ -25,6 +25,8 @@ pub struct Config {
     pub nats_password: Option<String>,
     /// Stream replicas: 1, or 3 on a NATS cluster.
     pub replicas: usize,
+    /// Which region this deployment is, and where writes are sequenced.
+    pub region: RegionConfig,
     pub auth: AuthConfig,
     pub gateway: GatewayConfig,
     pub sequencer: SequencerConfig,
@@ -80,6 +82,7 @@ impl Default for Config {
             nats_user: None,
             nats_password: None,
             replicas: 1,
+            region: RegionConfig::default(),
             auth: AuthConfig::default(),
             gateway: GatewayConfig::default(),
             sequencer: SequencerConfig::default(),
@@ -89,6 +92,28 @@ impl Default for Config {
             namespaces: Vec::new(),
             webhooks: Vec::new(),
         }
+    }
+}
+
+/// Multi-region (SPEC §7): the home region sequences every write; another region
+/// keeps a JetStream mirror of the home region's `USYNC_OPS`, materializes it and
+/// serves reads and subscriptions from it, while its gateways forward commands to
+/// the home region's `USYNC_CMDS` over the leafnode connection.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegionConfig {
+    /// This region's name (logs, `/v1/status`).
+    pub name: Option<String>,
+    /// The home region's JetStream domain. Unset: this is the home region (or the
+    /// only one). Set: this region mirrors the op log of that domain and runs no
+    /// sequencer.
+    pub home_domain: Option<String>,
+}
+
+impl RegionConfig {
+    /// True in a region that mirrors another's op log.
+    pub fn is_replica(&self) -> bool {
+        self.home_domain.is_some()
     }
 }
 
@@ -321,6 +346,14 @@ impl Config {
         if self.nats_user.is_some() != self.nats_password.is_some() {
             anyhow::bail!("nats_user and nats_password go together");
         }
+        if let Some(d) = &self.region.home_domain
+            && (d.is_empty()
+                || !d
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            anyhow::bail!("region.home_domain must be a JetStream domain name, got {d:?}");
+        }
         if !matches!(self.replicas, 1 | 3) {
             anyhow::bail!("replicas must be 1 or 3, got {}", self.replicas);
         }
@@ -401,6 +434,7 @@ impl Config {
     pub fn layout(&self) -> crate::nats::LayoutOptions {
         crate::nats::LayoutOptions {
             replicas: self.replicas,
+            mirror_of: self.region.home_domain.clone(),
         }
     }
 }

@@ -26,6 +26,36 @@ pub const HDR_SEQ: &str = "Usync-Seq";
 /// Header carrying an op's `op_id` in the log.
 pub const HDR_OP_ID: &str = "Usync-Op-Id";
 
+/// Header on a message carrying several JSON documents (commands gateway →
+/// sequencer, answers sequencer → gateway), one per line: how many.
+pub const HDR_BATCH: &str = "Usync-Batch";
+
+/// Joins JSON documents into one message body, one per line. Compact JSON (what
+/// `serde_json` writes) never holds a raw newline, so the line is the boundary.
+pub fn join_lines<T: AsRef<[u8]>>(docs: &[T]) -> Vec<u8> {
+    let len = docs.iter().map(|d| d.as_ref().len() + 1).sum();
+    let mut out = Vec::with_capacity(len);
+    for (i, d) in docs.iter().enumerate() {
+        if i > 0 {
+            out.push(b'\n');
+        }
+        out.extend_from_slice(d.as_ref());
+    }
+    out
+}
+
+/// The documents of a message: its lines when it carries [`HDR_BATCH`], otherwise
+/// the whole body.
+pub fn split_lines<'a>(
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &'a [u8],
+) -> Vec<&'a [u8]> {
+    match headers.and_then(|h| h.get(HDR_BATCH)) {
+        Some(_) => payload.split(|b| *b == b'\n').collect(),
+        None => vec![payload],
+    }
+}
+
 /// Largest message either stream accepts: a frame (1 MiB) plus envelope.
 pub const MAX_MSG_SIZE: i32 = 2 * 1024 * 1024;
 
@@ -59,22 +89,28 @@ pub fn stream_key_from_subject(subject: &str) -> Option<StreamKey> {
 }
 
 /// Settings that shape the streams.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LayoutOptions {
     /// 1 or 3.
     pub replicas: usize,
+    /// In a replica region: the home region's JetStream domain, whose `USYNC_OPS`
+    /// this region's `USYNC_OPS` mirrors (and whose `USYNC_CMDS` takes commands).
+    pub mirror_of: Option<String>,
 }
 
 impl Default for LayoutOptions {
     fn default() -> Self {
-        Self { replicas: 1 }
+        Self {
+            replicas: 1,
+            mirror_of: None,
+        }
     }
 }
 
 /// `USYNC_CMDS`: memory storage. A command lost before it is sequenced was never
 /// acked, so the client's outbox resends it; with `sync_interval: always` a file
 /// stream would cost an fsync per command for no guarantee anyone relies on.
-pub fn cmds_stream_config(opts: LayoutOptions) -> stream::Config {
+pub fn cmds_stream_config(opts: &LayoutOptions) -> stream::Config {
     stream::Config {
         name: CMDS_STREAM.to_owned(),
         description: Some("ultrasync commands, gateway -> sequencer".to_owned()),
@@ -89,8 +125,30 @@ pub fn cmds_stream_config(opts: LayoutOptions) -> stream::Config {
     }
 }
 
-/// `USYNC_OPS`: the durable op log.
-pub fn ops_stream_config(opts: LayoutOptions) -> stream::Config {
+/// `USYNC_OPS`: the durable op log. In a replica region, a mirror of the home
+/// region's (same sequence numbers, subjects and headers; read-only; purged by this
+/// region's compactor, since purges do not propagate).
+pub fn ops_stream_config(opts: &LayoutOptions) -> stream::Config {
+    if let Some(home) = &opts.mirror_of {
+        return stream::Config {
+            name: OPS_STREAM.to_owned(),
+            description: Some(format!("ultrasync op log, mirrored from domain {home}")),
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            allow_direct: true,
+            max_message_size: MAX_MSG_SIZE,
+            num_replicas: opts.replicas,
+            mirror: Some(stream::Source {
+                name: OPS_STREAM.to_owned(),
+                external: Some(stream::External {
+                    api_prefix: format!("$JS.{home}.API"),
+                    delivery_prefix: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+    }
     stream::Config {
         name: OPS_STREAM.to_owned(),
         description: Some("ultrasync op log".to_owned()),
@@ -108,7 +166,7 @@ pub fn ops_stream_config(opts: LayoutOptions) -> stream::Config {
 }
 
 /// `USYNC_WEBHOOKS_DLQ`: webhook events that ran out of attempts.
-pub fn dlq_stream_config(opts: LayoutOptions) -> stream::Config {
+pub fn dlq_stream_config(opts: &LayoutOptions) -> stream::Config {
     stream::Config {
         name: DLQ_STREAM.to_owned(),
         description: Some("ultrasync webhook dead letters".to_owned()),
@@ -119,7 +177,7 @@ pub fn dlq_stream_config(opts: LayoutOptions) -> stream::Config {
     }
 }
 
-fn cursors_bucket_config(opts: LayoutOptions) -> jetstream::kv::Config {
+fn cursors_bucket_config(opts: &LayoutOptions) -> jetstream::kv::Config {
     jetstream::kv::Config {
         bucket: CURSORS_BUCKET.to_owned(),
         description: "ultrasync client cursors".to_owned(),
@@ -130,20 +188,30 @@ fn cursors_bucket_config(opts: LayoutOptions) -> jetstream::kv::Config {
     }
 }
 
+/// The streams of this region's layout: a replica region has no command stream of
+/// its own (its gateways' commands reach the home region's over the leafnode
+/// connection) and sends no webhooks.
+fn layout_streams(opts: &LayoutOptions) -> Vec<stream::Config> {
+    match opts.mirror_of {
+        None => vec![
+            cmds_stream_config(opts),
+            ops_stream_config(opts),
+            dlq_stream_config(opts),
+        ],
+        Some(_) => vec![ops_stream_config(opts)],
+    }
+}
+
 /// Creates or updates the streams and buckets (`ultrasync setup`, `ultrasync dev`,
 /// and services whose NATS user may). Safe to run concurrently.
 pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyhow::Result<()> {
-    for cfg in [
-        cmds_stream_config(opts),
-        ops_stream_config(opts),
-        dlq_stream_config(opts),
-    ] {
+    for cfg in layout_streams(&opts) {
         let name = cfg.name.clone();
         js.create_or_update_stream(cfg)
             .await
             .map_err(|e| anyhow::anyhow!("creating stream {name}: {e}"))?;
     }
-    js.create_or_update_key_value(cursors_bucket_config(opts))
+    js.create_or_update_key_value(cursors_bucket_config(&opts))
         .await
         .map_err(|e| anyhow::anyhow!("creating bucket {CURSORS_BUCKET}: {e}"))?;
     if js.get_object_store(SNAPSHOTS_BUCKET).await.is_err() {
@@ -188,15 +256,16 @@ pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyh
 }
 
 /// Stream name and replicas of every part of the layout, as stored now.
-pub async fn describe_layout(js: &jetstream::Context) -> anyhow::Result<Vec<(String, usize)>> {
+pub async fn describe_layout(
+    js: &jetstream::Context,
+    opts: &LayoutOptions,
+) -> anyhow::Result<Vec<(String, usize)>> {
     let mut out = Vec::new();
-    for name in [
-        CMDS_STREAM.to_owned(),
-        OPS_STREAM.to_owned(),
-        DLQ_STREAM.to_owned(),
+    let names = layout_streams(opts).into_iter().map(|s| s.name).chain([
         format!("KV_{CURSORS_BUCKET}"),
         format!("OBJ_{SNAPSHOTS_BUCKET}"),
-    ] {
+    ]);
+    for name in names {
         let s = js
             .get_stream(&name)
             .await
@@ -209,16 +278,13 @@ pub async fn describe_layout(js: &jetstream::Context) -> anyhow::Result<Vec<(Str
 /// Reads the layout without changing it (only `STREAM.INFO`, which every service
 /// user may do): the list of what is missing or differs from what the code needs.
 /// Replicas are not compared: they are the operator's choice at `ultrasync setup`.
-pub async fn check_layout(js: &jetstream::Context) -> anyhow::Result<Vec<String>> {
-    let opts = LayoutOptions::default();
+pub async fn check_layout(
+    js: &jetstream::Context,
+    opts: &LayoutOptions,
+) -> anyhow::Result<Vec<String>> {
     let kv = cursors_bucket_config(opts);
-    let wanted = [
-        cmds_stream_config(opts),
-        ops_stream_config(opts),
-        dlq_stream_config(opts),
-    ];
     let mut problems = Vec::new();
-    for want in wanted {
+    for want in layout_streams(opts) {
         match js.get_stream(&want.name).await {
             Err(e) if stream_not_found(&e) => {
                 problems.push(format!("stream {} is missing", want.name));
@@ -231,7 +297,9 @@ pub async fn check_layout(js: &jetstream::Context) -> anyhow::Result<Vec<String>
                     || have.retention != want.retention
                     || have.allow_direct != want.allow_direct
                     || have.allow_atomic_publish != want.allow_atomic_publish
-                    || have.deny_delete != want.deny_delete;
+                    || have.deny_delete != want.deny_delete
+                    || have.mirror.as_ref().map(|m| &m.name)
+                        != want.mirror.as_ref().map(|m| &m.name);
                 if differs {
                     problems.push(format!("stream {} has another configuration", want.name));
                 }
@@ -267,17 +335,17 @@ fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
 /// (on a cluster the loser can time out): the layout is checked again after a
 /// failure, and creation tried twice.
 pub async fn prepare_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyhow::Result<()> {
-    let problems = check_layout(js).await?;
+    let problems = check_layout(js, &opts).await?;
     if problems.is_empty() {
         return Ok(());
     }
     info!(problems = %problems.join("; "), "nats layout incomplete; creating it");
     let mut failure = None;
     for _ in 0..2 {
-        match ensure_layout(js, opts).await {
+        match ensure_layout(js, opts.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) => {
-                if check_layout(js).await?.is_empty() {
+                if check_layout(js, &opts).await?.is_empty() {
                     return Ok(());
                 }
                 warn!(error = %e, "creating the nats layout failed");
@@ -403,5 +471,24 @@ mod tests {
         assert_eq!(stream_key_from_subject("usync.ops.a.b"), None);
         assert_eq!(stream_key_from_subject("usync.ops.a.b.c.d"), None);
         assert_eq!(stream_key_from_subject("other.ops.a.b.c"), None);
+    }
+}
+
+#[cfg(test)]
+mod lines_tests {
+    use super::*;
+
+    #[test]
+    fn joined_documents_split_back() {
+        let docs = [
+            serde_json::to_vec(&serde_json::json!({"a": "x\ny"})).expect("encodes"),
+            b"{}".to_vec(),
+        ];
+        let body = join_lines(&docs);
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(HDR_BATCH, "2");
+        let parts = split_lines(Some(&h), &body);
+        assert_eq!(parts, vec![docs[0].as_slice(), docs[1].as_slice()]);
+        assert_eq!(split_lines(None, &body), vec![body.as_slice()]);
     }
 }

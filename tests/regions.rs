@@ -1,0 +1,393 @@
+//! Two regions on loopback: a hub nats-server (JetStream domain `hub`) and a leaf
+//! (domain `leaf`) joined by a leafnode connection. The hub runs the whole pipeline;
+//! the leaf runs a gateway, a materializer and a compactor with
+//! `region.home_domain = "hub"`, so its `USYNC_OPS` is a mirror of the hub's.
+//!
+//! Ops written in the hub reach the leaf's materialized state and a client on the
+//! leaf's gateway; a write sent to the leaf's gateway is sequenced by the hub; each
+//! region's compactor trims its own copy of the log.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use ultrasync_client::{Connection, OpType, ServerMessage};
+use ultrasync_shared::config::Config;
+use ultrasync_shared::natsd::{Natsd, NatsdOptions, find_nats_server};
+use ultrasync_shared::{StreamKey, auth, reads};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A nats-server with JetStream domain `domain` (`sync_interval: always`).
+fn natsd(dir: &Path, domain: &str, extra: &str) -> Natsd {
+    let store = dir.join(format!("{domain}-store"));
+    Natsd::spawn(&NatsdOptions {
+        bin: find_nats_server(None).expect("nats-server"),
+        store_dir: store.clone(),
+        run_dir: dir.join(format!("{domain}-run")),
+        port: None,
+        // A second `jetstream` block replaces the first: same store, plus the domain.
+        extra_conf: format!(
+            "jetstream {{\n  store_dir: {:?}\n  sync_interval: always\n  domain: {domain}\n}}\n{extra}\n",
+            store.canonicalize().unwrap_or(store.clone()),
+        ),
+        ..Default::default()
+    })
+    .expect("start nats-server")
+}
+
+struct Region {
+    config: Config,
+    ws: String,
+    http: String,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Region {
+    async fn start(config: Config, sequencer: bool) -> Self {
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        if sequencer {
+            tasks.push(tokio::spawn(ultrasync_sequencer::run(
+                config.clone(),
+                stop.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(ultrasync_materializer::run(
+            config.clone(),
+            stop.clone(),
+        )));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tasks.push(tokio::spawn(ultrasync_gateway::run(
+            config.clone(),
+            listener,
+            stop.clone(),
+        )));
+        let region = Self {
+            config,
+            ws: format!("ws://{addr}/v1/sync"),
+            http: format!("http://{addr}"),
+            stop,
+            tasks,
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = ultrasync_client::http::request(
+                "GET",
+                &region.http,
+                "/readyz",
+                &[],
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+                && r.status == 200
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway at {} not ready",
+                region.http
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        region
+    }
+
+    async fn client(&self, client_id: &str, cursor: Option<Option<u64>>) -> Connection {
+        let secret = self.config.auth.jwt_secret.clone().expect("secret");
+        let claims = auth::claims(
+            client_id,
+            "acme",
+            &["web"],
+            "read write",
+            3600,
+            auth::DEFAULT_AUDIENCE,
+        );
+        let token = auth::mint_hs256(secret.as_bytes(), &claims).expect("token");
+        let mut c = Connection::connect(&self.ws, &token)
+            .await
+            .expect("connect");
+        let mut cursors = BTreeMap::new();
+        if let Some(c) = cursor {
+            cursors.insert("index".to_owned(), c);
+        }
+        c.hello("acme", "web", client_id, cursors)
+            .await
+            .expect("hello");
+        c
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+fn config(nats_url: &str, secret: &str, dir: &Path, name: &str) -> Config {
+    let mut c = Config {
+        nats_url: nats_url.to_owned(),
+        ..Default::default()
+    };
+    c.auth.jwt_secret = Some(secret.to_owned());
+    c.materializer.data_dir = dir.join(format!("{name}-materializer"));
+    c.materializer.snapshot_every_ops = 10;
+    c.compactor.retention_ops = 0;
+    c.region.name = Some(name.to_owned());
+    c
+}
+
+/// Writes `n` ops as `conn` and returns their server_seqs.
+async fn write(conn: &mut Connection, prefix: &str, n: usize) -> Vec<u64> {
+    for i in 0..n {
+        conn.command(
+            &format!("{prefix}-{i}"),
+            "index",
+            &format!("k{}", i % 7),
+            OpType::Set,
+            json!({"from": prefix, "i": i}),
+        )
+        .await
+        .expect("send");
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < n {
+        match conn.recv_timeout(WAIT).await.expect("answer") {
+            ServerMessage::Ack { server_seq, .. } => seqs.push(server_seq),
+            ServerMessage::Reject {
+                command_id, reason, ..
+            } => panic!("{command_id} refused: {reason}"),
+            _ => {}
+        }
+    }
+    seqs.sort_unstable();
+    seqs
+}
+
+/// Reads ops frames until `last` has been seen; returns the seqs seen.
+async fn read_until(conn: &mut Connection, last: u64) -> Vec<u64> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while seen.last().copied().unwrap_or(0) < last {
+        assert!(
+            Instant::now() < deadline,
+            "ops up to {last} did not arrive: {seen:?}"
+        );
+        match conn.recv_timeout(WAIT).await.expect("frame") {
+            ServerMessage::Ops { ops, .. } => seen.extend(ops.iter().map(|o| o.server_seq)),
+            ServerMessage::Ack { .. } => {}
+            _ => {}
+        }
+    }
+    seen
+}
+
+/// Lowest stream sequence still held for `subject` in a region's `USYNC_OPS`.
+async fn first_op(js: &jetstream::Context, subject: &str) -> u64 {
+    let stream = js.get_stream("USYNC_OPS").await.expect("USYNC_OPS");
+    let entry = ultrasync_shared::log::next_at_or_after(&stream, subject, 1)
+        .await
+        .expect("read log")
+        .expect("an op");
+    entry.server_seq
+}
+
+/// Runs compaction passes until the log of `subject` no longer starts at op 1
+/// (cursors are flushed each second, snapshots follow the writes); returns the first
+/// op left.
+async fn compact_until_trimmed(js: &jetstream::Context, cfg: &Config, subject: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        ultrasync_compactor::compact_once(js, &cfg.compactor, false, None)
+            .await
+            .expect("compaction pass");
+        let first = first_op(js, subject).await;
+        if first > 1 {
+            return first;
+        }
+        assert!(Instant::now() < deadline, "the log was not trimmed");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let leaf_port = free_port();
+    let hub = natsd(
+        dir.path(),
+        "hub",
+        &format!("leafnodes {{ listen: 127.0.0.1:{leaf_port} }}"),
+    );
+    let leaf = natsd(
+        dir.path(),
+        "leaf",
+        &format!("leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ] }}"),
+    );
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+
+    // The hub first: its layout (USYNC_OPS) must exist for the leaf to mirror.
+    let hub_cfg = config(&hub.url, &secret, dir.path(), "hub");
+    let hub_region = Region::start(hub_cfg.clone(), true).await;
+
+    // Wait for the leafnode link: a request from the leaf reaches the hub's
+    // JetStream API under its domain.
+    let leaf_nc = async_nats::connect(&leaf.url).await.expect("leaf nats");
+    let hub_from_leaf = jetstream::with_domain(leaf_nc.clone(), "hub");
+    let deadline = Instant::now() + WAIT;
+    while hub_from_leaf.get_stream("USYNC_OPS").await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the leafnode link did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut leaf_cfg = config(&leaf.url, &secret, dir.path(), "leaf");
+    leaf_cfg.region.home_domain = Some("hub".to_owned());
+    leaf_cfg.validate().expect("valid leaf config");
+    let leaf_region = Region::start(leaf_cfg.clone(), false).await;
+
+    let status = ultrasync_client::http::request(
+        "GET",
+        &leaf_region.http,
+        "/v1/status",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("status");
+    let status: serde_json::Value = serde_json::from_str(&status.body).expect("json");
+    assert_eq!(status["region"], json!("leaf"));
+    assert_eq!(status["home_domain"], json!("hub"));
+
+    // A replica region runs no sequencer.
+    let refused = ultrasync_sequencer::run(leaf_cfg.clone(), CancellationToken::new()).await;
+    assert!(refused.is_err(), "a sequencer started in the leaf region");
+
+    let hub_js = jetstream::new(async_nats::connect(&hub.url).await.expect("hub nats"));
+    let leaf_js = jetstream::new(leaf_nc.clone());
+    let info = leaf_js
+        .get_stream("USYNC_OPS")
+        .await
+        .expect("leaf USYNC_OPS")
+        .get_info()
+        .await
+        .expect("info");
+    assert!(
+        info.config.mirror.is_some(),
+        "the leaf's USYNC_OPS is not a mirror"
+    );
+
+    // 1. Written in the hub, seen in the leaf: live on a leaf socket and in the
+    //    leaf's materialized state.
+    let mut leaf_reader = leaf_region.client("leaf-reader", Some(Some(0))).await;
+    let mut hub_writer = hub_region.client("hub-writer", Some(Some(0))).await;
+    let hub_seqs = write(&mut hub_writer, "hub", 30).await;
+    assert_eq!(hub_seqs, (1..=30).collect::<Vec<u64>>());
+    let seen = read_until(&mut leaf_reader, 30).await;
+    assert_eq!(seen, (1..=30).collect::<Vec<u64>>(), "leaf socket");
+
+    // 2. Written to the leaf's gateway, sequenced by the hub: the ack names the next
+    //    server_seq, the op is in the hub's log, and the hub's client gets it too.
+    let leaf_seqs = write(&mut leaf_reader, "leaf", 5).await;
+    assert_eq!(leaf_seqs, (31..=35).collect::<Vec<u64>>());
+    let hub_seen = read_until(&mut hub_writer, 35).await;
+    assert!(hub_seen.ends_with(&[31, 32, 33, 34, 35]), "{hub_seen:?}");
+    let key = StreamKey::parse("acme", "web", "index").expect("key");
+    let subject = ultrasync_shared::nats::ops_subject(&key);
+    let hub_ops = hub_js.get_stream("USYNC_OPS").await.expect("hub ops");
+    let last = ultrasync_shared::log::head(&hub_ops, &subject)
+        .await
+        .expect("hub head")
+        .expect("hub ops");
+    assert_eq!(last.server_seq, 35);
+    let seen = read_until(&mut leaf_reader, 35).await;
+    assert!(seen.is_empty() || seen.ends_with(&[35]));
+
+    // The leaf's materializer serves the same state as the hub's (reads go to the
+    // materializers of the region the request is made in).
+    let deadline = Instant::now() + WAIT;
+    let (hub_digest, leaf_digest) = loop {
+        let h = reads::digest(
+            &async_nats::connect(&hub.url).await.expect("nats"),
+            &key,
+            Some(35),
+        )
+        .await;
+        let l = reads::digest(&leaf_nc, &key, Some(35)).await;
+        if let (Ok(h), Ok(l)) = (h, l) {
+            break (h, l);
+        }
+        assert!(Instant::now() < deadline, "no digests at 35");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(hub_digest.last_server_seq, 35);
+    assert_eq!(leaf_digest.last_server_seq, 35);
+    assert_eq!(hub_digest.digest, leaf_digest.digest, "regions disagree");
+    let bearer = format!(
+        "Bearer {}",
+        auth::mint_hs256(
+            secret.as_bytes(),
+            &auth::claims("r", "acme", &["web"], "read", 600, auth::DEFAULT_AUDIENCE),
+        )
+        .expect("token")
+    );
+    let r = ultrasync_client::http::request(
+        "GET",
+        &leaf_region.http,
+        "/v1/acme/web/index/keys/k3",
+        &[("authorization", bearer.as_str())],
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("leaf http read");
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // 3. Each region's compactor trims its own copy: cursors at the head in both
+    //    regions, snapshots written by both regions' materializers.
+    for c in [&mut hub_writer, &mut leaf_reader] {
+        c.send_raw(&json!({"type": "cursor", "namespace": "index", "server_seq": 35}).to_string())
+            .await
+            .expect("cursor");
+    }
+    let hub_first = compact_until_trimmed(&hub_js, &hub_cfg, &subject).await;
+    // Purges do not propagate: the leaf's mirror still holds every op until the
+    // leaf's own compactor runs.
+    assert_eq!(
+        first_op(&leaf_js, &subject).await,
+        1,
+        "the hub's purge reached the leaf"
+    );
+    let leaf_first = compact_until_trimmed(&leaf_js, &leaf_cfg, &subject).await;
+    assert_eq!(
+        first_op(&hub_js, &subject).await,
+        hub_first,
+        "the leaf's purge reached the hub"
+    );
+    eprintln!("regions: hub log now from op {hub_first}, leaf log from op {leaf_first}");
+
+    hub_writer.close().await;
+    leaf_reader.close().await;
+    leaf_region.stop().await;
+    hub_region.stop().await;
+}
