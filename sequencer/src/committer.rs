@@ -30,6 +30,8 @@ use crate::writer::{self, Outgoing, WriteError};
 /// ms against 16-24 ms with 1, since the server commits a stream's batches one after
 /// another anyway.
 const DEPTH: usize = 1;
+/// Longest wait for the keys of the previous round to come back.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(1000);
 /// JetStream's limit on messages in one atomic batch.
 const MAX_BATCH_MSGS: usize = 1000;
 /// Rounds of at most this many single-op writes go as pipelined single publishes.
@@ -91,6 +93,7 @@ async fn run(
 ) {
     let mut carry: Option<WriteRequest> = None;
     let mut inflight = FuturesUnordered::new();
+    let mut last_keys = 0usize;
     loop {
         while inflight.len() >= DEPTH {
             inflight.next().await;
@@ -108,7 +111,22 @@ async fn run(
         let mut round = vec![first];
         let mut msgs = round[0].ops.len();
         let mut subjects: HashSet<String> = HashSet::from([round[0].subject.clone()]);
-        while let Ok(next) = rx.try_recv() {
+        // The workers of the previous round answer their commands and come back
+        // almost together: wait a moment for as many keys as that round had, so the
+        // first one back does not go alone (a round costs the server the same
+        // whatever its size). A lone key never waits.
+        let linger_until = tokio::time::Instant::now() + LINGER;
+        loop {
+            let next = match rx.try_recv() {
+                Ok(n) => n,
+                Err(_) if round.len() < last_keys => {
+                    match tokio::time::timeout_at(linger_until, rx.recv()).await {
+                        Ok(Some(n)) => n,
+                        _ => break,
+                    }
+                }
+                Err(_) => break,
+            };
             // One write per subject per round (its check names one head), and at most
             // JetStream's batch size: anything else waits for the next round.
             if msgs + next.ops.len() > MAX_BATCH_MSGS || subjects.contains(&next.subject) {
@@ -119,6 +137,7 @@ async fn run(
             subjects.insert(next.subject.clone());
             round.push(next);
         }
+        last_keys = round.len();
         debug!(keys = round.len(), ops = msgs, "committing a round");
         // The keys of a round in flight are not in the next one: their workers wait
         // for this write before they plan again.
