@@ -259,14 +259,27 @@ fn summary(h: &Histogram<u64>) -> Value {
 
 /// Progress on one line of stderr.
 fn progress(label: &str, done: Duration, total: Duration, extra: &str) {
+    let frac = done.as_secs_f64() / total.as_secs_f64();
+    bar(label, frac, &format!("{:>5.1}s", done.as_secs_f64()), extra);
+}
+
+/// Progress counted in items (ops written, sockets opened).
+fn progress_items(label: &str, done: usize, total: usize, extra: &str) {
+    bar(
+        label,
+        done as f64 / total.max(1) as f64,
+        &format!("{done}/{total}"),
+        extra,
+    );
+}
+
+fn bar(label: &str, frac: f64, shown: &str, extra: &str) {
     let width = 30;
-    let frac = (done.as_secs_f64() / total.as_secs_f64()).clamp(0.0, 1.0);
-    let filled = (frac * width as f64) as usize;
+    let filled = (frac.clamp(0.0, 1.0) * width as f64) as usize;
     eprint!(
-        "\r{label:<28} [{}{}] {:>5.1}s {extra:<40}",
+        "\r{label:<28} [{}{}] {shown} {extra:<40}",
         "#".repeat(filled),
         " ".repeat(width - filled),
-        done.as_secs_f64()
     );
 }
 
@@ -483,12 +496,7 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
             let _ = merged.lock().unwrap_or_else(|p| p.into_inner()).add(&local);
         }));
         if (i + 1).is_multiple_of(100) {
-            progress(
-                "fanout: connecting",
-                Duration::from_secs_f64(i as f64),
-                Duration::from_secs_f64(subscribers as f64),
-                "",
-            );
+            progress_items("fanout: connecting", i + 1, subscribers, "");
         }
     }
     eprintln!();
@@ -571,18 +579,17 @@ async fn bootstrap(stack: &Stack, keys: usize, ops: usize) -> anyhow::Result<Val
             Ok::<_, anyhow::Error>(())
         }));
     }
-    let total = Duration::from_secs_f64(ops as f64);
     let ticker = {
         let acked = acked.clone();
         tokio::spawn(async move {
             loop {
                 let n = acked.load(std::sync::atomic::Ordering::Relaxed);
                 let rate = n as f64 / begun.elapsed().as_secs_f64().max(0.001);
-                progress(
+                progress_items(
                     "bootstrap: writing ops",
-                    Duration::from_secs_f64(n as f64),
-                    total,
-                    &format!("{n}/{ops} ops, {rate:.0}/s"),
+                    n,
+                    ops,
+                    &format!("{rate:.0} ops/s"),
                 );
                 if n >= ops {
                     break;
@@ -604,14 +611,14 @@ async fn bootstrap(stack: &Stack, keys: usize, ops: usize) -> anyhow::Result<Val
         .await?;
     let mut frames = 0;
     let mut snapshot_keys = 0;
-    let mut ops = 0;
+    let mut tail_ops = 0;
     loop {
         match c.recv_timeout(Duration::from_secs(120)).await? {
             ServerMessage::Snapshot { state, .. } => {
                 frames += 1;
                 snapshot_keys += state.len();
             }
-            ServerMessage::Ops { ops: o, .. } => ops += o.len(),
+            ServerMessage::Ops { ops: o, .. } => tail_ops += o.len(),
             ServerMessage::Synced { .. } => break,
             _ => {}
         }
@@ -624,7 +631,7 @@ async fn bootstrap(stack: &Stack, keys: usize, ops: usize) -> anyhow::Result<Val
         "bootstrap_ms": started.elapsed().as_secs_f64() * 1000.0,
         "snapshot_frames": frames,
         "snapshot_keys": snapshot_keys,
-        "tail_ops": ops,
+        "tail_ops": tail_ops,
     }))
 }
 
@@ -713,12 +720,7 @@ async fn idle(stack: &Stack, connections: usize) -> anyhow::Result<Value> {
         for c in opened {
             held.push(c?);
         }
-        progress(
-            "idle: opening sockets",
-            Duration::from_secs_f64(held.len() as f64),
-            Duration::from_secs_f64(connections as f64),
-            &format!("{} open", held.len()),
-        );
+        progress_items("idle: opening sockets", held.len(), connections, "");
     }
     eprintln!();
     let open_secs = begun.elapsed().as_secs_f64();
