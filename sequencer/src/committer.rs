@@ -148,26 +148,10 @@ async fn run(
 
 async fn commit(client: async_nats::Client, js: jetstream::Context, round: Vec<WriteRequest>) {
     let (client, js) = (&client, &js);
-    if let [only] = round.as_slice() {
-        let result = writer::write(client, js, &only.subject, only.expected_last, &only.ops).await;
-        if let Some(r) = round.into_iter().next() {
-            let _ = r.done.send(result);
-        }
-        return;
-    }
-    if round.len() <= SINGLES_MAX && round.iter().all(|r| r.ops.len() == 1) {
-        // A few keys with one op each: single publishes, pipelined (each its own
-        // check) cost less than the fixed price of a batch.
-        let results = join_all(
-            round
-                .iter()
-                .map(|r| writer::write(client, js, &r.subject, r.expected_last, &r.ops)),
-        )
-        .await;
-        for (r, result) in round.into_iter().zip(results) {
-            let _ = r.done.send(result);
-        }
-        return;
+    // One key, or a few keys with one op each: single publishes (pipelined, each its
+    // own check) cost less than the fixed price of a batch.
+    if round.len() == 1 || (round.len() <= SINGLES_MAX && round.iter().all(|r| r.ops.len() == 1)) {
+        return each_alone(client, js, round).await;
     }
     let writes: Vec<writer::SubjectWrite<'_>> = round
         .iter()
@@ -188,20 +172,30 @@ async fn commit(client: async_nats::Client, js: jetstream::Context, round: Vec<W
             // Some key moved on; nothing was stored. Each key on its own finds out
             // which.
             debug!(%why, keys = round.len(), "shared batch refused; writing per key");
-            let results = join_all(
-                round
-                    .iter()
-                    .map(|r| writer::write(client, js, &r.subject, r.expected_last, &r.ops)),
-            )
-            .await;
-            for (r, result) in round.into_iter().zip(results) {
-                let _ = r.done.send(result);
-            }
+            each_alone(client, js, round).await;
         }
         Err(WriteError::Other(why)) => {
             for r in round {
                 let _ = r.done.send(Err(WriteError::Other(why.clone())));
             }
         }
+    }
+}
+
+/// Each key's write on its own (a single publish, or an atomic batch of that key's
+/// ops), all at once.
+async fn each_alone(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    round: Vec<WriteRequest>,
+) {
+    let results = join_all(
+        round
+            .iter()
+            .map(|r| writer::write(client, js, &r.subject, r.expected_last, &r.ops)),
+    )
+    .await;
+    for (r, result) in round.into_iter().zip(results) {
+        let _ = r.done.send(result);
     }
 }
