@@ -140,7 +140,8 @@ pub struct GatewayArgs {
 
 #[derive(Args)]
 pub struct SequencerArgs {
-    /// Milliseconds commands for one stream key are gathered into one write (1-10).
+    /// Milliseconds a worker lingers for more commands of its stream key when more
+    /// than one waits (0-10; 0: none, the committer groups writes under load).
     #[arg(long, env = "ULTRASYNC_BATCH_WINDOW_MS")]
     batch_window_ms: Option<u64>,
     /// Most commands in one write (1-1000).

@@ -34,7 +34,7 @@ fn flags_beat_env_beat_file_beat_defaults() {
     assert_eq!(nats_url(&defaults), "nats://127.0.0.1:4222");
     assert_eq!(
         defaults["sequencer"]["batch_window_ms"].as_integer(),
-        Some(2)
+        Some(0)
     );
 
     std::fs::write(

@@ -294,7 +294,7 @@ impl Worker {
             }
             // Under load (more than one command waiting) linger for the window to
             // fill the durable write; a lone command goes straight through.
-            if batch.len() > 1 && batch.len() < max {
+            if !window.is_zero() && batch.len() > 1 && batch.len() < max {
                 let deadline = tokio::time::Instant::now() + window;
                 while batch.len() < max {
                     match tokio::time::timeout_at(deadline, rx.recv()).await {

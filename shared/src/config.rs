@@ -223,7 +223,9 @@ impl Default for GatewayConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SequencerConfig {
-    /// How long commands for one stream key are gathered into one durable write.
+    /// How long a worker lingers for more commands of its stream key when more than
+    /// one waits (ms, 0-10). 0 by default: the committer already groups every key's
+    /// writes while one is on its way (measured: 1,000 ops/s p50 5.5 → 4.9 ms).
     pub batch_window_ms: u64,
     /// Most commands in one durable write (JetStream allows 1000 per atomic batch).
     pub batch_max: usize,
@@ -237,7 +239,7 @@ pub struct SequencerConfig {
 impl Default for SequencerConfig {
     fn default() -> Self {
         Self {
-            batch_window_ms: 2,
+            batch_window_ms: 0,
             batch_max: 500,
             failover_secs: 2,
             ack_wait_secs: 5,
@@ -357,8 +359,8 @@ impl Config {
         if !matches!(self.replicas, 1 | 3) {
             anyhow::bail!("replicas must be 1 or 3, got {}", self.replicas);
         }
-        if !(1..=10).contains(&self.sequencer.batch_window_ms) {
-            anyhow::bail!("sequencer.batch_window_ms must be 1-10");
+        if !(0..=10).contains(&self.sequencer.batch_window_ms) {
+            anyhow::bail!("sequencer.batch_window_ms must be 0-10");
         }
         if !(1..=1000).contains(&self.sequencer.batch_max) {
             anyhow::bail!("sequencer.batch_max must be 1-1000");
