@@ -224,7 +224,7 @@ impl Stack {
                     let comm =
                         std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
                     let comm = comm.trim();
-                    if pid != me && (comm == "ultrasync" || comm == "nats-server") {
+                    if pid != me && (comm.starts_with("ultrasync") || comm == "nats-server") {
                         let args = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
                         let role = args
                             .split(|b| *b == 0)
