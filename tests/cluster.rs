@@ -20,7 +20,8 @@ use ultrasync_shared::nats::{OPS_STREAM, ops_subject};
 use ultrasync_shared::state::{self, NamespaceState};
 use ultrasync_shared::{ErrorCode, StreamKey, reads};
 use ultrasync_testkit::{
-    GatewayProcess, NatsCluster, ORG, ServiceProcess, random_secret, read_subject, token_for,
+    GatewayProcess, NatsCluster, ORG, ServiceProcess, check_log_against_acks, random_secret,
+    read_subject, token_for,
 };
 
 const WRITERS: usize = 4;
@@ -370,34 +371,14 @@ async fn three_node_cluster_loses_nothing_when_nodes_and_services_die() {
     assert!(reconnects > 0, "the killed gateway's writers reconnected");
 
     // Every acked op is in the log, once, with its server_seq; dense per key.
-    let mut seen = HashSet::new();
-    let mut total = 0;
-    let mut heads = BTreeMap::new();
-    for ns in NAMESPACES {
-        let entries = read_subject(&js, &ops_subject(&key(ns))).await;
-        let seqs: Vec<u64> = entries.iter().map(|e| e.server_seq).collect();
-        assert_eq!(
-            seqs,
-            (1..=entries.len() as u64).collect::<Vec<_>>(),
-            "{ns}: server_seq not dense"
-        );
-        for e in &entries {
-            let op = e.op().expect("op");
-            assert!(
-                seen.insert(op.command_id.clone()),
-                "{} is in the log twice",
-                op.command_id
-            );
-            assert_eq!(
-                acked.get(&op.command_id),
-                Some(&op),
-                "log and ack differ for {}",
-                op.command_id
-            );
-        }
-        total += entries.len();
-        heads.insert(ns, entries.len() as u64);
-    }
+    let subjects: Vec<String> = NAMESPACES.iter().map(|ns| ops_subject(&key(ns))).collect();
+    let counts = check_log_against_acks(&js, &subjects, &acked).await;
+    let total: usize = counts.iter().sum();
+    let heads: BTreeMap<&str, u64> = NAMESPACES
+        .iter()
+        .copied()
+        .zip(counts.iter().map(|c| *c as u64))
+        .collect();
     assert_eq!(total, WRITERS * PER_WRITER, "every acked op exactly once");
 
     // Each materializer on its own (m0 restarted from its store after the kill)

@@ -15,7 +15,7 @@ use serde_json::json;
 use ultrasync_client::{Op, OpType, ServerMessage};
 use ultrasync_shared::nats::ops_subject;
 use ultrasync_shared::{ErrorCode, StreamKey};
-use ultrasync_testkit::{SequencerProcess, Stack, StackOptions, read_subject};
+use ultrasync_testkit::{SequencerProcess, Stack, StackOptions, check_log_against_acks};
 
 const WRITERS: usize = 8;
 const PER_WRITER: usize = 2500;
@@ -232,36 +232,14 @@ async fn active_sequencer_killed_and_frozen_under_load() {
     assert_eq!(acked.len(), WRITERS * PER_WRITER);
 
     let js = stack.jetstream().await;
-    let mut seen = HashSet::new();
-    let mut total = 0;
-    for ns in NAMESPACES {
-        let entries = read_subject(
-            &js,
-            &ops_subject(&StreamKey::parse("acme", "web", ns).expect("key")),
-        )
-        .await;
-        let seqs: Vec<u64> = entries.iter().map(|e| e.server_seq).collect();
-        assert_eq!(
-            seqs,
-            (1..=entries.len() as u64).collect::<Vec<_>>(),
-            "{ns}: server_seq not dense"
-        );
-        for e in &entries {
-            let op = e.op().expect("op");
-            assert!(
-                seen.insert(op.command_id.clone()),
-                "{} is in the log twice",
-                op.command_id
-            );
-            assert_eq!(
-                acked.get(&op.command_id),
-                Some(&op),
-                "log and ack differ for {}",
-                op.command_id
-            );
-        }
-        total += entries.len();
-    }
+    let subjects: Vec<String> = NAMESPACES
+        .iter()
+        .map(|ns| ops_subject(&StreamKey::parse("acme", "web", ns).expect("key")))
+        .collect();
+    let total: usize = check_log_against_acks(&js, &subjects, &acked)
+        .await
+        .iter()
+        .sum();
     assert_eq!(
         total,
         WRITERS * PER_WRITER,

@@ -703,6 +703,43 @@ pub async fn http_exchange(
     })
 }
 
+/// Checks the log of each `subject` against what clients were acked: `server_seq`
+/// dense from 1, every op once, each op equal to its ack. Returns the number of ops
+/// per subject, in the order given.
+pub async fn check_log_against_acks(
+    js: &jetstream::Context,
+    subjects: &[String],
+    acked: &std::collections::HashMap<String, ultrasync_client::Op>,
+) -> Vec<usize> {
+    let mut seen = std::collections::HashSet::new();
+    let mut counts = Vec::new();
+    for subject in subjects {
+        let entries = read_subject(js, subject).await;
+        let seqs: Vec<u64> = entries.iter().map(|e| e.server_seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=entries.len() as u64).collect::<Vec<_>>(),
+            "{subject}: server_seq not dense"
+        );
+        for e in &entries {
+            let op = e.op().expect("op");
+            assert!(
+                seen.insert(op.command_id.clone()),
+                "{} is in the log twice",
+                op.command_id
+            );
+            assert_eq!(
+                acked.get(&op.command_id),
+                Some(&op),
+                "log and ack differ for {}",
+                op.command_id
+            );
+        }
+        counts.push(entries.len());
+    }
+    counts
+}
+
 /// Every op on `subject` in `USYNC_OPS`, in stream order, straight from JetStream.
 pub async fn read_subject(js: &jetstream::Context, subject: &str) -> Vec<LogEntry> {
     let stream = js
