@@ -4,6 +4,10 @@
 //! never get a consumer of their own for live ops, so a thousand sockets on one
 //! namespace cost one consumer. A follower that falls behind the broadcast fills the
 //! hole from the ring or, failing that, from the log, so nothing is ever skipped.
+//!
+//! A topic lives while someone follows it: when its last follower drops it, its
+//! consumer task stops and it leaves the map, so the map holds the stream keys
+//! followed now, never every namespace ever followed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
@@ -42,12 +46,14 @@ impl From<LogEntry> for LiveOp {
     }
 }
 
+type Topics = Mutex<HashMap<StreamKey, Weak<Topic>>>;
+
 /// The gateway's topics, by stream key.
 pub struct Hub {
     client: async_nats::Client,
     ops: Stream,
     snapshots: async_nats::jetstream::object_store::ObjectStore,
-    topics: Mutex<HashMap<StreamKey, Weak<Topic>>>,
+    topics: Arc<Topics>,
 }
 
 impl Hub {
@@ -60,7 +66,7 @@ impl Hub {
             client,
             ops,
             snapshots,
-            topics: Mutex::new(HashMap::new()),
+            topics: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -138,11 +144,17 @@ impl Hub {
     /// Every followed stream key with the newest `server_seq` this gateway has fanned
     /// out, sorted.
     pub fn followed(&self) -> Vec<(StreamKey, u64)> {
-        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<(StreamKey, u64)> = topics
-            .iter()
-            .filter_map(|(k, t)| t.upgrade().map(|t| (k.clone(), t.head())))
+        // Upgraded under the lock, read (and possibly dropped: dropping a topic takes
+        // the lock) after it.
+        let topics: Vec<Arc<Topic>> = self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(Weak::upgrade)
             .collect();
+        let mut out: Vec<(StreamKey, u64)> =
+            topics.iter().map(|t| (t.key.clone(), t.head())).collect();
         out.sort();
         out
     }
@@ -153,8 +165,7 @@ impl Hub {
         if let Some(t) = topics.get(key).and_then(Weak::upgrade) {
             return t;
         }
-        topics.retain(|_, t| t.strong_count() > 0);
-        let topic = Topic::start(key.clone(), self.ops.clone());
+        let topic = Topic::start(key.clone(), self.ops.clone(), Arc::downgrade(&self.topics));
         topics.insert(key.clone(), Arc::downgrade(&topic));
         topic
     }
@@ -179,12 +190,28 @@ pub struct Topic {
     state: Mutex<TopicState>,
     tx: broadcast::Sender<Arc<LiveOp>>,
     ready: watch::Receiver<bool>,
+    /// The map this topic is listed in; the topic leaves it when dropped.
+    registry: Weak<Topics>,
     /// Stops the follower task when the last follower drops the topic.
     _stop: DropGuard,
 }
 
+impl Drop for Topic {
+    /// The last follower left: out of the map (unless a new topic for the same key
+    /// took its place meanwhile).
+    fn drop(&mut self) {
+        let Some(topics) = self.registry.upgrade() else {
+            return;
+        };
+        let mut topics = topics.lock().unwrap_or_else(|p| p.into_inner());
+        if topics.get(&self.key).is_some_and(|t| t.strong_count() == 0) {
+            topics.remove(&self.key);
+        }
+    }
+}
+
 impl Topic {
-    fn start(key: StreamKey, ops: Stream) -> Arc<Self> {
+    fn start(key: StreamKey, ops: Stream, registry: Weak<Topics>) -> Arc<Self> {
         let (tx, _) = broadcast::channel(BROADCAST);
         let (ready_tx, ready) = watch::channel(false);
         let stop = CancellationToken::new();
@@ -197,6 +224,7 @@ impl Topic {
             }),
             tx,
             ready,
+            registry,
             _stop: stop.clone().drop_guard(),
         });
         tokio::spawn(follow_log(Arc::downgrade(&topic), ops, ready_tx, stop));
@@ -331,5 +359,58 @@ async fn follow_log(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ns: &str) -> StreamKey {
+        StreamKey {
+            org: ultrasync_shared::Id::parse("org", "acme").expect("id"),
+            project: ultrasync_shared::Id::parse("project", "p").expect("id"),
+            namespace: ultrasync_shared::Id::parse("namespace", ns).expect("id"),
+        }
+    }
+
+    /// A topic without its log follower (that needs a stream).
+    fn topic(key: StreamKey, registry: Weak<Topics>) -> Arc<Topic> {
+        let (tx, _) = broadcast::channel(4);
+        let (_, ready) = watch::channel(true);
+        Arc::new(Topic {
+            subject: ops_subject(&key),
+            key,
+            state: Mutex::new(TopicState {
+                last_seq: 0,
+                ring: VecDeque::new(),
+            }),
+            tx,
+            ready,
+            registry,
+            _stop: CancellationToken::new().drop_guard(),
+        })
+    }
+
+    #[test]
+    fn a_topic_leaves_the_map_with_its_last_follower() {
+        let topics: Arc<Topics> = Arc::new(Mutex::new(HashMap::new()));
+        let lock = || topics.lock().expect("lock");
+        let a = topic(key("a"), Arc::downgrade(&topics));
+        let b = topic(key("b"), Arc::downgrade(&topics));
+        lock().insert(key("a"), Arc::downgrade(&a));
+        lock().insert(key("b"), Arc::downgrade(&b));
+        let follower = a.clone();
+        drop(a);
+        assert_eq!(lock().len(), 2);
+        drop(follower);
+        assert_eq!(lock().len(), 1);
+        // A replacement listed before the old topic is dropped stays.
+        let b2 = topic(key("b"), Arc::downgrade(&topics));
+        lock().insert(key("b"), Arc::downgrade(&b2));
+        drop(b);
+        assert_eq!(lock().len(), 1);
+        drop(b2);
+        assert!(lock().is_empty());
     }
 }

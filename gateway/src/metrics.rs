@@ -34,9 +34,19 @@ pub struct Metrics {
     pub webhooks: std::sync::Arc<crate::webhooks::WebhookMetrics>,
     /// Per socket: how many frames wait in its outbound queue (`None` once closed).
     queues: Mutex<BTreeMap<String, QueueProbe>>,
+    /// Gauges read from their owner when rendering (sizes of the gateway's maps).
+    gauges: Mutex<Vec<Gauge>>,
 }
 
 type QueueProbe = Box<dyn Fn() -> Option<usize> + Send + Sync>;
+
+/// A gauge (or counter) read when rendering: (name, kind, help, probe).
+type Gauge = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Box<dyn Fn() -> u64 + Send + Sync>,
+);
 
 impl Metrics {
     pub fn inc(counter: &AtomicU64) {
@@ -61,6 +71,21 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+    }
+
+    /// Renders `name` with the value `probe` gives at the time (`kind`: `gauge` or
+    /// `counter`).
+    pub fn probe(
+        &self,
+        name: &'static str,
+        kind: &'static str,
+        help: &'static str,
+        probe: Box<dyn Fn() -> u64 + Send + Sync>,
+    ) {
+        self.gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name, kind, help, probe));
     }
 
     /// (frames queued over all sockets, the fullest socket's queue).
@@ -173,6 +198,11 @@ impl Metrics {
             "Connections refused for their token.",
             get(&self.auth_failures),
         );
+        for (name, kind, help, probe) in
+            self.gauges.lock().unwrap_or_else(|p| p.into_inner()).iter()
+        {
+            metric(name, kind, help, probe());
+        }
         let _ = writeln!(
             out,
             "# HELP ultrasync_gateway_rejects_total Commands rejected, by code.\n# TYPE ultrasync_gateway_rejects_total counter"

@@ -176,6 +176,21 @@ pub struct GatewayConfig {
     pub command_timeout_secs: u64,
     /// Seconds a presence entry lives unless its client refreshes it.
     pub presence_ttl_secs: u64,
+    /// Presence keys one client (org, project, actor, client) may show at once; a new
+    /// key over it is refused with `rate_limited`.
+    pub presence_keys_per_client: usize,
+    /// Largest presence payload (encoded JSON bytes), whatever the namespace's
+    /// `max_value_bytes`; over it: `payload_too_large`.
+    pub presence_payload_bytes: usize,
+    /// Presence entries one (org, project) table holds; a new entry over it is refused
+    /// with `rate_limited` (and dropped when it arrives from another gateway).
+    pub presence_entries_per_room: usize,
+    /// Commands one org may have queued on this gateway and not yet stored in
+    /// `USYNC_CMDS`; more are refused with `rate_limited`.
+    pub org_max_inflight_commands: usize,
+    /// Bytes of commands one org may have queued on this gateway and not yet stored
+    /// in `USYNC_CMDS`; more are refused with `rate_limited`.
+    pub org_max_inflight_bytes: usize,
     /// Frames per second one socket may send (token bucket; the burst is twice this).
     /// Over it, frames are refused with `rate_limited`; a socket that keeps going
     /// for a further burst's worth is closed (1008).
@@ -208,6 +223,11 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             command_timeout_secs: 10,
             presence_ttl_secs: 30,
+            presence_keys_per_client: 16,
+            presence_payload_bytes: 4 * 1024,
+            presence_entries_per_room: 10_000,
+            org_max_inflight_commands: 4096,
+            org_max_inflight_bytes: 16 * 1024 * 1024,
             max_messages_per_sec: 1000,
             max_connections: 10_000,
             hello_timeout_secs: 10,
