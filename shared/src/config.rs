@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::MIN_SECRET_LEN;
+use crate::auth::{MIN_SECRET_LEN, TokenAlgorithm};
 
 /// The file read when no `--config` is given and it exists in the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "ultrasync.toml";
@@ -127,6 +127,18 @@ pub struct AuthConfig {
     pub audience: String,
     /// Checked when set.
     pub issuer: Option<String>,
+    /// The token algorithm: `HS256` (with the secret), `RS256` or `EdDSA` (with
+    /// `public_key_file`, or `jwks_file`, whose keys it then restricts to).
+    pub algorithm: TokenAlgorithm,
+    /// PEM public key (`PUBLIC KEY`; `RSA PUBLIC KEY` too for RS256) that verifies
+    /// tokens of `algorithm`. The issuer keeps the private key; no secret is needed.
+    pub public_key_file: Option<PathBuf>,
+    /// JWKS file (`{"keys": [...]}`): tokens name their key with `kid`; each key
+    /// verifies only the algorithm of its type (RSA: RS256, OKP/Ed25519: EdDSA).
+    pub jwks_file: Option<PathBuf>,
+    /// Longest accepted token lifetime, `exp - iat` (or `exp - now` without `iat`);
+    /// 0 = unlimited.
+    pub max_token_lifetime_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -136,8 +148,31 @@ impl Default for AuthConfig {
             jwt_secret_file: None,
             audience: crate::auth::DEFAULT_AUDIENCE.to_owned(),
             issuer: None,
+            algorithm: TokenAlgorithm::Hs256,
+            public_key_file: None,
+            jwks_file: None,
+            max_token_lifetime_secs: crate::auth::DEFAULT_MAX_TOKEN_LIFETIME_SECS,
         }
     }
+}
+
+/// True for the placeholder values the example files ship (`change-me…`): a
+/// deployment that starts with one has not set its secrets.
+pub fn is_example_secret(value: &str) -> bool {
+    let v = value.trim().to_ascii_lowercase();
+    ["change-me", "change_me", "changeme"]
+        .iter()
+        .any(|p| v.starts_with(p))
+}
+
+fn refuse_example_secret(what: &str, value: &str) -> anyhow::Result<()> {
+    if is_example_secret(value) {
+        anyhow::bail!(
+            "{what} is still the example placeholder (\"change-me…\"): set a real secret \
+             (e.g. `openssl rand -hex 32`; ./deploy/init-env.sh writes them all)"
+        );
+    }
+    Ok(())
 }
 
 impl AuthConfig {
@@ -158,7 +193,38 @@ impl AuthConfig {
         if secret.len() < MIN_SECRET_LEN {
             anyhow::bail!("the JWT secret must be at least {MIN_SECRET_LEN} bytes");
         }
+        refuse_example_secret("the JWT secret", &String::from_utf8_lossy(&secret))?;
         Ok(secret)
+    }
+
+    /// True when tokens are verified with public keys (RS256/EdDSA), so this
+    /// deployment cannot mint them.
+    pub fn uses_public_keys(&self) -> bool {
+        self.public_key_file.is_some() || self.jwks_file.is_some()
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.audience.is_empty() {
+            anyhow::bail!("auth.audience must not be empty");
+        }
+        if let Some(s) = &self.jwt_secret {
+            refuse_example_secret("auth.jwt_secret (ULTRASYNC_JWT_SECRET)", s)?;
+        }
+        if self.public_key_file.is_some() && self.jwks_file.is_some() {
+            anyhow::bail!("auth.public_key_file and auth.jwks_file: set one, not both");
+        }
+        if self.public_key_file.is_some() && self.algorithm == TokenAlgorithm::Hs256 {
+            anyhow::bail!(
+                "auth.public_key_file needs auth.algorithm = \"RS256\" or \"EdDSA\" (HS256 uses the secret)"
+            );
+        }
+        if self.algorithm != TokenAlgorithm::Hs256 && !self.uses_public_keys() {
+            anyhow::bail!(
+                "auth.algorithm = \"{}\" needs auth.public_key_file or auth.jwks_file",
+                self.algorithm
+            );
+        }
+        Ok(())
     }
 }
 
@@ -368,6 +434,10 @@ impl Config {
         if self.nats_user.is_some() != self.nats_password.is_some() {
             anyhow::bail!("nats_user and nats_password go together");
         }
+        if let Some(p) = &self.nats_password {
+            refuse_example_secret("nats_password (ULTRASYNC_NATS_PASSWORD)", p)?;
+        }
+        self.auth.validate()?;
         if let Some(d) = &self.region.home_domain
             && (d.is_empty()
                 || !d
@@ -425,6 +495,7 @@ impl Config {
             if w.secret.len() < 16 {
                 anyhow::bail!("webhook {}: secret must be at least 16 bytes", w.name);
             }
+            refuse_example_secret(&format!("webhook {}: secret", w.name), &w.secret)?;
             if w.max_attempts == 0 {
                 anyhow::bail!("webhook {}: max_attempts must be positive", w.name);
             }
@@ -503,5 +574,72 @@ mod tests {
         assert!(a.secret().is_err());
         a.jwt_secret = Some("x".repeat(32));
         assert_eq!(a.secret().expect("secret").len(), 32);
+    }
+
+    #[test]
+    fn example_secrets_are_refused() {
+        // The placeholders actually shipped in deploy/env/*.example.
+        let jwt = "change-me-to-a-random-secret-of-at-least-32-bytes";
+        let err = Config::from_toml(&format!("[auth]\njwt_secret = \"{jwt}\"\n"))
+            .expect_err("example jwt secret");
+        assert!(err.to_string().contains("placeholder"), "{err}");
+        let mut a = AuthConfig {
+            jwt_secret: Some(jwt.to_owned()),
+            ..AuthConfig::default()
+        };
+        assert!(a.secret().is_err(), "also where the secret is read");
+        let dir = std::env::temp_dir().join(format!("usync-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("jwt");
+        std::fs::write(&file, format!("{jwt}\n")).expect("write");
+        a.jwt_secret = None;
+        a.jwt_secret_file = Some(file);
+        assert!(a.secret().is_err(), "a secret file holding the placeholder");
+        std::fs::remove_dir_all(&dir).ok();
+
+        let err = Config::from_toml(
+            "nats_user = \"gateway\"\nnats_password = \"change-me-gateway-password\"\n",
+        )
+        .expect_err("example nats password");
+        assert!(err.to_string().contains("nats_password"), "{err}");
+
+        let webhook = |secret: &str| {
+            format!(
+                "[[webhooks]]\nname = \"w\"\nurl = \"http://127.0.0.1:9/\"\norg = \"acme\"\nsecret = \"{secret}\"\n"
+            )
+        };
+        let err = Config::from_toml(&webhook("CHANGE-ME-webhook-secret")).expect_err("example");
+        assert!(err.to_string().contains("webhook w"), "{err}");
+        Config::from_toml(&webhook("a-real-webhook-secret-123")).expect("real secret");
+        assert!(!is_example_secret("exchange-me-not"));
+    }
+
+    #[test]
+    fn auth_keys_parse_and_are_checked() {
+        let cfg = Config::from_toml(
+            "[auth]\nalgorithm = \"EdDSA\"\npublic_key_file = \"/etc/ultrasync/jwt.pub\"\nmax_token_lifetime_secs = 3600\n",
+        )
+        .expect("eddsa");
+        assert_eq!(cfg.auth.algorithm, TokenAlgorithm::EdDsa);
+        assert_eq!(cfg.auth.max_token_lifetime_secs, 3600);
+        assert!(cfg.auth.uses_public_keys());
+        let cfg = Config::from_toml("[auth]\njwks_file = \"/etc/ultrasync/jwks.json\"\n")
+            .expect("jwks alone");
+        assert_eq!(cfg.auth.algorithm, TokenAlgorithm::Hs256);
+        assert_eq!(
+            Config::default().auth.max_token_lifetime_secs,
+            30 * 86_400,
+            "30 days by default"
+        );
+        for bad in [
+            "[auth]\nalgorithm = \"RS256\"\n",
+            "[auth]\nalgorithm = \"none\"\n",
+            "[auth]\nalgorithm = \"HS512\"\n",
+            "[auth]\npublic_key_file = \"/k.pem\"\n",
+            "[auth]\nalgorithm = \"RS256\"\npublic_key_file = \"/k.pem\"\njwks_file = \"/j.json\"\n",
+            "[auth]\naudience = \"\"\n",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "{bad}");
+        }
     }
 }
