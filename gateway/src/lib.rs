@@ -2,49 +2,45 @@
 //! clients (JWT), turns their commands into `USYNC_CMDS` messages, routes the
 //! sequencer's answers back to the right socket, and fans committed ops out to every
 //! subscribed socket. Stateless: any number can run behind a load balancer.
+//!
+//! Layout: two front doors, `ws/` (WebSocket) and `http/` (the HTTP API), each only
+//! translating its wire format; `rules/` below them holds what both obey (auth,
+//! access, command checks, budgets); the modules beside it (`hub`, `publisher`,
+//! `presence`, `cursors`, `serve`, …) are the machinery both use. Arrows point down:
+//! no door imports the other, and `rules` imports neither.
 
-mod api;
 mod cursors;
-mod follow;
 pub mod hooks;
 mod http;
 mod hub;
 mod metrics;
-mod openapi;
 mod presence;
 mod publisher;
-mod session;
+mod rules;
+mod serve;
 mod tls;
 pub mod webhooks;
+mod ws;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Query, State, WebSocketUpgrade};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
+use axum::http::header;
 use futures::StreamExt;
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use ultrasync_shared::ErrorCode;
-use ultrasync_shared::auth::{Principal, Verifier};
+use ultrasync_shared::auth::Verifier;
 use ultrasync_shared::config::Config;
-use ultrasync_shared::nats::{self, CURSORS_BUCKET, OPS_STREAM};
+use ultrasync_shared::nats::{self, CURSORS_BUCKET};
 
 use crate::hub::Hub;
 pub use crate::metrics::Metrics;
-use crate::session::Session;
 
 /// Routes the sequencer's answers (published to
 /// `usync.reply.{gateway_id}.{session_id}`) to the session that sent the command.
@@ -95,11 +91,6 @@ impl Routes {
     }
 }
 
-/// Per-socket read buffer (bytes); grows past this only while a frame is read.
-const SOCKET_READ_BUFFER: usize = 4 * 1024;
-/// Bytes gathered before a socket write (frames are flushed as they are sent anyway).
-const SOCKET_WRITE_BUFFER: usize = 8 * 1024;
-
 /// What every handler shares.
 pub struct AppState {
     pub config: Config,
@@ -120,8 +111,8 @@ pub struct AppState {
     /// One permit per open socket (`max_connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     pub hooks: Arc<dyn hooks::Hooks>,
-    /// Per-actor rate limits of the HTTP API.
-    pub(crate) http_limits: Mutex<HashMap<String, session::RateLimit>>,
+    /// What each actor and org may hold and send, across both doors.
+    pub(crate) budgets: rules::limits::Budgets,
 }
 
 /// Serves on `listener` until `shutdown` fires, then closes every socket with 1013
@@ -181,6 +172,7 @@ pub async fn run_with_hooks(
     });
 
     let max_connections = config.gateway.max_connections;
+    let config_gateway = config.gateway.clone();
     let presence = presence::Presence::new(
         client.clone(),
         Duration::from_secs(config.gateway.presence_ttl_secs),
@@ -201,8 +193,8 @@ pub async fn run_with_hooks(
         shutdown: shutdown.clone(),
         started: Instant::now(),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        budgets: rules::limits::Budgets::new(&config_gateway),
         hooks,
-        http_limits: Mutex::new(HashMap::new()),
     });
     // Webhooks are sent from the home region only: a replica region would deliver
     // every op a second time.
@@ -222,49 +214,34 @@ pub async fn run_with_hooks(
     let addr = listener.local_addr()?;
     let tls = tls::server_config(&state.config.gateway)?;
     let plain_listen = state.config.gateway.plain_listen;
+    let limits = serve::Limits {
+        max_connections: state.config.gateway.max_http_connections,
+        header_read_timeout: Duration::from_secs(state.config.gateway.header_read_timeout_secs),
+    };
     let app = router(state);
-    let make = app.into_make_service_with_connect_info::<SocketAddr>();
-    match tls {
-        None => {
-            info!(%addr, gateway_id = %gateway_id, "gateway listening (plain)");
-            axum::serve(listener, make)
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    let plain = match (&tls, plain_listen) {
+        (Some(_), Some(p)) => {
+            let l = TcpListener::bind(p)
                 .await
-                .context("serving http")?;
+                .with_context(|| format!("binding the plain listener {p}"))?;
+            info!(addr = %l.local_addr()?, "gateway plain listener");
+            Some(tokio::spawn(serve::serve(
+                l,
+                None,
+                app.clone(),
+                limits.clone(),
+                shutdown.clone(),
+            )))
         }
-        Some(tls) => {
-            info!(%addr, gateway_id = %gateway_id, "gateway listening (TLS)");
-            let plain = match plain_listen {
-                Some(p) => {
-                    let l = TcpListener::bind(p)
-                        .await
-                        .with_context(|| format!("binding the plain listener {p}"))?;
-                    info!(addr = %l.local_addr()?, "gateway plain listener");
-                    Some(tokio::spawn(
-                        axum::serve(l, make.clone())
-                            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                            .into_future(),
-                    ))
-                }
-                None => None,
-            };
-            let handle = axum_server::Handle::new();
-            let stopper = handle.clone();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                stop.cancelled().await;
-                stopper.graceful_shutdown(Some(Duration::from_secs(10)));
-            });
-            let config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
-            axum_server::from_tcp_rustls(listener.into_std()?, config)?
-                .handle(handle)
-                .serve(make)
-                .await
-                .context("serving https")?;
-            if let Some(p) = plain {
-                let _ = p.await;
-            }
-        }
+        _ => None,
+    };
+    let kind = if tls.is_some() { "TLS" } else { "plain" };
+    info!(%addr, gateway_id = %gateway_id, "gateway listening ({kind})");
+    serve::serve(listener, tls, app, limits, shutdown.clone())
+        .await
+        .context("serving http")?;
+    if let Some(p) = plain {
+        let _ = p.await;
     }
     reply_task.abort();
     let _ = client.flush().await;
@@ -273,31 +250,17 @@ pub async fn run_with_hooks(
 }
 
 fn router(state: Arc<AppState>) -> Router {
+    let api = http::routes().layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        http::deadline,
+    ));
     let router = Router::new()
-        .route("/v1/sync", get(sync_socket))
-        .route("/v1/status", get(status))
-        .route("/v1/openapi.json", get(openapi_json))
-        .route("/v1/{org}/{project}/{ns}/snapshot", get(http::snapshot))
-        .route(
-            "/v1/{org}/{project}/{ns}/keys/{key}",
-            get(http::key).put(api::put_key).delete(api::delete_key),
-        )
-        .route(
-            "/v1/{org}/{project}/{ns}/keys/{key}/history",
-            get(api::history),
-        )
-        .route(
-            "/v1/{org}/{project}/{ns}/commands",
-            axum::routing::post(api::commands),
-        )
-        .route("/v1/{org}/{project}/{ns}/ops", get(http::ops))
-        .route(
-            "/v1/{org}/{project}/cursors",
-            axum::routing::post(http::cursor),
-        )
-        .route("/metrics", get(prometheus))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .merge(ws::routes())
+        .merge(api)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            http::envelope,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(
             state.config.gateway.max_frame_bytes,
         ));
@@ -334,173 +297,4 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
             .expose_headers([header::ETAG])
             .max_age(Duration::from_secs(600)),
     )
-}
-
-/// An HTTP error in the shape of SPEC §5.
-pub fn http_error(code: ErrorCode, message: impl Into<String>) -> Response {
-    let status =
-        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = serde_json::json!({"error": {"code": code, "message": message.into()}});
-    (status, Json(body)).into_response()
-}
-
-#[derive(Deserialize)]
-struct TokenQuery {
-    access_token: Option<String>,
-}
-
-/// Checks the bearer token (header, or `access_token` for browsers).
-fn authenticate(
-    state: &AppState,
-    headers: &HeaderMap,
-    query: &TokenQuery,
-) -> Result<Principal, Response> {
-    let from_header = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let token = from_header.or(query.access_token.as_deref());
-    let Some(token) = token else {
-        state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-        return Err(http_error(ErrorCode::Unauthorized, "missing bearer token"));
-    };
-    let principal = state.verifier.verify(token).map_err(|e| {
-        state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-        http_error(ErrorCode::Unauthorized, e.to_string())
-    })?;
-    state.hooks.authenticate(principal, headers).map_err(|e| {
-        state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-        http_error(e.code, e.message)
-    })
-}
-
-fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
-    let allowed = &state.config.gateway.allowed_origins;
-    if allowed.is_empty() {
-        return true;
-    }
-    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        // Non-browser clients send no Origin; the token is what protects them.
-        None => true,
-        Some(origin) => allowed.iter().any(|a| a == origin),
-    }
-}
-
-/// The WebSocket endpoint (SPEC §4); 401 before the upgrade without a valid token,
-/// 403 for an Origin outside the allow-list, 503 when the connection cap is reached.
-#[utoipa::path(
-    get,
-    path = "/v1/sync",
-    params(("access_token" = Option<String>, Query)),
-    responses(
-        (status = 101, description = "switching to the WebSocket protocol"),
-        (status = 401, body = crate::openapi::ErrorBody),
-        (status = 403, body = crate::openapi::ErrorBody),
-        (status = 503, body = crate::openapi::ErrorBody)
-    )
-)]
-async fn sync_socket(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(query): Query<TokenQuery>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    let principal = match authenticate(&state, &headers, &query) {
-        Ok(p) => p,
-        Err(resp) => return resp,
-    };
-    if !origin_allowed(&state, &headers) {
-        return http_error(ErrorCode::Forbidden, "origin not allowed");
-    }
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rejection) => return rejection.into_response(),
-    };
-    let Ok(slot) = state.connection_slots.clone().try_acquire_owned() else {
-        return http_error(ErrorCode::Unavailable, "too many connections; retry later");
-    };
-    let max = state.config.gateway.max_frame_bytes;
-    // Small socket buffers: tungstenite's 128 KiB read and write defaults cost
-    // ~140 KiB per idle socket (measured with `ultrasync bench --scenario idle`).
-    ws.max_frame_size(max)
-        .max_message_size(max)
-        .read_buffer_size(SOCKET_READ_BUFFER)
-        .write_buffer_size(SOCKET_WRITE_BUFFER)
-        .on_upgrade(move |socket| async move {
-            Session::run(state, socket, principal).await;
-            drop(slot);
-        })
-}
-
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")), security(()))]
-async fn healthz() -> &'static str {
-    "ok"
-}
-
-#[utoipa::path(
-    get,
-    path = "/readyz",
-    responses((status = 200, description = "NATS and the op log are reachable"), (status = 503, body = crate::openapi::ErrorBody)),
-    security(())
-)]
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let connected = state.nats.connection_state() == async_nats::connection::State::Connected;
-    let streams = connected && state.js.get_stream_no_info(OPS_STREAM).await.is_ok();
-    if connected && streams {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        http_error(
-            ErrorCode::Unavailable,
-            "nats or the op log is not reachable",
-        )
-    }
-}
-
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")), security(()))]
-async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
-    let body = state
-        .metrics
-        .render(state.hub.topic_count(), state.started.elapsed());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
-}
-
-#[utoipa::path(get, path = "/v1/status", responses((status = 200, description = "version, uptime, connected clients, followed stream keys", body = Object)), security(()))]
-async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    // Per followed stream key: the log head, what this gateway has fanned out, and
-    // the difference (at most 100 keys, to keep the answer cheap).
-    let mut lag = Vec::new();
-    for (key, fanned) in state.hub.followed().into_iter().take(100) {
-        let head = ultrasync_shared::log::head(state.hub.ops_stream(), &nats::ops_subject(&key))
-            .await
-            .ok()
-            .flatten()
-            .map_or(fanned, |h| h.server_seq);
-        lag.push(serde_json::json!({
-            "stream_key": key.to_string(),
-            "head": head,
-            "fanned_out": fanned,
-            "lag": head.saturating_sub(fanned),
-        }));
-    }
-    Json(serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "gateway_id": state.gateway_id,
-        "region": state.config.region.name,
-        "home_domain": state.config.region.home_domain,
-        "uptime_secs": state.started.elapsed().as_secs(),
-        "connected_clients": state.metrics.connections.load(Ordering::Relaxed),
-        "followed_stream_keys": state.hub.topic_count(),
-        "stream_keys": lag,
-        "slow_consumers_closed": state.metrics.slow_consumers.load(Ordering::Relaxed),
-        "auth_failures": state.metrics.auth_failures.load(Ordering::Relaxed),
-    }))
-}
-
-#[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "this document", body = Object)), security(()))]
-async fn openapi_json() -> Json<serde_json::Value> {
-    Json(openapi::document())
 }

@@ -209,6 +209,19 @@ pub async fn read_range(
     from: u64,
     to: u64,
 ) -> Result<Vec<LogEntry>, LogError> {
+    read_range_limited(stream, subject, from, to, usize::MAX).await
+}
+
+/// [`read_range`], stopping once the payloads read reach `max_bytes` (at least one
+/// entry is returned when there is one): what a reader holds stays bounded however
+/// large the ops are. The caller continues after the last entry it got.
+pub async fn read_range_limited(
+    stream: &Stream,
+    subject: &str,
+    from: u64,
+    to: u64,
+    max_bytes: usize,
+) -> Result<Vec<LogEntry>, LogError> {
     let Some(head) = head(stream, subject).await? else {
         return Ok(Vec::new());
     };
@@ -242,12 +255,14 @@ pub async fn read_range(
         }
         return Ok(out);
     }
+    let mut bytes = 0;
     let mut entries = Box::pin(read_from(stream, subject, first.stream_seq).await?);
     while let Some(e) = entries.next().await {
         let e = e?;
         let done = e.server_seq >= to;
+        bytes += e.payload.len();
         out.push(e);
-        if done {
+        if done || bytes >= max_bytes {
             break;
         }
     }

@@ -6,18 +6,7 @@ use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-/// `{"error": {"code", "message"}}`, with the HTTP status of the code.
-#[derive(Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// One of SPEC §4's codes (`unauthorized`, `forbidden`, `invalid_id`, …).
-    pub code: String,
-    pub message: String,
-}
+pub use crate::rules::{ErrorBody, ErrorDetail};
 
 /// A namespace's state for bootstrap.
 #[derive(Serialize, ToSchema)]
@@ -104,23 +93,23 @@ impl Modify for BearerAuth {
 #[openapi(
     info(
         title = "ultrasync",
-        description = "HTTP API of the ultrasync gateway (SPEC §5). Tokens: `Authorization: Bearer <jwt>` or `?access_token=`."
+        description = "HTTP API of the ultrasync gateway (SPEC §5). Tokens: `Authorization: Bearer <jwt>` (`?access_token=` on the WebSocket route only)."
     ),
     paths(
-        crate::sync_socket,
-        crate::http::snapshot,
-        crate::http::ops,
-        crate::http::key,
-        crate::api::put_key,
-        crate::api::delete_key,
-        crate::api::history,
-        crate::api::commands,
-        crate::http::cursor,
-        crate::status,
-        crate::healthz,
-        crate::readyz,
-        crate::prometheus,
-        crate::openapi_json,
+        crate::ws::sync_socket,
+        super::reads::snapshot,
+        super::reads::ops,
+        super::reads::key,
+        super::writes::put_key,
+        super::writes::delete_key,
+        super::writes::history,
+        super::writes::commands,
+        super::reads::cursor,
+        super::status::status,
+        super::status::healthz,
+        super::status::readyz,
+        super::status::prometheus,
+        super::status::openapi_json,
     ),
     components(schemas(
         ErrorBody,
@@ -132,9 +121,9 @@ impl Modify for BearerAuth {
         OpsPage,
         HistoryBody,
         OkBody,
-        crate::api::CommandsBody,
-        crate::api::HttpCommand,
-        crate::http::CursorBody,
+        super::writes::CommandsBody,
+        super::writes::HttpCommand,
+        super::reads::CursorBody,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))

@@ -12,43 +12,43 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use ultrasync_shared::auth::Principal;
-use ultrasync_shared::namespaces::Mode;
 use ultrasync_shared::protocol::KeyState;
 use ultrasync_shared::reads::{self, ReadError, ReadRequest};
 use ultrasync_shared::{ErrorCode, StreamKey, log, validate_key};
 
-use crate::{AppState, TokenQuery, authenticate, http_error};
-
-#[derive(Deserialize)]
-pub struct ReadQuery {
-    pub(crate) access_token: Option<String>,
-    pub(crate) min_seq: Option<u64>,
-    pub(crate) since: Option<u64>,
-    pub(crate) limit: Option<usize>,
-}
+use super::{ApiQuery, body_error, resolve};
+use crate::AppState;
+use crate::rules::access::Access;
+use crate::rules::{Refusal, commands, error_response};
 
 /// Most ops one `ops` answer carries.
 const MAX_OPS_LIMIT: usize = 1000;
 
-/// A cursor may not be above the head of its stream key (it would hold a state this
-/// log never had).
-pub async fn check_cursor(
+/// `?min_seq=N` above the head of the log cannot be waited for (no write the caller
+/// saw is that far): answered at once instead of parking a request and a
+/// materializer task. A replica region's mirror may trail the home region by a
+/// little, so there the materializer waits as usual.
+async fn check_min_seq(
     state: &AppState,
     key: &StreamKey,
-    server_seq: u64,
-) -> Result<(), (ErrorCode, String)> {
-    let head = state.hub.head(key).await.map_err(|e| {
-        (
-            ErrorCode::Unavailable,
-            format!("reading the log failed: {e}"),
-        )
-    })?;
-    if server_seq > head {
-        return Err((
-            ErrorCode::StaleBase,
+    min_seq: Option<u64>,
+) -> Result<(), Response> {
+    let Some(min_seq) = min_seq else {
+        return Ok(());
+    };
+    if state.config.region.is_replica() {
+        return Ok(());
+    }
+    let head = state
+        .hub
+        .head(key)
+        .await
+        .map_err(|e| Refusal::unavailable("reading the log", e).into_response())?;
+    if min_seq > head {
+        return Err(error_response(
+            ErrorCode::InvalidMessage,
             format!(
-                "cursor {server_seq} of {} is above the head {head}; resync from a snapshot",
+                "min_seq {min_seq} is above the head {head} of {}",
                 key.namespace
             ),
         ));
@@ -56,98 +56,15 @@ pub async fn check_cursor(
     Ok(())
 }
 
-/// A JSON body that did not parse: 413 when it was too big, else 400.
-pub(crate) fn body_error(e: axum::extract::rejection::JsonRejection) -> Response {
-    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-        http_error(ErrorCode::PayloadTooLarge, e.body_text())
-    } else {
-        http_error(ErrorCode::InvalidMessage, e.body_text())
-    }
-}
-
-/// HTTP requests per actor: the socket rate (`max_messages_per_sec`, burst twice
-/// that) applies to each token's actor across its HTTP requests on this gateway.
-fn rate_limited(state: &AppState, principal: &Principal) -> bool {
-    let mut limits = state.http_limits.lock().unwrap_or_else(|p| p.into_inner());
-    if limits.len() > 100_000 {
-        limits.clear();
-    }
-    !limits
-        .entry(format!("{}/{}", principal.org, principal.actor_id))
-        .or_insert_with(|| {
-            crate::session::RateLimit::new(state.config.gateway.max_messages_per_sec)
-        })
-        .take()
-}
-
-/// Checks the token and that it may read `org/project/ns`; the stream key.
-pub(crate) fn readable(
-    state: &AppState,
-    headers: &HeaderMap,
-    query: &ReadQuery,
-    (org, project, ns): (&str, &str, &str),
-) -> Result<(Principal, StreamKey), Response> {
-    let principal = authenticate(
-        state,
-        headers,
-        &TokenQuery {
-            access_token: query.access_token.clone(),
-        },
-    )?;
-    if rate_limited(state, &principal) {
-        return Err(http_error(
-            ErrorCode::RateLimited,
-            "too many requests; slow down",
-        ));
-    }
-    let key = StreamKey::parse(org, project, ns)
-        .map_err(|e| http_error(ErrorCode::InvalidId, e.to_string()))?;
-    if principal.org != key.org || !principal.allows_project(project) {
-        return Err(http_error(
-            ErrorCode::Forbidden,
-            format!("the token does not cover {org}/{project}"),
-        ));
-    }
-    if !principal.read {
-        return Err(http_error(
-            ErrorCode::Forbidden,
-            "the token lacks the read scope",
-        ));
-    }
-    if !principal.allows_namespace(ns) {
-        return Err(http_error(
-            ErrorCode::Forbidden,
-            format!("the token does not cover namespace {ns}"),
-        ));
-    }
-    match state.namespaces.get(ns) {
-        None => Err(http_error(
-            ErrorCode::UnknownNamespace,
-            format!("unknown namespace {ns}"),
-        )),
-        Some(spec) if spec.mode == Mode::Ephemeral => Err(http_error(
-            ErrorCode::UnknownNamespace,
-            format!("{ns} is ephemeral: it has no stored state"),
-        )),
-        Some(_) => {
-            state
-                .hooks
-                .authorize(&principal, &key, crate::hooks::Access::Read)
-                .map_err(|e| http_error(e.code, e.message))?;
-            Ok((principal, key))
-        }
-    }
-}
-
 fn read_error(e: ReadError) -> Response {
     match e {
-        ReadError::NoResponders => http_error(
+        ReadError::NoResponders => error_response(
             ErrorCode::Unavailable,
             "no materializer is serving reads; retry later",
         ),
-        ReadError::Timeout => http_error(ErrorCode::Unavailable, "the read timed out; retry"),
-        ReadError::Refused { code, message } => http_error(code, message),
-        other => http_error(ErrorCode::Unavailable, other.to_string()),
+        ReadError::Timeout => error_response(ErrorCode::Unavailable, "the read timed out; retry"),
+        ReadError::Refused { code, message } => error_response(code, message),
+        other => Refusal::unavailable("a materializer read", other).into_response(),
     }
 }
 
@@ -155,19 +72,28 @@ fn read_error(e: ReadError) -> Response {
     get,
     path = "/v1/{org}/{project}/{ns}/snapshot",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("min_seq" = Option<u64>, Query)),
-    responses((status = 200, body = crate::openapi::SnapshotBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = super::openapi::SnapshotBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
     description = "The namespace's state (bootstrap), from a materializer."
 )]
 pub async fn snapshot(
     State(state): State<Arc<AppState>>,
     Path((org, project, ns)): Path<(String, String, String)>,
     headers: HeaderMap,
-    Query(query): Query<ReadQuery>,
+    Query(query): Query<ApiQuery>,
 ) -> Response {
-    let key = match readable(&state, &headers, &query, (&org, &project, &ns)) {
+    let key = match resolve(
+        &state,
+        &headers,
+        &query,
+        (&org, &project, &ns),
+        Access::Read,
+    ) {
         Ok((_, key)) => key,
         Err(r) => return r,
     };
+    if let Err(r) = check_min_seq(&state, &key, query.min_seq).await {
+        return r;
+    }
     let req = ReadRequest {
         min_seq: query.min_seq,
         ..Default::default()
@@ -181,8 +107,8 @@ pub async fn snapshot(
             ..
         }) => match state.hub.snapshot(&key).await {
             Ok(Some(s)) => s,
-            Ok(None) => return http_error(ErrorCode::Unavailable, "no snapshot stored yet"),
-            Err(e) => return http_error(ErrorCode::Unavailable, e),
+            Ok(None) => return error_response(ErrorCode::Unavailable, "no snapshot stored yet"),
+            Err(e) => return Refusal::unavailable("reading the snapshot", e).into_response(),
         },
         Err(e) => return read_error(e),
     };
@@ -204,28 +130,37 @@ pub async fn snapshot(
     get,
     path = "/v1/{org}/{project}/{ns}/keys/{key}",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("min_seq" = Option<u64>, Query)),
-    responses((status = 200, body = crate::openapi::KeyBody, headers(("ETag" = String))), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = super::openapi::KeyBody, headers(("ETag" = String))), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
     description = "One key; ETag is its version."
 )]
 pub async fn key(
     State(state): State<Arc<AppState>>,
     Path((org, project, ns, name)): Path<(String, String, String, String)>,
     headers: HeaderMap,
-    Query(query): Query<ReadQuery>,
+    Query(query): Query<ApiQuery>,
 ) -> Response {
-    let key = match readable(&state, &headers, &query, (&org, &project, &ns)) {
+    let key = match resolve(
+        &state,
+        &headers,
+        &query,
+        (&org, &project, &ns),
+        Access::Read,
+    ) {
         Ok((_, key)) => key,
         Err(r) => return r,
     };
     if let Err(e) = validate_key(&name) {
-        return http_error(ErrorCode::InvalidKey, e.to_string());
+        return error_response(ErrorCode::InvalidKey, e.to_string());
+    }
+    if let Err(r) = check_min_seq(&state, &key, query.min_seq).await {
+        return r;
     }
     let reply = match reads::key(&state.nats, &key, &name, query.min_seq).await {
         Ok(r) => r,
         Err(e) => return read_error(e),
     };
     let Some(value) = reply.value else {
-        return http_error(
+        return error_response(
             ErrorCode::NotFound,
             format!(
                 "{name} does not exist in {ns} (as of server_seq {})",
@@ -250,16 +185,22 @@ pub async fn key(
     get,
     path = "/v1/{org}/{project}/{ns}/ops",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("since" = Option<u64>, Query), ("limit" = Option<usize>, Query)),
-    responses((status = 200, body = crate::openapi::OpsPage), (status = 410, body = crate::openapi::ErrorBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = super::openapi::OpsPage), (status = 410, body = super::openapi::ErrorBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
     description = "Ops after `since`, at most `limit`; 410 stale_base below the compacted floor."
 )]
 pub async fn ops(
     State(state): State<Arc<AppState>>,
     Path((org, project, ns)): Path<(String, String, String)>,
     headers: HeaderMap,
-    Query(query): Query<ReadQuery>,
+    Query(query): Query<ApiQuery>,
 ) -> Response {
-    let key = match readable(&state, &headers, &query, (&org, &project, &ns)) {
+    let key = match resolve(
+        &state,
+        &headers,
+        &query,
+        (&org, &project, &ns),
+        Access::Read,
+    ) {
         Ok((_, key)) => key,
         Err(r) => return r,
     };
@@ -269,10 +210,10 @@ pub async fn ops(
     let ops_stream = state.hub.ops_stream();
     let head = match log::head(ops_stream, &subject).await {
         Ok(h) => h.map_or(0, |h| h.server_seq),
-        Err(e) => return http_error(ErrorCode::Unavailable, format!("reading the log: {e}")),
+        Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
     };
     if since > head {
-        return http_error(
+        return error_response(
             ErrorCode::StaleBase,
             format!("since={since} is above the head {head}; resync from the snapshot"),
         );
@@ -285,12 +226,15 @@ pub async fn ops(
         .into_response();
     }
     let to = head.min(since + limit as u64);
-    let entries = match log::read_range(ops_stream, &subject, since + 1, to).await {
-        Ok(e) => e,
-        Err(e) => return http_error(ErrorCode::Unavailable, format!("reading the log: {e}")),
-    };
+    // At most a page of bytes is read and answered; `more` says where to go on.
+    let max_bytes = state.config.gateway.max_page_bytes;
+    let entries =
+        match log::read_range_limited(ops_stream, &subject, since + 1, to, max_bytes).await {
+            Ok(e) => e,
+            Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
+        };
     if since < to && entries.first().map(|e| e.server_seq) != Some(since + 1) {
-        return http_error(
+        return error_response(
             ErrorCode::StaleBase,
             format!(
                 "ops after {since} of {ns} are compacted (oldest is {}); GET the snapshot and read from its last_server_seq",
@@ -304,7 +248,7 @@ pub async fn ops(
     let mut last = since;
     let mut body = String::from("{\"ops\":[");
     for e in &entries {
-        if e.server_seq != last + 1 {
+        if e.server_seq != last + 1 || (last > since && body.len() + e.payload.len() > max_bytes) {
             break;
         }
         if last > since {
@@ -332,29 +276,35 @@ pub struct CursorBody {
     path = "/v1/{org}/{project}/cursors",
     params(("org" = String, Path), ("project" = String, Path)),
     request_body = CursorBody,
-    responses((status = 200, body = crate::openapi::OkBody), (status = 410, body = crate::openapi::ErrorBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = super::openapi::OkBody), (status = 410, body = super::openapi::ErrorBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
     description = "A polling client's cursor: it has applied everything up to server_seq."
 )]
 pub async fn cursor(
     State(state): State<Arc<AppState>>,
     Path((org, project)): Path<(String, String)>,
     headers: HeaderMap,
-    Query(query): Query<ReadQuery>,
+    Query(query): Query<ApiQuery>,
     body: Result<Json<CursorBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
         Err(e) => return body_error(e),
     };
-    let key = match readable(&state, &headers, &query, (&org, &project, &body.namespace)) {
+    let key = match resolve(
+        &state,
+        &headers,
+        &query,
+        (&org, &project, &body.namespace),
+        Access::Read,
+    ) {
         Ok((_, key)) => key,
         Err(r) => return r,
     };
     if let Err(e) = ultrasync_shared::Id::parse("client_id", &body.client_id) {
-        return http_error(ErrorCode::InvalidId, e.to_string());
+        return error_response(ErrorCode::InvalidId, e.to_string());
     }
-    if let Err((code, message)) = check_cursor(&state, &key, body.server_seq).await {
-        return http_error(code, message);
+    if let Err(r) = commands::check_cursor(&state, &key, body.server_seq).await {
+        return r.into_response();
     }
     state.cursors.record(&key, &body.client_id, body.server_seq);
     Json(serde_json::json!({"ok": true})).into_response()

@@ -18,56 +18,17 @@ use serde::Deserialize;
 use serde_json::Value;
 use ultrasync_shared::auth::Principal;
 use ultrasync_shared::protocol::{CommandFrame, ServerMessage};
-use ultrasync_shared::{CommandEnvelope, ErrorCode, Id, OpType, Precondition, StreamKey, log};
+use ultrasync_shared::{ErrorCode, Id, OpType, Precondition, StreamKey, log};
 
-use crate::http::{ReadQuery, readable};
-use crate::{AppState, http_error};
+use super::{ApiQuery, body_error, resolve};
+use crate::AppState;
+use crate::rules::access::Access;
+use crate::rules::{Refusal, commands, error_response};
 
 /// Most commands in one `POST …/commands`.
 const MAX_BATCH: usize = 1000;
 /// Most history entries returned.
 const MAX_HISTORY: usize = 1000;
-
-/// Checks a command frame the way a WebSocket command is checked.
-pub fn check_frame(frame: &CommandFrame) -> Result<(), (ErrorCode, String)> {
-    if frame.command_id.is_empty()
-        || frame.command_id.len() > 128
-        || frame.command_id.chars().any(char::is_control)
-    {
-        return Err((
-            ErrorCode::InvalidId,
-            "command_id must be 1-128 bytes without control characters".into(),
-        ));
-    }
-    if ultrasync_shared::validate_key(&frame.key).is_err() {
-        return Err((
-            ErrorCode::InvalidKey,
-            "key must be 1-512 bytes of UTF-8 without control characters".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Token, scope and namespace checks for a write.
-fn writable(
-    state: &AppState,
-    headers: &HeaderMap,
-    query: &ReadQuery,
-    path: (&str, &str, &str),
-) -> Result<(Principal, StreamKey), Response> {
-    let (principal, key) = readable(state, headers, query, path)?;
-    if !principal.write {
-        return Err(http_error(
-            ErrorCode::Forbidden,
-            "the token lacks the write scope",
-        ));
-    }
-    state
-        .hooks
-        .authorize(&principal, &key, crate::hooks::Access::Write)
-        .map_err(|e| http_error(e.code, e.message))?;
-    Ok((principal, key))
-}
 
 /// Sends `frames` as `client_id` and waits for every answer (in the order sent).
 async fn run_commands(
@@ -83,42 +44,31 @@ async fn run_commands(
     let mut results: Vec<Option<ServerMessage>> = vec![None; frames.len()];
     let mut waiting: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, frame) in frames.into_iter().enumerate() {
-        if let Err((code, reason)) = check_frame(&frame) {
-            results[i] = Some(ServerMessage::reject(frame.command_id, code, reason));
+        if let Err(r) = commands::check_frame(state, &frame) {
+            results[i] = Some(ServerMessage::reject(frame.command_id, r.code, r.message));
             continue;
         }
-        let mut envelope = CommandEnvelope {
-            org_id: key.org.to_string(),
-            project_id: key.project.to_string(),
-            namespace: key.namespace.to_string(),
-            actor_id: principal.actor_id.to_string(),
-            client_id: client_id.to_owned(),
-            command_id: frame.command_id.clone(),
-            key: frame.key,
-            op_type: frame.op_type,
-            payload: frame.payload,
-            precondition: frame.precondition,
-            reply_to: Some(reply_to.clone()),
-        };
+        let command_id = frame.command_id.clone();
+        let mut envelope = commands::envelope(principal, key, client_id, frame, reply_to.clone());
         if let Err(e) = state.hooks.before_apply(principal, &mut envelope) {
-            results[i] = Some(ServerMessage::reject(frame.command_id, e.code, e.message));
+            results[i] = Some(ServerMessage::reject(command_id, e.code, e.message));
             continue;
         }
         match serde_json::to_vec(&envelope) {
             Ok(body) => {
-                waiting.entry(frame.command_id.clone()).or_default().push(i);
+                waiting.entry(command_id.clone()).or_default().push(i);
                 state.publisher.submit(
                     ultrasync_shared::nats::cmd_subject(key),
                     crate::publisher::Queued {
                         body: body.into(),
                         route: request_id.clone(),
-                        command_id: frame.command_id,
+                        command_id,
                     },
                 );
             }
             Err(e) => {
                 results[i] = Some(ServerMessage::reject(
-                    frame.command_id,
+                    command_id,
                     ErrorCode::InvalidMessage,
                     format!("command does not encode: {e}"),
                 ));
@@ -194,32 +144,42 @@ pub struct HttpCommand {
     path = "/v1/{org}/{project}/{ns}/commands",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path)),
     request_body = CommandsBody,
-    responses((status = 200, body = crate::openapi::CommandsAnswer), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = super::openapi::CommandsAnswer), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
     description = "A batch of commands, answered in order with ack or reject."
 )]
 pub async fn commands(
     State(state): State<Arc<AppState>>,
     Path((org, project, ns)): Path<(String, String, String)>,
     headers: HeaderMap,
-    Query(query): Query<ReadQuery>,
+    Query(query): Query<ApiQuery>,
     body: Result<Json<CommandsBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let (principal, key) = match writable(&state, &headers, &query, (&org, &project, &ns)) {
+    let (principal, key) = match resolve(
+        &state,
+        &headers,
+        &query,
+        (&org, &project, &ns),
+        Access::Write,
+    ) {
         Ok(x) => x,
         Err(r) => return r,
     };
     let Json(body) = match body {
         Ok(b) => b,
-        Err(e) => return crate::http::body_error(e),
+        Err(e) => return body_error(e),
     };
     if let Err(e) = Id::parse("client_id", &body.client_id) {
-        return http_error(ErrorCode::InvalidId, e.to_string());
+        return error_response(ErrorCode::InvalidId, e.to_string());
     }
     if body.commands.is_empty() || body.commands.len() > MAX_BATCH {
-        return http_error(
+        return error_response(
             ErrorCode::InvalidMessage,
             format!("send 1-{MAX_BATCH} commands"),
         );
+    }
+    // A batch costs what its commands would cost one by one.
+    if let Err(r) = state.budgets.commands(&principal, body.commands.len()) {
+        return r.into_response();
     }
     let frames = body
         .commands
@@ -249,20 +209,29 @@ async fn write_key(
     state: Arc<AppState>,
     (org, project, ns, name): (String, String, String, String),
     headers: HeaderMap,
-    query: ReadQuery,
+    query: ApiQuery,
     op_type: OpType,
     payload: Value,
 ) -> Response {
-    let (principal, key) = match writable(&state, &headers, &query, (&org, &project, &ns)) {
+    let (principal, key) = match resolve(
+        &state,
+        &headers,
+        &query,
+        (&org, &project, &ns),
+        Access::Write,
+    ) {
         Ok(x) => x,
         Err(r) => return r,
     };
+    if let Err(r) = state.budgets.commands(&principal, 1) {
+        return r.into_response();
+    }
     let precondition = match headers.get(header::IF_MATCH) {
         None => None,
         Some(v) => match parse_etag(v) {
             Some(expected_version) => Some(Precondition { expected_version }),
             None => {
-                return http_error(
+                return error_response(
                     ErrorCode::InvalidMessage,
                     "If-Match must be a quoted version, e.g. \"12\"",
                 );
@@ -275,7 +244,7 @@ async fn write_key(
         .unwrap_or("http")
         .to_owned();
     if let Err(e) = Id::parse("client_id", &client_id) {
-        return http_error(ErrorCode::InvalidId, e.to_string());
+        return error_response(ErrorCode::InvalidId, e.to_string());
     }
     // A client that retries sends the same Idempotency-Key and gets the first answer.
     let command_id = headers
@@ -322,7 +291,7 @@ async fn write_key(
             }
             (status, Json(body)).into_response()
         }
-        _ => http_error(ErrorCode::Internal, "no answer"),
+        _ => error_response(ErrorCode::Internal, "no answer"),
     }
 }
 
@@ -331,19 +300,19 @@ async fn write_key(
     path = "/v1/{org}/{project}/{ns}/keys/{key}",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("If-Match" = Option<String>, Header), ("Idempotency-Key" = Option<String>, Header), ("X-Client-Id" = Option<String>, Header)),
     request_body = Object,
-    responses((status = 200, body = crate::openapi::WriteAnswer, headers(("ETag" = String))), (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody), (status = 429, body = crate::openapi::ErrorBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = super::openapi::WriteAnswer, headers(("ETag" = String))), (status = 409, body = super::openapi::ErrorBody), (status = 413, body = super::openapi::ErrorBody), (status = 429, body = super::openapi::ErrorBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
     description = "Set the key's value; If-Match makes it conditional (409 with current_state on mismatch)."
 )]
 pub async fn put_key(
     State(state): State<Arc<AppState>>,
     Path(path): Path<(String, String, String, String)>,
     headers: HeaderMap,
-    Query(query): Query<ReadQuery>,
+    Query(query): Query<ApiQuery>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(value) = match body {
         Ok(b) => b,
-        Err(e) => return crate::http::body_error(e),
+        Err(e) => return body_error(e),
     };
     write_key(state, path, headers, query, OpType::Set, value).await
 }
@@ -352,14 +321,14 @@ pub async fn put_key(
     delete,
     path = "/v1/{org}/{project}/{ns}/keys/{key}",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("If-Match" = Option<String>, Header), ("Idempotency-Key" = Option<String>, Header), ("X-Client-Id" = Option<String>, Header)),
-    responses((status = 200, body = crate::openapi::WriteAnswer), (status = 409, body = crate::openapi::ErrorBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = super::openapi::WriteAnswer), (status = 409, body = super::openapi::ErrorBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
     description = "Delete the key; If-Match makes it conditional."
 )]
 pub async fn delete_key(
     State(state): State<Arc<AppState>>,
     Path(path): Path<(String, String, String, String)>,
     headers: HeaderMap,
-    Query(query): Query<ReadQuery>,
+    Query(query): Query<ApiQuery>,
 ) -> Response {
     write_key(state, path, headers, query, OpType::Del, Value::Null).await
 }
@@ -368,21 +337,27 @@ pub async fn delete_key(
     get,
     path = "/v1/{org}/{project}/{ns}/keys/{key}/history",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("limit" = Option<usize>, Query)),
-    responses((status = 200, body = crate::openapi::HistoryBody), (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)),
+    responses((status = 200, body = super::openapi::HistoryBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
     description = "The key's ops still in the log, newest first."
 )]
 pub async fn history(
     State(state): State<Arc<AppState>>,
     Path((org, project, ns, name)): Path<(String, String, String, String)>,
     headers: HeaderMap,
-    Query(query): Query<ReadQuery>,
+    Query(query): Query<ApiQuery>,
 ) -> Response {
-    let key = match readable(&state, &headers, &query, (&org, &project, &ns)) {
+    let key = match resolve(
+        &state,
+        &headers,
+        &query,
+        (&org, &project, &ns),
+        Access::Read,
+    ) {
         Ok((_, key)) => key,
         Err(r) => return r,
     };
     if let Err(e) = ultrasync_shared::validate_key(&name) {
-        return http_error(ErrorCode::InvalidKey, e.to_string());
+        return error_response(ErrorCode::InvalidKey, e.to_string());
     }
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY);
     let subject = ultrasync_shared::nats::ops_subject(&key);
@@ -390,26 +365,36 @@ pub async fn history(
     let head = match log::head(ops_stream, &subject).await {
         Ok(Some(h)) => h,
         Ok(None) => return Json(serde_json::json!({"ops": [], "key": name})).into_response(),
-        Err(e) => return http_error(ErrorCode::Unavailable, format!("reading the log: {e}")),
+        Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
     };
     // The log has no per-key index: scan what is left of it (compaction bounds it).
+    // What is kept is bounded by `limit` and by `max_page_bytes`: the newest ops
+    // that fit.
+    let max_bytes = state.config.gateway.max_page_bytes;
     let mut found: std::collections::VecDeque<Value> = std::collections::VecDeque::new();
+    let mut found_bytes: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
+    let mut bytes = 0usize;
     let entries = match log::read_from(ops_stream, &subject, 1).await {
         Ok(e) => e,
-        Err(e) => return http_error(ErrorCode::Unavailable, format!("reading the log: {e}")),
+        Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
     };
     let mut entries = Box::pin(entries);
     while let Some(entry) = entries.next().await {
         let entry = match entry {
             Ok(e) => e,
-            Err(e) => return http_error(ErrorCode::Unavailable, format!("reading the log: {e}")),
+            Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
         };
         let done = entry.stream_seq >= head.stream_seq;
         if let Ok(op) = serde_json::from_slice::<Value>(&entry.payload)
             && op.get("key").and_then(Value::as_str) == Some(name.as_str())
         {
             found.push_front(op);
-            found.truncate(limit);
+            found_bytes.push_front(entry.payload.len());
+            bytes += entry.payload.len();
+            while found.len() > limit || (found.len() > 1 && bytes > max_bytes) {
+                found.pop_back();
+                bytes -= found_bytes.pop_back().unwrap_or(0);
+            }
         }
         if done {
             break;

@@ -3,20 +3,21 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use ultrasync_shared::ErrorCode;
 use ultrasync_shared::log;
 use ultrasync_shared::protocol::{ServerMessage, encode_ops_frame, snapshot_frames};
 use ultrasync_shared::snapshot::Snapshot;
 
+use super::outbound::{OutQueue, Outbound, Refused};
 use crate::hub::{Hub, LiveOp, Topic};
-use crate::session::Outbound;
+use crate::rules::Refusal;
 
 /// Most ops in one `ops` frame.
 const FRAME_OPS: usize = 500;
-/// About how many bytes of ops one `ops` frame carries: the per-socket queue is
-/// bounded in frames, so frames must be bounded in bytes for the queue to be.
+/// About how many bytes of ops one `ops` frame carries (and one read of the log
+/// holds): what a follower has in hand stays bounded however large the ops are.
 const FRAME_BYTES: usize = 512 * 1024;
 /// About how much state one `snapshot` frame carries (frames stay under 1 MiB).
 const SNAPSHOT_FRAME_BYTES: usize = 512 * 1024;
@@ -25,7 +26,7 @@ pub struct Follower {
     pub hub: Arc<Hub>,
     pub topic: Arc<Topic>,
     pub namespace: String,
-    pub out: mpsc::Sender<Outbound>,
+    pub out: OutQueue,
     /// Fired when the socket's queue overflows: the session closes with 4001.
     pub slow: CancellationToken,
 }
@@ -140,13 +141,13 @@ impl Follower {
         );
         live.clear();
         for frame in frames {
-            match self.out.try_send(Outbound::Text(frame)) {
+            match self.out.try_push(Outbound::Text(frame)) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Refused::Full) => {
                     self.slow.cancel();
                     return Err(Stop::Closed);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Stop::Closed),
+                Err(Refused::Closed) => return Err(Stop::Closed),
             }
         }
         Ok(())
@@ -160,17 +161,19 @@ impl Follower {
             let bodies: Vec<(u64, bytes::Bytes)> = match self.topic.recent(from, chunk_to) {
                 Some(ops) => ops.iter().map(|o| (o.server_seq, o.body.clone())).collect(),
                 None => {
-                    let entries =
-                        log::read_range(self.hub.ops_stream(), &self.topic.subject, from, chunk_to)
-                            .await;
+                    let entries = log::read_range_limited(
+                        self.hub.ops_stream(),
+                        &self.topic.subject,
+                        from,
+                        chunk_to,
+                        FRAME_BYTES,
+                    )
+                    .await;
                     match entries {
                         Ok(e) => e.into_iter().map(|e| (e.server_seq, e.payload)).collect(),
                         Err(e) => {
                             return self
-                                .report(
-                                    ErrorCode::Unavailable,
-                                    format!("reading the op log failed: {e}"),
-                                )
+                                .refuse(Refusal::unavailable("reading the op log", e))
                                 .await;
                         }
                     }
@@ -215,7 +218,7 @@ impl Follower {
                 bodies[..n].iter().map(|(_, b)| b.as_ref()),
             ) {
                 self.out
-                    .send(Outbound::Text(frame))
+                    .push(Outbound::Text(frame))
                     .await
                     .map_err(|_| Stop::Closed)?;
             }
@@ -256,11 +259,8 @@ impl Follower {
         match log::next_at_or_after(self.hub.ops_stream(), &self.topic.subject, 1).await {
             Ok(e) => Ok(e.map(|e| e.server_seq)),
             Err(e) => {
-                self.report(
-                    ErrorCode::Unavailable,
-                    format!("reading the op log failed: {e}"),
-                )
-                .await?;
+                self.refuse(Refusal::unavailable("reading the op log", e))
+                    .await?;
                 Ok(None)
             }
         }
@@ -271,11 +271,8 @@ impl Follower {
         match self.hub.snapshot(&self.topic.key).await {
             Ok(s) => Ok(s.filter(|s| s.state.last_seq <= head)),
             Err(e) => {
-                self.report(
-                    ErrorCode::Unavailable,
-                    format!("reading the snapshot failed: {e}"),
-                )
-                .await?;
+                self.refuse(Refusal::unavailable("reading the snapshot", e))
+                    .await?;
                 Ok(None)
             }
         }
@@ -290,9 +287,13 @@ impl Follower {
 
     async fn send(&self, msg: ServerMessage) -> Result<(), Stop> {
         self.out
-            .send(Outbound::Text(msg.encode()))
+            .push(Outbound::Text(msg.encode()))
             .await
             .map_err(|_| Stop::Closed)
+    }
+
+    async fn refuse(&self, r: Refusal) -> Result<(), Stop> {
+        self.report(r.code, r.message).await
     }
 
     async fn report(&self, code: ErrorCode, message: String) -> Result<(), Stop> {

@@ -1,5 +1,6 @@
 //! One WebSocket session: hello, subscriptions, commands, cursors, pings. Every frame
-//! is authorized against the verified token, not only the handshake.
+//! is authorized against the verified token, not only the handshake, and counted
+//! against the socket's and the actor's budgets (`rules::limits`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,10 +18,13 @@ use ultrasync_shared::error::close;
 use ultrasync_shared::ids::Id;
 use ultrasync_shared::namespaces::Mode;
 use ultrasync_shared::protocol::{ClientMessage, CommandFrame, PROTOCOL_VERSION, ServerMessage};
-use ultrasync_shared::{CommandEnvelope, ErrorCode, StreamKey, validate_key};
+use ultrasync_shared::{ErrorCode, StreamKey, validate_key};
 
-use crate::follow::Follower;
+use super::follow::Follower;
+use super::outbound::{self, OutQueue, OutReceiver, Outbound, Refused};
 use crate::presence::Room;
+use crate::rules::limits::{RateLimit, SocketSlot};
+use crate::rules::{Refusal, access, commands};
 use crate::{AppState, Metrics};
 
 /// How often the server pings an idle socket.
@@ -36,15 +40,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Commands one socket may have waiting for the sequencer.
 const MAX_INFLIGHT: usize = 10_000;
 
-/// A frame on its way to the socket.
-#[derive(Debug)]
-pub enum Outbound {
-    Text(String),
-    /// Frames that go out together in one socket write (the answers of one
-    /// sequencer batch): one queue slot, one flush.
-    Texts(Vec<String>),
-}
-
 /// Who the socket is after `hello`.
 struct Bound {
     org: Id,
@@ -56,7 +51,7 @@ pub struct Session {
     state: Arc<AppState>,
     principal: Principal,
     session_id: String,
-    out: mpsc::Sender<Outbound>,
+    out: OutQueue,
     /// Answers from the sequencer, routed here by the gateway's reply subscription.
     replies: mpsc::Receiver<Vec<Vec<u8>>>,
     slow: CancellationToken,
@@ -65,59 +60,25 @@ pub struct Session {
     inflight: HashMap<String, Instant>,
     /// Presence keys this socket shows (cleared with `null` on disconnect).
     presence_keys: std::collections::HashSet<String>,
+    /// This socket's place in its actor's and org's socket budget.
+    _slot: SocketSlot,
 }
 
 /// Why the session loop ended, and the close frame to send.
 struct Closing(u16, String);
 
-/// Per-socket token bucket for inbound frames.
-pub(crate) struct RateLimit {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-    /// Frames refused since the last one let through.
-    refused: u32,
-}
-
-impl RateLimit {
-    pub(crate) fn new(per_sec: u32) -> Self {
-        let rate = f64::from(per_sec);
-        Self {
-            rate,
-            burst: rate * 2.0,
-            tokens: rate * 2.0,
-            last: Instant::now(),
-            refused: 0,
-        }
-    }
-
-    /// True when the frame may pass.
-    pub(crate) fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            self.refused = 0;
-            true
-        } else {
-            self.refused += 1;
-            false
-        }
-    }
-
-    /// A client that ignores a whole burst's worth of refusals is closed.
-    fn exhausted(&self) -> bool {
-        f64::from(self.refused) > self.burst
-    }
-}
-
 impl Session {
-    pub async fn run(state: Arc<AppState>, socket: WebSocket, principal: Principal) {
+    pub async fn run(
+        state: Arc<AppState>,
+        socket: WebSocket,
+        principal: Principal,
+        slot: SocketSlot,
+    ) {
         let session_id = uuid::Uuid::new_v4().simple().to_string();
-        let (out, mut out_rx) = mpsc::channel(state.config.gateway.outbound_queue);
+        let (out, mut out_rx) = outbound::channel(
+            state.config.gateway.outbound_queue,
+            state.config.gateway.max_outbound_bytes,
+        );
         let replies = state.routes.register(&session_id);
         let mut session = Session {
             state: state.clone(),
@@ -130,6 +91,7 @@ impl Session {
             followers: HashMap::new(),
             inflight: HashMap::new(),
             presence_keys: Default::default(),
+            _slot: slot,
         };
         state
             .metrics
@@ -137,15 +99,15 @@ impl Session {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         state.hooks.on_connect(&session.principal, &session_id);
         let probe = session.out.downgrade();
-        state.metrics.track_queue(
-            &session_id,
-            Box::new(move || probe.upgrade().map(|tx| tx.max_capacity() - tx.capacity())),
-        );
+        state
+            .metrics
+            .track_queue(&session_id, Box::new(move || probe.frames()));
         let (mut sink, mut stream) = socket.split();
         let closing = session.serve(&mut sink, &mut stream, &mut out_rx).await;
         for (_, f) in session.followers.drain() {
             f.abort();
         }
+        out_rx.close();
         session.leave_presence().await;
         state.routes.unregister(&session_id);
         state.hooks.on_disconnect(&session.principal, &session_id);
@@ -161,12 +123,8 @@ impl Session {
         // unless the socket is being dropped for not reading them.
         if code != close::SLOW_CONSUMER {
             let flush = async {
-                while let Ok(item) = out_rx.try_recv() {
-                    let texts = match item {
-                        Outbound::Text(t) => vec![t],
-                        Outbound::Texts(ts) => ts,
-                    };
-                    for text in texts {
+                while let Some(item) = out_rx.try_recv() {
+                    for text in item.into_texts() {
                         if sink.send(Message::Text(text.into())).await.is_err() {
                             return;
                         }
@@ -198,7 +156,7 @@ impl Session {
         &mut self,
         sink: &mut futures::stream::SplitSink<WebSocket, Message>,
         stream: &mut futures::stream::SplitStream<WebSocket>,
-        out_rx: &mut mpsc::Receiver<Outbound>,
+        out_rx: &mut OutReceiver,
     ) -> Closing {
         let shutdown = self.state.shutdown.clone();
         let expiry = tokio::time::sleep(Duration::from_secs(self.principal.expires_in()));
@@ -227,12 +185,13 @@ impl Session {
                     return Closing(close::POLICY, "no hello".into());
                 }
                 frame = out_rx.recv() => {
-                    let texts = match frame {
-                        Some(Outbound::Text(text)) => vec![text],
-                        Some(Outbound::Texts(texts)) => texts,
-                        None => return Closing(close::INTERNAL, "outbound queue closed".into()),
+                    let Some(item) = frame else {
+                        return Closing(close::INTERNAL, "outbound queue closed".into());
                     };
-                    if let Some(c) = self.write_all(sink, texts, &shutdown).await {
+                    let len = item.len();
+                    let written = self.write_all(sink, item.into_texts(), &shutdown).await;
+                    out_rx.done(len);
+                    if let Some(c) = written {
                         return c;
                     }
                 }
@@ -271,10 +230,24 @@ impl Session {
                             }
                         }
                         Some(Ok(Message::Binary(_))) => {
+                            // Every frame counts against the socket's rate, whatever
+                            // its kind.
+                            if !limit.take() {
+                                if limit.exhausted() {
+                                    self.push(ServerMessage::error(ErrorCode::RateLimited, "too many frames; closing"));
+                                    return Closing(close::POLICY, RATE_LIMITED.into());
+                                }
+                                continue;
+                            }
                             self.push(ServerMessage::error(ErrorCode::InvalidMessage, "frames are JSON text"));
                         }
                         Some(Ok(Message::Close(_))) => return Closing(close::NORMAL, "bye".into()),
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                            if !limit.take() && limit.exhausted() {
+                                self.push(ServerMessage::error(ErrorCode::RateLimited, "too many frames; closing"));
+                                return Closing(close::POLICY, RATE_LIMITED.into());
+                            }
+                        }
                     }
                 }
                 _ = ping.tick() => {
@@ -375,9 +348,7 @@ impl Session {
         if let ServerMessage::Reject { code, .. } = &msg {
             self.state.metrics.reject(*code);
         }
-        if let Err(mpsc::error::TrySendError::Full(_)) =
-            self.out.try_send(Outbound::Text(msg.encode()))
-        {
+        if let Err(Refused::Full) = self.out.try_push(Outbound::Text(msg.encode())) {
             self.slow.cancel();
         }
     }
@@ -444,7 +415,7 @@ impl Session {
             1 => Outbound::Text(texts.pop().unwrap_or_default()),
             _ => Outbound::Texts(texts),
         };
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.out.try_send(item) {
+        if let Err(Refused::Full) = self.out.try_push(item) {
             self.slow.cancel();
         }
     }
@@ -474,6 +445,17 @@ impl Session {
                         "hello was already sent",
                     ));
                     return None;
+                }
+                let most = self.state.config.gateway.max_subscriptions_per_socket;
+                if cursors.len() > most {
+                    self.push(ServerMessage::error(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "hello carries {} cursors; a socket follows at most {most} namespaces",
+                            cursors.len()
+                        ),
+                    ));
+                    return Some(Closing(close::POLICY, "too many cursors".into()));
                 }
                 if protocol != PROTOCOL_VERSION {
                     self.push(ServerMessage::error(
@@ -546,53 +528,31 @@ impl Session {
     }
 
     /// Resolves a namespace for this socket, or says why not.
-    fn stream_key(
-        &self,
-        namespace: &str,
-        need_write: bool,
-    ) -> Result<StreamKey, (ErrorCode, String)> {
+    fn stream_key(&self, namespace: &str, access: access::Access) -> Result<StreamKey, Refusal> {
         let bound = self
             .bound
             .as_ref()
-            .ok_or((ErrorCode::InvalidMessage, "send hello first".to_owned()))?;
-        let ns =
-            Id::parse("namespace", namespace).map_err(|e| (ErrorCode::InvalidId, e.to_string()))?;
-        let allowed = if need_write {
-            self.principal.write
-        } else {
-            self.principal.read
-        };
-        if !allowed {
-            let what = if need_write { "write" } else { "read" };
-            return Err((
-                ErrorCode::Forbidden,
-                format!("the token has no {what} scope"),
-            ));
-        }
-        if !self.principal.allows_namespace(namespace) {
-            return Err((
-                ErrorCode::Forbidden,
-                format!("the token does not grant namespace {namespace}"),
-            ));
-        }
-        let key = StreamKey::new(bound.org.clone(), bound.project.clone(), ns);
-        let access = if need_write {
-            crate::hooks::Access::Write
-        } else {
-            crate::hooks::Access::Read
-        };
-        self.state
-            .hooks
-            .authorize(&self.principal, &key, access)
-            .map_err(|e| (e.code, e.message))?;
-        Ok(key)
+            .ok_or(Refusal::new(ErrorCode::InvalidMessage, "send hello first"))?;
+        access::stream_key(
+            &self.state,
+            &self.principal,
+            (&bound.org, &bound.project, namespace),
+            access,
+        )
     }
 
     async fn subscribe(&mut self, namespace: &str, cursor: Option<u64>) {
-        let key = match self.stream_key(namespace, false) {
+        let key = match self.stream_key(namespace, access::Access::Read) {
             Ok(k) => k,
-            Err((code, message)) => return self.push(ServerMessage::error(code, message)),
+            Err(r) => return self.push(ServerMessage::error(r.code, r.message)),
         };
+        let most = self.state.config.gateway.max_subscriptions_per_socket;
+        if !self.followers.contains_key(namespace) && self.followers.len() >= most {
+            return self.push(ServerMessage::error(
+                ErrorCode::RateLimited,
+                format!("this socket already follows {most} namespaces; unsubscribe first"),
+            ));
+        }
         if let Some(old) = self.followers.remove(namespace) {
             old.abort();
         }
@@ -643,9 +603,9 @@ impl Session {
             ));
         };
         let ns = ns.to_owned();
-        let stream_key = match self.stream_key(&ns, true) {
+        let stream_key = match self.stream_key(&ns, access::Access::Write) {
             Ok(k) => k,
-            Err((code, message)) => return self.push(ServerMessage::error(code, message)),
+            Err(r) => return self.push(ServerMessage::error(r.code, r.message)),
         };
         if validate_key(&key).is_err() {
             return self.push(ServerMessage::error(
@@ -668,12 +628,9 @@ impl Session {
         let Some(bound) = self.bound.as_ref() else {
             return;
         };
-        if payload.is_null() {
-            self.presence_keys.remove(&key);
-        } else {
-            self.presence_keys.insert(key.clone());
-        }
-        self.state
+        let leaving = payload.is_null();
+        let published = self
+            .state
             .presence
             .publish(
                 &stream_key.org,
@@ -684,6 +641,15 @@ impl Session {
                 payload,
             )
             .await;
+        match published {
+            Err((code, message)) => self.push(ServerMessage::error(code, message)),
+            Ok(()) if leaving => {
+                self.presence_keys.remove(&key);
+            }
+            Ok(()) => {
+                self.presence_keys.insert(key);
+            }
+        }
     }
 
     /// On disconnect: everything this socket showed leaves.
@@ -692,7 +658,9 @@ impl Session {
             return;
         };
         for key in std::mem::take(&mut self.presence_keys) {
-            self.state
+            // A leave (null payload) is never refused.
+            let _ = self
+                .state
                 .presence
                 .publish(
                     &bound.org,
@@ -708,50 +676,47 @@ impl Session {
 
     async fn command(&mut self, frame: CommandFrame) {
         let command_id = frame.command_id.clone();
-        let reject = |code, reason: String| ServerMessage::reject(command_id.clone(), code, reason);
-        let key = match self.stream_key(&frame.namespace, true) {
+        let reject = |r: Refusal| ServerMessage::reject(command_id.clone(), r.code, r.message);
+        let key = match self.stream_key(&frame.namespace, access::Access::Write) {
             Ok(k) => k,
-            Err((code, reason)) => return self.push(reject(code, reason)),
+            Err(r) => return self.push(reject(r)),
         };
-        if let Err((code, reason)) = crate::api::check_frame(&frame) {
-            return self.push(reject(code, reason));
+        if let Err(r) = commands::check_frame(&self.state, &frame) {
+            return self.push(reject(r));
         }
         if self.inflight.len() >= MAX_INFLIGHT && !self.inflight.contains_key(&frame.command_id) {
-            return self.push(reject(
+            return self.push(reject(Refusal::new(
                 ErrorCode::RateLimited,
                 format!("more than {MAX_INFLIGHT} commands in flight"),
-            ));
+            )));
+        }
+        if let Err(r) = self.state.budgets.commands(&self.principal, 1) {
+            return self.push(reject(r));
         }
         let Some(bound) = self.bound.as_ref() else {
             return;
         };
-        let mut envelope = CommandEnvelope {
-            org_id: bound.org.to_string(),
-            project_id: bound.project.to_string(),
-            namespace: frame.namespace,
-            actor_id: self.principal.actor_id.to_string(),
-            client_id: bound.client_id.to_string(),
-            command_id: frame.command_id,
-            key: frame.key,
-            op_type: frame.op_type,
-            payload: frame.payload,
-            precondition: frame.precondition,
-            reply_to: Some(self.state.routes.reply_subject(&self.session_id)),
-        };
+        let mut envelope = commands::envelope(
+            &self.principal,
+            &key,
+            bound.client_id.as_str(),
+            frame,
+            self.state.routes.reply_subject(&self.session_id),
+        );
         if let Err(e) = self
             .state
             .hooks
             .before_apply(&self.principal, &mut envelope)
         {
-            return self.push(reject(e.code, e.message));
+            return self.push(reject(e.into()));
         }
         let body = match serde_json::to_vec(&envelope) {
             Ok(b) => b,
             Err(e) => {
-                return self.push(reject(
+                return self.push(reject(Refusal::new(
                     ErrorCode::InvalidMessage,
                     format!("command does not encode: {e}"),
-                ));
+                )));
             }
         };
         self.inflight.insert(command_id.clone(), Instant::now());
@@ -768,27 +733,27 @@ impl Session {
     }
 
     async fn cursor(&mut self, namespace: &str, server_seq: u64) {
-        let key = match self.stream_key(namespace, false) {
+        let key = match self.stream_key(namespace, access::Access::Read) {
             Ok(k) => k,
-            Err((code, message)) => return self.push(ServerMessage::error(code, message)),
+            Err(r) => return self.push(ServerMessage::error(r.code, r.message)),
         };
         let Some(bound) = self.bound.as_ref() else {
             return;
         };
         let client_id = bound.client_id.to_string();
-        match crate::http::check_cursor(&self.state, &key, server_seq).await {
+        match commands::check_cursor(&self.state, &key, server_seq).await {
             Ok(()) => self.state.cursors.record(&key, &client_id, server_seq),
-            Err((code, message)) => self.push(ServerMessage::error(code, message)),
+            Err(r) => self.push(ServerMessage::error(r.code, r.message)),
         }
     }
 }
 
 /// A socket's presence follower: the current set, then every change. Live frames never
 /// wait: a socket that cannot take them is a slow consumer.
-async fn follow_presence(room: Arc<Room>, out: mpsc::Sender<Outbound>, slow: CancellationToken) {
+async fn follow_presence(room: Arc<Room>, out: OutQueue, slow: CancellationToken) {
     let (mut rx, current) = room.join();
     for e in current {
-        if out.send(Outbound::Text(e.frame().encode())).await.is_err() {
+        if out.push(Outbound::Text(e.frame().encode())).await.is_err() {
             return;
         }
     }
@@ -798,7 +763,7 @@ async fn follow_presence(room: Arc<Room>, out: mpsc::Sender<Outbound>, slow: Can
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                 // Missed updates: the current set says where everyone is now.
                 for e in room.current() {
-                    if out.send(Outbound::Text(e.frame().encode())).await.is_err() {
+                    if out.push(Outbound::Text(e.frame().encode())).await.is_err() {
                         return;
                     }
                 }
@@ -806,13 +771,13 @@ async fn follow_presence(room: Arc<Room>, out: mpsc::Sender<Outbound>, slow: Can
             }
             Err(_) => return,
         };
-        match out.try_send(Outbound::Text(event.frame().encode())) {
+        match out.try_push(Outbound::Text(event.frame().encode())) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 slow.cancel();
                 return;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(Refused::Closed) => return,
         }
     }
 }

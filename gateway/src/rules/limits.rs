@@ -1,0 +1,283 @@
+//! How much one caller may hold or send, whatever door it uses (SPEC invariant 9):
+//! frames per socket, commands per actor across its sockets *and* HTTP (a batch costs
+//! one token per command), HTTP requests per actor, sockets per actor and per org.
+//! Every table here drops entries nobody uses, so none grows with the number of
+//! actors ever seen.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use ultrasync_shared::ErrorCode;
+use ultrasync_shared::auth::Principal;
+use ultrasync_shared::config::GatewayConfig;
+
+use super::Refusal;
+
+/// A token bucket: `rate` per second, bursts of twice that.
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+    /// Frames refused since the last one let through.
+    refused: u32,
+}
+
+impl RateLimit {
+    pub fn new(per_sec: u32) -> Self {
+        let rate = f64::from(per_sec);
+        Self {
+            rate,
+            burst: rate * 2.0,
+            tokens: rate * 2.0,
+            last: Instant::now(),
+            refused: 0,
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+    }
+
+    /// True when one more may pass.
+    pub fn take(&mut self) -> bool {
+        self.take_n(1)
+    }
+
+    /// True when `n` more may pass (all or nothing).
+    pub fn take_n(&mut self, n: usize) -> bool {
+        self.refill();
+        let n = n as f64;
+        if self.tokens >= n {
+            self.tokens -= n;
+            self.refused = 0;
+            true
+        } else {
+            self.refused = self.refused.saturating_add(1);
+            false
+        }
+    }
+
+    /// A client that ignores a whole burst's worth of refusals is closed.
+    pub fn exhausted(&self) -> bool {
+        f64::from(self.refused) > self.burst
+    }
+
+    /// Full again and unused for a while: the entry can go.
+    fn idle(&self) -> bool {
+        self.last.elapsed()
+            > Duration::from_secs(2) + Duration::from_secs_f64(self.burst / self.rate.max(1.0))
+    }
+}
+
+/// Buckets keyed by `org/actor`, swept of idle entries as the table grows.
+#[derive(Debug)]
+struct Buckets {
+    per_sec: u32,
+    table: Mutex<HashMap<String, RateLimit>>,
+}
+
+impl Buckets {
+    fn new(per_sec: u32) -> Self {
+        Self {
+            per_sec,
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn take(&self, principal: &Principal, n: usize) -> bool {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if table.len() >= 4096 && table.len().is_power_of_two() {
+            table.retain(|_, b| !b.idle());
+        }
+        table
+            .entry(actor_key(principal))
+            .or_insert_with(|| RateLimit::new(self.per_sec))
+            .take_n(n)
+    }
+}
+
+fn actor_key(principal: &Principal) -> String {
+    format!("{}/{}", principal.org, principal.actor_id)
+}
+
+/// The gateway's budgets for every caller.
+#[derive(Debug)]
+pub struct Budgets {
+    commands: Buckets,
+    requests: Buckets,
+    sockets: Arc<SocketCounts>,
+    per_actor: usize,
+    per_org: usize,
+}
+
+#[derive(Debug, Default)]
+struct SocketCounts {
+    actors: Mutex<HashMap<String, usize>>,
+    orgs: Mutex<HashMap<String, usize>>,
+}
+
+/// Holds one of an actor's and its org's sockets; released on drop.
+#[derive(Debug)]
+pub struct SocketSlot {
+    counts: Arc<SocketCounts>,
+    actor: String,
+    org: String,
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        release(&self.counts.actors, &self.actor);
+        release(&self.counts.orgs, &self.org);
+    }
+}
+
+fn release(table: &Mutex<HashMap<String, usize>>, key: &str) {
+    let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = t.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            t.remove(key);
+        }
+    }
+}
+
+impl Budgets {
+    pub fn new(config: &GatewayConfig) -> Self {
+        Self {
+            commands: Buckets::new(config.max_commands_per_sec_per_actor),
+            requests: Buckets::new(config.max_messages_per_sec),
+            sockets: Arc::default(),
+            per_actor: config.max_sockets_per_actor,
+            per_org: config.max_sockets_per_org,
+        }
+    }
+
+    /// `n` commands of `principal`, from any socket or HTTP request.
+    pub fn commands(&self, principal: &Principal, n: usize) -> Result<(), Refusal> {
+        match self.commands.take(principal, n) {
+            true => Ok(()),
+            false => Err(Refusal::new(
+                ErrorCode::RateLimited,
+                "too many commands for this actor; slow down and retry",
+            )),
+        }
+    }
+
+    /// One HTTP request of `principal`.
+    pub fn request(&self, principal: &Principal) -> Result<(), Refusal> {
+        match self.requests.take(principal, 1) {
+            true => Ok(()),
+            false => Err(Refusal::new(
+                ErrorCode::RateLimited,
+                "too many requests; slow down",
+            )),
+        }
+    }
+
+    /// A socket for `principal`, within its actor's and its org's share.
+    pub fn open_socket(&self, principal: &Principal) -> Result<SocketSlot, Refusal> {
+        let actor = actor_key(principal);
+        let org = principal.org.to_string();
+        let mut actors = self
+            .sockets
+            .actors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut orgs = self.sockets.orgs.lock().unwrap_or_else(|p| p.into_inner());
+        let a = actors.get(&actor).copied().unwrap_or(0);
+        let o = orgs.get(&org).copied().unwrap_or(0);
+        if a >= self.per_actor {
+            return Err(Refusal::new(
+                ErrorCode::RateLimited,
+                format!("this actor already has {a} open sockets (the limit)"),
+            ));
+        }
+        if o >= self.per_org {
+            return Err(Refusal::new(
+                ErrorCode::RateLimited,
+                format!("this org already has {o} open sockets (the limit)"),
+            ));
+        }
+        *actors.entry(actor.clone()).or_default() += 1;
+        *orgs.entry(org.clone()).or_default() += 1;
+        Ok(SocketSlot {
+            counts: self.sockets.clone(),
+            actor,
+            org,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ultrasync_shared::Id;
+
+    fn principal(org: &str, actor: &str) -> Principal {
+        Principal {
+            actor_id: Id::parse("sub", actor).expect("id"),
+            org: Id::parse("org", org).expect("id"),
+            projects: vec!["*".into()],
+            read: true,
+            write: true,
+            admin: false,
+            namespaces: None,
+            exp: u64::MAX,
+        }
+    }
+
+    fn config() -> GatewayConfig {
+        GatewayConfig {
+            max_sockets_per_actor: 2,
+            max_sockets_per_org: 3,
+            max_commands_per_sec_per_actor: 10,
+            ..GatewayConfig::default()
+        }
+    }
+
+    #[test]
+    fn sockets_are_counted_per_actor_and_org_and_released() {
+        let b = Budgets::new(&config());
+        let a1 = principal("acme", "a1");
+        let s1 = b.open_socket(&a1).expect("first");
+        let s2 = b.open_socket(&a1).expect("second");
+        assert_eq!(
+            b.open_socket(&a1).expect_err("third").code,
+            ErrorCode::RateLimited
+        );
+        let s3 = b
+            .open_socket(&principal("acme", "a2"))
+            .expect("org has room");
+        assert!(
+            b.open_socket(&principal("acme", "a3")).is_err(),
+            "org is full"
+        );
+        assert!(
+            b.open_socket(&principal("other", "a1")).is_ok(),
+            "another org"
+        );
+        drop((s1, s2, s3));
+        assert!(b.sockets.actors.lock().expect("lock").is_empty());
+        assert!(b.open_socket(&a1).is_ok());
+    }
+
+    #[test]
+    fn a_batch_costs_one_token_per_command() {
+        let b = Budgets::new(&config());
+        let p = principal("acme", "a1");
+        b.commands(&p, 15).expect("within the burst of 20");
+        assert!(b.commands(&p, 10).is_err(), "only 5 left");
+        b.commands(&p, 5).expect("the rest");
+        assert!(
+            b.commands(&principal("acme", "a2"), 20).is_ok(),
+            "per actor"
+        );
+    }
+}
