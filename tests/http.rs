@@ -171,9 +171,15 @@ async fn http_push_pull_and_bootstrap_match_the_websocket_view() {
     let snap: Value = serde_json::from_str(&r.body).expect("json");
     assert_eq!(snap["digest"], json!(state::digest(&pulled)));
     assert_eq!(snap["last_server_seq"], json!(6));
-    // /v1/status: the followed stream key with its head and lag.
-    let status: Value =
+    // /v1/status: the followed stream key with its head and lag, for an admin of
+    // the org (anyone else sees gateway-wide figures only).
+    let public: Value =
         serde_json::from_str(&stack.get("/v1/status", "").await.body).expect("json");
+    assert!(public.get("stream_keys").is_none());
+    assert_eq!(stack.get("/v1/status", &token).await.status, 403);
+    let admin = stack.token("ops", "read write admin");
+    let status: Value =
+        serde_json::from_str(&stack.get("/v1/status", &admin).await.body).expect("json");
     let row = status["stream_keys"]
         .as_array()
         .expect("stream keys")
