@@ -19,6 +19,8 @@ use crate::{CommonArgs, STOP_GRACE, shutdown_on_signals};
 
 /// The file in the data folder that holds the dev HS256 secret.
 const DEV_SECRET_FILE: &str = "dev-secret";
+/// Lifetime of the token `ultrasync dev` prints.
+const DEV_TOKEN_TTL_SECS: u64 = 7 * 86_400;
 
 #[derive(Args)]
 pub struct DevArgs {
@@ -48,23 +50,41 @@ pub fn read_dev_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(text.trim().as_bytes().to_vec())
 }
 
-/// The dev secret, made up (and kept) on first start so tokens survive restarts.
+/// The dev secret, made up (and kept) on first start so tokens survive restarts. The
+/// file is readable by its owner only: created with mode 0600 (never briefly wider),
+/// and an existing one with wider permissions is tightened.
 fn dev_secret(data_dir: &Path) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+
     let path = data_dir.join(DEV_SECRET_FILE);
+    let owner_only = || {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {} to its owner", path.display()))
+    };
     if let Ok(text) = std::fs::read_to_string(&path) {
         let s = text.trim().to_owned();
         if s.len() >= auth::MIN_SECRET_LEN {
+            let mode = std::fs::metadata(&path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                owner_only()?;
+            }
             return Ok(s);
         }
     }
     let bytes: [u8; 32] = rand::random();
     let secret = hex::encode(bytes);
-    std::fs::write(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    // `mode` applies to a new file only; a short secret left behind keeps its own.
+    owner_only()?;
+    file.write_all(secret.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(secret)
 }
 
@@ -168,6 +188,11 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
+    // A week, or the configured maximum lifetime when that is shorter.
+    let ttl = match cfg.auth.max_token_lifetime_secs {
+        0 => DEV_TOKEN_TTL_SECS,
+        max => max.min(DEV_TOKEN_TTL_SECS),
+    };
     let token = auth::mint_hs256(
         &secret,
         &auth::claims(
@@ -175,7 +200,7 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
             "dev",
             &["*"],
             "read write admin",
-            7 * 86_400,
+            ttl,
             &cfg.auth.audience,
         ),
     )?;
@@ -197,8 +222,23 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
             data_dir.display()
         );
     }
-    println!("  dev token  {token}");
-    println!("             (org \"dev\", all projects, read write admin, 7 days)");
+    if cfg.auth.uses_public_keys() {
+        // The gateway verifies RS256/EdDSA: an HS256 dev token would be refused.
+        println!(
+            "  tokens     {} from your issuer (auth.public_key_file / jwks_file)",
+            cfg.auth.algorithm
+        );
+    } else {
+        println!("  dev token  {token}");
+        println!(
+            "             (org \"dev\", all projects, read write admin, {})",
+            if ttl == DEV_TOKEN_TTL_SECS {
+                "7 days".to_owned()
+            } else {
+                format!("{ttl} s")
+            }
+        );
+    }
     println!();
     println!("  try:  websocat -H 'Authorization: Bearer {token}' {ws}");
     println!(
@@ -282,4 +322,37 @@ async fn create_layout(
         }
     }
     ultrasync_shared::nats::ensure_layout(&js, cfg.layout()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_dev_secret_is_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join(DEV_SECRET_FILE);
+        let first = dev_secret(dir.path()).expect("create");
+        assert_eq!(mode(&path), 0o600, "created 0600");
+        assert_eq!(read_dev_secret(dir.path()).expect("read"), first.as_bytes());
+
+        // An existing secret with wider permissions is kept, and tightened.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(dev_secret(dir.path()).expect("reuse"), first);
+        assert_eq!(mode(&path), 0o600, "tightened");
+
+        // A too-short one left world-readable is replaced, and 0600 too.
+        std::fs::write(&path, "short").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let second = dev_secret(dir.path()).expect("replace");
+        assert_ne!(second, first);
+        assert!(second.len() >= auth::MIN_SECRET_LEN);
+        assert_eq!(mode(&path), 0o600, "replaced 0600");
+    }
 }

@@ -424,19 +424,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rebuild(args) => rebuild::run(&cli.common.config()?, args).await,
         Command::Inspect(what) => inspect::run(&cli.common.config()?, what).await,
         Command::Config => {
-            let mut cfg = cli.common.config()?;
+            let cfg = cli.common.config()?;
             cfg.validate()?;
-            if cfg.auth.jwt_secret.is_some() {
-                cfg.auth.jwt_secret = Some("<redacted>".to_owned());
-            }
-            if cfg.nats_password.is_some() {
-                cfg.nats_password = Some("<redacted>".to_owned());
-            }
-            print!("{}", toml::to_string(&cfg)?);
+            let mut value = toml::Value::try_from(&cfg)?;
+            redact_secrets(&mut value);
+            print!("{}", toml::to_string(&value)?);
             Ok(())
         }
         Command::Token(args) => {
             let cfg = cli.common.config()?;
+            if cfg.auth.uses_public_keys() {
+                anyhow::bail!(
+                    "this deployment verifies {} tokens with a public key (auth.public_key_file / \
+                     auth.jwks_file): they are minted by the issuer that holds the private key; \
+                     `ultrasync token` signs HS256 tokens with auth.jwt_secret only",
+                    cfg.auth.algorithm
+                );
+            }
+            let max = cfg.auth.max_token_lifetime_secs;
+            if max > 0 && args.ttl > max {
+                anyhow::bail!(
+                    "--ttl {} s is longer than auth.max_token_lifetime_secs ({max} s): the gateway would refuse the token",
+                    args.ttl
+                );
+            }
             let secret = match cfg.auth.secret() {
                 Ok(s) => s,
                 Err(configured) => {
@@ -446,7 +457,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .unwrap_or_else(|| cfg.dev.data_dir.clone());
                     dev::read_dev_secret(&dir).with_context(|| {
                         format!(
-                            "{configured:#}; and no dev secret in {} (run `ultrasync dev` first)",
+                            "{configured:#}; and no dev secret in {} (run `ultrasync dev` first). \
+                             `ultrasync token` signs HS256 tokens only: with RS256/EdDSA, tokens come \
+                             from your issuer",
                             dir.display()
                         )
                     })?
@@ -468,6 +481,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", auth::mint_hs256(&secret, &claims)?);
             Ok(())
         }
+    }
+}
+
+/// Replaces every secret in a serialized config with `"<redacted>"`: any string
+/// under a key that names a secret, password, credential, private key or token
+/// (`jwt_secret`, `nats_password`, each webhook's `secret`, and keys added later
+/// with such names). Paths to secret files (`*_file`) are kept.
+fn redact_secrets(value: &mut toml::Value) {
+    fn is_secret_key(key: &str) -> bool {
+        let k = key.to_ascii_lowercase();
+        !k.ends_with("_file")
+            && !k.ends_with("_files")
+            && (k.contains("secret")
+                || k.contains("password")
+                || k.contains("passwd")
+                || k.contains("credential")
+                || k.contains("private_key")
+                || k.contains("api_key")
+                || k == "token"
+                || k.ends_with("_token"))
+    }
+    fn redact_all(value: &mut toml::Value) {
+        match value {
+            toml::Value::String(s) => "<redacted>".clone_into(s),
+            toml::Value::Table(table) => table.iter_mut().for_each(|(_, v)| redact_all(v)),
+            toml::Value::Array(items) => items.iter_mut().for_each(redact_all),
+            _ => {}
+        }
+    }
+    match value {
+        toml::Value::Table(table) => {
+            for (key, v) in table.iter_mut() {
+                if is_secret_key(key) {
+                    redact_all(v);
+                } else {
+                    redact_secrets(v);
+                }
+            }
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(redact_secrets),
+        _ => {}
     }
 }
 

@@ -1,6 +1,8 @@
 //! Tokens are checked before the upgrade, and every frame is authorized.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -9,8 +11,8 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use ultrasync_client::{ClientError, Connection, OpType, ServerMessage};
 use ultrasync_shared::ErrorCode;
-use ultrasync_shared::auth::{self, Claims};
-use ultrasync_testkit::{Stack, http_request};
+use ultrasync_shared::auth::{self, Claims, TokenAlgorithm};
+use ultrasync_testkit::{Stack, StackOptions, http_request};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -207,5 +209,87 @@ async fn a_socket_is_closed_when_its_token_expires() {
             Err(e) => panic!("expected a 1008 close, got {e}"),
         }
     }
+    stack.shutdown().await;
+}
+
+/// The public key file of the EdDSA stack (`StackOptions::configure` takes a plain fn).
+static ED25519_PUBLIC_KEY: OnceLock<PathBuf> = OnceLock::new();
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_key_gateway_accepts_its_issuers_tokens_only() {
+    // The issuer's key pair; the gateway gets the public half only.
+    let issuer = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key");
+    let dir = tempfile::tempdir().expect("dir");
+    let public_pem = issuer.public_key_pem();
+    let path = dir.path().join("jwt-ed25519.pub");
+    std::fs::write(&path, &public_pem).expect("write key");
+    ED25519_PUBLIC_KEY.set(path).expect("set once");
+    let stack = Stack::start_with(StackOptions {
+        configure: |c| {
+            c.auth.algorithm = TokenAlgorithm::EdDsa;
+            c.auth.public_key_file = ED25519_PUBLIC_KEY.get().cloned();
+        },
+        ..StackOptions::default()
+    })
+    .await;
+    let signing = EncodingKey::from_ed_der(&issuer.serialize_der());
+
+    // The issuer's token connects and writes.
+    let good = auth::mint(Algorithm::EdDSA, &signing, None, &good_claims()).expect("mint");
+    let mut conn = Connection::connect(&stack.ws_url(), &good)
+        .await
+        .expect("an EdDSA token is accepted");
+    conn.hello("acme", "web", "mallory-1", BTreeMap::new())
+        .await
+        .expect("hello");
+    conn.command("c1", "index", "k", OpType::Set, json!(1))
+        .await
+        .expect("send");
+    loop {
+        match conn.recv_timeout(WAIT).await.expect("answer") {
+            ServerMessage::Ack { command_id, .. } => {
+                assert_eq!(command_id, "c1");
+                break;
+            }
+            ServerMessage::Reject { code, reason, .. } => panic!("rejected: {code:?} {reason}"),
+            _ => continue,
+        }
+    }
+    conn.close().await;
+
+    // HS256 is refused, even with the secret the stack still has configured...
+    let hs256 = sign(stack.secret.as_bytes(), Algorithm::HS256, &good_claims());
+    assert_eq!(refused(&stack, &hs256).await, 401);
+    // ...and signed with the public key (algorithm confusion).
+    let confused = sign(public_pem.as_bytes(), Algorithm::HS256, &good_claims());
+    assert_eq!(refused(&stack, &confused).await, 401);
+    // Another Ed25519 key, alg none, an expired token of the right key.
+    let stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key");
+    let forged = auth::mint(
+        Algorithm::EdDSA,
+        &EncodingKey::from_ed_der(&stranger.serialize_der()),
+        None,
+        &good_claims(),
+    )
+    .expect("mint");
+    assert_eq!(refused(&stack, &forged).await, 401);
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&good_claims()).expect("claims"));
+    assert_eq!(refused(&stack, &format!("{header}.{body}.")).await, 401);
+    let mut expired = good_claims();
+    expired.exp = auth::now_secs() - 120;
+    let expired = auth::mint(Algorithm::EdDSA, &signing, None, &expired).expect("mint");
+    assert_eq!(refused(&stack, &expired).await, 401);
+
+    // The client learns only that the token was refused, not why.
+    let url = format!("http://{}/v1/sync", stack.http);
+    let bearer = format!("Bearer {confused}");
+    let (status, body) = http_request("GET", &url, &[("Authorization", bearer.as_str())], "")
+        .await
+        .expect("http");
+    assert_eq!(status, 401);
+    let body: serde_json::Value = serde_json::from_str(&body).expect("json error body");
+    assert_eq!(body["error"]["code"], "unauthorized");
+    assert_eq!(body["error"]["message"], auth::GENERIC_REFUSAL, "{body}");
     stack.shutdown().await;
 }

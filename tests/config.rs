@@ -83,3 +83,107 @@ fn flags_beat_env_beat_file_beat_defaults() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nats_ur"));
 }
+
+fn run_fails(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ultrasync"));
+    cmd.current_dir(dir).args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ULTRASYNC_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run ultrasync");
+    assert!(!out.status.success(), "{args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn config_redacts_every_secret() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let webhook_secret = "whsec-0123456789abcdef-private";
+    let jwt_secret = "jwt-0123456789abcdef0123456789abcdef";
+    let nats_password = "nats-password-from-the-environment";
+    std::fs::write(
+        dir.path().join("ultrasync.toml"),
+        format!(
+            "[auth]\njwt_secret_file = \"/run/secrets/jwt\"\n\
+             [[webhooks]]\nname = \"w1\"\nurl = \"https://hooks.example.com/in\"\norg = \"acme\"\nsecret = \"{webhook_secret}\"\n"
+        ),
+    )
+    .expect("write");
+    let cfg = effective(
+        dir.path(),
+        &[],
+        &[
+            ("ULTRASYNC_JWT_SECRET", jwt_secret),
+            ("ULTRASYNC_NATS_USER", "gateway"),
+            ("ULTRASYNC_NATS_PASSWORD", nats_password),
+        ],
+    );
+    let printed = toml::to_string(&cfg).expect("toml");
+    for secret in [webhook_secret, jwt_secret, nats_password] {
+        assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+    }
+    assert_eq!(cfg["auth"]["jwt_secret"].as_str(), Some("<redacted>"));
+    assert_eq!(cfg["nats_password"].as_str(), Some("<redacted>"));
+    assert_eq!(cfg["webhooks"][0]["secret"].as_str(), Some("<redacted>"));
+    // What is not secret still prints: paths to secret files, names, limits.
+    assert_eq!(
+        cfg["auth"]["jwt_secret_file"].as_str(),
+        Some("/run/secrets/jwt")
+    );
+    assert_eq!(cfg["nats_user"].as_str(), Some("gateway"));
+    assert_eq!(cfg["webhooks"][0]["name"].as_str(), Some("w1"));
+    assert!(
+        cfg["auth"]["max_token_lifetime_secs"]
+            .as_integer()
+            .is_some()
+    );
+}
+
+#[test]
+fn example_secrets_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // The placeholders shipped in deploy/env/gateway.env.example.
+    let err = run_fails(
+        dir.path(),
+        &["config"],
+        &[(
+            "ULTRASYNC_JWT_SECRET",
+            "change-me-to-a-random-secret-of-at-least-32-bytes",
+        )],
+    );
+    assert!(err.contains("placeholder"), "{err}");
+    let err = run_fails(
+        dir.path(),
+        &["config"],
+        &[
+            ("ULTRASYNC_NATS_USER", "gateway"),
+            ("ULTRASYNC_NATS_PASSWORD", "change-me-gateway-password"),
+        ],
+    );
+    assert!(err.contains("nats_password"), "{err}");
+}
+
+#[test]
+fn token_explains_that_public_key_deployments_mint_elsewhere() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("ultrasync.toml"),
+        "[auth]\nalgorithm = \"EdDSA\"\npublic_key_file = \"/etc/ultrasync/jwt.pub\"\n",
+    )
+    .expect("write");
+    let err = run_fails(dir.path(), &["token", "--org", "acme"], &[]);
+    assert!(err.contains("issuer"), "{err}");
+    // And an HS256 deployment refuses a lifetime its gateway would refuse.
+    std::fs::write(
+        dir.path().join("ultrasync.toml"),
+        "[auth]\njwt_secret = \"jwt-0123456789abcdef0123456789abcdef\"\nmax_token_lifetime_secs = 3600\n",
+    )
+    .expect("write");
+    let err = run_fails(dir.path(), &["token", "--org", "acme", "--ttl", "2h"], &[]);
+    assert!(err.contains("max_token_lifetime_secs"), "{err}");
+}

@@ -132,12 +132,8 @@ pub async fn run_with_hooks(
     shutdown: CancellationToken,
     hooks: Arc<dyn hooks::Hooks>,
 ) -> anyhow::Result<()> {
-    let secret = config.auth.secret()?;
-    let verifier = Verifier::hs256(
-        &secret,
-        &config.auth.audience,
-        config.auth.issuer.as_deref(),
-    );
+    // HS256 from the secret, or RS256/EdDSA from a public key or JWKS file.
+    let verifier = Verifier::from_config(&config.auth)?;
     let nats::ServiceNats {
         client,
         js,
