@@ -184,12 +184,25 @@ pub async fn read_from(
     subject: &str,
     start: u64,
 ) -> Result<impl futures::Stream<Item = Result<LogEntry, LogError>> + Send + use<>, LogError> {
+    read_from_batched(stream, subject, start, 0).await
+}
+
+/// [`read_from`], pulling at most `max_batch` messages at a time (0: the client's
+/// default, hundreds): a reader that stops early then has at most that many
+/// messages buffered, not hundreds of large ops.
+async fn read_from_batched(
+    stream: &Stream,
+    subject: &str,
+    start: u64,
+    max_batch: i64,
+) -> Result<impl futures::Stream<Item = Result<LogEntry, LogError>> + Send + use<>, LogError> {
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: subject.to_owned(),
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: start.max(1),
             },
+            max_batch,
             ..Default::default()
         })
         .await
@@ -256,7 +269,13 @@ pub async fn read_range_limited(
         return Ok(out);
     }
     let mut bytes = 0;
-    let mut entries = Box::pin(read_from(stream, subject, first.stream_seq).await?);
+    // Pulls sized for the budget (taking ops of 16 KiB or more as the worst case).
+    let max_batch = match max_bytes {
+        usize::MAX => 0,
+        b => (b / (16 * 1024)).clamp(8, 500) as i64,
+    };
+    let mut entries =
+        Box::pin(read_from_batched(stream, subject, first.stream_seq, max_batch).await?);
     while let Some(e) = entries.next().await {
         let e = e?;
         let done = e.server_seq >= to;

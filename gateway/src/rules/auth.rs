@@ -58,7 +58,7 @@ pub fn authenticate(
     };
     let principal = state.verifier.verify(token).map_err(|e| {
         debug!(reason = %e, "token refused");
-        refuse("invalid or expired token")
+        refuse(e.client_message())
     })?;
     state.hooks.authenticate(principal, headers).map_err(|e| {
         state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,734 @@
+//! One tenant cannot hurt another (SPEC invariant 9), tried as a hostile tenant would
+//! with a valid token, against real processes: nats-server, `ultrasync gateway`,
+//! `ultrasync sequencer` and `ultrasync materializer`, each its own process.
+//!
+//! The table below has one row per abuse. After every row the gateway's `/healthz`
+//! answers 200, every process is still running, and a bystander in another org gets
+//! its write acked within a multiple of the latency measured for it before any row
+//! ran (a baseline of the same run, not an absolute time).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use ultrasync_client::{ClientError, Connection};
+use ultrasync_shared::auth;
+use ultrasync_shared::protocol::{ClientMessage, ServerMessage};
+use ultrasync_shared::{ErrorCode, OpType};
+use ultrasync_testkit::{GatewayProcess, NatsServer, ServiceProcess, http_exchange};
+
+const ORG: &str = "acme";
+/// The bystander's org: none of the rows touch it.
+const OTHER_ORG: &str = "bystander";
+
+/// The limits the rows run into, small so each row is quick.
+const CONFIG: &str = r#"
+[gateway]
+max_sockets_per_actor = 8
+max_sockets_per_org = 40
+max_commands_per_sec_per_actor = 200
+max_subscriptions_per_socket = 3
+max_outbound_bytes = 2097152
+max_messages_per_sec = 500
+header_read_timeout_secs = 2
+request_timeout_secs = 20
+
+[materializer]
+snapshot_every_ops = 50
+snapshot_interval_secs = 1
+"#;
+
+struct Hub {
+    nats: NatsServer,
+    gateway: GatewayProcess,
+    sequencer: ServiceProcess,
+    materializer: ServiceProcess,
+    secret: String,
+    _dir: tempfile::TempDir,
+}
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ultrasync"))
+}
+
+impl Hub {
+    async fn start() -> Self {
+        ultrasync_testkit::init_tracing();
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("ultrasync.toml");
+        std::fs::write(&config, CONFIG).expect("config");
+        let secret = ultrasync_testkit::random_secret();
+        let env = vec![
+            ("ULTRASYNC_JWT_SECRET".to_owned(), secret.clone()),
+            (
+                "ULTRASYNC_CONFIG".to_owned(),
+                config.to_string_lossy().into_owned(),
+            ),
+        ];
+        let gateway = GatewayProcess::start(bin(), nats.url(), &env).await;
+        let sequencer = ServiceProcess::spawn_with_env(bin(), "sequencer", nats.url(), &[], &env);
+        let data = dir.path().join("m0");
+        let materializer = ServiceProcess::spawn_with_env(
+            bin(),
+            "materializer",
+            nats.url(),
+            &["--name", "m0", "--data-dir", &data.to_string_lossy()],
+            &env,
+        );
+        Self {
+            nats,
+            gateway,
+            sequencer,
+            materializer,
+            secret,
+            _dir: dir,
+        }
+    }
+
+    fn token_in(&self, org: &str, sub: &str, scope: &str) -> String {
+        let claims = auth::claims(sub, org, &["*"], scope, 3600, auth::DEFAULT_AUDIENCE);
+        auth::mint_hs256(self.secret.as_bytes(), &claims).expect("mint")
+    }
+
+    fn token(&self, sub: &str) -> String {
+        self.token_in(ORG, sub, "read write")
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gateway.addr)
+    }
+
+    async fn http(&self, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
+        let auth = format!("Bearer {token}");
+        let mut headers = vec![("Content-Type", "application/json")];
+        if !token.is_empty() {
+            headers.push(("Authorization", auth.as_str()));
+        }
+        let r = http_exchange(method, &self.url(path), &headers, body)
+            .await
+            .expect("http");
+        let body = serde_json::from_str(&r.body).unwrap_or(Value::String(r.body));
+        (r.status, body)
+    }
+
+    async fn connect(&self, org: &str, sub: &str, client: &str) -> Connection {
+        let mut c = Connection::connect(
+            &self.gateway.ws_url(),
+            &self.token_in(org, sub, "read write"),
+        )
+        .await
+        .expect("connect");
+        c.hello(org, "web", client, BTreeMap::new())
+            .await
+            .expect("hello");
+        c
+    }
+
+    /// The bystander's write, acked: how long it took.
+    async fn bystander_write(&self, n: usize) -> Duration {
+        let mut c = self.connect(OTHER_ORG, "calm", &format!("calm-{n}")).await;
+        let started = Instant::now();
+        c.command(&format!("b-{n}"), "index", "k", OpType::Set, json!(n))
+            .await
+            .expect("send");
+        loop {
+            match c.recv_timeout(Duration::from_secs(20)).await {
+                Ok(ServerMessage::Ack { .. }) => break,
+                Ok(ServerMessage::Reject { code, reason, .. }) => {
+                    panic!("the bystander's write was refused: {code:?} {reason}")
+                }
+                Ok(_) => {}
+                Err(e) => panic!("the bystander's write got no ack: {e}"),
+            }
+        }
+        let took = started.elapsed();
+        c.close().await;
+        took
+    }
+
+    /// After a row: everything up, and the bystander served as before.
+    async fn check_unharmed(&mut self, row: &str, baseline: Duration, n: usize) {
+        for (name, p) in [
+            ("gateway", &mut self.gateway.process),
+            ("sequencer", &mut self.sequencer),
+            ("materializer", &mut self.materializer),
+        ] {
+            assert!(p.exited().is_none(), "{row}: the {name} exited");
+        }
+        let (status, _) = self.http("GET", "/healthz", "", "").await;
+        assert_eq!(status, 200, "{row}: /healthz");
+        // The best of three: one slow write on a busy 2-core machine is noise; three
+        // slow ones are harm.
+        let mut best = Duration::MAX;
+        for i in 0..3 {
+            best = best.min(self.bystander_write(n * 10 + i).await);
+        }
+        let allowed = baseline * 20 + Duration::from_millis(100).min(baseline * 50);
+        assert!(
+            best <= allowed,
+            "{row}: the bystander's write took {best:?}, its baseline is {baseline:?}"
+        );
+    }
+}
+
+/// A raw WebSocket (binary frames, pings, a reader that never reads).
+async fn raw_socket(
+    hub: &Hub,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let mut req = hub.gateway.ws_url().into_client_request().expect("request");
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect");
+    ws
+}
+
+fn hello(org: &str, client: &str, cursors: BTreeMap<String, Option<u64>>) -> String {
+    serde_json::to_string(&ClientMessage::Hello {
+        protocol: ultrasync_shared::protocol::PROTOCOL_VERSION,
+        org_id: org.to_owned(),
+        project_id: "web".to_owned(),
+        client_id: client.to_owned(),
+        cursors,
+    })
+    .expect("hello")
+}
+
+/// Reads frames until the socket closes; the close code.
+async fn closed_with(conn: &mut Connection, limit: Duration) -> (u16, Vec<ServerMessage>) {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match conn.recv_timeout(left).await {
+            Ok(m) => seen.push(m),
+            Err(ClientError::Closed { code, .. }) => return (code, seen),
+            Err(e) => panic!("expected a close, got {e} after {seen:?}"),
+        }
+    }
+}
+
+fn error_codes(frames: &[ServerMessage]) -> Vec<ErrorCode> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerMessage::Error { code, .. } | ServerMessage::Reject { code, .. } => Some(*code),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Every row: a name and the abuse. Each asserts the documented answer itself.
+const ROWS: &[&str] = &[
+    "hello with 1,000 cursors",
+    "1,000 subscribes to undeclared namespaces",
+    "more subscriptions than a socket may hold",
+    "one actor opens more sockets than its share",
+    "an HTTP batch costs a token per command",
+    "commands across sockets share the actor's rate",
+    "binary frames and pings are rate limited",
+    "a frame over the size limit",
+    "commands to an undeclared namespace",
+    "a slow reader of a large namespace",
+    "slowloris: headers trickled line by line",
+    "min_seq far above the head",
+    "access_token in an HTTP URL",
+    "/v1/status without admin, and of another org",
+    "malformed query and path: the error envelope",
+    "invalid ids, keys and messages",
+];
+
+async fn run_row(hub: &mut Hub, row: &str) {
+    match row {
+        "hello with 1,000 cursors" => {
+            let mut c = Connection::connect(&hub.gateway.ws_url(), &hub.token("mallory"))
+                .await
+                .expect("connect");
+            let cursors = (0..1000).map(|i| (format!("ns{i}"), Some(0))).collect();
+            c.send_raw(&hello(ORG, "many", cursors))
+                .await
+                .expect("send");
+            let (code, frames) = closed_with(&mut c, Duration::from_secs(10)).await;
+            assert_eq!(code, 1008);
+            assert_eq!(error_codes(&frames), vec![ErrorCode::RateLimited]);
+        }
+        "1,000 subscribes to undeclared namespaces" => {
+            let mut c = hub.connect(ORG, "mallory", "subs").await;
+            for i in 0..1000 {
+                let frame = json!({"type": "subscribe", "namespace": format!("made-up-{i}"), "last_server_seq": 0});
+                c.send_raw(&frame.to_string()).await.expect("send");
+                // Stay under the frame rate.
+                if i % 200 == 199 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            let mut unknown = 0;
+            while unknown < 1000 {
+                match c
+                    .recv_timeout(Duration::from_secs(10))
+                    .await
+                    .expect("answer")
+                {
+                    ServerMessage::Error {
+                        code: ErrorCode::UnknownNamespace,
+                        ..
+                    } => unknown += 1,
+                    other => panic!("expected unknown_namespace, got {other:?}"),
+                }
+            }
+            c.close().await;
+        }
+        "more subscriptions than a socket may hold" => {
+            let mut c = hub.connect(ORG, "mallory", "cap").await;
+            for ns in ["index", "settings", "metadata", "collab"] {
+                c.send(&ClientMessage::Subscribe {
+                    namespace: ns.into(),
+                    last_server_seq: Some(0),
+                })
+                .await
+                .expect("send");
+            }
+            let frames = ultrasync_testkit::recv_until(&mut c, Duration::from_secs(10), |m| {
+                matches!(m, ServerMessage::Error { .. })
+            })
+            .await
+            .expect("frames");
+            assert_eq!(error_codes(&frames), vec![ErrorCode::RateLimited]);
+            // Unsubscribing makes room again.
+            c.send(&ClientMessage::Unsubscribe {
+                namespace: "index".into(),
+            })
+            .await
+            .expect("send");
+            c.send(&ClientMessage::Subscribe {
+                namespace: "collab".into(),
+                last_server_seq: Some(0),
+            })
+            .await
+            .expect("send");
+            ultrasync_testkit::recv_until(
+                &mut c,
+                Duration::from_secs(10),
+                |m| matches!(m, ServerMessage::Synced { namespace, .. } if namespace == "collab"),
+            )
+            .await
+            .expect("collab followed after an unsubscribe");
+            c.close().await;
+        }
+        "one actor opens more sockets than its share" => {
+            let token = hub.token("hog");
+            let mut open = Vec::new();
+            for _ in 0..8 {
+                open.push(
+                    Connection::connect(&hub.gateway.ws_url(), &token)
+                        .await
+                        .expect("within the share"),
+                );
+            }
+            match Connection::connect(&hub.gateway.ws_url(), &token).await {
+                Err(ClientError::Http(429)) => {}
+                Err(e) => panic!("expected 429, got {e}"),
+                Ok(_) => panic!("a ninth socket was accepted"),
+            }
+            // Another actor of the same org still connects.
+            let other = Connection::connect(&hub.gateway.ws_url(), &hub.token("someone"))
+                .await
+                .expect("another actor");
+            other.close().await;
+            for c in open {
+                c.close().await;
+            }
+            // Closed sockets give the share back.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Connection::connect(&hub.gateway.ws_url(), &token)
+                .await
+                .expect("the share is back")
+                .close()
+                .await;
+        }
+        "an HTTP batch costs a token per command" => {
+            let commands: Vec<Value> = (0..1000)
+                .map(|i| json!({"command_id": format!("h{i}"), "key": "k", "op_type": "set", "payload": i}))
+                .collect();
+            let body = json!({"client_id": "batcher", "commands": commands}).to_string();
+            let (status, answer) = hub
+                .http(
+                    "POST",
+                    "/v1/acme/web/index/commands",
+                    &hub.token("batcher"),
+                    &body,
+                )
+                .await;
+            assert_eq!(status, 429, "{answer}");
+            assert_eq!(answer["error"]["code"], json!("rate_limited"));
+        }
+        "commands across sockets share the actor's rate" => {
+            // 3 sockets of one actor, 300 commands each, as fast as they go: the
+            // actor's budget (200/s, bursts of 400) refuses part of them.
+            let mut sockets = Vec::new();
+            for i in 0..3 {
+                sockets.push(hub.connect(ORG, "sprinter", &format!("s{i}")).await);
+            }
+            let mut refused = 0;
+            let mut acked = 0;
+            for (i, c) in sockets.iter_mut().enumerate() {
+                for j in 0..300 {
+                    c.command(
+                        &format!("c{i}-{j}"),
+                        "index",
+                        "sprint",
+                        OpType::Set,
+                        json!(j),
+                    )
+                    .await
+                    .expect("send");
+                }
+            }
+            for c in &mut sockets {
+                let mut answered = 0;
+                while answered < 300 {
+                    match c
+                        .recv_timeout(Duration::from_secs(20))
+                        .await
+                        .expect("answer")
+                    {
+                        ServerMessage::Ack { .. } => {
+                            acked += 1;
+                            answered += 1;
+                        }
+                        ServerMessage::Reject {
+                            code: ErrorCode::RateLimited,
+                            ..
+                        } => {
+                            refused += 1;
+                            answered += 1;
+                        }
+                        ServerMessage::Reject { code, reason, .. } => panic!("{code:?}: {reason}"),
+                        _ => {}
+                    }
+                }
+            }
+            assert!(
+                refused > 0,
+                "900 commands at once all passed an actor budget of 400"
+            );
+            assert!(acked >= 400, "only {acked} acked");
+            for c in sockets {
+                c.close().await;
+            }
+        }
+        "binary frames and pings are rate limited" => {
+            let mut ws = raw_socket(hub, &hub.token("pinger")).await;
+            ws.send(Message::Text(hello(ORG, "pinger", BTreeMap::new()).into()))
+                .await
+                .expect("hello");
+            let (mut sink, mut stream) = ws.split();
+            // Flood while reading what comes back, as a client that reads would.
+            let flood = tokio::spawn(async move {
+                for i in 0..5000 {
+                    let frame = match i % 2 {
+                        0 => Message::Binary(vec![0u8; 16].into()),
+                        _ => Message::Ping(vec![1u8; 4].into()),
+                    };
+                    if sink.send(frame).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut code = None;
+            let mut seen = Vec::new();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+                    Ok(Some(Ok(Message::Close(f)))) => {
+                        code = f.map(|f| u16::from(f.code));
+                        break;
+                    }
+                    Ok(Some(Ok(m))) => {
+                        if seen.len() < 3 {
+                            seen.push(format!("{m:?}"));
+                        }
+                    }
+                    other => {
+                        seen.push(format!("{other:?}"));
+                        break;
+                    }
+                }
+            }
+            flood.abort();
+            assert_eq!(
+                code,
+                Some(1008),
+                "a binary/ping flood was not closed: {seen:?}"
+            );
+        }
+        "a frame over the size limit" => {
+            let mut c = hub.connect(ORG, "mallory", "big").await;
+            let payload = "x".repeat(2 << 20);
+            let frame = json!({"type": "command", "command_id": "big", "namespace": "index", "key": "k", "op_type": "set", "payload": payload});
+            let _ = c.send_raw(&frame.to_string()).await;
+            let (code, frames) = closed_with(&mut c, Duration::from_secs(10)).await;
+            assert_eq!(code, 1009);
+            assert_eq!(error_codes(&frames), vec![ErrorCode::PayloadTooLarge]);
+        }
+        "commands to an undeclared namespace" => {
+            let mut c = hub.connect(ORG, "mallory", "undeclared").await;
+            c.command("u1", "nope", "k", OpType::Set, json!(1))
+                .await
+                .expect("send");
+            let frames = ultrasync_testkit::recv_until(&mut c, Duration::from_secs(10), |m| {
+                matches!(m, ServerMessage::Reject { .. })
+            })
+            .await
+            .expect("reject");
+            assert_eq!(error_codes(&frames), vec![ErrorCode::UnknownNamespace]);
+            let (status, body) = hub
+                .http(
+                    "PUT",
+                    "/v1/acme/web/nope/keys/k",
+                    &hub.token("mallory"),
+                    "1",
+                )
+                .await;
+            assert_eq!(
+                (status, body["error"]["code"].clone()),
+                (404, json!("unknown_namespace"))
+            );
+        }
+        "a slow reader of a large namespace" => {
+            // ~24 MB in the log: 240 ops of 100 KB (over HTTP batches under the body
+            // limit, within the actor's rate).
+            let writer = hub.token("bulk");
+            let value = "v".repeat(100_000);
+            for batch in 0..30 {
+                let commands: Vec<Value> = (0..8)
+                    .map(|i| json!({"command_id": format!("bulk-{batch}-{i}"), "key": format!("k{}", batch * 8 + i), "op_type": "set", "payload": value}))
+                    .collect();
+                let body = json!({"client_id": "bulk", "commands": commands}).to_string();
+                let (status, answer) = hub
+                    .http("POST", "/v1/acme/web/metadata/commands", &writer, &body)
+                    .await;
+                assert_eq!(status, 200, "{answer}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let pid = hub.gateway.process.pid();
+            let before = rss_kib(pid);
+            // Five readers ask for all of it and never read.
+            let mut readers = Vec::new();
+            for i in 0..5 {
+                let mut ws = raw_socket(hub, &hub.token(&format!("sloth{i}"))).await;
+                let cursors = BTreeMap::from([("metadata".to_owned(), Some(0))]);
+                ws.send(Message::Text(
+                    hello(ORG, &format!("sloth{i}"), cursors).into(),
+                ))
+                .await
+                .expect("hello");
+                readers.push(ws);
+            }
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let grown = rss_kib(pid).saturating_sub(before);
+            // Without a byte bound each reader would pin most of the namespace
+            // (5 x 24 MB); with it, each holds its queue (2 MiB) plus a frame being
+            // written and a log read in hand.
+            assert!(
+                grown < 48 * 1024,
+                "the gateway grew by {grown} KiB for 5 readers that do not read"
+            );
+            drop(readers);
+        }
+        "slowloris: headers trickled line by line" => {
+            let mut tcp = tokio::net::TcpStream::connect(hub.gateway.addr)
+                .await
+                .expect("connect");
+            tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .expect("write");
+            let started = Instant::now();
+            let mut cut = false;
+            // The server's header deadline is 2 s; the trickle would last 20 s.
+            for i in 0..20 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if tcp
+                    .write_all(format!("X-Trickle-{i}: 1\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    cut = true;
+                    break;
+                }
+                let mut buf = [0u8; 256];
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(10), tcp.read(&mut buf)).await
+                {
+                    // EOF or the server's 408: either way it gave up on us.
+                    let _ = n;
+                    cut = true;
+                    break;
+                }
+            }
+            assert!(
+                cut,
+                "a trickling client was kept for {:?}",
+                started.elapsed()
+            );
+        }
+        "min_seq far above the head" => {
+            let started = Instant::now();
+            let (status, body) = hub
+                .http(
+                    "GET",
+                    "/v1/acme/web/index/keys/k?min_seq=1000000000",
+                    &hub.token("mallory"),
+                    "",
+                )
+                .await;
+            assert_eq!(
+                (status, body["error"]["code"].clone()),
+                (400, json!("invalid_message"))
+            );
+            // Answered, not parked for the materializer's 10 s wait.
+            assert!(started.elapsed() < Duration::from_secs(5));
+        }
+        "access_token in an HTTP URL" => {
+            let token = hub.token("mallory");
+            let (status, body) = hub
+                .http(
+                    "GET",
+                    &format!("/v1/acme/web/index/ops?access_token={token}"),
+                    "",
+                    "",
+                )
+                .await;
+            assert_eq!(
+                (status, body["error"]["code"].clone()),
+                (401, json!("unauthorized"))
+            );
+            // The WebSocket route takes it (browsers cannot set headers).
+            let url = format!("{}?access_token={token}", hub.gateway.ws_url());
+            let req = url.into_client_request().expect("request");
+            tokio_tungstenite::connect_async(req)
+                .await
+                .expect("ws with a query token");
+        }
+        "/v1/status without admin, and of another org" => {
+            let (status, body) = hub.http("GET", "/v1/status", "", "").await;
+            assert_eq!(status, 200);
+            assert!(
+                body.get("stream_keys").is_none(),
+                "anonymous status lists stream keys"
+            );
+            let (status, _) = hub
+                .http("GET", "/v1/status", &hub.token("mallory"), "")
+                .await;
+            assert_eq!(status, 403);
+            let admin = hub.token_in("intruder", "root", "read write admin");
+            let (status, body) = hub.http("GET", "/v1/status", &admin, "").await;
+            assert_eq!(status, 200);
+            assert!(
+                body["stream_keys"]
+                    .as_array()
+                    .expect("stream keys")
+                    .iter()
+                    .all(|k| k["stream_key"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with("intruder/"))),
+                "another org's stream keys shown: {body}"
+            );
+        }
+        "malformed query and path: the error envelope" => {
+            let token = hub.token("mallory");
+            for path in [
+                "/v1/acme/web/index/ops?since=-1",
+                "/v1/acme/web/index/ops?limit=lots",
+                "/v1/acme/web/index/keys/%FF%FE",
+                "/v1/acme/web/index/nothing-here",
+            ] {
+                let (status, body) = hub.http("GET", path, &token, "").await;
+                assert!((400..500).contains(&status), "{path}: {status}");
+                assert!(
+                    body["error"]["code"].is_string() && body["error"]["message"].is_string(),
+                    "{path}: not in the envelope: {body}"
+                );
+            }
+            let (status, body) = hub
+                .http("PATCH", "/v1/acme/web/index/keys/k", &token, "{}")
+                .await;
+            assert_eq!(status, 405);
+            assert!(body["error"]["code"].is_string(), "{body}");
+        }
+        "invalid ids, keys and messages" => {
+            let mut c = hub.connect(ORG, "mallory", "garbage").await;
+            c.send_raw("{not json").await.expect("send");
+            c.command("", "index", "k", OpType::Set, json!(1))
+                .await
+                .expect("send");
+            c.command("bad-key", "index", "", OpType::Set, json!(1))
+                .await
+                .expect("send");
+            c.send_raw(
+                &json!({"type": "subscribe", "namespace": "a.b", "last_server_seq": 0}).to_string(),
+            )
+            .await
+            .expect("send");
+            let mut codes = Vec::new();
+            while codes.len() < 4 {
+                let m = c
+                    .recv_timeout(Duration::from_secs(10))
+                    .await
+                    .expect("answer");
+                codes.extend(error_codes(&[m]));
+            }
+            assert_eq!(
+                codes,
+                vec![
+                    ErrorCode::InvalidMessage,
+                    ErrorCode::InvalidId,
+                    ErrorCode::InvalidKey,
+                    ErrorCode::InvalidId
+                ]
+            );
+            c.close().await;
+        }
+        other => panic!("no such row: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_tenant_can_hurt_another() {
+    let mut hub = Hub::start().await;
+    // The bystander's usual latency, measured before any abuse (the first write
+    // creates its stream key's state and is left out).
+    hub.bystander_write(0).await;
+    let mut samples = Vec::new();
+    for i in 1..=7 {
+        samples.push(hub.bystander_write(i).await);
+    }
+    samples.sort();
+    let baseline = samples[samples.len() / 2];
+    for (n, row) in ROWS.iter().enumerate() {
+        eprintln!("abuse row: {row}");
+        run_row(&mut hub, row).await;
+        hub.check_unharmed(row, baseline, 100 + n).await;
+    }
+}
