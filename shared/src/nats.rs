@@ -110,6 +110,18 @@ impl Default for LayoutOptions {
 /// `USYNC_CMDS`: memory storage. A command lost before it is sequenced was never
 /// acked, so the client's outbox resends it; with `sync_interval: always` a file
 /// stream would cost an fsync per command for no guarantee anyone relies on.
+///
+/// The stream is shared by every tenant and refuses new messages when full, so one
+/// stream key (one subject, `usync.cmd.{org}.{project}.{ns}`) may hold at most
+/// [`CMDS_PER_STREAM_KEY`] messages, and a message over that is refused
+/// (`discard_new_per_subject`: without it the per-subject limit would silently drop
+/// the key's *oldest* commands). The gateways answer such a refusal `rate_limited`.
+/// The backlog of a busy key is its rate times the time to sequence: about 10
+/// messages at 1,000 commands/s, ~2,500 for a 2 s sequencer failover at 1,250/s per
+/// key (`ultrasync bench`'s 10,000 ops/s over 8 keys), so 4,096 leaves headroom.
+/// It bounds messages, not bytes (the gateway gathers up to 512 KiB in one): what
+/// one org may have on its way in bytes is bounded by the gateways'
+/// `org_max_inflight_bytes`, and the whole stream by `max_bytes`.
 pub fn cmds_stream_config(opts: &LayoutOptions) -> stream::Config {
     stream::Config {
         name: CMDS_STREAM.to_owned(),
@@ -119,11 +131,17 @@ pub fn cmds_stream_config(opts: &LayoutOptions) -> stream::Config {
         storage: stream::StorageType::Memory,
         max_bytes: 256 * 1024 * 1024,
         discard: stream::DiscardPolicy::New,
+        max_messages_per_subject: CMDS_PER_STREAM_KEY,
+        discard_new_per_subject: true,
         max_message_size: MAX_MSG_SIZE,
         num_replicas: opts.replicas,
         ..Default::default()
     }
 }
+
+/// Messages one stream key may have waiting in `USYNC_CMDS` (see
+/// [`cmds_stream_config`]).
+pub const CMDS_PER_STREAM_KEY: i64 = 4096;
 
 /// `USYNC_OPS`: the durable op log. In a replica region, a mirror of the home
 /// region's (same sequence numbers, subjects and headers; read-only; purged by this
