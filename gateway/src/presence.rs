@@ -77,6 +77,8 @@ type RoomId = (Id, Id);
 /// (actor, client, key).
 type Slot = (String, String, String);
 type Rooms = Mutex<HashMap<RoomId, Weak<Room>>>;
+/// Per (actor, client) of one room: each key shown, until when.
+type RoomShown = HashMap<(String, String), HashMap<String, Instant>>;
 
 /// One presence update as it travels between gateways.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,7 +128,7 @@ struct Entry {
 /// be open on this gateway; empty clients and rooms leave the map.
 #[derive(Default)]
 struct Shown {
-    rooms: HashMap<RoomId, HashMap<(String, String), HashMap<String, Instant>>>,
+    rooms: HashMap<RoomId, RoomShown>,
     swept: Option<Instant>,
 }
 
@@ -365,41 +367,35 @@ impl Presence {
 
     /// Renders the tables' sizes on `/metrics`.
     pub fn export(self: &Arc<Self>, metrics: &crate::Metrics) {
-        let probes: [(&'static str, &'static str, &'static str, fn(&Self) -> u64); 4] = [
-            (
-                "ultrasync_gateway_presence_rooms",
-                "gauge",
-                "Presence tables open on this gateway.",
-                |p| p.room_count() as u64,
-            ),
-            (
-                "ultrasync_gateway_presence_entries",
-                "gauge",
-                "Entries in the open presence tables.",
-                |p| p.entry_count() as u64,
-            ),
-            (
-                "ultrasync_gateway_presence_shown_keys",
-                "gauge",
-                "Presence keys this gateway's clients show.",
-                |p| p.shown_count() as u64,
-            ),
-            (
-                "ultrasync_gateway_presence_dropped_total",
-                "counter",
-                "Presence entries from other gateways dropped for a bound.",
-                |p| p.dropped(),
-            ),
-        ];
-        for (name, kind, help, read) in probes {
+        let probe = |name, kind, help, read: fn(&Self) -> u64| {
             let weak = Arc::downgrade(self);
-            metrics.probe(
-                name,
-                kind,
-                help,
-                Box::new(move || weak.upgrade().map_or(0, |p| read(&p))),
-            );
-        }
+            let value = move || weak.upgrade().map_or(0, |p| read(&p));
+            metrics.probe(name, kind, help, Box::new(value));
+        };
+        probe(
+            "ultrasync_gateway_presence_rooms",
+            "gauge",
+            "Presence tables open on this gateway.",
+            |p| p.room_count() as u64,
+        );
+        probe(
+            "ultrasync_gateway_presence_entries",
+            "gauge",
+            "Entries in the open presence tables.",
+            |p| p.entry_count() as u64,
+        );
+        probe(
+            "ultrasync_gateway_presence_shown_keys",
+            "gauge",
+            "Presence keys this gateway's clients show.",
+            |p| p.shown_count() as u64,
+        );
+        probe(
+            "ultrasync_gateway_presence_dropped_total",
+            "counter",
+            "Presence entries from other gateways dropped for a bound.",
+            Self::dropped,
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RoomId, Weak<Room>>> {

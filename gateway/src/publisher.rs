@@ -208,32 +208,26 @@ impl Publisher {
 
     /// Renders the publisher's sizes on `/metrics`.
     pub fn export(self: &Arc<Self>, metrics: &crate::Metrics) {
-        let probes: [(&'static str, &'static str, fn(&Self) -> u64); 3] = [
-            (
-                "ultrasync_gateway_publisher_stream_keys",
-                "Stream keys with a command publishing task.",
-                |p| p.key_count() as u64,
-            ),
-            (
-                "ultrasync_gateway_commands_waiting",
-                "Commands waiting on this gateway or on their way into USYNC_CMDS.",
-                |p| p.waiting().1 as u64,
-            ),
-            (
-                "ultrasync_gateway_orgs_waiting",
-                "Orgs with commands waiting on this gateway.",
-                |p| p.waiting().0 as u64,
-            ),
-        ];
-        for (name, help, read) in probes {
+        let probe = |name, help, read: fn(&Self) -> u64| {
             let weak = Arc::downgrade(self);
-            metrics.probe(
-                name,
-                "gauge",
-                help,
-                Box::new(move || weak.upgrade().map_or(0, |p| read(&p))),
-            );
-        }
+            let value = move || weak.upgrade().map_or(0, |p| read(&p));
+            metrics.probe(name, "gauge", help, Box::new(value));
+        };
+        probe(
+            "ultrasync_gateway_publisher_stream_keys",
+            "Stream keys with a command publishing task.",
+            |p| p.key_count() as u64,
+        );
+        probe(
+            "ultrasync_gateway_commands_waiting",
+            "Commands waiting on this gateway or on their way into USYNC_CMDS.",
+            |p| p.waiting().1 as u64,
+        );
+        probe(
+            "ultrasync_gateway_orgs_waiting",
+            "Orgs with commands waiting on this gateway.",
+            |p| p.waiting().0 as u64,
+        );
     }
 
     /// Queues a command for `subject`. It is answered later: by the sequencer, or
