@@ -37,10 +37,17 @@ max_outbound_bytes = 2097152
 max_messages_per_sec = 500
 header_read_timeout_secs = 2
 request_timeout_secs = 20
+presence_keys_per_client = 4
+org_max_inflight_commands = 300
 
 [materializer]
 snapshot_every_ops = 50
 snapshot_interval_secs = 1
+
+[[namespaces]]
+name = "todos"
+mode = "lww"
+schema = { type = "object", required = ["title"] }
 "#;
 
 struct Hub {
@@ -258,7 +265,51 @@ const ROWS: &[&str] = &[
     "/v1/status without admin, and of another org",
     "malformed query and path: the error envelope",
     "invalid ids, keys and messages",
+    "a decompression bomb as an Automerge change",
+    "a value nested 126 deep, then a snapshot round trip",
+    "presence beyond the client's keys and payload bytes",
+    "many actors of one org flood the command queue",
+    "tokens: not yet valid, too long lived, no write scope",
+    "conflicts, schema and stale cursors: their codes",
 ];
+
+/// `[v]` nested `depth` deep.
+fn nested(depth: usize) -> Value {
+    let mut v = json!(1);
+    for _ in 0..depth {
+        v = json!([v]);
+    }
+    v
+}
+
+/// Sends a command and waits for its answer: `Ok(server_seq)` or `Err(code)`.
+async fn write(
+    c: &mut Connection,
+    id: &str,
+    ns: &str,
+    key: &str,
+    op: OpType,
+    payload: Value,
+) -> Result<u64, ErrorCode> {
+    c.command(id, ns, key, op, payload).await.expect("send");
+    loop {
+        match c
+            .recv_timeout(Duration::from_secs(20))
+            .await
+            .expect("answer")
+        {
+            ServerMessage::Ack {
+                command_id,
+                server_seq,
+                ..
+            } if command_id == id => return Ok(server_seq),
+            ServerMessage::Reject {
+                command_id, code, ..
+            } if command_id == id => return Err(code),
+            _ => {}
+        }
+    }
+}
 
 async fn run_row(hub: &mut Hub, row: &str) {
     match row {
@@ -434,7 +485,7 @@ async fn run_row(hub: &mut Hub, row: &str) {
                 refused > 0,
                 "900 commands at once all passed an actor budget of 400"
             );
-            assert!(acked >= 400, "only {acked} acked");
+            assert!(acked >= 100, "only {acked} acked");
             for c in sockets {
                 c.close().await;
             }
@@ -548,6 +599,7 @@ async fn run_row(hub: &mut Hub, row: &str) {
             }
             tokio::time::sleep(Duration::from_secs(4)).await;
             let grown = rss_kib(pid).saturating_sub(before);
+            eprintln!("gateway RSS grew by {grown} KiB for 5 readers of a 24 MB namespace");
             // Without a byte bound each reader would pin most of the namespace
             // (5 x 24 MB); with it, each holds its queue (2 MiB) plus a frame being
             // written and a log read in hand.
@@ -708,6 +760,281 @@ async fn run_row(hub: &mut Hub, row: &str) {
                     ErrorCode::InvalidId
                 ]
             );
+            c.close().await;
+        }
+        "a decompression bomb as an Automerge change" => {
+            // ~150 KB on the wire, 150 MiB once inflated; three at once.
+            let bomb = ultrasync_shared::admission::test_support::compressed_bomb(150 << 20);
+            let payload = json!({"change": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bomb)});
+            let mut c = hub.connect(ORG, "mallory", "bomber").await;
+            for i in 0..3 {
+                c.command(
+                    &format!("bomb-{i}"),
+                    "collab",
+                    "doc",
+                    OpType::CrdtOp,
+                    payload.clone(),
+                )
+                .await
+                .expect("send");
+            }
+            let mut codes = Vec::new();
+            while codes.len() < 3 {
+                let m = c
+                    .recv_timeout(Duration::from_secs(20))
+                    .await
+                    .expect("answer");
+                codes.extend(error_codes(&[m]));
+            }
+            assert_eq!(codes, vec![ErrorCode::PayloadTooLarge; 3]);
+            c.close().await;
+        }
+        "a value nested 126 deep, then a snapshot round trip" => {
+            let mut c = hub.connect(ORG, "mallory", "deep").await;
+            assert_eq!(
+                write(
+                    &mut c,
+                    "deep-126",
+                    "metadata",
+                    "deep",
+                    OpType::Set,
+                    nested(126)
+                )
+                .await,
+                Err(ErrorCode::PayloadTooLarge)
+            );
+            // The deepest value allowed is stored, snapshotted and read back.
+            let depth = ultrasync_shared::admission::Limits::default().max_value_depth - 1;
+            let seq = write(
+                &mut c,
+                "deep-ok",
+                "metadata",
+                "deep",
+                OpType::Set,
+                nested(depth),
+            )
+            .await
+            .expect("the deepest allowed value is acked");
+            let token = hub.token("mallory");
+            let (status, body) = hub
+                .http(
+                    "GET",
+                    &format!("/v1/acme/web/metadata/snapshot?min_seq={seq}"),
+                    &token,
+                    "",
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["state"]["deep"]["value"], nested(depth));
+            // Once the materializer has stored a snapshot (every second here), a new
+            // client bootstraps from it.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let mut fresh = Connection::connect(&hub.gateway.ws_url(), &token)
+                .await
+                .expect("connect");
+            let cursors = BTreeMap::from([("metadata".to_owned(), None)]);
+            fresh
+                .hello(ORG, "web", "fresh", cursors)
+                .await
+                .expect("hello");
+            let frames = ultrasync_testkit::recv_until(&mut fresh, Duration::from_secs(20), |m| {
+                matches!(
+                    m,
+                    ServerMessage::Synced { .. } | ServerMessage::Error { .. }
+                )
+            })
+            .await
+            .expect("bootstrap");
+            assert!(
+                error_codes(&frames).is_empty(),
+                "bootstrap failed: {frames:?}"
+            );
+            fresh.close().await;
+            c.close().await;
+        }
+        "presence beyond the client's keys and payload bytes" => {
+            let mut c = hub.connect(ORG, "mallory", "ghost").await;
+            for i in 0..6 {
+                c.send(&ClientMessage::Presence {
+                    key: format!("cursor-{i}"),
+                    payload: json!({"x": i}),
+                })
+                .await
+                .expect("send");
+            }
+            c.send(&ClientMessage::Presence {
+                key: "cursor-0".into(),
+                payload: json!("x".repeat(8192)),
+            })
+            .await
+            .expect("send");
+            let mut codes = Vec::new();
+            while codes.len() < 3 {
+                let m = c
+                    .recv_timeout(Duration::from_secs(10))
+                    .await
+                    .expect("answer");
+                codes.extend(error_codes(&[m]));
+            }
+            assert_eq!(
+                codes,
+                vec![
+                    ErrorCode::RateLimited,
+                    ErrorCode::RateLimited,
+                    ErrorCode::PayloadTooLarge
+                ]
+            );
+            // Another client's presence still goes through.
+            let mut other = hub.connect(ORG, "alice", "alice").await;
+            other
+                .send(&ClientMessage::Subscribe {
+                    namespace: "presence".into(),
+                    last_server_seq: None,
+                })
+                .await
+                .expect("send");
+            other
+                .send(&ClientMessage::Presence {
+                    key: "here".into(),
+                    payload: json!(true),
+                })
+                .await
+                .expect("send");
+            ultrasync_testkit::recv_until(
+                &mut other,
+                Duration::from_secs(10),
+                |m| matches!(m, ServerMessage::Presence { key, .. } if key == "here"),
+            )
+            .await
+            .expect("alice's presence");
+            other.close().await;
+            c.close().await;
+        }
+        "many actors of one org flood the command queue" => {
+            // 6 actors, each within its own rate, 150 commands each at once: the org's
+            // share of the queue (300 in flight here) refuses the excess.
+            let mut tasks = Vec::new();
+            for a in 0..6 {
+                let token = hub.token(&format!("flood{a}"));
+                let url = hub.url("/v1/acme/web/index/commands");
+                tasks.push(tokio::spawn(async move {
+                    let commands: Vec<Value> = (0..150)
+                        .map(|i| json!({"command_id": format!("f{a}-{i}"), "key": format!("f{a}"), "op_type": "set", "payload": i}))
+                        .collect();
+                    let body = json!({"client_id": format!("flood{a}"), "commands": commands}).to_string();
+                    let auth = format!("Bearer {token}");
+                    let r = http_exchange("POST", &url, &[("Content-Type", "application/json"), ("Authorization", &auth)], &body)
+                        .await
+                        .expect("http");
+                    let answer: Value = serde_json::from_str(&r.body).expect("json");
+                    answer["results"]
+                        .as_array()
+                        .map(|rs| rs.iter().filter(|r| r["code"] == json!("rate_limited")).count())
+                        .unwrap_or(0)
+                }));
+            }
+            let mut refused = 0;
+            for t in tasks {
+                refused += t.await.expect("join");
+            }
+            assert!(
+                refused > 0,
+                "900 commands in flight at once fit an org share of 300"
+            );
+        }
+        "tokens: not yet valid, too long lived, no write scope" => {
+            let mut claims = auth::claims(
+                "mallory",
+                ORG,
+                &["*"],
+                "read write",
+                3600,
+                auth::DEFAULT_AUDIENCE,
+            );
+            claims.nbf = Some(auth::now_secs() + 3600);
+            let early = auth::mint_hs256(hub.secret.as_bytes(), &claims).expect("mint");
+            let forever = auth::mint_hs256(
+                hub.secret.as_bytes(),
+                &auth::claims(
+                    "mallory",
+                    ORG,
+                    &["*"],
+                    "read write",
+                    10 * 365 * 86_400,
+                    auth::DEFAULT_AUDIENCE,
+                ),
+            )
+            .expect("mint");
+            for (what, token) in [("nbf in the future", &early), ("ten-year token", &forever)] {
+                let (status, body) = hub.http("GET", "/v1/acme/web/index/ops", token, "").await;
+                assert_eq!(status, 401, "{what}: {body}");
+                assert_eq!(
+                    body["error"]["message"],
+                    json!("invalid or expired token"),
+                    "{what}"
+                );
+                assert!(matches!(
+                    Connection::connect(&hub.gateway.ws_url(), token).await,
+                    Err(ClientError::Http(401))
+                ));
+            }
+            let reader = hub.token_in(ORG, "reader", "read");
+            let (status, body) = hub
+                .http("PUT", "/v1/acme/web/index/keys/k", &reader, "1")
+                .await;
+            assert_eq!(
+                (status, body["error"]["code"].clone()),
+                (403, json!("forbidden"))
+            );
+            let (status, _) = hub
+                .http("GET", "/v1/bystander/web/index/ops", &reader, "")
+                .await;
+            assert_eq!(status, 403, "another org's log");
+        }
+        "conflicts, schema and stale cursors: their codes" => {
+            let mut c = hub.connect(ORG, "mallory", "codes").await;
+            // settings is a cas namespace: a write without the right version.
+            c.send(&ClientMessage::Command(
+                ultrasync_shared::protocol::CommandFrame {
+                    command_id: "cas-1".into(),
+                    namespace: "settings".into(),
+                    key: "theme".into(),
+                    op_type: OpType::Set,
+                    payload: json!("dark"),
+                    precondition: Some(ultrasync_shared::Precondition {
+                        expected_version: 99,
+                    }),
+                },
+            ))
+            .await
+            .expect("send");
+            let frames = ultrasync_testkit::recv_until(&mut c, Duration::from_secs(10), |m| {
+                matches!(m, ServerMessage::Reject { .. })
+            })
+            .await
+            .expect("reject");
+            assert_eq!(error_codes(&frames), vec![ErrorCode::PreconditionFailed]);
+            assert_eq!(
+                write(&mut c, "crdt-set", "collab", "doc", OpType::Set, json!(1)).await,
+                Err(ErrorCode::InvalidOp)
+            );
+            assert_eq!(
+                write(&mut c, "no-title", "todos", "t1", OpType::Set, json!({})).await,
+                Err(ErrorCode::SchemaInvalid)
+            );
+            // A cursor above the head of the log.
+            c.send(&ClientMessage::Cursor {
+                namespace: "index".into(),
+                server_seq: 1 << 40,
+            })
+            .await
+            .expect("send");
+            let frames = ultrasync_testkit::recv_until(&mut c, Duration::from_secs(10), |m| {
+                matches!(m, ServerMessage::Error { .. })
+            })
+            .await
+            .expect("error");
+            assert_eq!(error_codes(&frames), vec![ErrorCode::StaleBase]);
             c.close().await;
         }
         other => panic!("no such row: {other}"),

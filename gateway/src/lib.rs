@@ -169,9 +169,10 @@ pub async fn run_with_hooks(
 
     let max_connections = config.gateway.max_connections;
     let config_gateway = config.gateway.clone();
-    let presence = presence::Presence::new(
+    let presence = presence::Presence::with_limits(
         client.clone(),
         Duration::from_secs(config.gateway.presence_ttl_secs),
+        presence::Limits::from_config(&config.gateway),
     );
     let state = Arc::new(AppState {
         namespaces: config.namespaces()?,
@@ -179,7 +180,11 @@ pub async fn run_with_hooks(
         verifier,
         gateway_id: gateway_id.clone(),
         nats: client.clone(),
-        publisher: publisher::Publisher::new(js.clone(), routes.clone()),
+        publisher: publisher::Publisher::with_limits(
+            js.clone(),
+            routes.clone(),
+            publisher::OrgLimits::from_config(&config_gateway),
+        ),
         js,
         hub: Hub::new(client.clone(), ops, snapshots),
         presence,
@@ -192,6 +197,8 @@ pub async fn run_with_hooks(
         budgets: rules::limits::Budgets::new(&config_gateway),
         hooks,
     });
+    state.presence.export(&state.metrics);
+    state.publisher.export(&state.metrics);
     // Webhooks are sent from the home region only: a replica region would deliver
     // every op a second time.
     let hooks_here: &[ultrasync_shared::config::WebhookConfig] =

@@ -269,10 +269,12 @@ pub async fn read_range_limited(
         return Ok(out);
     }
     let mut bytes = 0;
-    // Pulls sized for the budget (taking ops of 16 KiB or more as the worst case).
+    // Pulls sized for the budget, taking ops of 64 KiB as the usual worst case (a
+    // pull of larger ops overshoots by a few messages; the client may have the next
+    // pull in flight too).
     let max_batch = match max_bytes {
         usize::MAX => 0,
-        b => (b / (16 * 1024)).clamp(8, 500) as i64,
+        b => (b / (64 * 1024)).clamp(4, 500) as i64,
     };
     let mut entries =
         Box::pin(read_from_batched(stream, subject, first.stream_seq, max_batch).await?);

@@ -44,7 +44,11 @@ async fn run_commands(
     let mut results: Vec<Option<ServerMessage>> = vec![None; frames.len()];
     let mut waiting: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, frame) in frames.into_iter().enumerate() {
-        if let Err(r) = commands::check_frame(state, &frame) {
+        let checked = match commands::check_frame(state, &frame) {
+            Ok(()) => commands::admit(state, &frame).await,
+            Err(r) => Err(r),
+        };
+        if let Err(r) = checked {
             results[i] = Some(ServerMessage::reject(frame.command_id, r.code, r.message));
             continue;
         }

@@ -4,7 +4,7 @@
 
 use ultrasync_shared::auth::Principal;
 use ultrasync_shared::protocol::CommandFrame;
-use ultrasync_shared::{CommandEnvelope, ErrorCode, StreamKey};
+use ultrasync_shared::{CommandEnvelope, ErrorCode, OpType, StreamKey, admission};
 
 use super::Refusal;
 use crate::AppState;
@@ -45,6 +45,29 @@ pub fn check_frame(state: &AppState, frame: &CommandFrame) -> Result<(), Refusal
         ));
     }
     Ok(())
+}
+
+/// What the command carries (value depth and size, an Automerge change's sizes),
+/// checked before it is queued: a value the sequencer would refuse never takes room
+/// in the shared `USYNC_CMDS`. A change is inflated (bounded) off the async runtime,
+/// so a tenant's expensive input costs a blocking thread, not a runtime worker.
+pub async fn admit(state: &AppState, frame: &CommandFrame) -> Result<(), Refusal> {
+    let Some(spec) = state.namespaces.get(&frame.namespace) else {
+        return Err(Refusal::new(
+            ErrorCode::UnknownNamespace,
+            format!("namespace {} is not declared", frame.namespace),
+        ));
+    };
+    let limits = admission::Limits::for_namespace(&state.config.limits, &spec);
+    let refused = |(code, message): admission::Refused| Refusal::new(code, message);
+    if frame.op_type != OpType::CrdtOp {
+        return admission::check_command(frame.op_type, &frame.payload, &limits).map_err(refused);
+    }
+    let payload = frame.payload.clone();
+    tokio::task::spawn_blocking(move || admission::check_command(OpType::CrdtOp, &payload, &limits))
+        .await
+        .map_err(|e| Refusal::unavailable("checking a change", e))?
+        .map_err(refused)
 }
 
 /// The envelope a checked frame becomes, answered on `reply_to`.

@@ -22,9 +22,13 @@ pub struct RateLimit {
     burst: f64,
     tokens: f64,
     last: Instant,
-    /// Frames refused since the last one let through.
+    /// Refusals in the window that started at `window`.
     refused: u32,
+    window: Instant,
 }
+
+/// How long refusals are counted together.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(1);
 
 impl RateLimit {
     pub fn new(per_sec: u32) -> Self {
@@ -35,6 +39,7 @@ impl RateLimit {
             tokens: rate * 2.0,
             last: Instant::now(),
             refused: 0,
+            window: Instant::now(),
         }
     }
 
@@ -56,15 +61,19 @@ impl RateLimit {
         let n = n as f64;
         if self.tokens >= n {
             self.tokens -= n;
-            self.refused = 0;
             true
         } else {
+            if self.window.elapsed() > REFUSAL_WINDOW {
+                self.window = Instant::now();
+                self.refused = 0;
+            }
             self.refused = self.refused.saturating_add(1);
             false
         }
     }
 
-    /// A client that ignores a whole burst's worth of refusals is closed.
+    /// A client refused a whole burst's worth of times within a second is not slowing
+    /// down (the few frames let through as tokens refill do not excuse it): closed.
     pub fn exhausted(&self) -> bool {
         f64::from(self.refused) > self.burst
     }

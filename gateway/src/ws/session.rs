@@ -684,6 +684,9 @@ impl Session {
         if let Err(r) = commands::check_frame(&self.state, &frame) {
             return self.push(reject(r));
         }
+        if let Err(r) = commands::admit(&self.state, &frame).await {
+            return self.push(reject(r));
+        }
         if self.inflight.len() >= MAX_INFLIGHT && !self.inflight.contains_key(&frame.command_id) {
             return self.push(reject(Refusal::new(
                 ErrorCode::RateLimited,
