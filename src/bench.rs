@@ -112,6 +112,15 @@ impl Stack {
         config.auth.jwt_secret = Some(secret.clone());
         config.gateway.max_messages_per_sec = 1_000_000;
         config.gateway.outbound_queue = 65_536;
+        // One org and few actors drive the whole load: the per-tenant budgets are
+        // opened up (what is measured is the pipeline, not the limiter).
+        config.gateway.max_outbound_bytes = 256 << 20;
+        config.gateway.max_commands_per_sec_per_actor = 1_000_000;
+        config.gateway.max_sockets_per_actor = 100_000;
+        config.gateway.max_sockets_per_org = 100_000;
+        config.gateway.max_subscriptions_per_socket = 1024;
+        config.gateway.org_max_inflight_commands = 1 << 20;
+        config.gateway.org_max_inflight_bytes = 1 << 30;
         config.materializer.data_dir = dir.path().join("materializer");
         config.validate()?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -656,8 +665,8 @@ async fn idle(stack: &Stack, connections: usize) -> anyhow::Result<Value> {
     std::fs::write(
         &config,
         format!(
-            "[gateway]\nmax_connections = {}\nhello_timeout_secs = 60\n",
-            connections + 100
+            "[gateway]\nmax_connections = {n}\nmax_http_connections = {n}\nmax_sockets_per_actor = {n}\nmax_sockets_per_org = {n}\nhello_timeout_secs = 60\n",
+            n = connections + 100
         ),
     )?;
     let mut child = std::process::Command::new(std::env::current_exe()?)
