@@ -93,6 +93,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         hlc: uhlc::HLC::default(),
         config: config.sequencer.clone(),
         namespaces: config.namespaces()?,
+        limits: config.limits,
+        heavy: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )),
+        dropped_replies: std::sync::atomic::AtomicU64::new(0),
         instance: instance.clone(),
         committer: committer::Committer::start(client.clone(), js.clone()),
     });
@@ -113,11 +118,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .context("subscribing to digest requests")?;
     let mut workers: HashMap<StreamKey, mpsc::Sender<Job>> = HashMap::new();
-    let mut tasks = JoinSet::new();
+    // Each task is one worker; it returns its key when it exits (idle), so its entry
+    // leaves `workers` and the map holds only live keys.
+    let mut tasks: JoinSet<StreamKey> = JoinSet::new();
 
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(res) = tasks.join_next(), if !tasks.is_empty() => {
+                reap(&mut workers, res);
+                continue;
+            }
             Some(req) = digests.next() => {
                 let Some(key) = reads::parse_sequencer_subject(&req.subject) else {
                     continue;
@@ -167,9 +178,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         // Reap finished workers without blocking.
         while let Some(res) = tasks.try_join_next() {
-            if let Err(e) = res {
-                warn!(error = %e, "sequencer worker panicked");
-            }
+            reap(&mut workers, res);
         }
     }
 
@@ -187,11 +196,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
+/// Forgets the worker that ended, unless a new one already took its key.
+fn reap(
+    workers: &mut HashMap<StreamKey, mpsc::Sender<Job>>,
+    res: Result<StreamKey, tokio::task::JoinError>,
+) {
+    match res {
+        Ok(key) => {
+            if workers.get(&key).is_some_and(|tx| tx.is_closed()) {
+                workers.remove(&key);
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "sequencer worker panicked");
+            workers.retain(|_, tx| !tx.is_closed());
+        }
+    }
+}
+
 /// Hands `job` to the worker of `key`, starting one when there is none (or it went
 /// idle and closed its queue).
 async fn dispatch(
     workers: &mut HashMap<StreamKey, mpsc::Sender<Job>>,
-    tasks: &mut JoinSet<()>,
+    tasks: &mut JoinSet<StreamKey>,
     shared: &Arc<WorkerShared>,
     key: StreamKey,
     mut job: Job,
@@ -200,7 +227,11 @@ async fn dispatch(
         if workers.get(&key).is_none_or(|tx| tx.is_closed()) {
             let (tx, rx) = mpsc::channel(WORKER_QUEUE);
             let worker = Worker::new(key.clone(), shared.clone());
-            tasks.spawn(worker.run(rx));
+            let owned = key.clone();
+            tasks.spawn(async move {
+                worker.run(rx).await;
+                owned
+            });
             workers.insert(key.clone(), tx);
         }
         let Some(tx) = workers.get(&key) else { return };

@@ -19,11 +19,12 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
+use ultrasync_shared::admission::{self, Limits, LimitsConfig};
 use ultrasync_shared::config::SequencerConfig;
 use ultrasync_shared::ids::is_valid_id;
 use ultrasync_shared::log::{self, Head, LogError};
 use ultrasync_shared::namespaces::{Mode, NamespaceSpec, Namespaces};
-use ultrasync_shared::nats::{HDR_BATCH, join_lines, ops_subject};
+use ultrasync_shared::nats::{HDR_BATCH, is_reply_subject, join_lines, ops_subject};
 use ultrasync_shared::protocol::{CurrentState, ServerMessage};
 use ultrasync_shared::reads::DigestReply;
 use ultrasync_shared::snapshot::{self, Snapshot};
@@ -40,6 +41,12 @@ const IDLE: Duration = Duration::from_secs(300);
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// Conflicts in a row before a batch is handed back for redelivery.
 const MAX_CONFLICTS: u32 = 64;
+/// A worker of an undeclared namespace holds nothing worth keeping: it exits after
+/// this long without commands.
+const IDLE_UNKNOWN: Duration = Duration::from_secs(1);
+/// Bytes of command documents in a batch above which it is planned off the async
+/// runtime (a batch with any `crdt_op` always is).
+const INLINE_PLAN_BYTES: usize = 64 * 1024;
 
 /// What every worker of an instance shares.
 pub struct WorkerShared {
@@ -49,6 +56,14 @@ pub struct WorkerShared {
     pub hlc: uhlc::HLC,
     pub config: SequencerConfig,
     pub namespaces: Namespaces,
+    /// What a command may carry (`[limits]`).
+    pub limits: LimitsConfig,
+    /// Batches planned off the async runtime at once (decoding Automerge changes,
+    /// large JSON): one heavy tenant takes at most these threads, never the
+    /// runtime's.
+    pub heavy: Arc<tokio::sync::Semaphore>,
+    /// Answers not sent because their `reply_to` was not a `usync.reply.…` subject.
+    pub dropped_replies: AtomicU64,
     /// This instance's id, sent on every answer.
     pub instance: String,
     /// Group commit of every worker's writes.
@@ -102,17 +117,22 @@ pub struct Pending {
     delivery: Arc<Delivery>,
     cmd: Result<CommandEnvelope, String>,
     /// Known even when the body does not decode, so a reject can still be sent.
+    /// Only ever a `usync.reply.…` subject (see [`is_reply_subject`]).
     reply_to: Option<String>,
+    /// A `reply_to` that was refused (logged and counted once answered).
+    bad_reply_to: bool,
     command_id: String,
+    /// Size of the command document (decides where the batch is planned).
+    bytes: usize,
 }
 
 impl Pending {
     /// The commands of one message, in order.
     pub fn from_message(msg: jetstream::Message) -> Vec<Self> {
-        let decoded: Vec<(Result<CommandEnvelope, String>, Option<String>, String)> =
+        let decoded: Vec<(Decoded, usize)> =
             ultrasync_shared::nats::split_lines(msg.headers.as_ref(), &msg.payload)
                 .into_iter()
-                .map(decode)
+                .map(|doc| (decode(doc), doc.len()))
                 .collect();
         let delivery = Arc::new(Delivery {
             msg,
@@ -121,11 +141,16 @@ impl Pending {
         });
         decoded
             .into_iter()
-            .map(|(cmd, reply_to, command_id)| Self {
-                delivery: delivery.clone(),
-                cmd,
-                reply_to,
-                command_id,
+            .map(|((cmd, reply_to, command_id), bytes)| {
+                let bad_reply_to = reply_to.as_deref().is_some_and(|r| !is_reply_subject(r));
+                Self {
+                    delivery: delivery.clone(),
+                    cmd,
+                    reply_to: reply_to.filter(|_| !bad_reply_to),
+                    bad_reply_to,
+                    command_id,
+                    bytes,
+                }
             })
             .collect()
     }
@@ -139,9 +164,12 @@ impl Pending {
     }
 }
 
+/// A command document decoded: the envelope or why not, the reply route, the id.
+type Decoded = (Result<CommandEnvelope, String>, Option<String>, String);
+
 /// One command document: the envelope, or why not, with the reply route and id
 /// (read loosely so a malformed command can still be answered).
-fn decode(doc: &[u8]) -> (Result<CommandEnvelope, String>, Option<String>, String) {
+fn decode(doc: &[u8]) -> Decoded {
     match serde_json::from_slice::<CommandEnvelope>(doc) {
         Ok(cmd) => {
             let reply_to = cmd.reply_to.clone();
@@ -255,9 +283,14 @@ impl Worker {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let window = Duration::from_millis(self.shared.config.batch_window_ms);
         let max = self.shared.config.batch_max;
+        let idle = if self.spec.is_some() {
+            IDLE
+        } else {
+            IDLE_UNKNOWN
+        };
         loop {
             let mut digests = Vec::new();
-            let first = match tokio::time::timeout(IDLE, rx.recv()).await {
+            let first = match tokio::time::timeout(idle, rx.recv()).await {
                 Ok(Some(Job::Command(p))) => p,
                 Ok(Some(Job::Digest(tx))) => {
                     self.digest(tx).await;
@@ -336,7 +369,7 @@ impl Worker {
         let _ = tx.send(answer);
     }
 
-    async fn process(&mut self, batch: Vec<Pending>) {
+    async fn process(&mut self, mut batch: Vec<Pending>) {
         let Some(spec) = self.spec.clone() else {
             // Nothing to load or write: every command is refused.
             let name = self.key.namespace.to_string();
@@ -365,10 +398,48 @@ impl Worker {
                     }
                 }
             }
+            let limits = Limits::for_namespace(&self.shared.limits, &spec);
+            let heavy = batch.iter().map(|p| p.bytes).sum::<usize>() > INLINE_PLAN_BYTES
+                || batch
+                    .iter()
+                    .any(|p| matches!(&p.cmd, Ok(c) if c.op_type == OpType::CrdtOp));
+            let (plans, ops, outgoing, overlay) = if heavy {
+                // Decoding changes and large JSON happens on a blocking thread (at most
+                // `heavy` at once): this key waits, the runtime and other keys do not.
+                let Some(loaded) = self.loaded.take() else {
+                    return;
+                };
+                let Ok(permit) = self.shared.heavy.clone().acquire_owned().await else {
+                    return;
+                };
+                let (key, shared) = (self.key.clone(), self.shared.clone());
+                let spec = spec.clone();
+                let job = tokio::task::spawn_blocking(move || {
+                    let planned = plan(&key, &shared, &spec, &limits, &loaded, &batch);
+                    drop(permit);
+                    (loaded, batch, planned)
+                });
+                match job.await {
+                    Ok((loaded, back, planned)) => {
+                        self.loaded = Some(loaded);
+                        batch = back;
+                        planned
+                    }
+                    Err(e) => {
+                        // The batch is gone with the thread: never acked, so redelivered.
+                        warn!(stream_key = %self.key, error = %e, "planning a batch failed");
+                        return;
+                    }
+                }
+            } else {
+                let Some(loaded) = self.loaded.as_ref() else {
+                    return;
+                };
+                plan(&self.key, &self.shared, &spec, &limits, loaded, &batch)
+            };
             let Some(loaded) = self.loaded.as_ref() else {
                 return;
             };
-            let (plans, ops, outgoing, overlay) = self.plan(&spec, loaded, &batch);
 
             if !outgoing.is_empty() {
                 let written = self
@@ -421,97 +492,99 @@ impl Worker {
             return;
         }
     }
+}
 
-    /// Decides every command of the batch against the state, numbering new ops from
-    /// the head. Returns the plans, the new ops, their encoded form, and the keys'
-    /// entries after the batch (to commit once the write lands).
-    #[allow(clippy::type_complexity)]
-    fn plan(
-        &self,
-        spec: &NamespaceSpec,
-        loaded: &Loaded,
-        batch: &[Pending],
-    ) -> (
-        Vec<Plan>,
-        Vec<Op>,
-        Vec<Outgoing>,
-        HashMap<String, Option<KeyEntry>>,
-    ) {
-        let next_seq = loaded.state.last_seq + 1;
-        let mut plans = Vec::with_capacity(batch.len());
-        let mut ops: Vec<Op> = Vec::new();
-        let mut outgoing: Vec<Outgoing> = Vec::new();
-        let mut overlay: HashMap<String, Option<KeyEntry>> = HashMap::new();
-        let mut in_batch: HashMap<String, usize> = HashMap::new();
-        for p in batch {
-            let cmd = match &p.cmd {
-                Ok(c) => c,
-                Err(e) => {
-                    plans.push(Plan::Reject(ServerMessage::reject(
-                        &p.command_id,
-                        ErrorCode::InvalidMessage,
-                        format!("undecodable command: {e}"),
-                    )));
-                    continue;
-                }
-            };
-            if let Err(reject) = self.validate(cmd) {
+/// What [`plan`] decides: the plans, the new ops, their encoded form, and the keys'
+/// entries after the batch.
+type Planned = (
+    Vec<Plan>,
+    Vec<Op>,
+    Vec<Outgoing>,
+    HashMap<String, Option<KeyEntry>>,
+);
+
+/// Decides every command of the batch against the state, numbering new ops from the
+/// head. Returns the plans, the new ops, their encoded form, and the keys' entries
+/// after the batch (to commit once the write lands). Pure CPU: may run on a blocking
+/// thread.
+fn plan(
+    key: &StreamKey,
+    shared: &WorkerShared,
+    spec: &NamespaceSpec,
+    limits: &Limits,
+    loaded: &Loaded,
+    batch: &[Pending],
+) -> Planned {
+    let next_seq = loaded.state.last_seq + 1;
+    let mut plans = Vec::with_capacity(batch.len());
+    let mut ops: Vec<Op> = Vec::new();
+    let mut outgoing: Vec<Outgoing> = Vec::new();
+    let mut overlay: HashMap<String, Option<KeyEntry>> = HashMap::new();
+    let mut in_batch: HashMap<String, usize> = HashMap::new();
+    for p in batch {
+        let cmd = match &p.cmd {
+            Ok(c) => c,
+            Err(e) => {
+                plans.push(Plan::Reject(ServerMessage::reject(
+                    &p.command_id,
+                    ErrorCode::InvalidMessage,
+                    format!("undecodable command: {e}"),
+                )));
+                continue;
+            }
+        };
+        if let Err(reject) = validate(key, cmd) {
+            plans.push(Plan::Reject(reject));
+            continue;
+        }
+        let op_id = cmd.op_id();
+        if let Some(&seq) = loaded.op_ids.get(&op_id) {
+            plans.push(Plan::Existing(seq));
+            continue;
+        }
+        if let Some(&i) = in_batch.get(&op_id) {
+            plans.push(Plan::New(i));
+            continue;
+        }
+        let server_seq = next_seq + ops.len() as u64;
+        let current = match overlay.get(&cmd.key) {
+            Some(e) => e.as_ref(),
+            None => loaded.state.keys.get(&cmd.key),
+        };
+        let entry = match admit(spec, limits, current, cmd, server_seq) {
+            Ok(e) => e,
+            Err(reject) => {
                 plans.push(Plan::Reject(reject));
                 continue;
             }
-            let op_id = cmd.op_id();
-            if let Some(&seq) = loaded.op_ids.get(&op_id) {
-                plans.push(Plan::Existing(seq));
+        };
+        let hlc_ts = shared.hlc.new_timestamp().get_time().as_u64().to_string();
+        let op = cmd.clone().into_op(op_id.clone(), server_seq, hlc_ts);
+        let body = match serde_json::to_vec(&op) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                plans.push(Plan::Reject(ServerMessage::reject(
+                    &cmd.command_id,
+                    ErrorCode::InvalidOp,
+                    format!("op does not encode: {e}"),
+                )));
                 continue;
             }
-            if let Some(&i) = in_batch.get(&op_id) {
-                plans.push(Plan::New(i));
-                continue;
-            }
-            let server_seq = next_seq + ops.len() as u64;
-            let current = match overlay.get(&cmd.key) {
-                Some(e) => e.as_ref(),
-                None => loaded.state.keys.get(&cmd.key),
-            };
-            let entry = match admit(spec, current, cmd, server_seq) {
-                Ok(e) => e,
-                Err(reject) => {
-                    plans.push(Plan::Reject(reject));
-                    continue;
-                }
-            };
-            let hlc_ts = self
-                .shared
-                .hlc
-                .new_timestamp()
-                .get_time()
-                .as_u64()
-                .to_string();
-            let op = cmd.clone().into_op(op_id.clone(), server_seq, hlc_ts);
-            let body = match serde_json::to_vec(&op) {
-                Ok(b) => Bytes::from(b),
-                Err(e) => {
-                    plans.push(Plan::Reject(ServerMessage::reject(
-                        &cmd.command_id,
-                        ErrorCode::InvalidOp,
-                        format!("op does not encode: {e}"),
-                    )));
-                    continue;
-                }
-            };
-            overlay.insert(cmd.key.clone(), entry);
-            in_batch.insert(op_id.clone(), ops.len());
-            plans.push(Plan::New(ops.len()));
-            outgoing.push(Outgoing {
-                server_seq,
-                op_id,
-                body,
-            });
-            ops.push(op);
-        }
-        (plans, ops, outgoing, overlay)
+        };
+        overlay.insert(cmd.key.clone(), entry);
+        in_batch.insert(op_id.clone(), ops.len());
+        plans.push(Plan::New(ops.len()));
+        outgoing.push(Outgoing {
+            server_seq,
+            op_id,
+            body,
+        });
+        ops.push(op);
     }
+    (plans, ops, outgoing, overlay)
+}
 
+impl Worker {
     /// Sends every answer, then acks the command messages.
     async fn answer(&self, batch: &[Pending], plans: Vec<Plan>, ops: &[Op]) {
         let mut headers = HeaderMap::new();
@@ -561,6 +634,12 @@ impl Worker {
                     }
                 }
             }
+            if p.bad_reply_to {
+                // Answers go to gateways' reply subjects only: anything else (another
+                // service's subject, a wildcard) is dropped, whatever the command says.
+                let dropped = self.shared.dropped_replies.fetch_add(1, Ordering::Relaxed) + 1;
+                warn!(stream_key = %self.key, command_id = %p.command_id, dropped, "answer dropped: reply_to is not a usync.reply subject");
+            }
             done.push(p);
         }
         // One message per route: a socket's answers of this batch travel together.
@@ -589,44 +668,46 @@ impl Worker {
             p.retry_after(Duration::from_millis(500)).await;
         }
     }
+}
 
-    /// Checks the envelope itself. Org, project and actor were put in by the gateway
-    /// from the verified token.
-    fn validate(&self, cmd: &CommandEnvelope) -> Result<(), ServerMessage> {
-        let reject = |code, reason: &str| Err(ServerMessage::reject(&cmd.command_id, code, reason));
-        if cmd.org_id != self.key.org.as_str()
-            || cmd.project_id != self.key.project.as_str()
-            || cmd.namespace != self.key.namespace.as_str()
-        {
-            return reject(
-                ErrorCode::InvalidMessage,
-                "command does not match its subject",
-            );
-        }
-        if !is_valid_id(&cmd.actor_id) || !is_valid_id(&cmd.client_id) {
-            return reject(
-                ErrorCode::InvalidId,
-                "actor_id and client_id must match [A-Za-z0-9_-]{1,64}",
-            );
-        }
-        if cmd.command_id.is_empty()
-            || cmd.command_id.len() > 128
-            || cmd.command_id.chars().any(char::is_control)
-        {
-            return reject(
-                ErrorCode::InvalidId,
-                "command_id must be 1-128 bytes without control characters",
-            );
-        }
-        if validate_key(&cmd.key).is_err() {
-            return reject(
-                ErrorCode::InvalidKey,
-                "key must be 1-512 bytes of UTF-8 without control characters",
-            );
-        }
-        Ok(())
+/// Checks the envelope itself. Org, project and actor were put in by the gateway from
+/// the verified token.
+fn validate(key: &StreamKey, cmd: &CommandEnvelope) -> Result<(), ServerMessage> {
+    let reject = |code, reason: &str| Err(ServerMessage::reject(&cmd.command_id, code, reason));
+    if cmd.org_id != key.org.as_str()
+        || cmd.project_id != key.project.as_str()
+        || cmd.namespace != key.namespace.as_str()
+    {
+        return reject(
+            ErrorCode::InvalidMessage,
+            "command does not match its subject",
+        );
     }
+    if !is_valid_id(&cmd.actor_id) || !is_valid_id(&cmd.client_id) {
+        return reject(
+            ErrorCode::InvalidId,
+            "actor_id and client_id must match [A-Za-z0-9_-]{1,64}",
+        );
+    }
+    if cmd.command_id.is_empty()
+        || cmd.command_id.len() > 128
+        || cmd.command_id.chars().any(char::is_control)
+    {
+        return reject(
+            ErrorCode::InvalidId,
+            "command_id must be 1-128 bytes without control characters",
+        );
+    }
+    if validate_key(&cmd.key).is_err() {
+        return reject(
+            ErrorCode::InvalidKey,
+            "key must be 1-512 bytes of UTF-8 without control characters",
+        );
+    }
+    Ok(())
+}
 
+impl Worker {
     /// Builds the key's state and op ids: from its snapshot and the log after it, or
     /// from the whole log when there is no sound snapshot.
     async fn load(&mut self) -> Result<Loaded, LogError> {
@@ -715,6 +796,7 @@ impl Worker {
 /// key's entry after the op.
 pub fn admit(
     spec: &NamespaceSpec,
+    limits: &Limits,
     current: Option<&KeyEntry>,
     cmd: &CommandEnvelope,
     seq: u64,
@@ -779,28 +861,28 @@ pub fn admit(
             });
         }
     }
-    let payload_size = serde_json::to_vec(&cmd.payload).map_or(usize::MAX, |v| v.len());
-    if payload_size > spec.max_value_bytes {
-        return reject(
-            ErrorCode::PayloadTooLarge,
-            format!(
-                "payload is {payload_size} bytes; {ns} allows {}",
-                spec.max_value_bytes
-            ),
-        );
-    }
-    let entry = state::next_entry(current, cmd.op_type, &cmd.payload, seq)
-        .map_err(|e| ServerMessage::reject(&cmd.command_id, ErrorCode::InvalidOp, e.to_string()))?;
+    let refuse =
+        |(code, reason): admission::Refused| ServerMessage::reject(&cmd.command_id, code, reason);
+    let invalid_op =
+        |e: ApplyError| ServerMessage::reject(&cmd.command_id, ErrorCode::InvalidOp, e.to_string());
+    // The payload is stored in the op whatever its type: bounded in depth and size.
+    admission::check_value(&cmd.payload, limits).map_err(refuse)?;
+    let entry = match cmd.op_type {
+        OpType::CrdtOp => {
+            let change = admission::admit_change_payload(&cmd.payload, limits).map_err(refuse)?;
+            let doc = state::merge_change(current, change).map_err(invalid_op)?;
+            admission::check_doc(&doc, limits).map_err(refuse)?;
+            Some(KeyEntry {
+                value: state::doc_json(&doc),
+                version: seq,
+                doc: Some(doc),
+            })
+        }
+        _ => state::next_entry(current, cmd.op_type, &cmd.payload, seq).map_err(invalid_op)?,
+    };
     if let Some(e) = &entry {
-        let size = serde_json::to_vec(&e.value).map_or(usize::MAX, |v| v.len());
-        if size > spec.max_value_bytes {
-            return reject(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "the value would be {size} bytes; {ns} allows {}",
-                    spec.max_value_bytes
-                ),
-            );
+        if let Err((code, reason)) = admission::check_value(&e.value, limits) {
+            return reject(code, format!("{ns}: after the op, {reason}"));
         }
         if let Err(why) = spec.check_schema(&e.value) {
             return reject(ErrorCode::SchemaInvalid, why);
@@ -863,7 +945,7 @@ mod tests {
                 let payload = json!({"n": state.last_seq});
                 let seq = state.last_seq + 1;
                 let c = cmd(&key, op_type, payload.clone(), Some(expected));
-                match admit(&spec, state.keys.get(&key), &c, seq) {
+                match admit(&spec,&Limits::default(), state.keys.get(&key), &c, seq) {
                     Ok(entry) => {
                         prop_assert_eq!(expected, current, "admitted a stale write");
                         match entry {
@@ -896,6 +978,7 @@ mod tests {
         assert_eq!(
             reject_code(admit(
                 &get("settings"),
+                &Limits::default(),
                 None,
                 &cmd("k", OpType::Set, json!(1), None),
                 1
@@ -905,6 +988,7 @@ mod tests {
         assert!(
             admit(
                 &get("index"),
+                &Limits::default(),
                 None,
                 &cmd("k", OpType::Set, json!(1), None),
                 1
@@ -915,6 +999,7 @@ mod tests {
         assert!(
             admit(
                 &get("index"),
+                &Limits::default(),
                 None,
                 &cmd("k", OpType::Set, json!(1), Some(0)),
                 1
@@ -924,6 +1009,7 @@ mod tests {
         assert_eq!(
             reject_code(admit(
                 &get("index"),
+                &Limits::default(),
                 None,
                 &cmd("k", OpType::Set, json!(1), Some(3)),
                 1
@@ -934,6 +1020,7 @@ mod tests {
         assert_eq!(
             reject_code(admit(
                 &get("collab"),
+                &Limits::default(),
                 None,
                 &cmd("k", OpType::Set, json!(1), None),
                 1
@@ -943,6 +1030,7 @@ mod tests {
         assert_eq!(
             reject_code(admit(
                 &get("index"),
+                &Limits::default(),
                 None,
                 &cmd("k", OpType::CrdtOp, json!({}), None),
                 1
@@ -952,6 +1040,7 @@ mod tests {
         assert_eq!(
             reject_code(admit(
                 &get("presence"),
+                &Limits::default(),
                 None,
                 &cmd("k", OpType::Set, json!(1), None),
                 1
@@ -963,6 +1052,7 @@ mod tests {
         assert_eq!(
             reject_code(admit(
                 &get("index"),
+                &Limits::default(),
                 None,
                 &cmd("k", OpType::Set, big, None),
                 1

@@ -33,6 +33,9 @@ pub struct Config {
     pub materializer: MaterializerConfig,
     pub compactor: CompactorConfig,
     pub dev: DevConfig,
+    /// What one command may carry (value depth, Automerge change and document
+    /// sizes), checked by the gateways before queueing and by the sequencer.
+    pub limits: crate::admission::LimitsConfig,
     /// Namespaces beyond the five defaults (SPEC §3).
     pub namespaces: Vec<crate::namespaces::NamespaceConfig>,
     /// Webhooks: committed ops POSTed to HTTP endpoints (run by the gateways).
@@ -89,6 +92,7 @@ impl Default for Config {
             materializer: MaterializerConfig::default(),
             compactor: CompactorConfig::default(),
             dev: DevConfig::default(),
+            limits: crate::admission::LimitsConfig::default(),
             namespaces: Vec::new(),
             webhooks: Vec::new(),
         }
@@ -469,6 +473,7 @@ impl Config {
             anyhow::anyhow!("materializer.name must be an id (letters, digits, - and _): {e}")
         })?;
         crate::namespaces::Namespaces::new(&self.namespaces)?;
+        self.limits.validate().map_err(anyhow::Error::msg)?;
         if self.gateway.max_messages_per_sec == 0
             || self.gateway.max_connections == 0
             || self.gateway.hello_timeout_secs == 0

@@ -3,6 +3,7 @@
 //! tracing set-up. Nothing in here knows about WebSockets or HTTP; everything that
 //! two services must agree on lives here and only here.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod cursors;

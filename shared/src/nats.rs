@@ -71,6 +71,24 @@ pub fn presence_subject(org: &str, project: &str) -> String {
     format!("usync.presence.{org}.{project}")
 }
 
+/// Where answers to commands go: `usync.reply.{gateway_id}.{session_id}` (any tokens
+/// after the prefix). The sequencer publishes answers to these subjects only.
+pub const REPLY_PREFIX: &str = "usync.reply.";
+
+/// Whether `subject` is a concrete subject under [`REPLY_PREFIX`]: non-empty tokens,
+/// no wildcards, no whitespace or control characters, at most 256 bytes.
+pub fn is_reply_subject(subject: &str) -> bool {
+    subject.len() <= 256
+        && subject.strip_prefix(REPLY_PREFIX).is_some_and(|rest| {
+            rest.split('.').all(|t| {
+                !t.is_empty()
+                    && t != "*"
+                    && t != ">"
+                    && !t.chars().any(|c| c.is_whitespace() || c.is_control())
+            })
+        })
+}
+
 /// Parses `usync.{cmd|ops}.{org}.{project}.{ns}` back into a stream key.
 pub fn stream_key_from_subject(subject: &str) -> Option<StreamKey> {
     let mut parts = subject.split('.');

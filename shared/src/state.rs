@@ -11,11 +11,10 @@
 use std::collections::BTreeMap;
 
 use automerge::{Automerge, Change};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::admission::{self, Limits};
 use crate::op::{Op, OpType};
 
 /// One key's state.
@@ -63,19 +62,12 @@ pub enum ApplyError {
     InvalidOp(String),
 }
 
-/// The Automerge change in a `crdt_op` payload `{"change": "<base64>"}`.
+/// The Automerge change in a `crdt_op` payload `{"change": "<base64>"}`, decoded
+/// under [`Limits::ceiling`]: ops in the log were admitted under tighter limits, and
+/// nothing (a compressed chunk that inflates without end) can make a replay unbounded.
 pub fn decode_change(payload: &Value) -> Result<Change, ApplyError> {
-    let b64 = payload
-        .get("change")
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            ApplyError::InvalidOp("crdt_op payload must be {\"change\": \"<base64>\"}".into())
-        })?;
-    let bytes = B64
-        .decode(b64)
-        .map_err(|e| ApplyError::InvalidOp(format!("change is not base64: {e}")))?;
-    Change::from_bytes(bytes)
-        .map_err(|e| ApplyError::InvalidOp(format!("not an Automerge change: {e}")))
+    admission::admit_change_payload(payload, &Limits::ceiling())
+        .map_err(|(_, why)| ApplyError::InvalidOp(why))
 }
 
 /// The document as JSON.
@@ -116,38 +108,63 @@ pub fn next_entry(
                 doc: None,
             }))
         }
-        OpType::CrdtOp => {
-            let change = decode_change(payload)?;
-            let mut doc = match current {
-                Some(KeyEntry { doc: Some(d), .. }) => d.clone(),
-                Some(_) => {
-                    return Err(ApplyError::InvalidOp(
-                        "crdt_op on a key that holds a plain value".into(),
-                    ));
-                }
-                None => Box::new(Automerge::new()),
-            };
-            let missing: Vec<String> = change
-                .deps()
-                .iter()
-                .filter(|h| doc.get_change_meta_by_hash(h).is_none())
-                .map(ToString::to_string)
-                .collect();
-            if !missing.is_empty() {
-                return Err(ApplyError::InvalidOp(format!(
-                    "change depends on changes the server does not have: {}",
-                    missing.join(", ")
-                )));
-            }
-            doc.apply_changes([change])
-                .map_err(|e| ApplyError::InvalidOp(format!("change does not apply: {e}")))?;
-            Ok(Some(KeyEntry {
-                value: doc_json(&doc),
-                version: seq,
-                doc: Some(doc),
-            }))
-        }
+        OpType::CrdtOp => apply_change(current, decode_change(payload)?, seq),
     }
+}
+
+/// What one decoded Automerge change does to a key's entry. A document nesting
+/// deeper than [`Limits::ceiling`]'s value depth is refused before its JSON view is
+/// built (building it recurses).
+pub fn apply_change(
+    current: Option<&KeyEntry>,
+    change: Change,
+    seq: u64,
+) -> Result<Option<KeyEntry>, ApplyError> {
+    let doc = merge_change(current, change)?;
+    let max_depth = Limits::ceiling().max_value_depth;
+    if admission::doc_depth_within(&doc, max_depth).is_none() {
+        return Err(ApplyError::InvalidOp(format!(
+            "the document would nest deeper than {max_depth} levels"
+        )));
+    }
+    Ok(Some(KeyEntry {
+        value: doc_json(&doc),
+        version: seq,
+        doc: Some(doc),
+    }))
+}
+
+/// The key's document with `change` applied (a new one when the key is absent).
+/// The JSON view is not built: check the document first (see
+/// [`admission::check_doc`]), then [`doc_json`].
+pub fn merge_change(
+    current: Option<&KeyEntry>,
+    change: Change,
+) -> Result<Box<Automerge>, ApplyError> {
+    let mut doc = match current {
+        Some(KeyEntry { doc: Some(d), .. }) => d.clone(),
+        Some(_) => {
+            return Err(ApplyError::InvalidOp(
+                "crdt_op on a key that holds a plain value".into(),
+            ));
+        }
+        None => Box::new(Automerge::new()),
+    };
+    let missing: Vec<String> = change
+        .deps()
+        .iter()
+        .filter(|h| doc.get_change_meta_by_hash(h).is_none())
+        .map(ToString::to_string)
+        .collect();
+    if !missing.is_empty() {
+        return Err(ApplyError::InvalidOp(format!(
+            "change depends on changes the server does not have: {}",
+            missing.join(", ")
+        )));
+    }
+    doc.apply_changes([change])
+        .map_err(|e| ApplyError::InvalidOp(format!("change does not apply: {e}")))?;
+    Ok(doc)
 }
 
 /// Applies the next op. Ops must come in `server_seq` order, without gaps.
@@ -239,6 +256,8 @@ mod tests {
     use super::*;
     use automerge::transaction::Transactable;
     use automerge::{AutoCommit, ROOT};
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as B64;
     use proptest::prelude::*;
     use serde_json::json;
 
