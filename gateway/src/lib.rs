@@ -14,6 +14,7 @@ pub mod hooks;
 mod http;
 mod hub;
 mod metrics;
+mod openapi;
 mod presence;
 mod publisher;
 mod rules;
@@ -260,6 +261,7 @@ fn router(state: Arc<AppState>) -> Router {
     let router = Router::new()
         .merge(ws::routes())
         .merge(api)
+        .route("/v1/openapi.json", axum::routing::get(openapi::openapi_json))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             http::envelope,

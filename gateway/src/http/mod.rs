@@ -1,13 +1,13 @@
 //! The HTTP door (SPEC §5): reads ([`reads`]), writes ([`writes`]), the operator
-//! endpoints ([`status`]) and the OpenAPI document ([`openapi`]). It only speaks
-//! HTTP; what a request may do is decided in `rules`. Every error, including those
+//! endpoints ([`status`]); [`schema`] has the bodies' shapes for the OpenAPI
+//! document. It only speaks HTTP; what a request may do is decided in `rules`. Every error, including those
 //! of axum's own extractors and unknown routes, leaves in the `{"error": {...}}`
 //! envelope.
 
-pub mod openapi;
-mod reads;
-mod status;
-mod writes;
+pub(crate) mod reads;
+pub(crate) mod schema;
+pub(crate) mod status;
+pub(crate) mod writes;
 
 use std::sync::Arc;
 
@@ -30,7 +30,6 @@ use crate::rules::error_response;
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/status", get(status::status))
-        .route("/v1/openapi.json", get(status::openapi_json))
         .route("/v1/{org}/{project}/{ns}/snapshot", get(reads::snapshot))
         .route(
             "/v1/{org}/{project}/{ns}/keys/{key}",

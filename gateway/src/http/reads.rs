@@ -72,7 +72,7 @@ fn read_error(e: ReadError) -> Response {
     get,
     path = "/v1/{org}/{project}/{ns}/snapshot",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("min_seq" = Option<u64>, Query)),
-    responses((status = 200, body = super::openapi::SnapshotBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
+    responses((status = 200, body = super::schema::SnapshotBody), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
     description = "The namespace's state (bootstrap), from a materializer."
 )]
 pub async fn snapshot(
@@ -130,7 +130,7 @@ pub async fn snapshot(
     get,
     path = "/v1/{org}/{project}/{ns}/keys/{key}",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("min_seq" = Option<u64>, Query)),
-    responses((status = 200, body = super::openapi::KeyBody, headers(("ETag" = String))), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
+    responses((status = 200, body = super::schema::KeyBody, headers(("ETag" = String))), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
     description = "One key; ETag is its version."
 )]
 pub async fn key(
@@ -185,7 +185,7 @@ pub async fn key(
     get,
     path = "/v1/{org}/{project}/{ns}/ops",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("since" = Option<u64>, Query), ("limit" = Option<usize>, Query)),
-    responses((status = 200, body = super::openapi::OpsPage), (status = 410, body = super::openapi::ErrorBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
+    responses((status = 200, body = super::schema::OpsPage), (status = 410, body = super::schema::ErrorBody), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
     description = "Ops after `since`, at most `limit`; 410 stale_base below the compacted floor."
 )]
 pub async fn ops(
@@ -276,7 +276,7 @@ pub struct CursorBody {
     path = "/v1/{org}/{project}/cursors",
     params(("org" = String, Path), ("project" = String, Path)),
     request_body = CursorBody,
-    responses((status = 200, body = super::openapi::OkBody), (status = 410, body = super::openapi::ErrorBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
+    responses((status = 200, body = super::schema::OkBody), (status = 410, body = super::schema::ErrorBody), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
     description = "A polling client's cursor: it has applied everything up to server_seq."
 )]
 pub async fn cursor(

@@ -1,5 +1,4 @@
-//! Operator endpoints: `/v1/status`, `/healthz`, `/readyz`, `/metrics` and the
-//! OpenAPI document. `/v1/status` shows gateway-wide figures to anyone; the lag of
+//! Operator endpoints: `/v1/status`, `/healthz`, `/readyz` and `/metrics`. `/v1/status` shows gateway-wide figures to anyone; the lag of
 //! each followed stream key only to an `admin` token, and only its own org's.
 
 use std::sync::Arc;
@@ -27,7 +26,7 @@ pub async fn healthz() -> &'static str {
 #[utoipa::path(
     get,
     path = "/readyz",
-    responses((status = 200, description = "NATS and the op log are reachable"), (status = 503, body = super::openapi::ErrorBody)),
+    responses((status = 200, description = "NATS and the op log are reachable"), (status = 503, body = super::schema::ErrorBody)),
     security(())
 )]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
@@ -54,7 +53,7 @@ pub async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
 #[utoipa::path(
     get,
     path = "/v1/status",
-    responses((status = 200, description = "version, uptime, connected clients; with an admin token, its org's followed stream keys and their lag", body = Object), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody))
+    responses((status = 200, description = "version, uptime, connected clients; with an admin token, its org's followed stream keys and their lag", body = Object), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody))
 )]
 pub async fn status(
     State(state): State<Arc<AppState>>,
@@ -110,9 +109,4 @@ pub async fn status(
     body["followed_stream_keys"] = serde_json::json!(lag.len());
     body["stream_keys"] = serde_json::json!(lag);
     Json(body).into_response()
-}
-
-#[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "this document", body = Object)), security(()))]
-pub async fn openapi_json() -> Json<serde_json::Value> {
-    Json(super::openapi::document())
 }

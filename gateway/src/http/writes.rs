@@ -148,7 +148,7 @@ pub struct HttpCommand {
     path = "/v1/{org}/{project}/{ns}/commands",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path)),
     request_body = CommandsBody,
-    responses((status = 200, body = super::openapi::CommandsAnswer), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
+    responses((status = 200, body = super::schema::CommandsAnswer), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
     description = "A batch of commands, answered in order with ack or reject."
 )]
 pub async fn commands(
@@ -304,7 +304,7 @@ async fn write_key(
     path = "/v1/{org}/{project}/{ns}/keys/{key}",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("If-Match" = Option<String>, Header), ("Idempotency-Key" = Option<String>, Header), ("X-Client-Id" = Option<String>, Header)),
     request_body = Object,
-    responses((status = 200, body = super::openapi::WriteAnswer, headers(("ETag" = String))), (status = 409, body = super::openapi::ErrorBody), (status = 413, body = super::openapi::ErrorBody), (status = 429, body = super::openapi::ErrorBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
+    responses((status = 200, body = super::schema::WriteAnswer, headers(("ETag" = String))), (status = 409, body = super::schema::ErrorBody), (status = 413, body = super::schema::ErrorBody), (status = 429, body = super::schema::ErrorBody), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
     description = "Set the key's value; If-Match makes it conditional (409 with current_state on mismatch)."
 )]
 pub async fn put_key(
@@ -325,7 +325,7 @@ pub async fn put_key(
     delete,
     path = "/v1/{org}/{project}/{ns}/keys/{key}",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("If-Match" = Option<String>, Header), ("Idempotency-Key" = Option<String>, Header), ("X-Client-Id" = Option<String>, Header)),
-    responses((status = 200, body = super::openapi::WriteAnswer), (status = 409, body = super::openapi::ErrorBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
+    responses((status = 200, body = super::schema::WriteAnswer), (status = 409, body = super::schema::ErrorBody), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
     description = "Delete the key; If-Match makes it conditional."
 )]
 pub async fn delete_key(
@@ -341,7 +341,7 @@ pub async fn delete_key(
     get,
     path = "/v1/{org}/{project}/{ns}/keys/{key}/history",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("limit" = Option<usize>, Query)),
-    responses((status = 200, body = super::openapi::HistoryBody), (status = 400, body = super::openapi::ErrorBody), (status = 401, body = super::openapi::ErrorBody), (status = 403, body = super::openapi::ErrorBody), (status = 404, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)),
+    responses((status = 200, body = super::schema::HistoryBody), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
     description = "The key's ops still in the log, newest first."
 )]
 pub async fn history(

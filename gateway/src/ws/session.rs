@@ -568,10 +568,8 @@ impl Session {
             let room = match self.state.presence.room(&key.org, &key.project).await {
                 Ok(r) => r,
                 Err(e) => {
-                    return self.push(ServerMessage::error(
-                        ErrorCode::Unavailable,
-                        format!("presence is unavailable: {e}"),
-                    ));
+                    let r = Refusal::unavailable("presence", e);
+                    return self.push(ServerMessage::error(r.code, r.message));
                 }
             };
             let handle = tokio::spawn(follow_presence(room, self.out.clone(), self.slow.clone()));
