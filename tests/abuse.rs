@@ -51,7 +51,8 @@ schema = { type = "object", required = ["title"] }
 "#;
 
 struct Hub {
-    nats: NatsServer,
+    /// Kept for its lifetime: dropping it stops nats-server.
+    _nats: NatsServer,
     gateway: GatewayProcess,
     sequencer: ServiceProcess,
     materializer: ServiceProcess,
@@ -89,7 +90,7 @@ impl Hub {
             &env,
         );
         Self {
-            nats,
+            _nats: nats,
             gateway,
             sequencer,
             materializer,

@@ -261,7 +261,10 @@ fn router(state: Arc<AppState>) -> Router {
     let router = Router::new()
         .merge(ws::routes())
         .merge(api)
-        .route("/v1/openapi.json", axum::routing::get(openapi::openapi_json))
+        .route(
+            "/v1/openapi.json",
+            axum::routing::get(openapi::openapi_json),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             http::envelope,
