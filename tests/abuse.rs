@@ -236,6 +236,19 @@ fn error_codes(frames: &[ServerMessage]) -> Vec<ErrorCode> {
         .collect()
 }
 
+/// The codes of the next `n` errors and rejects `conn` gets.
+async fn next_codes(conn: &mut Connection, n: usize) -> Vec<ErrorCode> {
+    let mut codes = Vec::new();
+    while codes.len() < n {
+        let m = conn
+            .recv_timeout(Duration::from_secs(20))
+            .await
+            .expect("answer");
+        codes.extend(error_codes(&[m]));
+    }
+    codes
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -751,14 +764,7 @@ async fn run_row(hub: &mut Hub, row: &str) {
             )
             .await
             .expect("send");
-            let mut codes = Vec::new();
-            while codes.len() < 4 {
-                let m = c
-                    .recv_timeout(Duration::from_secs(10))
-                    .await
-                    .expect("answer");
-                codes.extend(error_codes(&[m]));
-            }
+            let codes = next_codes(&mut c, 4).await;
             assert_eq!(
                 codes,
                 vec![
@@ -786,14 +792,7 @@ async fn run_row(hub: &mut Hub, row: &str) {
                 .await
                 .expect("send");
             }
-            let mut codes = Vec::new();
-            while codes.len() < 3 {
-                let m = c
-                    .recv_timeout(Duration::from_secs(20))
-                    .await
-                    .expect("answer");
-                codes.extend(error_codes(&[m]));
-            }
+            let codes = next_codes(&mut c, 3).await;
             assert_eq!(codes, vec![ErrorCode::PayloadTooLarge; 3]);
             c.close().await;
         }
@@ -876,14 +875,7 @@ async fn run_row(hub: &mut Hub, row: &str) {
             })
             .await
             .expect("send");
-            let mut codes = Vec::new();
-            while codes.len() < 3 {
-                let m = c
-                    .recv_timeout(Duration::from_secs(10))
-                    .await
-                    .expect("answer");
-                codes.extend(error_codes(&[m]));
-            }
+            let codes = next_codes(&mut c, 3).await;
             assert_eq!(
                 codes,
                 vec![
