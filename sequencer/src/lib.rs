@@ -245,3 +245,24 @@ async fn dispatch(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Workers that went idle leave the map; a key whose worker was replaced keeps
+    /// its live entry.
+    #[test]
+    fn idle_workers_are_forgotten() {
+        let mut workers: HashMap<StreamKey, mpsc::Sender<Job>> = HashMap::new();
+        let key = |ns: &str| StreamKey::parse("o", "p", ns).expect("key");
+        let (idle_tx, idle_rx) = mpsc::channel(1);
+        drop(idle_rx);
+        workers.insert(key("a"), idle_tx);
+        let (live_tx, _live_rx) = mpsc::channel(1);
+        workers.insert(key("b"), live_tx);
+        reap(&mut workers, Ok(key("a")));
+        reap(&mut workers, Ok(key("b")));
+        assert_eq!(workers.keys().collect::<Vec<_>>(), [&key("b")]);
+    }
+}

@@ -662,6 +662,20 @@ mod tests {
     }
 
     #[test]
+    fn limits_come_from_the_config_file() {
+        let cfg =
+            crate::config::Config::from_toml("[limits]\nmax_value_depth = 32\n").expect("config");
+        assert_eq!(cfg.limits.max_value_depth, 32);
+        assert_eq!(
+            cfg.limits.max_change_inflated_bytes,
+            Limits::default().max_change_inflated_bytes
+        );
+        assert!(crate::config::Config::from_toml("[limits]\nmax_value_depth = 101\n").is_err());
+        assert!(crate::config::Config::from_toml("[limits]\nmax_change_ops = 0\n").is_err());
+        assert!(crate::config::Config::from_toml("[limits]\nnope = 1\n").is_err());
+    }
+
+    #[test]
     fn deep_documents_are_refused() {
         let mut doc = AutoCommit::new();
         let mut obj = ROOT;
