@@ -282,6 +282,28 @@ pub struct GatewayConfig {
     /// Origins allowed by CORS for the HTTP API; `["*"]` = any; empty = no CORS
     /// headers (browsers then refuse cross-origin reads).
     pub cors_origins: Vec<String>,
+    /// Open sockets one actor (token `sub`) may have on this gateway; more get 429
+    /// `rate_limited` before the upgrade.
+    pub max_sockets_per_actor: usize,
+    /// Open sockets one org may have on this gateway (its share of `max_connections`).
+    pub max_sockets_per_org: usize,
+    /// Commands per second one actor may send, over all its sockets and HTTP requests
+    /// (a batch costs one per command; bursts of twice this). Over it: `rate_limited`.
+    pub max_commands_per_sec_per_actor: u32,
+    /// Namespaces one socket may follow at once (and cursors one `hello` may carry).
+    pub max_subscriptions_per_socket: usize,
+    /// Bytes queued for one socket (live ops, catch-up, answers); a reader that
+    /// cannot keep up is closed 4001 and resumes from its cursor.
+    pub max_outbound_bytes: usize,
+    /// Largest HTTP `ops` page or `history` answer (bytes; `more` says there is more).
+    pub max_page_bytes: usize,
+    /// Seconds a client has to send a request's headers (slow clients are cut off).
+    pub header_read_timeout_secs: u64,
+    /// Seconds an HTTP request may take to be answered (503 after that).
+    pub request_timeout_secs: u64,
+    /// TCP connections this gateway holds at once, upgraded or not; more are closed
+    /// at once.
+    pub max_http_connections: usize,
 }
 
 impl Default for GatewayConfig {
@@ -306,6 +328,15 @@ impl Default for GatewayConfig {
             tls_key_file: None,
             plain_listen: None,
             cors_origins: Vec::new(),
+            max_sockets_per_actor: 100,
+            max_sockets_per_org: 5_000,
+            max_commands_per_sec_per_actor: 5_000,
+            max_subscriptions_per_socket: 64,
+            max_outbound_bytes: 4 * 1024 * 1024,
+            max_page_bytes: 4 * 1024 * 1024,
+            header_read_timeout_secs: 10,
+            request_timeout_secs: 30,
+            max_http_connections: 12_000,
         }
     }
 }
@@ -517,6 +548,26 @@ impl Config {
         }
         if self.gateway.cursor_flush_ms == 0 {
             anyhow::bail!("gateway.cursor_flush_ms must be positive");
+        }
+        let g = &self.gateway;
+        if g.max_sockets_per_actor == 0
+            || g.max_sockets_per_org == 0
+            || g.max_commands_per_sec_per_actor == 0
+            || g.max_subscriptions_per_socket == 0
+            || g.header_read_timeout_secs == 0
+            || g.request_timeout_secs == 0
+        {
+            anyhow::bail!(
+                "gateway.max_sockets_per_actor, max_sockets_per_org, max_commands_per_sec_per_actor, max_subscriptions_per_socket, header_read_timeout_secs and request_timeout_secs must be positive"
+            );
+        }
+        if g.max_outbound_bytes < 2 * g.max_frame_bytes || g.max_page_bytes < g.max_frame_bytes {
+            anyhow::bail!(
+                "gateway.max_outbound_bytes must be at least twice max_frame_bytes and max_page_bytes at least max_frame_bytes"
+            );
+        }
+        if g.max_http_connections < g.max_connections {
+            anyhow::bail!("gateway.max_http_connections must be at least max_connections");
         }
         if self.gateway.outbound_queue == 0 {
             anyhow::bail!("gateway.outbound_queue must be at least 1");
