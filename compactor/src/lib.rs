@@ -1,13 +1,17 @@
-//! The compactor: trims each stream key's op log below what every live client has
-//! acknowledged and a durable snapshot covers (invariant 7).
+//! The compactor: trims each stream key's op log below what every reader of it has
+//! processed and a durable snapshot covers (invariant 7).
 //!
-//! Per stream key and pass: the minimum cursor of the clients seen within
-//! `cursor_ttl_secs` (older ones are listed as expired and no longer hold the log
-//! back), capped at the stored snapshot's `last_server_seq`, minus `retention_ops`,
-//! and never the newest op (the sequencer's expected-sequence fence needs it). Ops at
-//! or below that floor are purged from `usync.ops.{org}.{project}.{ns}`. A key whose
-//! snapshot is missing, damaged or unreadable is skipped; a pass that cannot read the
-//! cursors purges nothing at all (fails safe).
+//! Per stream key and pass: the minimum over the cursors of the clients seen within
+//! `cursor_ttl_secs` (older ones are listed as expired, no longer hold the log back,
+//! and are deleted) and the positions of the durable readers of the log — each
+//! webhook's and each materializer's consumer on `USYNC_OPS` — capped at the stored
+//! snapshot's `last_server_seq`, minus `retention_ops`, and never the newest op (the
+//! sequencer's expected-sequence fence needs it). A durable reader more than
+//! `reader_max_lag_ops` behind the head is let go on purpose: logged, counted, and it
+//! resyncs (a materializer from a snapshot). Ops at or below that floor are purged
+//! from `usync.ops.{org}.{project}.{ns}`. A key whose snapshot is missing, damaged or
+//! unreadable is skipped; a pass that cannot read the cursors or the readers purges
+//! nothing at all (fails safe).
 
 mod metrics;
 
@@ -46,6 +50,85 @@ pub struct ClientCursor {
     pub seen_secs_ago: u64,
 }
 
+/// A durable reader of the log (a consumer on `USYNC_OPS`) as one stream key sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReaderHold {
+    /// `webhook` or `materializer`.
+    pub kind: &'static str,
+    /// The consumer's name.
+    pub name: String,
+    /// Ops at or below this `server_seq` it has processed (it needs the ones after).
+    pub position: u64,
+    /// `head - position`.
+    pub lag: u64,
+    /// Farther behind than `reader_max_lag_ops`: no longer holds the log.
+    pub let_go: bool,
+}
+
+/// A durable consumer on `USYNC_OPS` and what it has acknowledged.
+#[derive(Debug, Clone)]
+pub struct Reader {
+    pub kind: &'static str,
+    pub name: String,
+    /// Subjects it reads (NATS wildcards).
+    pub filters: Vec<String>,
+    /// Every stream sequence at or below this is processed.
+    pub ack_floor: u64,
+}
+
+/// The durable readers of `USYNC_OPS` whose progress holds the log: webhooks
+/// (`usync-webhook-*`) and materializers (`usync-materializer-*`).
+pub async fn read_readers(ops: &jetstream::stream::Stream) -> anyhow::Result<Vec<Reader>> {
+    let infos: Vec<jetstream::consumer::Info> = ops
+        .consumers()
+        .try_collect()
+        .await
+        .context("listing the op log's consumers")?;
+    let mut readers = Vec::new();
+    for info in infos {
+        let Some(name) = info.config.durable_name.clone() else {
+            continue;
+        };
+        let kind = if name.starts_with("usync-webhook-") {
+            "webhook"
+        } else if name.starts_with("usync-materializer-") {
+            "materializer"
+        } else {
+            continue;
+        };
+        let mut filters = info.config.filter_subjects.clone();
+        if !info.config.filter_subject.is_empty() {
+            filters.push(info.config.filter_subject.clone());
+        }
+        if filters.is_empty() {
+            filters.push(">".to_owned());
+        }
+        readers.push(Reader {
+            kind,
+            name,
+            filters,
+            ack_floor: info.ack_floor.stream_sequence,
+        });
+    }
+    readers.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(readers)
+}
+
+/// Whether NATS subject `filter` (with `*` and `>`) matches `subject`.
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// What a pass did (or, dry, would do) to one stream key.
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
@@ -57,6 +140,11 @@ pub struct Plan {
     pub min_cursor: Option<u64>,
     pub live_clients: Vec<ClientCursor>,
     pub expired_clients: Vec<ClientCursor>,
+    /// Durable readers of this key's ops (webhooks, materializers).
+    pub readers: Vec<ReaderHold>,
+    /// What holds the floor where it is: `snapshot`, `client:{id}`,
+    /// `{kind}:{name}`, or `head` (the newest op always stays).
+    pub held_by: String,
     /// Ops at or below this may go.
     pub floor: u64,
     /// Ops purged (or that would be).
@@ -133,8 +221,13 @@ pub async fn compact_once(
         .get_object_store(SNAPSHOTS_BUCKET)
         .await
         .context("opening the snapshot store")?;
-    // Cursors first: without them nothing may be purged.
+    // Cursors and readers first: without them nothing may be purged.
     let cursors = read_cursors(js).await?;
+    let readers = read_readers(&ops).await?;
+    let cursor_kv = js
+        .get_key_value(CURSORS_BUCKET)
+        .await
+        .context("opening the cursor bucket")?;
     let now = now_ms();
     let ttl_ms = cfg.cursor_ttl_secs.saturating_mul(1000);
     let mut report = Report {
@@ -156,6 +249,8 @@ pub async fn compact_once(
             min_cursor: None,
             live_clients: Vec::new(),
             expired_clients: Vec::new(),
+            readers: Vec::new(),
+            held_by: String::new(),
             floor: 0,
             purged: 0,
             skipped: None,
@@ -178,6 +273,39 @@ pub async fn compact_once(
                 plan.live_clients.push(entry);
             }
         }
+        // The durable readers: where each is in this key's ops.
+        let mut holds: Vec<(u64, String)> = plan
+            .live_clients
+            .iter()
+            .map(|c| (c.server_seq, format!("client:{}", c.client_id)))
+            .collect();
+        for r in readers
+            .iter()
+            .filter(|r| r.filters.iter().any(|f| subject_matches(f, &subject)))
+        {
+            // The first op it has not processed; none: it has everything.
+            let Some(next) = log::next_at_or_after(&ops, &subject, r.ack_floor + 1).await? else {
+                continue;
+            };
+            let position = next.server_seq.saturating_sub(1);
+            let lag = head.saturating_sub(position);
+            let let_go = cfg.reader_max_lag_ops > 0 && lag > cfg.reader_max_lag_ops;
+            if let_go {
+                warn!(stream_key = %key, reader = %r.name, lag, "a reader this far behind no longer holds the log; it resyncs from a snapshot");
+                if let (false, Some(m)) = (dry_run, metrics) {
+                    m.reader_let_go(r.kind);
+                }
+            } else {
+                holds.push((position, format!("{}:{}", r.kind, r.name)));
+            }
+            plan.readers.push(ReaderHold {
+                kind: r.kind,
+                name: r.name.clone(),
+                position,
+                lag,
+                let_go,
+            });
+        }
         match snapshot::fetch(&store, &key).await {
             Ok(Some(s)) if s.state.last_seq > head => {
                 plan.skipped = Some(format!(
@@ -197,7 +325,18 @@ pub async fn compact_once(
             Err(e) => plan.skipped = Some(format!("snapshot unusable: {e}")),
         }
         if let (Some(snap), Some(first)) = (plan.snapshot_seq, first) {
-            plan.floor = floor(plan.min_cursor, snap, head, cfg.retention_ops);
+            let lowest = holds.iter().min_by_key(|(p, _)| *p).cloned();
+            plan.floor = floor(
+                lowest.as_ref().map(|(p, _)| *p),
+                snap,
+                head,
+                cfg.retention_ops,
+            );
+            plan.held_by = match lowest {
+                Some((p, who)) if p <= snap && p < head => who,
+                _ if snap < head => "snapshot".to_owned(),
+                _ => "head".to_owned(),
+            };
             if plan.floor >= first {
                 plan.purged = plan.floor - first + 1;
                 if !dry_run {
@@ -208,6 +347,15 @@ pub async fn compact_once(
         }
         if let Some(why) = &plan.skipped {
             info!(stream_key = %key, %why, "not compacted");
+        }
+        // Clients gone for longer than the TTL no longer count: their cursors go.
+        if !dry_run {
+            for c in &plan.expired_clients {
+                let kv_key = ultrasync_shared::cursors::kv_key(&key, &c.client_id);
+                if let Err(e) = cursor_kv.delete(&kv_key).await {
+                    warn!(key = %kv_key, error = %e, "deleting an expired cursor failed");
+                }
+            }
         }
         report.purged_total += plan.purged;
         if let (false, Some(m)) = (dry_run, metrics) {

@@ -24,6 +24,8 @@ struct Inner {
     skipped: BTreeMap<String, u64>,
     /// (stream key, client) → (lag, live)
     lag: BTreeMap<(String, String), (u64, bool)>,
+    /// Durable readers let go for lagging too far, by kind.
+    let_go: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Default)]
@@ -47,6 +49,11 @@ impl Metrics {
 
     pub fn pass_failed(&self) {
         self.lock().failed_passes += 1;
+    }
+
+    /// A durable reader was let go (it lagged more than `reader_max_lag_ops`).
+    pub fn reader_let_go(&self, kind: &'static str) {
+        *self.lock().let_go.entry(kind).or_default() += 1;
     }
 
     /// Takes in what a (non-dry) pass did to one stream key.
@@ -77,6 +84,17 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE usync_compactor_passes_total counter");
         let _ = writeln!(out, "usync_compactor_passes_total {}", m.passes);
+        let _ = writeln!(
+            out,
+            "# HELP usync_compactor_readers_let_go_total Stream keys on which a durable reader (webhook, materializer) was let go for lagging past reader_max_lag_ops."
+        );
+        let _ = writeln!(out, "# TYPE usync_compactor_readers_let_go_total counter");
+        for (kind, n) in &m.let_go {
+            let _ = writeln!(
+                out,
+                "usync_compactor_readers_let_go_total{{kind=\"{kind}\"}} {n}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP usync_compactor_failed_passes_total Passes that purged nothing because NATS, the cursors or the log could not be read."

@@ -406,6 +406,10 @@ pub struct CompactorConfig {
     pub cursor_ttl_secs: u64,
     /// Ops kept below the computed floor, for clients slightly behind it.
     pub retention_ops: u64,
+    /// A durable reader of the log (a webhook's or a materializer's consumer) this
+    /// many ops behind the head no longer holds it back: it is let go on purpose
+    /// (logged, counted) and resyncs. 0 = readers always hold the log.
+    pub reader_max_lag_ops: u64,
     /// Where the compactor serves Prometheus `/metrics` (off when unset).
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -416,6 +420,7 @@ impl Default for CompactorConfig {
             interval_secs: 60,
             cursor_ttl_secs: 7 * 86_400,
             retention_ops: 1000,
+            reader_max_lag_ops: 1_000_000,
             metrics_listen: None,
         }
     }

@@ -1,5 +1,6 @@
 //! Client cursors in KV `usync-cursors`: `{org}.{project}.{ns}.{client_id}` → the last
-//! `server_seq` the client has durably applied, and when it last said so. Gateways
+//! `server_seq` the client has durably applied, when it last said so, and the actor
+//! the client id belongs to. Gateways
 //! write them (coalesced); the compactor reads them to find how far the log may be
 //! trimmed.
 
@@ -9,11 +10,16 @@ use crate::StreamKey;
 use crate::ids::is_valid_id;
 
 /// One stored cursor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CursorRecord {
     pub server_seq: u64,
     /// Unix time in milliseconds of the client's last cursor report.
     pub seen_at_ms: u64,
+    /// The actor that first used this client id: only it may move the cursor
+    /// (records written before owners were kept have none and are claimed by the
+    /// next writer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_id: Option<String>,
 }
 
 /// The KV key of `client_id`'s cursor on `key`.

@@ -57,6 +57,8 @@ pub struct ApiQuery {
     pub(crate) min_seq: Option<u64>,
     pub(crate) since: Option<u64>,
     pub(crate) limit: Option<usize>,
+    /// A polling client's id: `GET …/ops?since=N&client_id=X` records X's cursor at N.
+    pub(crate) client_id: Option<String>,
 }
 
 /// The caller of an HTTP request, within its request budget.

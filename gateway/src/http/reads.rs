@@ -194,17 +194,27 @@ pub async fn ops(
     headers: HeaderMap,
     Query(query): Query<ApiQuery>,
 ) -> Response {
-    let key = match resolve(
+    let (principal, key) = match resolve(
         &state,
         &headers,
         &query,
         (&org, &project, &ns),
         Access::Read,
     ) {
-        Ok((_, key)) => key,
+        Ok(x) => x,
         Err(r) => return r,
     };
     let since = query.since.unwrap_or(0);
+    // A polling client that names itself holds the log at what it has (seed 001:
+    // cursors on every pull), like a cursor report.
+    if let Some(client_id) = &query.client_id {
+        if let Err(e) = ultrasync_shared::Id::parse("client_id", client_id) {
+            return error_response(ErrorCode::InvalidId, e.to_string());
+        }
+        if let Err(r) = commands::report_cursor(&state, &principal, &key, client_id, since).await {
+            return r.into_response();
+        }
+    }
     let limit = query.limit.unwrap_or(500).min(MAX_OPS_LIMIT);
     let subject = ultrasync_shared::nats::ops_subject(&key);
     let ops_stream = state.hub.ops_stream();
@@ -290,22 +300,23 @@ pub async fn cursor(
         Ok(b) => b,
         Err(e) => return body_error(e),
     };
-    let key = match resolve(
+    let (principal, key) = match resolve(
         &state,
         &headers,
         &query,
         (&org, &project, &body.namespace),
         Access::Read,
     ) {
-        Ok((_, key)) => key,
+        Ok(x) => x,
         Err(r) => return r,
     };
     if let Err(e) = ultrasync_shared::Id::parse("client_id", &body.client_id) {
         return error_response(ErrorCode::InvalidId, e.to_string());
     }
-    if let Err(r) = commands::check_cursor(&state, &key, body.server_seq).await {
+    if let Err(r) =
+        commands::report_cursor(&state, &principal, &key, &body.client_id, body.server_seq).await
+    {
         return r.into_response();
     }
-    state.cursors.record(&key, &body.client_id, body.server_seq);
     Json(serde_json::json!({"ok": true})).into_response()
 }

@@ -1,6 +1,6 @@
 //! Checks a command passes at the gateway, before it is queued in the shared
 //! `USYNC_CMDS` stream (the sequencer checks everything again; these keep one
-//! tenant's garbage out of every tenant's queue), and the cursor rule.
+//! tenant's garbage out of every tenant's queue), and the cursor rules.
 
 use ultrasync_shared::auth::Principal;
 use ultrasync_shared::protocol::CommandFrame;
@@ -115,4 +115,21 @@ pub async fn check_cursor(
         ));
     }
     Ok(())
+}
+
+/// A client's cursor, from any door (`cursor` frames, `hello`/`subscribe` cursors,
+/// `POST …/cursors`, `GET …/ops?since=&client_id=`): checked against the head and
+/// recorded for the compactor under the client id, which must be the actor's own.
+pub async fn report_cursor(
+    state: &AppState,
+    principal: &Principal,
+    key: &StreamKey,
+    client_id: &str,
+    server_seq: u64,
+) -> Result<(), Refusal> {
+    check_cursor(state, key, server_seq).await?;
+    state
+        .cursors
+        .record(key, client_id, principal.actor_id.as_str(), server_seq)
+        .await
 }

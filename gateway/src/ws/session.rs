@@ -556,6 +556,18 @@ impl Session {
         if let Some(old) = self.followers.remove(namespace) {
             old.abort();
         }
+        // A resuming client's cursor says what it has: it holds the log like a
+        // `cursor` frame would (one above the head is the follower's to refuse).
+        if let (Some(seq), Some(bound)) = (cursor, self.bound.as_ref()) {
+            let client_id = bound.client_id.to_string();
+            match commands::report_cursor(&self.state, &self.principal, &key, &client_id, seq).await
+            {
+                Err(r) if r.code == ErrorCode::Forbidden => {
+                    return self.push(ServerMessage::error(r.code, r.message));
+                }
+                _ => {}
+            }
+        }
         if self
             .state
             .namespaces
@@ -742,9 +754,11 @@ impl Session {
             return;
         };
         let client_id = bound.client_id.to_string();
-        match commands::check_cursor(&self.state, &key, server_seq).await {
-            Ok(()) => self.state.cursors.record(&key, &client_id, server_seq),
-            Err(r) => self.push(ServerMessage::error(r.code, r.message)),
+        if let Err(r) =
+            commands::report_cursor(&self.state, &self.principal, &key, &client_id, server_seq)
+                .await
+        {
+            self.push(ServerMessage::error(r.code, r.message));
         }
     }
 }
