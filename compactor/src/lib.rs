@@ -466,6 +466,17 @@ mod tests {
     }
 
     #[test]
+    fn subjects_match_like_nats() {
+        assert!(subject_matches(">", "usync.ops.a.b.c"));
+        assert!(subject_matches("usync.ops.>", "usync.ops.a.b.c"));
+        assert!(subject_matches("usync.ops.a.*.c", "usync.ops.a.b.c"));
+        assert!(subject_matches("usync.ops.a.b.c", "usync.ops.a.b.c"));
+        assert!(!subject_matches("usync.ops.a.*", "usync.ops.a.b.c"));
+        assert!(!subject_matches("usync.ops.a.b.c.>", "usync.ops.a.b.c"));
+        assert!(!subject_matches("usync.ops.x.>", "usync.ops.a.b.c"));
+    }
+
+    #[test]
     fn floor_examples() {
         assert_eq!(floor(Some(10), 80, 100, 0), 10);
         assert_eq!(floor(None, 80, 100, 0), 80);

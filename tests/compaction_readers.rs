@@ -1,0 +1,307 @@
+//! Every reader of the log holds the compaction floor (SPEC invariant 7): a webhook
+//! whose receiver is down keeps its ops in the log until it has them, a reader past
+//! `reader_max_lag_ops` is let go on purpose; clients' cursors come from every pull
+//! and resume (hello cursors, `GET …/ops?since=&client_id=`), a client id belongs to
+//! the actor that first used it, and expired cursors are deleted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ultrasync_client::{ClientMessage, OpType, ServerMessage};
+use ultrasync_compactor::{compact_once, read_cursors};
+use ultrasync_shared::config::WebhookConfig;
+use ultrasync_shared::nats::{OPS_STREAM, ops_subject};
+use ultrasync_shared::{ErrorCode, StreamKey, log};
+use ultrasync_testkit::{Stack, StackOptions, wait_for_snapshot};
+
+const SECRET: &str = "compaction-test-secret-0123456789";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn key() -> StreamKey {
+    StreamKey::parse("acme", "web", "index").expect("key")
+}
+
+/// A receiver that answers 503 while `down`, else 200, recording the `server_seq`
+/// of every op it accepted.
+async fn receiver(down: Arc<AtomicBool>, got: Arc<Mutex<BTreeSet<u64>>>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let down = down.clone();
+            let got = got.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let body = loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .and_then(|v| v.trim().parse().ok())
+                            })
+                            .unwrap_or(0);
+                        if rest.len() >= len {
+                            break rest[..len].to_owned();
+                        }
+                    }
+                };
+                let status = if down.load(Ordering::Relaxed) {
+                    "503 Service Unavailable"
+                } else {
+                    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    if let Some(seq) = v["op"]["server_seq"].as_u64() {
+                        got.lock().expect("lock").insert(seq);
+                    }
+                    "200 OK"
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}/hook")
+}
+
+async fn write_n(stack: &Stack, n: u64) -> u64 {
+    let mut c = stack.client("writer", "web", "writer", &[]).await;
+    let mut last = 0;
+    for i in 0..n {
+        c.command(
+            &format!("w{i}"),
+            "index",
+            &format!("k{}", i % 10),
+            OpType::Set,
+            json!(i),
+        )
+        .await
+        .expect("send");
+    }
+    let mut acked = 0;
+    while acked < n {
+        if let ServerMessage::Ack { server_seq, .. } = c.recv_timeout(WAIT).await.expect("ack") {
+            acked += 1;
+            last = last.max(server_seq);
+        }
+    }
+    c.close().await;
+    last
+}
+
+async fn first_in_log(stack: &Stack) -> Option<u64> {
+    let js = stack.jetstream().await;
+    let ops = js.get_stream(OPS_STREAM).await.expect("ops");
+    log::next_at_or_after(&ops, &ops_subject(&key()), 1)
+        .await
+        .expect("log")
+        .map(|e| e.server_seq)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_is_down_holds_the_log_until_it_has_every_op() {
+    let down = Arc::new(AtomicBool::new(true));
+    let got = Arc::new(Mutex::new(BTreeSet::new()));
+    let url = receiver(down.clone(), got.clone()).await;
+    let mut stack = Stack::start_with(StackOptions {
+        configure: |c| {
+            c.materializer.snapshot_every_ops = 10;
+            c.materializer.snapshot_interval_secs = 1;
+            c.compactor.retention_ops = 0;
+        },
+        ..Default::default()
+    })
+    .await;
+    // The webhook's gateway: a second one with the webhook configured.
+    stack.config.webhooks = vec![WebhookConfig {
+        name: "slow".to_owned(),
+        url,
+        secret: SECRET.to_owned(),
+        org: "acme".to_owned(),
+        project: None,
+        namespace: Some("index".to_owned()),
+        events: vec!["op.committed".to_owned()],
+        max_attempts: 1000,
+        backoff_ms: 100,
+    }];
+    stack.add_gateway().await;
+    let head = write_n(&stack, 60).await;
+    let js = stack.jetstream().await;
+    wait_for_snapshot(&stack, "web", "index", head).await;
+
+    // Down: the webhook's consumer holds every op it has not delivered.
+    let cfg = stack.config.compactor.clone();
+    let report = compact_once(&js, &cfg, false, None).await.expect("pass");
+    let plan = report
+        .stream_keys
+        .iter()
+        .find(|p| p.stream_key == "acme/web/index")
+        .expect("plan");
+    assert_eq!(plan.held_by, "webhook:usync-webhook-slow", "{plan:?}");
+    assert_eq!(plan.purged, 0, "{plan:?}");
+    assert_eq!(first_in_log(&stack).await, Some(1));
+
+    // A reader let go on purpose (over its lag bound) no longer holds the log; the
+    // dry run says so and purges nothing.
+    let mut strict = cfg.clone();
+    strict.reader_max_lag_ops = 10;
+    let dry = compact_once(&js, &strict, true, None)
+        .await
+        .expect("dry pass");
+    let plan = &dry.stream_keys[0];
+    assert!(
+        plan.readers.iter().any(|r| r.kind == "webhook" && r.let_go),
+        "{plan:?}"
+    );
+    assert!(plan.purged > 0, "{plan:?}");
+    assert_eq!(first_in_log(&stack).await, Some(1), "a dry run purged");
+
+    // Up again: every op arrives, then the log may go.
+    down.store(false, Ordering::Relaxed);
+    for _ in 0..400 {
+        if got.lock().expect("lock").len() as u64 >= head {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let delivered: Vec<u64> = got.lock().expect("lock").iter().copied().collect();
+    assert_eq!(
+        delivered,
+        (1..=head).collect::<Vec<_>>(),
+        "every op reached the receiver"
+    );
+    let mut purged = 0;
+    for _ in 0..100 {
+        let report = compact_once(&js, &cfg, false, None).await.expect("pass");
+        purged += report.purged_total;
+        if purged > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        purged > 0,
+        "nothing was purged once the webhook had everything"
+    );
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_come_from_every_pull_belong_to_their_actor_and_expire() {
+    let stack = Stack::start_with(StackOptions {
+        configure: |c| {
+            c.gateway.cursor_flush_ms = 50;
+        },
+        ..Default::default()
+    })
+    .await;
+    write_n(&stack, 10).await;
+    let js = stack.jetstream().await;
+
+    // A resuming client's hello cursor is its cursor.
+    let alice = stack
+        .client("alice", "web", "tab-a", &[("index", Some(4))])
+        .await;
+    // A polling client's pull is its cursor.
+    let r = stack
+        .get(
+            "/v1/acme/web/index/ops?since=7&client_id=poller",
+            &stack.token("bob", "read"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut seen = BTreeMap::new();
+    for _ in 0..200 {
+        seen = read_cursors(&js)
+            .await
+            .expect("cursors")
+            .remove(&key())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(c, r)| (c, r.server_seq))
+            .collect();
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        seen,
+        BTreeMap::from([("poller".to_owned(), 7), ("tab-a".to_owned(), 4)])
+    );
+
+    // Another actor cannot move alice's client's cursor, over either door.
+    let mut mallory = stack.client("mallory", "web", "tab-a", &[]).await;
+    mallory
+        .send(&ClientMessage::Cursor {
+            namespace: "index".into(),
+            server_seq: 10,
+        })
+        .await
+        .expect("send");
+    match mallory.recv_timeout(WAIT).await.expect("answer") {
+        ServerMessage::Error { code, .. } => assert_eq!(code, ErrorCode::Forbidden),
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    let r = stack
+        .http(
+            "POST",
+            "/v1/acme/web/cursors",
+            &stack.token("mallory", "read"),
+            &json!({"client_id": "tab-a", "namespace": "index", "server_seq": 10}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = stack
+        .get(
+            "/v1/acme/web/index/ops?since=9&client_id=tab-a",
+            &stack.token("mallory", "read"),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stored = read_cursors(&js).await.expect("cursors");
+    assert_eq!(
+        stored[&key()]
+            .iter()
+            .find(|(c, _)| c == "tab-a")
+            .map(|(_, r)| r.server_seq),
+        Some(4),
+        "a foreign actor moved the cursor"
+    );
+
+    // Clients unseen for longer than the TTL are deleted by the compactor.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut cfg = stack.config.compactor.clone();
+    cfg.cursor_ttl_secs = 1;
+    compact_once(&js, &cfg, false, None).await.expect("pass");
+    let left = read_cursors(&js).await.expect("cursors");
+    assert!(
+        left.get(&key()).is_none_or(|v| v.is_empty()),
+        "expired cursors left: {left:?}"
+    );
+    alice.close().await;
+    mallory.close().await;
+    stack.shutdown().await;
+}
