@@ -33,6 +33,13 @@ pub enum Inspect {
         #[arg(long)]
         key: Option<String>,
     },
+    /// The partitions of `USYNC_CMDS`: which sequencer instance holds each (lease),
+    /// its queue (waiting, in flight, redelivered) and the instances' counters.
+    Partitions {
+        /// Prometheus text instead of JSON (per-partition gauges and counters).
+        #[arg(long)]
+        prometheus: bool,
+    },
     /// A stream key's stored snapshot (state, versions, digest, op count).
     Snapshot {
         #[arg(long)]
@@ -49,6 +56,14 @@ pub async fn run(config: &Config, what: Inspect) -> anyhow::Result<()> {
     let js = jetstream::new(client);
     let out = match what {
         Inspect::Streams => streams(&js).await?,
+        Inspect::Partitions { prometheus } => {
+            let out = partitions(&js).await?;
+            if prometheus {
+                print!("{}", partitions_prometheus(&out));
+                return Ok(());
+            }
+            out
+        }
         Inspect::Cursors { ttl_secs } => {
             cursors(&js, ttl_secs.unwrap_or(config.compactor.cursor_ttl_secs)).await?
         }
@@ -189,4 +204,164 @@ async fn streams(js: &jetstream::Context) -> anyhow::Result<Value> {
     }
     keys.sort_by(|a, b| a["subject"].as_str().cmp(&b["subject"].as_str()));
     Ok(json!({"resources": resources, "stream_keys": keys}))
+}
+
+/// Leases, heartbeats and consumer state of every partition.
+async fn partitions(js: &jetstream::Context) -> anyhow::Result<Value> {
+    use ultrasync_sequencer::{Heartbeat, Lease};
+    let mut cmds = js
+        .get_stream(CMDS_STREAM)
+        .await
+        .context("opening USYNC_CMDS")?;
+    let info = cmds.info().await?.clone();
+    let count = nats::partitions_of(&info.config);
+    let mut leases = std::collections::BTreeMap::new();
+    let mut instances = Vec::new();
+    if let Ok(kv) = js.get_key_value(nats::LEASES_BUCKET).await {
+        let keys: Vec<String> = kv.keys().await?.try_collect().await?;
+        for k in keys {
+            let Some(entry) = kv.get(&k).await? else {
+                continue;
+            };
+            if let Some(p) = k.strip_prefix("p.").and_then(|p| p.parse::<u32>().ok()) {
+                if let Ok(lease) = serde_json::from_slice::<Lease>(&entry) {
+                    leases.insert(p, lease);
+                }
+            } else if k.starts_with("i.")
+                && let Ok(beat) = serde_json::from_slice::<Heartbeat>(&entry)
+            {
+                instances.push(beat);
+            }
+        }
+    }
+    let stats_of = |p: u32| {
+        instances.iter().find_map(|i| {
+            i.partitions
+                .get(&p)
+                .map(|s| (i.instance.clone(), s.clone()))
+        })
+    };
+    let mut parts = Vec::new();
+    for p in 0..count.unwrap_or(0) {
+        let consumer = cmds.consumer_info(nats::partition_consumer(p)).await.ok();
+        let lease = leases.get(&p);
+        let reported = stats_of(p);
+        parts.push(json!({
+            "partition": p,
+            "owner": lease.map(|l| l.instance.clone()),
+            "owner_since_ms": lease.map(|l| l.since_ms),
+            "waiting": consumer.as_ref().map(|c| c.num_pending),
+            "in_flight": consumer.as_ref().map(|c| c.num_ack_pending),
+            "redelivered": consumer.as_ref().map(|c| c.num_redelivered),
+            "lag": consumer.as_ref().map(|c| c.num_pending + c.num_ack_pending as u64),
+            "commands": reported.as_ref().map(|(_, s)| s.commands),
+            "pushed_back": reported.as_ref().map(|(_, s)| s.pushed_back),
+            "workers": reported.as_ref().map(|(_, s)| s.workers),
+        }));
+    }
+    let unpartitioned = cmds
+        .consumer_info(nats::SEQUENCER_CONSUMER)
+        .await
+        .ok()
+        .map(|c| {
+            json!({
+                "consumer": nats::SEQUENCER_CONSUMER,
+                "filter": c.config.filter_subject,
+                "waiting": c.num_pending,
+                "in_flight": c.num_ack_pending,
+            })
+        });
+    let instances: Vec<Value> = instances
+        .iter()
+        .map(|i| {
+            json!({
+                "instance": i.instance,
+                "pid": i.pid,
+                "partitions": i.partitions.keys().collect::<Vec<_>>(),
+                "draining_unpartitioned": i.unpartitioned.is_some(),
+            })
+        })
+        .collect();
+    let lease_ttl_ms = match js.get_key_value(nats::LEASES_BUCKET).await {
+        Ok(kv) => kv
+            .status()
+            .await
+            .ok()
+            .map(|s| s.max_age().as_millis() as u64),
+        Err(_) => None,
+    };
+    Ok(json!({
+        "partitions": count,
+        "lease_ttl_ms": lease_ttl_ms,
+        "instances": instances,
+        "by_partition": parts,
+        "unpartitioned_consumer": unpartitioned,
+    }))
+}
+
+/// [`partitions`] as Prometheus text.
+fn partitions_prometheus(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let metrics = [
+        (
+            "waiting",
+            "gauge",
+            "Commands waiting in the partition's consumer",
+        ),
+        (
+            "in_flight",
+            "gauge",
+            "Commands taken by a sequencer, not yet acked",
+        ),
+        (
+            "redelivered",
+            "gauge",
+            "Commands delivered more than once, not yet acked",
+        ),
+        (
+            "commands",
+            "counter",
+            "Commands the owning instance took from the partition",
+        ),
+        (
+            "pushed_back",
+            "counter",
+            "Commands handed back because their stream key's queue was full",
+        ),
+        (
+            "workers",
+            "gauge",
+            "Stream keys with a live worker on the owning instance",
+        ),
+    ];
+    let parts = v["by_partition"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "# HELP usync_partition_owned 1 for the instance holding the partition's lease"
+    );
+    let _ = writeln!(out, "# TYPE usync_partition_owned gauge");
+    for p in &parts {
+        if let Some(owner) = p["owner"].as_str() {
+            let _ = writeln!(
+                out,
+                "usync_partition_owned{{partition=\"{}\",instance=\"{owner}\"}} 1",
+                p["partition"]
+            );
+        }
+    }
+    for (name, kind, help) in metrics {
+        let _ = writeln!(out, "# HELP usync_partition_{name} {help}");
+        let _ = writeln!(out, "# TYPE usync_partition_{name} {kind}");
+        for p in &parts {
+            if let Some(n) = p[name].as_u64() {
+                let _ = writeln!(
+                    out,
+                    "usync_partition_{name}{{partition=\"{}\"}} {n}",
+                    p["partition"]
+                );
+            }
+        }
+    }
+    out
 }

@@ -90,14 +90,25 @@ enum LogFormat {
     Json,
 }
 
+/// `ultrasync setup`.
+#[derive(clap::Args)]
+struct SetupArgs {
+    /// Partitions of USYNC_CMDS (1-1024; default 16 for a new layout). Fixed once
+    /// set: a later setup keeps the number and refuses another.
+    #[arg(long, env = "ULTRASYNC_PARTITIONS")]
+    partitions: Option<u32>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run everything locally: a managed nats-server and all services in one process.
     Dev(dev::DevArgs),
-    /// Create or update the JetStream layout (streams, cursor bucket, snapshot store)
-    /// with the configured replicas. Run once per deployment, with admin credentials;
-    /// services whose NATS user may not create streams expect it done.
-    Setup,
+    /// Create or update the JetStream layout (streams, cursor bucket, snapshot store,
+    /// sequencer leases, command partitions) with the configured replicas. Run once
+    /// per deployment, with admin credentials; services whose NATS user may not
+    /// create streams expect it done. On a deployment set up before partitions it
+    /// adds them while everything runs (README, "Upgrading to partitions").
+    Setup(SetupArgs),
     /// Run the gateway (WebSocket + HTTP) against a NATS server.
     Gateway(GatewayArgs),
     /// Run a sequencer against a NATS server.
@@ -400,14 +411,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
-        Command::Setup => {
+        Command::Setup(args) => {
             let cfg = cli.common.config()?;
             cfg.validate()?;
             let client =
                 ultrasync_shared::nats::connect(&cfg, "ultrasync-setup", Duration::from_secs(10))
                     .await?;
             let js = async_nats::jetstream::new(client);
-            ultrasync_shared::nats::ensure_layout(&js, cfg.layout()).await?;
+            let mut layout = cfg.layout();
+            layout.partitions = args.partitions;
+            ultrasync_shared::nats::ensure_layout(&js, layout).await?;
             let problems = ultrasync_shared::nats::check_layout(&js, &cfg.layout()).await?;
             if !problems.is_empty() {
                 anyhow::bail!("layout still incomplete: {}", problems.join("; "));

@@ -7,7 +7,7 @@
 //! can check preconditions, merge patches and Automerge changes, validate schemas, and
 //! answer a retried command with its original ack however late the retry comes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -47,6 +47,11 @@ const IDLE_UNKNOWN: Duration = Duration::from_secs(1);
 /// Bytes of command documents in a batch above which it is planned off the async
 /// runtime (a batch with any `crdt_op` always is).
 const INLINE_PLAN_BYTES: usize = 64 * 1024;
+/// Newest ops a worker keeps decoded, so a retry of a recent command is answered
+/// without reading the log...
+const RECENT_OPS: usize = 1024;
+/// ...within this many bytes of op bodies.
+const RECENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// What every worker of an instance shares.
 pub struct WorkerShared {
@@ -159,7 +164,7 @@ impl Pending {
         self.delivery.finish(None).await;
     }
 
-    async fn retry_after(&self, delay: Duration) {
+    pub(crate) async fn retry_after(&self, delay: Duration) {
         self.delivery.finish(Some(delay)).await;
     }
 }
@@ -199,6 +204,10 @@ struct Loaded {
     state: NamespaceState,
     /// Every op id in the log, with its `server_seq`.
     op_ids: HashMap<String, u64>,
+    /// The newest ops, contiguous up to `state.last_seq` (retries answered from
+    /// memory), with their bytes.
+    recent: VecDeque<(Op, usize)>,
+    recent_bytes: usize,
 }
 
 impl Loaded {
@@ -218,7 +227,36 @@ impl Loaded {
         }
         self.op_ids.insert(entry.op_id.clone(), entry.server_seq);
         self.head_stream_seq = entry.stream_seq;
+        self.remember(op, entry.payload.len());
         Ok(())
+    }
+
+    /// Keeps `op` (the newest) among the recent ones.
+    fn remember(&mut self, op: Op, bytes: usize) {
+        if self
+            .recent
+            .back()
+            .is_some_and(|(last, _)| last.server_seq + 1 != op.server_seq)
+        {
+            // Not contiguous (cannot happen when ops come in order): start over.
+            self.recent.clear();
+            self.recent_bytes = 0;
+        }
+        self.recent.push_back((op, bytes));
+        self.recent_bytes += bytes;
+        while self.recent.len() > RECENT_OPS || self.recent_bytes > RECENT_BYTES {
+            match self.recent.pop_front() {
+                Some((_, b)) => self.recent_bytes -= b,
+                None => break,
+            }
+        }
+    }
+
+    /// The op at `server_seq` if it is among the recent ones.
+    fn recent_op(&self, server_seq: u64) -> Option<&Op> {
+        let first = self.recent.front()?.0.server_seq;
+        let i = usize::try_from(server_seq.checked_sub(first)?).ok()?;
+        self.recent.get(i).map(|(op, _)| op)
     }
 }
 
@@ -236,17 +274,26 @@ pub struct Worker {
     subject: String,
     spec: Option<Arc<NamespaceSpec>>,
     shared: Arc<WorkerShared>,
+    /// The lease of the partition this worker writes for (`None`: no lease, e.g. the
+    /// consumer of a deployment set up before partitions). Checked before every
+    /// write; the expected-sequence header stays the fence either way.
+    fence: Option<Arc<crate::source::Fence>>,
     /// `None` until loaded, or after an error that makes the cached state doubtful.
     loaded: Option<Loaded>,
 }
 
 impl Worker {
-    pub fn new(key: StreamKey, shared: Arc<WorkerShared>) -> Self {
+    pub fn new(
+        key: StreamKey,
+        shared: Arc<WorkerShared>,
+        fence: Option<Arc<crate::source::Fence>>,
+    ) -> Self {
         Self {
             subject: ops_subject(&key),
             spec: shared.namespaces.get(key.namespace.as_str()),
             key,
             shared,
+            fence,
             loaded: None,
         }
     }
@@ -441,6 +488,15 @@ impl Worker {
                 return;
             };
 
+            if !outgoing.is_empty() && self.fence.as_ref().is_some_and(|f| !f.valid()) {
+                // This instance no longer holds the partition (or cannot tell): hand
+                // the commands back for its new owner; forget the state, which may
+                // be stale by now.
+                debug!(stream_key = %self.key, "partition lease lost; handing the batch back");
+                self.loaded = None;
+                nak_all(&batch).await;
+                return;
+            }
             if !outgoing.is_empty() {
                 let written = self
                     .shared
@@ -459,8 +515,9 @@ impl Worker {
                                     None => loaded.state.keys.remove(&key),
                                 };
                             }
-                            for o in outgoing {
+                            for (o, op) in outgoing.into_iter().zip(&ops) {
                                 loaded.op_ids.insert(o.op_id, o.server_seq);
+                                loaded.remember(op.clone(), o.body.len());
                             }
                         }
                         debug!(stream_key = %self.key, ops = ops.len(), last_seq = last, "batch committed");
@@ -600,7 +657,7 @@ impl Worker {
                     server_seq: ops[i].server_seq,
                     op: ops[i].clone(),
                 },
-                Plan::Existing(seq) => match self.stored_op(seq).await {
+                Plan::Existing(seq) => match self.recent_or_stored_op(seq).await {
                     Ok(Some(op)) => ServerMessage::Ack {
                         command_id: op.command_id.clone(),
                         server_seq: op.server_seq,
@@ -715,6 +772,8 @@ impl Worker {
             head_stream_seq: 0,
             state: NamespaceState::default(),
             op_ids: HashMap::new(),
+            recent: VecDeque::new(),
+            recent_bytes: 0,
         };
         let Some(head) = log::head(&self.shared.ops, &self.subject).await? else {
             info!(stream_key = %self.key, "took key (empty)");
@@ -780,8 +839,16 @@ impl Worker {
         result
     }
 
-    /// The op stored at `server_seq`, for answering a retry; `None` when the log no
-    /// longer holds it.
+    /// The op at `server_seq`, for answering a retry: from memory when recent, else
+    /// from the log; `None` when the log no longer holds it.
+    async fn recent_or_stored_op(&self, server_seq: u64) -> Result<Option<Op>, LogError> {
+        if let Some(op) = self.loaded.as_ref().and_then(|l| l.recent_op(server_seq)) {
+            return Ok(Some(op.clone()));
+        }
+        self.stored_op(server_seq).await
+    }
+
+    /// The op stored at `server_seq`; `None` when the log no longer holds it.
     async fn stored_op(&self, server_seq: u64) -> Result<Option<Op>, LogError> {
         let entries =
             log::read_range(&self.shared.ops, &self.subject, server_seq, server_seq).await?;

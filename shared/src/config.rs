@@ -589,6 +589,8 @@ impl Config {
         crate::nats::LayoutOptions {
             replicas: self.replicas,
             mirror_of: self.region.home_domain.clone(),
+            partitions: None,
+            lease_ttl: std::time::Duration::from_secs(self.sequencer.failover_secs),
         }
     }
 }

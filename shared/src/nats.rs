@@ -18,8 +18,85 @@ pub const CURSORS_BUCKET: &str = "usync-cursors";
 pub const SNAPSHOTS_BUCKET: &str = "usync-snapshots";
 /// Webhook dead letters (`usync.webhooks.dead.{name}`), written by the gateways.
 pub const DLQ_STREAM: &str = "USYNC_WEBHOOKS_DLQ";
-/// The sequencers' shared durable consumer on `USYNC_CMDS`.
+/// The sequencers' single durable consumer on `USYNC_CMDS` before partitions
+/// (kept only while a deployment set up without partitions drains it).
 pub const SEQUENCER_CONSUMER: &str = "usync-sequencer";
+/// Sequencer leases and heartbeats (KV): `p.{partition}` → the owning instance,
+/// `i.{instance}` → that instance's heartbeat. Entries live `max_age` (the lease
+/// TTL) unless renewed.
+pub const LEASES_BUCKET: &str = "usync-seq-leases";
+/// Partitions of `USYNC_CMDS` when `ultrasync setup` is not told otherwise.
+pub const DEFAULT_PARTITIONS: u32 = 16;
+/// Most partitions a deployment may have (one consumer each).
+pub const MAX_PARTITIONS: u32 = 1024;
+/// Stream metadata key on `USYNC_CMDS` holding the number of partitions.
+pub const PARTITIONS_METADATA: &str = "usync.partitions";
+/// Prefix of the subjects commands are stored under: `usync.cmdp.{partition}.{org}.{project}.{ns}`.
+pub const CMD_PARTITIONED_PREFIX: &str = "usync.cmdp.";
+
+/// The durable consumer of one partition of `USYNC_CMDS`.
+pub fn partition_consumer(partition: u32) -> String {
+    format!("usync-seq-p{partition}")
+}
+
+/// The filter of one partition's consumer.
+pub fn partition_filter(partition: u32) -> String {
+    format!("{CMD_PARTITIONED_PREFIX}{partition}.>")
+}
+
+/// The stream's subject transform: gateways publish `usync.cmd.{org}.{project}.{ns}`
+/// and the server stores it as `usync.cmdp.{p}.{org}.{project}.{ns}`, `p` a stable
+/// hash of the three tokens (nats-server's `partition()` mapping) below `partitions`.
+pub fn cmds_transform(partitions: u32) -> stream::SubjectTransform {
+    stream::SubjectTransform {
+        source: "usync.cmd.*.*.*".to_owned(),
+        destination: format!(
+            "{CMD_PARTITIONED_PREFIX}{{{{partition({partitions},1,2,3)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{wildcard(3)}}}}"
+        ),
+    }
+}
+
+/// The partition nats-server's `partition(n,1,2,3)` mapping gives a stream key:
+/// FNV-1a (32 bit) of org, project and namespace concatenated, modulo `partitions`
+/// (checked against the server by `tests/partitions.rs`).
+pub fn partition_of(key: &StreamKey, partitions: u32) -> u32 {
+    let h = [
+        key.org.as_str(),
+        key.project.as_str(),
+        key.namespace.as_str(),
+    ]
+    .iter()
+    .flat_map(|t| t.bytes())
+    .fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    h % partitions.max(1)
+}
+
+/// The number of partitions a stored `USYNC_CMDS` configuration has (`None`: set up
+/// before partitions, one consumer for every stream key).
+pub fn partitions_of(cfg: &stream::Config) -> Option<u32> {
+    cfg.subject_transform.as_ref()?;
+    cfg.metadata
+        .get(PARTITIONS_METADATA)
+        .and_then(|p| p.parse().ok())
+        .filter(|p| (1..=MAX_PARTITIONS).contains(p))
+}
+
+/// A command subject as stored: the stream key and, when partitioned, its partition.
+/// Takes both `usync.cmd.{org}.{project}.{ns}` (stored before partitions) and
+/// `usync.cmdp.{p}.{org}.{project}.{ns}`.
+pub fn parse_cmd_subject(subject: &str) -> Option<(Option<u32>, StreamKey)> {
+    match subject.strip_prefix(CMD_PARTITIONED_PREFIX) {
+        Some(rest) => {
+            let (p, rest) = rest.split_once('.')?;
+            let p = p.parse().ok()?;
+            let key = stream_key_from_subject(&format!("usync.cmd.{rest}"))?;
+            Some((Some(p), key))
+        }
+        None => Some((None, stream_key_from_subject(subject)?)),
+    }
+}
 
 /// Header carrying an op's `server_seq` in the log.
 pub const HDR_SEQ: &str = "Usync-Seq";
@@ -114,6 +191,13 @@ pub struct LayoutOptions {
     /// In a replica region: the home region's JetStream domain, whose `USYNC_OPS`
     /// this region's `USYNC_OPS` mirrors (and whose `USYNC_CMDS` takes commands).
     pub mirror_of: Option<String>,
+    /// Partitions of `USYNC_CMDS` to set up (`ultrasync setup --partitions`). `None`:
+    /// keep what the stream has, or [`DEFAULT_PARTITIONS`] for a new or unpartitioned
+    /// one. Fixed once set: a stream key's partition must not move while commands wait.
+    pub partitions: Option<u32>,
+    /// How long a sequencer's lease on a partition lives without renewal (the lease
+    /// bucket's `max_age`): the longest a dead or frozen instance holds its partitions.
+    pub lease_ttl: Duration,
 }
 
 impl Default for LayoutOptions {
@@ -121,6 +205,8 @@ impl Default for LayoutOptions {
         Self {
             replicas: 1,
             mirror_of: None,
+            partitions: None,
+            lease_ttl: Duration::from_secs(2),
         }
     }
 }
@@ -140,7 +226,10 @@ impl Default for LayoutOptions {
 /// It bounds messages, not bytes (the gateway gathers up to 512 KiB in one): what
 /// one org may have on its way in bytes is bounded by the gateways'
 /// `org_max_inflight_bytes`, and the whole stream by `max_bytes`.
-pub fn cmds_stream_config(opts: &LayoutOptions) -> stream::Config {
+///
+/// Partitions: the stream's subject transform stores each command under its
+/// partition's subject ([`cmds_transform`]); one consumer per partition reads it.
+pub fn cmds_stream_config(opts: &LayoutOptions, partitions: u32) -> stream::Config {
     stream::Config {
         name: CMDS_STREAM.to_owned(),
         description: Some("ultrasync commands, gateway -> sequencer".to_owned()),
@@ -152,6 +241,23 @@ pub fn cmds_stream_config(opts: &LayoutOptions) -> stream::Config {
         max_messages_per_subject: CMDS_PER_STREAM_KEY,
         discard_new_per_subject: true,
         max_message_size: MAX_MSG_SIZE,
+        num_replicas: opts.replicas,
+        subject_transform: Some(cmds_transform(partitions)),
+        metadata: [(PARTITIONS_METADATA.to_owned(), partitions.to_string())]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The lease bucket of the sequencers (see [`LEASES_BUCKET`]).
+pub fn leases_bucket_config(opts: &LayoutOptions) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: LEASES_BUCKET.to_owned(),
+        description: "ultrasync sequencer partition leases and heartbeats".to_owned(),
+        history: 1,
+        max_age: opts.lease_ttl,
+        storage: stream::StorageType::File,
         num_replicas: opts.replicas,
         ..Default::default()
     }
@@ -227,10 +333,10 @@ fn cursors_bucket_config(opts: &LayoutOptions) -> jetstream::kv::Config {
 /// The streams of this region's layout: a replica region has no command stream of
 /// its own (its gateways' commands reach the home region's over the leafnode
 /// connection) and sends no webhooks.
-fn layout_streams(opts: &LayoutOptions) -> Vec<stream::Config> {
+fn layout_streams(opts: &LayoutOptions, partitions: u32) -> Vec<stream::Config> {
     match opts.mirror_of {
         None => vec![
-            cmds_stream_config(opts),
+            cmds_stream_config(opts, partitions),
             ops_stream_config(opts),
             dlq_stream_config(opts),
         ],
@@ -241,7 +347,8 @@ fn layout_streams(opts: &LayoutOptions) -> Vec<stream::Config> {
 /// Creates or updates the streams and buckets (`ultrasync setup`, `ultrasync dev`,
 /// and services whose NATS user may). Safe to run concurrently.
 pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyhow::Result<()> {
-    for cfg in layout_streams(&opts) {
+    let partitions = choose_partitions(js, &opts).await?;
+    for cfg in layout_streams(&opts, partitions) {
         let name = cfg.name.clone();
         js.create_or_update_stream(cfg)
             .await
@@ -250,6 +357,12 @@ pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyh
     js.create_or_update_key_value(cursors_bucket_config(&opts))
         .await
         .map_err(|e| anyhow::anyhow!("creating bucket {CURSORS_BUCKET}: {e}"))?;
+    if opts.mirror_of.is_none() {
+        js.create_or_update_key_value(leases_bucket_config(&opts))
+            .await
+            .map_err(|e| anyhow::anyhow!("creating bucket {LEASES_BUCKET}: {e}"))?;
+        narrow_legacy_consumer(js).await?;
+    }
     if js.get_object_store(SNAPSHOTS_BUCKET).await.is_err() {
         let created = js
             .create_object_store(jetstream::object_store::Config {
@@ -287,9 +400,75 @@ pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyh
             .map_err(|e| anyhow::anyhow!("updating stream {name}: {e}"))?;
         }
     }
-    info!(replicas = opts.replicas, "nats layout ready");
+    info!(replicas = opts.replicas, partitions, "nats layout ready");
     Ok(())
 }
+
+/// The partitions `USYNC_CMDS` gets: what the options ask for, else what it has,
+/// else the default. Changing the number of an existing partitioned stream is
+/// refused: stream keys would change partition while their commands wait.
+async fn choose_partitions(js: &jetstream::Context, opts: &LayoutOptions) -> anyhow::Result<u32> {
+    let have = match js.get_stream(CMDS_STREAM).await {
+        Ok(s) => partitions_of(&s.cached_info().config),
+        Err(e) if stream_not_found(&e) => None,
+        Err(e) => return Err(anyhow::anyhow!("reading stream {CMDS_STREAM}: {e}")),
+    };
+    match (opts.partitions, have) {
+        (Some(want), _) if !(1..=MAX_PARTITIONS).contains(&want) => {
+            anyhow::bail!("partitions must be 1-{MAX_PARTITIONS}, not {want}")
+        }
+        (Some(want), Some(have)) if want != have => anyhow::bail!(
+            "{CMDS_STREAM} has {have} partitions; the number is fixed once set (stream keys \
+             would change partition while their commands wait)"
+        ),
+        (Some(want), _) => Ok(want),
+        (None, Some(have)) => Ok(have),
+        (None, None) => Ok(DEFAULT_PARTITIONS),
+    }
+}
+
+/// Upgrading a deployment set up before partitions: its single consumer
+/// ([`SEQUENCER_CONSUMER`]) reads every subject, which a work-queue stream does not
+/// allow next to the partition consumers. Narrowed to the subjects stored before
+/// partitions (`usync.cmd.>`), it keeps its waiting commands for the sequencers to
+/// drain, and the partition consumers take everything stored since.
+pub async fn narrow_legacy_consumer(js: &jetstream::Context) -> anyhow::Result<()> {
+    use jetstream::consumer::pull;
+    let Ok(stream) = js.get_stream(CMDS_STREAM).await else {
+        return Ok(());
+    };
+    let Ok(info) = stream.consumer_info(SEQUENCER_CONSUMER).await else {
+        return Ok(());
+    };
+    let cfg = &info.config;
+    if cfg.filter_subject == LEGACY_CMD_FILTER || !cfg.filter_subjects.is_empty() {
+        return Ok(());
+    }
+    let updated = pull::Config {
+        durable_name: cfg.durable_name.clone(),
+        description: cfg.description.clone(),
+        ack_policy: cfg.ack_policy,
+        ack_wait: cfg.ack_wait,
+        max_ack_pending: cfg.max_ack_pending,
+        priority_policy: cfg.priority_policy.clone(),
+        priority_groups: cfg.priority_groups.clone(),
+        priority_timeout: cfg.priority_timeout,
+        filter_subject: LEGACY_CMD_FILTER.to_owned(),
+        ..Default::default()
+    };
+    stream
+        .update_consumer(updated)
+        .await
+        .map_err(|e| anyhow::anyhow!("narrowing consumer {SEQUENCER_CONSUMER}: {e}"))?;
+    info!(
+        pending = info.num_pending,
+        "the unpartitioned sequencer consumer now drains the commands stored before partitions"
+    );
+    Ok(())
+}
+
+/// What the consumer of a deployment set up before partitions reads once upgraded.
+pub const LEGACY_CMD_FILTER: &str = "usync.cmd.>";
 
 /// Stream name and replicas of every part of the layout, as stored now.
 pub async fn describe_layout(
@@ -297,10 +476,18 @@ pub async fn describe_layout(
     opts: &LayoutOptions,
 ) -> anyhow::Result<Vec<(String, usize)>> {
     let mut out = Vec::new();
-    let names = layout_streams(opts).into_iter().map(|s| s.name).chain([
-        format!("KV_{CURSORS_BUCKET}"),
-        format!("OBJ_{SNAPSHOTS_BUCKET}"),
-    ]);
+    let leases = opts
+        .mirror_of
+        .is_none()
+        .then(|| format!("KV_{LEASES_BUCKET}"));
+    let names = layout_streams(opts, DEFAULT_PARTITIONS)
+        .into_iter()
+        .map(|s| s.name)
+        .chain([
+            format!("KV_{CURSORS_BUCKET}"),
+            format!("OBJ_{SNAPSHOTS_BUCKET}"),
+        ])
+        .chain(leases);
     for name in names {
         let s = js
             .get_stream(&name)
@@ -320,7 +507,9 @@ pub async fn check_layout(
 ) -> anyhow::Result<Vec<String>> {
     let kv = cursors_bucket_config(opts);
     let mut problems = Vec::new();
-    for want in layout_streams(opts) {
+    // The transform (partitions) is not compared: a deployment set up before
+    // partitions keeps working until `ultrasync setup` adds them.
+    for want in layout_streams(opts, DEFAULT_PARTITIONS) {
         match js.get_stream(&want.name).await {
             Err(e) if stream_not_found(&e) => {
                 problems.push(format!("stream {} is missing", want.name));
@@ -507,6 +696,13 @@ mod tests {
         assert_eq!(stream_key_from_subject("usync.ops.a.b"), None);
         assert_eq!(stream_key_from_subject("usync.ops.a.b.c.d"), None);
         assert_eq!(stream_key_from_subject("other.ops.a.b.c"), None);
+        assert_eq!(parse_cmd_subject(&cmd_subject(&k)), Some((None, k.clone())));
+        assert_eq!(
+            parse_cmd_subject("usync.cmdp.7.acme.web.settings"),
+            Some((Some(7), k))
+        );
+        assert_eq!(parse_cmd_subject("usync.cmdp.x.acme.web.settings"), None);
+        assert_eq!(parse_cmd_subject("usync.cmdp.7.acme.web"), None);
     }
 }
 

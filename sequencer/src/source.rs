@@ -1,0 +1,257 @@
+//! One source of commands: a consumer on `USYNC_CMDS` (a partition's, or the single
+//! consumer of a deployment set up before partitions) feeding per-stream-key
+//! workers.
+//!
+//! Dispatch never waits for a worker: when a stream key's queue is full, that key's
+//! command is handed back to JetStream for redelivery after [`BUSY_RETRY`], and
+//! every other key of the source keeps flowing. A flooded key slows only itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use ultrasync_shared::StreamKey;
+use ultrasync_shared::nats;
+
+use crate::PRIORITY_GROUP;
+use crate::worker::{Job, Pending, Worker, WorkerShared};
+
+/// Commands buffered per stream key; beyond this the key's commands are handed back.
+pub const WORKER_QUEUE: usize = 4096;
+/// Redelivery delay of a command handed back because its key's queue was full.
+pub const BUSY_RETRY: Duration = Duration::from_millis(200);
+
+/// Whether this instance may still write for a partition: valid until a point in
+/// time set at each lease renewal, a little before the lease can expire on the
+/// server. Monotonic time keeps running while a process is frozen (SIGSTOP), so a
+/// thawed instance sees at once that its leases may have moved.
+pub struct Fence {
+    epoch: Instant,
+    /// Milliseconds after `epoch`; 0 = revoked.
+    valid_until_ms: AtomicU64,
+}
+
+impl Fence {
+    pub fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            valid_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn valid(&self) -> bool {
+        (self.epoch.elapsed().as_millis() as u64) < self.valid_until_ms.load(Ordering::Acquire)
+    }
+
+    /// Extends validity to `until` (never shortens it).
+    pub fn renew(&self, until: Instant) {
+        let ms = until.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.valid_until_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
+    pub fn revoke(&self) {
+        self.valid_until_ms.store(0, Ordering::Release);
+    }
+}
+
+/// Counters of one source (reported in the instance's heartbeat, `ultrasync
+/// inspect partitions`).
+#[derive(Default)]
+pub struct SourceStats {
+    pub commands: AtomicU64,
+    pub pushed_back: AtomicU64,
+    pub workers: AtomicUsize,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct SourceReport {
+    pub commands: u64,
+    pub pushed_back: u64,
+    pub workers: usize,
+}
+
+impl SourceStats {
+    pub fn report(&self) -> SourceReport {
+        SourceReport {
+            commands: self.commands.load(Ordering::Relaxed),
+            pushed_back: self.pushed_back.load(Ordering::Relaxed),
+            workers: self.workers.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The workers of one source, by stream key.
+pub struct Workers {
+    shared: Arc<WorkerShared>,
+    fence: Option<Arc<Fence>>,
+    senders: HashMap<StreamKey, mpsc::Sender<Job>>,
+    /// Each task is one worker; it returns its key when it exits (idle).
+    tasks: JoinSet<StreamKey>,
+}
+
+impl Workers {
+    pub fn new(shared: Arc<WorkerShared>, fence: Option<Arc<Fence>>) -> Self {
+        Self {
+            shared,
+            fence,
+            senders: HashMap::new(),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// Hands `job` to the worker of `key` (starting one when there is none, or it
+    /// went idle) without waiting: the job comes back when the key's queue is full.
+    pub fn dispatch(&mut self, key: StreamKey, mut job: Job) -> Result<(), Job> {
+        loop {
+            if self.senders.get(&key).is_none_or(|tx| tx.is_closed()) {
+                let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+                let worker = Worker::new(key.clone(), self.shared.clone(), self.fence.clone());
+                let owned = key.clone();
+                self.tasks.spawn(async move {
+                    worker.run(rx).await;
+                    owned
+                });
+                self.senders.insert(key.clone(), tx);
+            }
+            let Some(tx) = self.senders.get(&key) else {
+                return Err(job);
+            };
+            match tx.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(back)) => return Err(back),
+                // The worker closed between the check and the send: start a new one.
+                Err(mpsc::error::TrySendError::Closed(back)) => {
+                    self.senders.remove(&key);
+                    job = back;
+                }
+            }
+        }
+    }
+
+    /// Forgets workers that ended, without waiting.
+    pub fn reap(&mut self) {
+        while let Some(res) = self.tasks.try_join_next() {
+            self.forget(res);
+        }
+    }
+
+    /// Waits for the next worker to end (pending forever when there is none).
+    pub async fn next_ended(&mut self) {
+        match self.tasks.join_next().await {
+            Some(res) => self.forget(res),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn forget(&mut self, res: Result<StreamKey, tokio::task::JoinError>) {
+        match res {
+            Ok(key) => {
+                if self.senders.get(&key).is_some_and(|tx| tx.is_closed()) {
+                    self.senders.remove(&key);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "sequencer worker panicked");
+                self.senders.retain(|_, tx| !tx.is_closed());
+            }
+        }
+    }
+
+    /// Closes every queue and waits for the workers to finish what they hold.
+    pub async fn finish(mut self) {
+        self.senders.clear();
+        while let Some(res) = self.tasks.join_next().await {
+            if let Err(e) = res {
+                warn!(error = %e, "sequencer worker panicked");
+            }
+        }
+    }
+}
+
+/// Pulls `consumer` (priority group, pinned) and feeds the workers until `stop`
+/// fires; then stops pulling and lets the workers finish.
+pub async fn run(
+    name: String,
+    consumer: PullConsumer,
+    shared: Arc<WorkerShared>,
+    fence: Option<Arc<Fence>>,
+    stats: Arc<SourceStats>,
+    stop: CancellationToken,
+) {
+    let mut workers = Workers::new(shared, fence);
+    let mut messages = loop {
+        let pulled = consumer
+            .stream()
+            .group(PRIORITY_GROUP)
+            .max_messages_per_batch(1000)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await;
+        match pulled {
+            Ok(m) => break m,
+            Err(e) => {
+                warn!(source = %name, error = %e, "pulling commands failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        }
+    };
+    debug!(source = %name, "pulling commands");
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = workers.next_ended() => {
+                stats.workers.store(workers.len(), Ordering::Relaxed);
+                continue;
+            }
+            m = messages.next() => m,
+        };
+        let msg = match msg {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                warn!(source = %name, error = %e, "pulling commands failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                }
+            }
+            None => {
+                warn!(source = %name, "command consumer ended");
+                break;
+            }
+        };
+        let Some((_, key)) = nats::parse_cmd_subject(&msg.subject) else {
+            warn!(subject = %msg.subject, "dropping command on an unexpected subject");
+            let _ = msg.ack_with(jetstream::AckKind::Term).await;
+            continue;
+        };
+        for p in Pending::from_message(msg) {
+            stats.commands.fetch_add(1, Ordering::Relaxed);
+            if let Err(Job::Command(p)) = workers.dispatch(key.clone(), Job::Command(p)) {
+                // The key's queue is full: only this key waits.
+                stats.pushed_back.fetch_add(1, Ordering::Relaxed);
+                p.retry_after(BUSY_RETRY).await;
+            }
+        }
+        workers.reap();
+        stats.workers.store(workers.len(), Ordering::Relaxed);
+    }
+    drop(messages);
+    workers.finish().await;
+    stats.workers.store(0, Ordering::Relaxed);
+    debug!(source = %name, "stopped pulling commands");
+}
