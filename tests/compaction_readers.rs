@@ -305,3 +305,74 @@ async fn cursors_come_from_every_pull_belong_to_their_actor_and_expire() {
     mallory.close().await;
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_cursor_always_gets_a_snapshot_and_a_far_behind_one_a_snapshot_and_the_tail() {
+    // No materializer, no stored snapshot: the empty state at 0, then the log.
+    let stack = Stack::start_with(StackOptions {
+        materializers: 0,
+        ..Default::default()
+    })
+    .await;
+    write_n(&stack, 5).await;
+    let mut c = stack
+        .client("fresh", "web", "fresh", &[("index", None)])
+        .await;
+    let frames =
+        ultrasync_testkit::recv_until(&mut c, WAIT, |m| matches!(m, ServerMessage::Synced { .. }))
+            .await
+            .expect("bootstrap");
+    match &frames[0] {
+        ServerMessage::Snapshot {
+            last_server_seq,
+            state,
+            ..
+        } => assert_eq!((*last_server_seq, state.len()), (0, 0)),
+        other => panic!("the first frame is not a snapshot: {other:?}"),
+    }
+    assert!(matches!(
+        frames.last(),
+        Some(ServerMessage::Synced { server_seq: 5, .. })
+    ));
+    c.close().await;
+    stack.shutdown().await;
+
+    // A stored snapshot and a cursor far behind it: the snapshot, then the tail.
+    let stack = Stack::start_with(StackOptions {
+        configure: |c| {
+            c.materializer.snapshot_every_ops = 20;
+            c.materializer.snapshot_interval_secs = 1;
+            c.gateway.snapshot_after_ops = 10;
+        },
+        ..Default::default()
+    })
+    .await;
+    let head = write_n(&stack, 40).await;
+    let snap = wait_for_snapshot(&stack, "web", "index", 20).await;
+    let mut c = stack
+        .client("late", "web", "late", &[("index", Some(2))])
+        .await;
+    let frames =
+        ultrasync_testkit::recv_until(&mut c, WAIT, |m| matches!(m, ServerMessage::Synced { .. }))
+            .await
+            .expect("catch-up");
+    match &frames[0] {
+        ServerMessage::Snapshot {
+            last_server_seq, ..
+        } => assert_eq!(*last_server_seq, snap.state.last_seq),
+        other => panic!("a cursor 38 behind got {other:?} first, not a snapshot"),
+    }
+    let first_op = frames.iter().find_map(|f| match f {
+        ServerMessage::Ops { seq_start, .. } => Some(*seq_start),
+        _ => None,
+    });
+    assert!(
+        first_op.is_none_or(|s| s == snap.state.last_seq + 1),
+        "the tail starts at {first_op:?}"
+    );
+    assert!(
+        matches!(frames.last(), Some(ServerMessage::Synced { server_seq, .. }) if *server_seq == head)
+    );
+    c.close().await;
+    stack.shutdown().await;
+}

@@ -304,6 +304,9 @@ pub struct GatewayConfig {
     /// TCP connections this gateway holds at once, upgraded or not; more are closed
     /// at once.
     pub max_http_connections: usize,
+    /// A resuming socket whose cursor is more than this many ops behind the head gets
+    /// the stored snapshot and the ops after it instead of every op since its cursor.
+    pub snapshot_after_ops: u64,
 }
 
 impl Default for GatewayConfig {
@@ -337,6 +340,7 @@ impl Default for GatewayConfig {
             header_read_timeout_secs: 10,
             request_timeout_secs: 30,
             max_http_connections: 12_000,
+            snapshot_after_ops: 10_000,
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct Follower {
     pub out: OutQueue,
     /// Fired when the socket's queue overflows: the session closes with 4001.
     pub slow: CancellationToken,
+    /// A cursor farther than this behind the head gets a snapshot and the tail.
+    pub snapshot_after_ops: u64,
 }
 
 /// Why a follower stopped.
@@ -50,13 +52,39 @@ impl Follower {
     async fn follow(&self, cursor: Option<u64>) -> Result<(), Stop> {
         let (mut rx, head) = self.topic.subscribe().await;
         let mut last = cursor.unwrap_or(0);
-        if cursor.is_none() {
-            // Bootstrap from the newest snapshot when there is one; the log after it
-            // follows. Without one, the whole log is the bootstrap.
-            if let Some(s) = self.snapshot_up_to(head).await? {
+        match cursor {
+            None => {
+                // SPEC §4: a null cursor always gets a snapshot frame: the stored
+                // snapshot, else a materializer's state, else the empty state at 0;
+                // the log after it follows.
+                let s = match self.snapshot_up_to(head).await? {
+                    Some(s) => s,
+                    None => match self.materialized_up_to(head).await {
+                        Some(s) => s,
+                        None => Snapshot {
+                            stream_key: self.topic.key.to_string(),
+                            head_stream_seq: 0,
+                            state: Default::default(),
+                            op_ids: Default::default(),
+                        },
+                    },
+                };
                 last = s.state.last_seq;
                 self.send_snapshot(&s).await?;
             }
+            // Far behind (though above the floor): a snapshot and the tail cost less
+            // than every op since the cursor.
+            Some(c) if head.saturating_sub(c) > self.snapshot_after_ops => {
+                if let Some(s) = self
+                    .snapshot_up_to(head)
+                    .await?
+                    .filter(|s| s.state.last_seq > c)
+                {
+                    last = s.state.last_seq;
+                    self.send_snapshot(&s).await?;
+                }
+            }
+            Some(_) => {}
         }
         let cursor = last;
         if cursor > head {
@@ -264,6 +292,16 @@ impl Follower {
                 Ok(None)
             }
         }
+    }
+
+    /// A materializer's state of this key, if it is not ahead of `head`.
+    async fn materialized_up_to(&self, head: u64) -> Option<Snapshot> {
+        self.hub
+            .materialized(&self.topic.key, false)
+            .await
+            .ok()
+            .flatten()
+            .filter(|s| s.state.last_seq <= head)
     }
 
     /// The newest snapshot of this key, if it is not ahead of `head`.

@@ -594,6 +594,7 @@ impl Session {
             namespace: namespace.to_owned(),
             out: self.out.clone(),
             slow: self.slow.clone(),
+            snapshot_after_ops: self.state.config.gateway.snapshot_after_ops,
         };
         let handle = tokio::spawn(follower.run(cursor));
         self.followers.insert(namespace.to_owned(), handle);
