@@ -40,6 +40,31 @@ pub fn floor(min_cursor: Option<u64>, snapshot_seq: u64, head: u64, retention: u
     cap.saturating_sub(retention).min(head.saturating_sub(1))
 }
 
+/// Whether a durable reader `lag` ops behind the head still holds the log (`max_lag`
+/// 0: always).
+pub fn reader_holds(lag: u64, max_lag: u64) -> bool {
+    max_lag == 0 || lag <= max_lag
+}
+
+/// The floor of one stream key and what holds it there: `holds` are the positions
+/// (`server_seq` processed up to) of the live clients and the durable readers still
+/// held; see [`floor`] for the rest.
+pub fn decide(
+    holds: &[(u64, String)],
+    snapshot_seq: u64,
+    head: u64,
+    retention: u64,
+) -> (u64, String) {
+    let lowest = holds.iter().min_by_key(|(p, _)| *p);
+    let f = floor(lowest.map(|(p, _)| *p), snapshot_seq, head, retention);
+    let held_by = match lowest {
+        Some((p, who)) if *p <= snapshot_seq && *p < head => who.clone(),
+        _ if snapshot_seq < head => "snapshot".to_owned(),
+        _ => "head".to_owned(),
+    };
+    (f, held_by)
+}
+
 /// One client's cursor as the compactor sees it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClientCursor {
@@ -289,7 +314,7 @@ pub async fn compact_once(
             };
             let position = next.server_seq.saturating_sub(1);
             let lag = head.saturating_sub(position);
-            let let_go = cfg.reader_max_lag_ops > 0 && lag > cfg.reader_max_lag_ops;
+            let let_go = !reader_holds(lag, cfg.reader_max_lag_ops);
             if let_go {
                 warn!(stream_key = %key, reader = %r.name, lag, "a reader this far behind no longer holds the log; it resyncs from a snapshot");
                 if let (false, Some(m)) = (dry_run, metrics) {
@@ -325,18 +350,7 @@ pub async fn compact_once(
             Err(e) => plan.skipped = Some(format!("snapshot unusable: {e}")),
         }
         if let (Some(snap), Some(first)) = (plan.snapshot_seq, first) {
-            let lowest = holds.iter().min_by_key(|(p, _)| *p).cloned();
-            plan.floor = floor(
-                lowest.as_ref().map(|(p, _)| *p),
-                snap,
-                head,
-                cfg.retention_ops,
-            );
-            plan.held_by = match lowest {
-                Some((p, who)) if p <= snap && p < head => who,
-                _ if snap < head => "snapshot".to_owned(),
-                _ => "head".to_owned(),
-            };
+            (plan.floor, plan.held_by) = decide(&holds, snap, head, cfg.retention_ops);
             if plan.floor >= first {
                 plan.purged = plan.floor - first + 1;
                 if !dry_run {
@@ -462,6 +476,105 @@ mod tests {
                 prop_assert!(allowed(f), "floor {f} breaks a rule");
             }
             prop_assert!(!allowed(f + 1), "floor {f} is not the largest allowed");
+        }
+    }
+
+    /// One step of the world the compactor runs in.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write(u64),
+        Cursor(usize, u64),
+        Reader(usize, u64),
+        Snapshot(u64),
+        Time(u64),
+        Compact,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (1u64..20).prop_map(Step::Write),
+            (0usize..3, 0u64..1_000).prop_map(|(i, s)| Step::Cursor(i, s)),
+            (0usize..2, 0u64..1_000).prop_map(|(i, s)| Step::Reader(i, s)),
+            (0u64..1_000).prop_map(Step::Snapshot),
+            (0u64..5).prop_map(Step::Time),
+            Just(Step::Compact),
+        ]
+    }
+
+    proptest! {
+        /// Random interleavings of writes, cursor reports, reader progress,
+        /// snapshots, time and passes, against a model of who needs what: after
+        /// every pass, each live client and each reader within its lag bound still
+        /// finds every op after its position, the snapshot reaches what is left, and
+        /// the newest op stays.
+        #[test]
+        fn nothing_a_reader_needs_is_purged(
+            steps in proptest::collection::vec(step(), 1..80),
+            retention in 0u64..5,
+            max_lag in 0u64..50,
+            ttl in 1u64..4,
+        ) {
+            let mut head = 0u64;
+            let mut first = 1u64; // oldest op left (first > head: none)
+            let mut cursors: [Option<(u64, u64)>; 3] = [None; 3]; // (seq, seen at)
+            let mut readers = [0u64; 2];
+            let mut snapshot: Option<u64> = None;
+            let mut now = 0u64;
+            for s in steps {
+                match s {
+                    Step::Write(n) => head += n,
+                    // Nobody has more than the head.
+                    Step::Cursor(i, seq) => cursors[i] = Some((seq.min(head), now)),
+                    Step::Reader(i, seq) => readers[i] = readers[i].max(seq.min(head)),
+                    Step::Snapshot(seq) => snapshot = Some(snapshot.unwrap_or(0).max(seq.min(head))),
+                    Step::Time(t) => now += t,
+                    Step::Compact => {
+                        let Some(snap) = snapshot else { continue };
+                        if first > head || snap + 1 < first {
+                            continue;
+                        }
+                        let mut holds = Vec::new();
+                        for (i, c) in cursors.iter().enumerate() {
+                            if let Some((seq, seen)) = c && now - seen <= ttl {
+                                holds.push((*seq, format!("client:{i}")));
+                            }
+                        }
+                        for (i, r) in readers.iter().enumerate() {
+                            if reader_holds(head - r, max_lag) {
+                                holds.push((*r, format!("reader:{i}")));
+                            }
+                        }
+                        let (f, _) = decide(&holds, snap, head, retention);
+                        if f >= first {
+                            first = f + 1;
+                        }
+                        prop_assert!(first <= head, "the newest op went");
+                        prop_assert!(first <= snap + 1, "purged past the snapshot");
+                        for (i, c) in cursors.iter().enumerate() {
+                            if let Some((seq, seen)) = c && now - seen <= ttl {
+                                prop_assert!(first <= seq + 1, "client {i} at {seq} lost ops (first {first})");
+                            }
+                        }
+                        for (i, r) in readers.iter().enumerate() {
+                            if reader_holds(head - r, max_lag) {
+                                prop_assert!(first <= r + 1, "reader {i} at {r} lost ops (first {first})");
+                            }
+                        }
+                    }
+                }
+                // Anyone behind what is left resyncs from the snapshot (as clients and
+                // let-go readers do).
+                for c in cursors.iter_mut().flatten() {
+                    if c.0 + 1 < first {
+                        c.0 = snapshot.unwrap_or(0);
+                    }
+                }
+                for r in readers.iter_mut() {
+                    if *r + 1 < first {
+                        *r = snapshot.unwrap_or(0);
+                    }
+                }
+            }
         }
     }
 
