@@ -236,11 +236,9 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
         "hub",
         &format!("leafnodes {{ listen: 127.0.0.1:{leaf_port} }}"),
     );
-    let leaf = natsd(
-        dir.path(),
-        "leaf",
-        &format!("leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ] }}"),
-    );
+    let leaf_conf =
+        format!("leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ] }}");
+    let mut leaf = natsd(dir.path(), "leaf", &leaf_conf);
     let secret = hex::encode(rand::random::<[u8; 32]>());
 
     // The hub first: its layout (USYNC_OPS) must exist for the leaf to mirror.
@@ -386,8 +384,70 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
     );
     eprintln!("regions: hub log now from op {hub_first}, leaf log from op {leaf_first}");
 
-    hub_writer.close().await;
+    // 4. A partitioned replica region holds the home log where its mirror is: the
+    //    leaf goes away, the hub writes on, and its compactor (told the leaf mirrors
+    //    it) purges nothing the mirror has not copied; back, the mirror catches up
+    //    and the log can go.
     leaf_reader.close().await;
     leaf_region.stop().await;
+    leaf.kill();
+    let mut mirrored = hub_cfg.compactor.clone();
+    mirrored.mirror_domains = vec!["leaf".to_owned()];
+    let hub_seqs = write(&mut hub_writer, "hub2", 20).await;
+    assert_eq!(hub_seqs.last(), Some(&55));
+    hub_writer
+        .send_raw(&json!({"type": "cursor", "namespace": "index", "server_seq": 55}).to_string())
+        .await
+        .expect("cursor");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let report = ultrasync_compactor::compact_once(&hub_js, &mirrored, false, None)
+            .await
+            .expect("compaction pass");
+        let plan = report
+            .stream_keys
+            .iter()
+            .find(|p| p.stream_key == "acme/web/index")
+            .expect("plan");
+        assert_eq!(
+            plan.purged, 0,
+            "purged what the partitioned mirror lacks: {plan:?}"
+        );
+        if plan.snapshot_seq >= Some(45) {
+            assert_eq!(plan.held_by, "mirror:leaf", "{plan:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no snapshot at 45: {plan:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(first_op(&hub_js, &subject).await, hub_first);
+    let leaf = natsd(dir.path(), "leaf", &leaf_conf);
+    let leaf_js = jetstream::new(async_nats::connect(&leaf.url).await.expect("leaf nats"));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ops = ultrasync_shared::log::head(
+            &leaf_js.get_stream("USYNC_OPS").await.expect("leaf ops"),
+            &subject,
+        )
+        .await;
+        if matches!(ops, Ok(Some(h)) if h.server_seq == 55) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the mirror did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while first_op(&hub_js, &subject).await == hub_first {
+        ultrasync_compactor::compact_once(&hub_js, &mirrored, false, None)
+            .await
+            .expect("compaction pass");
+        assert!(
+            Instant::now() < deadline,
+            "the hub's log was not trimmed after the mirror caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    hub_writer.close().await;
     hub_region.stop().await;
 }

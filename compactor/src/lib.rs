@@ -78,9 +78,9 @@ pub struct ClientCursor {
 /// A durable reader of the log (a consumer on `USYNC_OPS`) as one stream key sees it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReaderHold {
-    /// `webhook` or `materializer`.
+    /// `webhook`, `materializer` or `mirror`.
     pub kind: &'static str,
-    /// The consumer's name.
+    /// The consumer's name (a mirror: its region's domain).
     pub name: String,
     /// Ops at or below this `server_seq` it has processed (it needs the ones after).
     pub position: u64,
@@ -137,6 +137,19 @@ pub async fn read_readers(ops: &jetstream::stream::Stream) -> anyhow::Result<Vec
     }
     readers.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(readers)
+}
+
+/// How far the mirror of `USYNC_OPS` in region `domain` has copied (a stream
+/// sequence: mirrors keep the home region's), read across the leafnode link.
+pub async fn mirror_position(js: &jetstream::Context, domain: &str) -> anyhow::Result<u64> {
+    let remote = jetstream::with_domain(js.client(), domain);
+    let read = async {
+        let mut stream = remote.get_stream(OPS_STREAM).await?;
+        anyhow::Ok(stream.info().await?.state.last_sequence)
+    };
+    tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .map_err(|_| anyhow::anyhow!("region {domain} did not answer"))?
 }
 
 /// Whether NATS subject `filter` (with `*` and `>`) matches `subject`.
@@ -248,7 +261,29 @@ pub async fn compact_once(
         .context("opening the snapshot store")?;
     // Cursors and readers first: without them nothing may be purged.
     let cursors = read_cursors(js).await?;
-    let readers = read_readers(&ops).await?;
+    let mut readers = read_readers(&ops).await?;
+    // Replica regions' mirrors read the whole log.
+    for domain in &cfg.mirror_domains {
+        let position = match mirror_position(js, domain).await {
+            Ok(p) => {
+                if let Some(m) = metrics {
+                    m.mirror_seen(domain, p);
+                }
+                p
+            }
+            Err(e) => {
+                let last = metrics.and_then(|m| m.mirror_last(domain)).unwrap_or(0);
+                warn!(region = %domain, error = %format!("{e:#}"), last, "a replica region cannot be reached; it holds the log where it was last seen");
+                last
+            }
+        };
+        readers.push(Reader {
+            kind: "mirror",
+            name: domain.clone(),
+            filters: vec![">".to_owned()],
+            ack_floor: position,
+        });
+    }
     let cursor_kv = js
         .get_key_value(CURSORS_BUCKET)
         .await

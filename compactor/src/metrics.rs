@@ -26,6 +26,8 @@ struct Inner {
     lag: BTreeMap<(String, String), (u64, bool)>,
     /// Durable readers let go for lagging too far, by kind.
     let_go: BTreeMap<&'static str, u64>,
+    /// Replica region (domain) → the last stream sequence its mirror was seen at.
+    mirrors: BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -49,6 +51,16 @@ impl Metrics {
 
     pub fn pass_failed(&self) {
         self.lock().failed_passes += 1;
+    }
+
+    /// A replica region's mirror was read at stream sequence `seq`.
+    pub fn mirror_seen(&self, domain: &str, seq: u64) {
+        self.lock().mirrors.insert(domain.to_owned(), seq);
+    }
+
+    /// Where a replica region's mirror was last seen.
+    pub fn mirror_last(&self, domain: &str) -> Option<u64> {
+        self.lock().mirrors.get(domain).copied()
     }
 
     /// A durable reader was let go (it lagged more than `reader_max_lag_ops`).

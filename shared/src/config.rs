@@ -414,6 +414,11 @@ pub struct CompactorConfig {
     /// many ops behind the head no longer holds it back: it is let go on purpose
     /// (logged, counted) and resyncs. 0 = readers always hold the log.
     pub reader_max_lag_ops: u64,
+    /// JetStream domains of the replica regions whose `USYNC_OPS` mirrors this one:
+    /// each mirror holds the log at what it has copied (read across the leafnode
+    /// link each pass; while a region cannot be reached, at the last position seen,
+    /// or nothing purged for it at all if none was), within `reader_max_lag_ops`.
+    pub mirror_domains: Vec<String>,
     /// Where the compactor serves Prometheus `/metrics` (off when unset).
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -425,6 +430,7 @@ impl Default for CompactorConfig {
             cursor_ttl_secs: 7 * 86_400,
             retention_ops: 1000,
             reader_max_lag_ops: 1_000_000,
+            mirror_domains: Vec::new(),
             metrics_listen: None,
         }
     }
@@ -521,6 +527,15 @@ impl Config {
             anyhow::bail!(
                 "gateway.max_messages_per_sec, max_connections and hello_timeout_secs must be positive"
             );
+        }
+        for d in &self.compactor.mirror_domains {
+            if d.is_empty()
+                || !d
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                anyhow::bail!("compactor.mirror_domains: {d:?} is not a JetStream domain name");
+            }
         }
         if self.compactor.interval_secs == 0 || self.compactor.cursor_ttl_secs == 0 {
             anyhow::bail!("compactor.interval_secs and cursor_ttl_secs must be positive");
