@@ -376,3 +376,55 @@ async fn a_null_cursor_always_gets_a_snapshot_and_a_far_behind_one_a_snapshot_an
     c.close().await;
     stack.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_materializer_holds_the_log_until_it_is_back() {
+    let mut stack = Stack::start_with(StackOptions {
+        materializers: 2,
+        configure: |c| {
+            c.materializer.snapshot_every_ops = 10;
+            c.materializer.snapshot_interval_secs = 1;
+            c.compactor.retention_ops = 0;
+        },
+        ..Default::default()
+    })
+    .await;
+    write_n(&stack, 10).await;
+    wait_for_snapshot(&stack, "web", "index", 10).await;
+    stack.stop_materializer(1).await;
+    let head = write_n(&stack, 40).await;
+    wait_for_snapshot(&stack, "web", "index", head).await;
+    let js = stack.jetstream().await;
+    let cfg = stack.config.compactor.clone();
+    let report = compact_once(&js, &cfg, false, None).await.expect("pass");
+    let plan = &report.stream_keys[0];
+    assert_eq!(
+        plan.held_by, "materializer:usync-materializer-m1",
+        "{plan:?}"
+    );
+    let held_at = plan
+        .readers
+        .iter()
+        .find(|r| r.name == "usync-materializer-m1")
+        .map(|r| r.position)
+        .expect("m1 holds");
+    assert!(held_at < head);
+    // Exactly what it has processed may go, nothing after.
+    assert_eq!(first_in_log(&stack).await, Some(held_at + 1));
+    // Back: it catches up from the log it held, then the log can go.
+    stack.add_materializer("m1");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let report = compact_once(&js, &cfg, false, None).await.expect("pass");
+        if first_in_log(&stack).await.is_some_and(|f| f > held_at + 1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the log stayed held: {:?}",
+            report.stream_keys[0]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack.shutdown().await;
+}
