@@ -26,8 +26,11 @@ use crate::worker::{Job, Pending, Worker, WorkerShared};
 
 /// Commands buffered per stream key; beyond this the key's commands are handed back.
 pub const WORKER_QUEUE: usize = 4096;
-/// Redelivery delay of a command handed back because its key's queue was full.
+/// Redelivery delay of a command handed back because its key's queue was full,
+/// times the message's deliveries so far (at most [`BUSY_RETRY_MAX`]): a flood
+/// cycles through the consumer less often the longer it lasts.
 pub const BUSY_RETRY: Duration = Duration::from_millis(200);
+pub const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Whether this instance may still write for a partition: valid until a point in
 /// time set at each lease renewal, a little before the lease can expire on the
@@ -239,16 +242,24 @@ pub async fn run(
             let _ = msg.ack_with(jetstream::AckKind::Term).await;
             continue;
         };
+        let delivered = msg.info().map_or(1, |i| i.delivered.max(1)) as u32;
+        let busy_retry = (BUSY_RETRY * delivered).min(BUSY_RETRY_MAX);
         for p in Pending::from_message(msg) {
             stats.commands.fetch_add(1, Ordering::Relaxed);
             if let Err(Job::Command(p)) = workers.dispatch(key.clone(), Job::Command(p)) {
                 // The key's queue is full: only this key waits.
                 stats.pushed_back.fetch_add(1, Ordering::Relaxed);
-                p.retry_after(BUSY_RETRY).await;
+                p.retry_after(busy_retry).await;
             }
         }
         workers.reap();
         stats.workers.store(workers.len(), Ordering::Relaxed);
+    }
+    // Messages the client library already holds would otherwise wait out the ack
+    // wait before the partition's next owner gets them: hand them back now.
+    let drain_until = tokio::time::Instant::now() + Duration::from_millis(50);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(drain_until, messages.next()).await {
+        let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
     }
     drop(messages);
     workers.finish().await;
