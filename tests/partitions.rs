@@ -263,10 +263,12 @@ async fn three_sequencers_share_partitions_through_kill_and_freeze() {
         .map(|_| ServiceProcess::spawn(&bin(), "sequencer", &url, &[]))
         .collect();
     let pids: Vec<u32> = procs.iter().map(|p| p.pid()).collect();
-    // Each instance active for some partitions, none for all.
+    // Each instance active for some partitions, none for all: ceil(16 / 3) at most.
     let v = wait_for(&url, "three instances share the partitions", |o| {
         o.values().map(Vec::len).sum::<usize>() == PARTITIONS as usize
-            && pids.iter().all(|p| o.get(p).is_some_and(|v| !v.is_empty()))
+            && pids
+                .iter()
+                .all(|p| o.get(p).is_some_and(|v| (1..=6).contains(&v.len())))
     })
     .await;
     let shares: Vec<usize> = pids.iter().map(|p| owners(&v)[p].len()).collect();
@@ -293,7 +295,7 @@ async fn three_sequencers_share_partitions_through_kill_and_freeze() {
                     nc.publish(subject, body).await.expect("publish");
                     n += 1;
                 }
-                if n % 200 == 0 {
+                if n.is_multiple_of(200) {
                     resent += load.resend(&nc, Duration::from_secs(4)).await;
                 }
             }
@@ -396,7 +398,7 @@ async fn three_sequencers_share_partitions_through_kill_and_freeze() {
     let baseline = stats(
         answers
             .iter()
-            .filter(|a| sent_in(a, started + Duration::from_secs(1), killed_at))
+            .filter(|a| sent_in(a, started + Duration::from_secs(2), killed_at))
             .map(|a| a.latency)
             .collect(),
     );

@@ -457,10 +457,7 @@ impl Coordinator {
     /// Once partitions are set up, the single consumer of before keeps only what
     /// was stored before: drain it, then delete it.
     async fn drain_unpartitioned(&mut self) {
-        let info = match self.cmds.consumer_info(SEQUENCER_CONSUMER).await {
-            Ok(i) => Some(i),
-            Err(_) => None,
-        };
+        let info = self.cmds.consumer_info(SEQUENCER_CONSUMER).await.ok();
         match (&info, self.unpartitioned.is_some()) {
             (None, true) => {
                 // Deleted (by another instance): stop pulling it.
@@ -474,16 +471,18 @@ impl Coordinator {
                     warn!(error = %e, "draining the unpartitioned consumer failed");
                 }
             }
-            (Some(i), true) if i.num_pending == 0 && i.num_ack_pending == 0 => {
-                if i.config.filter_subject == nats::LEGACY_CMD_FILTER {
-                    info!("the unpartitioned consumer is drained; deleting it");
-                    if let Some(r) = self.unpartitioned.take() {
-                        r.stop.cancel();
-                        let _ = r.task.await;
-                    }
-                    if let Err(e) = self.cmds.delete_consumer(SEQUENCER_CONSUMER).await {
-                        warn!(error = %e, "deleting the drained unpartitioned consumer failed");
-                    }
+            (Some(i), true)
+                if i.num_pending == 0
+                    && i.num_ack_pending == 0
+                    && i.config.filter_subject == nats::LEGACY_CMD_FILTER =>
+            {
+                info!("the unpartitioned consumer is drained; deleting it");
+                if let Some(r) = self.unpartitioned.take() {
+                    r.stop.cancel();
+                    let _ = r.task.await;
+                }
+                if let Err(e) = self.cmds.delete_consumer(SEQUENCER_CONSUMER).await {
+                    warn!(error = %e, "deleting the drained unpartitioned consumer failed");
                 }
             }
             _ => {}

@@ -692,7 +692,7 @@ mod tests {
         let k = StreamKey::parse("acme", "web", "settings").expect("key");
         assert_eq!(ops_subject(&k), "usync.ops.acme.web.settings");
         assert_eq!(stream_key_from_subject(&ops_subject(&k)), Some(k.clone()));
-        assert_eq!(stream_key_from_subject(&cmd_subject(&k)), Some(k));
+        assert_eq!(stream_key_from_subject(&cmd_subject(&k)), Some(k.clone()));
         assert_eq!(stream_key_from_subject("usync.ops.a.b"), None);
         assert_eq!(stream_key_from_subject("usync.ops.a.b.c.d"), None);
         assert_eq!(stream_key_from_subject("other.ops.a.b.c"), None);
