@@ -9,6 +9,12 @@
 #   docker-compose  Debian's docker-compose (1.29), which the deploy test runs as
 #                `docker-compose config` to validate deploy/docker-compose.yml (no
 #                Docker engine needed; apt-get, as root or through sudo).
+#   node, npm    Node.js (20 or newer) for the TypeScript SDK in clients/typescript
+#                (Debian's nodejs and npm when missing), its packages from the
+#                committed lockfile (`npm ci`), and the SDK and demo built (`npm run
+#                build`) so `ultrasync dev` serves the demo at /demo.
+#   chromium     Debian's chromium, which the browser tests drive headless through
+#                playwright-core (no browser download; apt-get, as root or through sudo).
 #
 # The Rust toolchain itself is the machine's (rustup); everything else comes from here.
 set -euo pipefail
@@ -88,7 +94,42 @@ install_docker_compose() {
   apt_install docker-compose
 }
 
+install_node() {
+  if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
+    && [[ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ]]; then
+    return 0
+  fi
+  log "installing nodejs and npm (apt-get) for the TypeScript SDK"
+  apt_install nodejs npm
+}
+
+install_sdk_packages() {
+  # The SDK, the demo bundle and the browser-test driver, exactly as locked; skipped
+  # when node_modules already matches the lockfile.
+  local sdk="$root/clients/typescript"
+  if [[ ! -f "$sdk/node_modules/.package-lock.json" \
+    || "$sdk/package-lock.json" -nt "$sdk/node_modules/.package-lock.json" ]]; then
+    log "installing the TypeScript SDK's packages (npm ci from the lockfile)"
+    (cd "$sdk" && npm ci --no-audit --no-fund --loglevel=error >&2)
+  fi
+  if [[ ! -f "$sdk/demo/dist/app.js" ]]; then
+    log "building the TypeScript SDK and the demo (npm run build)"
+    (cd "$sdk" && npm run --silent build >&2)
+  fi
+}
+
+install_chromium() {
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+    return 0
+  fi
+  log "installing chromium (apt-get) for the browser tests"
+  apt_install chromium
+}
+
 install_nats_server
 install_libclang
 install_docker_compose
+install_node
+install_sdk_packages
+install_chromium
 log "tools ready in $tools"

@@ -40,6 +40,27 @@ pub struct DevArgs {
     /// --nats-port, +1, +2; streams with 3 replicas).
     #[arg(long, default_value_t = 1)]
     cluster: usize,
+    /// Folder of the demo app served at /demo [default: clients/typescript/demo of
+    /// this checkout, when it is there].
+    #[arg(long, env = "ULTRASYNC_DEMO_DIR")]
+    demo_dir: Option<PathBuf>,
+}
+
+/// The demo app's folder: the flag, else `clients/typescript/demo` under the current
+/// folder or the source checkout this binary was built from.
+fn demo_dir(flag: Option<PathBuf>) -> Option<PathBuf> {
+    if flag.is_some() {
+        return flag;
+    }
+    let rel = Path::new("clients/typescript/demo");
+    [
+        PathBuf::from("."),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    ]
+    .into_iter()
+    .map(|base| base.join(rel))
+    .find(|d| d.join("index.html").is_file())
+    .and_then(|d| d.canonicalize().ok())
 }
 
 /// Reads the secret `ultrasync dev` keeps in its data folder.
@@ -182,11 +203,20 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     let sequencer = tokio::spawn(ultrasync_sequencer::run(cfg.clone(), shutdown.clone()));
     let materializer = tokio::spawn(ultrasync_materializer::run(cfg.clone(), shutdown.clone()));
     let compactor = tokio::spawn(ultrasync_compactor::run(cfg.clone(), shutdown.clone()));
-    let gateway = tokio::spawn(ultrasync_gateway::run(
-        cfg.clone(),
-        listener,
-        shutdown.clone(),
-    ));
+    let demo = demo_dir(args.demo_dir);
+    let gateway = match demo.clone() {
+        Some(dir) => tokio::spawn(ultrasync_gateway::run_with_demo(
+            cfg.clone(),
+            listener,
+            shutdown.clone(),
+            dir,
+        )),
+        None => tokio::spawn(ultrasync_gateway::run(
+            cfg.clone(),
+            listener,
+            shutdown.clone(),
+        )),
+    };
 
     // A week, or the configured maximum lifetime when that is shorter.
     let ttl = match cfg.auth.max_token_lifetime_secs {
@@ -209,6 +239,23 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     println!("ultrasync dev is running");
     println!("  WebSocket  {ws}");
     println!("  HTTP       http://{http_addr}");
+    if let Some(dir) = &demo {
+        // The token rides in the fragment: the browser keeps it, no server sees it.
+        let built = dir.join("dist/app.js").is_file();
+        println!(
+            "  Demo       http://{http_addr}/demo/#token={}{}",
+            if cfg.auth.uses_public_keys() {
+                "<jwt>"
+            } else {
+                &token
+            },
+            if built {
+                ""
+            } else {
+                "  (build it first: npm ci && npm run build in clients/typescript)"
+            }
+        );
+    }
     if nodes == 1 {
         println!(
             "  NATS       {} (store {})",

@@ -10,6 +10,7 @@
 //! no door imports the other, and `rules` imports neither.
 
 mod cursors;
+mod demo;
 pub mod hooks;
 mod http;
 mod hub;
@@ -133,6 +134,34 @@ pub async fn run_with_hooks(
     shutdown: CancellationToken,
     hooks: Arc<dyn hooks::Hooks>,
 ) -> anyhow::Result<()> {
+    run_with(config, listener, shutdown, hooks, None).await
+}
+
+/// [`run`] that also serves the demo app's files from `demo_dir` at `/demo`
+/// (`ultrasync dev`).
+pub async fn run_with_demo(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    demo_dir: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    run_with(
+        config,
+        listener,
+        shutdown,
+        Arc::new(hooks::NoHooks),
+        Some(demo_dir),
+    )
+    .await
+}
+
+async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    hooks: Arc<dyn hooks::Hooks>,
+    demo_dir: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     // HS256 from the secret, or RS256/EdDSA from a public key or JWKS file.
     let verifier = Verifier::from_config(&config.auth)?;
     let nats::ServiceNats {
@@ -222,7 +251,7 @@ pub async fn run_with_hooks(
         max_connections: state.config.gateway.max_http_connections,
         header_read_timeout: Duration::from_secs(state.config.gateway.header_read_timeout_secs),
     };
-    let app = router(state);
+    let app = router(state, demo_dir.as_deref());
     let plain = match (&tls, plain_listen) {
         (Some(_), Some(p)) => {
             let l = TcpListener::bind(p)
@@ -253,14 +282,16 @@ pub async fn run_with_hooks(
     Ok(())
 }
 
-fn router(state: Arc<AppState>) -> Router {
+fn router(state: Arc<AppState>, demo_dir: Option<&std::path::Path>) -> Router {
     let api = http::routes().layer(axum::middleware::from_fn_with_state(
         state.clone(),
         http::deadline,
     ));
-    let router = Router::new()
-        .merge(ws::routes())
-        .merge(api)
+    let mut router = Router::new().merge(ws::routes()).merge(api);
+    if let Some(dir) = demo_dir {
+        router = router.merge(demo::routes(dir));
+    }
+    let router = router
         .route(
             "/v1/openapi.json",
             axum::routing::get(openapi::openapi_json),
