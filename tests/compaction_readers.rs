@@ -28,6 +28,15 @@ fn key() -> StreamKey {
 /// A receiver that answers 503 while `down`, else 200, recording the `server_seq`
 /// of every op it accepted.
 async fn receiver(down: Arc<AtomicBool>, got: Arc<Mutex<BTreeSet<u64>>>) -> String {
+    receiver_with_resets(down, got, Arc::default()).await
+}
+
+/// [`receiver`], also recording `stream.reset` events as `(from, to)`.
+async fn receiver_with_resets(
+    down: Arc<AtomicBool>,
+    got: Arc<Mutex<BTreeSet<u64>>>,
+    resets: Arc<Mutex<Vec<(u64, u64)>>>,
+) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -36,6 +45,7 @@ async fn receiver(down: Arc<AtomicBool>, got: Arc<Mutex<BTreeSet<u64>>>) -> Stri
         while let Ok((mut s, _)) = listener.accept().await {
             let down = down.clone();
             let got = got.clone();
+            let resets = resets.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 8192];
@@ -68,6 +78,13 @@ async fn receiver(down: Arc<AtomicBool>, got: Arc<Mutex<BTreeSet<u64>>>) -> Stri
                     let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
                     if let Some(seq) = v["op"]["server_seq"].as_u64() {
                         got.lock().expect("lock").insert(seq);
+                    }
+                    if v["type"] == json!("stream.reset") {
+                        let range = (
+                            v["from_server_seq"].as_u64().unwrap_or(0),
+                            v["to_server_seq"].as_u64().unwrap_or(0),
+                        );
+                        resets.lock().expect("lock").push(range);
                     }
                     "200 OK"
                 };
@@ -426,5 +443,67 @@ async fn a_stopped_materializer_holds_the_log_until_it_is_back() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_let_go_is_told_exactly_which_ops_were_purged() {
+    let down = Arc::new(AtomicBool::new(true));
+    let got = Arc::new(Mutex::new(BTreeSet::new()));
+    let resets = Arc::new(Mutex::new(Vec::new()));
+    let url = receiver_with_resets(down.clone(), got.clone(), resets.clone()).await;
+    let mut stack = Stack::start_with(StackOptions {
+        configure: |c| {
+            c.materializer.snapshot_every_ops = 10;
+            c.materializer.snapshot_interval_secs = 1;
+            c.compactor.retention_ops = 0;
+            c.compactor.reader_max_lag_ops = 10;
+        },
+        ..Default::default()
+    })
+    .await;
+    stack.config.webhooks = vec![WebhookConfig {
+        name: "late".to_owned(),
+        url,
+        secret: SECRET.to_owned(),
+        org: "acme".to_owned(),
+        project: None,
+        namespace: Some("index".to_owned()),
+        events: vec!["op.committed".to_owned()],
+        max_attempts: 1000,
+        backoff_ms: 100,
+    }];
+    stack.add_gateway().await;
+    let head = write_n(&stack, 60).await;
+    wait_for_snapshot(&stack, "web", "index", head).await;
+    let js = stack.jetstream().await;
+    let report = compact_once(&js, &stack.config.compactor, false, None)
+        .await
+        .expect("pass");
+    let plan = &report.stream_keys[0];
+    assert!(
+        plan.readers.iter().any(|r| r.kind == "webhook" && r.let_go),
+        "{plan:?}"
+    );
+    let floor = plan.floor;
+    assert!(floor > 0 && plan.purged > 0, "{plan:?}");
+    down.store(false, Ordering::Relaxed);
+    for _ in 0..400 {
+        if got.lock().expect("lock").len() as u64 >= head - floor {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let delivered: Vec<u64> = got.lock().expect("lock").iter().copied().collect();
+    assert_eq!(
+        delivered,
+        (floor + 1..=head).collect::<Vec<_>>(),
+        "the ops left in the log"
+    );
+    assert_eq!(
+        resets.lock().expect("lock").clone(),
+        vec![(1, floor)],
+        "the reset names exactly what was purged"
+    );
     stack.shutdown().await;
 }

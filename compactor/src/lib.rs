@@ -222,6 +222,9 @@ pub async fn read_cursors(
                 let Some(bytes) = kv.get(&k).await.context("reading a cursor")? else {
                     return Ok(None);
                 };
+                if ultrasync_shared::cursors::is_reset_kv_key(&k) {
+                    return Ok(None);
+                }
                 let record: CursorRecord = serde_json::from_slice(&bytes)
                     .with_context(|| format!("cursor {k} is not a cursor record"))?;
                 Ok(Some((k, record)))
@@ -233,6 +236,9 @@ pub async fn read_cursors(
     let mut out: BTreeMap<StreamKey, Vec<(String, CursorRecord)>> = BTreeMap::new();
     for r in records {
         let Some((k, record)) = r? else { continue };
+        if ultrasync_shared::cursors::is_reset_kv_key(&k) {
+            continue;
+        }
         match parse_kv_key(&k) {
             Some((key, client)) => out.entry(key).or_default().push((client, record)),
             None => warn!(key = %k, "ignoring a cursor under a foreign key"),
@@ -389,6 +395,19 @@ pub async fn compact_once(
             if plan.floor >= first {
                 plan.purged = plan.floor - first + 1;
                 if !dry_run {
+                    // Webhooks let go lose what is purged past their position: they
+                    // are told which ops before their next one (`stream.reset`).
+                    for r in plan
+                        .readers
+                        .iter()
+                        .filter(|r| r.let_go && r.kind == "webhook")
+                    {
+                        if plan.floor > r.position {
+                            let name = r.name.trim_start_matches("usync-webhook-");
+                            record_reset(&cursor_kv, &key, name, r.position + 1, plan.floor)
+                                .await?;
+                        }
+                    }
                     purge_below(&ops, &subject, plan.floor + 1).await?;
                     info!(stream_key = %key, floor = plan.floor, purged = plan.purged, min_cursor = ?plan.min_cursor, snapshot_seq = snap, "compacted");
                 }
@@ -413,6 +432,34 @@ pub async fn compact_once(
         report.stream_keys.push(plan);
     }
     Ok(report)
+}
+
+/// Records that webhook `name` never got ops `from..=to` of `key` (merged with
+/// what is already recorded), before they are purged.
+async fn record_reset(
+    kv: &jetstream::kv::Store,
+    key: &StreamKey,
+    name: &str,
+    from: u64,
+    to: u64,
+) -> anyhow::Result<()> {
+    use ultrasync_shared::cursors::{ResetRecord, reset_kv_key};
+    let k = reset_kv_key(key, name);
+    let mut record = ResetRecord { from, to };
+    if let Some(old) = kv
+        .get(&k)
+        .await
+        .context("reading a webhook reset")?
+        .and_then(|b| serde_json::from_slice::<ResetRecord>(&b).ok())
+    {
+        record.from = record.from.min(old.from);
+        record.to = record.to.max(old.to);
+    }
+    kv.put(&k, serde_json::to_vec(&record)?.into())
+        .await
+        .context("recording a webhook reset")?;
+    warn!(stream_key = %key, webhook = name, from = record.from, to = record.to, "ops purged before a lagging webhook got them; it will be sent stream.reset");
+    Ok(())
 }
 
 /// Purges every op of `subject` below `server_seq` `keep_from`.

@@ -8,7 +8,13 @@
 //! `max_attempts`, published to the dead-letter stream `USYNC_WEBHOOKS_DLQ`
 //! (`usync.webhooks.dead.{name}`) and acked.
 //!
-//! Each POST carries `Usync-Event` (`op.committed` or `doc.updated`), `Usync-Delivery`
+//! A webhook that fell so far behind that the compactor let it go (past
+//! `compactor.reader_max_lag_ops`) loses the ops purged before it got them; the
+//! compactor records the range (`cursors::ResetRecord`), and before the webhook's next
+//! op of that stream key it gets a `stream.reset` event naming exactly that range, so
+//! the receiver knows to resync rather than silently missing ops.
+//!
+//! Each POST carries `Usync-Event` (`op.committed`, `doc.updated` or `stream.reset`), `Usync-Delivery`
 //! (`{op_id}.{event}`, the same on every retry), `Usync-Timestamp` (Unix seconds) and
 //! `Usync-Signature: sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`.
 
@@ -80,6 +86,10 @@ pub async fn start(
         .await
         .context("opening USYNC_OPS")?;
     let namespaces = Arc::new(namespaces);
+    let resets = js
+        .get_key_value(ultrasync_shared::nats::CURSORS_BUCKET)
+        .await
+        .context("opening the cursor bucket (webhook resets)")?;
     for hook in hooks {
         let filter = format!(
             "usync.ops.{}.{}.{}",
@@ -107,6 +117,7 @@ pub async fn start(
         let metrics = metrics.clone();
         let namespaces = namespaces.clone();
         let shutdown = shutdown.clone();
+        let resets = resets.clone();
         tokio::spawn(async move {
             info!(webhook = %hook.name, url = %hook.url, "webhook delivery running");
             loop {
@@ -124,7 +135,7 @@ pub async fn start(
                         m = messages.next() => m,
                     };
                     match msg {
-                        Some(Ok(m)) => deliver(&js, &hook, &namespaces, &metrics, m).await,
+                        Some(Ok(m)) => deliver(&js, &resets, &hook, &namespaces, &metrics, m).await,
                         Some(Err(e)) => {
                             debug!(webhook = %hook.name, error = %e, "webhook pull error");
                         }
@@ -139,6 +150,7 @@ pub async fn start(
 
 async fn deliver(
     js: &jetstream::Context,
+    resets: &jetstream::kv::Store,
     hook: &WebhookConfig,
     namespaces: &Namespaces,
     metrics: &WebhookMetrics,
@@ -158,6 +170,35 @@ async fn deliver(
     let wants = |e: &str| hook.events.is_empty() || hook.events.iter().any(|x| x == e);
     let op_json: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap_or_default();
     let mut events = Vec::new();
+    // Ops compacted before this webhook got them: said first, once.
+    let key = ultrasync_shared::StreamKey::parse(&op.org_id, &op.project_id, &op.namespace).ok();
+    let reset_key = key
+        .as_ref()
+        .map(|k| ultrasync_shared::cursors::reset_kv_key(k, &hook.name));
+    let reset = match &reset_key {
+        Some(k) => resets
+            .get(k)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<ultrasync_shared::cursors::ResetRecord>(&b).ok())
+            .filter(|r| r.to < op.server_seq),
+        None => None,
+    };
+    if let Some(r) = reset {
+        events.push((
+            "stream.reset",
+            serde_json::json!({
+                "type": "stream.reset",
+                "org_id": op.org_id,
+                "project_id": op.project_id,
+                "namespace": op.namespace,
+                "from_server_seq": r.from,
+                "to_server_seq": r.to,
+                "reason": "these ops were compacted before this webhook received them (it fell behind past the compactor's reader_max_lag_ops); resync the stream key from a snapshot",
+            }),
+        ));
+    }
     if wants("op.committed") {
         events.push((
             "op.committed",
@@ -180,8 +221,18 @@ async fn deliver(
     }
     let mut failed = None;
     for (event, body) in &events {
+        let delivery = match *event {
+            "stream.reset" => format!(
+                "{}.{}.{}.reset.{}-{}",
+                op.org_id,
+                op.project_id,
+                op.namespace,
+                body["from_server_seq"],
+                body["to_server_seq"]
+            ),
+            _ => format!("{}.{event}", op.op_id),
+        };
         let body = serde_json::to_vec(body).unwrap_or_default();
-        let delivery = format!("{}.{event}", op.op_id);
         match post(hook, event, &delivery, &body).await {
             Ok(status) if (200..300).contains(&status) => {}
             Ok(status) => failed = Some(format!("HTTP {status}")),
@@ -192,6 +243,9 @@ async fn deliver(
         }
     }
     let Some(why) = failed else {
+        if let (Some(_), Some(k)) = (reset, &reset_key) {
+            let _ = resets.delete(k).await;
+        }
         metrics.delivered.fetch_add(1, Ordering::Relaxed);
         let _ = msg.double_ack().await;
         return;

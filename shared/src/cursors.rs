@@ -27,6 +27,29 @@ pub fn kv_key(key: &StreamKey, client_id: &str) -> String {
     format!("{}.{}.{}.{client_id}", key.org, key.project, key.namespace)
 }
 
+/// The record of ops a webhook never got (compacted before delivery, after it was let
+/// go): `{org}.{project}.{ns}.={webhook}` in the same bucket (`=` cannot start a
+/// client id, so the two never meet). The webhook delivers a `stream.reset` event
+/// naming the range before its next op of that stream key.
+pub fn reset_kv_key(key: &StreamKey, webhook: &str) -> String {
+    format!("{}.{}.{}.={webhook}", key.org, key.project, key.namespace)
+}
+
+/// Whether `kv_key` is a webhook reset record rather than a cursor.
+pub fn is_reset_kv_key(kv_key: &str) -> bool {
+    kv_key
+        .rsplit('.')
+        .next()
+        .is_some_and(|t| t.starts_with('='))
+}
+
+/// Ops `from..=to` of a stream key were compacted before a webhook delivered them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetRecord {
+    pub from: u64,
+    pub to: u64,
+}
+
 /// Parses a KV key back into the stream key and client id.
 pub fn parse_kv_key(kv_key: &str) -> Option<(StreamKey, String)> {
     let mut parts = kv_key.split('.');
