@@ -489,16 +489,20 @@ async fn a_webhook_let_go_is_told_exactly_which_ops_were_purged() {
     assert!(floor > 0 && plan.purged > 0, "{plan:?}");
     down.store(false, Ordering::Relaxed);
     for _ in 0..400 {
-        if got.lock().expect("lock").len() as u64 >= head - floor {
+        let got = got.lock().expect("lock").clone();
+        if (floor + 1..=head).all(|s| got.contains(&s)) && !resets.lock().expect("lock").is_empty()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let delivered: Vec<u64> = got.lock().expect("lock").iter().copied().collect();
-    assert_eq!(
-        delivered,
-        (floor + 1..=head).collect::<Vec<_>>(),
-        "the ops left in the log"
+    // Every op left in the log arrives; ops the webhook had already fetched when
+    // they were purged may arrive too (at least once), and the rest is named by the
+    // reset.
+    let delivered = got.lock().expect("lock").clone();
+    assert!(
+        (floor + 1..=head).all(|s| delivered.contains(&s)),
+        "ops left in the log missing: {delivered:?}"
     );
     assert_eq!(
         resets.lock().expect("lock").clone(),
