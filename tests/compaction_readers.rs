@@ -127,6 +127,24 @@ async fn write_n(stack: &Stack, n: u64) -> u64 {
     last
 }
 
+/// Starts a second gateway that sends `index` ops to `url` as webhook `name`, then
+/// writes 60 ops; the head.
+async fn with_webhook(stack: &mut Stack, name: &str, url: String) -> u64 {
+    stack.config.webhooks = vec![WebhookConfig {
+        name: name.to_owned(),
+        url,
+        secret: SECRET.to_owned(),
+        org: "acme".to_owned(),
+        project: None,
+        namespace: Some("index".to_owned()),
+        events: vec!["op.committed".to_owned()],
+        max_attempts: 1000,
+        backoff_ms: 100,
+    }];
+    stack.add_gateway().await;
+    write_n(stack, 60).await
+}
+
 async fn first_in_log(stack: &Stack) -> Option<u64> {
     let js = stack.jetstream().await;
     let ops = js.get_stream(OPS_STREAM).await.expect("ops");
@@ -150,20 +168,7 @@ async fn a_webhook_that_is_down_holds_the_log_until_it_has_every_op() {
         ..Default::default()
     })
     .await;
-    // The webhook's gateway: a second one with the webhook configured.
-    stack.config.webhooks = vec![WebhookConfig {
-        name: "slow".to_owned(),
-        url,
-        secret: SECRET.to_owned(),
-        org: "acme".to_owned(),
-        project: None,
-        namespace: Some("index".to_owned()),
-        events: vec!["op.committed".to_owned()],
-        max_attempts: 1000,
-        backoff_ms: 100,
-    }];
-    stack.add_gateway().await;
-    let head = write_n(&stack, 60).await;
+    let head = with_webhook(&mut stack, "slow", url).await;
     let js = stack.jetstream().await;
     wait_for_snapshot(&stack, "web", "index", head).await;
 
@@ -462,19 +467,7 @@ async fn a_webhook_let_go_is_told_exactly_which_ops_were_purged() {
         ..Default::default()
     })
     .await;
-    stack.config.webhooks = vec![WebhookConfig {
-        name: "late".to_owned(),
-        url,
-        secret: SECRET.to_owned(),
-        org: "acme".to_owned(),
-        project: None,
-        namespace: Some("index".to_owned()),
-        events: vec!["op.committed".to_owned()],
-        max_attempts: 1000,
-        backoff_ms: 100,
-    }];
-    stack.add_gateway().await;
-    let head = write_n(&stack, 60).await;
+    let head = with_webhook(&mut stack, "late", url).await;
     wait_for_snapshot(&stack, "web", "index", head).await;
     let js = stack.jetstream().await;
     let report = compact_once(&js, &stack.config.compactor, false, None)

@@ -29,7 +29,13 @@ pub fn routes(dir: &Path) -> Router<Arc<AppState>> {
 
 /// The file under `dir` that a request path names, if it is a plain relative path.
 fn resolve(dir: &Path, request_path: &str) -> Option<PathBuf> {
-    let rel = request_path.strip_prefix("/demo")?.trim_start_matches('/');
+    // `/demo` or `/demo/…`, one slash: `/demo//etc/passwd` has an empty segment and
+    // `/demoX` is another route.
+    let rest = request_path.strip_prefix("/demo")?;
+    let rel = match rest {
+        "" => "",
+        r => r.strip_prefix('/')?,
+    };
     let rel = if rel.is_empty() || rel.ends_with('/') {
         format!("{rel}index.html")
     } else {
