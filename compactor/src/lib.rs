@@ -7,7 +7,7 @@
 //! webhook's and each materializer's consumer on `USYNC_OPS` — capped at the stored
 //! snapshot's `last_server_seq`, minus `retention_ops`, and never the newest op (the
 //! sequencer's expected-sequence fence needs it). A durable reader more than
-//! `reader_max_lag_ops` behind the head is let go on purpose: logged, counted, and it
+//! `reader_max_lag_ops` (or its kind's own bound) behind the head is let go on purpose: logged, counted, and it
 //! resyncs (a materializer from a snapshot). Ops at or below that floor are purged
 //! from `usync.ops.{org}.{project}.{ns}`. A key whose snapshot is missing, damaged or
 //! unreadable is skipped; a pass that cannot read the cursors or the readers purges
@@ -355,7 +355,7 @@ pub async fn compact_once(
             };
             let position = next.server_seq.saturating_sub(1);
             let lag = head.saturating_sub(position);
-            let let_go = !reader_holds(lag, cfg.reader_max_lag_ops);
+            let let_go = !reader_holds(lag, cfg.max_lag_ops(r.kind));
             if let_go {
                 warn!(stream_key = %key, reader = %r.name, lag, "a reader this far behind no longer holds the log; it resyncs from a snapshot");
                 if let (false, Some(m)) = (dry_run, metrics) {

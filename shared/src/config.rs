@@ -414,6 +414,12 @@ pub struct CompactorConfig {
     /// many ops behind the head no longer holds it back: it is let go on purpose
     /// (logged, counted) and resyncs. 0 = readers always hold the log.
     pub reader_max_lag_ops: u64,
+    /// `reader_max_lag_ops` for webhooks only, when set.
+    pub webhook_max_lag_ops: Option<u64>,
+    /// `reader_max_lag_ops` for materializers only, when set.
+    pub materializer_max_lag_ops: Option<u64>,
+    /// `reader_max_lag_ops` for replica regions' mirrors only, when set.
+    pub mirror_max_lag_ops: Option<u64>,
     /// JetStream domains of the replica regions whose `USYNC_OPS` mirrors this one:
     /// each mirror holds the log at what it has copied (read across the leafnode
     /// link each pass; while a region cannot be reached, at the last position seen,
@@ -423,6 +429,20 @@ pub struct CompactorConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
+impl CompactorConfig {
+    /// How far behind a durable reader of `kind` (`webhook`, `materializer`, `mirror`)
+    /// may fall before it is let go (0: never).
+    pub fn max_lag_ops(&self, kind: &str) -> u64 {
+        let own = match kind {
+            "webhook" => self.webhook_max_lag_ops,
+            "materializer" => self.materializer_max_lag_ops,
+            "mirror" => self.mirror_max_lag_ops,
+            _ => None,
+        };
+        own.unwrap_or(self.reader_max_lag_ops)
+    }
+}
+
 impl Default for CompactorConfig {
     fn default() -> Self {
         Self {
@@ -430,6 +450,9 @@ impl Default for CompactorConfig {
             cursor_ttl_secs: 7 * 86_400,
             retention_ops: 1000,
             reader_max_lag_ops: 1_000_000,
+            webhook_max_lag_ops: None,
+            materializer_max_lag_ops: None,
+            mirror_max_lag_ops: None,
             mirror_domains: Vec::new(),
             metrics_listen: None,
         }
@@ -636,6 +659,17 @@ mod tests {
         .expect("credentials and a server list");
         assert_eq!(cfg.nats_user.as_deref(), Some("gateway"));
         assert!(Config::from_toml("nats_url = \"nats://a:4222,,nope:x\"").is_err());
+    }
+
+    #[test]
+    fn readers_lag_bounds_fall_back_to_the_shared_one() {
+        let cfg = Config::from_toml(
+            "[compactor]\nreader_max_lag_ops = 100\nwebhook_max_lag_ops = 5\nmirror_max_lag_ops = 0\n",
+        )
+        .expect("parse");
+        assert_eq!(cfg.compactor.max_lag_ops("webhook"), 5);
+        assert_eq!(cfg.compactor.max_lag_ops("materializer"), 100);
+        assert_eq!(cfg.compactor.max_lag_ops("mirror"), 0);
     }
 
     #[test]
