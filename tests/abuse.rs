@@ -667,7 +667,6 @@ async fn run_row(hub: &mut Hub, row: &str) {
             );
         }
         "min_seq far above the head" => {
-            let started = Instant::now();
             let (status, body) = hub
                 .http(
                     "GET",
@@ -676,12 +675,12 @@ async fn run_row(hub: &mut Hub, row: &str) {
                     "",
                 )
                 .await;
+            // A 400 naming the head is the gateway's own answer: a request parked
+            // for the materializer would end in 503 (its wait timing out) instead.
             assert_eq!(
                 (status, body["error"]["code"].clone()),
                 (400, json!("invalid_message"))
             );
-            // Answered, not parked for the materializer's 10 s wait.
-            assert!(started.elapsed() < Duration::from_secs(5));
         }
         "access_token in an HTTP URL" => {
             let token = hub.token("mallory");
