@@ -39,6 +39,7 @@ header_read_timeout_secs = 2
 request_timeout_secs = 20
 presence_keys_per_client = 4
 org_max_inflight_commands = 300
+max_clients_per_actor = 20
 
 [materializer]
 snapshot_every_ops = 50
@@ -285,6 +286,7 @@ const ROWS: &[&str] = &[
     "many actors of one org flood the command queue",
     "tokens: not yet valid, too long lived, no write scope",
     "conflicts, schema and stale cursors: their codes",
+    "one actor invents client ids to pin the log",
 ];
 
 /// `[v]` nested `depth` deep.
@@ -1035,6 +1037,41 @@ async fn run_row(hub: &mut Hub, row: &str) {
             .expect("error");
             assert_eq!(error_codes(&frames), vec![ErrorCode::StaleBase]);
             c.close().await;
+        }
+        "one actor invents client ids to pin the log" => {
+            // Each client id with a cursor holds the log until it expires: polling
+            // pulls under made-up ids stop at the actor's share.
+            let token = hub.token("pinner");
+            let mut refused = 0;
+            for i in 0..40 {
+                let (status, body) = hub
+                    .http(
+                        "GET",
+                        &format!("/v1/acme/web/index/ops?since=0&limit=0&client_id=pin{i}"),
+                        &token,
+                        "",
+                    )
+                    .await;
+                match status {
+                    200 => {}
+                    429 => {
+                        assert_eq!(body["error"]["code"], json!("rate_limited"));
+                        refused += 1;
+                    }
+                    other => panic!("pull {i}: {other} {body}"),
+                }
+            }
+            assert_eq!(refused, 20, "client ids past the actor's share of 20");
+            // A known client id still reports.
+            let (status, _) = hub
+                .http(
+                    "GET",
+                    "/v1/acme/web/index/ops?since=0&limit=0&client_id=pin0",
+                    &token,
+                    "",
+                )
+                .await;
+            assert_eq!(status, 200);
         }
         other => panic!("no such row: {other}"),
     }

@@ -8,6 +8,11 @@
 //! would let the compactor purge what that client still needs) or pin it (which would
 //! hold the log back). Owners are looked up in KV once and then kept in a bounded
 //! cache.
+//!
+//! Every client id a cursor is recorded for holds the log until the compactor's
+//! `cursor_ttl_secs`, so one actor may only have `max_clients_per_actor` of them on a
+//! gateway at a time; more are refused `rate_limited` (a tenant cannot pin the log or
+//! fill the bucket by inventing client ids).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,15 +37,25 @@ pub struct CursorWriter {
     pending: Mutex<HashMap<String, CursorRecord>>,
     /// KV key → the actor it belongs to.
     owners: Mutex<HashMap<String, String>>,
+    /// Actor → the client ids it recorded cursors for (emptied with `owners`).
+    clients: Mutex<HashMap<String, std::collections::HashSet<String>>>,
+    max_clients_per_actor: usize,
 }
 
 impl CursorWriter {
     /// Starts the flusher; it flushes once more when `shutdown` fires, then stops.
-    pub fn start(kv: kv::Store, every: Duration, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn start(
+        kv: kv::Store,
+        every: Duration,
+        max_clients_per_actor: usize,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let writer = Arc::new(Self {
             kv,
             pending: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            max_clients_per_actor,
         });
         let w = writer.clone();
         tokio::spawn(async move {
@@ -101,10 +116,23 @@ impl CursorWriter {
             ));
         }
         {
+            let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
             let mut owners = self.owners();
             if owners.len() >= OWNER_CACHE {
                 owners.clear();
+                clients.clear();
             }
+            let mine = clients.entry(actor.to_owned()).or_default();
+            if !mine.contains(client_id) && mine.len() >= self.max_clients_per_actor {
+                return Err(Refusal::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "this actor already has cursors for {} client ids; reuse one",
+                        mine.len()
+                    ),
+                ));
+            }
+            mine.insert(client_id.to_owned());
             owners.insert(k.clone(), actor.to_owned());
         }
         self.pending().insert(

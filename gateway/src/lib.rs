@@ -219,7 +219,12 @@ async fn run_with(
         hub: Hub::new(client.clone(), ops, snapshots),
         presence,
         routes,
-        cursors: cursors::CursorWriter::start(cursors, cursor_flush, shutdown.clone()),
+        cursors: cursors::CursorWriter::start(
+            cursors,
+            cursor_flush,
+            config_gateway.max_clients_per_actor,
+            shutdown.clone(),
+        ),
         metrics: Metrics::default(),
         shutdown: shutdown.clone(),
         started: Instant::now(),

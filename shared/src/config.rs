@@ -307,6 +307,9 @@ pub struct GatewayConfig {
     /// A resuming socket whose cursor is more than this many ops behind the head gets
     /// the stored snapshot and the ops after it instead of every op since its cursor.
     pub snapshot_after_ops: u64,
+    /// Client ids one actor may have cursors recorded for on this gateway (each holds
+    /// the log until the compactor's `cursor_ttl_secs`); more: `rate_limited`.
+    pub max_clients_per_actor: usize,
 }
 
 impl Default for GatewayConfig {
@@ -341,6 +344,7 @@ impl Default for GatewayConfig {
             request_timeout_secs: 30,
             max_http_connections: 12_000,
             snapshot_after_ops: 10_000,
+            max_clients_per_actor: 1_000,
         }
     }
 }
@@ -601,11 +605,12 @@ impl Config {
             || g.max_sockets_per_org == 0
             || g.max_commands_per_sec_per_actor == 0
             || g.max_subscriptions_per_socket == 0
+            || g.max_clients_per_actor == 0
             || g.header_read_timeout_secs == 0
             || g.request_timeout_secs == 0
         {
             anyhow::bail!(
-                "gateway.max_sockets_per_actor, max_sockets_per_org, max_commands_per_sec_per_actor, max_subscriptions_per_socket, header_read_timeout_secs and request_timeout_secs must be positive"
+                "gateway.max_sockets_per_actor, max_sockets_per_org, max_commands_per_sec_per_actor, max_subscriptions_per_socket, max_clients_per_actor, header_read_timeout_secs and request_timeout_secs must be positive"
             );
         }
         if g.max_outbound_bytes < 2 * g.max_frame_bytes || g.max_page_bytes < g.max_frame_bytes {
