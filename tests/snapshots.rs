@@ -213,3 +213,42 @@ async fn a_new_sequencer_takes_over_from_the_snapshot_not_the_whole_log() {
     assert!(first_ack.is_some());
     stack.shutdown().await;
 }
+
+/// A snapshot replaced while it is read has its chunks purged under the reader: the
+/// read gives up instead of waiting forever, and reading again gets the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_replaced_while_it_is_read_is_read_again_not_waited_for() {
+    use async_nats::jetstream::object_store::ObjectMetadata;
+    use ultrasync_shared::snapshot::{ReadError, read_object};
+    let stack = Stack::start().await;
+    let js = stack.jetstream().await;
+    let store = js
+        .get_object_store(ultrasync_shared::nats::SNAPSHOTS_BUCKET)
+        .await
+        .expect("store");
+    let old = vec![1u8; 300 * 1024];
+    let new = vec![2u8; 200 * 1024];
+    let put = |bytes: Vec<u8>| {
+        let store = store.clone();
+        async move {
+            let meta = ObjectMetadata {
+                name: "acme.web.replaced".to_owned(),
+                ..Default::default()
+            };
+            store.put(meta, &mut &bytes[..]).await.expect("put");
+        }
+    };
+    put(old).await;
+    let mut reading = store.get("acme.web.replaced").await.expect("get");
+    put(new.clone()).await;
+    match read_object(&mut reading, Duration::from_secs(1)).await {
+        Err(ReadError::Stalled) => {}
+        other => panic!("expected a stalled read, got {other:?}"),
+    }
+    let mut again = store.get("acme.web.replaced").await.expect("get");
+    let bytes = read_object(&mut again, Duration::from_secs(10))
+        .await
+        .expect("the new object");
+    assert_eq!(bytes, new);
+    stack.shutdown().await;
+}

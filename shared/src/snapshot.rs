@@ -132,31 +132,86 @@ pub enum FetchError {
     Refused(String),
 }
 
+/// How long a snapshot read may go without a byte before it is given up. An
+/// object replaced while it is being read has its chunks purged, and a reader
+/// still on the old chunks would otherwise wait for them forever.
+pub const READ_STALL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How many times [`fetch`] starts over on a stalled read (each time on the object
+/// stored by then).
+const READ_ATTEMPTS: usize = 3;
+
 /// Reads and checks `key`'s snapshot; `Ok(None)` when there is none.
+///
+/// A read that stalls for [`READ_STALL`] (the object was replaced under it) starts
+/// over on the current object, at most [`READ_ATTEMPTS`] times; then it is a
+/// [`FetchError::Store`] and the caller retries later.
 pub async fn fetch(
     store: &async_nats::jetstream::object_store::ObjectStore,
     key: &crate::StreamKey,
 ) -> Result<Option<Snapshot>, FetchError> {
-    use async_nats::jetstream::object_store::GetErrorKind;
-    use tokio::io::AsyncReadExt;
-    let mut object = match store.get(object_name(key).as_str()).await {
-        Ok(o) => o,
-        Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(FetchError::Store(e.to_string())),
-    };
-    let mut bytes = Vec::new();
-    object
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| FetchError::Store(e.to_string()))?;
-    let snapshot = Snapshot::decode(&bytes).map_err(|e| FetchError::Refused(e.to_string()))?;
-    if snapshot.stream_key != key.to_string() {
-        return Err(FetchError::Refused(format!(
-            "it is {}'s",
-            snapshot.stream_key
-        )));
+    for _ in 0..READ_ATTEMPTS {
+        match read_named(store, &object_name(key), READ_STALL).await {
+            Ok(None) => return Ok(None),
+            Ok(Some(bytes)) => {
+                let snapshot =
+                    Snapshot::decode(&bytes).map_err(|e| FetchError::Refused(e.to_string()))?;
+                if snapshot.stream_key != key.to_string() {
+                    return Err(FetchError::Refused(format!(
+                        "it is {}'s",
+                        snapshot.stream_key
+                    )));
+                }
+                return Ok(Some(snapshot));
+            }
+            Err(ReadError::Stalled) => {}
+            Err(ReadError::Store(e)) => return Err(FetchError::Store(e)),
+        }
     }
-    Ok(Some(snapshot))
+    Err(FetchError::Store(format!(
+        "the snapshot was replaced while it was read, {READ_ATTEMPTS} times"
+    )))
+}
+
+/// Why [`read_object`] gave up.
+#[derive(Debug)]
+pub enum ReadError {
+    /// No byte for the stall limit: the object was most likely replaced.
+    Stalled,
+    Store(String),
+}
+
+async fn read_named(
+    store: &async_nats::jetstream::object_store::ObjectStore,
+    name: &str,
+    stall: std::time::Duration,
+) -> Result<Option<Vec<u8>>, ReadError> {
+    use async_nats::jetstream::object_store::GetErrorKind;
+    let mut object = match tokio::time::timeout(stall, store.get(name)).await {
+        Err(_) => return Err(ReadError::Stalled),
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) if e.kind() == GetErrorKind::NotFound => return Ok(None),
+        Ok(Err(e)) => return Err(ReadError::Store(e.to_string())),
+    };
+    read_object(&mut object, stall).await.map(Some)
+}
+
+/// The rest of `object`, giving up when no byte arrives for `stall`.
+pub async fn read_object(
+    object: &mut async_nats::jetstream::object_store::Object,
+    stall: std::time::Duration,
+) -> Result<Vec<u8>, ReadError> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(stall, object.read(&mut chunk)).await {
+            Err(_) => return Err(ReadError::Stalled),
+            Ok(Err(e)) => return Err(ReadError::Store(e.to_string())),
+            Ok(Ok(0)) => return Ok(bytes),
+            Ok(Ok(n)) => bytes.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
 
 /// Object metadata entry holding the snapshot's `last_server_seq`, so writers can

@@ -23,8 +23,70 @@ pub const ORG: &str = "acme";
 
 /// Log output for tests: `ULTRASYNC_LOG=debug cargo test ...` to see it.
 pub fn init_tracing() {
+    start_watchdog();
     if std::env::var_os("ULTRASYNC_LOG").is_some() {
         ultrasync_shared::telemetry::init(false);
+    }
+}
+
+/// How long one test binary may run its harness, unless `ULTRASYNC_TEST_LIMIT_SECS`
+/// says otherwise. A test that hangs then fails the suite, naming the limit, instead
+/// of holding it until an outer timeout.
+const BINARY_LIMIT: Duration = Duration::from_secs(900);
+
+/// Started with the first nats-server of a test binary: past the limit, it kills the
+/// processes this binary started (nats-servers, services) and exits with a failure.
+fn start_watchdog() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let limit = std::env::var("ULTRASYNC_TEST_LIMIT_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(BINARY_LIMIT, Duration::from_secs);
+        std::thread::spawn(move || {
+            std::thread::sleep(limit);
+            // Straight to the file descriptor: `eprintln!` in a thread a test
+            // started is captured with that test's output and lost on exit.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: this test binary has run for more than {} s (ULTRASYNC_TEST_LIMIT_SECS); a test hangs. Stopping it.",
+                limit.as_secs()
+            );
+            kill_children();
+            std::process::exit(1);
+        });
+    });
+}
+
+/// SIGKILLs every process whose parent is this one.
+fn kill_children() {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(me) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
@@ -48,6 +110,7 @@ impl NatsServer {
 
     /// A server whose store lives in `dir` (kept by the caller across restarts).
     pub fn start_in(dir: &Path) -> Self {
+        start_watchdog();
         let bin = find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)");
         let server = Natsd::spawn(&NatsdOptions {
             bin,
@@ -86,6 +149,7 @@ impl NatsServer {
     /// (unchanged) and `users`' passwords in its environment: every client must log
     /// in, and each user has exactly the shipped permissions.
     pub fn start_with_users(users: &NatsUsers) -> Self {
+        start_watchdog();
         let tmp = tempfile::tempdir().expect("temp dir");
         let bin = find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)");
         let server = Natsd::spawn(&NatsdOptions {
@@ -177,6 +241,7 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub fn start(n: usize) -> Self {
+        start_watchdog();
         let tmp = tempfile::tempdir().expect("temp dir");
         let bin = find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)");
         let ports = free_ports(2 * n).expect("free ports");
