@@ -147,7 +147,7 @@ fn snapshot_json(s: &snapshot::Snapshot) -> Value {
         "last_server_seq": s.state.last_seq,
         "head_stream_seq": s.head_stream_seq,
         "digest": s.digest(),
-        "op_ids": s.op_ids.len(),
+        "commands": s.commands.len() + s.op_ids.len(),
         "state": s.state.keys.iter().map(|(k, e)| {
             (k.clone(), json!({"value": e.value, "version": e.version, "heads": e.heads()}))
         }).collect::<serde_json::Map<String, Value>>(),

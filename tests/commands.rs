@@ -521,3 +521,120 @@ async fn a_retry_gets_the_original_ack_across_restarts_and_past_the_dedupe_windo
     assert_eq!(log_len(&stack, "todos").await, 2);
     stack.shutdown().await;
 }
+
+fn reason(m: &ServerMessage) -> &str {
+    match m {
+        ServerMessage::Reject { reason, .. } => reason,
+        other => panic!("expected a reject, got {other:?}"),
+    }
+}
+
+/// SPEC invariant 5: a command id used again by the same actor for another body is
+/// refused (`invalid_message`, HTTP 422) and writes nothing, also after the log was
+/// compacted and a new sequencer took the key from a snapshot; the same body is
+/// still the same command (`stale_base` naming its `server_seq` once compacted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_id_reused_for_another_body_is_refused_before_and_after_a_take_over() {
+    let mut stack = Stack::start_with(StackOptions {
+        namespaces: vec![todos()],
+        configure: |c| {
+            c.materializer.snapshot_every_ops = 1;
+            c.materializer.snapshot_interval_secs = 1;
+            c.compactor.retention_ops = 0;
+        },
+        ..Default::default()
+    })
+    .await;
+    let rent = |title: &str| {
+        frame(
+            "pay-1",
+            "todos",
+            "invoice",
+            OpType::Set,
+            json!({"title": title}),
+            None,
+        )
+    };
+    let mut c = stack.client("rex", "web", "rex-1", &[]).await;
+    let first = send(&mut c, rent("pay rent")).await;
+    let seq = acked(&first);
+    let reused = send(&mut c, rent("pay less rent")).await;
+    assert_eq!(code(&reused), ErrorCode::InvalidMessage, "{reused:?}");
+    assert!(
+        reason(&reused).contains(&format!("server_seq {seq}")),
+        "{reused:?}"
+    );
+    assert_eq!(send(&mut c, rent("pay rent")).await, first);
+    // Command ids belong to their actor: another actor's pay-1 is its own.
+    let mut d = stack.client("rae", "web", "rae-1", &[]).await;
+    acked(&send(&mut d, rent("pay less rent")).await);
+
+    // HTTP: the Idempotency-Key is the command id.
+    let token = stack.token("rex", "read write");
+    let put = |body: &'static str| {
+        let url = format!("http://{}/v1/acme/web/todos/keys/bill", stack.http);
+        let auth = format!("Bearer {token}");
+        async move {
+            ultrasync_testkit::http_exchange(
+                "PUT",
+                &url,
+                &[
+                    ("Authorization", auth.as_str()),
+                    ("Content-Type", "application/json"),
+                    ("Idempotency-Key", "bill-1"),
+                ],
+                body,
+            )
+            .await
+            .expect("PUT")
+        }
+    };
+    let r = put(r#"{"title":"water"}"#).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r2 = put(r#"{"title":"gas"}"#).await;
+    assert_eq!(r2.status, 422, "{}", r2.body);
+    assert!(r2.body.contains("invalid_message"), "{}", r2.body);
+    let r3 = put(r#"{"title":"water"}"#).await;
+    assert_eq!((r3.status, r3.header("etag")), (200, r.header("etag")));
+    assert_eq!(log_len(&stack, "todos").await, 3);
+
+    // Snapshot, compaction, a new sequencer: the commands come from the snapshot.
+    ultrasync_testkit::wait_for_snapshot(&stack, "web", "todos", 3).await;
+    let js = stack.jetstream().await;
+    let report = ultrasync_compactor::compact_once(&js, &stack.config.compactor, false, None)
+        .await
+        .expect("compaction");
+    let plan = report
+        .stream_keys
+        .iter()
+        .find(|p| p.stream_key == "acme/web/todos")
+        .expect("a plan for todos");
+    // The head op always stays.
+    assert_eq!(plan.floor, 2, "{plan:?}");
+    assert_eq!(log_len(&stack, "todos").await, 1);
+    stack.stop_sequencer(0).await;
+    stack.add_sequencer();
+    let reused = send(&mut c, rent("pay less rent")).await;
+    assert_eq!(code(&reused), ErrorCode::InvalidMessage, "{reused:?}");
+    let retry = send(&mut c, rent("pay rent")).await;
+    assert_eq!(code(&retry), ErrorCode::StaleBase, "{retry:?}");
+    assert!(
+        reason(&retry).contains(&format!("server_seq {seq}")),
+        "{retry:?}"
+    );
+    // Nothing was written for any of them: the next op is 4.
+    let next = send(
+        &mut c,
+        frame(
+            "pay-2",
+            "todos",
+            "invoice",
+            OpType::Set,
+            json!({"title": "done"}),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(acked(&next), 4);
+    stack.shutdown().await;
+}

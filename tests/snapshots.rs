@@ -252,3 +252,276 @@ async fn a_snapshot_replaced_while_it_is_read_is_read_again_not_waited_for() {
     assert_eq!(bytes, new);
     stack.shutdown().await;
 }
+
+/// Every `last_server_seq` the snapshot store records for `acme/web/{ns}`, in the
+/// order written, from now on.
+async fn watch_snapshot_seqs(
+    js: &async_nats::jetstream::Context,
+    ns: &str,
+) -> std::sync::Arc<std::sync::Mutex<Vec<u64>>> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    use base64::engine::general_purpose::URL_SAFE;
+    use futures::StreamExt as _;
+    let key = StreamKey::parse("acme", "web", ns).expect("key");
+    let subject = format!(
+        "$O.{}.M.{}",
+        ultrasync_shared::nats::SNAPSHOTS_BUCKET,
+        URL_SAFE.encode(ultrasync_shared::snapshot::object_name(&key))
+    );
+    let stream = js
+        .get_stream(format!("OBJ_{}", ultrasync_shared::nats::SNAPSHOTS_BUCKET))
+        .await
+        .expect("snapshot stream");
+    let mut messages = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer")
+        .messages()
+        .await
+        .expect("messages");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let out = seen.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = messages.next().await {
+            let info: Value = serde_json::from_slice(&m.payload).expect("object info");
+            if let Some(seq) = info["metadata"][ultrasync_shared::snapshot::META_LAST_SEQ]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+            {
+                out.lock().expect("lock").push(seq);
+            }
+        }
+    });
+    seen
+}
+
+fn never_backwards(seqs: &[u64]) -> bool {
+    seqs.windows(2).all(|w| w[0] <= w[1])
+}
+
+/// Writers racing on one key's snapshot, one of them behind: the stored snapshot
+/// only ever moves forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_snapshot_writers_never_move_the_stored_snapshot_backwards() {
+    use ultrasync_shared::snapshot::{Put, put};
+    let stack = Stack::start_with(StackOptions {
+        materializers: 0,
+        ..Default::default()
+    })
+    .await;
+    let js = stack.jetstream().await;
+    let store = js
+        .get_object_store(ultrasync_shared::nats::SNAPSHOTS_BUCKET)
+        .await
+        .expect("store");
+    let key = StreamKey::parse("acme", "web", "race").expect("key");
+    let seen = watch_snapshot_seqs(&js, "race").await;
+    // Two writers, each moving forward on its own; "behind" never catches up.
+    let writer = |seqs: Vec<u64>| {
+        let (js, store, key) = (js.clone(), store.clone(), key.clone());
+        tokio::spawn(async move {
+            let mut written = 0;
+            for seq in seqs {
+                let blob = vec![seq as u8; 200 * 1024];
+                if put(&js, &store, &key, seq, &blob, false)
+                    .await
+                    .expect("put")
+                    == Put::Written
+                {
+                    written += 1;
+                }
+            }
+            written
+        })
+    };
+    let ahead = writer((1..=40).map(|i| i * 10).collect());
+    let behind = writer((1..=40).collect());
+    let (ahead, behind) = (ahead.await.expect("ahead"), behind.await.expect("behind"));
+    assert!(ahead > 0, "the writer ahead wrote nothing");
+    let info = store
+        .info(ultrasync_shared::snapshot::object_name(&key))
+        .await
+        .expect("info");
+    assert_eq!(
+        info.metadata[ultrasync_shared::snapshot::META_LAST_SEQ],
+        "400"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = seen.lock().expect("lock").clone();
+    assert!(
+        never_backwards(&seen),
+        "the stored snapshot went backwards: {seen:?}"
+    );
+    assert_eq!(seen.len(), ahead + behind, "{seen:?}");
+    // One object's chunks are left: the replaced ones were purged.
+    let chunks = js
+        .get_stream(format!("OBJ_{}", ultrasync_shared::nats::SNAPSHOTS_BUCKET))
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .state
+        .messages;
+    assert_eq!(
+        chunks,
+        2 + 1,
+        "two chunks of 200 KiB and one metadata message"
+    );
+    stack.shutdown().await;
+}
+
+/// Two materializers, one stopped while the other snapshots ahead, then both
+/// running while writes go on: the stored snapshot never goes backwards, and after
+/// compaction a new sequencer takes the key from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_materializer_behind_never_replaces_a_newer_snapshot() {
+    let mut stack = Stack::start_with(StackOptions {
+        materializers: 2,
+        configure: |c| {
+            c.materializer.snapshot_every_ops = 1;
+            c.materializer.snapshot_interval_secs = 1;
+            c.compactor.retention_ops = 0;
+        },
+        ..Default::default()
+    })
+    .await;
+    let js = stack.jetstream().await;
+    let seen = watch_snapshot_seqs(&js, "index").await;
+    stack.stop_materializer(1).await;
+    let mut c = Connection::connect(&stack.ws_url(), &stack.token("mo", "read write"))
+        .await
+        .expect("connect");
+    c.hello("acme", "web", "mo-1", Default::default())
+        .await
+        .expect("hello");
+    let mut last = 0;
+    for i in 0..40 {
+        let m = send(
+            &mut c,
+            &format!("a{i}"),
+            "index",
+            &format!("k{}", i % 7),
+            OpType::Set,
+            json!(i),
+            None,
+        )
+        .await;
+        last = seq(&m);
+    }
+    wait_for_snapshot(&stack, "web", "index", last).await;
+    // m1 comes back 40 ops behind and snapshots as it catches up, while writes go on.
+    stack.add_materializer("m1");
+    for i in 40..80 {
+        let m = send(
+            &mut c,
+            &format!("a{i}"),
+            "index",
+            &format!("k{}", i % 7),
+            OpType::Set,
+            json!(i),
+            None,
+        )
+        .await;
+        last = seq(&m);
+    }
+    wait_for_snapshot(&stack, "web", "index", last).await;
+    let report = ultrasync_compactor::compact_once(&js, &stack.config.compactor, false, None)
+        .await
+        .expect("compaction");
+    assert!(report.purged_total > 0, "{report:?}");
+    stack.stop_sequencer(0).await;
+    stack.add_sequencer();
+    let m = send(
+        &mut c,
+        "after",
+        "index",
+        "k0",
+        OpType::Set,
+        json!("after"),
+        None,
+    )
+    .await;
+    assert_eq!(seq(&m), last + 1);
+    let seen = seen.lock().expect("lock").clone();
+    assert!(!seen.is_empty());
+    assert!(
+        never_backwards(&seen),
+        "the stored snapshot went backwards: {seen:?}"
+    );
+    stack.shutdown().await;
+}
+
+/// The stored snapshot is unusable (damaged here) and the log was compacted past
+/// the start: a sequencer taking the key asks a materializer for a snapshot instead
+/// of stalling, and that one is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequencer_without_a_usable_snapshot_asks_a_materializer_for_one() {
+    let mut stack = Stack::start_with(StackOptions {
+        configure: |c| {
+            c.materializer.snapshot_every_ops = 1_000_000;
+            c.materializer.snapshot_interval_secs = 1;
+            c.compactor.retention_ops = 0;
+        },
+        ..Default::default()
+    })
+    .await;
+    let mut c = Connection::connect(&stack.ws_url(), &stack.token("sy", "read write"))
+        .await
+        .expect("connect");
+    c.hello("acme", "web", "sy-1", Default::default())
+        .await
+        .expect("hello");
+    let mut last = 0;
+    for i in 0..30 {
+        let m = send(
+            &mut c,
+            &format!("s{i}"),
+            "index",
+            &format!("k{}", i % 5),
+            OpType::Set,
+            json!(i),
+            None,
+        )
+        .await;
+        last = seq(&m);
+    }
+    wait_for_snapshot(&stack, "web", "index", last).await;
+    let js = stack.jetstream().await;
+    ultrasync_compactor::compact_once(&js, &stack.config.compactor, false, None)
+        .await
+        .expect("compaction");
+    // Damage the stored snapshot (as a disk or an operator might).
+    let store = js
+        .get_object_store(ultrasync_shared::nats::SNAPSHOTS_BUCKET)
+        .await
+        .expect("store");
+    let name = ultrasync_shared::snapshot::object_name(
+        &StreamKey::parse("acme", "web", "index").expect("key"),
+    );
+    store
+        .put(name.as_str(), &mut &b"not a snapshot"[..])
+        .await
+        .expect("overwrite");
+    stack.stop_sequencer(0).await;
+    stack.add_sequencer();
+    let m = send(
+        &mut c,
+        "after",
+        "index",
+        "k0",
+        OpType::Set,
+        json!("after"),
+        None,
+    )
+    .await;
+    assert_eq!(seq(&m), last + 1, "{m:?}");
+    // The materializer's answer was stored, replacing the damaged one.
+    let stored = wait_for_snapshot(&stack, "web", "index", last).await;
+    assert!(stored.state.last_seq >= last);
+    stack.shutdown().await;
+}

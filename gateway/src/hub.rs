@@ -121,22 +121,12 @@ impl Hub {
         key: &StreamKey,
         store: bool,
     ) -> Result<Option<Snapshot>, String> {
-        let req = reads::ReadRequest {
-            store,
-            ..Default::default()
-        };
-        match reads::snapshot(&self.client, key, &req).await {
+        if store {
+            return reads::stored_snapshot(&self.client, &self.snapshots, key, None).await;
+        }
+        match reads::snapshot(&self.client, key, &reads::ReadRequest::default()).await {
             Ok(s) if s.state.last_seq > 0 => Ok(Some(s)),
             Ok(_) | Err(reads::ReadError::NoResponders) => Ok(None),
-            Err(reads::ReadError::Refused {
-                code: ultrasync_shared::ErrorCode::PayloadTooLarge,
-                ..
-            }) if store => {
-                // Too big for one message; it was stored: read it from there.
-                snapshot::fetch(&self.snapshots, key)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
             Err(e) => Err(e.to_string()),
         }
     }

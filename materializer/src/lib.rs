@@ -434,7 +434,8 @@ async fn write_snapshot(shared: &Shared, key: &StreamKey, force: bool) -> anyhow
     if seq == 0 {
         return Ok(());
     }
-    match snapshot::put(&shared.snapshots, key, seq, &bytes, force)
+    let js = async_nats::jetstream::new(shared.client.clone());
+    match snapshot::put(&js, &shared.snapshots, key, seq, &bytes, force)
         .await
         .map_err(anyhow::Error::msg)?
     {
@@ -508,10 +509,18 @@ async fn answer(shared: &Shared, msg: &async_nats::Message) -> ReadResult {
         Verb::Snapshot => {
             let (bytes, seq) = encode_snapshot(shared, &key).await.map_err(internal)?;
             if req.store && seq > 0 {
-                snapshot::put(&shared.snapshots, &key, seq, &bytes, true)
+                let js = async_nats::jetstream::new(shared.client.clone());
+                match snapshot::put(&js, &shared.snapshots, &key, seq, &bytes, true)
                     .await
-                    .map_err(internal)?;
-                info!(stream_key = %key, seq, "snapshot written on request");
+                    .map_err(internal)?
+                {
+                    snapshot::Put::Written => {
+                        info!(stream_key = %key, seq, "snapshot written on request")
+                    }
+                    snapshot::Put::Kept { stored_seq } => {
+                        debug!(stream_key = %key, seq, stored_seq, "asked to store a snapshot; a sound one as new is stored")
+                    }
+                }
             }
             let limit = shared
                 .client

@@ -7,7 +7,11 @@
 //!                     message taken from the consumer (u64 BE)
 //! H{sk}             → the stream key's head: last_seq, head_stream_seq (u64 BE each)
 //! K{sk}\0{key}      → one key's entry (see `encode_entry`)
-//! O{sk}\0{op_id}    → server_seq of an op (for snapshots: exactly-once after take-over)
+//! C{sk}\0{cmd}      → server_seq (u64 BE) and op id of the op a command made; `cmd`
+//!                     is the hex of its command key (for snapshots: a retry after a
+//!                     take-over gets its answer, a reused command id is refused)
+//! O{sk}\0{op_id}    → server_seq of an op whose command key is not known (written by
+//!                     older versions; read into snapshots, never written now)
 //! ```
 //!
 //! Every apply is one `WriteBatch` holding the changed entries, the op ids, the heads
@@ -103,6 +107,18 @@ fn entry_key(key: &StreamKey, name: &str) -> Vec<u8> {
 
 fn op_id_key(key: &StreamKey, op_id: &str) -> Vec<u8> {
     prefixed(b'O', key, Some(op_id.as_bytes()))
+}
+
+fn command_key(key: &StreamKey, command: &str) -> Vec<u8> {
+    prefixed(b'C', key, Some(command.as_bytes()))
+}
+
+/// `server_seq` (u64 BE), then the op id.
+fn encode_command(server_seq: u64, op_id: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + op_id.len());
+    v.extend_from_slice(&server_seq.to_be_bytes());
+    v.extend_from_slice(op_id.as_bytes());
+    v
 }
 
 /// `[from, to)` covering every `tag{sk}\0…` key.
@@ -257,6 +273,19 @@ impl Store {
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             keys.insert(name, decode_entry(&v)?);
         }
+        let mut commands = BTreeMap::new();
+        let (from, to) = range(b'C', key);
+        let skip = from.len();
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(to);
+        for item in snap.iterator_opt(IteratorMode::From(&from, Direction::Forward), opts) {
+            let (k, v) = item?;
+            let command = String::from_utf8(k[skip..].to_vec())
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let op_id = String::from_utf8(v.get(8..).unwrap_or_default().to_vec())
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            commands.insert(command, (op_id, u64_at(&v, 0)?));
+        }
         let mut op_ids = BTreeMap::new();
         let (from, to) = range(b'O', key);
         let skip = from.len();
@@ -275,6 +304,7 @@ impl Store {
                 last_seq: head.last_seq,
                 keys,
             },
+            commands,
             op_ids,
         })
     }
@@ -380,9 +410,11 @@ impl Applier {
                         });
                     }
                 }
-                if !entry.op_id.is_empty() {
-                    batch.put(op_id_key(key, &entry.op_id), entry.server_seq.to_be_bytes());
-                }
+                let command = ultrasync_shared::op::command_key_hex(&op.actor_id, &op.command_id);
+                batch.put(
+                    command_key(key, &command),
+                    encode_command(entry.server_seq, &entry.op_id),
+                );
                 head = KeyHead {
                     last_seq: entry.server_seq,
                     head_stream_seq: entry.stream_seq,
@@ -430,7 +462,7 @@ impl Applier {
     /// gone, so the snapshot is where it starts).
     pub fn install(&mut self, key: &StreamKey, snapshot: &Snapshot) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        for tag in [b'K', b'O'] {
+        for tag in [b'K', b'O', b'C'] {
             let (from, to) = range(tag, key);
             batch.delete_range(from, to);
         }
@@ -439,6 +471,9 @@ impl Applier {
         }
         for (id, seq) in &snapshot.op_ids {
             batch.put(op_id_key(key, id), seq.to_be_bytes());
+        }
+        for (command, (id, seq)) in &snapshot.commands {
+            batch.put(command_key(key, command), encode_command(*seq, id));
         }
         let head = KeyHead {
             last_seq: snapshot.state.last_seq,
@@ -518,7 +553,9 @@ mod tests {
         }
         assert_eq!(snap.state, model);
         assert_eq!(snap.head_stream_seq, 40);
-        assert_eq!(snap.op_ids.len(), 4);
+        assert_eq!(snap.commands.len(), 4);
+        let first = ultrasync_shared::op::command_key_hex("a", "c1");
+        assert_eq!(snap.commands[&first], ("id1".to_owned(), 1));
         // Reopened, the same.
         drop(applier);
         drop(store);

@@ -25,6 +25,7 @@ use ultrasync_shared::ids::is_valid_id;
 use ultrasync_shared::log::{self, Head, LogError};
 use ultrasync_shared::namespaces::{Mode, NamespaceSpec, Namespaces};
 use ultrasync_shared::nats::{HDR_BATCH, is_reply_subject, join_lines, ops_subject};
+use ultrasync_shared::op::{command_key, op_id_bytes, parse_command_key};
 use ultrasync_shared::protocol::{CurrentState, ServerMessage};
 use ultrasync_shared::reads::DigestReply;
 use ultrasync_shared::snapshot::{self, Snapshot};
@@ -202,8 +203,8 @@ struct Loaded {
     /// Stream sequence of the newest op (0 = the subject is empty).
     head_stream_seq: u64,
     state: NamespaceState,
-    /// Every op id in the log, with its `server_seq`.
-    op_ids: HashMap<String, u64>,
+    /// Every command applied to the key, with its `server_seq`.
+    commands: Commands,
     /// The newest ops, contiguous up to `state.last_seq` (retries answered from
     /// memory), with their bytes.
     recent: VecDeque<(Op, usize)>,
@@ -225,7 +226,11 @@ impl Loaded {
             }
             Err(e @ ApplyError::OutOfOrder { .. }) => return Err(LogError::Nats(e.to_string())),
         }
-        self.op_ids.insert(entry.op_id.clone(), entry.server_seq);
+        self.commands.insert(
+            command_key(&op.actor_id, &op.command_id),
+            &entry.op_id,
+            entry.server_seq,
+        );
         self.head_stream_seq = entry.stream_seq;
         self.remember(op, entry.payload.len());
         Ok(())
@@ -261,6 +266,73 @@ impl Loaded {
 }
 
 /// How one command of a batch is answered.
+/// The commands applied to a key: who sent each (its [`command_key`]) and what it
+/// asked for (its op id), with the `server_seq` it got.
+#[derive(Default)]
+struct Commands {
+    by_key: HashMap<[u8; 16], ([u8; 16], u64)>,
+    /// Op ids of ops whose command key is not known (from snapshots written before
+    /// command keys were kept).
+    legacy: HashMap<String, u64>,
+}
+
+/// What [`Commands::seen`] knows of a command.
+enum Seen {
+    New,
+    /// The same command again: answered with the op at this `server_seq`.
+    Retry(u64),
+    /// The command id was used for another body, applied at this `server_seq`.
+    Reused(u64),
+}
+
+impl Commands {
+    fn from_snapshot(
+        key: &StreamKey,
+        commands: std::collections::BTreeMap<String, (String, u64)>,
+        legacy: std::collections::BTreeMap<String, u64>,
+    ) -> Self {
+        let mut by_key = HashMap::with_capacity(commands.len());
+        for (command, (op_id, seq)) in commands {
+            let Some(k) = parse_command_key(&command) else {
+                warn!(stream_key = %key, %command, "a snapshot's command key is not 32 hex digits; ignored");
+                continue;
+            };
+            by_key.insert(k, (op_id_bytes(&op_id), seq));
+        }
+        Self {
+            by_key,
+            legacy: legacy.into_iter().collect(),
+        }
+    }
+
+    fn insert(&mut self, command: [u8; 16], op_id: &str, server_seq: u64) {
+        self.by_key
+            .insert(command, (op_id_bytes(op_id), server_seq));
+    }
+
+    fn seen(&self, command: &[u8; 16], op_id: &str) -> Seen {
+        match self.by_key.get(command) {
+            Some((id, seq)) if *id == op_id_bytes(op_id) => Seen::Retry(*seq),
+            Some((_, seq)) => Seen::Reused(*seq),
+            None => self
+                .legacy
+                .get(op_id)
+                .map_or(Seen::New, |s| Seen::Retry(*s)),
+        }
+    }
+}
+
+/// The answer to a command id used again for a different command.
+fn reused(command_id: &str, server_seq: u64) -> ServerMessage {
+    ServerMessage::reject(
+        command_id,
+        ErrorCode::InvalidMessage,
+        format!(
+            "command_id {command_id} was already used by this actor for a different command (applied at server_seq {server_seq}); a new command needs a new command_id"
+        ),
+    )
+}
+
 enum Plan {
     Reject(ServerMessage),
     /// A new op: index into the batch's ops.
@@ -298,19 +370,54 @@ impl Worker {
         }
     }
 
-    /// This key's snapshot, if there is a sound one that continues into the log.
+    /// This key's snapshot, if there is a sound one that continues into the log: the
+    /// stored one or, when the log was compacted past that, a newer one made by a
+    /// materializer on request.
     async fn usable_snapshot(&self, head: Head) -> Option<Snapshot> {
-        let snapshot = match snapshot::fetch(&self.shared.snapshots, &self.key).await {
-            Ok(Some(s)) => s,
-            Ok(None) => return None,
-            Err(e) => {
-                warn!(stream_key = %self.key, error = %e, "no usable snapshot; replaying the log");
-                return None;
+        match snapshot::fetch(&self.shared.snapshots, &self.key).await {
+            Ok(Some(s)) if self.continues(&s, head).await => return Some(s),
+            Ok(Some(s)) => {
+                warn!(stream_key = %self.key, snapshot_seq = s.state.last_seq, head = head.server_seq, "the stored snapshot does not continue into the log");
             }
+            Ok(None) => {}
+            Err(e) => warn!(stream_key = %self.key, error = %e, "no usable stored snapshot"),
+        }
+        // The whole log is there: replay it.
+        let first = match log::next_at_or_after(&self.shared.ops, &self.subject, 1).await {
+            Ok(Some(e)) if e.server_seq > 1 => e.server_seq,
+            _ => return None,
         };
+        // The log was compacted past it: only a newer snapshot helps. A materializer
+        // that has applied up to the log's first op makes one (and stores it).
+        info!(stream_key = %self.key, first, "asking a materializer for a snapshot the log continues from");
+        match ultrasync_shared::reads::stored_snapshot(
+            &self.shared.client,
+            &self.shared.snapshots,
+            &self.key,
+            Some(first - 1),
+        )
+        .await
+        {
+            Ok(Some(s)) if self.continues(&s, head).await => Some(s),
+            Ok(Some(s)) => {
+                warn!(stream_key = %self.key, snapshot_seq = s.state.last_seq, first, "the materializer's snapshot does not continue into the log either");
+                None
+            }
+            Ok(None) => {
+                warn!(stream_key = %self.key, "no materializer answered for a snapshot");
+                None
+            }
+            Err(e) => {
+                warn!(stream_key = %self.key, error = %e, "asking a materializer for a snapshot failed");
+                None
+            }
+        }
+    }
+
+    /// Whether the log, as it is now, continues where `snapshot` ends.
+    async fn continues(&self, snapshot: &Snapshot, head: Head) -> bool {
         let last = snapshot.state.last_seq;
-        // It must continue into the log as the log is now.
-        let continues = if last > head.server_seq {
+        if last > head.server_seq {
             false
         } else if last == head.server_seq {
             head.stream_seq == snapshot.head_stream_seq
@@ -319,12 +426,7 @@ impl Worker {
                 log::next_at_or_after(&self.shared.ops, &self.subject, snapshot.head_stream_seq + 1).await,
                 Ok(Some(e)) if e.server_seq == last + 1
             )
-        };
-        if !continues {
-            warn!(stream_key = %self.key, snapshot_seq = last, head = head.server_seq, "snapshot does not match the log; replaying the log");
-            return None;
         }
-        Some(snapshot)
     }
 
     pub async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
@@ -516,7 +618,11 @@ impl Worker {
                                 };
                             }
                             for (o, op) in outgoing.into_iter().zip(&ops) {
-                                loaded.op_ids.insert(o.op_id, o.server_seq);
+                                loaded.commands.insert(
+                                    command_key(&op.actor_id, &op.command_id),
+                                    &o.op_id,
+                                    o.server_seq,
+                                );
                                 loaded.remember(op.clone(), o.body.len());
                             }
                         }
@@ -577,7 +683,7 @@ fn plan(
     let mut ops: Vec<Op> = Vec::new();
     let mut outgoing: Vec<Outgoing> = Vec::new();
     let mut overlay: HashMap<String, Option<KeyEntry>> = HashMap::new();
-    let mut in_batch: HashMap<String, usize> = HashMap::new();
+    let mut in_batch: HashMap<[u8; 16], (String, usize)> = HashMap::new();
     for p in batch {
         let cmd = match &p.cmd {
             Ok(c) => c,
@@ -595,12 +701,24 @@ fn plan(
             continue;
         }
         let op_id = cmd.op_id();
-        if let Some(&seq) = loaded.op_ids.get(&op_id) {
-            plans.push(Plan::Existing(seq));
-            continue;
+        let command = command_key(&cmd.actor_id, &cmd.command_id);
+        match loaded.commands.seen(&command, &op_id) {
+            Seen::New => {}
+            Seen::Retry(seq) => {
+                plans.push(Plan::Existing(seq));
+                continue;
+            }
+            Seen::Reused(seq) => {
+                plans.push(Plan::Reject(reused(&cmd.command_id, seq)));
+                continue;
+            }
         }
-        if let Some(&i) = in_batch.get(&op_id) {
-            plans.push(Plan::New(i));
+        if let Some((id, i)) = in_batch.get(&command) {
+            plans.push(if *id == op_id {
+                Plan::New(*i)
+            } else {
+                Plan::Reject(reused(&cmd.command_id, ops[*i].server_seq))
+            });
             continue;
         }
         let server_seq = next_seq + ops.len() as u64;
@@ -629,7 +747,7 @@ fn plan(
             }
         };
         overlay.insert(cmd.key.clone(), entry);
-        in_batch.insert(op_id.clone(), ops.len());
+        in_batch.insert(command, (op_id.clone(), ops.len()));
         plans.push(Plan::New(ops.len()));
         outgoing.push(Outgoing {
             server_seq,
@@ -771,7 +889,7 @@ impl Worker {
         let mut loaded = Loaded {
             head_stream_seq: 0,
             state: NamespaceState::default(),
-            op_ids: HashMap::new(),
+            commands: Commands::default(),
             recent: VecDeque::new(),
             recent_bytes: 0,
         };
@@ -784,7 +902,8 @@ impl Worker {
             start = snapshot.head_stream_seq + 1;
             loaded.head_stream_seq = snapshot.head_stream_seq;
             loaded.state = snapshot.state;
-            loaded.op_ids = snapshot.op_ids.into_iter().collect();
+            loaded.commands =
+                Commands::from_snapshot(&self.key, snapshot.commands, snapshot.op_ids);
         }
         let from_snapshot = loaded.state.last_seq;
         self.replay(&mut loaded, start, head).await?;

@@ -70,6 +70,19 @@ impl ErrorCode {
     }
 }
 
+impl ErrorCode {
+    /// The HTTP status of a command's reject. A command that reached the sequencer
+    /// well-formed is refused with `invalid_message` for one reason only: its
+    /// `(actor_id, command_id)` was used before for another body (SPEC invariant 5),
+    /// which is 422; everything else as [`Self::http_status`].
+    pub fn reject_http_status(self) -> u16 {
+        match self {
+            Self::InvalidMessage => 422,
+            other => other.http_status(),
+        }
+    }
+}
+
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

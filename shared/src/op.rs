@@ -153,6 +153,44 @@ pub fn op_id(
     hex::encode(&h.finalize()[..16])
 }
 
+/// Who sent a command, without what it asked for: 128 bits of
+/// SHA-256(actor_id, command_id). Two commands with the same key are the same
+/// command: a retry when their [`op_id`]s match, a reused command id otherwise.
+pub fn command_key(actor_id: &str, command_id: &str) -> [u8; 16] {
+    let mut h = Sha256::new();
+    for part in [actor_id, command_id] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize()[..16]);
+    out
+}
+
+/// [`command_key`] as 32 hex digits (how snapshots and stores name it).
+pub fn command_key_hex(actor_id: &str, command_id: &str) -> String {
+    hex::encode(command_key(actor_id, command_id))
+}
+
+/// A command key from its 32 hex digits.
+pub fn parse_command_key(hex_digits: &str) -> Option<[u8; 16]> {
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(hex_digits, &mut out)
+        .ok()
+        .map(|()| out)
+}
+
+/// An op id as 16 bytes: its 32 hex digits, or (for an id not written by this
+/// code) 128 bits of its SHA-256.
+pub fn op_id_bytes(op_id: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if op_id.len() == 32 && hex::decode_to_slice(op_id, &mut out).is_ok() {
+        return out;
+    }
+    out.copy_from_slice(&Sha256::digest(op_id.as_bytes())[..16]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +211,15 @@ mod tests {
             op_id("v", "c1", "k", OpType::Set, &json!({"a":1,"b":2}), None)
         );
         assert_ne!(a, op_id("u", "c1", "k", OpType::Set, &json!({"a":1}), None));
+        assert_eq!(op_id_bytes(&a).to_vec(), hex::decode(&a).expect("hex"));
+        assert_ne!(op_id_bytes("legacy-id"), op_id_bytes("legacy-id2"));
+        assert_eq!(command_key("u", "c1"), command_key("u", "c1"));
+        assert_ne!(command_key("u", "c1"), command_key("u1", "c"));
+        assert_eq!(
+            parse_command_key(&command_key_hex("u", "c1")),
+            Some(command_key("u", "c1"))
+        );
+        assert_eq!(parse_command_key("zz"), None);
         // Length prefixes keep ("ab","c") and ("a","bc") apart.
         assert_ne!(
             op_id("ab", "c", "k", OpType::Del, &Value::Null, None),

@@ -246,6 +246,34 @@ pub async fn snapshot(
     Ok(snapshot)
 }
 
+/// A materializer's snapshot of `key` (at `min_seq` or later when given) that it
+/// also stores in `store` (forward only, see [`crate::snapshot::put`]). One too big
+/// for a message is read back from the store. `None` when no materializer answers or
+/// the key is empty.
+pub async fn stored_snapshot(
+    client: &async_nats::Client,
+    store: &async_nats::jetstream::object_store::ObjectStore,
+    key: &StreamKey,
+    min_seq: Option<u64>,
+) -> Result<Option<Snapshot>, String> {
+    let req = ReadRequest {
+        store: true,
+        min_seq,
+        ..Default::default()
+    };
+    match snapshot(client, key, &req).await {
+        Ok(s) if s.state.last_seq > 0 => Ok(Some(s)),
+        Ok(_) | Err(ReadError::NoResponders) => Ok(None),
+        Err(ReadError::Refused {
+            code: ErrorCode::PayloadTooLarge,
+            ..
+        }) => crate::snapshot::fetch(store, key)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// One key from a materializer.
 pub async fn key(
     client: &async_nats::Client,

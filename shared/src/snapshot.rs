@@ -1,5 +1,5 @@
-//! The snapshot blob: one stream key's state at a `server_seq`, plus the op ids of the
-//! ops up to there, so whoever loads it (a sequencer taking over the key, a
+//! The snapshot blob: one stream key's state at a `server_seq`, plus the command keys
+//! and op ids of the ops up to there, so whoever loads it (a sequencer taking over the key, a
 //! materializer, a client bootstrap) needs only the log after it.
 //!
 //! Layout (all integers little-endian):
@@ -54,7 +54,12 @@ pub struct Snapshot {
     /// Stream sequence of the op at `state.last_seq` (where to resume reading).
     pub head_stream_seq: u64,
     pub state: NamespaceState,
-    /// Op id → `server_seq` of ops up to `state.last_seq` (for exactly-once answers).
+    /// Command key (hex of [`crate::op::command_key`]) → (op id, `server_seq`) of
+    /// the ops up to `state.last_seq`: a retry gets its original answer and a reused
+    /// command id with another body is refused, also after a take-over.
+    pub commands: BTreeMap<String, (String, u64)>,
+    /// Op id → `server_seq` of ops whose command key is not known (snapshots written
+    /// before command keys were kept): retries of those are still recognised.
     pub op_ids: BTreeMap<String, u64>,
 }
 
@@ -84,6 +89,7 @@ struct Body {
     digest: String,
     keys: Vec<BodyKey>,
     op_ids: Vec<(String, u64)>,
+    commands: Vec<(String, String, u64)>,
 }
 
 /// [`Body`] as read: values left raw, parsed one by one (see the module doc).
@@ -94,7 +100,10 @@ struct BodyIn {
     head_stream_seq: u64,
     digest: String,
     keys: Vec<BodyKeyIn>,
+    #[serde(default)]
     op_ids: Vec<(String, u64)>,
+    #[serde(default)]
+    commands: Vec<(String, String, u64)>,
 }
 
 #[derive(Deserialize)]
@@ -222,44 +231,161 @@ pub const META_LAST_SEQ: &str = "last_server_seq";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Put {
     Written,
-    /// The stored snapshot was as new or newer and sound enough to keep (by its
-    /// metadata): nothing written.
+    /// The stored snapshot was as new or newer (by its metadata), and sound when
+    /// that was asked: nothing written.
     Kept {
         stored_seq: u64,
     },
 }
 
-/// Stores an encoded snapshot of `key` at `last_seq`, unless the store already holds
-/// one at `last_seq` or later. `force` writes regardless (replacing a damaged one).
+/// Chunk size of snapshot objects (the object store's default).
+const CHUNK_BYTES: usize = 128 * 1024;
+/// Writers racing on one key: how often [`put`] reads the stored metadata again
+/// after losing the compare-and-set.
+const PUT_ATTEMPTS: usize = 8;
+
+/// Stores an encoded snapshot of `key` at `last_seq` in `store` (whose stream `js`
+/// reaches), unless the store already holds one at `last_seq` or later: snapshots
+/// only move forward.
+///
+/// The object's metadata message is published with the stream sequence of the
+/// metadata it replaces as the expected last sequence of its subject, so of two
+/// writers racing, the one that read older metadata loses, reads again, and keeps
+/// the newer snapshot. With `check_stored`, a stored snapshot that is as new but does
+/// not decode (damaged) is replaced; otherwise metadata alone decides.
 pub async fn put(
+    js: &async_nats::jetstream::Context,
     store: &async_nats::jetstream::object_store::ObjectStore,
     key: &crate::StreamKey,
     last_seq: u64,
     bytes: &[u8],
-    force: bool,
+    check_stored: bool,
 ) -> Result<Put, String> {
+    use async_nats::jetstream::context::PublishErrorKind;
+    use base64::engine::general_purpose::URL_SAFE;
     let name = object_name(key);
-    if !force
-        && let Ok(info) = store.info(name.as_str()).await
-        && let Some(stored_seq) = info
-            .metadata
-            .get(META_LAST_SEQ)
-            .and_then(|v| v.parse::<u64>().ok())
-        && stored_seq >= last_seq
-    {
-        return Ok(Put::Kept { stored_seq });
-    }
-    let meta = async_nats::jetstream::object_store::ObjectMetadata {
-        name,
-        description: Some(format!("ultrasync snapshot of {key}")),
-        metadata: [(META_LAST_SEQ.to_owned(), last_seq.to_string())].into(),
-        ..Default::default()
-    };
-    store
-        .put(meta, &mut &bytes[..])
+    let stream_name = format!("OBJ_{}", crate::nats::SNAPSHOTS_BUCKET);
+    let stream = js
+        .get_stream(&stream_name)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(Put::Written)
+        .map_err(|e| format!("opening {stream_name}: {e}"))?;
+    let meta_subject = format!(
+        "$O.{}.M.{}",
+        crate::nats::SNAPSHOTS_BUCKET,
+        URL_SAFE.encode(&name)
+    );
+    for _ in 0..PUT_ATTEMPTS {
+        let stored = stored_meta(&stream, &meta_subject).await?;
+        if let Some((_, info)) = &stored
+            && let Some(stored_seq) = info
+                .metadata
+                .get(META_LAST_SEQ)
+                .and_then(|v| v.parse::<u64>().ok())
+            && stored_seq >= last_seq
+        {
+            let damaged = check_stored
+                && match fetch(store, key).await {
+                    Ok(Some(_)) | Ok(None) => false,
+                    Err(FetchError::Refused(_)) => true,
+                    Err(FetchError::Store(e)) => return Err(e),
+                };
+            if !damaged {
+                return Ok(Put::Kept { stored_seq });
+            }
+        }
+        let nuid = uuid::Uuid::new_v4().simple().to_string();
+        let chunk_subject = format!("$O.{}.C.{nuid}", crate::nats::SNAPSHOTS_BUCKET);
+        let mut chunks = 0;
+        for chunk in bytes.chunks(CHUNK_BYTES) {
+            js.publish(chunk_subject.clone(), bytes::Bytes::copy_from_slice(chunk))
+                .await
+                .map_err(|e| format!("writing a snapshot chunk: {e}"))?
+                .await
+                .map_err(|e| format!("writing a snapshot chunk: {e}"))?;
+            chunks += 1;
+        }
+        let info = async_nats::jetstream::object_store::ObjectInfo {
+            name: name.clone(),
+            description: Some(format!("ultrasync snapshot of {key}")),
+            metadata: [(META_LAST_SEQ.to_owned(), last_seq.to_string())].into(),
+            headers: None,
+            options: Some(async_nats::jetstream::object_store::ObjectOptions {
+                link: None,
+                max_chunk_size: Some(CHUNK_BYTES),
+            }),
+            bucket: crate::nats::SNAPSHOTS_BUCKET.to_owned(),
+            nuid,
+            size: bytes.len(),
+            chunks,
+            modified: Some(async_nats::datetime::now()),
+            digest: Some(format!(
+                "SHA-256={}",
+                URL_SAFE.encode(Sha256::digest(bytes))
+            )),
+            deleted: false,
+        };
+        let body = serde_json::to_vec(&info).map_err(|e| e.to_string())?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Rollup", "sub");
+        let expected = stored.as_ref().map_or(0, |(seq, _)| *seq);
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            expected.to_string().as_str(),
+        );
+        let published = match js
+            .publish_with_headers(meta_subject.clone(), headers, body.into())
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match published {
+            Ok(_) => {
+                // The replaced object's chunks; a reader still on them starts over
+                // (see `fetch`).
+                if let Some((_, old)) = stored {
+                    let _ = stream
+                        .purge()
+                        .filter(format!(
+                            "$O.{}.C.{}",
+                            crate::nats::SNAPSHOTS_BUCKET,
+                            old.nuid
+                        ))
+                        .await;
+                }
+                return Ok(Put::Written);
+            }
+            Err(e) => {
+                let _ = stream.purge().filter(chunk_subject).await;
+                if e.kind() != PublishErrorKind::WrongLastSequence {
+                    return Err(format!("writing snapshot metadata: {e}"));
+                }
+                // Another writer got there first: read what it stored and decide again.
+            }
+        }
+    }
+    Err(format!(
+        "{PUT_ATTEMPTS} writers in a row stored a snapshot of {key} first"
+    ))
+}
+
+/// The stored metadata message of an object: its stream sequence and info; `None`
+/// when there is none or it marks a deleted object.
+async fn stored_meta(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: &str,
+) -> Result<Option<(u64, async_nats::jetstream::object_store::ObjectInfo)>, String> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => {
+            let info: async_nats::jetstream::object_store::ObjectInfo =
+                serde_json::from_slice(&m.payload)
+                    .map_err(|e| format!("snapshot metadata does not decode: {e}"))?;
+            Ok(Some((m.sequence, info)))
+        }
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(format!("reading snapshot metadata: {e}")),
+    }
 }
 
 impl Snapshot {
@@ -285,6 +411,11 @@ impl Snapshot {
                 })
                 .collect(),
             op_ids: self.op_ids.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            commands: self
+                .commands
+                .iter()
+                .map(|(k, (id, seq))| (k.clone(), id.clone(), *seq))
+                .collect(),
         };
         let json = serde_json::to_vec(&body).unwrap_or_default();
         let compressed = zstd::encode_all(json.as_slice(), ZSTD_LEVEL).unwrap_or_default();
@@ -385,6 +516,11 @@ impl Snapshot {
                 keys,
             },
             op_ids: body.op_ids.into_iter().collect(),
+            commands: body
+                .commands
+                .into_iter()
+                .map(|(k, id, seq)| (k, (id, seq)))
+                .collect(),
         };
         if snapshot.digest() != body.digest {
             return Err(SnapshotError::Digest);
@@ -461,10 +597,10 @@ mod tests {
             stream_key: "o/p/n".into(),
             head_stream_seq: 42,
             state: st,
-            op_ids: [
-                ("id0".to_owned(), 1),
-                ("id1".to_owned(), 2),
-                ("id2".to_owned(), 3),
+            op_ids: [("legacy0".to_owned(), 1)].into(),
+            commands: [
+                ("c1".to_owned(), ("id1".to_owned(), 2)),
+                ("c2".to_owned(), ("id2".to_owned(), 3)),
             ]
             .into(),
         }

@@ -160,7 +160,8 @@ fn sample_snapshot(deep: usize) -> Snapshot {
         stream_key: "o/p/n".into(),
         head_stream_seq: 3,
         state: st,
-        op_ids: [("id1".to_owned(), 1)].into(),
+        op_ids: [("legacy1".to_owned(), 1)].into(),
+        commands: [("c1".to_owned(), ("id1".to_owned(), 1))].into(),
     }
 }
 

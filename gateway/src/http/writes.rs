@@ -287,7 +287,7 @@ async fn write_key(
             current_state,
             ..
         }) => {
-            let status = StatusCode::from_u16(code.http_status())
+            let status = StatusCode::from_u16(code.reject_http_status())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut body = serde_json::json!({"error": {"code": code, "message": reason}});
             if let Some(cs) = current_state {
@@ -304,7 +304,7 @@ async fn write_key(
     path = "/v1/{org}/{project}/{ns}/keys/{key}",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("If-Match" = Option<String>, Header), ("Idempotency-Key" = Option<String>, Header), ("X-Client-Id" = Option<String>, Header)),
     request_body = Object,
-    responses((status = 200, body = super::schema::WriteAnswer, headers(("ETag" = String))), (status = 409, body = super::schema::ErrorBody), (status = 413, body = super::schema::ErrorBody), (status = 429, body = super::schema::ErrorBody), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
+    responses((status = 200, body = super::schema::WriteAnswer, headers(("ETag" = String))), (status = 409, body = super::schema::ErrorBody), (status = 410, body = super::schema::ErrorBody), (status = 413, body = super::schema::ErrorBody), (status = 422, body = super::schema::ErrorBody), (status = 429, body = super::schema::ErrorBody), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
     description = "Set the key's value; If-Match makes it conditional (409 with current_state on mismatch)."
 )]
 pub async fn put_key(
@@ -325,7 +325,7 @@ pub async fn put_key(
     delete,
     path = "/v1/{org}/{project}/{ns}/keys/{key}",
     params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("key" = String, Path), ("If-Match" = Option<String>, Header), ("Idempotency-Key" = Option<String>, Header), ("X-Client-Id" = Option<String>, Header)),
-    responses((status = 200, body = super::schema::WriteAnswer), (status = 409, body = super::schema::ErrorBody), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
+    responses((status = 200, body = super::schema::WriteAnswer), (status = 409, body = super::schema::ErrorBody), (status = 410, body = super::schema::ErrorBody), (status = 422, body = super::schema::ErrorBody), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
     description = "Delete the key; If-Match makes it conditional."
 )]
 pub async fn delete_key(

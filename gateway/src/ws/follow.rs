@@ -65,6 +65,7 @@ impl Follower {
                             stream_key: self.topic.key.to_string(),
                             head_stream_seq: 0,
                             state: Default::default(),
+                            commands: Default::default(),
                             op_ids: Default::default(),
                         },
                     },
