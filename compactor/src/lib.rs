@@ -15,6 +15,7 @@
 
 mod metrics;
 
+mod commands;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -362,6 +363,10 @@ pub async fn compact_once(
                     m.reader_let_go(r.kind);
                 }
             } else {
+    let commands_kv = js
+        .get_key_value(ultrasync_shared::nats::COMMANDS_BUCKET)
+        .await
+        .context("opening the bucket of compacted commands")?;
                 holds.push((position, format!("{}:{}", r.kind, r.name)));
             }
             plan.readers.push(ReaderHold {
@@ -483,6 +488,8 @@ async fn purge_below(
         .with_context(|| {
             format!(
                 "purging {subject} below stream sequence {}",
+                    commands::remember(&ops, &commands_kv, &key, &subject, first, plan.floor)
+                        .await?;
                 keep.stream_seq
             )
         })?;

@@ -419,10 +419,13 @@ impl Snapshots {
 
 /// Encodes `key`'s state as stored now; returns the blob and its `last_server_seq`.
 async fn encode_snapshot(shared: &Shared, key: &StreamKey) -> anyhow::Result<(Vec<u8>, u64)> {
+    let first_in_log = log::next_at_or_after(&shared.ops, &nats::ops_subject(key), 1)
+        .await?
+        .map_or(1, |e| e.server_seq);
     let store = shared.store.clone();
     let key = key.clone();
     tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-        let s = store.snapshot(&key)?;
+        let s = store.snapshot_for_log(&key, first_in_log)?;
         Ok((s.encode(), s.state.last_seq))
     })
     .await?

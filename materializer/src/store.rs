@@ -255,8 +255,23 @@ impl Store {
         Ok((head.last_seq, entry))
     }
 
-    /// The whole state of a stream key and its op ids, read at one point in time.
+    /// The whole state of a stream key and every command it remembers, read at one
+    /// point in time.
     pub fn snapshot(&self, key: &StreamKey) -> Result<Snapshot, StoreError> {
+        self.snapshot_for_log(key, 1)
+    }
+
+    /// The state of a stream key with the commands of the ops from `first_in_log`
+    /// (the oldest op the log still holds) and of the newest
+    /// [`RECENT_COMMANDS`](ultrasync_shared::snapshot::RECENT_COMMANDS): older ones
+    /// were compacted, and the compactor wrote them to `usync-commands` before it
+    /// purged them. Their records are deleted here, so the store and the snapshot
+    /// stay the size of the live state and the log.
+    pub fn snapshot_for_log(
+        &self,
+        key: &StreamKey,
+        first_in_log: u64,
+    ) -> Result<Snapshot, StoreError> {
         let snap = self.db.snapshot();
         let head = match snap.get(head_key(key))? {
             Some(b) => decode_head(&b)?,
@@ -273,6 +288,12 @@ impl Store {
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             keys.insert(name, decode_entry(&v)?);
         }
+        let keep_from = first_in_log.min(
+            head.last_seq
+                .saturating_sub(ultrasync_shared::snapshot::RECENT_COMMANDS)
+                + 1,
+        );
+        let mut stale = WriteBatch::default();
         let mut commands = BTreeMap::new();
         let (from, to) = range(b'C', key);
         let skip = from.len();
@@ -284,7 +305,12 @@ impl Store {
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let op_id = String::from_utf8(v.get(8..).unwrap_or_default().to_vec())
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            commands.insert(command, (op_id, u64_at(&v, 0)?));
+            let seq = u64_at(&v, 0)?;
+            if seq < keep_from {
+                stale.delete(&k);
+                continue;
+            }
+            commands.insert(command, (op_id, seq));
         }
         let mut op_ids = BTreeMap::new();
         let (from, to) = range(b'O', key);
@@ -295,7 +321,15 @@ impl Store {
             let (k, v) = item?;
             let id = String::from_utf8(k[skip..].to_vec())
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            op_ids.insert(id, u64_at(&v, 0)?);
+            let seq = u64_at(&v, 0)?;
+            if seq < keep_from {
+                stale.delete(&k);
+                continue;
+            }
+            op_ids.insert(id, seq);
+        }
+        if !stale.is_empty() {
+            self.db.write(stale)?;
         }
         Ok(Snapshot {
             stream_key: key.to_string(),

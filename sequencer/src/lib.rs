@@ -76,6 +76,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         dropped_replies: std::sync::atomic::AtomicU64::new(0),
         instance: instance.clone(),
         committer: committer::Committer::start(client.clone(), js.clone()),
+        commands: js
+            .get_key_value(ultrasync_shared::nats::COMMANDS_BUCKET)
+            .await
+            .context("opening the bucket of compacted commands")?,
     });
     let mut coordinator = partitions::Coordinator::start(
         js.clone(),

@@ -24,8 +24,10 @@ use ultrasync_shared::config::SequencerConfig;
 use ultrasync_shared::ids::is_valid_id;
 use ultrasync_shared::log::{self, Head, LogError};
 use ultrasync_shared::namespaces::{Mode, NamespaceSpec, Namespaces};
-use ultrasync_shared::nats::{HDR_BATCH, is_reply_subject, join_lines, ops_subject};
-use ultrasync_shared::op::{command_key, op_id_bytes, parse_command_key};
+use ultrasync_shared::nats::{
+    HDR_BATCH, command_kv_key, is_reply_subject, join_lines, ops_subject,
+};
+use ultrasync_shared::op::{command_key, command_key_hex, op_id_bytes, parse_command_key};
 use ultrasync_shared::protocol::{CurrentState, ServerMessage};
 use ultrasync_shared::reads::DigestReply;
 use ultrasync_shared::snapshot::{self, Snapshot};
@@ -53,6 +55,11 @@ const INLINE_PLAN_BYTES: usize = 64 * 1024;
 const RECENT_OPS: usize = 1024;
 /// ...within this many bytes of op bodies.
 const RECENT_BYTES: usize = 4 * 1024 * 1024;
+/// A worker trims its commands to the log once it holds this many (and then twice
+/// what it kept).
+const TRIM_MIN: usize = 4096;
+/// `usync-commands` lookups in flight for one batch.
+const LOOKUPS_IN_FLIGHT: usize = 32;
 
 /// What every worker of an instance shares.
 pub struct WorkerShared {
@@ -74,6 +81,8 @@ pub struct WorkerShared {
     pub instance: String,
     /// Group commit of every worker's writes.
     pub committer: crate::committer::Committer,
+    /// `usync-commands`: the commands of compacted ops.
+    pub commands: jetstream::kv::Store,
 }
 
 /// What a worker is handed.
@@ -203,8 +212,15 @@ struct Loaded {
     /// Stream sequence of the newest op (0 = the subject is empty).
     head_stream_seq: u64,
     state: NamespaceState,
-    /// Every command applied to the key, with its `server_seq`.
+    /// The commands of the ops still in the log (and of the newest
+    /// [`snapshot::RECENT_COMMANDS`]), with their `server_seq`; older ones are in
+    /// `usync-commands`.
     commands: Commands,
+    /// `server_seq` of the oldest op in the log when last looked: ops below it were
+    /// compacted, and their commands are looked up in `usync-commands`.
+    first_in_log: u64,
+    /// Trim `commands` to the log once it holds more than this many.
+    trim_at: usize,
     /// The newest ops, contiguous up to `state.last_seq` (retries answered from
     /// memory), with their bytes.
     recent: VecDeque<(Op, usize)>,
@@ -308,6 +324,16 @@ impl Commands {
     fn insert(&mut self, command: [u8; 16], op_id: &str, server_seq: u64) {
         self.by_key
             .insert(command, (op_id_bytes(op_id), server_seq));
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len() + self.legacy.len()
+    }
+
+    /// Forgets the commands of ops below `keep_from`.
+    fn retain_from(&mut self, keep_from: u64) {
+        self.by_key.retain(|_, (_, seq)| *seq >= keep_from);
+        self.legacy.retain(|_, seq| *seq >= keep_from);
     }
 
     fn seen(&self, command: &[u8; 16], op_id: &str) -> Seen {
@@ -547,6 +573,13 @@ impl Worker {
                     }
                 }
             }
+            if let Some(loaded) = self.loaded.as_mut()
+                && let Err(e) = look_up(&self.shared, &self.key, loaded, &batch).await
+            {
+                warn!(stream_key = %self.key, error = %e, "looking up compacted commands failed; the batch is retried later");
+                nak_all(&batch).await;
+                return;
+            }
             let limits = Limits::for_namespace(&self.shared.limits, &spec);
             let heavy = batch.iter().map(|p| p.bytes).sum::<usize>() > INLINE_PLAN_BYTES
                 || batch
@@ -652,9 +685,90 @@ impl Worker {
                 }
             }
             self.answer(&batch, plans, &ops).await;
+            if self
+                .loaded
+                .as_ref()
+                .is_some_and(|l| l.commands.len() > l.trim_at)
+                && let Some(mut l) = self.loaded.take()
+            {
+                match trim(&self.shared, &self.subject, &mut l).await {
+                    Ok(()) => self.loaded = Some(l),
+                    Err(e) => {
+                        warn!(stream_key = %self.key, error = %e, "looking up the log's first op failed; reloading the key later")
+                    }
+                }
+            }
             return;
         }
     }
+}
+
+/// Forgets the commands of compacted ops (the compactor wrote them to
+/// `usync-commands` before purging), keeping the newest [`snapshot::RECENT_COMMANDS`].
+async fn trim(shared: &WorkerShared, subject: &str, loaded: &mut Loaded) -> Result<(), LogError> {
+    if let Some(first) = log::next_at_or_after(&shared.ops, subject, 1).await? {
+        loaded.first_in_log = first.server_seq;
+    }
+    let recent_from = loaded
+        .state
+        .last_seq
+        .saturating_sub(snapshot::RECENT_COMMANDS)
+        + 1;
+    loaded
+        .commands
+        .retain_from(loaded.first_in_log.min(recent_from));
+    loaded.trim_at = TRIM_MIN.max(2 * loaded.commands.len());
+    Ok(())
+}
+
+/// Looks up, in `usync-commands`, the commands of `batch` that memory does not
+/// hold while ops of the key were compacted: a retry of a compacted op, or its
+/// command id used again. What is found joins memory until the next trim.
+async fn look_up(
+    shared: &WorkerShared,
+    key: &StreamKey,
+    loaded: &mut Loaded,
+    batch: &[Pending],
+) -> Result<(), String> {
+    if loaded.first_in_log <= 1 {
+        return Ok(());
+    }
+    let mut wanted: Vec<([u8; 16], String)> = Vec::new();
+    for cmd in batch.iter().filter_map(|p| p.cmd.as_ref().ok()) {
+        let k = command_key(&cmd.actor_id, &cmd.command_id);
+        if !loaded.commands.by_key.contains_key(&k) && !wanted.iter().any(|(w, _)| *w == k) {
+            wanted.push((k, command_key_hex(&cmd.actor_id, &cmd.command_id)));
+        }
+    }
+    type Found = ([u8; 16], Result<Option<bytes::Bytes>, String>);
+    let found: Vec<Found> = futures::stream::iter(wanted)
+        .map(|(k, hex)| async move {
+            let got = shared
+                .commands
+                .get(command_kv_key(key, &hex))
+                .await
+                .map_err(|e| e.to_string());
+            (k, got)
+        })
+        .buffer_unordered(LOOKUPS_IN_FLIGHT)
+        .collect()
+        .await;
+    for (k, got) in found {
+        let Some(value) = got? else { continue };
+        let text = String::from_utf8_lossy(&value);
+        let parsed = text
+            .split_once(' ')
+            .and_then(|(seq, op_id)| Some((seq.parse::<u64>().ok()?, op_id_bytes(op_id))));
+        match parsed {
+            Some((seq, op_id)) => {
+                loaded.commands.by_key.insert(k, (op_id, seq));
+            }
+            None => {
+                warn!(stream_key = %key, value = %text, "a remembered command does not parse; ignored")
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What [`plan`] decides: the plans, the new ops, their encoded form, and the keys'
@@ -890,6 +1004,8 @@ impl Worker {
             head_stream_seq: 0,
             state: NamespaceState::default(),
             commands: Commands::default(),
+            first_in_log: 1,
+            trim_at: TRIM_MIN,
             recent: VecDeque::new(),
             recent_bytes: 0,
         };
@@ -907,6 +1023,7 @@ impl Worker {
         }
         let from_snapshot = loaded.state.last_seq;
         self.replay(&mut loaded, start, head).await?;
+        trim(&self.shared, &self.subject, &mut loaded).await?;
         info!(
             stream_key = %self.key,
             last_seq = loaded.state.last_seq,

@@ -450,6 +450,12 @@ impl CompactorConfig {
 impl Default for CompactorConfig {
     fn default() -> Self {
         Self {
+    /// How long the commands of compacted ops are remembered (KV `usync-commands`,
+    /// written before each purge): within it, a retry of a compacted op gets
+    /// `stale_base` naming its `server_seq`, and its command id used for another body
+    /// is refused. Past it, the command id may be used again. 0: forever (the bucket
+    /// then grows by about 100 bytes per op purged).
+    pub command_memory_days: u64,
             interval_secs: 60,
             cursor_ttl_secs: 7 * 86_400,
             retention_ops: 1000,
@@ -494,6 +500,7 @@ impl Config {
                 }
                 p
             }
+            command_memory_days: 30,
         };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
@@ -673,6 +680,9 @@ mod tests {
         )
         .expect("parse");
         assert_eq!(cfg.compactor.max_lag_ops("webhook"), 5);
+            command_memory: std::time::Duration::from_secs(
+                self.compactor.command_memory_days.saturating_mul(86_400),
+            ),
         assert_eq!(cfg.compactor.max_lag_ops("materializer"), 100);
         assert_eq!(cfg.compactor.max_lag_ops("mirror"), 0);
     }

@@ -198,6 +198,9 @@ pub struct LayoutOptions {
     /// How long a sequencer's lease on a partition lives without renewal (the lease
     /// bucket's `max_age`): the longest a dead or frozen instance holds its partitions.
     pub lease_ttl: Duration,
+    /// How long the commands of compacted ops are remembered (the `usync-commands`
+    /// bucket's `max_age`; zero: forever).
+    pub command_memory: Duration,
 }
 
 impl Default for LayoutOptions {
@@ -207,6 +210,7 @@ impl Default for LayoutOptions {
             mirror_of: None,
             partitions: None,
             lease_ttl: Duration::from_secs(2),
+            command_memory: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -319,6 +323,33 @@ pub fn dlq_stream_config(opts: &LayoutOptions) -> stream::Config {
     }
 }
 
+/// KV: the commands of compacted ops, `{org}.{project}.{ns}.{command key}` →
+/// `{server_seq} {op_id}`. The compactor writes them before it purges the ops; a
+/// sequencer looks a command up here when the log and its memory no longer hold it,
+/// so its memory holds only the commands of ops still in the log (and a recent
+/// window) while a retry of any compacted op is still recognised.
+pub const COMMANDS_BUCKET: &str = "usync-commands";
+
+pub fn commands_bucket_config(opts: &LayoutOptions) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: COMMANDS_BUCKET.to_owned(),
+        description: "ultrasync commands of compacted ops".to_owned(),
+        history: 1,
+        max_age: opts.command_memory,
+        storage: stream::StorageType::File,
+        num_replicas: opts.replicas,
+        ..Default::default()
+    }
+}
+
+/// The `usync-commands` key of a command of `key` (its command key in hex).
+pub fn command_kv_key(key: &crate::StreamKey, command_hex: &str) -> String {
+    format!(
+        "{}.{}.{}.{command_hex}",
+        key.org, key.project, key.namespace
+    )
+}
+
 fn cursors_bucket_config(opts: &LayoutOptions) -> jetstream::kv::Config {
     jetstream::kv::Config {
         bucket: CURSORS_BUCKET.to_owned(),
@@ -357,6 +388,9 @@ pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyh
     js.create_or_update_key_value(cursors_bucket_config(&opts))
         .await
         .map_err(|e| anyhow::anyhow!("creating bucket {CURSORS_BUCKET}: {e}"))?;
+    js.create_or_update_key_value(commands_bucket_config(&opts))
+        .await
+        .map_err(|e| anyhow::anyhow!("creating bucket {COMMANDS_BUCKET}: {e}"))?;
     if opts.mirror_of.is_none() {
         js.create_or_update_key_value(leases_bucket_config(&opts))
             .await
@@ -533,6 +567,7 @@ pub async fn check_layout(
     }
     for (kind, stream) in [
         ("bucket", format!("KV_{}", kv.bucket)),
+        ("bucket", format!("KV_{COMMANDS_BUCKET}")),
         ("object store", format!("OBJ_{SNAPSHOTS_BUCKET}")),
     ] {
         match js.get_stream(&stream).await {

@@ -223,6 +223,10 @@ pub async fn read_object(
     }
 }
 
+/// The commands of the newest ops kept (by a sequencer in memory, in a snapshot)
+/// even once those ops are compacted; older ones are in `usync-commands`.
+pub const RECENT_COMMANDS: u64 = 1024;
+
 /// Object metadata entry holding the snapshot's `last_server_seq`, so writers can
 /// compare without downloading the blob.
 pub const META_LAST_SEQ: &str = "last_server_seq";
