@@ -599,3 +599,29 @@ fn helm_chart_is_consistent() {
         eprintln!("skipped: deploy/nats/users.conf does not exist yet");
     }
 }
+
+/// Compose, Helm and the test tools run the same nats-server, one new enough for
+/// atomic batch publish (every service refuses an older one at start-up).
+#[test]
+fn every_deployment_pins_the_tested_nats_server() {
+    use ultrasync_shared::nats::{MIN_SERVER_VERSION, TESTED_SERVER_VERSION, check_server_version};
+    check_server_version(TESTED_SERVER_VERSION).expect("the tested version is supported");
+    assert!(MIN_SERVER_VERSION >= (2, 12));
+    let compose = read(&deploy().join("docker-compose.yml"));
+    assert!(
+        compose.contains(&format!(
+            "${{NATS_IMAGE:-nats:{TESTED_SERVER_VERSION}-alpine}}"
+        )),
+        "compose does not default to nats:{TESTED_SERVER_VERSION}-alpine"
+    );
+    let values = yaml(&deploy().join("helm/ultrasync/values.yaml"));
+    assert_eq!(
+        get(&values, &["nats", "container", "image", "tag"]).and_then(Value::as_str),
+        Some(format!("{TESTED_SERVER_VERSION}-alpine").as_str())
+    );
+    let setup = read(&deploy().join("../scripts/setup.sh"));
+    assert!(
+        setup.contains(&format!("NATS_SERVER_VERSION:-{TESTED_SERVER_VERSION}")),
+        "scripts/setup.sh installs another nats-server"
+    );
+}

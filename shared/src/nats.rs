@@ -660,6 +660,34 @@ pub async fn connect_service(
     })
 }
 
+/// The oldest nats-server ultrasync runs on: the sequencer writes batches with
+/// atomic batch publish (nats-server 2.12, ADR-50).
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 12);
+/// The nats-server version the test suite runs (and compose and Helm pin).
+pub const TESTED_SERVER_VERSION: &str = "2.15.1";
+
+/// Refuses a nats-server older than [`MIN_SERVER_VERSION`], saying why. A version
+/// that does not parse is let through (a development build).
+pub fn check_server_version(version: &str) -> anyhow::Result<()> {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>().ok());
+    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+        warn!(version, "nats-server version not understood; going on");
+        return Ok(());
+    };
+    let (min_major, min_minor) = MIN_SERVER_VERSION;
+    if (major, minor) < (min_major, min_minor) {
+        anyhow::bail!(
+            "nats-server {version} is too old: ultrasync needs {min_major}.{min_minor} or newer \
+             (its sequencers write with atomic batch publish, ADR-50); the tested version is \
+             {TESTED_SERVER_VERSION}"
+        );
+    }
+    Ok(())
+}
+
 /// Parses `nats_url`: one or more URLs, comma separated (`nats://a:4222,b:4222`).
 pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
     let addrs = urls
@@ -707,7 +735,10 @@ pub async fn connect(
         }
         .await;
         match attempt {
-            Ok(client) => return Ok(client),
+            Ok(client) => {
+                check_server_version(&client.server_info().version)?;
+                return Ok(client);
+            }
             Err(e) if tokio::time::Instant::now() < deadline => {
                 warn!(url, error = %e, "nats not reachable yet, retrying");
                 tokio::time::sleep(delay).await;
@@ -720,6 +751,17 @@ pub async fn connect(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn servers_older_than_2_12_are_refused_with_the_reason() {
+        assert!(check_server_version("2.15.1").is_ok());
+        assert!(check_server_version("2.12.0-RC.3").is_ok());
+        assert!(check_server_version("3.0.0").is_ok());
+        assert!(check_server_version("dev").is_ok());
+        let e = check_server_version("2.11.9").expect_err("2.11 is refused");
+        assert!(e.to_string().contains("atomic batch publish"), "{e}");
+        assert!(check_server_version("v2.10.22").is_err());
+    }
+
     use super::*;
 
     #[test]
