@@ -625,3 +625,24 @@ fn every_deployment_pins_the_tested_nats_server() {
         "scripts/setup.sh installs another nats-server"
     );
 }
+
+/// NATS monitoring needs no password: every shipped server config keeps it on
+/// loopback.
+#[test]
+fn nats_monitoring_listens_on_loopback_only() {
+    for conf in [
+        "nats/single.conf",
+        "nats/cluster/nats-1.conf",
+        "nats/cluster/nats-2.conf",
+        "nats/cluster/nats-3.conf",
+        "nats/region/hub.conf",
+        "nats/region/leaf.conf",
+    ] {
+        let text = read(&deploy().join(conf));
+        let http: Vec<&str> = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("http:"))
+            .collect();
+        assert_eq!(http, ["http: 127.0.0.1:8222"], "{conf}");
+    }
+}
