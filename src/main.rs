@@ -58,6 +58,15 @@ struct CommonArgs {
         hide_env_values = true
     )]
     nats_password: Option<String>,
+    /// CA (PEM) of the NATS servers' certificates: connect with TLS, trusting it.
+    #[arg(long, global = true, env = "ULTRASYNC_NATS_TLS_CA")]
+    nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS servers that verify clients.
+    #[arg(long, global = true, env = "ULTRASYNC_NATS_TLS_CERT")]
+    nats_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --nats-tls-cert.
+    #[arg(long, global = true, env = "ULTRASYNC_NATS_TLS_KEY")]
+    nats_tls_key: Option<PathBuf>,
     /// HS256 secret (at least 32 bytes).
     #[arg(
         long,
@@ -276,6 +285,15 @@ impl CommonArgs {
         }
         if let Some(s) = &self.jwt_secret {
             cfg.auth.jwt_secret = Some(s.clone());
+        }
+        if let Some(f) = &self.nats_tls_ca {
+            cfg.nats_tls_ca = Some(f.clone());
+        }
+        if let Some(f) = &self.nats_tls_cert {
+            cfg.nats_tls_cert = Some(f.clone());
+        }
+        if let Some(f) = &self.nats_tls_key {
+            cfg.nats_tls_key = Some(f.clone());
         }
         if let Some(f) = &self.jwt_secret_file {
             cfg.auth.jwt_secret_file = Some(f.clone());

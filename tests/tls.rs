@@ -1,12 +1,10 @@
 //! TLS on the gateway: a `wss://` client trusting a test CA connects and syncs, HTTPS
 //! answers, and a plain connection to the TLS port fails.
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -17,17 +15,9 @@ use ultrasync_testkit::Stack;
 /// A test CA and a server certificate for localhost / 127.0.0.1 signed by it:
 /// (CA cert DER, server cert PEM, server key PEM).
 fn test_pki() -> (rustls_pki_types::CertificateDer<'static>, String, String) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca =
-        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
-    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-    let key = KeyPair::generate().expect("key");
-    let cert = params.signed_by(&key, &ca).expect("sign");
-    (ca.der().clone(), cert.pem(), key.serialize_pem())
+    let ca = ultrasync_testkit::pki::TestCa::new();
+    let server = ca.localhost();
+    (ca.der(), server.cert_pem, server.key_pem)
 }
 
 fn client_config(ca: rustls_pki_types::CertificateDer<'static>) -> Arc<rustls::ClientConfig> {

@@ -23,6 +23,15 @@ pub struct Config {
     pub nats_user: Option<String>,
     /// Password of `nats_user`. Prefer `ULTRASYNC_NATS_PASSWORD` to the file.
     pub nats_password: Option<String>,
+    /// PEM file of the CA that signed the NATS servers' certificates: set, every
+    /// connection to NATS uses TLS and trusts only this CA (`tls://` URLs say the
+    /// same; without a CA file they trust the system's roots).
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate (with `nats_tls_key`) for servers that verify clients
+    /// (mutual TLS).
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of `nats_tls_cert`.
+    pub nats_tls_key: Option<PathBuf>,
     /// Stream replicas: 1, or 3 on a NATS cluster.
     pub replicas: usize,
     /// Which region this deployment is, and where writes are sequenced.
@@ -84,6 +93,9 @@ impl Default for Config {
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             nats_user: None,
             nats_password: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
             replicas: 1,
             region: RegionConfig::default(),
             auth: AuthConfig::default(),
@@ -556,6 +568,20 @@ impl Config {
         self.limits.validate().map_err(anyhow::Error::msg)?;
         if self.gateway.max_messages_per_sec == 0
             || self.gateway.max_connections == 0
+        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
+            anyhow::bail!("nats_tls_cert and nats_tls_key go together");
+        }
+        for (name, file) in [
+            ("nats_tls_ca", &self.nats_tls_ca),
+            ("nats_tls_cert", &self.nats_tls_cert),
+            ("nats_tls_key", &self.nats_tls_key),
+        ] {
+            if let Some(f) = file
+                && !f.is_file()
+            {
+                anyhow::bail!("{name}: {} is not a readable file", f.display());
+            }
+        }
             || self.gateway.hello_timeout_secs == 0
         {
             anyhow::bail!(

@@ -726,6 +726,12 @@ pub async fn connect(
         if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
             opts = opts.user_and_password(user.clone(), password.clone());
         }
+        if let Some(ca) = &config.nats_tls_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&config.nats_tls_cert, &config.nats_tls_key) {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
         let attempt = async {
             let client = opts.connect(addrs.clone()).await?;
             tokio::time::timeout(Duration::from_secs(2), client.flush())

@@ -18,6 +18,8 @@ use ultrasync_shared::config::Config;
 use ultrasync_shared::log::LogEntry;
 use ultrasync_shared::natsd::{ClusterOptions, Natsd, NatsdOptions, find_nats_server, free_ports};
 
+pub mod pki;
+
 /// The org every harness token is for.
 pub const ORG: &str = "acme";
 
@@ -110,6 +112,11 @@ impl NatsServer {
 
     /// A server whose store lives in `dir` (kept by the caller across restarts).
     pub fn start_in(dir: &Path) -> Self {
+        Self::start_in_with(dir, String::new())
+    }
+
+    /// A server whose store lives in `dir`, with `extra_conf` added to its config.
+    pub fn start_in_with(dir: &Path, extra_conf: String) -> Self {
         start_watchdog();
         let bin = find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)");
         let server = Natsd::spawn(&NatsdOptions {
@@ -117,7 +124,7 @@ impl NatsServer {
             store_dir: dir.join("store"),
             run_dir: dir.join("run"),
             port: None,
-            extra_conf: String::new(),
+            extra_conf,
             ..Default::default()
         })
         .expect("start nats-server");
@@ -338,6 +345,9 @@ pub struct StackOptions {
     pub namespaces: Vec<ultrasync_shared::namespaces::NamespaceConfig>,
     /// Last word on the config before anything starts.
     pub configure: fn(&mut Config),
+    /// NATS with TLS that verifies clients: every service connects with the stack's
+    /// test CA (`nats_tls_ca`) and a client certificate.
+    pub nats_tls: bool,
 }
 
 impl Default for StackOptions {
@@ -349,6 +359,7 @@ impl Default for StackOptions {
             secret: None,
             namespaces: Vec::new(),
             configure: |_| {},
+            nats_tls: false,
         }
     }
 }
@@ -382,6 +393,8 @@ pub struct Stack {
     materializers: Vec<Service>,
     /// Holds the materializers' folders when the harness made them.
     state_dir: tempfile::TempDir,
+    /// Holds the test CA's files (`StackOptions::nats_tls`).
+    _pki: tempfile::TempDir,
 }
 
 impl Stack {
@@ -391,15 +404,33 @@ impl Stack {
 
     pub async fn start_with(opts: StackOptions) -> Self {
         init_tracing();
+        let pki = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::default();
+        let mut extra_conf = String::new();
+        if opts.nats_tls {
+            let ca = pki::TestCa::new();
+            let server = ca.localhost().write(pki.path(), "server");
+            let client = ca.client("ultrasync").write(pki.path(), "client");
+            let ca_file = ca.write_ca(pki.path());
+            extra_conf = format!(
+                "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n  timeout: 2\n}}\n",
+                server.cert, server.key, ca_file
+            );
+            config.nats_tls_ca = Some(ca_file);
+            config.nats_tls_cert = Some(client.cert);
+            config.nats_tls_key = Some(client.key);
+        }
         let nats = match &opts.dir {
-            Some(d) => NatsServer::start_in(d),
-            None => NatsServer::start(),
+            Some(d) => NatsServer::start_in_with(d, extra_conf),
+            None => {
+                let tmp = tempfile::tempdir().expect("temp dir");
+                let mut s = NatsServer::start_in_with(tmp.path(), extra_conf);
+                s._tmp = Some(tmp);
+                s
+            }
         };
         let secret = opts.secret.unwrap_or_else(random_secret);
-        let mut config = Config {
-            nats_url: nats.url().to_owned(),
-            ..Default::default()
-        };
+        config.nats_url = nats.url().to_owned();
         config.auth.jwt_secret = Some(secret.clone());
         config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.namespaces = opts.namespaces;
@@ -416,6 +447,7 @@ impl Stack {
             sequencers: Vec::new(),
             materializers: Vec::new(),
             state_dir: tempfile::tempdir().expect("temp dir"),
+            _pki: pki,
         };
         stack.start_gateway().await;
         for _ in 0..opts.sequencers {
@@ -536,9 +568,9 @@ impl Stack {
         panic!("no materializer answered reads");
     }
 
-    /// A NATS client for request-reply reads.
+    /// A NATS client for request-reply reads, connected as the services are.
     pub async fn nats_client(&self) -> async_nats::Client {
-        async_nats::connect(self.nats.url())
+        ultrasync_shared::nats::connect(&self.config, "test", Duration::from_secs(10))
             .await
             .expect("nats connect")
     }
@@ -646,8 +678,10 @@ impl Stack {
         c
     }
 
+    /// A JetStream context on the stack's NATS, connected as the services are (TLS
+    /// included).
     pub async fn jetstream(&self) -> jetstream::Context {
-        let client = async_nats::connect(self.nats.url())
+        let client = ultrasync_shared::nats::connect(&self.config, "test", Duration::from_secs(10))
             .await
             .expect("nats connect");
         jetstream::new(client)
