@@ -168,6 +168,8 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
         })?);
     } else {
         let routes = free_ports(nodes)?;
+        // Routes authenticate even on loopback: nothing else may join the cluster.
+        let route_password = hex::encode(rand::random::<[u8; 16]>());
         for i in 0..nodes {
             let dir = data_dir.join(format!("nats-{}", i + 1));
             natsds.push(Natsd::spawn(&NatsdOptions {
@@ -180,6 +182,8 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
                     server_name: format!("nats-{}", i + 1),
                     port: routes[i],
                     routes: (0..nodes).filter(|j| *j != i).map(|j| routes[j]).collect(),
+                    route_auth: Some(("route".to_owned(), route_password.clone())),
+                    route_tls: None,
                 }),
                 ..Default::default()
             })?);

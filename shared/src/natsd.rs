@@ -64,6 +64,30 @@ pub struct ClusterOptions {
     pub port: u16,
     /// Route ports of the other nodes.
     pub routes: Vec<u16>,
+    /// Route credentials: the `authorization` of this node's route port and the
+    /// user:password its routes present. Without them anything that reaches the route
+    /// port joins the cluster, past every permission.
+    pub route_auth: Option<(String, String)>,
+    /// TLS on the route port, verifying the peer node's certificate.
+    pub route_tls: Option<TlsFiles>,
+}
+
+/// PEM files of a TLS block.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// A nats-server `tls { }` block that verifies peers.
+    pub fn block(&self, indent: &str) -> String {
+        format!(
+            "{indent}tls {{\n{indent}  cert_file: {:?}\n{indent}  key_file: {:?}\n{indent}  ca_file: {:?}\n{indent}  verify: true\n{indent}  timeout: 2\n{indent}}}\n",
+            self.cert, self.key, self.ca
+        )
+    }
 }
 
 /// How to start the server.
@@ -128,13 +152,24 @@ impl Natsd {
             opts.extra_conf,
         );
         if let Some(c) = &opts.cluster {
+            let credentials = c
+                .route_auth
+                .as_ref()
+                .map_or(String::new(), |(u, p)| format!("{u}:{p}@"));
             let routes: Vec<String> = c
                 .routes
                 .iter()
-                .map(|p| format!("    nats-route://127.0.0.1:{p}"))
+                .map(|p| format!("    nats-route://{credentials}127.0.0.1:{p}"))
                 .collect();
+            let authorization = c.route_auth.as_ref().map_or(String::new(), |(u, p)| {
+                format!("  authorization {{\n    user: {u:?}\n    password: {p:?}\n  }}\n")
+            });
+            let tls = c
+                .route_tls
+                .as_ref()
+                .map_or(String::new(), |t| t.block("  "));
             conf.push_str(&format!(
-                "server_name: {}\ncluster {{\n  name: {}\n  listen: 127.0.0.1:{}\n  routes: [\n{}\n  ]\n}}\n",
+                "server_name: {}\ncluster {{\n  name: {}\n  listen: 127.0.0.1:{}\n{authorization}{tls}  routes: [\n{}\n  ]\n}}\n",
                 c.server_name,
                 c.name,
                 c.port,

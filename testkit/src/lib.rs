@@ -243,11 +243,51 @@ pub struct NatsCluster {
     nodes: Vec<Option<Natsd>>,
     opts: Vec<NatsdOptions>,
     ports: Vec<u16>,
+    route_ports: Vec<u16>,
+    /// With the folder holding its files.
+    tls: Option<(ClusterTls, tempfile::TempDir)>,
     _tmp: tempfile::TempDir,
 }
 
+/// The TLS side of [`NatsCluster::start_secure`]: what a client needs.
+pub struct ClusterTls {
+    pub ca: PathBuf,
+    pub client: pki::Files,
+    /// The nodes' own certificate (a node presents it on routes too).
+    pub node: ultrasync_shared::natsd::TlsFiles,
+    pub route_user: String,
+    pub route_password: String,
+}
+
 impl NatsCluster {
+    /// `n` nodes, plain client and route ports, routes unauthenticated.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, None)
+    }
+
+    /// `n` nodes with TLS on client and route ports (verifying the peer's
+    /// certificate, signed by a test CA) and route credentials.
+    pub fn start_secure(n: usize) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let ca = pki::TestCa::new();
+        let node = ca.localhost().write(tmp.path(), "node");
+        let client = ca.client("ultrasync").write(tmp.path(), "client");
+        let ca_file = ca.write_ca(tmp.path());
+        let tls = ClusterTls {
+            node: ultrasync_shared::natsd::TlsFiles {
+                cert: node.cert,
+                key: node.key,
+                ca: ca_file.clone(),
+            },
+            ca: ca_file,
+            client,
+            route_user: "route".to_owned(),
+            route_password: random_secret(),
+        };
+        Self::start_with(n, Some((tls, tmp)))
+    }
+
+    fn start_with(n: usize, tls: Option<(ClusterTls, tempfile::TempDir)>) -> Self {
         start_watchdog();
         let tmp = tempfile::tempdir().expect("temp dir");
         let bin = find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)");
@@ -259,11 +299,18 @@ impl NatsCluster {
                 store_dir: tmp.path().join(format!("n{i}/store")),
                 run_dir: tmp.path().join(format!("n{i}/run")),
                 port: Some(client[i]),
+                extra_conf: tls
+                    .as_ref()
+                    .map_or(String::new(), |(t, _)| t.node.block("")),
                 cluster: Some(ClusterOptions {
                     name: "usync-test".to_owned(),
                     server_name: format!("n{i}"),
                     port: route[i],
                     routes: (0..n).filter(|j| *j != i).map(|j| route[j]).collect(),
+                    route_auth: tls
+                        .as_ref()
+                        .map(|(t, _)| (t.route_user.clone(), t.route_password.clone())),
+                    route_tls: tls.as_ref().map(|(t, _)| t.node.clone()),
                 }),
                 ..Default::default()
             })
@@ -276,8 +323,20 @@ impl NatsCluster {
             nodes,
             opts,
             ports: client.to_vec(),
+            route_ports: route.to_vec(),
+            tls,
             _tmp: tmp,
         }
+    }
+
+    /// The TLS files and route credentials of a [`Self::start_secure`] cluster.
+    pub fn tls(&self) -> Option<&ClusterTls> {
+        self.tls.as_ref().map(|(t, _)| t)
+    }
+
+    /// Route port of node `i`.
+    pub fn route_port(&self, i: usize) -> u16 {
+        self.route_ports[i]
     }
 
     /// Every node's URL, comma separated (what `nats_url` takes).
@@ -312,7 +371,14 @@ impl NatsCluster {
 
     /// Waits (up to 30 s) until JetStream answers through the cluster.
     pub async fn wait_jetstream(&self) {
-        let client = async_nats::ConnectOptions::new()
+        let mut opts = async_nats::ConnectOptions::new();
+        if let Some(t) = self.tls() {
+            opts = opts
+                .add_root_certificates(t.ca.clone())
+                .add_client_certificate(t.client.cert.clone(), t.client.key.clone())
+                .require_tls(true);
+        }
+        let client = opts
             .connect(ultrasync_shared::nats::server_addrs(&self.url()).expect("server list"))
             .await
             .expect("nats connect");
