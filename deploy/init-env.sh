@@ -2,16 +2,19 @@
 # Writes deploy/env/*.env (git-ignored): the variables of the committed
 # *.env.example files with a fresh random value for every NATS password and the JWT
 # secret, consistent across files (the password of user `gateway` in nats.env is the
-# one in gateway.env, ...).
+# one in gateway.env, ...); and deploy/nats/secrets/routes.conf (git-ignored): the
+# NATS cluster's route credentials and its routes with them.
 # Writes all or nothing: when any *.env exists it stops (the passwords must agree
 # across files); delete them all to regenerate.
 #
 #   ./deploy/init-env.sh
 set -euo pipefail
-env_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/env"
+deploy_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+env_dir="$deploy_dir/env"
+secrets_dir="$deploy_dir/nats/secrets"
 
 shopt -s nullglob
-existing=("$env_dir"/*.env)
+existing=("$env_dir"/*.env "$secrets_dir"/*.conf)
 if ((${#existing[@]} > 0)); then
   printf 'init-env: %s already exist; remove them all to regenerate\n' "${existing[*]}" >&2
   exit 1
@@ -20,7 +23,7 @@ fi
 random() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 
 declare -A pw
-for user in admin gateway sequencer materializer compactor; do
+for user in admin gateway sequencer materializer compactor route; do
   pw[$user]="$(random)"
 done
 jwt="$(random)"
@@ -45,3 +48,18 @@ for user in sequencer materializer compactor; do
   write "$user" "ULTRASYNC_NATS_USER=$user
 ULTRASYNC_NATS_PASSWORD=${pw[$user]}"
 done
+
+mkdir -p "$secrets_dir"
+routes="$secrets_dir/routes.conf"
+(umask 077 && cat >"$routes" <<EOF
+# Written by deploy/init-env.sh. Included in the cluster block of
+# deploy/nats/cluster/nats-{1,2,3}.conf: routes authenticate with these credentials.
+authorization { user: route, password: "${pw[route]}" }
+routes: [
+  nats-route://route:${pw[route]}@nats-1:6222
+  nats-route://route:${pw[route]}@nats-2:6222
+  nats-route://route:${pw[route]}@nats-3:6222
+]
+EOF
+)
+printf 'init-env: wrote %s\n' "$routes" >&2

@@ -646,3 +646,71 @@ fn nats_monitoring_listens_on_loopback_only() {
         assert_eq!(http, ["http: 127.0.0.1:8222"], "{conf}");
     }
 }
+
+/// The cluster configs authenticate routes with what `deploy/init-env.sh` writes:
+/// run on a copy of `deploy/`, the files it writes make every node's config valid
+/// (`nats-server -t`), and the routes file is readable by its owner only.
+#[test]
+fn init_env_writes_the_route_credentials_the_cluster_configs_include() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let copy = tmp.path().join("deploy");
+    for dir in ["env", "nats", "nats/cluster"] {
+        fs::create_dir_all(copy.join(dir)).expect("mkdir");
+    }
+    for file in ["init-env.sh", "nats/users.conf"] {
+        fs::copy(deploy().join(file), copy.join(file)).expect("copy");
+    }
+    for i in 1..=3 {
+        let f = format!("nats/cluster/nats-{i}.conf");
+        fs::copy(deploy().join(&f), copy.join(&f)).expect("copy");
+    }
+    for entry in fs::read_dir(deploy().join("env")).expect("env") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "example") {
+            fs::copy(
+                &path,
+                copy.join("env").join(path.file_name().expect("name")),
+            )
+            .expect("copy");
+        }
+    }
+    let out = Command::new("bash")
+        .arg(copy.join("init-env.sh"))
+        .output()
+        .expect("run init-env.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let routes = copy.join("nats/secrets/routes.conf");
+    let text = read(&routes);
+    assert!(
+        text.contains("authorization { user: route, password: \""),
+        "{text}"
+    );
+    assert_eq!(text.matches("nats-route://route:").count(), 3, "{text}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = fs::metadata(&routes).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let env: Vec<(String, String)> = read(&copy.join("env/nats.env"))
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let bin = ultrasync_shared::natsd::find_nats_server(None).expect("nats-server");
+    for i in 1..=3 {
+        let out = Command::new(&bin)
+            .args(["-t", "-c"])
+            .arg(copy.join(format!("nats/cluster/nats-{i}.conf")))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("nats-server -t");
+        assert!(
+            out.status.success(),
+            "nats-{i}.conf: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
