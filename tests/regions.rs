@@ -5,7 +5,9 @@
 //!
 //! Ops written in the hub reach the leaf's materialized state and a client on the
 //! leaf's gateway; a write sent to the leaf's gateway is sequenced by the hub; each
-//! region's compactor trims its own copy of the log.
+//! region's compactor trims its own copy of the log; a leaf the hub lets go resyncs
+//! from the hub's snapshot. With the shipped users, the leaf's materializer may read
+//! the hub's snapshots, and each region's snapshots stay in its own store.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,9 +17,12 @@ use async_nats::jetstream;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use ultrasync_client::{Connection, OpType, ServerMessage};
+use ultrasync_compactor::LagBound;
 use ultrasync_shared::config::Config;
+use ultrasync_shared::nats::SNAPSHOTS_BUCKET;
 use ultrasync_shared::natsd::{Natsd, NatsdOptions, find_nats_server};
-use ultrasync_shared::{StreamKey, auth, reads};
+use ultrasync_shared::{StreamKey, auth, reads, snapshot};
+use ultrasync_testkit::{NatsUsers, shipped_users_conf};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -28,8 +33,9 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A nats-server with JetStream domain `domain` (`sync_interval: always`).
-fn natsd(dir: &Path, domain: &str, extra: &str) -> Natsd {
+/// A nats-server with JetStream domain `domain` (`sync_interval: always`); with
+/// `users`, the shipped `deploy/nats/users.conf` and those passwords.
+fn natsd(dir: &Path, domain: &str, extra: &str, users: Option<&NatsUsers>) -> Natsd {
     let store = dir.join(format!("{domain}-store"));
     Natsd::spawn(&NatsdOptions {
         bin: find_nats_server(None).expect("nats-server"),
@@ -41,9 +47,21 @@ fn natsd(dir: &Path, domain: &str, extra: &str) -> Natsd {
             "jetstream {{\n  store_dir: {:?}\n  sync_interval: always\n  domain: {domain}\n}}\n{extra}\n",
             store.canonicalize().unwrap_or(store.clone()),
         ),
+        users_conf: users.map(|_| shipped_users_conf()),
+        env: users.map(NatsUsers::server_env).unwrap_or_default(),
         ..Default::default()
     })
     .expect("start nats-server")
+}
+
+/// The leaf's leafnode remote to the hub at `url` (without its scheme), as
+/// `deploy/nats/region/leaf.conf` has it: object-store subjects do not cross the
+/// link (nats-server keeps `$KV.>` in its domain, not `$O.>`), so each region's
+/// snapshot store holds only what its own materializers write.
+fn leaf_remote(url: &str) -> String {
+    format!(
+        "leafnodes {{ remotes: [ {{ url: \"nats-leaf://{url}\", deny_imports: [\"$O.>\"], deny_exports: [\"$O.>\"] }} ] }}"
+    )
 }
 
 struct Region {
@@ -156,6 +174,12 @@ fn config(nats_url: &str, secret: &str, dir: &Path, name: &str) -> Config {
 
 /// Writes `n` ops as `conn` and returns their server_seqs.
 async fn write(conn: &mut Connection, prefix: &str, n: usize) -> Vec<u64> {
+    write_seeing(conn, prefix, n).await.0
+}
+
+/// [`write`], also returning the seqs of the ops frames that came meanwhile (a
+/// socket following `index` gets its own ops too, before or after their acks).
+async fn write_seeing(conn: &mut Connection, prefix: &str, n: usize) -> (Vec<u64>, Vec<u64>) {
     for i in 0..n {
         conn.command(
             &format!("{prefix}-{i}"),
@@ -168,9 +192,11 @@ async fn write(conn: &mut Connection, prefix: &str, n: usize) -> Vec<u64> {
         .expect("send");
     }
     let mut seqs = Vec::new();
+    let mut seen = Vec::new();
     while seqs.len() < n {
         match conn.recv_timeout(WAIT).await.expect("answer") {
             ServerMessage::Ack { server_seq, .. } => seqs.push(server_seq),
+            ServerMessage::Ops { ops, .. } => seen.extend(ops.iter().map(|o| o.server_seq)),
             ServerMessage::Reject {
                 command_id, reason, ..
             } => panic!("{command_id} refused: {reason}"),
@@ -178,7 +204,7 @@ async fn write(conn: &mut Connection, prefix: &str, n: usize) -> Vec<u64> {
         }
     }
     seqs.sort_unstable();
-    seqs
+    (seqs, seen)
 }
 
 /// Reads ops frames until `last` has been seen; returns the seqs seen.
@@ -197,6 +223,38 @@ async fn read_until(conn: &mut Connection, last: u64) -> Vec<u64> {
         }
     }
     seen
+}
+
+/// Reads frames of namespace `index` until `synced`: its `server_seq` and the values
+/// the client holds then (the snapshot's, with the `set` ops after it applied).
+async fn bootstrap(conn: &mut Connection) -> (u64, BTreeMap<String, serde_json::Value>) {
+    let mut values = BTreeMap::new();
+    // Inside a snapshot sent in several frames.
+    let mut more = false;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "no synced frame");
+        match conn.recv_timeout(WAIT).await.expect("frame") {
+            ServerMessage::Snapshot { state, more: m, .. } => {
+                if !more {
+                    values.clear();
+                }
+                values.extend(state.into_iter().map(|(k, s)| (k, s.value)));
+                more = m;
+            }
+            ServerMessage::Ops { ops, .. } => {
+                for op in ops {
+                    assert_eq!(op.op_type, OpType::Set, "{op:?}");
+                    values.insert(op.key, op.payload);
+                }
+            }
+            ServerMessage::Synced { server_seq, .. } => return (server_seq, values),
+            ServerMessage::Error { code, message } => {
+                panic!("bootstrap refused: {code}: {message}")
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Lowest stream sequence still held for `subject` in a region's `USYNC_OPS`.
@@ -235,10 +293,10 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
         dir.path(),
         "hub",
         &format!("leafnodes {{ listen: 127.0.0.1:{leaf_port} }}"),
+        None,
     );
-    let leaf_conf =
-        format!("leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ] }}");
-    let mut leaf = natsd(dir.path(), "leaf", &leaf_conf);
+    let leaf_conf = leaf_remote(&format!("127.0.0.1:{leaf_port}"));
+    let mut leaf = natsd(dir.path(), "leaf", &leaf_conf, None);
     let secret = hex::encode(rand::random::<[u8; 32]>());
 
     // The hub first: its layout (USYNC_OPS) must exist for the leaf to mirror.
@@ -306,7 +364,7 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
 
     // 2. Written to the leaf's gateway, sequenced by the hub: the ack names the next
     //    server_seq, the op is in the hub's log, and the hub's client gets it too.
-    let leaf_seqs = write(&mut leaf_reader, "leaf", 5).await;
+    let (leaf_seqs, mut seen) = write_seeing(&mut leaf_reader, "leaf", 5).await;
     assert_eq!(leaf_seqs, (31..=35).collect::<Vec<u64>>());
     let hub_seen = read_until(&mut hub_writer, 35).await;
     assert!(hub_seen.ends_with(&[31, 32, 33, 34, 35]), "{hub_seen:?}");
@@ -318,8 +376,10 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
         .expect("hub head")
         .expect("hub ops");
     assert_eq!(last.server_seq, 35);
-    let seen = read_until(&mut leaf_reader, 35).await;
-    assert!(seen.is_empty() || seen.ends_with(&[35]));
+    if seen.last() < Some(&35) {
+        seen.extend(read_until(&mut leaf_reader, 35).await);
+    }
+    assert!(seen.ends_with(&[35]), "{seen:?}");
 
     // The leaf's materializer serves the same state as the hub's (reads go to the
     // materializers of the region the request is made in).
@@ -421,7 +481,7 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(first_op(&hub_js, &subject).await, hub_first);
-    let leaf = natsd(dir.path(), "leaf", &leaf_conf);
+    let mut leaf = natsd(dir.path(), "leaf", &leaf_conf, None);
     let leaf_js = jetstream::new(async_nats::connect(&leaf.url).await.expect("leaf nats"));
     let deadline = Instant::now() + WAIT;
     loop {
@@ -448,6 +508,285 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // 5. A replica region let go: past `mirror_max_lag_ops` the partitioned leaf's
+    //    mirror no longer holds the hub's log, and the hub purges ops it has not
+    //    copied. Back, the mirror skips them (nats-server resumes at the hub's first
+    //    op and leaves the stream sequences between as deleted), and the leaf's
+    //    materializer, whose own log and snapshots do not reach past that hole,
+    //    loads the hub's snapshot across the leafnode and goes on from its mirror.
+    let mirror_has = 55;
+    leaf.kill();
+    let mut letting_go = mirrored.clone();
+    letting_go.mirror_max_lag_ops = Some(5);
+    let hub_seqs = write(&mut hub_writer, "hub3", 20).await;
+    assert_eq!(hub_seqs.last(), Some(&75));
+    hub_writer
+        .send_raw(&json!({"type": "cursor", "namespace": "index", "server_seq": 75}).to_string())
+        .await
+        .expect("cursor");
+    let deadline = Instant::now() + WAIT;
+    let hub_first = loop {
+        let report = ultrasync_compactor::compact_once(&hub_js, &letting_go, false, None)
+            .await
+            .expect("compaction pass");
+        let plan = report
+            .stream_keys
+            .iter()
+            .find(|p| p.stream_key == "acme/web/index")
+            .expect("plan");
+        let mirror = plan
+            .readers
+            .iter()
+            .find(|r| r.kind == "mirror" && r.name == "leaf")
+            .expect("the leaf's mirror reads the log");
+        assert!(mirror.let_go, "the mirror still holds the log: {plan:?}");
+        assert_eq!(mirror.let_go_by, Some(LagBound::Ops), "{plan:?}");
+        assert_ne!(plan.held_by, "mirror:leaf", "{plan:?}");
+        let first = first_op(&hub_js, &subject).await;
+        if first > mirror_has + 1 {
+            break first;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hub did not purge past the mirror: {plan:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let leaf = natsd(dir.path(), "leaf", &leaf_conf, None);
+    let leaf_nc = async_nats::connect(&leaf.url).await.expect("leaf nats");
+    let leaf_js = jetstream::new(leaf_nc.clone());
+    let deadline = Instant::now() + WAIT;
+    let leaf_ops = loop {
+        let ops = leaf_js.get_stream("USYNC_OPS").await.expect("leaf ops");
+        if matches!(ultrasync_shared::log::head(&ops, &subject).await, Ok(Some(h)) if h.server_seq == 75)
+        {
+            break ops;
+        }
+        assert!(Instant::now() < deadline, "the mirror did not resume");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let after = ultrasync_shared::log::next_at_or_after(&leaf_ops, &subject, mirror_has + 1)
+        .await
+        .expect("read the mirror")
+        .expect("an op past the hole");
+    assert_eq!(
+        (after.stream_seq, after.server_seq),
+        (hub_first, hub_first),
+        "the mirror does not go on at the hub's first op"
+    );
+    let state = leaf_js
+        .get_stream("USYNC_OPS")
+        .await
+        .expect("leaf ops")
+        .get_info()
+        .await
+        .expect("info")
+        .state;
+    assert_eq!(state.last_sequence, 75);
+    assert_eq!(state.deleted_count, Some(hub_first - mirror_has - 1));
+
+    let mut leaf_cfg = leaf_cfg.clone();
+    leaf_cfg.nats_url = leaf.url.clone();
+    let leaf_region = Region::start(leaf_cfg, false).await;
+    // The leaf's materializer went past the hole: its own snapshot store, which
+    // only it writes, moves past it. (Until it has started, reads made in the leaf
+    // are answered by the hub's materializers; from now on by the leaf's.)
+    let leaf_snapshots = leaf_js
+        .get_object_store(SNAPSHOTS_BUCKET)
+        .await
+        .expect("leaf snapshots");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = snapshot::fetch(&leaf_snapshots, &key).await;
+        if matches!(&s, Ok(Some(s)) if s.state.last_seq + 1 >= hub_first) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leaf's snapshot stays behind the hole: {:?}",
+            s.map(|s| s.map(|s| s.state.last_seq))
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let hub_nc = async_nats::connect(&hub.url).await.expect("hub nats");
+    let deadline = Instant::now() + WAIT;
+    let (hub_digest, leaf_digest) = loop {
+        let h = reads::digest(&hub_nc, &key, Some(75)).await;
+        let l = reads::digest(&leaf_nc, &key, Some(75)).await;
+        if let (Ok(h), Ok(l)) = (h, l) {
+            break (h, l);
+        }
+        assert!(Instant::now() < deadline, "no digests at 75");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(leaf_digest.last_server_seq, 75);
+    assert_eq!(hub_digest.digest, leaf_digest.digest, "regions disagree");
+    // A new client of the leaf's gateway bootstraps with the whole state.
+    let hub_state = reads::snapshot(
+        &hub_nc,
+        &key,
+        &reads::ReadRequest {
+            min_seq: Some(75),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("hub state");
+    let expected: BTreeMap<String, serde_json::Value> = hub_state
+        .state
+        .keys
+        .iter()
+        .map(|(k, e)| (k.clone(), e.value.clone()))
+        .collect();
+    let mut late = leaf_region.client("leaf-late", Some(None)).await;
+    let (synced, values) = bootstrap(&mut late).await;
+    assert_eq!(synced, 75);
+    assert_eq!(values, expected, "the leaf bootstrapped another state");
+    late.close().await;
+    leaf_region.stop().await;
+
     hub_writer.close().await;
     hub_region.stop().await;
+}
+
+/// The shipped users in both regions. A replica region's materializer, logged in as
+/// `materializer`, reads the home region's snapshot across the leafnode (what a
+/// mirror the home region let go resyncs from) without a permission violation, and
+/// a snapshot it writes in its own region stays there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_regions_materializer_reads_the_home_snapshots_and_writes_only_its_own() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let users = NatsUsers::random();
+    let leaf_port = free_port();
+    // As `deploy/nats/region/hub.conf`: the leaf logs in to the hub as admin.
+    let hub = natsd(
+        dir.path(),
+        "hub",
+        &format!(
+            "leafnodes {{ listen: 127.0.0.1:{leaf_port}\n  authorization {{ users = [ {{ user: admin, password: $USYNC_ADMIN_PASSWORD }} ] }} }}"
+        ),
+        Some(&users),
+    );
+    let leaf = natsd(
+        dir.path(),
+        "leaf",
+        &leaf_remote(&format!(
+            "admin:{}@127.0.0.1:{leaf_port}",
+            users.password("admin")
+        )),
+        Some(&users),
+    );
+    let layout = Config::default();
+    let mut leaf_layout = Config::default();
+    leaf_layout.region.home_domain = Some("hub".to_owned());
+    let hub_js = jetstream::new(users.connect(&hub.url, "admin").await);
+    ultrasync_shared::nats::ensure_layout(&hub_js, layout.layout())
+        .await
+        .expect("hub layout");
+    let key = StreamKey::parse("acme", "web", "index").expect("key");
+    let stored = |seq: u64| {
+        let mut s = snapshot::Snapshot {
+            stream_key: key.to_string(),
+            head_stream_seq: seq,
+            state: Default::default(),
+            commands: Default::default(),
+            op_ids: Default::default(),
+        };
+        s.state.last_seq = seq;
+        s
+    };
+    let hub_snapshots = hub_js
+        .get_object_store(SNAPSHOTS_BUCKET)
+        .await
+        .expect("hub snapshots");
+    let put = snapshot::put(
+        &hub_js,
+        &hub_snapshots,
+        &key,
+        40,
+        &stored(40).encode(),
+        false,
+    )
+    .await
+    .expect("hub snapshot");
+    assert_eq!(put, snapshot::Put::Written);
+
+    let leaf_admin = users.connect(&leaf.url, "admin").await;
+    let deadline = Instant::now() + WAIT;
+    while jetstream::with_domain(leaf_admin.clone(), "hub")
+        .get_stream("USYNC_OPS")
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the leafnode link did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ultrasync_shared::nats::ensure_layout(&jetstream::new(leaf_admin), leaf_layout.layout())
+        .await
+        .expect("leaf layout");
+
+    // What the materializer's gap fill does (`SnapshotSource::Home`), as its user.
+    let materializer = users.connect(&leaf.url, "materializer").await;
+    let home = jetstream::with_domain(materializer.clone(), "hub")
+        .get_object_store(SNAPSHOTS_BUCKET)
+        .await
+        .expect("the home region's snapshot store");
+    let s = snapshot::fetch(&home, &key)
+        .await
+        .expect("read the home region's snapshot")
+        .expect("a snapshot");
+    assert_eq!(s.state.last_seq, 40);
+
+    // A snapshot written in the leaf is the leaf's only.
+    let leaf_js = jetstream::new(materializer);
+    let leaf_snapshots = leaf_js
+        .get_object_store(SNAPSHOTS_BUCKET)
+        .await
+        .expect("leaf snapshots");
+    let put = snapshot::put(
+        &leaf_js,
+        &leaf_snapshots,
+        &key,
+        30,
+        &stored(30).encode(),
+        false,
+    )
+    .await
+    .expect("leaf snapshot");
+    assert_eq!(put, snapshot::Put::Written);
+    let in_hub = snapshot::fetch(&hub_snapshots, &key)
+        .await
+        .expect("hub snapshot")
+        .expect("a snapshot");
+    assert_eq!(
+        in_hub.state.last_seq, 40,
+        "the leaf's write reached the hub"
+    );
+    let objects = |js: jetstream::Context| async move {
+        let mut stream = js
+            .get_stream(format!("OBJ_{SNAPSHOTS_BUCKET}"))
+            .await
+            .expect("object stream");
+        stream.info().await.expect("info").state.messages
+    };
+    // One chunk and one metadata message each.
+    assert_eq!(
+        objects(hub_js.clone()).await,
+        2,
+        "the leaf's chunks reached the hub"
+    );
+    assert_eq!(
+        objects(leaf_js.clone()).await,
+        2,
+        "the hub's chunks reached the leaf"
+    );
+
+    for (region, log) in [("hub", &hub.log_file), ("leaf", &leaf.log_file)] {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let violations: Vec<&str> = text.lines().filter(|l| l.contains("Violation")).collect();
+        assert!(violations.is_empty(), "{region}: {violations:#?}");
+    }
 }

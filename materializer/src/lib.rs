@@ -14,6 +14,13 @@
 //! this instance was away, or a new instance) is loaded from its snapshot, then the
 //! log after it. A damaged snapshot is never used: the key is rebuilt from the log and
 //! a sound snapshot written over the damaged one.
+//!
+//! In a replica region (`region.home_domain`) the log is a mirror, and a mirror the
+//! home region let go (past `compactor.mirror_max_lag_*`) skips the ops the home
+//! region purged before it copied them: the stream sequences are left as a hole. When
+//! this region's own snapshot does not reach past the hole, the home region's does
+//! (the home compactor never purges past its own snapshot); it is read across the
+//! leafnode.
 
 pub mod rebuild;
 pub mod store;
@@ -54,6 +61,8 @@ struct Shared {
     client: async_nats::Client,
     ops: Stream,
     snapshots: ObjectStore,
+    /// The home region's JetStream domain, in a replica region.
+    home_domain: Option<String>,
     store: Arc<Store>,
     /// Bumped after every applied batch; readers waiting for `min_seq` watch it.
     progress: watch::Sender<u64>,
@@ -76,6 +85,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         client,
         ops,
         snapshots,
+        home_domain: config.region.home_domain.clone(),
         store: Arc::new(store),
         progress: watch::channel(0).0,
     });
@@ -231,10 +241,17 @@ async fn apply_all(
         entries = rest;
         entries.drain(..done.taken);
         warn!(stream_key = %gap.stream_key, expected = gap.expected, got = gap.got, "ops missing before this one; filling from the log");
+        let mut sources = vec![SnapshotSource::Local(&shared.snapshots)];
+        if let Some(domain) = &shared.home_domain {
+            sources.push(SnapshotSource::Home {
+                client: &shared.client,
+                domain,
+            });
+        }
         let filled = fill(
             applier,
             &shared.ops,
-            Some(&shared.snapshots),
+            &sources,
             &gap.stream_key,
             gap.got - 1,
             u64::MAX,
@@ -260,13 +277,51 @@ async fn apply_blocking(
     Ok((result?, entries))
 }
 
+/// Where [`fill`] looks for a snapshot when the log no longer holds the next op.
+#[derive(Clone, Copy)]
+pub(crate) enum SnapshotSource<'a> {
+    /// This region's `usync-snapshots`.
+    Local(&'a ObjectStore),
+    /// The home region's `usync-snapshots`, read across the leafnode: in a replica
+    /// region whose mirror skipped ops the home region purged before it copied them.
+    Home {
+        client: &'a async_nats::Client,
+        domain: &'a str,
+    },
+}
+
+impl SnapshotSource<'_> {
+    async fn fetch(&self, key: &StreamKey) -> anyhow::Result<Option<snapshot::Snapshot>> {
+        match self {
+            Self::Local(store) => Ok(snapshot::fetch(store, key).await?),
+            Self::Home { client, domain } => {
+                let store = async_nats::jetstream::with_domain((*client).clone(), domain)
+                    .get_object_store(nats::SNAPSHOTS_BUCKET)
+                    .await
+                    .with_context(|| format!("opening the snapshot store of domain {domain}"))?;
+                Ok(snapshot::fetch(&store, key).await?)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for SnapshotSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(_) => f.write_str("this region"),
+            Self::Home { domain, .. } => write!(f, "home domain {domain}"),
+        }
+    }
+}
+
 /// Brings `key` up to `to` from the log; where the log no longer holds the next op,
-/// from the newest sound snapshot (at most `snapshot_limit`) and the log after it.
-/// Returns how many ops were applied (a snapshot counts as what it skipped).
+/// from the first sound snapshot of `sources` that reaches it (at most
+/// `snapshot_limit`) and the log after it. Returns how many ops were applied (a
+/// snapshot counts as what it skipped).
 pub(crate) async fn fill(
     applier: &mut Applier,
     ops: &Stream,
-    snapshots: Option<&ObjectStore>,
+    sources: &[SnapshotSource<'_>],
     key: &StreamKey,
     to: u64,
     snapshot_limit: u64,
@@ -291,39 +346,47 @@ pub(crate) async fn fill(
         }
         // The log does not hold `from`: only a snapshot past it can help.
         let oldest = chunk.first().map(|e| e.server_seq);
-        let snapshot = match snapshots {
-            Some(store) => match snapshot::fetch(store, key).await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(stream_key = %key, error = %e, "cannot use the stored snapshot");
-                    None
+        let mut found = None;
+        for source in sources {
+            match source.fetch(key).await {
+                Ok(Some(s))
+                    if s.state.last_seq >= from
+                        && s.state.last_seq <= snapshot_limit
+                        && oldest.is_none_or(|o| s.state.last_seq + 1 >= o) =>
+                {
+                    found = Some((s, source));
+                    break;
                 }
-            },
-            None => None,
-        };
-        match snapshot {
-            Some(s)
-                if s.state.last_seq >= from
-                    && s.state.last_seq <= snapshot_limit
-                    && oldest.is_none_or(|o| s.state.last_seq + 1 >= o) =>
-            {
-                info!(stream_key = %key, seq = s.state.last_seq, "loading the stream key from its snapshot");
-                applied += s.state.last_seq - head.last_seq;
-                let mut owned = std::mem::replace(applier, Applier::new(applier.store().clone()));
-                let k = key.clone();
-                let (owned, result) = tokio::task::spawn_blocking(move || {
-                    let r = owned.install(&k, &s);
-                    (owned, r)
-                })
-                .await?;
-                *applier = owned;
-                result?;
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(stream_key = %key, from = %source, error = %format!("{e:#}"), "cannot use the stored snapshot")
+                }
             }
-            _ => anyhow::bail!(
+        }
+        let Some((s, source)) = found else {
+            anyhow::bail!(
                 "ops {from}.. of {key} are no longer in the log (oldest: {}) and no sound snapshot covers them",
                 oldest.map_or("none".to_owned(), |o| o.to_string())
-            ),
+            );
+        };
+        match source {
+            SnapshotSource::Local(_) => {
+                info!(stream_key = %key, seq = s.state.last_seq, "loading the stream key from its snapshot")
+            }
+            SnapshotSource::Home { domain, .. } => {
+                warn!(stream_key = %key, seq = s.state.last_seq, home_domain = %domain, missing = %format!("{from}..={to}"), "the home region purged ops this region's mirror had not copied; loading the home region's snapshot")
+            }
         }
+        applied += s.state.last_seq - head.last_seq;
+        let mut owned = std::mem::replace(applier, Applier::new(applier.store().clone()));
+        let k = key.clone();
+        let (owned, result) = tokio::task::spawn_blocking(move || {
+            let r = owned.install(&k, &s);
+            (owned, r)
+        })
+        .await?;
+        *applier = owned;
+        result?;
     }
 }
 

@@ -50,7 +50,7 @@ pub async fn rebuild(
         }
     }
     // No snapshot past what the log holds: a rebuild is the log's word.
-    crate::fill(&mut applier, ops, None, key, to, 0).await?;
+    crate::fill(&mut applier, ops, &[], key, to, 0).await?;
     let s = store.snapshot(key)?;
     anyhow::ensure!(
         s.state.last_seq == to,
