@@ -1,6 +1,7 @@
 //! Every reader of the log holds the compaction floor (SPEC invariant 7): a webhook
 //! whose receiver is down keeps its ops in the log until it has them, a reader past
-//! `reader_max_lag_ops` is let go on purpose; clients' cursors come from every pull
+//! `reader_max_lag_ops` or `*_max_lag_secs` is let go on purpose (a webhook is told
+//! exactly which ops it missed); clients' cursors come from every pull
 //! and resume (hello cursors, `GET …/ops?since=&client_id=`), a client id belongs to
 //! the actor that first used it, and expired cursors are deleted.
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ultrasync_client::{ClientMessage, OpType, ServerMessage};
-use ultrasync_compactor::{compact_once, read_cursors};
+use ultrasync_compactor::{LagBound, Metrics, compact_once, read_cursors};
 use ultrasync_shared::config::WebhookConfig;
 use ultrasync_shared::nats::{OPS_STREAM, ops_subject};
 use ultrasync_shared::{ErrorCode, StreamKey, log};
@@ -451,56 +452,148 @@ async fn a_stopped_materializer_holds_the_log_until_it_is_back() {
     stack.shutdown().await;
 }
 
+/// A webhook whose receiver is down, on a stack that snapshots every 10 ops and keeps
+/// no retention below the floor; 60 ops written and snapshotted.
+struct DownWebhook {
+    stack: Stack,
+    down: Arc<AtomicBool>,
+    got: Arc<Mutex<BTreeSet<u64>>>,
+    resets: Arc<Mutex<Vec<(u64, u64)>>>,
+    head: u64,
+}
+
+impl DownWebhook {
+    async fn start(name: &str) -> Self {
+        let down = Arc::new(AtomicBool::new(true));
+        let got = Arc::new(Mutex::new(BTreeSet::new()));
+        let resets = Arc::new(Mutex::new(Vec::new()));
+        let url = receiver_with_resets(down.clone(), got.clone(), resets.clone()).await;
+        let mut stack = Stack::start_with(StackOptions {
+            configure: |c| {
+                c.materializer.snapshot_every_ops = 10;
+                c.materializer.snapshot_interval_secs = 1;
+                c.compactor.retention_ops = 0;
+            },
+            ..Default::default()
+        })
+        .await;
+        let head = with_webhook(&mut stack, name, url).await;
+        wait_for_snapshot(&stack, "web", "index", head).await;
+        Self {
+            stack,
+            down,
+            got,
+            resets,
+            head,
+        }
+    }
+
+    /// Brings the receiver up after a pass let the webhook go and purged up to
+    /// `floor`: every op left in the log arrives; ops the webhook had already fetched
+    /// when they were purged may arrive too (at least once), and the rest is named
+    /// by exactly one reset.
+    async fn comes_back_told_what_was_purged(self, floor: u64) {
+        self.down.store(false, Ordering::Relaxed);
+        let head = self.head;
+        for _ in 0..400 {
+            let got = self.got.lock().expect("lock").clone();
+            if (floor + 1..=head).all(|s| got.contains(&s))
+                && !self.resets.lock().expect("lock").is_empty()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let delivered = self.got.lock().expect("lock").clone();
+        assert!(
+            (floor + 1..=head).all(|s| delivered.contains(&s)),
+            "ops left in the log missing: {delivered:?}"
+        );
+        assert_eq!(
+            self.resets.lock().expect("lock").clone(),
+            vec![(1, floor)],
+            "the reset names exactly what was purged"
+        );
+        self.stack.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_let_go_is_told_exactly_which_ops_were_purged() {
-    let down = Arc::new(AtomicBool::new(true));
-    let got = Arc::new(Mutex::new(BTreeSet::new()));
-    let resets = Arc::new(Mutex::new(Vec::new()));
-    let url = receiver_with_resets(down.clone(), got.clone(), resets.clone()).await;
-    let mut stack = Stack::start_with(StackOptions {
-        configure: |c| {
-            c.materializer.snapshot_every_ops = 10;
-            c.materializer.snapshot_interval_secs = 1;
-            c.compactor.retention_ops = 0;
-            c.compactor.reader_max_lag_ops = 10;
-        },
-        ..Default::default()
-    })
-    .await;
-    let head = with_webhook(&mut stack, "late", url).await;
-    wait_for_snapshot(&stack, "web", "index", head).await;
-    let js = stack.jetstream().await;
-    let report = compact_once(&js, &stack.config.compactor, false, None)
+    let mut w = DownWebhook::start("late").await;
+    w.stack.config.compactor.reader_max_lag_ops = 10;
+    let js = w.stack.jetstream().await;
+    let report = compact_once(&js, &w.stack.config.compactor, false, None)
         .await
         .expect("pass");
     let plan = &report.stream_keys[0];
     assert!(
-        plan.readers.iter().any(|r| r.kind == "webhook" && r.let_go),
+        plan.readers
+            .iter()
+            .any(|r| r.kind == "webhook" && r.let_go_by == Some(LagBound::Ops)),
         "{plan:?}"
     );
     let floor = plan.floor;
     assert!(floor > 0 && plan.purged > 0, "{plan:?}");
-    down.store(false, Ordering::Relaxed);
-    for _ in 0..400 {
-        let got = got.lock().expect("lock").clone();
-        if (floor + 1..=head).all(|s| got.contains(&s)) && !resets.lock().expect("lock").is_empty()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Every op left in the log arrives; ops the webhook had already fetched when
-    // they were purged may arrive too (at least once), and the rest is named by the
-    // reset.
-    let delivered = got.lock().expect("lock").clone();
+    w.comes_back_told_what_was_purged(floor).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_down_past_its_time_bound_is_let_go_and_told_exactly_which_ops_were_purged() {
+    let mut w = DownWebhook::start("stale").await;
+    // Far from the ops bound; 1 s of age is the webhook's bound.
+    w.stack.config.compactor.reader_max_lag_ops = 1_000_000;
+    w.stack.config.compactor.webhook_max_lag_secs = Some(1);
+    let cfg = w.stack.config.compactor.clone();
+    let js = w.stack.jetstream().await;
+    let webhook = |plan: &ultrasync_compactor::Plan| {
+        plan.readers
+            .iter()
+            .find(|r| r.name == "usync-webhook-stale")
+            .cloned()
+            .unwrap_or_else(|| panic!("the webhook is not among the readers: {plan:?}"))
+    };
+
+    // Without the time bound it holds the log: only that bound can let it go.
+    let mut untimed = cfg.clone();
+    untimed.webhook_max_lag_secs = Some(0);
+    let dry = compact_once(&js, &untimed, true, None)
+        .await
+        .expect("dry pass");
+    let plan = &dry.stream_keys[0];
+    assert_eq!(plan.held_by, "webhook:usync-webhook-stale", "{plan:?}");
+    assert!(!webhook(plan).let_go, "{plan:?}");
+
+    // Once its oldest undelivered op is older than the bound, it is let go, and the
+    // dry run says by which bound.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let dry = compact_once(&js, &cfg, true, None).await.expect("dry pass");
+    let plan = &dry.stream_keys[0];
+    let r = webhook(plan);
+    eprintln!(
+        "dry run: {}",
+        serde_json::to_string(&r).expect("the plan's reader")
+    );
+    assert_eq!(r.let_go_by, Some(LagBound::Secs), "{plan:?}");
+    assert!(r.let_go && r.age_secs >= 2 && r.lag <= w.head, "{plan:?}");
+    assert_ne!(plan.held_by, "webhook:usync-webhook-stale", "{plan:?}");
+    assert!(plan.purged > 0, "{plan:?}");
+    assert_eq!(first_in_log(&w.stack).await, Some(1), "a dry run purged");
+
+    // The pass: purged, counted, and the webhook gets the reset.
+    let metrics = Metrics::default();
+    let report = compact_once(&js, &cfg, false, Some(&metrics))
+        .await
+        .expect("pass");
+    let plan = &report.stream_keys[0];
+    assert_eq!(webhook(plan).let_go_by, Some(LagBound::Secs), "{plan:?}");
+    let floor = plan.floor;
+    assert!(floor > 0 && plan.purged > 0, "{plan:?}");
+    assert_eq!(first_in_log(&w.stack).await, Some(floor + 1));
+    let text = metrics.render();
     assert!(
-        (floor + 1..=head).all(|s| delivered.contains(&s)),
-        "ops left in the log missing: {delivered:?}"
+        text.contains("usync_compactor_readers_let_go_total{kind=\"webhook\"} 1"),
+        "{text}"
     );
-    assert_eq!(
-        resets.lock().expect("lock").clone(),
-        vec![(1, floor)],
-        "the reset names exactly what was purged"
-    );
-    stack.shutdown().await;
+    w.comes_back_told_what_was_purged(floor).await;
 }

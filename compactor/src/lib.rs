@@ -7,15 +7,17 @@
 //! webhook's and each materializer's consumer on `USYNC_OPS` — capped at the stored
 //! snapshot's `last_server_seq`, minus `retention_ops`, and never the newest op (the
 //! sequencer's expected-sequence fence needs it). A durable reader more than
-//! `reader_max_lag_ops` (or its kind's own bound) behind the head is let go on purpose: logged, counted, and it
-//! resyncs (a materializer from a snapshot). Ops at or below that floor are purged
+//! `reader_max_lag_ops` behind the head, or whose oldest unprocessed op was stored
+//! more than `reader_max_lag_secs` ago (or its kind's own bounds), is let go on
+//! purpose: logged, counted, and it resyncs (a materializer from a snapshot, a
+//! webhook told what it missed). Ops at or below that floor are purged
 //! from `usync.ops.{org}.{project}.{ns}`. A key whose snapshot is missing, damaged or
 //! unreadable is skipped; a pass that cannot read the cursors or the readers purges
 //! nothing at all (fails safe).
 
+mod commands;
 mod metrics;
 
-mod commands;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,25 +43,86 @@ pub fn floor(min_cursor: Option<u64>, snapshot_seq: u64, head: u64, retention: u
     cap.saturating_sub(retention).min(head.saturating_sub(1))
 }
 
-/// Whether a durable reader `lag` ops behind the head still holds the log (`max_lag`
-/// 0: always).
-pub fn reader_holds(lag: u64, max_lag: u64) -> bool {
-    max_lag == 0 || lag <= max_lag
+/// Which bound let a durable reader go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LagBound {
+    /// More than its `max_lag_ops` behind the head.
+    Ops,
+    /// The oldest op it has not processed was stored more than its `max_lag_secs` ago.
+    Secs,
 }
 
-/// The floor of one stream key and what holds it there: `holds` are the positions
-/// (`server_seq` processed up to) of the live clients and the durable readers still
-/// held; see [`floor`] for the rest.
-pub fn decide(
-    holds: &[(u64, String)],
-    snapshot_seq: u64,
-    head: u64,
-    retention: u64,
-) -> (u64, String) {
-    let lowest = holds.iter().min_by_key(|(p, _)| *p);
-    let f = floor(lowest.map(|(p, _)| *p), snapshot_seq, head, retention);
+/// How far behind a durable reader may fall before it is let go (0: no bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LagBounds {
+    pub max_ops: u64,
+    pub max_secs: u64,
+}
+
+impl LagBounds {
+    /// The bounds of a reader of `kind` (`webhook`, `materializer`, `mirror`).
+    pub fn of(cfg: &CompactorConfig, kind: &str) -> Self {
+        Self {
+            max_ops: cfg.max_lag_ops(kind),
+            max_secs: cfg.max_lag_secs(kind),
+        }
+    }
+
+    /// Whether a reader `lag` ops behind the head, the oldest op it has not
+    /// processed stored `age_secs` ago, is let go, and by which bound (ops first
+    /// when it passes both).
+    pub fn let_go(&self, lag: u64, age_secs: u64) -> Option<LagBound> {
+        if self.max_ops > 0 && lag > self.max_ops {
+            Some(LagBound::Ops)
+        } else if self.max_secs > 0 && age_secs > self.max_secs {
+            Some(LagBound::Secs)
+        } else {
+            None
+        }
+    }
+}
+
+/// Something that holds one stream key's log at `position`: it has processed
+/// every op up to that `server_seq` and needs the ones after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub position: u64,
+    /// `client:{id}` or `{kind}:{name}`.
+    pub who: String,
+    /// A durable reader: its bounds, and the age in seconds of the oldest op it has
+    /// not processed (0 when it has them all). `None`: a live client (its cursor
+    /// TTL is applied when the cursors are read).
+    pub reader: Option<(LagBounds, u64)>,
+}
+
+impl Hold {
+    pub fn client(position: u64, who: String) -> Self {
+        Self {
+            position,
+            who,
+            reader: None,
+        }
+    }
+
+    /// Whether this hold is let go with the log at `head`, and by which bound.
+    pub fn let_go(&self, head: u64) -> Option<LagBound> {
+        let (bounds, age_secs) = self.reader?;
+        bounds.let_go(head.saturating_sub(self.position), age_secs)
+    }
+}
+
+/// The floor of one stream key and what holds it there: the lowest of `holds`
+/// (live clients, and durable readers within their lag bounds: [`Hold::let_go`]);
+/// see [`floor`] for the rest.
+pub fn decide(holds: &[Hold], snapshot_seq: u64, head: u64, retention: u64) -> (u64, String) {
+    let lowest = holds
+        .iter()
+        .filter(|h| h.let_go(head).is_none())
+        .min_by_key(|h| h.position);
+    let f = floor(lowest.map(|h| h.position), snapshot_seq, head, retention);
     let held_by = match lowest {
-        Some((p, who)) if *p <= snapshot_seq && *p < head => who.clone(),
+        Some(h) if h.position <= snapshot_seq && h.position < head => h.who.clone(),
         _ if snapshot_seq < head => "snapshot".to_owned(),
         _ => "head".to_owned(),
     };
@@ -87,8 +150,13 @@ pub struct ReaderHold {
     pub position: u64,
     /// `head - position`.
     pub lag: u64,
-    /// Farther behind than `reader_max_lag_ops`: no longer holds the log.
+    /// Seconds since the oldest op it has not processed was stored.
+    pub age_secs: u64,
+    /// Past one of its lag bounds: no longer holds the log.
     pub let_go: bool,
+    /// Which bound let it go: `ops` (`max_lag_ops`) or `secs` (`max_lag_secs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub let_go_by: Option<LagBound>,
 }
 
 /// A durable consumer on `USYNC_OPS` and what it has acknowledged.
@@ -295,6 +363,10 @@ pub async fn compact_once(
         .get_key_value(CURSORS_BUCKET)
         .await
         .context("opening the cursor bucket")?;
+    let commands_kv = js
+        .get_key_value(ultrasync_shared::nats::COMMANDS_BUCKET)
+        .await
+        .context("opening the bucket of compacted commands")?;
     let now = now_ms();
     let ttl_ms = cfg.cursor_ttl_secs.saturating_mul(1000);
     let mut report = Report {
@@ -341,41 +413,44 @@ pub async fn compact_once(
             }
         }
         // The durable readers: where each is in this key's ops.
-        let mut holds: Vec<(u64, String)> = plan
+        let mut holds: Vec<Hold> = plan
             .live_clients
             .iter()
-            .map(|c| (c.server_seq, format!("client:{}", c.client_id)))
+            .map(|c| Hold::client(c.server_seq, format!("client:{}", c.client_id)))
             .collect();
         for r in readers
             .iter()
             .filter(|r| r.filters.iter().any(|f| subject_matches(f, &subject)))
         {
             // The first op it has not processed; none: it has everything.
-            let Some(next) = log::next_at_or_after(&ops, &subject, r.ack_floor + 1).await? else {
+            let Some((next, stored_ms)) = next_stored(&ops, &subject, r.ack_floor + 1).await?
+            else {
                 continue;
             };
-            let position = next.server_seq.saturating_sub(1);
-            let lag = head.saturating_sub(position);
-            let let_go = !reader_holds(lag, cfg.max_lag_ops(r.kind));
-            if let_go {
-                warn!(stream_key = %key, reader = %r.name, lag, "a reader this far behind no longer holds the log; it resyncs from a snapshot");
+            let age_secs = now.saturating_sub(stored_ms) / 1000;
+            let hold = Hold {
+                position: next.server_seq.saturating_sub(1),
+                who: format!("{}:{}", r.kind, r.name),
+                reader: Some((LagBounds::of(cfg, r.kind), age_secs)),
+            };
+            let lag = head.saturating_sub(hold.position);
+            let let_go_by = hold.let_go(head);
+            if let Some(bound) = let_go_by {
+                warn!(stream_key = %key, reader = %r.name, lag, age_secs, bound = ?bound, "a reader this far behind no longer holds the log; it resyncs from a snapshot");
                 if let (false, Some(m)) = (dry_run, metrics) {
                     m.reader_let_go(r.kind);
                 }
-            } else {
-    let commands_kv = js
-        .get_key_value(ultrasync_shared::nats::COMMANDS_BUCKET)
-        .await
-        .context("opening the bucket of compacted commands")?;
-                holds.push((position, format!("{}:{}", r.kind, r.name)));
             }
             plan.readers.push(ReaderHold {
                 kind: r.kind,
                 name: r.name.clone(),
-                position,
+                position: hold.position,
                 lag,
-                let_go,
+                age_secs,
+                let_go: let_go_by.is_some(),
+                let_go_by,
             });
+            holds.push(hold);
         }
         match snapshot::fetch(&store, &key).await {
             Ok(Some(s)) if s.state.last_seq > head => {
@@ -413,6 +488,8 @@ pub async fn compact_once(
                                 .await?;
                         }
                     }
+                    commands::remember(&ops, &commands_kv, &key, &subject, first, plan.floor)
+                        .await?;
                     purge_below(&ops, &subject, plan.floor + 1).await?;
                     info!(stream_key = %key, floor = plan.floor, purged = plan.purged, min_cursor = ?plan.min_cursor, snapshot_seq = snap, "compacted");
                 }
@@ -437,6 +514,32 @@ pub async fn compact_once(
         report.stream_keys.push(plan);
     }
     Ok(report)
+}
+
+/// The first op of `subject` at stream sequence `from` or later, and when JetStream
+/// stored it (ms since the epoch): one direct get, as [`log::next_at_or_after`].
+async fn next_stored(
+    ops: &jetstream::stream::Stream,
+    subject: &str,
+    from: u64,
+) -> anyhow::Result<Option<(log::LogEntry, u64)>> {
+    use jetstream::stream::LastRawMessageErrorKind;
+    let res = ops
+        .raw_message_builder()
+        .sequence(from.max(1))
+        .next_by_subject(subject.to_owned())
+        .send()
+        .await;
+    match res {
+        Ok(m) => {
+            let stored_ms = std::time::SystemTime::from(m.time)
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            Ok(Some((log::LogEntry::from_stream_message(&m)?, stored_ms)))
+        }
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("reading {subject} from {from}: {e}")),
+    }
 }
 
 /// Records that webhook `name` never got ops `from..=to` of `key` (merged with
@@ -488,8 +591,6 @@ async fn purge_below(
         .with_context(|| {
             format!(
                 "purging {subject} below stream sequence {}",
-                    commands::remember(&ops, &commands_kv, &key, &subject, first, plan.floor)
-                        .await?;
                 keep.stream_seq
             )
         })?;
@@ -592,18 +693,23 @@ mod tests {
 
     proptest! {
         /// Random interleavings of writes, cursor reports, reader progress,
-        /// snapshots, time and passes, against a model of who needs what: after
-        /// every pass, each live client and each reader within its lag bound still
-        /// finds every op after its position, the snapshot reaches what is left, and
-        /// the newest op stays.
+        /// snapshots, time and passes, against a model of who needs what: each
+        /// reader has an ops bound and a seconds bound (0 = none) and the model knows
+        /// when every op was stored. After every pass, each live client and each
+        /// reader within both its bounds still finds every op after its position,
+        /// the floor is the highest those, the snapshot and the head allow (a
+        /// reader past a bound holds nothing), the snapshot reaches what is left,
+        /// and the newest op stays.
         #[test]
         fn nothing_a_reader_needs_is_purged(
             steps in proptest::collection::vec(step(), 1..80),
             retention in 0u64..5,
-            max_lag in 0u64..50,
+            max_ops in proptest::collection::vec(0u64..50, 2),
+            max_secs in proptest::collection::vec(0u64..10, 2),
             ttl in 1u64..4,
         ) {
             let mut head = 0u64;
+            let mut stored_at: Vec<u64> = Vec::new(); // op n was stored at stored_at[n - 1]
             let mut first = 1u64; // oldest op left (first > head: none)
             let mut cursors: [Option<(u64, u64)>; 3] = [None; 3]; // (seq, seen at)
             let mut readers = [0u64; 2];
@@ -611,7 +717,10 @@ mod tests {
             let mut now = 0u64;
             for s in steps {
                 match s {
-                    Step::Write(n) => head += n,
+                    Step::Write(n) => {
+                        head += n;
+                        stored_at.resize(head as usize, now);
+                    }
                     // Nobody has more than the head.
                     Step::Cursor(i, seq) => cursors[i] = Some((seq.min(head), now)),
                     Step::Reader(i, seq) => readers[i] = readers[i].max(seq.min(head)),
@@ -622,18 +731,48 @@ mod tests {
                         if first > head || snap + 1 < first {
                             continue;
                         }
+                        // The age of the oldest op a reader at `r` has not processed.
+                        let age = |r: u64| if r < head { now - stored_at[r as usize] } else { 0 };
+                        // The model's own reading of the bounds.
+                        let within = |i: usize, r: u64| {
+                            (max_ops[i] == 0 || head - r <= max_ops[i])
+                                && (max_secs[i] == 0 || age(r) <= max_secs[i])
+                        };
                         let mut holds = Vec::new();
+                        let mut needed = Vec::new();
                         for (i, c) in cursors.iter().enumerate() {
                             if let Some((seq, seen)) = c && now - seen <= ttl {
-                                holds.push((*seq, format!("client:{i}")));
+                                holds.push(Hold::client(*seq, format!("client:{i}")));
+                                needed.push(*seq);
                             }
                         }
                         for (i, r) in readers.iter().enumerate() {
-                            if reader_holds(head - r, max_lag) {
-                                holds.push((*r, format!("reader:{i}")));
+                            let bounds = LagBounds { max_ops: max_ops[i], max_secs: max_secs[i] };
+                            holds.push(Hold {
+                                position: *r,
+                                who: format!("reader:{i}"),
+                                reader: Some((bounds, age(*r))),
+                            });
+                            if within(i, *r) {
+                                needed.push(*r);
                             }
                         }
-                        let (f, _) = decide(&holds, snap, head, retention);
+                        let (f, held_by) = decide(&holds, snap, head, retention);
+                        let allowed = |x: u64| {
+                            needed.iter().all(|&p| x + retention <= p)
+                                && x + retention <= snap
+                                && x < head
+                        };
+                        if f > 0 {
+                            prop_assert!(allowed(f), "floor {f} breaks a rule");
+                        }
+                        prop_assert!(!allowed(f + 1), "floor {f} is not the highest allowed");
+                        prop_assert!(
+                            held_by == "snapshot"
+                                || held_by == "head"
+                                || holds.iter().any(|h| h.who == held_by && h.let_go(head).is_none()),
+                            "held by {held_by}, which does not hold"
+                        );
                         if f >= first {
                             first = f + 1;
                         }
@@ -645,7 +784,7 @@ mod tests {
                             }
                         }
                         for (i, r) in readers.iter().enumerate() {
-                            if reader_holds(head - r, max_lag) {
+                            if within(i, *r) {
                                 prop_assert!(first <= r + 1, "reader {i} at {r} lost ops (first {first})");
                             }
                         }
@@ -665,6 +804,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn lag_bounds_name_the_bound_passed() {
+        let b = LagBounds {
+            max_ops: 100,
+            max_secs: 60,
+        };
+        assert_eq!(b.let_go(100, 60), None);
+        assert_eq!(b.let_go(101, 0), Some(LagBound::Ops));
+        assert_eq!(b.let_go(5, 61), Some(LagBound::Secs));
+        assert_eq!(b.let_go(101, 61), Some(LagBound::Ops));
+        assert_eq!(LagBounds::default().let_go(u64::MAX, u64::MAX), None);
+        let secs_only = LagBounds {
+            max_ops: 0,
+            max_secs: 2,
+        };
+        assert_eq!(secs_only.let_go(1_000_000, 2), None);
+        assert_eq!(secs_only.let_go(1, 3), Some(LagBound::Secs));
+        // A reader let go by time holds nothing; the next hold (here the snapshot) does.
+        let holds = [Hold {
+            position: 3,
+            who: "webhook:w".to_owned(),
+            reader: Some((secs_only, 3)),
+        }];
+        assert_eq!(decide(&holds, 40, 50, 0), (40, "snapshot".to_owned()));
+        let holds = [Hold {
+            reader: Some((secs_only, 2)),
+            ..holds[0].clone()
+        }];
+        assert_eq!(decide(&holds, 40, 50, 0), (3, "webhook:w".to_owned()));
     }
 
     #[test]

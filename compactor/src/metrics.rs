@@ -63,7 +63,7 @@ impl Metrics {
         self.lock().mirrors.get(domain).copied()
     }
 
-    /// A durable reader was let go (it lagged more than `reader_max_lag_ops`).
+    /// A durable reader was let go (past its ops or seconds lag bound).
     pub fn reader_let_go(&self, kind: &'static str) {
         *self.lock().let_go.entry(kind).or_default() += 1;
     }
@@ -98,7 +98,7 @@ impl Metrics {
         let _ = writeln!(out, "usync_compactor_passes_total {}", m.passes);
         let _ = writeln!(
             out,
-            "# HELP usync_compactor_readers_let_go_total Stream keys on which a durable reader (webhook, materializer) was let go for lagging past reader_max_lag_ops."
+            "# HELP usync_compactor_readers_let_go_total Stream keys on which a durable reader (webhook, materializer, mirror) was let go for lagging past its max_lag_ops or max_lag_secs."
         );
         let _ = writeln!(out, "# TYPE usync_compactor_readers_let_go_total counter");
         for (kind, n) in &m.let_go {

@@ -436,13 +436,35 @@ pub struct CompactorConfig {
     pub materializer_max_lag_ops: Option<u64>,
     /// `reader_max_lag_ops` for replica regions' mirrors only, when set.
     pub mirror_max_lag_ops: Option<u64>,
+    /// A durable reader whose oldest unprocessed op of a stream key was stored more
+    /// than this many seconds ago (its JetStream timestamp, against the compactor's
+    /// clock) is let go on that key just as one past `reader_max_lag_ops`, whichever
+    /// bound it passes first. 0 = no time bound. 7 days by default, the same horizon
+    /// as `cursor_ttl_secs`: a reader is held as long as a client would be, which
+    /// covers a receiver down over a long weekend or a region cut off for days,
+    /// while the ops bound alone would let a reader that is gone for good pin up to
+    /// a million ops of every key it reads, for as long as those take to accumulate.
+    pub reader_max_lag_secs: u64,
+    /// `reader_max_lag_secs` for webhooks only, when set.
+    pub webhook_max_lag_secs: Option<u64>,
+    /// `reader_max_lag_secs` for materializers only, when set.
+    pub materializer_max_lag_secs: Option<u64>,
+    /// `reader_max_lag_secs` for replica regions' mirrors only, when set.
+    pub mirror_max_lag_secs: Option<u64>,
     /// JetStream domains of the replica regions whose `USYNC_OPS` mirrors this one:
     /// each mirror holds the log at what it has copied (read across the leafnode
     /// link each pass; while a region cannot be reached, at the last position seen,
-    /// or nothing purged for it at all if none was), within `reader_max_lag_ops`.
+    /// or nothing purged for it at all if none was), within its lag bounds
+    /// (`mirror_max_lag_ops`, `mirror_max_lag_secs` or the shared ones).
     pub mirror_domains: Vec<String>,
     /// Where the compactor serves Prometheus `/metrics` (off when unset).
     pub metrics_listen: Option<SocketAddr>,
+    /// How long the commands of compacted ops are remembered (KV `usync-commands`,
+    /// written before each purge): within it, a retry of a compacted op gets
+    /// `stale_base` naming its `server_seq`, and its command id used for another body
+    /// is refused. Past it, the command id may be used again. 0: forever (the bucket
+    /// then grows by about 100 bytes per op purged).
+    pub command_memory_days: u64,
 }
 
 impl CompactorConfig {
@@ -457,17 +479,23 @@ impl CompactorConfig {
         };
         own.unwrap_or(self.reader_max_lag_ops)
     }
+
+    /// How old (seconds) the oldest op a durable reader of `kind` has not processed
+    /// may be before it is let go (0: no bound).
+    pub fn max_lag_secs(&self, kind: &str) -> u64 {
+        let own = match kind {
+            "webhook" => self.webhook_max_lag_secs,
+            "materializer" => self.materializer_max_lag_secs,
+            "mirror" => self.mirror_max_lag_secs,
+            _ => None,
+        };
+        own.unwrap_or(self.reader_max_lag_secs)
+    }
 }
 
 impl Default for CompactorConfig {
     fn default() -> Self {
         Self {
-    /// How long the commands of compacted ops are remembered (KV `usync-commands`,
-    /// written before each purge): within it, a retry of a compacted op gets
-    /// `stale_base` naming its `server_seq`, and its command id used for another body
-    /// is refused. Past it, the command id may be used again. 0: forever (the bucket
-    /// then grows by about 100 bytes per op purged).
-    pub command_memory_days: u64,
             interval_secs: 60,
             cursor_ttl_secs: 7 * 86_400,
             retention_ops: 1000,
@@ -475,8 +503,13 @@ impl Default for CompactorConfig {
             webhook_max_lag_ops: None,
             materializer_max_lag_ops: None,
             mirror_max_lag_ops: None,
+            reader_max_lag_secs: 7 * 86_400,
+            webhook_max_lag_secs: None,
+            materializer_max_lag_secs: None,
+            mirror_max_lag_secs: None,
             mirror_domains: Vec::new(),
             metrics_listen: None,
+            command_memory_days: 30,
         }
     }
 }
@@ -512,7 +545,6 @@ impl Config {
                 }
                 p
             }
-            command_memory_days: 30,
         };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
@@ -532,6 +564,20 @@ impl Config {
         }
         if let Some(p) = &self.nats_password {
             refuse_example_secret("nats_password (ULTRASYNC_NATS_PASSWORD)", p)?;
+        }
+        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
+            anyhow::bail!("nats_tls_cert and nats_tls_key go together");
+        }
+        for (name, file) in [
+            ("nats_tls_ca", &self.nats_tls_ca),
+            ("nats_tls_cert", &self.nats_tls_cert),
+            ("nats_tls_key", &self.nats_tls_key),
+        ] {
+            if let Some(f) = file
+                && !f.is_file()
+            {
+                anyhow::bail!("{name}: {} is not a readable file", f.display());
+            }
         }
         self.auth.validate()?;
         if let Some(d) = &self.region.home_domain
@@ -568,20 +614,6 @@ impl Config {
         self.limits.validate().map_err(anyhow::Error::msg)?;
         if self.gateway.max_messages_per_sec == 0
             || self.gateway.max_connections == 0
-        if self.nats_tls_cert.is_some() != self.nats_tls_key.is_some() {
-            anyhow::bail!("nats_tls_cert and nats_tls_key go together");
-        }
-        for (name, file) in [
-            ("nats_tls_ca", &self.nats_tls_ca),
-            ("nats_tls_cert", &self.nats_tls_cert),
-            ("nats_tls_key", &self.nats_tls_key),
-        ] {
-            if let Some(f) = file
-                && !f.is_file()
-            {
-                anyhow::bail!("{name}: {} is not a readable file", f.display());
-            }
-        }
             || self.gateway.hello_timeout_secs == 0
         {
             anyhow::bail!(
@@ -671,6 +703,9 @@ impl Config {
             mirror_of: self.region.home_domain.clone(),
             partitions: None,
             lease_ttl: std::time::Duration::from_secs(self.sequencer.failover_secs),
+            command_memory: std::time::Duration::from_secs(
+                self.compactor.command_memory_days.saturating_mul(86_400),
+            ),
         }
     }
 }
@@ -706,11 +741,19 @@ mod tests {
         )
         .expect("parse");
         assert_eq!(cfg.compactor.max_lag_ops("webhook"), 5);
-            command_memory: std::time::Duration::from_secs(
-                self.compactor.command_memory_days.saturating_mul(86_400),
-            ),
         assert_eq!(cfg.compactor.max_lag_ops("materializer"), 100);
         assert_eq!(cfg.compactor.max_lag_ops("mirror"), 0);
+        let cfg = Config::from_toml(
+            "[compactor]\nreader_max_lag_secs = 600\nwebhook_max_lag_secs = 2\nmaterializer_max_lag_secs = 0\n",
+        )
+        .expect("parse");
+        assert_eq!(cfg.compactor.max_lag_secs("webhook"), 2);
+        assert_eq!(cfg.compactor.max_lag_secs("materializer"), 0);
+        assert_eq!(cfg.compactor.max_lag_secs("mirror"), 600);
+        assert_eq!(
+            CompactorConfig::default().max_lag_secs("webhook"),
+            7 * 86_400
+        );
     }
 
     #[test]
