@@ -25,6 +25,7 @@ mod writer;
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
