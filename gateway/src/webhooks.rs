@@ -9,8 +9,8 @@
 //! (`usync.webhooks.dead.{name}`) and acked.
 //!
 //! A webhook that fell so far behind that the compactor let it go (past
-//! `compactor.reader_max_lag_ops`) loses the ops purged before it got them; the
-//! compactor records the range (`cursors::ResetRecord`), and before the webhook's next
+//! `compactor.reader_max_lag_ops` or `_secs`, or the `webhook_` ones) loses the ops
+//! purged before it got them; the compactor records the range (`cursors::ResetRecord`), and before the webhook's next
 //! op of that stream key it gets a `stream.reset` event naming exactly that range, so
 //! the receiver knows to resync rather than silently missing ops.
 //!
@@ -195,7 +195,7 @@ async fn deliver(
                 "namespace": op.namespace,
                 "from_server_seq": r.from,
                 "to_server_seq": r.to,
-                "reason": "these ops were compacted before this webhook received them (it fell behind past the compactor's reader_max_lag_ops); resync the stream key from a snapshot",
+                "reason": "these ops were compacted before this webhook received them (it fell behind past one of the compactor's lag bounds: webhook_max_lag_ops or _secs, else reader_max_lag_ops or _secs); resync the stream key from a snapshot",
             }),
         ));
     }
