@@ -20,7 +20,7 @@ use ultrasync_client::{ClientError, Connection};
 use ultrasync_shared::auth;
 use ultrasync_shared::protocol::{ClientMessage, ServerMessage};
 use ultrasync_shared::{ErrorCode, OpType};
-use ultrasync_testkit::{GatewayProcess, NatsServer, ServiceProcess, http_exchange};
+use ultrasync_testkit::{GatewayProcess, NatsServer, ServiceProcess, http_exchange, rss_kib};
 
 const ORG: &str = "acme";
 /// The bystander's org: none of the rows touch it.
@@ -248,18 +248,6 @@ async fn next_codes(conn: &mut Connection, n: usize) -> Vec<ErrorCode> {
         codes.extend(error_codes(&[m]));
     }
     codes
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Every row: a name and the abuse. Each asserts the documented answer itself.

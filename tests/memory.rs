@@ -14,7 +14,7 @@ use serde_json::json;
 use ultrasync_client::{Connection, OpType, ServerMessage};
 use ultrasync_shared::snapshot::RECENT_COMMANDS;
 use ultrasync_shared::{ErrorCode, StreamKey};
-use ultrasync_testkit::{ServiceProcess, Stack, StackOptions, wait_for_snapshot};
+use ultrasync_testkit::{ServiceProcess, Stack, StackOptions, rss_kib, wait_for_snapshot};
 
 const WAIT: Duration = Duration::from_secs(30);
 /// Commands in flight on the writer's socket.
@@ -23,18 +23,6 @@ const ROUNDS: u64 = 10;
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ultrasync"))
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Writes commands `from..to` (ids `m{i}`, 100 keys), `WINDOW` in flight; the

@@ -253,6 +253,26 @@ async fn a_snapshot_replaced_while_it_is_read_is_read_again_not_waited_for() {
     stack.shutdown().await;
 }
 
+/// Writes commands `{prefix}{from..to}` to `index` (keys `k0..k6`), one at a time;
+/// the last `server_seq`.
+async fn write_index(c: &mut Connection, prefix: &str, from: u64, to: u64) -> u64 {
+    let mut last = 0;
+    for i in from..to {
+        let m = send(
+            c,
+            &format!("{prefix}{i}"),
+            "index",
+            &format!("k{}", i % 7),
+            OpType::Set,
+            json!(i),
+            None,
+        )
+        .await;
+        last = seq(&m);
+    }
+    last
+}
+
 /// Every `last_server_seq` the snapshot store records for `acme/web/{ns}`, in the
 /// order written, from now on.
 async fn watch_snapshot_seqs(
@@ -393,42 +413,12 @@ async fn a_materializer_behind_never_replaces_a_newer_snapshot() {
     let js = stack.jetstream().await;
     let seen = watch_snapshot_seqs(&js, "index").await;
     stack.stop_materializer(1).await;
-    let mut c = Connection::connect(&stack.ws_url(), &stack.token("mo", "read write"))
-        .await
-        .expect("connect");
-    c.hello("acme", "web", "mo-1", Default::default())
-        .await
-        .expect("hello");
-    let mut last = 0;
-    for i in 0..40 {
-        let m = send(
-            &mut c,
-            &format!("a{i}"),
-            "index",
-            &format!("k{}", i % 7),
-            OpType::Set,
-            json!(i),
-            None,
-        )
-        .await;
-        last = seq(&m);
-    }
+    let mut c = stack.client("mo", "web", "mo-1", &[]).await;
+    let mut last = write_index(&mut c, "a", 0, 40).await;
     wait_for_snapshot(&stack, "web", "index", last).await;
     // m1 comes back 40 ops behind and snapshots as it catches up, while writes go on.
     stack.add_materializer("m1");
-    for i in 40..80 {
-        let m = send(
-            &mut c,
-            &format!("a{i}"),
-            "index",
-            &format!("k{}", i % 7),
-            OpType::Set,
-            json!(i),
-            None,
-        )
-        .await;
-        last = seq(&m);
-    }
+    last = write_index(&mut c, "a", 40, 80).await;
     wait_for_snapshot(&stack, "web", "index", last).await;
     let report = ultrasync_compactor::compact_once(&js, &stack.config.compactor, false, None)
         .await
@@ -470,26 +460,8 @@ async fn a_sequencer_without_a_usable_snapshot_asks_a_materializer_for_one() {
         ..Default::default()
     })
     .await;
-    let mut c = Connection::connect(&stack.ws_url(), &stack.token("sy", "read write"))
-        .await
-        .expect("connect");
-    c.hello("acme", "web", "sy-1", Default::default())
-        .await
-        .expect("hello");
-    let mut last = 0;
-    for i in 0..30 {
-        let m = send(
-            &mut c,
-            &format!("s{i}"),
-            "index",
-            &format!("k{}", i % 5),
-            OpType::Set,
-            json!(i),
-            None,
-        )
-        .await;
-        last = seq(&m);
-    }
+    let mut c = stack.client("sy", "web", "sy-1", &[]).await;
+    let last = write_index(&mut c, "s", 0, 30).await;
     wait_for_snapshot(&stack, "web", "index", last).await;
     let js = stack.jetstream().await;
     ultrasync_compactor::compact_once(&js, &stack.config.compactor, false, None)
