@@ -15,6 +15,7 @@
 //! only the key that moved on sees the conflict.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use async_nats::jetstream;
 use futures::StreamExt;
@@ -23,6 +24,7 @@ use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
+use crate::metrics::Metrics;
 use crate::writer::{self, Outgoing, WriteError};
 
 /// Rounds in flight at once (their stream keys are disjoint). 2 was measured
@@ -52,14 +54,20 @@ pub struct WriteRequest {
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::Sender<WriteRequest>,
+    /// Counts the ops stored.
+    metrics: Arc<Metrics>,
 }
 
 impl Committer {
     /// Starts the committer; it stops when every handle is dropped.
-    pub fn start(client: async_nats::Client, js: jetstream::Context) -> Self {
+    pub fn start(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(client, js, rx));
-        Self { tx }
+        Self { tx, metrics }
     }
 
     /// Stores `ops` on `subject` if its last stream sequence is still `expected_last`;
@@ -71,6 +79,7 @@ impl Committer {
         ops: Vec<Outgoing>,
     ) -> Result<u64, WriteError> {
         let (done, rx) = oneshot::channel();
+        let count = ops.len();
         let req = WriteRequest {
             subject: subject.to_owned(),
             expected_last,
@@ -81,8 +90,13 @@ impl Committer {
             .send(req)
             .await
             .map_err(|_| WriteError::Other("the committer stopped".to_owned()))?;
-        rx.await
-            .map_err(|_| WriteError::Other("the committer dropped the write".to_owned()))?
+        let stored = rx
+            .await
+            .map_err(|_| WriteError::Other("the committer dropped the write".to_owned()))?;
+        if stored.is_ok() {
+            self.metrics.wrote(subject, count);
+        }
+        stored
     }
 }
 

@@ -16,8 +16,12 @@
 //! thawing), the expected-sequence check lets exactly one batch in; the loser reads
 //! what the winner wrote, re-plans its batch on top, and tries again. `server_seq`
 //! therefore stays dense and unique whatever the instances do (invariant 2).
+//!
+//! With `sequencer.metrics_listen` set, an instance serves Prometheus `/metrics` on
+//! it (`metrics.rs`): the partitions it holds, their queue depth and counters.
 
 mod committer;
+mod metrics;
 mod partitions;
 mod source;
 mod worker;
@@ -51,6 +55,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "this region mirrors the op log of domain {home}: writes are sequenced there; run sequencers in the home region only"
         );
     }
+    // Bound before anything else, so a taken port stops the start at once.
+    let metrics_listener = match config.sequencer.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the sequencer's metrics to {addr}"))?,
+        ),
+        None => None,
+    };
     let nats::ServiceNats {
         client,
         js,
@@ -63,6 +76,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         std::process::id(),
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
+    let metrics = Arc::new(metrics::Metrics::default());
     let shared = Arc::new(WorkerShared {
         client: client.clone(),
         ops,
@@ -76,7 +90,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         )),
         dropped_replies: std::sync::atomic::AtomicU64::new(0),
         instance: instance.clone(),
-        committer: committer::Committer::start(client.clone(), js.clone()),
+        committer: committer::Committer::start(client.clone(), js.clone(), metrics.clone()),
         commands: js
             .get_key_value(ultrasync_shared::nats::COMMANDS_BUCKET)
             .await
@@ -85,10 +99,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut coordinator = partitions::Coordinator::start(
         js.clone(),
         shared.clone(),
+        metrics.clone(),
         config.sequencer.clone(),
         instance.clone(),
     )
     .await?;
+    // Served until the instance has given its partitions back.
+    let metrics_stop = CancellationToken::new();
+    if let Some(listener) = metrics_listener {
+        let cmds = js
+            .get_stream(nats::CMDS_STREAM)
+            .await
+            .context("opening USYNC_CMDS")?;
+        info!(addr = %listener.local_addr()?, "sequencer metrics listening");
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            shared.clone(),
+            cmds,
+            metrics_stop.clone(),
+        ));
+    }
     info!(instance = %instance, "sequencer running");
     coordinator.tick().await;
     let mut rounds = tokio::time::interval(coordinator.period());
@@ -133,6 +164,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     coordinator.shutdown().await;
     digest_workers.finish().await;
     let _ = client.flush().await;
+    metrics_stop.cancel();
     info!("sequencer stopped");
     Ok(())
 }

@@ -38,6 +38,7 @@ use ultrasync_shared::config::SequencerConfig;
 use ultrasync_shared::nats::{self, LEASES_BUCKET, SEQUENCER_CONSUMER};
 
 use crate::PRIORITY_GROUP;
+use crate::metrics::Metrics;
 use crate::source::{self, Fence, SourceReport, SourceStats};
 use crate::worker::WorkerShared;
 
@@ -75,6 +76,8 @@ pub struct Coordinator {
     js: jetstream::Context,
     cmds: Stream,
     shared: Arc<WorkerShared>,
+    /// What `/metrics` shows of the partitions held.
+    metrics: Arc<Metrics>,
     config: SequencerConfig,
     instance: String,
     /// `None` until `USYNC_CMDS` has partitions.
@@ -101,6 +104,7 @@ impl Coordinator {
     pub async fn start(
         js: jetstream::Context,
         shared: Arc<WorkerShared>,
+        metrics: Arc<Metrics>,
         config: SequencerConfig,
         instance: String,
     ) -> anyhow::Result<Self> {
@@ -112,6 +116,7 @@ impl Coordinator {
             js,
             cmds,
             shared,
+            metrics,
             ttl: Duration::from_secs(config.failover_secs.max(1)),
             config,
             instance,
@@ -122,6 +127,7 @@ impl Coordinator {
             releasing: Vec::new(),
         };
         me.discover().await?;
+        me.metrics.set_layout(me.partitions, me.ttl);
         if me.partitions.is_none() {
             // Set up before partitions: one consumer for every key, as it always was.
             me.start_unpartitioned(true).await?;
@@ -172,6 +178,7 @@ impl Coordinator {
         );
         self.partitions = Some(p);
         self.leases = Some(leases);
+        self.metrics.set_layout(self.partitions, self.ttl);
         Ok(())
     }
 
@@ -220,7 +227,7 @@ impl Coordinator {
                 .map_err(|e| anyhow::anyhow!("opening the unpartitioned consumer: {e}"))?
         };
         let stop = CancellationToken::new();
-        let stats = Arc::new(SourceStats::default());
+        let stats = self.metrics.unpartitioned_source();
         let task = tokio::spawn(source::run(
             SEQUENCER_CONSUMER.to_owned(),
             consumer,
@@ -253,6 +260,7 @@ impl Coordinator {
             return;
         };
         let started = Instant::now();
+        let started_ms = unix_ms();
         let valid_until = started + self.ttl * 7 / 8;
 
         // Frozen past a lease (SIGSTOP, a stalled host): nothing held is trusted.
@@ -279,6 +287,7 @@ impl Coordinator {
                     if let Some(f) = &r.fence {
                         f.renew(valid_until);
                     }
+                    self.metrics.lease_renewed(*p, started_ms);
                 }
                 Err(e) => {
                     warn!(partition = p, error = %e, "lease renewal failed; stepping down from the partition");
@@ -396,7 +405,7 @@ impl Coordinator {
         let fence = Arc::new(Fence::new());
         fence.renew(valid_until);
         let stop = CancellationToken::new();
-        let stats = Arc::new(SourceStats::default());
+        let stats = self.metrics.source(p);
         let task = tokio::spawn(source::run(
             nats::partition_consumer(p),
             consumer,
@@ -406,6 +415,7 @@ impl Coordinator {
             stop.clone(),
         ));
         info!(partition = p, "took partition");
+        self.metrics.lease_renewed(p, since_ms);
         self.owned.insert(
             p,
             Running {
@@ -428,6 +438,7 @@ impl Coordinator {
         let Some(r) = self.owned.remove(&p) else {
             return;
         };
+        self.metrics.released(p);
         r.stop.cancel();
         if !release {
             if let Some(f) = &r.fence {
@@ -465,6 +476,7 @@ impl Coordinator {
                     r.stop.cancel();
                     let _ = r.task.await;
                 }
+                self.metrics.unpartitioned_stopped();
             }
             (Some(_), false) => {
                 if let Err(e) = self.start_unpartitioned(false).await {
@@ -481,6 +493,7 @@ impl Coordinator {
                     r.stop.cancel();
                     let _ = r.task.await;
                 }
+                self.metrics.unpartitioned_stopped();
                 if let Err(e) = self.cmds.delete_consumer(SEQUENCER_CONSUMER).await {
                     warn!(error = %e, "deleting the drained unpartitioned consumer failed");
                 }
@@ -499,6 +512,7 @@ impl Coordinator {
             r.stop.cancel();
             let _ = r.task.await;
         }
+        self.metrics.unpartitioned_stopped();
         for t in self.releasing.drain(..) {
             let _ = t.await;
         }

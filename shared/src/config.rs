@@ -375,6 +375,8 @@ pub struct SequencerConfig {
     /// Seconds a taken command may stay unanswered before it is handed to another
     /// instance (JetStream ack wait).
     pub ack_wait_secs: u64,
+    /// Where this instance serves Prometheus `/metrics` (off when unset).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for SequencerConfig {
@@ -384,6 +386,7 @@ impl Default for SequencerConfig {
             batch_max: 500,
             failover_secs: 2,
             ack_wait_secs: 5,
+            metrics_listen: None,
         }
     }
 }
