@@ -167,6 +167,9 @@ pub struct SequencerArgs {
     /// Most commands in one write (1-1000).
     #[arg(long, env = "ULTRASYNC_BATCH_MAX")]
     batch_max: Option<usize>,
+    /// Serve Prometheus /metrics here (per-partition queue depth, counters, leases).
+    #[arg(long, env = "ULTRASYNC_SEQUENCER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -283,9 +286,6 @@ impl CommonArgs {
         if let Some(p) = &self.nats_password {
             cfg.nats_password = Some(p.clone());
         }
-        if let Some(s) = &self.jwt_secret {
-            cfg.auth.jwt_secret = Some(s.clone());
-        }
         if let Some(f) = &self.nats_tls_ca {
             cfg.nats_tls_ca = Some(f.clone());
         }
@@ -294,6 +294,9 @@ impl CommonArgs {
         }
         if let Some(f) = &self.nats_tls_key {
             cfg.nats_tls_key = Some(f.clone());
+        }
+        if let Some(s) = &self.jwt_secret {
+            cfg.auth.jwt_secret = Some(s.clone());
         }
         if let Some(f) = &self.jwt_secret_file {
             cfg.auth.jwt_secret_file = Some(f.clone());
@@ -389,6 +392,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(m) = args.batch_max {
                 cfg.sequencer.batch_max = m;
+            }
+            if let Some(a) = args.metrics_listen {
+                cfg.sequencer.metrics_listen = Some(a);
             }
             cfg.validate()?;
             ultrasync_sequencer::run(cfg, shutdown_on_signals()).await
