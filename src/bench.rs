@@ -16,6 +16,13 @@
 //!   `hello` (null cursor) to `synced`.
 //! - `idle`: a gateway in its own process holding N idle sockets (each after
 //!   `hello`): its resident memory before and with them.
+//! - `tenants`: K stream keys in K orgs (one socket each, tokens minted per org),
+//!   each writing at a low rate, the total rate doubling per step (after a warm-up
+//!   that writes every key once) until p99 passes 100 ms or acks fall behind;
+//!   repeated with 1, 2 and 3 `ultrasync sequencer` processes sharing the
+//!   partitions (each count on a fresh stack: nats-server, gateway and materializer
+//!   in this process, the sequencers as children). Against an existing stack
+//!   (`--url`) it runs once, with whatever sequencers that has.
 //!
 //! Latencies are measured from the scheduled send time (open loop: a slow server
 //! cannot hide its queueing) with an HDR histogram (µs, 3 significant digits).
@@ -38,7 +45,7 @@ use ultrasync_shared::natsd::{Natsd, NatsdOptions, find_nats_server};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Scenarios to run (comma separated): jetstream, throughput, latency, fanout,
-    /// bootstrap, or all.
+    /// bootstrap, idle, tenants, or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenario: Vec<String>,
     /// Seconds per measurement step.
@@ -65,6 +72,16 @@ pub struct BenchArgs {
     /// Offered rates of the throughput scenario (comma separated ops/s).
     #[arg(long, value_delimiter = ',')]
     rates: Option<Vec<u64>>,
+    /// Stream keys (one org, one socket each) of the tenants scenario.
+    #[arg(long, default_value_t = 1000)]
+    tenants: usize,
+    /// Offered total rates of the tenants scenario (comma separated ops/s; default
+    /// 1000, 2000, 4000, ... until p99 passes 100 ms or acks fall behind).
+    #[arg(long, value_delimiter = ',')]
+    tenant_rates: Option<Vec<u64>>,
+    /// Sequencer processes of the tenants scenario, one run per count.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    sequencers: Vec<usize>,
     /// Drive an existing stack: its gateway's WebSocket URL (`ws://host:port/v1/sync`).
     /// Tokens are minted from the configured JWT secret (`--jwt-secret`,
     /// `ULTRASYNC_JWT_SECRET`, or the config file); the raw JetStream scenario uses
@@ -82,18 +99,25 @@ struct Stack {
     ws: String,
     secret: String,
     nats_url: String,
+    /// Partitions of `USYNC_CMDS`, when sequencer processes were started.
+    partitions: Option<u32>,
     own: Option<OwnStack>,
 }
 
 struct OwnStack {
     natsd: Natsd,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// `ultrasync sequencer` processes (none: the sequencer runs in this process).
+    sequencers: Vec<std::process::Child>,
 }
 
 impl Stack {
-    async fn start() -> anyhow::Result<Self> {
+    /// `sequencer_processes`: 0 runs the sequencer in this process with the rest;
+    /// N > 0 starts N `ultrasync sequencer` processes instead and waits until they
+    /// share the partitions evenly.
+    async fn start(sequencer_processes: usize) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let bin = find_nats_server(None)?;
         let natsd = Natsd::spawn(&NatsdOptions {
@@ -126,24 +150,128 @@ impl Stack {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
-        let tasks = vec![
-            tokio::spawn(ultrasync_sequencer::run(config.clone(), stop.clone())),
+        let mut tasks = vec![
             tokio::spawn(ultrasync_materializer::run(config.clone(), stop.clone())),
-            tokio::spawn(ultrasync_gateway::run(config, listener, stop.clone())),
+            tokio::spawn(ultrasync_gateway::run(
+                config.clone(),
+                listener,
+                stop.clone(),
+            )),
         ];
-        let stack = Self {
+        if sequencer_processes == 0 {
+            tasks.push(tokio::spawn(ultrasync_sequencer::run(config, stop.clone())));
+        }
+        let mut stack = Self {
             ws: format!("ws://{addr}/v1/sync"),
             secret,
             nats_url: natsd.url.clone(),
+            partitions: None,
             own: Some(OwnStack {
                 natsd,
-                _dir: dir,
+                dir,
                 stop,
                 tasks,
+                sequencers: Vec::new(),
             }),
         };
+        // The gateway has set up the streams once it answers; the sequencers start
+        // on a ready layout.
         stack.wait_ready().await?;
+        if sequencer_processes > 0 {
+            let shared = match stack.spawn_sequencers(sequencer_processes) {
+                Ok(()) => stack.wait_partitions_shared(sequencer_processes).await,
+                Err(e) => Err(e),
+            };
+            match shared {
+                Ok(p) => stack.partitions = Some(p),
+                Err(e) => {
+                    let e = anyhow::anyhow!("{e:#}\n{}", stack.sequencer_logs());
+                    stack.stop().await;
+                    return Err(e);
+                }
+            }
+        }
         Ok(stack)
+    }
+
+    fn spawn_sequencers(&mut self, n: usize) -> anyhow::Result<()> {
+        let Some(own) = self.own.as_mut() else {
+            return Ok(());
+        };
+        for i in 0..n {
+            let log = std::fs::File::create(own.dir.path().join(format!("sequencer-{i}.log")))?;
+            let child = std::process::Command::new(std::env::current_exe()?)
+                .args(["sequencer", "--nats-url", &self.nats_url])
+                .env("ULTRASYNC_LOG", "warn")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("starting a sequencer process")?;
+            own.sequencers.push(child);
+        }
+        Ok(())
+    }
+
+    /// The last lines each sequencer process logged (for an error).
+    fn sequencer_logs(&self) -> String {
+        let Some(own) = &self.own else {
+            return String::new();
+        };
+        let mut out = String::from("sequencer logs:");
+        for i in 0..own.sequencers.len() {
+            let log = std::fs::read_to_string(own.dir.path().join(format!("sequencer-{i}.log")))
+                .unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            for l in &lines[lines.len().saturating_sub(5)..] {
+                out.push_str(&format!("\n  [{i}] {l}"));
+            }
+        }
+        out
+    }
+
+    /// Waits until `n` sequencer instances are alive and hold every partition, none
+    /// more than its even share (so no partition moves during the measurement).
+    async fn wait_partitions_shared(&mut self, n: usize) -> anyhow::Result<u32> {
+        use futures::TryStreamExt as _;
+        use ultrasync_shared::nats;
+        let js = async_nats::jetstream::new(async_nats::connect(&self.nats_url).await?);
+        let cmds = js.get_stream(nats::CMDS_STREAM).await?;
+        let partitions = nats::partitions_of(&cmds.cached_info().config)
+            .context("USYNC_CMDS has no partitions")?;
+        let leases = js.get_key_value(nats::LEASES_BUCKET).await?;
+        let share = (partitions as usize).div_ceil(n);
+        let mut last = String::new();
+        for _ in 0..300 {
+            if let Some(own) = self.own.as_mut() {
+                for c in &mut own.sequencers {
+                    if let Some(status) = c.try_wait()? {
+                        anyhow::bail!("a sequencer process exited ({status})");
+                    }
+                }
+            }
+            let keys: Vec<String> = leases.keys().await?.try_collect().await?;
+            let leased = keys.iter().filter(|k| k.starts_with("p.")).count();
+            let mut shares = Vec::new();
+            for k in keys.iter().filter(|k| k.starts_with("i.")) {
+                if let Some(beat) = leases.get(k).await?
+                    && let Ok(beat) =
+                        serde_json::from_slice::<ultrasync_sequencer::Heartbeat>(&beat)
+                {
+                    shares.push(beat.partitions.len());
+                }
+            }
+            if leased == partitions as usize
+                && shares.len() == n
+                && shares.iter().all(|s| (1..=share).contains(s))
+                && shares.iter().sum::<usize>() == partitions as usize
+            {
+                return Ok(partitions);
+            }
+            last = format!("{leased}/{partitions} partitions leased, shares {shares:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::bail!("{n} sequencer processes did not share the partitions: {last}")
     }
 
     /// An existing stack: its gateway's WebSocket URL, its JWT secret and its NATS.
@@ -152,6 +280,7 @@ impl Stack {
             ws,
             secret,
             nats_url,
+            partitions: None,
             own: None,
         };
         stack.wait_ready().await?;
@@ -175,9 +304,14 @@ impl Stack {
     }
 
     fn token(&self, sub: &str) -> String {
+        self.token_in("bench", sub)
+    }
+
+    /// A token of org `org`, minted with the stack's secret.
+    fn token_in(&self, org: &str, sub: &str) -> String {
         let claims = auth::claims(
             sub,
-            "bench",
+            org,
             &["*"],
             "read write",
             86_400,
@@ -200,6 +334,26 @@ impl Stack {
 
     async fn stop(self) {
         let Some(mut own) = self.own else { return };
+        for c in &own.sequencers {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        for mut c in own.sequencers.drain(..) {
+            let waited = tokio::task::spawn_blocking(move || {
+                let deadline = Instant::now() + Duration::from_secs(15);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            });
+            let _ = waited.await;
+        }
         own.stop.cancel();
         for t in own.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
@@ -212,13 +366,26 @@ impl Stack {
     /// `ultrasync` and `nats-server` process on this machine but this one.
     fn processes(&self) -> Vec<(String, u32)> {
         match &self.own {
-            Some(own) => vec![
+            Some(own) if own.sequencers.is_empty() => vec![
                 (
                     "ultrasync (gateway + sequencer + materializer + load generator)".to_owned(),
                     std::process::id(),
                 ),
                 ("nats-server".to_owned(), own.natsd.pid()),
             ],
+            Some(own) => {
+                let mut found = vec![
+                    (
+                        "ultrasync (gateway + materializer + load generator)".to_owned(),
+                        std::process::id(),
+                    ),
+                    ("nats-server".to_owned(), own.natsd.pid()),
+                ];
+                for (i, c) in own.sequencers.iter().enumerate() {
+                    found.push((format!("ultrasync sequencer {}", i + 1), c.id()));
+                }
+                found
+            }
             None => {
                 let me = std::process::id();
                 let mut found = Vec::new();
@@ -316,16 +483,54 @@ async fn open_loop(
     duration: Duration,
     label: &str,
 ) -> anyhow::Result<(u64, Histogram<u64>, Duration)> {
-    let merged = Arc::new(Mutex::new(histogram()));
+    let mut conns = Vec::with_capacity(clients);
+    for i in 0..clients {
+        conns.push(
+            stack
+                .client(&format!("p{i}"), &format!("w{i}-{rate}"), &[])
+                .await?,
+        );
+    }
+    let run = drive(conns, rate, duration, label, "c", false).await;
+    Ok((run.acked, run.latency, run.elapsed))
+}
+
+/// What one open-loop step measured; the sockets come back for the next step.
+struct Driven {
+    acked: u64,
+    latency: Histogram<u64>,
+    elapsed: Duration,
+    conns: Vec<Connection>,
+}
+
+/// Drives `conns` (each after `hello`) open loop: `rate` ops/s in all, shared
+/// evenly, for `duration`; each socket writes `index` keys of its own project.
+/// Command ids start with `tag` (unique per step: a reused id would be answered
+/// from its op id). `spread`: the sockets' send times are staggered over one
+/// interval instead of all falling on the same instants (many slow writers).
+/// Latency runs from the scheduled send time, so a slow server cannot hide its
+/// queueing.
+async fn drive(
+    conns: Vec<Connection>,
+    rate: u64,
+    duration: Duration,
+    label: &str,
+    tag: &str,
+    spread: bool,
+) -> Driven {
+    let clients = conns.len().max(1);
     let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let start = Instant::now() + Duration::from_millis(200);
     let per_client = rate as f64 / clients as f64;
     let mut tasks = Vec::new();
-    for i in 0..clients {
-        let mut conn = stack
-            .client(&format!("p{i}"), &format!("w{i}-{rate}"), &[])
-            .await?;
+    for (i, mut conn) in conns.into_iter().enumerate() {
         let acked = acked.clone();
+        let tag = tag.to_owned();
+        let phase = if spread {
+            i as f64 / clients as f64
+        } else {
+            0.0
+        };
         tasks.push(tokio::spawn(async move {
             let total = (per_client * duration.as_secs_f64()).round() as u64;
             let mut sent_at: HashMap<String, Instant> = HashMap::new();
@@ -333,15 +538,16 @@ async fn open_loop(
             let mut next = 0u64;
             let deadline = start + duration + Duration::from_secs(10);
             let interval = Duration::from_secs_f64(1.0 / per_client.max(0.001));
+            let due_at = |n: u64| start + interval.mul_f64(n as f64 + phase);
             while (next < total || !sent_at.is_empty()) && Instant::now() < deadline {
                 // Send everything that is due (open loop).
                 let now = Instant::now();
                 while next < total {
-                    let due = start + interval.mul_f64(next as f64);
+                    let due = due_at(next);
                     if due > now {
                         break;
                     }
-                    let id = format!("c{next}");
+                    let id = format!("{tag}{next}");
                     if conn
                         .command(
                             &id,
@@ -353,14 +559,13 @@ async fn open_loop(
                         .await
                         .is_err()
                     {
-                        return local;
+                        return (None, local);
                     }
                     sent_at.insert(id, due);
                     next += 1;
                 }
                 let wait = if next < total {
-                    (start + interval.mul_f64(next as f64))
-                        .saturating_duration_since(Instant::now())
+                    due_at(next).saturating_duration_since(Instant::now())
                 } else {
                     Duration::from_millis(100)
                 };
@@ -377,10 +582,10 @@ async fn open_loop(
                         sent_at.remove(&command_id);
                     }
                     Ok(Ok(_)) | Err(_) => {}
-                    Ok(Err(_)) => return local,
+                    Ok(Err(_)) => return (None, local),
                 }
             }
-            local
+            (Some(conn), local)
         }));
     }
     let total = duration + Duration::from_millis(200);
@@ -404,9 +609,12 @@ async fn open_loop(
             }
         })
     };
+    let mut merged = histogram();
+    let mut back = Vec::new();
     for t in tasks {
-        if let Ok(h) = t.await {
-            let _ = merged.lock().unwrap_or_else(|p| p.into_inner()).add(h);
+        if let Ok((conn, h)) = t.await {
+            let _ = merged.add(h);
+            back.extend(conn);
         }
     }
     let elapsed = start
@@ -415,8 +623,12 @@ async fn open_loop(
         .max(duration);
     let _ = ticker.await;
     eprintln!();
-    let h = merged.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    Ok((acked.load(std::sync::atomic::Ordering::Relaxed), h, elapsed))
+    Driven {
+        acked: acked.load(std::sync::atomic::Ordering::Relaxed),
+        latency: merged,
+        elapsed,
+        conns: back,
+    }
 }
 
 async fn jetstream(natsd_url: &str, duration: Duration) -> anyhow::Result<Value> {
@@ -752,21 +964,189 @@ async fn idle(stack: &Stack, connections: usize) -> anyhow::Result<Value> {
     }))
 }
 
-/// A small SVG: the throughput scenario's p50 and p99 against the offered rate.
-fn chart(steps: &[Value], raw_rate: Option<f64>) -> String {
+/// Opens `keys` sockets, socket `n` in org `t{n}` (its own token) and project `p`:
+/// one stream key per org.
+async fn tenant_sockets(stack: &Stack, keys: usize) -> anyhow::Result<Vec<Connection>> {
+    let mut conns = Vec::with_capacity(keys);
+    while conns.len() < keys {
+        let batch = (keys - conns.len()).min(100);
+        let opened = futures::future::join_all((0..batch).map(|i| {
+            let n = conns.len() + i;
+            let ws = stack.ws.clone();
+            let (org, client) = (format!("t{n}"), format!("tenant-{n}"));
+            let token = stack.token_in(&org, &client);
+            async move {
+                let mut c = Connection::connect(&ws, &token).await?;
+                c.hello(&org, "p", &client, BTreeMap::new()).await?;
+                Ok::<_, ultrasync_client::ClientError>(c)
+            }
+        }))
+        .await;
+        for c in opened {
+            conns.push(c?);
+        }
+        progress_items("tenants: opening sockets", conns.len(), keys, "");
+    }
+    eprintln!();
+    Ok(conns)
+}
+
+/// The best acked rate among `steps` whose p99 stayed within 100 ms.
+fn best_under_100ms(steps: &[Value]) -> f64 {
+    steps
+        .iter()
+        .filter(|s| s["latency"]["p99_ms"].as_f64().is_some_and(|p| p <= 100.0))
+        .filter_map(|s| s["acked_ops_per_sec"].as_f64())
+        .fold(0.0_f64, f64::max)
+}
+
+/// One run of the tenants scenario on `stack`: `keys` sockets, one org each, at the
+/// total `rates` in turn until p99 passes 100 ms or acks fall behind.
+async fn tenant_steps(
+    stack: &Stack,
+    keys: usize,
+    rates: &[u64],
+    step: Duration,
+    label: &str,
+) -> anyhow::Result<Vec<Value>> {
+    let mut conns = tenant_sockets(stack, keys).await?;
+    // Every stream key written before measuring: a key's first command starts its
+    // worker, which loads the key (snapshot, log); live tenants have warm workers.
+    let first = rates.first().copied().unwrap_or(1000);
+    let warm = drive(
+        conns,
+        first.max(keys as u64),
+        Duration::from_secs(1).max(step / 2),
+        &format!("{label} warm-up"),
+        "warm-",
+        true,
+    )
+    .await;
+    conns = warm.conns;
+    let mut steps = Vec::new();
+    for &rate in rates {
+        let run = drive(
+            conns,
+            rate,
+            step,
+            &format!("{label} {rate}/s"),
+            &format!("r{rate}-"),
+            true,
+        )
+        .await;
+        conns = run.conns;
+        let achieved = run.acked as f64 / run.elapsed.as_secs_f64();
+        let p99 = run.latency.value_at_quantile(0.99) as f64 / 1000.0;
+        let lost = keys - conns.len();
+        steps.push(json!({
+            "offered_ops_per_sec": rate,
+            "acked_ops_per_sec": achieved,
+            "acked": run.acked,
+            "latency": summary(&run.latency),
+            "sockets_closed": lost,
+        }));
+        if p99 > 100.0 || achieved < rate as f64 * 0.9 || lost > 0 {
+            break;
+        }
+    }
+    Ok(steps)
+}
+
+/// CPU spent since `before` and peak RSS, per measured process.
+fn usage_since(measured: &[(String, u32)], before: &[Option<(f64, u64)>]) -> Value {
+    let mut processes = serde_json::Map::new();
+    for ((name, pid), before) in measured.iter().zip(before) {
+        if let Some((cpu, rss)) = process_usage(*pid) {
+            let spent = cpu - before.map_or(0.0, |b| b.0);
+            processes.insert(
+                name.clone(),
+                json!({"cpu_secs": spent, "peak_rss_mib": rss as f64 / 1048576.0}),
+            );
+        }
+    }
+    Value::Object(processes)
+}
+
+/// The tenants scenario: a fresh stack per sequencer count (or once on `existing`).
+async fn tenants(
+    args: &BenchArgs,
+    existing: Option<&Stack>,
+    step: Duration,
+) -> anyhow::Result<Value> {
+    let keys = if args.quick {
+        args.tenants.min(50)
+    } else {
+        args.tenants
+    }
+    .max(1);
+    let rates: Vec<u64> = match (&args.tenant_rates, args.quick) {
+        (Some(r), _) => r.clone(),
+        (None, true) => vec![200, 400],
+        (None, false) => (0..8).map(|i| 1000 << i).collect(),
+    };
+    let mut runs = Vec::new();
+    if let Some(stack) = existing {
+        let steps = tenant_steps(stack, keys, &rates, step, "tenants").await?;
+        runs.push(json!({
+            "sequencers": "existing stack",
+            "best_ops_per_sec_with_p99_under_100ms": best_under_100ms(&steps),
+            "steps": steps,
+        }));
+    }
+    for &n in args.sequencers.iter().filter(|_| existing.is_none()) {
+        anyhow::ensure!(n > 0, "--sequencers: counts must be positive");
+        eprintln!("tenants: starting a stack with {n} sequencer process(es)...");
+        let stack = Stack::start(n).await?;
+        let measured = stack.processes();
+        let before: Vec<Option<(f64, u64)>> = measured
+            .iter()
+            .map(|(_, pid)| process_usage(*pid))
+            .collect();
+        let steps = tenant_steps(&stack, keys, &rates, step, &format!("tenants, {n} seq")).await;
+        let processes = usage_since(&measured, &before);
+        let partitions = stack.partitions;
+        stack.stop().await;
+        let steps = steps?;
+        runs.push(json!({
+            "sequencers": n,
+            "partitions": partitions,
+            "best_ops_per_sec_with_p99_under_100ms": best_under_100ms(&steps),
+            "steps": steps,
+            "processes": processes,
+        }));
+    }
+    Ok(json!({
+        "stream_keys": keys,
+        "orgs": keys,
+        "offered_ops_per_sec": rates,
+        "step_secs": step.as_secs_f64(),
+        "runs": runs,
+    }))
+}
+
+/// A small SVG: the throughput scenario's p50 and p99 against the offered rate, and
+/// the tenants scenario's p99 per sequencer count.
+/// `tenants`: the scenario's runs (`sequencers`, `steps`).
+fn chart(steps: &[Value], raw_rate: Option<f64>, tenants: &[Value]) -> String {
     let (w, h, pad) = (720.0, 400.0, 60.0);
-    let max_rate = steps
+    let tenant_steps = |run: &Value| run["steps"].as_array().cloned().unwrap_or_default();
+    let every: Vec<Value> = steps
+        .iter()
+        .cloned()
+        .chain(tenants.iter().flat_map(tenant_steps))
+        .collect();
+    let max_rate = every
         .iter()
         .filter_map(|s| s["offered_ops_per_sec"].as_f64())
         .fold(1.0_f64, f64::max);
-    let max_ms = steps
+    let max_ms = every
         .iter()
         .filter_map(|s| s["latency"]["p99_ms"].as_f64())
         .fold(100.0_f64, f64::max)
         .min(1000.0);
     let x = |r: f64| pad + (w - 2.0 * pad) * r / max_rate;
     let y = |ms: f64| h - pad - (h - 2.0 * pad) * ms.min(max_ms) / max_ms;
-    let line = |key: &str| -> String {
+    let points = |steps: &[Value], key: &str| -> String {
         steps
             .iter()
             .filter_map(|s| {
@@ -779,6 +1159,7 @@ fn chart(steps: &[Value], raw_rate: Option<f64>) -> String {
             .collect::<Vec<_>>()
             .join(" ")
     };
+    let line = |key: &str| points(steps, key);
     let mut svg = format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
@@ -787,21 +1168,32 @@ fn chart(steps: &[Value], raw_rate: Option<f64>) -> String {
 <text x="{r}" y="{lb}" text-anchor="end">offered ops/s (max {max_rate:.0})</text>
 <text x="14" y="{pad}" >ms (max {max_ms:.0})</text>
 <line x1="{pad}" y1="{y100:.1}" x2="{r}" y2="{y100:.1}" stroke="#c00" stroke-dasharray="4 4"/><text x="{r}" y="{y100m:.1}" text-anchor="end" fill="#c00">100 ms</text>
-<polyline fill="none" stroke="#06c" stroke-width="2" points="{p50}"/>
-<polyline fill="none" stroke="#e80" stroke-width="2" points="{p99}"/>
-<text x="{lx}" y="{ly1}" fill="#06c">p50</text><text x="{lx}" y="{ly2}" fill="#e80">p99</text>
 "##,
         b = h - pad,
         r = w - pad,
         lb = h - pad + 30.0,
         y100 = y(100.0),
         y100m = y(100.0) - 4.0,
-        p50 = line("p50_ms"),
-        p99 = line("p99_ms"),
-        lx = pad + 10.0,
-        ly1 = pad + 14.0,
-        ly2 = pad + 30.0,
     );
+    // Legend lines, one under the other.
+    let mut legend = 0;
+    let mut legend_y = || {
+        legend += 1;
+        pad + 14.0 + 16.0 * (legend - 1) as f64
+    };
+    if !steps.is_empty() {
+        svg.push_str(&format!(
+            r##"<polyline fill="none" stroke="#06c" stroke-width="2" points="{p50}"/>
+<polyline fill="none" stroke="#e80" stroke-width="2" points="{p99}"/>
+<text x="{lx}" y="{ly1:.1}" fill="#06c">p50, throughput</text><text x="{lx}" y="{ly2:.1}" fill="#e80">p99, throughput</text>
+"##,
+            p50 = line("p50_ms"),
+            p99 = line("p99_ms"),
+            lx = pad + 10.0,
+            ly1 = legend_y(),
+            ly2 = legend_y(),
+        ));
+    }
     if let Some(raw) = raw_rate
         && raw <= max_rate * 1.5
     {
@@ -813,6 +1205,21 @@ fn chart(steps: &[Value], raw_rate: Option<f64>) -> String {
             t = pad - 6.0
         ));
     }
+    // The tenants scenario: p99 of each sequencer count, dashed, one colour each.
+    for (i, run) in tenants.iter().enumerate() {
+        let colour = ["#2a2", "#a2c", "#c22", "#555"][i % 4];
+        let who = match &run["sequencers"] {
+            Value::Number(n) => format!("{n} sequencer(s)"),
+            other => other.as_str().unwrap_or("?").to_owned(),
+        };
+        svg.push_str(&format!(
+            r##"<polyline fill="none" stroke="{colour}" stroke-width="2" stroke-dasharray="6 3" points="{p}"/><text x="{lx}" y="{ly:.1}" fill="{colour}">p99, tenants, {who}</text>
+"##,
+            p = points(&tenant_steps(run), "p99_ms"),
+            lx = pad + 10.0,
+            ly = legend_y(),
+        ));
+    }
     svg.push_str("</svg>\n");
     svg
 }
@@ -822,6 +1229,84 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
     let all = args.scenario.iter().any(|s| s == "all");
     let wants = |s: &str| all || args.scenario.iter().any(|x| x == s);
     let step = Duration::from_secs(if args.quick { 1 } else { args.duration.max(1) });
+    let mut report = serde_json::Map::new();
+    report.insert(
+        "machine".into(),
+        json!({
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "os": std::env::consts::OS,
+        }),
+    );
+    // Every scenario but `tenants` (which starts a stack per sequencer count) runs on
+    // one stack; so does `tenants` against an existing one.
+    let on_one_stack = [
+        "jetstream",
+        "throughput",
+        "latency",
+        "fanout",
+        "bootstrap",
+        "idle",
+    ]
+    .iter()
+    .any(|s| wants(s));
+    let mut steps = Vec::new();
+    let mut raw_rate = None;
+    if on_one_stack || args.url.is_some() {
+        let stack = match &args.url {
+            None => {
+                eprintln!(
+                    "starting a stack (nats-server with sync_interval: always, gateway, sequencer, materializer)..."
+                );
+                Stack::start(0).await?
+            }
+            Some(url) => {
+                let config = config?;
+                let secret = String::from_utf8(config.auth.secret()?)
+                    .context("the JWT secret is not UTF-8")?;
+                eprintln!("using the stack at {url} (NATS {})", config.nats_url);
+                Stack::attach(url.clone(), secret, config.nats_url.clone()).await?
+            }
+        };
+        (steps, raw_rate) = one_stack(&args, &stack, step, &mut report).await?;
+        stack.stop().await;
+    }
+    if wants("tenants") && args.url.is_none() {
+        report.insert("tenants".into(), tenants(&args, None, step).await?);
+    }
+    let tenant_runs = report
+        .get("tenants")
+        .and_then(|t| t["runs"].as_array().cloned())
+        .unwrap_or_default();
+
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let json_path = args.out.join(format!("bench-{stamp}.json"));
+    let svg_path = args.out.join(format!("bench-{stamp}.svg"));
+    let report = Value::Object(report);
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(&svg_path, chart(&steps, raw_rate, &tenant_runs))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    eprintln!(
+        "report: {}\nchart:  {}",
+        json_path.display(),
+        svg_path.display()
+    );
+    Ok(())
+}
+
+/// The scenarios that share one stack, into `report`; returns the throughput steps
+/// and the raw JetStream rate (for the chart).
+async fn one_stack(
+    args: &BenchArgs,
+    stack: &Stack,
+    step: Duration,
+    report: &mut serde_json::Map<String, Value>,
+) -> anyhow::Result<(Vec<Value>, Option<f64>)> {
+    let all = args.scenario.iter().any(|s| s == "all");
+    let wants = |s: &str| all || args.scenario.iter().any(|x| x == s);
     let subscribers = if args.quick {
         args.subscribers.min(50)
     } else {
@@ -832,34 +1317,11 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
     } else {
         args.bootstrap_keys
     };
-    let stack = match &args.url {
-        None => {
-            eprintln!(
-                "starting a stack (nats-server with sync_interval: always, gateway, sequencer, materializer)..."
-            );
-            Stack::start().await?
-        }
-        Some(url) => {
-            let config = config?;
-            let secret =
-                String::from_utf8(config.auth.secret()?).context("the JWT secret is not UTF-8")?;
-            eprintln!("using the stack at {url} (NATS {})", config.nats_url);
-            Stack::attach(url.clone(), secret, config.nats_url.clone()).await?
-        }
-    };
     let measured = stack.processes();
     let usage_before: Vec<Option<(f64, u64)>> = measured
         .iter()
         .map(|(_, pid)| process_usage(*pid))
         .collect();
-    let mut report = serde_json::Map::new();
-    report.insert(
-        "machine".into(),
-        json!({
-            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-            "os": std::env::consts::OS,
-        }),
-    );
     let mut raw_rate = None;
     if wants("jetstream") {
         let r = jetstream(&stack.nats_url, step).await?;
@@ -877,7 +1339,7 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
         };
         for &rate in &rates {
             let (acked, h, elapsed) = open_loop(
-                &stack,
+                stack,
                 args.clients,
                 rate,
                 step,
@@ -896,11 +1358,7 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
                 break;
             }
         }
-        let best = steps
-            .iter()
-            .filter(|s| s["latency"]["p99_ms"].as_f64().is_some_and(|p| p <= 100.0))
-            .filter_map(|s| s["acked_ops_per_sec"].as_f64())
-            .fold(0.0_f64, f64::max);
+        let best = best_under_100ms(&steps);
         report.insert(
             "throughput".into(),
             json!({
@@ -912,17 +1370,14 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
         );
     }
     if wants("latency") {
-        let (acked, h, elapsed) = open_loop(&stack, 4, 1000, step * 2, "latency at 1000/s").await?;
+        let (acked, h, elapsed) = open_loop(stack, 4, 1000, step * 2, "latency at 1000/s").await?;
         report.insert(
             "latency".into(),
             json!({"offered_ops_per_sec": 1000, "acked_ops_per_sec": acked as f64 / elapsed.as_secs_f64(), "latency": summary(&h)}),
         );
     }
     if wants("fanout") {
-        report.insert(
-            "fanout".into(),
-            fanout(&stack, subscribers, step * 2).await?,
-        );
+        report.insert("fanout".into(), fanout(stack, subscribers, step * 2).await?);
     }
     if wants("bootstrap") {
         let boot_ops = if args.quick {
@@ -933,7 +1388,7 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
         .max(boot_keys);
         report.insert(
             "bootstrap".into(),
-            bootstrap(&stack, boot_keys, boot_ops).await?,
+            bootstrap(stack, boot_keys, boot_ops).await?,
         );
     }
     if wants("idle") {
@@ -942,20 +1397,13 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
         } else {
             args.idle_connections
         };
-        report.insert("idle".into(), idle(&stack, n).await?);
+        report.insert("idle".into(), idle(stack, n).await?);
+    }
+    if wants("tenants") && stack.own.is_none() {
+        report.insert("tenants".into(), tenants(args, Some(stack), step).await?);
     }
     // CPU spent during this run, and peak RSS, per process.
-    let mut processes = serde_json::Map::new();
-    for ((name, pid), before) in measured.iter().zip(usage_before) {
-        if let Some((cpu, rss)) = process_usage(*pid) {
-            let spent = cpu - before.map_or(0.0, |b| b.0);
-            processes.insert(
-                name.clone(),
-                json!({"cpu_secs": spent, "peak_rss_mib": rss as f64 / 1048576.0}),
-            );
-        }
-    }
-    report.insert("processes".into(), Value::Object(processes));
+    report.insert("processes".into(), usage_since(&measured, &usage_before));
     report.insert(
         "stack".into(),
         json!(match &args.url {
@@ -963,23 +1411,5 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
             None => "started by the bench (one process + nats-server)".to_owned(),
         }),
     );
-    stack.stop().await;
-
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let json_path = args.out.join(format!("bench-{stamp}.json"));
-    let svg_path = args.out.join(format!("bench-{stamp}.svg"));
-    let report = Value::Object(report);
-    std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)?;
-    std::fs::write(&svg_path, chart(&steps, raw_rate))?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    eprintln!(
-        "report: {}\nchart:  {}",
-        json_path.display(),
-        svg_path.display()
-    );
-    Ok(())
+    Ok((steps, raw_rate))
 }

@@ -1,6 +1,7 @@
 //! `ultrasync bench --quick` end to end: every scenario runs against its own stack and
 //! the report and chart are written. Figures are not asserted (they are measured by
-//! the benchmark, not by tests).
+//! the benchmark, not by tests), only that each section is there and consistent
+//! (something acked, p50 <= p99).
 
 use std::process::Command;
 
@@ -35,6 +36,7 @@ fn a_quick_bench_writes_a_report_and_a_chart() {
         "latency",
         "fanout",
         "bootstrap",
+        "tenants",
         "processes",
     ] {
         assert!(report.get(scenario).is_some(), "no {scenario} in {report}");
@@ -51,6 +53,36 @@ fn a_quick_bench_writes_a_report_and_a_chart() {
             .is_some_and(|c| c > 0)
     );
     assert_eq!(report["bootstrap"]["keys"].as_u64(), Some(300));
+    // The tenants scenario: one run per sequencer count, each on its own stack with
+    // sequencer processes sharing the partitions, every step acked something.
+    let tenants = &report["tenants"];
+    assert_eq!(tenants["stream_keys"].as_u64(), Some(50), "{tenants}");
+    let runs = tenants["runs"].as_array().expect("tenant runs");
+    let counts: Vec<u64> = runs
+        .iter()
+        .filter_map(|r| r["sequencers"].as_u64())
+        .collect();
+    assert_eq!(counts, [1, 2, 3], "{tenants}");
+    for run in runs {
+        assert!(run["partitions"].as_u64().is_some_and(|p| p > 0), "{run}");
+        let sequencers = run["processes"]
+            .as_object()
+            .expect("processes")
+            .keys()
+            .filter(|k| k.starts_with("ultrasync sequencer"))
+            .count() as u64;
+        assert_eq!(Some(sequencers), run["sequencers"].as_u64(), "{run}");
+        let steps = run["steps"].as_array().expect("steps");
+        assert!(!steps.is_empty(), "{run}");
+        for s in steps {
+            assert!(s["acked"].as_u64().is_some_and(|a| a > 0), "{s}");
+            let (p50, p99) = (
+                s["latency"]["p50_ms"].as_f64().expect("p50"),
+                s["latency"]["p99_ms"].as_f64().expect("p99"),
+            );
+            assert!(p50 > 0.0 && p50 <= p99, "{s}");
+        }
+    }
     let files: Vec<String> = std::fs::read_dir(out.path())
         .expect("results")
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -59,4 +91,5 @@ fn a_quick_bench_writes_a_report_and_a_chart() {
     let svg = files.iter().find(|f| f.ends_with(".svg")).expect("a chart");
     let text = std::fs::read_to_string(out.path().join(svg)).expect("svg");
     assert!(text.starts_with("<svg") && text.contains("polyline"));
+    assert!(text.contains("tenants, 3 sequencer(s)"), "{text}");
 }
