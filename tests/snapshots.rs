@@ -273,6 +273,14 @@ async fn write_index(c: &mut Connection, prefix: &str, from: u64, to: u64) -> u6
     last
 }
 
+/// Replaces the stack's sequencer with a new instance and writes one more op
+/// through `c`; the answer.
+async fn take_over_and_write(stack: &mut Stack, c: &mut Connection) -> ServerMessage {
+    stack.stop_sequencer(0).await;
+    stack.add_sequencer();
+    send(c, "after", "index", "k0", OpType::Set, json!("after"), None).await
+}
+
 /// Every `last_server_seq` the snapshot store records for `acme/web/{ns}`, in the
 /// order written, from now on.
 async fn watch_snapshot_seqs(
@@ -424,18 +432,7 @@ async fn a_materializer_behind_never_replaces_a_newer_snapshot() {
         .await
         .expect("compaction");
     assert!(report.purged_total > 0, "{report:?}");
-    stack.stop_sequencer(0).await;
-    stack.add_sequencer();
-    let m = send(
-        &mut c,
-        "after",
-        "index",
-        "k0",
-        OpType::Set,
-        json!("after"),
-        None,
-    )
-    .await;
+    let m = take_over_and_write(&mut stack, &mut c).await;
     assert_eq!(seq(&m), last + 1);
     let seen = seen.lock().expect("lock").clone();
     assert!(!seen.is_empty());
@@ -479,18 +476,7 @@ async fn a_sequencer_without_a_usable_snapshot_asks_a_materializer_for_one() {
         .put(name.as_str(), &mut &b"not a snapshot"[..])
         .await
         .expect("overwrite");
-    stack.stop_sequencer(0).await;
-    stack.add_sequencer();
-    let m = send(
-        &mut c,
-        "after",
-        "index",
-        "k0",
-        OpType::Set,
-        json!("after"),
-        None,
-    )
-    .await;
+    let m = take_over_and_write(&mut stack, &mut c).await;
     assert_eq!(seq(&m), last + 1, "{m:?}");
     // The materializer's answer was stored, replacing the damaged one.
     let stored = wait_for_snapshot(&stack, "web", "index", last).await;

@@ -27,7 +27,7 @@ use ultrasync_shared::namespaces::{Mode, NamespaceSpec, Namespaces};
 use ultrasync_shared::nats::{
     HDR_BATCH, command_kv_key, is_reply_subject, join_lines, ops_subject,
 };
-use ultrasync_shared::op::{command_key, command_key_hex, op_id_bytes, parse_command_key};
+use ultrasync_shared::op::{command_key, encode_command_key, op_id_bytes, parse_command_key};
 use ultrasync_shared::protocol::{CurrentState, ServerMessage};
 use ultrasync_shared::reads::DigestReply;
 use ultrasync_shared::snapshot::{self, Snapshot};
@@ -733,19 +733,18 @@ async fn look_up(
     if loaded.first_in_log <= 1 {
         return Ok(());
     }
-    let mut wanted: Vec<([u8; 16], String)> = Vec::new();
-    for cmd in batch.iter().filter_map(|p| p.cmd.as_ref().ok()) {
-        let k = command_key(&cmd.actor_id, &cmd.command_id);
-        if !loaded.commands.by_key.contains_key(&k) && !wanted.iter().any(|(w, _)| *w == k) {
-            wanted.push((k, command_key_hex(&cmd.actor_id, &cmd.command_id)));
-        }
-    }
+    let wanted: std::collections::HashSet<[u8; 16]> = batch
+        .iter()
+        .filter_map(|p| p.cmd.as_ref().ok())
+        .map(|cmd| command_key(&cmd.actor_id, &cmd.command_id))
+        .filter(|k| !loaded.commands.by_key.contains_key(k))
+        .collect();
     type Found = ([u8; 16], Result<Option<bytes::Bytes>, String>);
     let found: Vec<Found> = futures::stream::iter(wanted)
-        .map(|(k, hex)| async move {
+        .map(|k| async move {
             let got = shared
                 .commands
-                .get(command_kv_key(key, &hex))
+                .get(command_kv_key(key, &encode_command_key(&k)))
                 .await
                 .map_err(|e| e.to_string());
             (k, got)

@@ -169,7 +169,12 @@ pub fn command_key(actor_id: &str, command_id: &str) -> [u8; 16] {
 
 /// [`command_key`] as 32 hex digits (how snapshots and stores name it).
 pub fn command_key_hex(actor_id: &str, command_id: &str) -> String {
-    hex::encode(command_key(actor_id, command_id))
+    encode_command_key(&command_key(actor_id, command_id))
+}
+
+/// A command key as 32 hex digits.
+pub fn encode_command_key(key: &[u8; 16]) -> String {
+    hex::encode(key)
 }
 
 /// A command key from its 32 hex digits.
