@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use serde_yaml::Value;
 
@@ -189,10 +190,19 @@ fn compose_file_has_the_production_topology() {
                 Some("3"),
                 "{name}: R3"
             );
+            // TLS to every node, trusting the CA init-env.sh makes (mounted alone).
             let url = var("ULTRASYNC_NATS_URL").unwrap_or_default();
             for n in &nats {
-                assert!(url.contains(&format!("nats://{n}:4222")), "{name}: {url}");
+                assert!(url.contains(&format!("tls://{n}:4222")), "{name}: {url}");
             }
+            assert!(!url.contains("nats://"), "{name}: no plain NATS URL: {url}");
+            let ca = var("ULTRASYNC_NATS_TLS_CA")
+                .unwrap_or_else(|| panic!("{name}: ULTRASYNC_NATS_TLS_CA"));
+            let ca_mount = format!("./nats/secrets/ca.pem:{ca}:ro");
+            assert!(
+                strings(svc.get("volumes")).contains(&ca_mount),
+                "{name} mounts the CA: {ca_mount}"
+            );
             // Its own env file, committed as an example with the right NATS user.
             let files = strings(svc.get("env_file"));
             assert_eq!(files, [format!("env/{role}.env")], "{name}: env file");
@@ -207,7 +217,10 @@ fn compose_file_has_the_production_topology() {
             // Named volumes are declared.
             for v in strings(svc.get("volumes")) {
                 let source = v.split(':').next().unwrap_or_default();
-                if source.starts_with('.') || source.starts_with('/') {
+                if let Some(secret) = source.strip_prefix("./nats/secrets/") {
+                    // Written by init-env.sh; of its files the services need the CA only.
+                    assert_eq!(secret, "ca.pem", "{name}: mounts {source}");
+                } else if source.starts_with('.') || source.starts_with('/') {
                     let host = dir.join(source);
                     assert!(
                         host.exists(),
@@ -647,22 +660,48 @@ fn nats_monitoring_listens_on_loopback_only() {
     }
 }
 
-/// The cluster configs authenticate routes with what `deploy/init-env.sh` writes:
-/// run on a copy of `deploy/`, the files it writes make every node's config valid
-/// (`nats-server -t`), and the routes file is readable by its owner only.
-#[test]
-fn init_env_writes_the_route_credentials_the_cluster_configs_include() {
+/// Replaces every `from` in `text`, panicking when there is none (the shipped file
+/// changed under the test).
+fn replace_all(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "{from:?} not found in:\n{text}");
+    text.replace(from, to)
+}
+
+/// A nats-server started by a test, killed when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `deploy/init-env.sh` writes what the shipped NATS configs need, and with it they
+/// run: on a copy of `deploy/`, the script writes the route credentials, a private CA
+/// and the nodes' certificate (for nats-1..3, localhost and 127.0.0.1, usable by
+/// servers and by routes as clients), keys and credentials readable by their owner
+/// only; every cluster config and `single.conf` pass `nats-server -t` with those files
+/// in place of `/etc/nats/`; and the three cluster configs, moved to loopback (ports,
+/// store, node names) and otherwise as shipped, form a cluster over TLS routes that a
+/// client trusting `ca.pem` uses for an R3 stream, while a plain client is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_env_makes_the_shipped_nats_configs_run_with_tls() {
+    use std::os::unix::fs::PermissionsExt as _;
+
     let tmp = tempfile::tempdir().expect("tmp");
     let copy = tmp.path().join("deploy");
     for dir in ["env", "nats", "nats/cluster"] {
         fs::create_dir_all(copy.join(dir)).expect("mkdir");
     }
-    for file in ["init-env.sh", "nats/users.conf"] {
+    let confs = [
+        "nats/cluster/nats-1.conf",
+        "nats/cluster/nats-2.conf",
+        "nats/cluster/nats-3.conf",
+        "nats/single.conf",
+    ];
+    for file in ["init-env.sh", "nats/users.conf"].iter().chain(&confs) {
         fs::copy(deploy().join(file), copy.join(file)).expect("copy");
-    }
-    for i in 1..=3 {
-        let f = format!("nats/cluster/nats-{i}.conf");
-        fs::copy(deploy().join(&f), copy.join(&f)).expect("copy");
     }
     for entry in fs::read_dir(deploy().join("env")).expect("env") {
         let path = entry.expect("entry").path();
@@ -674,43 +713,260 @@ fn init_env_writes_the_route_credentials_the_cluster_configs_include() {
             .expect("copy");
         }
     }
-    let out = Command::new("bash")
-        .arg(copy.join("init-env.sh"))
-        .output()
-        .expect("run init-env.sh");
+    let run_init = || {
+        Command::new("bash")
+            .arg(copy.join("init-env.sh"))
+            .output()
+            .expect("run init-env.sh")
+    };
+    let out = run_init();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let routes = copy.join("nats/secrets/routes.conf");
-    let text = read(&routes);
-    assert!(
-        text.contains("authorization { user: route, password: \""),
-        "{text}"
+
+    // What it wrote, with which permissions; the CA's key is not kept.
+    let secrets = copy.join("nats/secrets");
+    let mut written: Vec<String> = fs::read_dir(&secrets)
+        .expect("secrets")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        ["ca.pem", "routes.conf", "server-key.pem", "server.pem"]
     );
-    assert_eq!(text.matches("nats-route://route:").count(), 3, "{text}");
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = fs::metadata(&routes).expect("stat").permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
+    let mode = |f: &str| {
+        fs::metadata(secrets.join(f))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for (file, want) in [
+        ("routes.conf", 0o600),
+        ("server-key.pem", 0o600),
+        ("server.pem", 0o644),
+        ("ca.pem", 0o644),
+    ] {
+        assert_eq!(mode(file), want, "{file}");
+    }
+    let routes_file = secrets.join("routes.conf");
+    let routes = read(&routes_file);
+    assert!(
+        routes.contains("authorization { user: route, password: \""),
+        "the route credentials"
+    );
+    assert_eq!(routes.matches("nats-route://route:").count(), 3);
+
+    // A second run changes nothing (all or nothing).
+    let before = read(&secrets.join("ca.pem"));
+    assert!(!run_init().status.success(), "a second run refuses");
+    assert_eq!(read(&secrets.join("ca.pem")), before);
+
+    // The certificate: signed by the CA, for every name the nodes are reached by,
+    // and accepted from a dialing node (client auth) as routes with `verify` need.
+    {
+        use rustls::client::danger::ServerCertVerifier as _;
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+        use std::sync::Arc;
+        let ca = CertificateDer::from_pem_file(secrets.join("ca.pem")).expect("ca.pem");
+        let cert = CertificateDer::from_pem_file(secrets.join("server.pem")).expect("cert");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).expect("the CA");
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .expect("server verifier");
+        for name in ["nats-1", "nats-2", "nats-3", "localhost", "127.0.0.1"] {
+            let name = ServerName::try_from(name).expect("name");
+            server
+                .verify_server_cert(&cert, &[], &name, &[], UnixTime::now())
+                .unwrap_or_else(|e| panic!("server.pem for {name:?}: {e}"));
+        }
+        let other = ServerName::try_from("nats-4").expect("name");
+        assert!(
+            server
+                .verify_server_cert(&cert, &[], &other, &[], UnixTime::now())
+                .is_err(),
+            "server.pem is for the three nodes only"
+        );
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+            .build()
+            .expect("client verifier")
+            .verify_client_cert(&cert, &[], UnixTime::now())
+            .expect("server.pem as a route's client certificate");
+    }
+
     let env: Vec<(String, String)> = read(&copy.join("env/nats.env"))
         .lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
+    let admin_password = env
+        .iter()
+        .find(|(k, _)| k == "USYNC_ADMIN_PASSWORD")
+        .map(|(_, v)| v.clone())
+        .expect("admin password");
     let bin = ultrasync_shared::natsd::find_nats_server(None).expect("nats-server");
-    for i in 1..=3 {
+    let nats_dir = copy.join("nats");
+    let at_host = |text: &str| replace_all(text, "/etc/nats/", &format!("{}/", nats_dir.display()));
+
+    // Every shipped config with the generated files where the containers have them.
+    // (Written next to the original: includes are relative to the config's folder.)
+    for conf in &confs {
+        let host = copy.join(conf.replace(".conf", ".host.conf"));
+        fs::write(&host, at_host(&read(&copy.join(conf)))).expect("write");
         let out = Command::new(&bin)
             .args(["-t", "-c"])
-            .arg(copy.join(format!("nats/cluster/nats-{i}.conf")))
+            .arg(&host)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("nats-server -t");
         assert!(
             out.status.success(),
-            "nats-{i}.conf: {}{}",
+            "{conf}: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
+
+    // The cluster on loopback: node i's client, route and monitoring ports, its
+    // store, and `localhost` (a name of the certificate) for the node names.
+    let ports = ultrasync_shared::natsd::free_ports(9).expect("ports");
+    let (client, rest) = ports.split_at(3);
+    let (route, monitor) = rest.split_at(3);
+    let mut routes = routes;
+    for i in 0..3 {
+        routes = replace_all(
+            &routes,
+            &format!("@nats-{}:6222", i + 1),
+            &format!("@localhost:{}", route[i]),
+        );
+    }
+    fs::write(&routes_file, routes).expect("rewrite routes.conf");
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let n = i + 1;
+        let mut text = at_host(&read(&copy.join(confs[i])));
+        for (from, to) in [
+            (
+                "/data/jetstream".to_owned(),
+                tmp.path().join(format!("store-{n}")).display().to_string(),
+            ),
+            (
+                "listen: 0.0.0.0:4222".to_owned(),
+                format!("listen: 127.0.0.1:{}", client[i]),
+            ),
+            (
+                "listen: 0.0.0.0:6222".to_owned(),
+                format!("listen: 127.0.0.1:{}", route[i]),
+            ),
+            (
+                format!("\"nats-{n}:4222\""),
+                format!("\"localhost:{}\"", client[i]),
+            ),
+            (
+                format!("\"nats-{n}:6222\""),
+                format!("\"localhost:{}\"", route[i]),
+            ),
+            (
+                "http: 127.0.0.1:8222".to_owned(),
+                format!("http: 127.0.0.1:{}", monitor[i]),
+            ),
+        ] {
+            text = replace_all(&text, &from, &to);
+        }
+        let conf = copy.join(format!("nats/cluster/nats-{n}.loopback.conf"));
+        fs::write(&conf, text).expect("write");
+        let log = fs::File::create(tmp.path().join(format!("nats-{n}.log"))).expect("log");
+        servers.push(Server(
+            Command::new(&bin)
+                .arg("-c")
+                .arg(&conf)
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("start nats-server"),
+        ));
+    }
+    let logs = || {
+        (1..=3)
+            .map(|n| {
+                let log = fs::read_to_string(tmp.path().join(format!("nats-{n}.log")))
+                    .unwrap_or_default();
+                format!("--- nats-{n}:\n{log}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    // A client trusting the CA, as the services connect: an R3 stream needs all three
+    // nodes, i.e. the TLS routes.
+    let mut config = ultrasync_shared::config::Config::default();
+    config.nats_url = client
+        .iter()
+        .map(|p| format!("tls://localhost:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    config.nats_tls_ca = Some(secrets.join("ca.pem"));
+    config.nats_user = Some("admin".to_owned());
+    config.nats_password = Some(admin_password.clone());
+    let nats = ultrasync_shared::nats::connect(&config, "deploy-test", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("connect over TLS: {e:#}\n{}", logs()));
+    let js = async_nats::jetstream::new(nats);
+    let mut created = None;
+    for _ in 0..300 {
+        match js
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: "TLS_CHECK".to_owned(),
+                subjects: vec!["tls.check".to_owned()],
+                num_replicas: 3,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => {
+                created = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let mut stream = created.unwrap_or_else(|| panic!("no R3 stream over TLS routes\n{}", logs()));
+    js.publish("tls.check", "hello".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("acked by the R3 stream");
+    let info = stream.info().await.expect("stream info");
+    assert_eq!(info.state.messages, 1);
+    assert_eq!(
+        info.cluster.as_ref().map(|c| c.replicas.len()),
+        Some(2),
+        "a leader and two replicas"
+    );
+
+    // Without TLS (and without the CA) the client port refuses.
+    let plain = tokio::time::timeout(
+        Duration::from_secs(20),
+        async_nats::ConnectOptions::new()
+            .user_and_password("admin".to_owned(), admin_password)
+            .connect(format!("nats://127.0.0.1:{}", client[0])),
+    )
+    .await;
+    assert!(
+        !matches!(plain, Ok(Ok(_))),
+        "a plain client connected to the TLS port"
+    );
+    drop(servers);
 }
