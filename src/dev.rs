@@ -4,6 +4,12 @@
 //! URLs and a dev token, and stops everything in order on Ctrl-C / SIGTERM.
 //! `--cluster 3` runs three managed nats-servers as a cluster on loopback instead
 //! (stores under `./.ultrasync/nats-{1,2,3}`) with every stream on 3 replicas.
+//! `--tls` puts TLS on every connection it starts: the gateway serves `wss://` and
+//! `https://`, the managed nats-servers speak TLS on their client (and route) ports,
+//! and every service trusts the CA of certificates made on the first start
+//! (`pki`, under `./.ultrasync/tls/`).
+
+mod pki;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +19,9 @@ use anyhow::Context as _;
 use clap::Args;
 use tracing::{error, info};
 use ultrasync_shared::auth;
-use ultrasync_shared::natsd::{ClusterOptions, Natsd, NatsdOptions, find_nats_server, free_ports};
+use ultrasync_shared::natsd::{
+    ClusterOptions, Natsd, NatsdOptions, TlsFiles, find_nats_server, free_ports,
+};
 
 use crate::{CommonArgs, STOP_GRACE, shutdown_on_signals};
 
@@ -44,6 +52,12 @@ pub struct DevArgs {
     /// this checkout, when it is there].
     #[arg(long, env = "ULTRASYNC_DEMO_DIR")]
     demo_dir: Option<PathBuf>,
+    /// TLS everywhere: the gateway serves wss:// and https://, the managed
+    /// nats-servers require TLS (clients and routes), every service trusts the CA;
+    /// certificates for localhost are made on the first start (DATA_DIR/tls/ca.pem
+    /// is the CA to trust).
+    #[arg(long, env = "ULTRASYNC_DEV_TLS")]
+    tls: bool,
 }
 
 /// The demo app's folder: the flag, else `clients/typescript/demo` under the current
@@ -127,6 +141,25 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
         cfg.auth.jwt_secret = Some(dev_secret(&data_dir)?);
     }
     let secret = cfg.auth.secret()?;
+    let tls = if args.tls {
+        let tls = pki::ensure(&data_dir.join("tls"))?;
+        // A certificate configured for the gateway stays; NATS gets the dev one.
+        if cfg.gateway.tls_cert_file.is_none() {
+            cfg.gateway.tls_cert_file = Some(tls.cert.clone());
+            cfg.gateway.tls_key_file = Some(tls.key.clone());
+        }
+        cfg.nats_tls_ca = Some(tls.ca.clone());
+        Some(tls)
+    } else {
+        None
+    };
+    // The client port's TLS (clients log in as before; no client certificate).
+    let nats_tls_conf = tls.as_ref().map_or(String::new(), |t| {
+        format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  timeout: 2\n}}\n",
+            t.cert, t.key
+        )
+    });
     cfg.validate()?;
 
     // Bind the gateway first: a busy port fails before anything starts.
@@ -163,7 +196,7 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
             store_dir: data_dir.join("nats"),
             run_dir: data_dir.clone(),
             port: (cfg.dev.nats_port != 0).then_some(cfg.dev.nats_port),
-            extra_conf: String::new(),
+            extra_conf: nats_tls_conf.clone(),
             ..Default::default()
         })?);
     } else {
@@ -177,13 +210,19 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
                 store_dir: dir.join("store"),
                 run_dir: dir,
                 port: Some(client_ports[i]),
+                extra_conf: nats_tls_conf.clone(),
                 cluster: Some(ClusterOptions {
                     name: "usync-dev".to_owned(),
                     server_name: format!("nats-{}", i + 1),
                     port: routes[i],
                     routes: (0..nodes).filter(|j| *j != i).map(|j| routes[j]).collect(),
                     route_auth: Some(("route".to_owned(), route_password.clone())),
-                    route_tls: None,
+                    // Nodes verify each other against the dev CA.
+                    route_tls: tls.as_ref().map(|t| TlsFiles {
+                        cert: t.cert.clone(),
+                        key: t.key.clone(),
+                        ca: t.ca.clone(),
+                    }),
                 }),
                 ..Default::default()
             })?);
@@ -238,16 +277,23 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
             &cfg.auth.audience,
         ),
     )?;
-    let ws = format!("ws://{http_addr}/v1/sync");
+    let gateway_tls = cfg.gateway.tls_cert_file.is_some();
+    let (ws_scheme, http_scheme) = if gateway_tls {
+        ("wss", "https")
+    } else {
+        ("ws", "http")
+    };
+    let ws = format!("{ws_scheme}://{http_addr}/v1/sync");
+    let http = format!("{http_scheme}://{http_addr}");
     println!();
     println!("ultrasync dev is running");
     println!("  WebSocket  {ws}");
-    println!("  HTTP       http://{http_addr}");
+    println!("  HTTP       {http}");
     if let Some(dir) = &demo {
         // The token rides in the fragment: the browser keeps it, no server sees it.
         let built = dir.join("dist/app.js").is_file();
         println!(
-            "  Demo       http://{http_addr}/demo/#token={}{}",
+            "  Demo       {http}/demo/#token={}{}",
             if cfg.auth.uses_public_keys() {
                 "<jwt>"
             } else {
@@ -290,8 +336,25 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
             }
         );
     }
+    if let Some(t) = &tls {
+        // What a client trusts to reach the gateway and NATS (the certificates are for
+        // localhost, 127.0.0.1 and ::1).
+        let ca = t.ca.display();
+        println!("  CA         {ca}  (TLS for localhost, 127.0.0.1, ::1)");
+        println!("             curl --cacert {ca} {http}/readyz");
+        println!(
+            "             ultrasync --nats-url {} --nats-tls-ca {ca} inspect streams",
+            cfg.nats_url
+        );
+    }
     println!();
-    println!("  try:  websocat -H 'Authorization: Bearer {token}' {ws}");
+    let trust = tls
+        .as_ref()
+        .filter(|_| gateway_tls)
+        .map_or(String::new(), |t| {
+            format!("SSL_CERT_FILE={} ", t.ca.display())
+        });
+    println!("  try:  {trust}websocat -H 'Authorization: Bearer {token}' {ws}");
     println!(
         r#"        {{"type":"hello","protocol":1,"org_id":"dev","project_id":"demo","client_id":"term-1","cursors":{{"index":0}}}}"#
     );

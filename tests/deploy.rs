@@ -843,11 +843,11 @@ async fn init_env_makes_the_shipped_nats_configs_run_with_tls() {
     let (client, rest) = ports.split_at(3);
     let (route, monitor) = rest.split_at(3);
     let mut routes = routes;
-    for i in 0..3 {
+    for (i, port) in route.iter().enumerate() {
         routes = replace_all(
             &routes,
             &format!("@nats-{}:6222", i + 1),
-            &format!("@localhost:{}", route[i]),
+            &format!("@localhost:{port}"),
         );
     }
     fs::write(&routes_file, routes).expect("rewrite routes.conf");
@@ -911,15 +911,17 @@ async fn init_env_makes_the_shipped_nats_configs_run_with_tls() {
 
     // A client trusting the CA, as the services connect: an R3 stream needs all three
     // nodes, i.e. the TLS routes.
-    let mut config = ultrasync_shared::config::Config::default();
-    config.nats_url = client
-        .iter()
-        .map(|p| format!("tls://localhost:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    config.nats_tls_ca = Some(secrets.join("ca.pem"));
-    config.nats_user = Some("admin".to_owned());
-    config.nats_password = Some(admin_password.clone());
+    let config = ultrasync_shared::config::Config {
+        nats_url: client
+            .iter()
+            .map(|p| format!("tls://localhost:{p}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        nats_tls_ca: Some(secrets.join("ca.pem")),
+        nats_user: Some("admin".to_owned()),
+        nats_password: Some(admin_password.clone()),
+        ..Default::default()
+    };
     let nats = ultrasync_shared::nats::connect(&config, "deploy-test", Duration::from_secs(30))
         .await
         .unwrap_or_else(|e| panic!("connect over TLS: {e:#}\n{}", logs()));
