@@ -6,11 +6,16 @@
 //! Ops written in the hub reach the leaf's materialized state and a client on the
 //! leaf's gateway; a write sent to the leaf's gateway is sequenced by the hub; each
 //! region's compactor trims its own copy of the log; a leaf the hub lets go resyncs
-//! from the hub's snapshot. With the shipped users, the leaf's materializer may read
-//! the hub's snapshots, and each region's snapshots stay in its own store.
+//! from the hub's snapshot. Both regions run the shipped users (each service as its
+//! own user), the leafnode link is TLS (a test CA) and the leaf logs in to the hub as
+//! the dedicated `leaf` user of `deploy/nats/region/hub-users.conf`: all of the above
+//! passes without a permission violation, and through the link a replica region
+//! cannot purge the home log, delete a home consumer or write ops. The leaf's
+//! materializer may read the hub's snapshots, and each region's snapshots stay in its
+//! own store.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -20,8 +25,9 @@ use ultrasync_client::{Connection, OpType, ServerMessage};
 use ultrasync_compactor::LagBound;
 use ultrasync_shared::config::Config;
 use ultrasync_shared::nats::SNAPSHOTS_BUCKET;
-use ultrasync_shared::natsd::{Natsd, NatsdOptions, find_nats_server};
+use ultrasync_shared::natsd::{Natsd, NatsdOptions, TlsFiles, find_nats_server};
 use ultrasync_shared::{StreamKey, auth, reads, snapshot};
+use ultrasync_testkit::pki::TestCa;
 use ultrasync_testkit::{NatsUsers, shipped_users_conf};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -33,9 +39,107 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+fn region_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/nats/region")
+}
+
+/// Two regions' NATS as `deploy/nats/region/` ships them: the shipped users in both
+/// (`hub-users.conf`, with the `leaf` user, in the hub), the leafnode link over TLS
+/// (a test CA; each server presents a certificate for 127.0.0.1 and verifies the
+/// other's), the leaf logging in as `leaf`.
+struct Link {
+    users: NatsUsers,
+    leaf_password: String,
+    leaf_port: u16,
+    tls: TlsFiles,
+}
+
+impl Link {
+    fn new(dir: &Path) -> Self {
+        let ca = TestCa::new();
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki).expect("mkdir");
+        let server = ca.localhost().write(&pki, "server");
+        Self {
+            users: NatsUsers::random(),
+            leaf_password: hex::encode(rand::random::<[u8; 16]>()),
+            leaf_port: free_port(),
+            tls: TlsFiles {
+                cert: server.cert,
+                key: server.key,
+                ca: ca.write_ca(&pki),
+            },
+        }
+    }
+
+    /// The hub: leafnode port with TLS (client certificate required) and no
+    /// `authorization` block, users from `region/hub-users.conf` (which includes
+    /// `users.conf`), as `region/hub.conf`.
+    fn hub(&self, dir: &Path) -> Natsd {
+        let run = dir.join("hub-run");
+        std::fs::create_dir_all(run.join("region")).expect("mkdir");
+        std::fs::copy(shipped_users_conf(), run.join("users.conf")).expect("copy users.conf");
+        std::fs::copy(
+            region_dir().join("hub-users.conf"),
+            run.join("region/hub-users.conf"),
+        )
+        .expect("copy hub-users.conf");
+        let mut env = self.users.server_env();
+        env.push(("USYNC_LEAF_PASSWORD".to_owned(), self.leaf_password.clone()));
+        natsd(
+            dir,
+            "hub",
+            &format!(
+                "leafnodes {{\n  listen: 127.0.0.1:{}\n{}}}\ninclude ./region/hub-users.conf\n",
+                self.leaf_port,
+                self.tls.block("  "),
+            ),
+            None,
+            env,
+        )
+    }
+
+    /// The leaf: the shipped users, a TLS leafnode remote to the hub as `leaf`.
+    fn leaf(&self, dir: &Path) -> Natsd {
+        self.leaf_as(dir, "leaf", &self.leaf_password)
+    }
+
+    /// A leaf logging in to the hub as `user`.
+    fn leaf_as(&self, dir: &Path, user: &str, password: &str) -> Natsd {
+        natsd(
+            dir,
+            "leaf",
+            &leaf_remote(
+                &format!("tls://{user}:{password}@127.0.0.1:{}", self.leaf_port),
+                &self.tls,
+            ),
+            Some(&self.users),
+            self.users.server_env(),
+        )
+    }
+
+    /// `config` logged in as `user`.
+    fn as_user(&self, config: &Config, user: &str) -> Config {
+        let mut c = config.clone();
+        c.nats_user = Some(user.to_owned());
+        c.nats_password = Some(self.users.password(user).to_owned());
+        c
+    }
+
+    async fn admin(&self, url: &str) -> async_nats::Client {
+        self.users.connect(url, "admin").await
+    }
+}
+
 /// A nats-server with JetStream domain `domain` (`sync_interval: always`); with
-/// `users`, the shipped `deploy/nats/users.conf` and those passwords.
-fn natsd(dir: &Path, domain: &str, extra: &str, users: Option<&NatsUsers>) -> Natsd {
+/// `users`, the shipped `deploy/nats/users.conf` included after `extra`.
+fn natsd(
+    dir: &Path,
+    domain: &str,
+    extra: &str,
+    users: Option<&NatsUsers>,
+    env: Vec<(String, String)>,
+) -> Natsd {
     let store = dir.join(format!("{domain}-store"));
     Natsd::spawn(&NatsdOptions {
         bin: find_nats_server(None).expect("nats-server"),
@@ -48,20 +152,31 @@ fn natsd(dir: &Path, domain: &str, extra: &str, users: Option<&NatsUsers>) -> Na
             store.canonicalize().unwrap_or(store.clone()),
         ),
         users_conf: users.map(|_| shipped_users_conf()),
-        env: users.map(NatsUsers::server_env).unwrap_or_default(),
+        env,
         ..Default::default()
     })
     .expect("start nats-server")
 }
 
-/// The leaf's leafnode remote to the hub at `url` (without its scheme), as
-/// `deploy/nats/region/leaf.conf` has it: object-store subjects do not cross the
-/// link (nats-server keeps `$KV.>` in its domain, not `$O.>`), so each region's
+/// The leaf's leafnode remote to the hub at `url`, as `deploy/nats/region/leaf.conf`
+/// has it: TLS with the leaf's certificate, and object-store subjects do not cross
+/// the link (nats-server keeps `$KV.>` in its domain, not `$O.>`), so each region's
 /// snapshot store holds only what its own materializers write.
-fn leaf_remote(url: &str) -> String {
+fn leaf_remote(url: &str, tls: &TlsFiles) -> String {
     format!(
-        "leafnodes {{ remotes: [ {{ url: \"nats-leaf://{url}\", deny_imports: [\"$O.>\"], deny_exports: [\"$O.>\"] }} ] }}"
+        "leafnodes {{\n  remotes: [\n    {{\n      url: \"{url}\"\n{}      deny_imports: [\"$O.>\"]\n      deny_exports: [\"$O.>\"]\n    }}\n  ]\n}}\n",
+        tls.block("      ").replace("  verify: true\n", "")
     )
+}
+
+/// The hub's or the leaf's log lines about permission violations.
+fn violations(server: &Natsd) -> Vec<String> {
+    std::fs::read_to_string(&server.log_file)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect()
 }
 
 struct Region {
@@ -73,17 +188,18 @@ struct Region {
 }
 
 impl Region {
-    async fn start(config: Config, sequencer: bool) -> Self {
+    /// The region's services, each logged in as its own user.
+    async fn start(link: &Link, config: Config, sequencer: bool) -> Self {
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         if sequencer {
             tasks.push(tokio::spawn(ultrasync_sequencer::run(
-                config.clone(),
+                link.as_user(&config, "sequencer"),
                 stop.clone(),
             )));
         }
         tasks.push(tokio::spawn(ultrasync_materializer::run(
-            config.clone(),
+            link.as_user(&config, "materializer"),
             stop.clone(),
         )));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -91,7 +207,7 @@ impl Region {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tasks.push(tokio::spawn(ultrasync_gateway::run(
-            config.clone(),
+            link.as_user(&config, "gateway"),
             listener,
             stop.clone(),
         )));
@@ -288,24 +404,23 @@ async fn compact_until_trimmed(js: &jetstream::Context, cfg: &Config, subject: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let leaf_port = free_port();
-    let hub = natsd(
-        dir.path(),
-        "hub",
-        &format!("leafnodes {{ listen: 127.0.0.1:{leaf_port} }}"),
-        None,
-    );
-    let leaf_conf = leaf_remote(&format!("127.0.0.1:{leaf_port}"));
-    let mut leaf = natsd(dir.path(), "leaf", &leaf_conf, None);
+    let link = Link::new(dir.path());
+    let hub = link.hub(dir.path());
+    let mut leaf = link.leaf(dir.path());
     let secret = hex::encode(rand::random::<[u8; 32]>());
 
     // The hub first: its layout (USYNC_OPS) must exist for the leaf to mirror.
+    let hub_nc = link.admin(&hub.url).await;
+    let hub_js = jetstream::new(hub_nc.clone());
     let hub_cfg = config(&hub.url, &secret, dir.path(), "hub");
-    let hub_region = Region::start(hub_cfg.clone(), true).await;
+    ultrasync_shared::nats::ensure_layout(&hub_js, hub_cfg.layout())
+        .await
+        .expect("hub layout");
+    let hub_region = Region::start(&link, hub_cfg.clone(), true).await;
 
     // Wait for the leafnode link: a request from the leaf reaches the hub's
     // JetStream API under its domain.
-    let leaf_nc = async_nats::connect(&leaf.url).await.expect("leaf nats");
+    let leaf_nc = link.admin(&leaf.url).await;
     let hub_from_leaf = jetstream::with_domain(leaf_nc.clone(), "hub");
     let deadline = Instant::now() + WAIT;
     while hub_from_leaf.get_stream("USYNC_OPS").await.is_err() {
@@ -319,7 +434,10 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
     let mut leaf_cfg = config(&leaf.url, &secret, dir.path(), "leaf");
     leaf_cfg.region.home_domain = Some("hub".to_owned());
     leaf_cfg.validate().expect("valid leaf config");
-    let leaf_region = Region::start(leaf_cfg.clone(), false).await;
+    ultrasync_shared::nats::ensure_layout(&jetstream::new(leaf_nc.clone()), leaf_cfg.layout())
+        .await
+        .expect("leaf layout");
+    let leaf_region = Region::start(&link, leaf_cfg.clone(), false).await;
 
     let status = ultrasync_client::http::request(
         "GET",
@@ -336,10 +454,13 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
     assert_eq!(status["home_domain"], json!("hub"));
 
     // A replica region runs no sequencer.
-    let refused = ultrasync_sequencer::run(leaf_cfg.clone(), CancellationToken::new()).await;
+    let refused = ultrasync_sequencer::run(
+        link.as_user(&leaf_cfg, "sequencer"),
+        CancellationToken::new(),
+    )
+    .await;
     assert!(refused.is_err(), "a sequencer started in the leaf region");
 
-    let hub_js = jetstream::new(async_nats::connect(&hub.url).await.expect("hub nats"));
     let leaf_js = jetstream::new(leaf_nc.clone());
     let info = leaf_js
         .get_stream("USYNC_OPS")
@@ -385,12 +506,7 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
     // materializers of the region the request is made in).
     let deadline = Instant::now() + WAIT;
     let (hub_digest, leaf_digest) = loop {
-        let h = reads::digest(
-            &async_nats::connect(&hub.url).await.expect("nats"),
-            &key,
-            Some(35),
-        )
-        .await;
+        let h = reads::digest(&hub_nc, &key, Some(35)).await;
         let l = reads::digest(&leaf_nc, &key, Some(35)).await;
         if let (Ok(h), Ok(l)) = (h, l) {
             break (h, l);
@@ -481,8 +597,8 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(first_op(&hub_js, &subject).await, hub_first);
-    let mut leaf = natsd(dir.path(), "leaf", &leaf_conf, None);
-    let leaf_js = jetstream::new(async_nats::connect(&leaf.url).await.expect("leaf nats"));
+    let mut leaf = link.leaf(dir.path());
+    let leaf_js = jetstream::new(link.admin(&leaf.url).await);
     let deadline = Instant::now() + WAIT;
     loop {
         let ops = ultrasync_shared::log::head(
@@ -552,8 +668,8 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let leaf = natsd(dir.path(), "leaf", &leaf_conf, None);
-    let leaf_nc = async_nats::connect(&leaf.url).await.expect("leaf nats");
+    let leaf = link.leaf(dir.path());
+    let leaf_nc = link.admin(&leaf.url).await;
     let leaf_js = jetstream::new(leaf_nc.clone());
     let deadline = Instant::now() + WAIT;
     let leaf_ops = loop {
@@ -587,7 +703,7 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
 
     let mut leaf_cfg = leaf_cfg.clone();
     leaf_cfg.nats_url = leaf.url.clone();
-    let leaf_region = Region::start(leaf_cfg, false).await;
+    let leaf_region = Region::start(&link, leaf_cfg, false).await;
     // The leaf's materializer went past the hole: its own snapshot store, which
     // only it writes, moves past it. (Until it has started, reads made in the leaf
     // are answered by the hub's materializers; from now on by the leaf's.)
@@ -608,7 +724,6 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let hub_nc = async_nats::connect(&hub.url).await.expect("hub nats");
     let deadline = Instant::now() + WAIT;
     let (hub_digest, leaf_digest) = loop {
         let h = reads::digest(&hub_nc, &key, Some(75)).await;
@@ -645,6 +760,65 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
     late.close().await;
     leaf_region.stop().await;
 
+    // Everything above went through the `leaf` user's permissions without a refusal.
+    for (region, server) in [("hub", &hub), ("leaf", &leaf)] {
+        let v = violations(server);
+        assert!(v.is_empty(), "{region}: {v:#?}");
+    }
+
+    // And the link carries nothing else: even an admin of the replica region cannot
+    // purge the home log, delete a home consumer or write ops through it (the
+    // `leaf` user may not publish those subjects into the hub).
+    let from_leaf = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .api_prefix("$JS.hub.API")
+        .build(leaf_nc.clone());
+    let home_ops = from_leaf
+        .get_stream("USYNC_OPS")
+        .await
+        .expect("the mirror's view of the home log");
+    assert!(
+        home_ops.purge().filter(subject.clone()).await.is_err(),
+        "the leaf purged the home log"
+    );
+    assert!(
+        from_leaf
+            .delete_consumer_from_stream(
+                ultrasync_shared::nats::partition_consumer(0),
+                "USYNC_CMDS"
+            )
+            .await
+            .is_err(),
+        "the leaf deleted a home sequencer consumer"
+    );
+    leaf_nc
+        .publish(subject.clone(), "forged".into())
+        .await
+        .expect("publish");
+    leaf_nc.flush().await.expect("flush");
+    let hub_ops = hub_js.get_stream("USYNC_OPS").await.expect("hub ops");
+    let head = ultrasync_shared::log::head(&hub_ops, &subject)
+        .await
+        .expect("hub head")
+        .expect("hub ops");
+    assert_eq!(head.server_seq, 75, "a forged op crossed the link");
+    assert_eq!(
+        first_op(&hub_js, &subject).await,
+        hub_first,
+        "the leaf purged the home log"
+    );
+    assert!(
+        hub_js
+            .get_stream("USYNC_CMDS")
+            .await
+            .expect("cmds")
+            .consumer_info(ultrasync_shared::nats::partition_consumer(0))
+            .await
+            .is_ok(),
+        "the leaf deleted a home sequencer consumer"
+    );
+    // (nats-server drops what a leafnode may not send without logging it.)
+
     hub_writer.close().await;
     hub_region.stop().await;
 }
@@ -656,26 +830,10 @@ async fn ops_flow_from_the_hub_to_a_leaf_region_and_writes_go_home() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_regions_materializer_reads_the_home_snapshots_and_writes_only_its_own() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let users = NatsUsers::random();
-    let leaf_port = free_port();
-    // As `deploy/nats/region/hub.conf`: the leaf logs in to the hub as admin.
-    let hub = natsd(
-        dir.path(),
-        "hub",
-        &format!(
-            "leafnodes {{ listen: 127.0.0.1:{leaf_port}\n  authorization {{ users = [ {{ user: admin, password: $USYNC_ADMIN_PASSWORD }} ] }} }}"
-        ),
-        Some(&users),
-    );
-    let leaf = natsd(
-        dir.path(),
-        "leaf",
-        &leaf_remote(&format!(
-            "admin:{}@127.0.0.1:{leaf_port}",
-            users.password("admin")
-        )),
-        Some(&users),
-    );
+    let link = Link::new(dir.path());
+    let users = &link.users;
+    let hub = link.hub(dir.path());
+    let leaf = link.leaf(dir.path());
     let layout = Config::default();
     let mut leaf_layout = Config::default();
     leaf_layout.region.home_domain = Some("hub".to_owned());
@@ -784,9 +942,8 @@ async fn a_replica_regions_materializer_reads_the_home_snapshots_and_writes_only
         "the hub's chunks reached the leaf"
     );
 
-    for (region, log) in [("hub", &hub.log_file), ("leaf", &leaf.log_file)] {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let violations: Vec<&str> = text.lines().filter(|l| l.contains("Violation")).collect();
-        assert!(violations.is_empty(), "{region}: {violations:#?}");
+    for (region, server) in [("hub", &hub), ("leaf", &leaf)] {
+        let v = violations(server);
+        assert!(v.is_empty(), "{region}: {v:#?}");
     }
 }
