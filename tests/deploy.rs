@@ -602,6 +602,83 @@ fn helm_chart_is_consistent() {
         }
     }
 
+    // TLS to NATS (natsTls): off by default; when on, every workload and the setup Job
+    // get the variables the binary reads, pointing into the Secret's mount, and the
+    // bundled NATS is reached by tls:// URLs.
+    assert_eq!(
+        get(&values, &["natsTls", "enabled"]).and_then(Value::as_bool),
+        Some(false)
+    );
+    assert_eq!(str_at(&values, &["natsTls", "caKey"]), "ca.crt");
+    let body = |name: &str| -> String {
+        let start = format!("{{{{- define \"{name}\" -}}}}");
+        let at = helpers
+            .find(&start)
+            .unwrap_or_else(|| panic!("_helpers.tpl defines {name}"));
+        let rest = &helpers[at + start.len()..];
+        rest[..rest.find("{{- define").unwrap_or(rest.len())].to_owned()
+    };
+    let main_rs = read(&root().join("src/main.rs"));
+    let tls_env = body("ultrasync.natsTlsEnv");
+    for (var, file) in [
+        ("ULTRASYNC_NATS_TLS_CA", "ca.pem"),
+        ("ULTRASYNC_NATS_TLS_CERT", "client.pem"),
+        ("ULTRASYNC_NATS_TLS_KEY", "client-key.pem"),
+    ] {
+        assert!(
+            main_rs.contains(&format!("env = \"{var}\"")),
+            "the binary reads {var}"
+        );
+        assert!(
+            tls_env.contains(&format!(
+                "- name: {var}\n  value: /etc/ultrasync-nats-tls/{file}\n"
+            )),
+            "natsTlsEnv sets {var} to the mounted {file}"
+        );
+        assert!(
+            body("ultrasync.natsTlsVolume").contains(&format!("path: {file}")),
+            "the Secret's item {file}"
+        );
+    }
+    assert!(body("ultrasync.natsTlsVolumeMount").contains("mountPath: /etc/ultrasync-nats-tls\n"));
+    assert!(body("ultrasync.natsTlsVolume").contains(".Values.natsTls.existingSecret"));
+    assert!(body("ultrasync.env").contains("include \"ultrasync.natsTlsEnv\" .ctx"));
+    assert!(body("ultrasync.volumes").contains("include \"ultrasync.natsTlsVolume\" ."));
+    assert!(body("ultrasync.volumeMounts").contains("include \"ultrasync.natsTlsVolumeMount\" ."));
+    assert!(
+        body("ultrasync.natsUrl").contains("ternary \"tls\" \"nats\" .Values.natsTls.enabled"),
+        "tls:// to the bundled NATS with natsTls"
+    );
+    for file in [
+        "gateway.yaml",
+        "sequencer.yaml",
+        "materializer.yaml",
+        "compactor.yaml",
+    ] {
+        let text = read(&templates.join(file));
+        for helper in [
+            "ultrasync.env",
+            "ultrasync.volumes",
+            "ultrasync.volumeMounts",
+        ] {
+            assert!(
+                text.contains(&format!("include \"{helper}\"")),
+                "{file} includes {helper}"
+            );
+        }
+    }
+    for helper in [
+        "ultrasync.natsTlsEnv",
+        "ultrasync.natsTlsVolume",
+        "ultrasync.natsTlsVolumeMount",
+        "ultrasync.natsUrl",
+    ] {
+        assert!(
+            job.contains(&format!("include \"{helper}\"")),
+            "setup-job.yaml includes {helper}"
+        );
+    }
+
     // The NATS users of the bundled server are deploy/nats/users.conf itself.
     let link = chart_dir.join("files/nats-users.conf");
     assert_eq!(

@@ -51,7 +51,10 @@ NATS subchart's values can point at it ({release}-ultrasync-secrets).
 {{- end }}
 {{- end }}
 
-{{/* NATS URLs: the subchart's client Service, or externalNats.url. */}}
+{{/*
+NATS URLs: the subchart's client Service (tls:// with natsTls.enabled), or
+externalNats.url.
+*/}}
 {{- define "ultrasync.natsUrl" -}}
 {{- if .Values.nats.enabled }}
 {{- $natsName := "" }}
@@ -62,7 +65,7 @@ NATS subchart's values can point at it ({release}-ultrasync-secrets).
 {{- else }}
 {{- $natsName = printf "%s-nats" .Release.Name }}
 {{- end }}
-{{- printf "nats://%s:4222" ($natsName | trunc 63 | trimSuffix "-") }}
+{{- printf "%s://%s:4222" (ternary "tls" "nats" .Values.natsTls.enabled) ($natsName | trunc 63 | trimSuffix "-") }}
 {{- else }}
 {{- required "externalNats.url is required when nats.enabled=false" .Values.externalNats.url }}
 {{- end }}
@@ -88,15 +91,67 @@ the NATS user of deploy/nats/users.conf and its password from the Secret.
   value: {{ .ctx.Values.streamReplicas | quote }}
 - name: ULTRASYNC_LOG_FORMAT
   value: {{ .ctx.Values.logFormat | quote }}
+{{- with include "ultrasync.natsTlsEnv" .ctx }}
+{{ . }}
+{{- end }}
 {{- end }}
 
-{{/* Volumes every ultrasync pod mounts: the config and a writable /tmp. */}}
+{{/*
+TLS to NATS (natsTls.enabled): the CA of the NATS servers' certificates, and with
+natsTls.certKey a client certificate, from the Secret natsTls.existingSecret,
+mounted at /etc/ultrasync-nats-tls in every ultrasync pod and the setup Job.
+*/}}
+{{- define "ultrasync.natsTlsEnv" -}}
+{{- if .Values.natsTls.enabled -}}
+- name: ULTRASYNC_NATS_TLS_CA
+  value: /etc/ultrasync-nats-tls/ca.pem
+{{- if .Values.natsTls.certKey }}
+- name: ULTRASYNC_NATS_TLS_CERT
+  value: /etc/ultrasync-nats-tls/client.pem
+- name: ULTRASYNC_NATS_TLS_KEY
+  value: /etc/ultrasync-nats-tls/client-key.pem
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ultrasync.natsTlsVolume" -}}
+{{- if .Values.natsTls.enabled -}}
+- name: nats-tls
+  secret:
+    secretName: {{ required "natsTls.existingSecret is required with natsTls.enabled" .Values.natsTls.existingSecret }}
+    items:
+      - key: {{ .Values.natsTls.caKey }}
+        path: ca.pem
+      {{- if .Values.natsTls.certKey }}
+      - key: {{ .Values.natsTls.certKey }}
+        path: client.pem
+      - key: {{ required "natsTls.keyKey goes with natsTls.certKey" .Values.natsTls.keyKey }}
+        path: client-key.pem
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ultrasync.natsTlsVolumeMount" -}}
+{{- if .Values.natsTls.enabled -}}
+- name: nats-tls
+  mountPath: /etc/ultrasync-nats-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+Volumes every ultrasync pod mounts: the config, a writable /tmp and, with
+natsTls.enabled, the NATS CA (and client certificate).
+*/}}
 {{- define "ultrasync.volumes" -}}
 - name: config
   configMap:
     name: {{ include "ultrasync.fullname" . }}-config
 - name: tmp
   emptyDir: {}
+{{- with include "ultrasync.natsTlsVolume" . }}
+{{ . }}
+{{- end }}
 {{- end }}
 
 {{- define "ultrasync.volumeMounts" -}}
@@ -105,6 +160,9 @@ the NATS user of deploy/nats/users.conf and its password from the Secret.
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- with include "ultrasync.natsTlsVolumeMount" . }}
+{{ . }}
+{{- end }}
 {{- end }}
 
 {{/* Pod-level settings shared by every ultrasync pod. */}}
