@@ -3,7 +3,9 @@
 //! so; after it, a stack where every service logs in as its own user writes, acks,
 //! fans out, snapshots, reads and compacts without a single permission violation;
 //! and the limits hold: the gateway can neither write nor purge the op log, the
-//! materializer cannot write it, only the compactor purges it.
+//! materializer cannot write it, only the compactor purges it; the gateway, the
+//! sequencer and the compactor delete no consumer (not the materializer's) and
+//! purge no snapshot; no service creates a stream.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -329,6 +331,67 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
             .any(|l| l.contains("\"gateway\"") || l.contains("gateway")),
         "the server logs the gateway's violations: {denied:?}"
     );
+
+    // Another service's consumer: the materializer's durable cannot be deleted by
+    // the gateway, the sequencer or the compactor (they delete no consumer on the
+    // op log at all).
+    let durable = "usync-materializer-m0";
+    for user in ["gateway", "sequencer", "compactor"] {
+        let js = short_timeout(users.connect(&url, user).await);
+        assert!(
+            js.delete_consumer_from_stream(durable, OPS_STREAM)
+                .await
+                .is_err(),
+            "{user} deleted the materializer's consumer"
+        );
+    }
+    let ops_admin = js_admin.get_stream(OPS_STREAM).await.expect("ops");
+    assert!(
+        ops_admin.consumer_info(durable).await.is_ok(),
+        "the materializer's consumer is gone"
+    );
+    // The snapshot store: only the materializer writes it; nobody else purges it.
+    let snapshots_stream = format!("OBJ_{}", ultrasync_shared::nats::SNAPSHOTS_BUCKET);
+    let stored = |js: async_nats::jetstream::Context| {
+        let name = snapshots_stream.clone();
+        async move {
+            let mut s = js.get_stream(name).await.expect("snapshot stream");
+            s.info().await.expect("info").state.messages
+        }
+    };
+    let snapshot_messages = stored(js_admin.clone()).await;
+    assert!(snapshot_messages > 0);
+    for user in ["gateway", "sequencer", "compactor"] {
+        let js = short_timeout(users.connect(&url, user).await);
+        let stream = js
+            .get_stream(snapshots_stream.clone())
+            .await
+            .expect("snapshot stream info");
+        assert!(
+            stream.purge().await.is_err(),
+            "{user} purged the snapshot store"
+        );
+    }
+    assert_eq!(
+        stored(js_admin.clone()).await,
+        snapshot_messages,
+        "the snapshot store was purged"
+    );
+    // Streams are made by `setup` as admin, never by a service.
+    for user in ["gateway", "sequencer", "materializer", "compactor"] {
+        let js = short_timeout(users.connect(&url, user).await);
+        assert!(
+            js.create_stream(async_nats::jetstream::stream::Config {
+                name: format!("FORGED_{user}"),
+                subjects: vec![format!("forged.{user}.>")],
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+            "{user} created a stream"
+        );
+    }
+    assert!(js_admin.get_stream("FORGED_gateway").await.is_err());
 
     let purged = try_purge("compactor").await.expect("the compactor purges");
     assert_eq!(purged.purged, 2, "ops 1 and 2 purged, the head kept");
