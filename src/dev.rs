@@ -278,6 +278,10 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
         ),
     )?;
     let gateway_tls = cfg.gateway.tls_cert_file.is_some();
+    // The gateway presents the dev certificate (not one configured for it).
+    let gateway_dev_cert = tls
+        .as_ref()
+        .is_some_and(|t| cfg.gateway.tls_cert_file.as_ref() == Some(&t.cert));
     let (ws_scheme, http_scheme) = if gateway_tls {
         ("wss", "https")
     } else {
@@ -341,7 +345,9 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
         // localhost, 127.0.0.1 and ::1).
         let ca = t.ca.display();
         println!("  CA         {ca}  (TLS for localhost, 127.0.0.1, ::1)");
-        println!("             curl --cacert {ca} {http}/readyz");
+        if gateway_dev_cert {
+            println!("             curl --cacert {ca} {http}/readyz");
+        }
         println!(
             "             ultrasync --nats-url {} --nats-tls-ca {ca} inspect streams",
             cfg.nats_url
@@ -350,7 +356,7 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     println!();
     let trust = tls
         .as_ref()
-        .filter(|_| gateway_tls)
+        .filter(|_| gateway_dev_cert)
         .map_or(String::new(), |t| {
             format!("SSL_CERT_FILE={} ", t.ca.display())
         });
