@@ -2,7 +2,9 @@
 //! Dockerfile and the env files, checked for structure without Docker, Kubernetes or
 //! Helm. `docker-compose config` (Debian's docker-compose, installed by
 //! `scripts/setup.sh`) validates the compose file; it needs no Docker engine. Helm
-//! templates are not rendered (no helm here): they are checked textually.
+//! templates are not rendered (no helm here): they are checked textually. The NATS
+//! configs run: `deploy/init-env.sh` on a copy writes their secrets and certificates,
+//! and the cluster configs, moved to loopback, form a TLS cluster (a real nats-server).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
