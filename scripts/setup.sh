@@ -9,6 +9,9 @@
 #   docker-compose  Debian's docker-compose (1.29), which the deploy test runs as
 #                `docker-compose config` to validate deploy/docker-compose.yml (no
 #                Docker engine needed; apt-get, as root or through sudo).
+#   docker.io, debootstrap  only with --test (scripts/test): Debian's Docker engine
+#                and debootstrap, with which tests/compose.rs builds images from local
+#                parts (scripts/compose-images.sh) and runs the shipped compose file.
 #   node, npm    Node.js (20 or newer) for the TypeScript SDK in clients/typescript
 #                (Debian's nodejs and npm when missing), its packages from the
 #                committed lockfile (`npm ci`), and the SDK and demo built (`npm run
@@ -94,6 +97,18 @@ install_docker_compose() {
   apt_install docker-compose
 }
 
+install_docker_engine() {
+  # tests/compose.rs starts dockerd itself when no engine answers.
+  local missing=()
+  command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+  command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+  if ((${#missing[@]} == 0)); then
+    return 0
+  fi
+  log "installing ${missing[*]} (apt-get) for the compose test"
+  apt_install "${missing[@]}"
+}
+
 install_node() {
   if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
     && [[ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ]]; then
@@ -129,6 +144,9 @@ install_chromium() {
 install_nats_server
 install_libclang
 install_docker_compose
+if [[ "${1:-}" == "--test" ]]; then
+  install_docker_engine
+fi
 install_node
 install_sdk_packages
 install_chromium

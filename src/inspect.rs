@@ -156,7 +156,21 @@ fn snapshot_json(s: &snapshot::Snapshot) -> Value {
 
 fn state_json(info: &jetstream::stream::Info) -> Value {
     let s = &info.state;
+    // Where the stream is stored: its replica count, and on a cluster the RAFT
+    // leader and each follower's state (a follower that is not current is behind).
+    let cluster = info.cluster.as_ref().map(|c| {
+        json!({
+            "leader": c.leader,
+            "followers": c.replicas.iter().map(|p| json!({
+                "name": p.name,
+                "current": p.current,
+                "offline": p.offline,
+            })).collect::<Vec<_>>(),
+        })
+    });
     json!({
+        "replicas": info.config.num_replicas,
+        "cluster": cluster,
         "messages": s.messages,
         "bytes": s.bytes,
         "first_seq": s.first_sequence,
