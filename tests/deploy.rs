@@ -760,7 +760,7 @@ impl Drop for Server {
 /// run: on a copy of `deploy/`, the script writes the route credentials, a private CA
 /// and the nodes' certificate (for nats-1..3, localhost and 127.0.0.1, usable by
 /// servers and by routes as clients), keys and credentials readable by their owner
-/// only; every cluster config and `single.conf` pass `nats-server -t` with those files
+/// only; every cluster and region config and `single.conf` pass `nats-server -t` with those files
 /// in place of `/etc/nats/`; and the three cluster configs, moved to loopback (ports,
 /// store, node names) and otherwise as shipped, form a cluster over TLS routes that a
 /// client trusting `ca.pem` uses for an R3 stream, while a plain client is refused.
@@ -770,7 +770,7 @@ async fn init_env_makes_the_shipped_nats_configs_run_with_tls() {
 
     let tmp = tempfile::tempdir().expect("tmp");
     let copy = tmp.path().join("deploy");
-    for dir in ["env", "nats", "nats/cluster"] {
+    for dir in ["env", "nats", "nats/cluster", "nats/region"] {
         fs::create_dir_all(copy.join(dir)).expect("mkdir");
     }
     let confs = [
@@ -778,8 +778,17 @@ async fn init_env_makes_the_shipped_nats_configs_run_with_tls() {
         "nats/cluster/nats-2.conf",
         "nats/cluster/nats-3.conf",
         "nats/single.conf",
+        "nats/region/hub.conf",
+        "nats/region/leaf.conf",
     ];
-    for file in ["init-env.sh", "nats/users.conf"].iter().chain(&confs) {
+    for file in [
+        "init-env.sh",
+        "nats/users.conf",
+        "nats/region/hub-users.conf",
+    ]
+    .iter()
+    .chain(&confs)
+    {
         fs::copy(deploy().join(file), copy.join(file)).expect("copy");
     }
     for entry in fs::read_dir(deploy().join("env")).expect("env") {
@@ -883,11 +892,19 @@ async fn init_env_makes_the_shipped_nats_configs_run_with_tls() {
             .expect("server.pem as a route's client certificate");
     }
 
-    let env: Vec<(String, String)> = read(&copy.join("env/nats.env"))
+    let mut env: Vec<(String, String)> = read(&copy.join("env/nats.env"))
         .lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
+    // The region configs' own variables (a two-region setup is not in compose).
+    env.extend([
+        ("USYNC_LEAF_PASSWORD".to_owned(), "leaf-password".to_owned()),
+        (
+            "USYNC_HUB_LEAFNODE_URL".to_owned(),
+            "tls://leaf:leaf-password@hub:7422".to_owned(),
+        ),
+    ]);
     let admin_password = env
         .iter()
         .find(|(k, _)| k == "USYNC_ADMIN_PASSWORD")
