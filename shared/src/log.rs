@@ -5,11 +5,14 @@
 //! leader-routed "next message on subject from sequence S" lookup: O(log stream size)
 //! small requests, independent of how long the subject's history is.
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
+use tracing::debug;
 
 use crate::nats::{HDR_OP_ID, HDR_SEQ};
 
@@ -176,9 +179,166 @@ pub async fn locate_below(
     }
 }
 
-/// Reads ops on `subject` from stream sequence `start` onward with an ordered
-/// consumer, in order. The stream ends only on error; callers stop when they have
-/// read what they need.
+/// The server removes a reader's consumer this long after its last pull request
+/// ended: what a reader that started over (or was dropped) leaves behind goes away
+/// by itself.
+const READER_INACTIVE: Duration = Duration::from_secs(30);
+/// Messages asked for by one pull (capped by `max_batch`).
+const READER_BATCH: usize = 500;
+/// How long one pull waits for messages, and the idle heartbeat the server sends
+/// meanwhile (two missed: the reader starts over).
+const READER_EXPIRES: Duration = Duration::from_secs(30);
+const READER_HEARTBEAT: Duration = Duration::from_secs(15);
+/// Start-overs in a row without a message read before the last error is surfaced.
+const READER_MAX_RESTARTS: u32 = 10;
+/// Longest wait between two start-overs in a row.
+const READER_MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// An ordered reader of one subject that never deletes a consumer. It reads with an
+/// ephemeral pull consumer (no ack, one replica, memory storage, as async-nats'
+/// ordered consumer) and keeps the stream sequence of the last op it yielded; on a
+/// gap in the consumer sequence, missed heartbeats, the consumer gone (a node
+/// failed, the server restarted) or any other pull error it makes a new consumer
+/// from the next stream sequence and leaves the old one to the server, which removes
+/// it after [`READER_INACTIVE`]. (async-nats' ordered consumer deletes the old one
+/// first: the shipped users may not delete consumers on `USYNC_OPS`, so that
+/// request is refused, logged as a permission violation and waited out.)
+struct Reader {
+    stream: Stream,
+    subject: String,
+    max_batch: i64,
+    /// The stream sequence the next op must be at or after.
+    next: u64,
+    messages: Option<pull::Stream>,
+    /// Consumer sequence of the last message of the current consumer.
+    delivered: u64,
+    /// Start-overs since the last op yielded.
+    restarts: u32,
+    /// A pull was refused for the consumer's request limits since the last op.
+    limit_exceeded: bool,
+    /// An error was surfaced: the stream has ended.
+    done: bool,
+}
+
+impl Reader {
+    /// A new consumer from `self.next`.
+    async fn open(&mut self) -> Result<(), LogError> {
+        let consumer = self
+            .stream
+            .create_consumer(pull::Config {
+                durable_name: None,
+                name: None,
+                filter_subject: self.subject.clone(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: self.next,
+                },
+                ack_policy: AckPolicy::None,
+                max_deliver: 1,
+                max_ack_pending: 0,
+                max_batch: self.max_batch,
+                inactive_threshold: READER_INACTIVE,
+                num_replicas: 1,
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats_err)?;
+        let batch = match usize::try_from(self.max_batch) {
+            Ok(m) if m > 0 => READER_BATCH.min(m),
+            _ => READER_BATCH,
+        };
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .expires(READER_EXPIRES)
+            .heartbeat(READER_HEARTBEAT)
+            .messages()
+            .await
+            .map_err(nats_err)?;
+        self.messages = Some(messages);
+        self.delivered = 0;
+        Ok(())
+    }
+
+    /// Drops the current consumer (not deleted: it expires) and opens a new one
+    /// from `self.next`, waiting longer between start-overs that bring nothing.
+    /// Gives up with `why` or the last error after [`READER_MAX_RESTARTS`].
+    async fn start_over(&mut self, why: LogError) -> Result<(), LogError> {
+        self.messages = None;
+        let mut last = why;
+        loop {
+            if self.restarts >= READER_MAX_RESTARTS {
+                return Err(last);
+            }
+            if self.restarts > 0 {
+                let wait = Duration::from_millis(50)
+                    .saturating_mul(1 << self.restarts.min(8))
+                    .min(READER_MAX_BACKOFF);
+                tokio::time::sleep(wait).await;
+            }
+            self.restarts += 1;
+            debug!(subject = %self.subject, from = self.next, attempt = self.restarts, reason = %last, "op log reader starts over");
+            match self.open().await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+    }
+
+    async fn next_entry(&mut self) -> Option<Result<LogEntry, LogError>> {
+        while !self.done {
+            let why = match self.messages.as_mut() {
+                None => LogError::Nats("no consumer".to_owned()),
+                Some(messages) => match messages.next().await {
+                    Some(Ok(m)) => match m.info() {
+                        Ok(info) if info.consumer_sequence != self.delivered + 1 => {
+                            LogError::Nats(format!(
+                                "consumer sequence {} after {}",
+                                info.consumer_sequence, self.delivered
+                            ))
+                        }
+                        Ok(info) => {
+                            self.delivered = info.consumer_sequence;
+                            if info.stream_sequence < self.next {
+                                // Already yielded (cannot happen with a new consumer
+                                // from `next`; kept out all the same).
+                                continue;
+                            }
+                            self.next = info.stream_sequence + 1;
+                            self.restarts = 0;
+                            self.limit_exceeded = false;
+                            return Some(LogEntry::from_consumer_message(&m));
+                        }
+                        Err(e) => nats_err(e),
+                    },
+                    Some(Err(e)) => {
+                        // A new consumer reads the current limits; refused twice
+                        // in a row, starting over does not help.
+                        if e.kind() == pull::MessagesErrorKind::RequestLimitExceeded {
+                            if self.limit_exceeded {
+                                self.done = true;
+                                return Some(Err(nats_err(e)));
+                            }
+                            self.limit_exceeded = true;
+                        }
+                        nats_err(e)
+                    }
+                    None => LogError::Nats("the consumer's messages ended".to_owned()),
+                },
+            };
+            if let Err(e) = self.start_over(why).await {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
+        None
+    }
+}
+
+/// Reads ops on `subject` from stream sequence `start` onward, in order, with an
+/// ephemeral consumer that is replaced (never deleted) when it fails ([`Reader`]).
+/// The stream ends only on error (after the reader could not start over); callers
+/// stop when they have read what they need.
 pub async fn read_from(
     stream: &Stream,
     subject: &str,
@@ -187,7 +347,7 @@ pub async fn read_from(
     read_from_batched(stream, subject, start, 0).await
 }
 
-/// [`read_from`], pulling at most `max_batch` messages at a time (0: the client's
+/// [`read_from`], pulling at most `max_batch` messages at a time (0: the reader's
 /// default, hundreds): a reader that stops early then has at most that many
 /// messages buffered, not hundreds of large ops.
 async fn read_from_batched(
@@ -196,21 +356,21 @@ async fn read_from_batched(
     start: u64,
     max_batch: i64,
 ) -> Result<impl futures::Stream<Item = Result<LogEntry, LogError>> + Send + use<>, LogError> {
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: subject.to_owned(),
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: start.max(1),
-            },
-            max_batch,
-            ..Default::default()
-        })
-        .await
-        .map_err(nats_err)?;
-    let messages = consumer.messages().await.map_err(nats_err)?;
-    Ok(messages
-        .map_err(nats_err)
-        .and_then(|m| async move { LogEntry::from_consumer_message(&m) }))
+    let mut reader = Reader {
+        stream: stream.clone(),
+        subject: subject.to_owned(),
+        max_batch,
+        next: start.max(1),
+        messages: None,
+        delivered: 0,
+        restarts: 0,
+        limit_exceeded: false,
+        done: false,
+    };
+    reader.open().await?;
+    Ok(futures::stream::unfold(reader, |mut r| async move {
+        r.next_entry().await.map(|item| (item, r))
+    }))
 }
 
 /// Reads ops `from..=to` (by `server_seq`) on `subject`; `to` is capped at the

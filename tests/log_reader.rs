@@ -1,0 +1,143 @@
+//! The op log reader (`ultrasync_shared::log::read_from`) starts over without
+//! deleting anything: logged in as the shipped `gateway` user (who may not delete
+//! consumers on `USYNC_OPS`), it keeps reading one subject in order, with no gap and
+//! no duplicate, after its consumer was deleted under it and after the nats-server
+//! restarted, each time on a new consumer, and the server logs no permission
+//! violation.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::{StreamExt as _, TryStreamExt as _};
+use ultrasync_shared::log::{LogEntry, LogError, read_from};
+use ultrasync_shared::nats::{HDR_OP_ID, HDR_SEQ, LayoutOptions, OPS_STREAM, ensure_layout};
+use ultrasync_shared::natsd::{Natsd, NatsdOptions, find_nats_server, free_ports};
+use ultrasync_testkit::{NatsUsers, shipped_users_conf};
+
+const SUBJECT: &str = "usync.ops.acme.web.index";
+
+/// Appends op `seq` to `SUBJECT` as admin, waiting out a server that is still
+/// starting (JetStream answers no responders until it is up).
+async fn append(js: &jetstream::Context, seq: u64) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(HDR_SEQ, seq.to_string().as_str());
+    headers.insert(HDR_OP_ID, format!("op-{seq}").as_str());
+    for _ in 0..300 {
+        if let Ok(ack) = js
+            .publish_with_headers(SUBJECT, headers.clone(), format!("{{\"n\":{seq}}}").into())
+            .await
+            && ack.await.is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("op {seq} could not be appended");
+}
+
+/// The next `n` ops from `entries`, which must be `from..from + n` in order.
+async fn expect_next<S>(entries: &mut S, from: u64, n: u64)
+where
+    S: futures::Stream<Item = Result<LogEntry, LogError>> + Unpin,
+{
+    for want in from..from + n {
+        let e = entries
+            .next()
+            .await
+            .expect("the reader does not end")
+            .expect("the reader reads on");
+        assert_eq!(e.server_seq, want, "a gap or a duplicate");
+        assert_eq!(e.op_id, format!("op-{want}"));
+    }
+}
+
+/// The names of the consumers on `USYNC_OPS` reading `SUBJECT`.
+async fn readers(js: &jetstream::Context) -> Vec<String> {
+    let ops = js.get_stream(OPS_STREAM).await.expect("ops stream");
+    ops.consumers()
+        .try_filter(|c| futures::future::ready(c.config.filter_subject == SUBJECT))
+        .map_ok(|c| c.name)
+        .try_collect()
+        .await
+        .expect("consumer list")
+}
+
+fn violations(log: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reader_starts_over_in_order_without_deleting_a_consumer() {
+    ultrasync_testkit::init_tracing();
+    let users = NatsUsers::random();
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A fixed port, so that the restarted server is found at the same address.
+    let opts = NatsdOptions {
+        bin: find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)"),
+        store_dir: tmp.path().join("store"),
+        run_dir: tmp.path().join("run"),
+        port: Some(free_ports(1).expect("port")[0]),
+        users_conf: Some(shipped_users_conf()),
+        env: users.server_env(),
+        ..Default::default()
+    };
+    let mut nats = Natsd::spawn(&opts).expect("nats-server");
+    let url = nats.url.clone();
+    let admin = jetstream::new(users.connect(&url, "admin").await);
+    ensure_layout(&admin, LayoutOptions::default())
+        .await
+        .expect("layout");
+    for seq in 1..=20 {
+        append(&admin, seq).await;
+    }
+
+    let gateway = jetstream::new(users.connect(&url, "gateway").await);
+    let ops = gateway
+        .get_stream(OPS_STREAM)
+        .await
+        .expect("ops as gateway");
+    let mut entries = Box::pin(read_from(&ops, SUBJECT, 1).await.expect("read"));
+    expect_next(&mut entries, 1, 20).await;
+
+    // Its consumer deleted under it (as admin): it goes on from op 21 on a new one.
+    let first = readers(&admin).await;
+    assert_eq!(first.len(), 1, "one consumer reads the subject: {first:?}");
+    admin
+        .delete_consumer_from_stream(&first[0], OPS_STREAM)
+        .await
+        .expect("delete as admin");
+    for seq in 21..=40 {
+        append(&admin, seq).await;
+    }
+    expect_next(&mut entries, 21, 20).await;
+    let second = readers(&admin).await;
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(second, first, "the reader made a new consumer");
+
+    // The server restarts (its memory consumers are gone, the log is not): the
+    // reader goes on from op 41.
+    nats.terminate(Duration::from_secs(10));
+    nats = Natsd::spawn(&opts).expect("nats-server again");
+    let admin = jetstream::new(users.connect(&url, "admin").await);
+    for seq in 41..=60 {
+        append(&admin, seq).await;
+    }
+    expect_next(&mut entries, 41, 20).await;
+    let third = readers(&admin).await;
+    assert!(
+        !third.is_empty() && third.iter().all(|c| !second.contains(c)),
+        "the reader made a new consumer after the restart: {third:?} (before: {second:?})"
+    );
+
+    let refused = violations(&nats.log_file);
+    assert!(
+        refused.is_empty(),
+        "the reader hit permission violations:\n{}",
+        refused.join("\n")
+    );
+}
