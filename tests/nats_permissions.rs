@@ -1,19 +1,35 @@
 //! The shipped NATS users (`deploy/nats/users.conf`, unchanged, with random
 //! passwords per test): services refuse to start before `ultrasync setup` and say
 //! so; after it, a stack where every service logs in as its own user writes, acks,
-//! fans out, snapshots, reads and compacts without a single permission violation;
-//! and the limits hold: the gateway can neither write nor purge the op log, the
-//! materializer cannot write it, only the compactor purges it; the gateway, the
-//! sequencer and the compactor delete no consumer (not the materializer's) and
-//! purge no snapshot; no service creates a stream.
+//! fans out, snapshots, reads, delivers webhooks (to a receiver in the test, and to
+//! an endpoint that never answers: dead letters) and compacts (the compactor purges
+//! the ops below the floor and writes their commands to `usync-commands`) without a
+//! single permission violation; and the limits hold: the gateway can neither write
+//! (publish to `usync.ops.>`) nor purge the op log, the materializer and the
+//! compactor cannot write it, only the compactor purges it; the gateway, the
+//! sequencer and the compactor delete no consumer (not the materializer's, not a
+//! webhook's) and purge no snapshot; no service creates a stream.
+//!
+//! Proven elsewhere: a server without the route credentials cannot join the
+//! cluster as a route (`tests/nats_tls.rs`,
+//! `a_cluster_with_tls_routes_runs_the_pipeline_and_admits_no_stranger`); the
+//! reader of the op log starts over without deleting a consumer
+//! (`tests/log_reader.rs`). Not enforceable, so not asserted (ARCHITECTURE.md,
+//! "What subject permissions cannot enforce"): the materializer deleting a
+//! webhook's consumer (a consumer name is one subject token), and the
+//! materializer emptying the snapshot store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ultrasync_client::{Connection, OpType, ServerMessage};
-use ultrasync_shared::nats::{OPS_STREAM, ops_subject};
+use ultrasync_gateway::webhooks::{DLQ_STREAM, signature};
+use ultrasync_shared::nats::{COMMANDS_BUCKET, OPS_STREAM, command_kv_key, ops_subject};
+use ultrasync_shared::op::command_key_hex;
 use ultrasync_shared::{StreamKey, reads};
 use ultrasync_testkit::{
     GatewayProcess, NatsServer, NatsUsers, ORG, ServiceProcess, http_request, random_secret,
@@ -56,6 +72,95 @@ fn short_timeout(client: async_nats::Client) -> async_nats::jetstream::Context {
         .build(client)
 }
 
+/// One POST received by [`receiver`]: its `Usync-Event`, its body, and whether
+/// its signature verifies with `secret`.
+#[derive(Debug, Clone)]
+struct Received {
+    event: String,
+    body: Value,
+    signed: bool,
+}
+
+/// A minimal webhook endpoint (as in `tests/webhooks.rs`): records each POST and
+/// answers 200. Returns its URL.
+async fn receiver(secret: String, got: Arc<Mutex<Vec<Received>>>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let got = got.clone();
+            let secret = secret.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let (head, body) = loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .and_then(|v| v.trim().parse().ok())
+                            })
+                            .unwrap_or(0);
+                        if rest.len() >= len {
+                            break (head.to_owned(), rest[..len].to_owned());
+                        }
+                    }
+                };
+                let header = |name: &str| {
+                    head.lines().find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                    })
+                };
+                let ts: u64 = header("usync-timestamp")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let signed = header("usync-signature")
+                    == Some(signature(secret.as_bytes(), ts, body.as_bytes()));
+                got.lock().expect("lock").push(Received {
+                    event: header("usync-event").unwrap_or_default(),
+                    body: serde_json::from_str(&body).unwrap_or(Value::Null),
+                    signed,
+                });
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}/hook")
+}
+
+/// Polls `check` every 200 ms for up to `secs` seconds; whether it came true.
+async fn eventually<F, Fut>(secs: u64, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if check().await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn violations(nats: &NatsServer) -> Vec<String> {
     std::fs::read_to_string(nats.log_file())
         .unwrap_or_default()
@@ -94,11 +199,33 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
     let refused_before = violations(&nats).len();
     assert!(refused_before > 0, "the refused stream creation is logged");
 
-    // The stack, each service as its own user.
+    // The stack, each service as its own user; the gateway delivers two webhooks:
+    // one to a receiver here, one to an endpoint that never answers (its ops end
+    // in the dead-letter stream).
     let secret = random_secret();
+    let hook_secret = random_secret();
+    let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+    let hook_url = receiver(hook_secret.clone(), received.clone()).await;
+    let conf_dir = tempfile::tempdir().expect("tmp");
+    let conf = conf_dir.path().join("ultrasync.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[webhooks]]\nname = \"live\"\nurl = \"{hook_url}\"\nsecret = \"{hook_secret}\"\n\
+             org = \"{ORG}\"\nproject = \"web\"\nbackoff_ms = 100\n\n\
+             [[webhooks]]\nname = \"nowhere\"\nurl = \"http://127.0.0.1:1/hook\"\n\
+             secret = \"{hook_secret}\"\norg = \"{ORG}\"\nproject = \"web\"\n\
+             max_attempts = 2\nbackoff_ms = 100\n"
+        ),
+    )
+    .expect("gateway config");
     let with_secret = |user: &str| {
         let mut env = users.client_env(user);
         env.push(("ULTRASYNC_JWT_SECRET".to_owned(), secret.clone()));
+        env.push((
+            "ULTRASYNC_CONFIG".to_owned(),
+            conf.to_string_lossy().into_owned(),
+        ));
         env
     };
     let gateway = GatewayProcess::start(&bin(), &url, &with_secret("gateway")).await;
@@ -129,7 +256,8 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
         &bin(),
         "compactor",
         &url,
-        &["--interval-secs", "1"],
+        // Everything below the floor goes, so that it purges during the test.
+        &["--interval-secs", "1", "--retention-ops", "0"],
         &users.client_env("compactor"),
     );
 
@@ -160,6 +288,7 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
         .hello(ORG, "web", "writer", BTreeMap::new())
         .await
         .expect("hello");
+    let mut acked = Vec::new();
     for i in 1..=3u64 {
         writer
             .command(&format!("c{i}"), "index", "greeting", OpType::Set, json!(i))
@@ -170,7 +299,10 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
             .await
             .expect("answer")
         {
-            ServerMessage::Ack { server_seq, .. } => assert_eq!(server_seq, i),
+            ServerMessage::Ack { server_seq, op, .. } => {
+                assert_eq!(server_seq, i);
+                acked.push(op);
+            }
             other => panic!("expected an ack, got {other:?}"),
         }
     }
@@ -256,8 +388,87 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
         .await
         .expect("digest");
     assert_eq!(digest.last_server_seq, 3);
-    // Let the compactor run a few passes (it reads cursors and snapshots).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Every op reaches the receiver, signed (the gateway's webhook consumer, acks);
+    // the endpoint that never answers gets its ops dead-lettered.
+    let want: BTreeSet<String> = acked.iter().map(|op| op.op_id.clone()).collect();
+    let (got, want) = (&received, &want);
+    let delivered = eventually(60, || async move {
+        let got = got.lock().expect("lock");
+        let committed: BTreeSet<String> = got
+            .iter()
+            .filter(|r| r.event == "op.committed")
+            .filter_map(|r| r.body["op"]["op_id"].as_str().map(str::to_owned))
+            .collect();
+        committed == *want
+    })
+    .await;
+    assert!(
+        delivered,
+        "the webhook did not deliver every op: {:?}",
+        received.lock().expect("lock")
+    );
+    assert!(
+        received.lock().expect("lock").iter().all(|r| r.signed),
+        "a webhook signature did not verify"
+    );
+    let js = &js_admin;
+    let dead_lettered = eventually(60, || async move {
+        let mut dlq = js.get_stream(DLQ_STREAM).await.expect("dlq");
+        dlq.info().await.expect("info").state.messages >= 3
+    })
+    .await;
+    assert!(
+        dead_lettered,
+        "the ops of the dead endpoint were not dead-lettered"
+    );
+
+    // Every client at the head: the compactor purges ops 1 and 2 (the snapshot is
+    // at 2; the head is always kept), after writing their commands.
+    for client in [&mut watcher, &mut fresh] {
+        client
+            .send(&ultrasync_shared::protocol::ClientMessage::Cursor {
+                namespace: "index".to_owned(),
+                server_seq: 3,
+            })
+            .await
+            .expect("cursor");
+    }
+    let subject = ops_subject(&key("index"));
+    let compacted = eventually(60, || {
+        let subject = &subject;
+        async move {
+            let left = read_subject(js, subject).await;
+            left.len() == 1 && left[0].server_seq == 3
+        }
+    })
+    .await;
+    assert!(
+        compacted,
+        "the compactor did not purge ops 1 and 2: {:?}",
+        read_subject(&js_admin, &subject)
+            .await
+            .iter()
+            .map(|e| e.server_seq)
+            .collect::<Vec<_>>()
+    );
+    let commands = js_admin
+        .get_key_value(COMMANDS_BUCKET)
+        .await
+        .expect("usync-commands");
+    for op in &acked[..2] {
+        let k = command_kv_key(
+            &key("index"),
+            &command_key_hex(&op.actor_id, &op.command_id),
+        );
+        let v = commands.get(&k).await.expect("kv get");
+        assert_eq!(
+            v.as_deref(),
+            Some(format!("{} {}", op.server_seq, op.op_id).as_bytes()),
+            "the command of purged op {} is remembered",
+            op.server_seq
+        );
+    }
 
     let clean = violations(&nats).split_off(refused_before);
     assert!(
@@ -267,9 +478,8 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
     );
 
     // The limits.
-    let subject = ops_subject(&key("index"));
     let before = read_subject(&js_admin, &subject).await.len();
-    assert_eq!(before, 3);
+    assert_eq!(before, 1);
 
     let try_write = |user: &'static str| {
         let users = &users;
@@ -321,7 +531,7 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
     );
     assert_eq!(
         read_subject(&js_admin, &subject).await.len(),
-        3,
+        1,
         "nothing was written or purged by the refused attempts"
     );
     let denied = violations(&nats);
@@ -332,24 +542,26 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
         "the server logs the gateway's violations: {denied:?}"
     );
 
-    // Another service's consumer: the materializer's durable cannot be deleted by
-    // the gateway, the sequencer or the compactor (they delete no consumer on the
-    // op log at all).
-    let durable = "usync-materializer-m0";
-    for user in ["gateway", "sequencer", "compactor"] {
-        let js = short_timeout(users.connect(&url, user).await);
+    // Another service's consumer: the materializer's and the webhooks' durables
+    // cannot be deleted by the gateway, the sequencer or the compactor (they
+    // delete no consumer on the op log at all). (The materializer may delete any:
+    // not enforceable, see the header.)
+    let ops_admin = js_admin.get_stream(OPS_STREAM).await.expect("ops");
+    for durable in ["usync-materializer-m0", "usync-webhook-live"] {
+        for user in ["gateway", "sequencer", "compactor"] {
+            let js = short_timeout(users.connect(&url, user).await);
+            assert!(
+                js.delete_consumer_from_stream(durable, OPS_STREAM)
+                    .await
+                    .is_err(),
+                "{user} deleted {durable}"
+            );
+        }
         assert!(
-            js.delete_consumer_from_stream(durable, OPS_STREAM)
-                .await
-                .is_err(),
-            "{user} deleted the materializer's consumer"
+            ops_admin.consumer_info(durable).await.is_ok(),
+            "{durable} is gone"
         );
     }
-    let ops_admin = js_admin.get_stream(OPS_STREAM).await.expect("ops");
-    assert!(
-        ops_admin.consumer_info(durable).await.is_ok(),
-        "the materializer's consumer is gone"
-    );
     // The snapshot store: only the materializer writes it; nobody else purges it.
     let snapshots_stream = format!("OBJ_{}", ultrasync_shared::nats::SNAPSHOTS_BUCKET);
     let stored = |js: async_nats::jetstream::Context| {
@@ -393,8 +605,9 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
     }
     assert!(js_admin.get_stream("FORGED_gateway").await.is_err());
 
+    // The compactor's purge is accepted (ops 1 and 2 are already gone).
     let purged = try_purge("compactor").await.expect("the compactor purges");
-    assert_eq!(purged.purged, 2, "ops 1 and 2 purged, the head kept");
+    assert_eq!(purged.purged, 0);
     let left = read_subject(&js_admin, &subject).await;
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].server_seq, 3);
