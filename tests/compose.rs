@@ -424,6 +424,33 @@ impl Project {
         }
     }
 
+    /// Every secret value init-env wrote: the env files' passwords and JWT secret.
+    fn secrets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(self.deploy.join("env"))
+            .expect("env dir")
+            .flatten()
+        {
+            if entry.path().extension().is_some_and(|e| e == "env") {
+                let text = std::fs::read_to_string(entry.path()).expect("env file");
+                out.extend(
+                    text.lines()
+                        .filter_map(|l| l.split_once('='))
+                        .filter(|(k, _)| k.contains("PASSWORD") || k.contains("SECRET"))
+                        .map(|(_, v)| v.to_owned()),
+                );
+            }
+        }
+        assert!(
+            out.len() >= 6,
+            "init-env wrote fewer secrets than expected: {}",
+            out.len()
+        );
+        out.sort();
+        out.dedup();
+        out
+    }
+
     fn jwt_secret(&self) -> String {
         let env =
             std::fs::read_to_string(self.deploy.join("env/gateway.env")).expect("gateway.env");
@@ -760,6 +787,7 @@ async fn the_shipped_compose_stack_runs_survives_kills_and_keeps_its_data() {
 
     // Down and up again (the volumes stay): the data is still there, and writing
     // goes on after it.
+    let logs_before_down = project.run(&["logs", "--no-color"]).await;
     project.run(&["down", "--timeout", "20"]).await;
     project.run(&["up", "-d", "--no-build"]).await;
     project.wait_healthy().await;
@@ -780,4 +808,17 @@ async fn the_shipped_compose_stack_runs_survives_kills_and_keeps_its_data() {
         seq > last,
         "a write after down/up got server_seq {seq} <= {last}"
     );
+
+    // No container logged a secret: start-up, kills, reconnects, restarts.
+    let logs = logs_before_down + &project.run(&["logs", "--no-color"]).await;
+    assert!(
+        logs.len() > 1000,
+        "the services logged almost nothing: {logs}"
+    );
+    for secret in project.secrets() {
+        assert!(
+            !logs.contains(&secret),
+            "a secret value of deploy/env appears in the containers' logs"
+        );
+    }
 }
