@@ -213,6 +213,7 @@ async fn the_openapi_document_lists_every_route() {
     // Every route the gateway serves (gateway/src/lib.rs `router`).
     let mut served = vec![
         "GET /v1/sync",
+        "GET /v1/automerge/{org}/{project}/{ns}",
         "GET /v1/status",
         "GET /v1/openapi.json",
         "GET /v1/{org}/{project}/{ns}/snapshot",

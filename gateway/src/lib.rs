@@ -3,14 +3,17 @@
 //! sequencer's answers back to the right socket, and fans committed ops out to every
 //! subscribed socket. Stateless: any number can run behind a load balancer.
 //!
-//! Layout: two front doors, `ws/` (WebSocket) and `http/` (the HTTP API), each only
-//! translating its wire format; `rules/` below them holds what both obey (auth,
-//! access, command checks, budgets); the modules beside it (`hub`, `publisher`,
-//! `presence`, `cursors`, `serve`, …) are the machinery both use. Arrows point down:
-//! no door imports the other, and `rules` imports neither.
+//! Layout: three front doors, `ws/` (WebSocket), `http/` (the HTTP API) and
+//! `automerge/` (the automerge-repo WebSocket protocol), each only translating its
+//! wire format; `rules/` below them holds what all obey (auth, access, command
+//! checks, budgets); the modules beside it (`hub`, `publisher`, `presence`,
+//! `cursors`, `docs`, `serve`, …) are the machinery they use. Arrows point down: no
+//! door imports another, and `rules` imports none.
 
+mod automerge;
 mod cursors;
 mod demo;
+mod docs;
 pub mod hooks;
 mod http;
 mod hub;
@@ -102,6 +105,8 @@ pub struct AppState {
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
     pub hub: Arc<Hub>,
+    /// Durable Automerge documents for the automerge-repo door.
+    pub docs: Arc<docs::Docs>,
     pub presence: Arc<presence::Presence>,
     pub routes: Arc<Routes>,
     /// Commands on their way to `USYNC_CMDS`.
@@ -204,6 +209,7 @@ async fn run_with(
         Duration::from_secs(config.gateway.presence_ttl_secs),
         presence::Limits::from_config(&config.gateway),
     );
+    let hub = Hub::new(client.clone(), ops, snapshots);
     let state = Arc::new(AppState {
         namespaces: config.namespaces()?,
         config,
@@ -216,7 +222,8 @@ async fn run_with(
             publisher::OrgLimits::from_config(&config_gateway),
         ),
         js,
-        hub: Hub::new(client.clone(), ops, snapshots),
+        docs: docs::Docs::new(client.clone(), hub.clone()),
+        hub,
         presence,
         routes,
         cursors: cursors::CursorWriter::start(
@@ -292,7 +299,10 @@ fn router(state: Arc<AppState>, demo_dir: Option<&std::path::Path>) -> Router {
         state.clone(),
         http::deadline,
     ));
-    let mut router = Router::new().merge(ws::routes()).merge(api);
+    let mut router = Router::new()
+        .merge(ws::routes())
+        .merge(automerge::routes())
+        .merge(api);
     if let Some(dir) = demo_dir {
         router = router.merge(demo::routes(dir));
     }

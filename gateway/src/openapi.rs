@@ -1,6 +1,6 @@
-//! The OpenAPI document of the gateway's API, both doors: generated from the
+//! The OpenAPI document of the gateway's API, every door: generated from the
 //! handlers' `#[utoipa::path]` annotations and the body types of `http::schema`,
-//! served at `GET /v1/openapi.json`. It sits above the doors (it lists both).
+//! served at `GET /v1/openapi.json`. It sits above the doors (it lists them all).
 
 use axum::Json;
 use serde_json::Value;
@@ -31,10 +31,11 @@ impl Modify for BearerAuth {
 #[openapi(
     info(
         title = "ultrasync",
-        description = "HTTP API of the ultrasync gateway (SPEC §5). Tokens: `Authorization: Bearer <jwt>` (`?access_token=` on the WebSocket route only)."
+        description = "HTTP API of the ultrasync gateway (SPEC §5), with its WebSocket routes (SPEC §4 and §11). Tokens: `Authorization: Bearer <jwt>` (`?access_token=` on the WebSocket routes only)."
     ),
     paths(
         crate::ws::sync_socket,
+        crate::automerge::automerge_socket,
         reads::snapshot,
         reads::ops,
         reads::key,

@@ -33,6 +33,8 @@ use anyhow::Context as _;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::stream::Stream;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -617,13 +619,39 @@ async fn answer(shared: &Shared, msg: &async_nats::Message) -> ReadResult {
                 .await
                 .map_err(internal)?
                 .map_err(internal)?;
+            // A crdt key's document, when asked for (the automerge-repo endpoint
+            // syncs peers from it); saved off the runtime.
+            let doc = match entry.as_ref().and_then(|e| e.doc.clone()) {
+                Some(d) if req.doc => Some(
+                    tokio::task::spawn_blocking(move || B64.encode(d.save()))
+                        .await
+                        .map_err(internal)?,
+                ),
+                _ => None,
+            };
             let reply = reads::KeyReply {
                 last_server_seq: last,
                 heads: entry.as_ref().and_then(|e| e.heads()),
                 version: entry.as_ref().map_or(0, |e| e.version),
                 value: entry.map(|e| e.value),
+                doc,
             };
-            Ok(serde_json::to_vec(&reply).map_err(internal)?.into())
+            let body = serde_json::to_vec(&reply).map_err(internal)?;
+            let limit = shared
+                .client
+                .server_info()
+                .max_payload
+                .saturating_sub(64 * 1024);
+            if body.len() > limit {
+                return Err((
+                    ErrorCode::PayloadTooLarge,
+                    format!(
+                        "the answer for a key of {key} is {} bytes, more than one message carries",
+                        body.len()
+                    ),
+                ));
+            }
+            Ok(body.into())
         }
         Verb::Digest => {
             let store = shared.store.clone();

@@ -10,7 +10,7 @@
 //! | verb | answer |
 //! | --- | --- |
 //! | `snapshot` | the state as a snapshot blob (the `USNP` format of [`crate::snapshot`]) |
-//! | `key` | [`KeyReply`] for `request.key` |
+//! | `key` | [`KeyReply`] for `request.key` (with `request.doc`, a crdt key's document too) |
 //! | `digest` | [`DigestReply`] |
 //!
 //! The sequencer answers `digest` too, on `usync.seqstate.{org}.{project}.{ns}`: its
@@ -123,6 +123,9 @@ pub struct ReadRequest {
     /// one was found damaged).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub store: bool,
+    /// For `key`: also send a crdt key's Automerge document ([`KeyReply::doc`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub doc: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +138,10 @@ pub struct KeyReply {
     pub version: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heads: Option<Vec<String>>,
+    /// A crdt key's document (base64 of `Automerge::save()`), when asked for with
+    /// [`ReadRequest::doc`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -284,7 +291,26 @@ pub async fn key(
     let req = ReadRequest {
         min_seq,
         key: Some(key.to_owned()),
-        store: false,
+        ..Default::default()
+    };
+    let bytes = request(client, subject(Verb::Key, stream_key), &req).await?;
+    serde_json::from_slice(&bytes).map_err(|e| ReadError::Decode(e.to_string()))
+}
+
+/// One crdt key with its Automerge document from a materializer, as of `min_seq`
+/// or later. A document too large for one message is refused `payload_too_large`
+/// (read the namespace's snapshot instead).
+pub async fn document(
+    client: &async_nats::Client,
+    stream_key: &StreamKey,
+    key: &str,
+    min_seq: Option<u64>,
+) -> Result<KeyReply, ReadError> {
+    let req = ReadRequest {
+        min_seq,
+        key: Some(key.to_owned()),
+        doc: true,
+        ..Default::default()
     };
     let bytes = request(client, subject(Verb::Key, stream_key), &req).await?;
     serde_json::from_slice(&bytes).map_err(|e| ReadError::Decode(e.to_string()))

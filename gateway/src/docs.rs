@@ -1,0 +1,695 @@
+//! Durable Automerge documents for the automerge-repo door, one copy per gateway.
+//!
+//! A *space* is one `crdt` stream key some automerge-repo socket on this gateway
+//! uses. It follows the key's hub topic (the same ordered consumer the WebSocket
+//! door's followers share), and keeps, for each document a socket asked about, the
+//! Automerge document **as the log has it**: loaded from a materializer at or past
+//! the topic's head (`usync.mat.key` with the document), then every later change
+//! the topic delivers for that key. Changes peers send never touch it; they go to
+//! the sequencer as commands and come back through the log. So every heads value a
+//! sync message generated from it advertises is durably stored (SPEC §11).
+//!
+//! Documents live while a socket holds them (weak map, like topics); a space lives
+//! while a socket or document holds it. Each socket registers an [`Inbox`] with the
+//! documents it syncs: a document whose heads move marks itself dirty there, so a
+//! socket generates one sync message per document however many changes came.
+//!
+//! Ephemeral messages (cursors, selections) fan out over core NATS on
+//! `usync.presence.{org}.{project}.am.{ns}` (inside the presence subjects, so the
+//! shipped NATS users need no new permission), to every gateway with a socket on
+//! the document, deduplicated by `senderId:sessionId:count`; never stored.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, Change, ChangeHash};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{debug, warn};
+use ultrasync_shared::op::{Op, OpType};
+use ultrasync_shared::{StreamKey, reads, state};
+
+use crate::hub::{Hub, LiveOp, Topic};
+
+/// Ephemeral messages remembered per space for deduplication.
+const SEEN: usize = 8192;
+/// Ephemeral messages waiting for one socket; more are dropped (they are lossy).
+pub const EPHEMERAL_QUEUE: usize = 256;
+/// Longest pause between two attempts to load a document.
+const RELOAD_BACKOFF: Duration = Duration::from_secs(2);
+
+type Spaces = Mutex<HashMap<StreamKey, Weak<Space>>>;
+/// (actor, stream key, peer id) of an automerge-repo socket.
+type PeerSlot = (String, StreamKey, String);
+
+/// The gateway's spaces, by stream key.
+pub struct Docs {
+    nats: async_nats::Client,
+    hub: Arc<Hub>,
+    spaces: Arc<Spaces>,
+    /// Live automerge-repo sockets by (actor, stream key, peer id): a second `join`
+    /// of the same peer replaces the first socket.
+    peers: Mutex<HashMap<PeerSlot, (u64, CancellationToken)>>,
+    next_peer: std::sync::atomic::AtomicU64,
+    /// Ephemeral messages dropped for a full socket queue.
+    pub dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Docs {
+    pub fn new(nats: async_nats::Client, hub: Arc<Hub>) -> Arc<Self> {
+        Arc::new(Self {
+            nats,
+            hub,
+            spaces: Arc::new(Mutex::new(HashMap::new())),
+            peers: Mutex::new(HashMap::new()),
+            next_peer: Default::default(),
+            dropped: Default::default(),
+        })
+    }
+
+    /// The space of `key`, opened when nobody uses it yet; ready (following the
+    /// log, listening for ephemeral messages) when this returns.
+    pub async fn space(self: &Arc<Self>, key: &StreamKey) -> anyhow::Result<Arc<Space>> {
+        let space = {
+            let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+            match spaces.get(key).and_then(Weak::upgrade) {
+                Some(s) => s,
+                None => {
+                    let s = Space::open(self.clone(), key.clone(), Arc::downgrade(&self.spaces));
+                    spaces.insert(key.clone(), Arc::downgrade(&s));
+                    s
+                }
+            }
+        };
+        let mut ready = space.ready.clone();
+        match ready.wait_for(|r| r.is_some()).await.map(|r| r.clone()) {
+            Ok(Some(Ok(()))) => Ok(space),
+            Ok(Some(Err(e))) => Err(anyhow::anyhow!(e)),
+            _ => Err(anyhow::anyhow!("the space closed while opening")),
+        }
+    }
+
+    /// Spaces open on this gateway.
+    pub fn space_count(&self) -> usize {
+        let spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        spaces.values().filter(|s| s.strong_count() > 0).count()
+    }
+
+    /// Registers a socket of `peer`; the returned token is cancelled when a newer
+    /// socket of the same actor and peer id joins. Drop the [`PeerGuard`] when the
+    /// socket ends.
+    pub fn join_peer(
+        self: &Arc<Self>,
+        actor: &str,
+        key: &StreamKey,
+        peer: &str,
+    ) -> (PeerGuard, CancellationToken) {
+        let id = self
+            .next_peer
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let slot = (actor.to_owned(), key.clone(), peer.to_owned());
+        let old = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(slot.clone(), (id, token.clone()));
+        if let Some((_, old)) = old {
+            old.cancel();
+        }
+        (
+            PeerGuard {
+                docs: self.clone(),
+                slot,
+                id,
+            },
+            token,
+        )
+    }
+}
+
+/// A socket's place in the peer registry; leaves it on drop (unless replaced).
+pub struct PeerGuard {
+    docs: Arc<Docs>,
+    slot: PeerSlot,
+    id: u64,
+}
+
+impl Drop for PeerGuard {
+    fn drop(&mut self) {
+        let mut peers = self.docs.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if peers.get(&self.slot).is_some_and(|(id, _)| *id == self.id) {
+            peers.remove(&self.slot);
+        }
+    }
+}
+
+/// One ephemeral message as it travels between gateways.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ephemeral {
+    #[serde(rename = "documentId")]
+    pub document_id: String,
+    #[serde(rename = "senderId")]
+    pub sender_id: String,
+    #[serde(rename = "sessionId")]
+    pub session_id: String,
+    pub count: u64,
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
+}
+
+mod b64 {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as B64;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&B64.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        B64.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a socket listens to: documents whose durable heads moved, and ephemeral
+/// messages for its documents.
+pub struct Inbox {
+    pub peer_id: String,
+    dirty: Mutex<HashSet<String>>,
+    pub notify: Notify,
+    ephemeral: mpsc::Sender<Arc<Ephemeral>>,
+}
+
+impl Inbox {
+    pub fn new(peer_id: String) -> (Arc<Self>, mpsc::Receiver<Arc<Ephemeral>>) {
+        let (tx, rx) = mpsc::channel(EPHEMERAL_QUEUE);
+        (
+            Arc::new(Self {
+                peer_id,
+                dirty: Mutex::new(HashSet::new()),
+                notify: Notify::new(),
+                ephemeral: tx,
+            }),
+            rx,
+        )
+    }
+
+    fn mark(&self, doc: &str) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(doc.to_owned());
+        self.notify.notify_one();
+    }
+
+    /// The documents marked since the last call.
+    pub fn take_dirty(&self) -> Vec<String> {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect()
+    }
+}
+
+/// The last ephemeral messages seen, for deduplication.
+#[derive(Default)]
+struct Seen {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Seen {
+    /// Whether `id` is new (and remembers it).
+    fn first(&mut self, id: String) -> bool {
+        if self.set.contains(&id) {
+            return false;
+        }
+        if self.order.len() == SEEN
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.set.insert(id.clone());
+        self.order.push_back(id);
+        true
+    }
+}
+
+/// One `crdt` stream key's documents on this gateway.
+pub struct Space {
+    pub key: StreamKey,
+    docs_root: Arc<Docs>,
+    topic: Arc<Topic>,
+    docs: Mutex<HashMap<String, Weak<Doc>>>,
+    seen: Mutex<Seen>,
+    subject: String,
+    ready: watch::Receiver<Option<Result<(), String>>>,
+    registry: Weak<Spaces>,
+    _stop: DropGuard,
+}
+
+impl Drop for Space {
+    fn drop(&mut self) {
+        let Some(spaces) = self.registry.upgrade() else {
+            return;
+        };
+        let mut spaces = spaces.lock().unwrap_or_else(|p| p.into_inner());
+        if spaces.get(&self.key).is_some_and(|s| s.strong_count() == 0) {
+            spaces.remove(&self.key);
+        }
+    }
+}
+
+/// The core NATS subject of a stream key's ephemeral messages.
+pub fn ephemeral_subject(key: &StreamKey) -> String {
+    format!(
+        "usync.presence.{}.{}.am.{}",
+        key.org, key.project, key.namespace
+    )
+}
+
+impl Space {
+    fn open(root: Arc<Docs>, key: StreamKey, registry: Weak<Spaces>) -> Arc<Self> {
+        let stop = CancellationToken::new();
+        let (ready_tx, ready) = watch::channel(None);
+        let space = Arc::new(Self {
+            topic: root.hub.topic(&key),
+            subject: ephemeral_subject(&key),
+            key,
+            docs_root: root,
+            docs: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Seen::default()),
+            ready,
+            registry,
+            _stop: stop.clone().drop_guard(),
+        });
+        tokio::spawn(follow(Arc::downgrade(&space), ready_tx, stop));
+        space
+    }
+
+    fn docs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<Doc>>> {
+        self.docs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Document `id`, loading it from a materializer when nobody holds it yet.
+    pub fn doc(self: &Arc<Self>, id: &str) -> Arc<Doc> {
+        let mut docs = self.docs();
+        if let Some(d) = docs.get(id).and_then(Weak::upgrade) {
+            return d;
+        }
+        docs.retain(|_, d| d.strong_count() > 0);
+        let (loaded_tx, loaded) = watch::channel(false);
+        let doc = Arc::new(Doc {
+            id: id.to_owned(),
+            space: self.clone(),
+            inner: Mutex::new(DocInner {
+                doc: Automerge::new(),
+                load: Load::Loading(Vec::new()),
+                exists: false,
+                pending: HashSet::new(),
+                watchers: Vec::new(),
+            }),
+            loaded,
+            loaded_tx,
+        });
+        docs.insert(id.to_owned(), Arc::downgrade(&doc));
+        tokio::spawn(load(Arc::downgrade(&doc)));
+        doc
+    }
+
+    /// Sends an ephemeral message to every gateway (this one included).
+    pub async fn publish_ephemeral(&self, e: &Ephemeral) -> Result<(), String> {
+        let body = serde_json::to_vec(e).map_err(|e| e.to_string())?;
+        self.docs_root
+            .nats
+            .publish(self.subject.clone(), body.into())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn deliver_ephemeral(&self, e: Ephemeral) {
+        let id = format!("{}:{}:{}", e.sender_id, e.session_id, e.count);
+        if !self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first(id)
+        {
+            return;
+        }
+        let Some(doc) = self.docs().get(&e.document_id).and_then(Weak::upgrade) else {
+            return;
+        };
+        let watchers: Vec<Arc<Inbox>> = doc
+            .lock()
+            .watchers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let e = Arc::new(e);
+        for w in watchers {
+            if w.peer_id == e.sender_id {
+                continue;
+            }
+            if w.ephemeral.try_send(e.clone()).is_err() {
+                self.docs_root
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Applies one op of the log to the document it names, if held here.
+    fn apply(&self, op: &LiveOp) {
+        let Ok(op) = serde_json::from_slice::<Op>(&op.body) else {
+            return;
+        };
+        if op.op_type != OpType::CrdtOp {
+            return;
+        }
+        let Some(doc) = self.docs().get(&op.key).and_then(Weak::upgrade) else {
+            return;
+        };
+        match state::decode_change(&op.payload) {
+            Ok(change) => doc.apply(change),
+            Err(e) => {
+                warn!(stream_key = %self.key, key = %op.key, error = %e, "an op in the log does not decode")
+            }
+        }
+    }
+
+    /// Ops were missed (the broadcast lagged past the ring): load every document again.
+    fn reload_all(&self) {
+        let docs: Vec<Arc<Doc>> = self.docs().values().filter_map(Weak::upgrade).collect();
+        for d in docs {
+            {
+                let mut inner = d.lock();
+                inner.load = Load::Loading(Vec::new());
+            }
+            let _ = d.loaded_tx.send(false);
+            tokio::spawn(load(Arc::downgrade(&d)));
+        }
+    }
+}
+
+/// Follows the topic and the ephemeral subject for a space until it is dropped.
+async fn follow(
+    space: Weak<Space>,
+    ready: watch::Sender<Option<Result<(), String>>>,
+    stop: CancellationToken,
+) {
+    let Some((topic, nats, subject)) = space
+        .upgrade()
+        .map(|s| (s.topic.clone(), s.docs_root.nats.clone(), s.subject.clone()))
+    else {
+        return;
+    };
+    let mut ephemeral = match nats.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Some(Err(format!("subscribing to {subject}: {e}"))));
+            return;
+        }
+    };
+    let (mut rx, mut last) = topic.subscribe().await;
+    let _ = ready.send(Some(Ok(())));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            msg = ephemeral.next() => {
+                let Some(msg) = msg else { return };
+                let Some(s) = space.upgrade() else { return };
+                match serde_json::from_slice::<Ephemeral>(&msg.payload) {
+                    Ok(e) => s.deliver_ephemeral(e),
+                    Err(e) => debug!(error = %e, "dropping a malformed ephemeral message"),
+                }
+            }
+            op = rx.recv() => {
+                let Some(s) = space.upgrade() else { return };
+                match op {
+                    Ok(op) => {
+                        if op.server_seq <= last {
+                            continue;
+                        }
+                        if op.server_seq > last + 1 {
+                            match topic.recent(last + 1, op.server_seq - 1) {
+                                Some(missed) => missed.iter().for_each(|m| s.apply(m)),
+                                None => s.reload_all(),
+                            }
+                        }
+                        s.apply(&op);
+                        last = op.server_seq;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let head = topic.head();
+                        match topic.recent(last + 1, head) {
+                            Some(missed) => missed.iter().for_each(|m| s.apply(m)),
+                            None => s.reload_all(),
+                        }
+                        last = head;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+    }
+}
+
+enum Load {
+    /// Changes the log delivered while the document was being loaded.
+    Loading(Vec<Change>),
+    Ready,
+    /// The document cannot be served here (too large for one message).
+    Failed(String),
+}
+
+struct DocInner {
+    doc: Automerge,
+    load: Load,
+    /// The key holds a document in the log.
+    exists: bool,
+    /// Changes sent to the sequencer from this gateway and not yet seen in the log.
+    pending: HashSet<ChangeHash>,
+    watchers: Vec<Weak<Inbox>>,
+}
+
+/// One document of a space, as the log has it.
+pub struct Doc {
+    pub id: String,
+    pub space: Arc<Space>,
+    inner: Mutex<DocInner>,
+    loaded: watch::Receiver<bool>,
+    loaded_tx: watch::Sender<bool>,
+}
+
+/// What a socket needs from a document to answer a peer.
+pub enum Answer {
+    /// A sync message (encoded) for the peer, or nothing to say.
+    Sync(Option<Vec<u8>>),
+    /// Neither the log nor anything in flight from this gateway has the document.
+    Unavailable,
+    Failed(String),
+}
+
+impl Doc {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DocInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the document is loaded (or found unservable).
+    pub async fn loaded(&self) {
+        let mut l = self.loaded.clone();
+        let _ = l.wait_for(|l| *l).await;
+    }
+
+    pub fn watch(&self, inbox: &Arc<Inbox>) {
+        let mut inner = self.lock();
+        inner.watchers.retain(|w| w.strong_count() > 0);
+        if !inner
+            .watchers
+            .iter()
+            .any(|w| w.as_ptr() == Arc::as_ptr(inbox))
+        {
+            inner.watchers.push(Arc::downgrade(inbox));
+        }
+    }
+
+    /// Whether the log (or this gateway's queue) already has change `hash`; if not,
+    /// it is marked pending and the caller sends it.
+    pub fn claim(&self, hash: &ChangeHash) -> bool {
+        let mut inner = self.lock();
+        if inner.doc.get_change_meta_by_hash(hash).is_some() || inner.pending.contains(hash) {
+            return false;
+        }
+        inner.pending.insert(*hash);
+        true
+    }
+
+    /// A claimed change will not reach the log (refused or timed out).
+    pub fn release(&self, hash: &ChangeHash) {
+        self.lock().pending.remove(hash);
+    }
+
+    /// Takes a peer's sync message into `sync_state` without applying its changes
+    /// (they go through the sequencer), then answers from the durable document.
+    pub fn receive(
+        &self,
+        sync_state: &mut sync::State,
+        message: sync::Message,
+        can_write: bool,
+        requested: bool,
+    ) -> Answer {
+        let mut inner = self.lock();
+        if let Load::Failed(why) = &inner.load {
+            return Answer::Failed(why.clone());
+        }
+        let brought_changes = !message.changes.is_empty();
+        sync_state.read_only = true;
+        if let Err(e) = inner.doc.receive_sync_message(sync_state, message) {
+            return Answer::Failed(format!("the sync message does not apply: {e}"));
+        }
+        sync_state.read_only = !can_write;
+        if requested && !inner.exists && !brought_changes && inner.pending.is_empty() {
+            return Answer::Unavailable;
+        }
+        Answer::Sync(generate(&inner.doc, sync_state))
+    }
+
+    /// A sync message for a peer after the durable document moved (or nothing).
+    pub fn generate(&self, sync_state: &mut sync::State) -> Option<Vec<u8>> {
+        let inner = self.lock();
+        match inner.load {
+            Load::Ready => generate(&inner.doc, sync_state),
+            _ => None,
+        }
+    }
+
+    /// Whether the log has the document.
+    pub fn exists(&self) -> bool {
+        self.lock().exists
+    }
+
+    fn apply(&self, change: Change) {
+        let watchers = {
+            let mut inner = self.lock();
+            inner.pending.remove(&change.hash());
+            if let Load::Loading(buffer) = &mut inner.load {
+                buffer.push(change);
+                return;
+            }
+            let before = inner.doc.get_heads();
+            if let Err(e) = inner.doc.apply_changes([change]) {
+                warn!(doc = %self.id, error = %e, "a change of the log does not apply");
+                return;
+            }
+            inner.exists = true;
+            if inner.doc.get_heads() == before {
+                return;
+            }
+            inner.watchers.clone()
+        };
+        for w in watchers.iter().filter_map(Weak::upgrade) {
+            w.mark(&self.id);
+        }
+    }
+}
+
+/// A sync message from the durable document, without the flags section: a peer
+/// that sees flags assumes the v2 format and may send whole documents, which the
+/// gateway refuses (only changes, each admitted on its own, reach the sequencer).
+fn generate(doc: &Automerge, sync_state: &mut sync::State) -> Option<Vec<u8>> {
+    // Without advertised flags the peer cannot be sent a sync-reset flag either:
+    // a reset is then sent as empty heads, which peers of every version understand.
+    sync_state.their_capabilities = None;
+    let mut msg = doc.generate_sync_message(sync_state)?;
+    msg.flags = None;
+    Some(msg.encode())
+}
+
+/// Loads a document from a materializer at or past the topic's head, retrying
+/// while anyone holds the document.
+async fn load(doc: Weak<Doc>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(d) = doc.upgrade() else { return };
+        let space = d.space.clone();
+        let head = space.topic.head();
+        let read = reads::document(&space.docs_root.nats, &space.key, &d.id, Some(head)).await;
+        let outcome = match read {
+            Ok(reply) => match reply.doc {
+                Some(b64) => {
+                    let decoded = tokio::task::spawn_blocking(move || {
+                        let bytes = B64.decode(b64).map_err(|e| e.to_string())?;
+                        Automerge::load(&bytes).map_err(|e| e.to_string())
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                    decoded.map(Some)
+                }
+                // The key is absent (or not a document): an empty one.
+                None => Ok(None),
+            },
+            Err(reads::ReadError::Refused {
+                code: ultrasync_shared::ErrorCode::PayloadTooLarge,
+                message,
+            }) => {
+                warn!(doc = %d.id, %message, "a document too large to serve over the automerge-repo endpoint");
+                let mut inner = d.lock();
+                inner.load =
+                    Load::Failed(format!("document {} is too large for this endpoint", d.id));
+                drop(inner);
+                let _ = d.loaded_tx.send(true);
+                return;
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(loaded) => {
+                let watchers = {
+                    let mut inner = d.lock();
+                    let buffered = match std::mem::replace(&mut inner.load, Load::Ready) {
+                        Load::Loading(b) => b,
+                        _ => Vec::new(),
+                    };
+                    inner.exists = loaded.is_some() || !buffered.is_empty();
+                    let mut doc = loaded.unwrap_or_default();
+                    for c in &buffered {
+                        inner.pending.remove(&c.hash());
+                    }
+                    if let Err(e) = doc.apply_changes(buffered) {
+                        warn!(doc = %d.id, error = %e, "changes of the log do not apply");
+                    }
+                    let pending: Vec<ChangeHash> = inner.pending.iter().copied().collect();
+                    for h in pending {
+                        if doc.get_change_meta_by_hash(&h).is_some() {
+                            inner.pending.remove(&h);
+                        }
+                    }
+                    inner.doc = doc;
+                    inner.watchers.clone()
+                };
+                let _ = d.loaded_tx.send(true);
+                for w in watchers.iter().filter_map(Weak::upgrade) {
+                    w.mark(&d.id);
+                }
+                return;
+            }
+            Err(e) => {
+                debug!(doc = %d.id, error = %e, "loading a document failed; retrying");
+                drop(d);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RELOAD_BACKOFF);
+            }
+        }
+    }
+}
