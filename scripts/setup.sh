@@ -16,6 +16,8 @@
 #                (Debian's nodejs and npm when missing), its packages from the
 #                committed lockfile (`npm ci`), and the SDK and demo built (`npm run
 #                build`) so `ultrasync dev` serves the demo at /demo.
+#   automerge-repo  the pinned automerge-repo packages of clients/automerge-repo (`npm
+#                ci` from its lockfile), which tests/automerge_repo.rs and the example use.
 #   chromium     Debian's chromium, which the browser tests drive headless through
 #                playwright-core (no browser download; apt-get, as root or through sudo).
 #
@@ -133,6 +135,17 @@ install_sdk_packages() {
   fi
 }
 
+install_automerge_repo_packages() {
+  # Unmodified automerge-repo peers for the automerge-repo endpoint's tests and
+  # example, exactly as locked; skipped when node_modules already matches.
+  local dir="$root/clients/automerge-repo"
+  if [[ ! -f "$dir/node_modules/.package-lock.json" \
+    || "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]]; then
+    log "installing the automerge-repo packages (npm ci from the lockfile)"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >&2)
+  fi
+}
+
 install_chromium() {
   if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
     return 0
@@ -149,5 +162,6 @@ if [[ "${1:-}" == "--test" ]]; then
 fi
 install_node
 install_sdk_packages
+install_automerge_repo_packages
 install_chromium
 log "tools ready in $tools"
