@@ -431,10 +431,13 @@ async fn three_sequencers_share_partitions_through_kill_and_freeze() {
         victims.2,
         victims.3
     );
-    // A pause would be a lease TTL (seconds); the usual latency is milliseconds.
+    // A pause would last as long as the killed instance's partitions took to move
+    // (a lease TTL: seconds, measured above in this run); the usual latency is
+    // milliseconds, a few times more when the machine is busy. Compared with the
+    // move, not with the baseline alone, so a loaded machine does not read as a pause.
     assert!(
-        others.1 <= baseline.1 * 3 + baseline.0 * 2,
-        "other partitions paused: p99 {:?} against a baseline p99 {:?}",
+        others.1 * 4 < moved_after,
+        "other partitions paused: p99 {:?} (baseline p99 {:?}) while the killed instance's partitions took {moved_after:?} to move",
         others.1,
         baseline.1
     );
