@@ -201,6 +201,9 @@ async fn a_client_that_stops_reading_is_closed_and_resumes_without_loss() {
                 assert!(code == 4001 || code == 1006, "closed with {code}");
                 break;
             }
+            // The gateway closed its end with unread data in the socket's receive
+            // buffer: the kernel answers with a reset, which is also "dropped".
+            Err(ClientError::WebSocket(e)) if e.contains("Connection reset") => break,
             Err(e) => panic!("{e}"),
         }
     }
