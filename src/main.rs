@@ -88,6 +88,10 @@ struct CommonArgs {
     /// mirror its op log, forward writes to it, run no sequencer.
     #[arg(long, global = true, env = "ULTRASYNC_HOME_DOMAIN")]
     home_domain: Option<String>,
+    /// Automerge documents a gateway holds for one org's automerge-repo sockets
+    /// (gateway.automerge_docs_per_org).
+    #[arg(long, global = true, env = "ULTRASYNC_AUTOMERGE_DOCS_PER_ORG")]
+    automerge_docs_per_org: Option<usize>,
     /// Log format.
     #[arg(long, global = true, env = "ULTRASYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -309,6 +313,9 @@ impl CommonArgs {
         }
         if let Some(d) = &self.home_domain {
             cfg.region.home_domain = Some(d.clone());
+        }
+        if let Some(n) = self.automerge_docs_per_org {
+            cfg.gateway.automerge_docs_per_org = n;
         }
         Ok(cfg)
     }

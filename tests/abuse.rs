@@ -40,6 +40,8 @@ request_timeout_secs = 20
 presence_keys_per_client = 4
 org_max_inflight_commands = 300
 max_clients_per_actor = 20
+automerge_docs_per_socket = 32
+automerge_docs_per_org = 64
 
 [materializer]
 snapshot_every_ops = 50
@@ -275,7 +277,96 @@ const ROWS: &[&str] = &[
     "tokens: not yet valid, too long lived, no write scope",
     "conflicts, schema and stale cursors: their codes",
     "one actor invents client ids to pin the log",
+    "automerge-repo: documents per socket, sockets x documents per org",
+    "automerge-repo: huge and deep CBOR",
+    "automerge-repo: sync messages with huge heads, bloom filters and change counts",
+    "automerge-repo: an ephemeral flood at a peer that does not read",
 ];
+
+#[path = "support/amrepo.rs"]
+mod amrepo;
+
+/// An Automerge sync message (v1 layout) from its parts, as a hostile peer would
+/// write it: `heads` and `need` counts of 32-byte hashes, `haves` as (last-sync
+/// count, bloom bytes), then `changes` (declared count, bodies).
+fn raw_sync(
+    heads: u64,
+    need: u64,
+    haves: &[(u64, Vec<u8>)],
+    changes: (u64, &[Vec<u8>]),
+) -> Vec<u8> {
+    fn uleb(out: &mut Vec<u8>, mut v: u64) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    let mut out = vec![0x42];
+    for n in [heads, need] {
+        uleb(&mut out, n);
+        out.extend(std::iter::repeat_n(7u8, n as usize * 32));
+    }
+    uleb(&mut out, haves.len() as u64);
+    for (last_sync, bloom) in haves {
+        uleb(&mut out, *last_sync);
+        out.extend(std::iter::repeat_n(9u8, *last_sync as usize * 32));
+        uleb(&mut out, bloom.len() as u64);
+        out.extend(bloom);
+    }
+    uleb(&mut out, changes.0);
+    for c in changes.1 {
+        uleb(&mut out, c.len() as u64);
+        out.extend(c);
+    }
+    out
+}
+
+/// A bloom filter's bytes: entries, bits per entry, probes, then the bits.
+fn bloom(entries: u64, bits: u64, probes: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for mut v in [entries, bits, probes] {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                break;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    out.extend(std::iter::repeat_n(0xa5u8, len));
+    out
+}
+
+/// The automerge-repo endpoint of `org` for `sub`.
+fn am_url(hub: &Hub, org: &str, sub: &str) -> String {
+    amrepo::endpoint(
+        &hub.gateway.addr.to_string(),
+        org,
+        "web",
+        "collab",
+        &hub.token_in(org, sub, "read write"),
+    )
+}
+
+/// One counter of the gateway's `/metrics`.
+async fn gateway_metric(hub: &Hub, name: &str) -> f64 {
+    let r = http_exchange("GET", &hub.url("/metrics"), &[], "")
+        .await
+        .expect("metrics");
+    r.body
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} on /metrics"))
+}
 
 /// `[v]` nested `depth` deep.
 fn nested(depth: usize) -> Value {
@@ -1060,6 +1151,268 @@ async fn run_row(hub: &mut Hub, row: &str) {
                 )
                 .await;
             assert_eq!(status, 200);
+        }
+        "automerge-repo: documents per socket, sockets x documents per org" => {
+            // Documents a peer asks for are loaded and held by the gateway (even
+            // absent ones: the peer may send them next). 8 sockets ask for 200 each;
+            // a socket holds 32, the org 64 (idle ones dropped first), the rest are
+            // refused with an error naming the bound.
+            let pid = hub.gateway.process.pid();
+            let before = rss_kib(pid);
+            let mut sockets = Vec::new();
+            let (mut per_socket, mut per_org, mut held) = (0, 0, 0);
+            for s in 0..8 {
+                let mut p =
+                    amrepo::Peer::join(&am_url(hub, ORG, &format!("hoarder{s}")), &format!("h{s}"))
+                        .await;
+                for d in 0..200 {
+                    let answer = p.request(&format!("hoard-{s}-{d}")).await;
+                    match amrepo::kind(&answer) {
+                        "doc-unavailable" => held += 1,
+                        "error"
+                            if amrepo::message(&answer).contains("automerge_docs_per_socket") =>
+                        {
+                            per_socket += 1
+                        }
+                        "error" if amrepo::message(&answer).contains("automerge_docs_per_org") => {
+                            per_org += 1
+                        }
+                        _ => panic!("unexpected answer {answer:?}"),
+                    }
+                }
+                sockets.push(p);
+            }
+            let grown = rss_kib(pid).saturating_sub(before);
+            eprintln!(
+                "automerge-repo: {held} documents held, {per_socket} refused per socket, {per_org} per org; gateway RSS grew by {grown} KiB"
+            );
+            assert_eq!(held, 64, "the org's bound");
+            assert_eq!(per_socket, 2 * (200 - 32));
+            assert_eq!(per_org, 6 * 200);
+            assert!(
+                gateway_metric(hub, "ultrasync_gateway_automerge_documents").await <= 64.0 + 2.0,
+                "documents past the org's bound"
+            );
+            // 1,600 document requests leave no more than 64 documents' worth behind.
+            assert!(grown < 32 * 1024, "the gateway grew by {grown} KiB");
+            // Another org's peers are not bound by this one's documents.
+            let mut other = amrepo::Peer::join(&am_url(hub, OTHER_ORG, "calm"), "calm").await;
+            let answer = other.request("their-own").await;
+            assert_eq!(amrepo::kind(&answer), "doc-unavailable", "{answer:?}");
+            other.close().await;
+            for p in sockets {
+                p.close().await;
+            }
+        }
+        "automerge-repo: huge and deep CBOR" => {
+            let pid = hub.gateway.process.pid();
+            let before = rss_kib(pid);
+            let mut p = amrepo::Peer::join(&am_url(hub, ORG, "cbor"), "cbor").await;
+            // 100,000 nested arrays in a field nobody reads.
+            let mut deep = amrepo::cbor_map(&[("type", amrepo::text("sync"))]);
+            deep[0] = 0xa2;
+            deep.extend([0x61, b'x']);
+            deep.extend(std::iter::repeat_n(0x81, 100_000));
+            deep.push(0);
+            p.send(&deep).await;
+            let answer = p.next().await;
+            assert_eq!(amrepo::kind(&answer), "error", "{answer:?}");
+            // A byte string and a map declaring 2^62 bytes and 2^32 entries.
+            for lie in [
+                [
+                    &[0xa1, 0x64, b'd', b'a', b't', b'a', 0x5b][..],
+                    &(1u64 << 62).to_be_bytes()[..],
+                    &[1, 2, 3][..],
+                ]
+                .concat(),
+                [
+                    &[0xba][..],
+                    &u32::MAX.to_be_bytes()[..],
+                    &[0x61, b'a', 0x01][..],
+                ]
+                .concat(),
+            ] {
+                p.send(&lie).await;
+                let answer = p.next().await;
+                assert_eq!(amrepo::kind(&answer), "error", "{answer:?}");
+            }
+            // The socket still serves.
+            let answer = p.request("after-cbor").await;
+            assert_eq!(amrepo::kind(&answer), "doc-unavailable", "{answer:?}");
+            // A frame over the size limit: an error, then 1009.
+            // (the write may fail once the server has closed).
+            let _ = p.try_send(&vec![0u8; 2 << 20]).await;
+            let mut code = None;
+            for _ in 0..4 {
+                match p.next_or_close().await {
+                    Ok(v) => assert_eq!(amrepo::kind(&v), "error", "{v:?}"),
+                    Err(c) => {
+                        code = c;
+                        break;
+                    }
+                }
+            }
+            assert_eq!(code, Some(1009));
+            let grown = rss_kib(pid).saturating_sub(before);
+            eprintln!("automerge-repo: hostile CBOR grew the gateway by {grown} KiB");
+            assert!(grown < 32 * 1024, "the gateway grew by {grown} KiB");
+        }
+        "automerge-repo: sync messages with huge heads, bloom filters and change counts" => {
+            let mut p = amrepo::Peer::join(&am_url(hub, ORG, "syncer"), "syncer").await;
+            let big_bloom = bloom(700_000, 10, 7, 875_000);
+            let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+                (
+                    "30,000 heads",
+                    raw_sync(30_000, 0, &[], (0, &[])),
+                    Some("heads"),
+                ),
+                (
+                    "30,000 needs",
+                    raw_sync(0, 30_000, &[], (0, &[])),
+                    Some("needed changes"),
+                ),
+                (
+                    "two bloom filters",
+                    raw_sync(
+                        0,
+                        0,
+                        &[(0, bloom(1, 10, 7, 2)), (0, bloom(1, 10, 7, 2))],
+                        (0, &[]),
+                    ),
+                    Some("bloom filters"),
+                ),
+                (
+                    "a billion probes",
+                    raw_sync(0, 0, &[(0, bloom(1, 10, 1_000_000_000, 2))], (0, &[])),
+                    Some("probes"),
+                ),
+                (
+                    "a million bits per entry",
+                    raw_sync(0, 0, &[(0, bloom(1, 1_000_000, 7, 2))], (0, &[])),
+                    Some("bits per entry"),
+                ),
+                (
+                    "5,000 changes declared",
+                    raw_sync(0, 0, &[], (5_000, &[])),
+                    Some("changes"),
+                ),
+                // Legal parameters, as large as a frame allows: answered.
+                (
+                    "a 875 KB bloom filter",
+                    raw_sync(0, 0, &[(0, big_bloom)], (0, &[])),
+                    None,
+                ),
+            ];
+            for (what, data, refused) in cases {
+                p.sync("sync", "sync-abuse", data).await;
+                let answer = p.next().await;
+                match refused {
+                    Some(word) => {
+                        assert_eq!(amrepo::kind(&answer), "error", "{what}: {answer:?}");
+                        assert!(
+                            amrepo::message(&answer).contains(word),
+                            "{what}: {answer:?}"
+                        );
+                    }
+                    None => assert_ne!(amrepo::kind(&answer), "error", "{what}: {answer:?}"),
+                }
+            }
+            p.close().await;
+        }
+        "automerge-repo: an ephemeral flood at a peer that does not read" => {
+            let pid = hub.gateway.process.pid();
+            let before = rss_kib(pid);
+            let dropped =
+                gateway_metric(hub, "ultrasync_gateway_automerge_ephemeral_dropped_total").await;
+            // The victim is on the document and never reads again.
+            let mut victim = amrepo::Peer::join(&am_url(hub, ORG, "victim"), "victim").await;
+            victim.request("room").await;
+            // Four flooders, each under the frame rate, 1,500 messages of 4,000
+            // bytes (24 MB in all); they read what they get.
+            let mut tasks = Vec::new();
+            for f in 0..4 {
+                let mut p = amrepo::Peer::join(
+                    &am_url(hub, ORG, &format!("flood{f}")),
+                    &format!("flood{f}"),
+                )
+                .await;
+                p.request("room").await;
+                let (mut sink, mut stream) = p.ws.split();
+                let drain =
+                    tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+                let id = format!("flood{f}");
+                tasks.push(tokio::spawn(async move {
+                    for count in 0..1500u64 {
+                        let frame = amrepo::cbor_map(&[
+                            ("type", amrepo::text("ephemeral")),
+                            ("senderId", amrepo::text(&id)),
+                            ("targetId", amrepo::text("server")),
+                            ("documentId", amrepo::text("room")),
+                            ("sessionId", amrepo::text("s")),
+                            ("count", ciborium::Value::Integer(count.into())),
+                            ("data", ciborium::Value::Bytes(vec![7u8; 4000])),
+                        ]);
+                        if sink.send(Message::Binary(frame.into())).await.is_err() {
+                            break;
+                        }
+                        if count % 100 == 99 {
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                    }
+                    let _ = sink.close().await;
+                    drain.abort();
+                }));
+            }
+            for t in tasks {
+                t.await.expect("flooder");
+            }
+            let grown = rss_kib(pid).saturating_sub(before);
+            let now_dropped =
+                gateway_metric(hub, "ultrasync_gateway_automerge_ephemeral_dropped_total").await;
+            eprintln!(
+                "automerge-repo: ephemeral flood: {} dropped for the victim; gateway RSS grew by {grown} KiB",
+                now_dropped - dropped
+            );
+            // The victim's queue is bounded: what it cannot take is dropped, counted.
+            assert!(
+                now_dropped > dropped,
+                "nothing was dropped for a peer that does not read"
+            );
+            assert!(grown < 64 * 1024, "the gateway grew by {grown} KiB");
+            drop(victim);
+            // Over the frame rate: refused, then closed (1008).
+            let fast = amrepo::Peer::join(&am_url(hub, ORG, "sprinter"), "sprinter").await;
+            let (mut sink, mut stream) = fast.ws.split();
+            let flood = tokio::spawn(async move {
+                for count in 0..5000u64 {
+                    let frame = amrepo::cbor_map(&[
+                        ("type", amrepo::text("ephemeral")),
+                        ("senderId", amrepo::text("sprinter")),
+                        ("documentId", amrepo::text("room")),
+                        ("sessionId", amrepo::text("s")),
+                        ("count", ciborium::Value::Integer(count.into())),
+                        ("data", ciborium::Value::Bytes(vec![1])),
+                    ]);
+                    if sink.send(Message::Binary(frame.into())).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut code = None;
+            while let Ok(Some(m)) =
+                tokio::time::timeout(Duration::from_secs(20), stream.next()).await
+            {
+                if let Ok(Message::Close(f)) = m {
+                    code = f.map(|f| u16::from(f.code));
+                    break;
+                }
+            }
+            flood.abort();
+            assert_eq!(
+                code,
+                Some(1008),
+                "an ephemeral flood over the frame rate was not closed"
+            );
         }
         other => panic!("no such row: {other}"),
     }

@@ -568,3 +568,132 @@ async fn the_wire_protocol_join_versions_and_replacement() {
     );
     stack.shutdown().await;
 }
+
+#[path = "support/amrepo.rs"]
+mod amrepo;
+
+/// The value of one `/metrics` sample (`name value`).
+async fn metric(stack: &Stack, name: &str) -> f64 {
+    let (status, text) = ultrasync_testkit::http_get(&format!("http://{}/metrics", stack.http))
+        .await
+        .expect("metrics");
+    assert_eq!(status, 200);
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} on /metrics"))
+}
+
+/// Waits until `/metrics` shows `name` at `value` (a socket's close is handled
+/// after the client sees it).
+async fn metric_reaches(stack: &Stack, name: &str, value: f64) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while metric(stack, name).await != value {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never reached {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_orgs_documents_on_a_gateway_are_bounded() {
+    let stack = Stack::start_with(StackOptions {
+        configure: |c| {
+            c.gateway.automerge_docs_per_org = 4;
+            c.gateway.automerge_docs_per_socket = 3;
+        },
+        ..Default::default()
+    })
+    .await;
+    let http = stack.http.to_string();
+    let url =
+        |sub: &str| amrepo::endpoint(&http, ORG, "web", "collab", &stack.token(sub, "read write"));
+    let held = "ultrasync_gateway_automerge_documents";
+    let idle = "ultrasync_gateway_automerge_documents_idle";
+    let evicted = "ultrasync_gateway_automerge_documents_evicted_total";
+    let refused = "ultrasync_gateway_automerge_documents_refused_total";
+
+    // A document in the log, then idle: its socket left.
+    let mut p0 = amrepo::Peer::join(&url("alice"), "p0").await;
+    let (change, kept) = amrepo::change_message("k", 1);
+    p0.sync("sync", "kept", change).await;
+    p0.until_heads("kept", &kept).await;
+    p0.close().await;
+    metric_reaches(&stack, idle, 1.0).await;
+
+    // Three more of the org's: the idle one is kept while there is room.
+    let mut p1 = amrepo::Peer::join(&url("alice"), "p1").await;
+    for d in ["a1", "a2", "a3"] {
+        let answer = p1.request(d).await;
+        assert_eq!(amrepo::kind(&answer), "doc-unavailable", "{answer:?}");
+    }
+    assert_eq!(metric(&stack, held).await, 4.0);
+    // A fourth on the same socket: the socket's bound.
+    let answer = p1.request("a4").await;
+    assert_eq!(amrepo::kind(&answer), "error");
+    assert!(
+        amrepo::message(&answer).contains("automerge_docs_per_socket")
+            && amrepo::message(&answer).contains("a4"),
+        "{answer:?}"
+    );
+
+    // Another actor of the org: its first document takes the idle one's place...
+    let mut p2 = amrepo::Peer::join(&url("bob"), "p2").await;
+    let answer = p2.request("b1").await;
+    assert_eq!(amrepo::kind(&answer), "doc-unavailable", "{answer:?}");
+    assert_eq!(metric(&stack, evicted).await, 1.0);
+    assert_eq!(metric(&stack, idle).await, 0.0);
+    // ... and with all four in use, a fifth is refused, naming the bound.
+    let answer = p2.request("b2").await;
+    assert_eq!(amrepo::kind(&answer), "error");
+    let why = amrepo::message(&answer);
+    assert!(
+        why.contains("automerge_docs_per_org") && why.contains("b2") && why.contains(ORG),
+        "{why}"
+    );
+    assert_eq!(metric(&stack, refused).await, 1.0);
+    // The socket still works: what it holds syncs on.
+    let (change, hash) = amrepo::change_message("b", 2);
+    p2.sync("sync", "b1", change).await;
+    p2.until_heads("b1", &hash).await;
+
+    // Another org is not bound by this one's documents.
+    let claims = auth::claims(
+        "olga",
+        "other",
+        &["*"],
+        "read write",
+        3600,
+        auth::DEFAULT_AUDIENCE,
+    );
+    let other = auth::mint_hs256(stack.secret.as_bytes(), &claims).expect("mint");
+    let mut p3 = amrepo::Peer::join(
+        &amrepo::endpoint(&http, "other", "web", "collab", &other),
+        "p3",
+    )
+    .await;
+    let answer = p3.request("x1").await;
+    assert_eq!(amrepo::kind(&answer), "doc-unavailable", "{answer:?}");
+    assert_eq!(metric(&stack, held).await, 5.0);
+
+    // Once bob leaves, b1 is idle; the evicted document comes back from the log.
+    p2.close().await;
+    metric_reaches(&stack, idle, 1.0).await;
+    let mut p4 = amrepo::Peer::join(&url("carol"), "p4").await;
+    p4.sync("request", "kept", amrepo::empty_request()).await;
+    let answer = p4.next().await;
+    assert_eq!(amrepo::kind(&answer), "sync", "{answer:?}");
+    assert!(
+        amrepo::sync_heads(&answer).contains(&kept),
+        "the reloaded document lacks its change"
+    );
+    assert_eq!(metric(&stack, evicted).await, 2.0);
+    assert_eq!(metric(&stack, held).await, 5.0);
+    p1.close().await;
+    p3.close().await;
+    p4.close().await;
+    stack.shutdown().await;
+}

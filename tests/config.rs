@@ -84,6 +84,30 @@ fn flags_beat_env_beat_file_beat_defaults() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nats_ur"));
 }
 
+#[test]
+fn automerge_docs_per_org_from_file_env_and_flag() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let get = |v: &toml::Value| v["gateway"]["automerge_docs_per_org"].as_integer();
+    assert_eq!(get(&effective(dir.path(), &[], &[])), Some(10_000));
+    std::fs::write(
+        dir.path().join("ultrasync.toml"),
+        "[gateway]\nautomerge_docs_per_org = 50\n",
+    )
+    .expect("write");
+    assert_eq!(get(&effective(dir.path(), &[], &[])), Some(50));
+    let env = [("ULTRASYNC_AUTOMERGE_DOCS_PER_ORG", "77")];
+    assert_eq!(get(&effective(dir.path(), &[], &env)), Some(77));
+    let flag = ["--automerge-docs-per-org", "9"];
+    assert_eq!(get(&effective(dir.path(), &flag, &env)), Some(9));
+    // Zero is refused, like every other bound.
+    let err = run_fails(
+        dir.path(),
+        &["config"],
+        &[("ULTRASYNC_AUTOMERGE_DOCS_PER_ORG", "0")],
+    );
+    assert!(err.contains("automerge_docs_per_org"), "{err}");
+}
+
 fn run_fails(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ultrasync"));
     cmd.current_dir(dir).args(args);

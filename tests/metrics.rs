@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use serde_json::json;
 use ultrasync_client::{OpType, ServerMessage};
-use ultrasync_testkit::{Stack, http_get};
+use ultrasync_testkit::{ORG, Stack, http_get};
+
+#[path = "support/amrepo.rs"]
+mod amrepo;
 
 /// The value of one sample line (`name{labels} value`).
 fn sample(text: &str, series: &str) -> Option<f64> {
@@ -98,5 +101,49 @@ async fn metrics_count_acks_rejects_latency_and_connections() {
         sample(&text, "ultrasync_gateway_auth_failures_total"),
         Some(1.0)
     );
+
+    // The automerge-repo door: sockets, documents, changes, ephemeral messages.
+    let http = stack.http.to_string();
+    let url =
+        |scope: &str| amrepo::endpoint(&http, ORG, "web", "collab", &stack.token("am", scope));
+    let mut a = amrepo::Peer::join(&url("read write"), "am-a").await;
+    let mut b = amrepo::Peer::join(&url("read write"), "am-b").await;
+    let mut r = amrepo::Peer::join(&url("read"), "am-r").await;
+    let (change, hash) = amrepo::change_message("k", 1);
+    a.sync("sync", "mdoc", change).await;
+    a.until_heads("mdoc", &hash).await;
+    b.sync("request", "mdoc", amrepo::empty_request()).await;
+    b.until_heads("mdoc", &hash).await;
+    // A read-only token's change is refused.
+    let (change, _) = amrepo::change_message("k", 2);
+    r.sync("sync", "mdoc", change).await;
+    let refused = r.until("error").await;
+    assert!(amrepo::message(&refused).contains("mdoc"), "{refused:?}");
+    // An ephemeral message from a reaches b (and r, also on the document).
+    assert!(a.ephemeral("mdoc", "s1", 1, vec![1, 2, 3]).await);
+    let e = b.until("ephemeral").await;
+    assert_eq!(
+        amrepo::field(&e, "data"),
+        Some(&ciborium::Value::Bytes(vec![1, 2, 3]))
+    );
+    let (_, text) = http_get(&format!("http://{}/metrics", stack.http))
+        .await
+        .expect("metrics");
+    for (series, want) in [
+        ("ultrasync_gateway_automerge_sockets", 3.0),
+        ("ultrasync_gateway_automerge_documents", 1.0),
+        ("ultrasync_gateway_automerge_documents_idle", 0.0),
+        ("ultrasync_gateway_automerge_changes_submitted_total", 1.0),
+        ("ultrasync_gateway_automerge_changes_refused_total", 1.0),
+        ("ultrasync_gateway_automerge_ephemeral_out_total", 2.0),
+        ("ultrasync_gateway_automerge_ephemeral_dropped_total", 0.0),
+        ("ultrasync_gateway_automerge_documents_evicted_total", 0.0),
+        ("ultrasync_gateway_automerge_documents_refused_total", 0.0),
+    ] {
+        assert_eq!(sample(&text, series), Some(want), "{series}");
+    }
+    a.close().await;
+    b.close().await;
+    r.close().await;
     stack.shutdown().await;
 }

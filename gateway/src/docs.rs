@@ -9,19 +9,25 @@
 //! the sequencer as commands and come back through the log. So every heads value a
 //! sync message generated from it advertises is durably stored (SPEC §11).
 //!
-//! Documents live while a socket holds them (weak map, like topics); a space lives
-//! while a socket or document holds it. Each socket registers an [`Inbox`] with the
-//! documents it syncs: a document whose heads move marks itself dirty there, so a
-//! socket generates one sync message per document however many changes came.
+//! Documents are held per org ([`OrgDocs`]): a socket takes a [`DocLease`] on each
+//! document it syncs; a document no socket holds stays (following the log) for
+//! [`IDLE_KEEP`], so a peer that reconnects finds it loaded. One org's documents on
+//! this gateway are bounded by `gateway.automerge_docs_per_org`: at the bound the
+//! least recently used idle document is dropped, and when every one is in use a new
+//! one is refused. A space lives while a document holds it. Each socket registers an
+//! [`Inbox`] with the documents it syncs: a document whose heads move marks itself
+//! dirty there, so a socket generates one sync message per document however many
+//! changes came.
 //!
 //! Ephemeral messages (cursors, selections) fan out over core NATS on
 //! `usync.presence.{org}.{project}.am.{ns}` (inside the presence subjects, so the
 //! shipped NATS users need no new permission), to every gateway with a socket on
 //! the document, deduplicated by `senderId:sessionId:count`; never stored.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, Change, ChangeHash};
@@ -35,6 +41,7 @@ use tracing::{debug, warn};
 use ultrasync_shared::op::{Op, OpType};
 use ultrasync_shared::{StreamKey, reads, state};
 
+use crate::Metrics;
 use crate::hub::{Hub, LiveOp, Topic};
 
 /// Ephemeral messages remembered per space for deduplication.
@@ -43,10 +50,79 @@ const SEEN: usize = 8192;
 pub const EPHEMERAL_QUEUE: usize = 256;
 /// Longest pause between two attempts to load a document.
 const RELOAD_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a document no socket holds is kept (following the log) before it is
+/// dropped.
+pub const IDLE_KEEP: Duration = Duration::from_secs(60);
+/// How often idle documents past [`IDLE_KEEP`] are looked for.
+const IDLE_SWEEP: Duration = Duration::from_secs(5);
 
 type Spaces = Mutex<HashMap<StreamKey, Weak<Space>>>;
 /// (actor, stream key, peer id) of an automerge-repo socket.
 type PeerSlot = (String, StreamKey, String);
+
+/// A document of an org: its stream key and id.
+type DocKey = (StreamKey, String);
+
+/// The documents this gateway holds for one org.
+#[derive(Default)]
+struct OrgDocs {
+    held: HashMap<DocKey, Held>,
+    /// Documents no socket holds, least recently used first (by the tick they
+    /// were left at).
+    idle: BTreeMap<u64, DocKey>,
+}
+
+struct Held {
+    doc: Arc<Doc>,
+    /// Sockets holding it.
+    users: usize,
+    /// (tick, time) it was left at, while no socket holds it.
+    idle_since: Option<(u64, Instant)>,
+}
+
+impl OrgDocs {
+    /// Takes idle documents out: those left before `before`, then (oldest first)
+    /// until fewer than `room` are held. Returned to be dropped outside the lock.
+    fn evict(&mut self, before: Option<Instant>, room: usize) -> Vec<Arc<Doc>> {
+        let mut out = Vec::new();
+        while let Some((&tick, key)) = self.idle.first_key_value() {
+            let expired = before.is_some_and(|b| {
+                self.held
+                    .get(key)
+                    .and_then(|h| h.idle_since)
+                    .is_some_and(|(_, at)| at < b)
+            });
+            if !expired && self.held.len() < room {
+                break;
+            }
+            let key = key.clone();
+            self.idle.remove(&tick);
+            if let Some(h) = self.held.remove(&key) {
+                out.push(h.doc);
+            }
+        }
+        out
+    }
+}
+
+/// What the automerge-repo door counts (rendered on `/metrics`).
+#[derive(Default)]
+pub struct DocMetrics {
+    /// Open automerge-repo sockets.
+    pub sockets: AtomicU64,
+    /// Changes sent to the sequencer.
+    pub changes_submitted: AtomicU64,
+    /// Changes refused (by the gateway's checks or the sequencer).
+    pub changes_refused: AtomicU64,
+    /// Ephemeral messages queued for a socket.
+    pub ephemeral_out: AtomicU64,
+    /// Ephemeral messages dropped for a full socket queue.
+    pub ephemeral_dropped: AtomicU64,
+    /// Idle documents dropped (expired, or for room under the org's bound).
+    pub docs_evicted: AtomicU64,
+    /// Documents refused: the org's bound was reached and every one was in use.
+    pub docs_refused: AtomicU64,
+}
 
 /// The gateway's spaces, by stream key.
 pub struct Docs {
@@ -56,21 +132,212 @@ pub struct Docs {
     /// Live automerge-repo sockets by (actor, stream key, peer id): a second `join`
     /// of the same peer replaces the first socket.
     peers: Mutex<HashMap<PeerSlot, (u64, CancellationToken)>>,
-    next_peer: std::sync::atomic::AtomicU64,
-    /// Ephemeral messages dropped for a full socket queue.
-    pub dropped: std::sync::atomic::AtomicU64,
+    next_peer: AtomicU64,
+    /// The documents held, per org.
+    orgs: Mutex<HashMap<String, OrgDocs>>,
+    /// Orders idle documents.
+    tick: AtomicU64,
+    /// `gateway.automerge_docs_per_org`.
+    per_org: usize,
+    pub metrics: DocMetrics,
+}
+
+/// A document of an org's bound was refused: every one held is in use.
+#[derive(Debug)]
+pub struct OrgFull {
+    pub held: usize,
 }
 
 impl Docs {
-    pub fn new(nats: async_nats::Client, hub: Arc<Hub>) -> Arc<Self> {
-        Arc::new(Self {
+    /// Must be called within a Tokio runtime (it starts the idle sweeper).
+    pub fn new(nats: async_nats::Client, hub: Arc<Hub>, per_org: usize) -> Arc<Self> {
+        let docs = Arc::new(Self {
             nats,
             hub,
             spaces: Arc::new(Mutex::new(HashMap::new())),
             peers: Mutex::new(HashMap::new()),
             next_peer: Default::default(),
-            dropped: Default::default(),
+            orgs: Mutex::new(HashMap::new()),
+            tick: Default::default(),
+            per_org,
+            metrics: DocMetrics::default(),
+        });
+        let weak = Arc::downgrade(&docs);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(IDLE_SWEEP);
+            loop {
+                every.tick().await;
+                let Some(docs) = weak.upgrade() else { return };
+                docs.expire_idle();
+            }
+        });
+        docs
+    }
+
+    fn orgs(&self) -> std::sync::MutexGuard<'_, HashMap<String, OrgDocs>> {
+        self.orgs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops idle documents older than [`IDLE_KEEP`], in every org.
+    fn expire_idle(&self) {
+        let Some(before) = Instant::now().checked_sub(IDLE_KEEP) else {
+            return;
+        };
+        let dropped: Vec<Arc<Doc>> = {
+            let mut orgs = self.orgs();
+            let mut dropped = Vec::new();
+            for org in orgs.values_mut() {
+                dropped.extend(org.evict(Some(before), usize::MAX));
+            }
+            orgs.retain(|_, o| !o.held.is_empty());
+            dropped
+        };
+        self.metrics
+            .docs_evicted
+            .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A lease on document `id` of `space` for one socket: the document is held
+    /// (loaded, following the log) until every lease is dropped and it has been
+    /// idle for [`IDLE_KEEP`] or the org needs the room. `Err` when the org holds
+    /// `automerge_docs_per_org` documents here and every one is in use.
+    pub fn lease(self: &Arc<Self>, space: &Arc<Space>, id: &str) -> Result<DocLease, OrgFull> {
+        let key: DocKey = (space.key.clone(), id.to_owned());
+        let mut dropped = Vec::new();
+        let result = {
+            let mut orgs = self.orgs();
+            let org = orgs.entry(space.key.org.to_string()).or_default();
+            if let Some(h) = org.held.get_mut(&key) {
+                if let Some((tick, _)) = h.idle_since.take() {
+                    org.idle.remove(&tick);
+                }
+                h.users += 1;
+                Ok(h.doc.clone())
+            } else {
+                let before = Instant::now().checked_sub(IDLE_KEEP);
+                dropped = org.evict(before, self.per_org);
+                if org.held.len() >= self.per_org {
+                    Err(OrgFull {
+                        held: org.held.len(),
+                    })
+                } else {
+                    let doc = space.doc(id);
+                    org.held.insert(
+                        key.clone(),
+                        Held {
+                            doc: doc.clone(),
+                            users: 1,
+                            idle_since: None,
+                        },
+                    );
+                    Ok(doc)
+                }
+            }
+        };
+        self.metrics
+            .docs_evicted
+            .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+        drop(dropped);
+        match result {
+            Ok(doc) => Ok(DocLease {
+                docs: self.clone(),
+                key,
+                doc,
+            }),
+            Err(full) => {
+                Metrics::inc(&self.metrics.docs_refused);
+                Err(full)
+            }
+        }
+    }
+
+    fn unlease(&self, key: &DocKey) {
+        let mut orgs = self.orgs();
+        let Some(org) = orgs.get_mut(key.0.org.as_str()) else {
+            return;
+        };
+        let Some(h) = org.held.get_mut(key) else {
+            return;
+        };
+        h.users = h.users.saturating_sub(1);
+        if h.users == 0 && h.idle_since.is_none() {
+            let tick = self.tick.fetch_add(1, Ordering::Relaxed);
+            h.idle_since = Some((tick, Instant::now()));
+            org.idle.insert(tick, key.clone());
+        }
+    }
+
+    /// (documents held, of which idle) over every org.
+    pub fn held(&self) -> (usize, usize) {
+        self.orgs().values().fold((0, 0), |(held, idle), o| {
+            (held + o.held.len(), idle + o.idle.len())
         })
+    }
+
+    /// Renders the door's counters and sizes on `/metrics`.
+    pub fn export(self: &Arc<Self>, metrics: &Metrics) {
+        let probe = |name, kind, help, read: fn(&Self) -> u64| {
+            let weak = Arc::downgrade(self);
+            let value = move || weak.upgrade().map_or(0, |d| read(&d));
+            metrics.probe(name, kind, help, Box::new(value));
+        };
+        fn get(c: &AtomicU64) -> u64 {
+            c.load(Ordering::Relaxed)
+        }
+        probe(
+            "ultrasync_gateway_automerge_sockets",
+            "gauge",
+            "Open automerge-repo sockets.",
+            |d| get(&d.metrics.sockets),
+        );
+        probe(
+            "ultrasync_gateway_automerge_documents",
+            "gauge",
+            "Automerge documents held for automerge-repo sockets (in use or idle).",
+            |d| d.held().0 as u64,
+        );
+        probe(
+            "ultrasync_gateway_automerge_documents_idle",
+            "gauge",
+            "Of those, documents no socket holds (kept up to a minute).",
+            |d| d.held().1 as u64,
+        );
+        probe(
+            "ultrasync_gateway_automerge_documents_evicted_total",
+            "counter",
+            "Idle documents dropped (expired, or for room under automerge_docs_per_org).",
+            |d| get(&d.metrics.docs_evicted),
+        );
+        probe(
+            "ultrasync_gateway_automerge_documents_refused_total",
+            "counter",
+            "Documents refused: the org held automerge_docs_per_org, all in use.",
+            |d| get(&d.metrics.docs_refused),
+        );
+        probe(
+            "ultrasync_gateway_automerge_changes_submitted_total",
+            "counter",
+            "Changes from automerge-repo peers sent to the sequencer.",
+            |d| get(&d.metrics.changes_submitted),
+        );
+        probe(
+            "ultrasync_gateway_automerge_changes_refused_total",
+            "counter",
+            "Changes from automerge-repo peers refused (by the gateway or the sequencer).",
+            |d| get(&d.metrics.changes_refused),
+        );
+        probe(
+            "ultrasync_gateway_automerge_ephemeral_out_total",
+            "counter",
+            "Ephemeral messages fanned out to automerge-repo sockets.",
+            |d| get(&d.metrics.ephemeral_out),
+        );
+        probe(
+            "ultrasync_gateway_automerge_ephemeral_dropped_total",
+            "counter",
+            "Ephemeral messages dropped for a socket whose queue was full.",
+            |d| get(&d.metrics.ephemeral_dropped),
+        );
     }
 
     /// The space of `key`, opened when nobody uses it yet; ready (following the
@@ -131,6 +398,19 @@ impl Docs {
             },
             token,
         )
+    }
+}
+
+/// A socket's hold on a document (see [`Docs::lease`]); released on drop.
+pub struct DocLease {
+    docs: Arc<Docs>,
+    key: DocKey,
+    pub doc: Arc<Doc>,
+}
+
+impl Drop for DocLease {
+    fn drop(&mut self) {
+        self.docs.unlease(&self.key);
     }
 }
 
@@ -300,8 +580,9 @@ impl Space {
         self.docs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Document `id`, loading it from a materializer when nobody holds it yet.
-    pub fn doc(self: &Arc<Self>, id: &str) -> Arc<Doc> {
+    /// Document `id`, loading it from a materializer when nobody holds it yet
+    /// (sockets get theirs through [`Docs::lease`]).
+    fn doc(self: &Arc<Self>, id: &str) -> Arc<Doc> {
         let mut docs = self.docs();
         if let Some(d) = docs.get(id).and_then(Weak::upgrade) {
             return d;
@@ -360,11 +641,11 @@ impl Space {
             if w.peer_id == e.sender_id {
                 continue;
             }
-            if w.ephemeral.try_send(e.clone()).is_err() {
-                self.docs_root
-                    .dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+            let counter = match w.ephemeral.try_send(e.clone()) {
+                Ok(()) => &self.docs_root.metrics.ephemeral_out,
+                Err(_) => &self.docs_root.metrics.ephemeral_dropped,
+            };
+            Metrics::inc(counter);
         }
     }
 
@@ -553,6 +834,8 @@ impl Doc {
             return Answer::Failed(why.clone());
         }
         let brought_changes = !message.changes.is_empty();
+        let answered_these_heads =
+            sync_state.have_responded && sync_state.last_sent_heads == inner.doc.get_heads();
         sync_state.read_only = true;
         if let Err(e) = inner.doc.receive_sync_message(sync_state, message) {
             return Answer::Failed(format!("the sync message does not apply: {e}"));
@@ -561,7 +844,23 @@ impl Doc {
         if requested && !inner.exists && !brought_changes && inner.pending.is_empty() {
             return Answer::Unavailable;
         }
-        Answer::Sync(generate(&inner.doc, sync_state))
+        let Some(msg) = generate_message(&inner.doc, sync_state) else {
+            return Answer::Sync(None);
+        };
+        // Nothing new to say: the peer already has these heads from here, there are
+        // no changes for it, and what its heads have that the log lacks is on its
+        // way to the log from this gateway. Automerge would answer anyway (the heads
+        // differ), the peer would answer that, and so on for as long as changes are
+        // in flight: with concurrent typists, without end. The next message goes out
+        // when the durable document moves (`generate`).
+        if !requested
+            && answered_these_heads
+            && msg.changes.is_empty()
+            && msg.need.iter().all(|h| inner.pending.contains(h))
+        {
+            return Answer::Sync(None);
+        }
+        Answer::Sync(Some(msg.encode()))
     }
 
     /// A sync message for a peer after the durable document moved (or nothing).
@@ -607,12 +906,16 @@ impl Doc {
 /// that sees flags assumes the v2 format and may send whole documents, which the
 /// gateway refuses (only changes, each admitted on its own, reach the sequencer).
 fn generate(doc: &Automerge, sync_state: &mut sync::State) -> Option<Vec<u8>> {
+    generate_message(doc, sync_state).map(sync::Message::encode)
+}
+
+fn generate_message(doc: &Automerge, sync_state: &mut sync::State) -> Option<sync::Message> {
     // Without advertised flags the peer cannot be sent a sync-reset flag either:
     // a reset is then sent as empty heads, which peers of every version understand.
     sync_state.their_capabilities = None;
     let mut msg = doc.generate_sync_message(sync_state)?;
     msg.flags = None;
-    Some(msg.encode())
+    Some(msg)
 }
 
 /// Loads a document from a materializer at or past the topic's head, retrying

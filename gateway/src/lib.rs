@@ -222,7 +222,11 @@ async fn run_with(
             publisher::OrgLimits::from_config(&config_gateway),
         ),
         js,
-        docs: docs::Docs::new(client.clone(), hub.clone()),
+        docs: docs::Docs::new(
+            client.clone(),
+            hub.clone(),
+            config_gateway.automerge_docs_per_org,
+        ),
         hub,
         presence,
         routes,
@@ -241,6 +245,7 @@ async fn run_with(
     });
     state.presence.export(&state.metrics);
     state.publisher.export(&state.metrics);
+    state.docs.export(&state.metrics);
     // Webhooks are sent from the home region only: a replica region would deliver
     // every op a second time.
     let hooks_here: &[ultrasync_shared::config::WebhookConfig] =

@@ -333,6 +333,14 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             command_timeout_secs: 10,
             presence_ttl_secs: 30,
+    /// Documents one automerge-repo socket may sync at once; a further one is refused
+    /// with an `error` naming it.
+    pub automerge_docs_per_socket: usize,
+    /// Automerge documents this gateway holds for one org's automerge-repo sockets
+    /// (in use, or kept a minute after the last socket left). At the bound the least
+    /// recently used document no socket holds is dropped; when every one is in use, a
+    /// new one is refused with an `error` naming it.
+    pub automerge_docs_per_org: usize,
             presence_keys_per_client: 16,
             presence_payload_bytes: 4 * 1024,
             presence_entries_per_room: 10_000,
@@ -368,6 +376,8 @@ pub struct SequencerConfig {
     /// one waits (ms, 0-10). 0 by default: the committer already groups every key's
     /// writes while one is on its way (measured: 1,000 ops/s p50 5.5 → 4.9 ms).
     pub batch_window_ms: u64,
+            automerge_docs_per_socket: 1_024,
+            automerge_docs_per_org: 10_000,
     /// Most commands in one durable write (JetStream allows 1000 per atomic batch).
     pub batch_max: usize,
     /// Seconds the active sequencer may go without pulling before another takes over.
@@ -678,7 +688,7 @@ impl Config {
             || g.request_timeout_secs == 0
         {
             anyhow::bail!(
-                "gateway.max_sockets_per_actor, max_sockets_per_org, max_commands_per_sec_per_actor, max_subscriptions_per_socket, max_clients_per_actor, header_read_timeout_secs and request_timeout_secs must be positive"
+                "gateway.max_sockets_per_actor, max_sockets_per_org, max_commands_per_sec_per_actor, max_subscriptions_per_socket, max_clients_per_actor, automerge_docs_per_socket, automerge_docs_per_org, header_read_timeout_secs and request_timeout_secs must be positive"
             );
         }
         if g.max_outbound_bytes < 2 * g.max_frame_bytes || g.max_page_bytes < g.max_frame_bytes {
@@ -688,6 +698,8 @@ impl Config {
         }
         if g.max_http_connections < g.max_connections {
             anyhow::bail!("gateway.max_http_connections must be at least max_connections");
+            || g.automerge_docs_per_socket == 0
+            || g.automerge_docs_per_org == 0
         }
         if self.gateway.outbound_queue == 0 {
             anyhow::bail!("gateway.outbound_queue must be at least 1");

@@ -3,8 +3,9 @@
 //! commands (one per change, command id `am-{change hash}`), ephemeral messages out
 //! to NATS and in from it. Every frame is authorized against the token, counted
 //! against the socket's rate, and what the socket may hold is bounded: documents
-//! ([`MAX_DOCS`]), commands in flight ([`MAX_INFLIGHT`]), each sync message's
-//! counts (`wire::check_sync_message`), each change (`shared::admission`).
+//! (`gateway.automerge_docs_per_socket`, and the org's `automerge_docs_per_org` on
+//! this gateway, see `docs`), commands in flight ([`MAX_INFLIGHT`]), each sync
+//! message's counts (`wire::check_sync_message`), each change (`shared::admission`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use ultrasync_shared::protocol::{CommandFrame, ServerMessage};
 use ultrasync_shared::{ErrorCode, StreamKey, admission, validate_key};
 
 use super::wire;
-use crate::docs::{Answer, Doc, Ephemeral, Inbox, PeerGuard, Space};
+use crate::docs::{Answer, Doc, DocLease, Ephemeral, Inbox, PeerGuard, Space};
 use crate::rules::limits::{RateLimit, SocketSlot};
 use crate::rules::{Refusal, access, commands};
 use crate::{AppState, Metrics};
@@ -39,8 +40,6 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 const IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// Longest one frame may take to reach a peer before it counts as a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Documents one socket may sync at once; a further one is refused with `error`.
-pub const MAX_DOCS: usize = 1024;
 /// Changes one socket may have waiting for the sequencer.
 pub const MAX_INFLIGHT: usize = 4096;
 /// How long a document waits to be loaded before the peer is told to retry.
@@ -65,6 +64,8 @@ struct Joined {
 /// One document this socket syncs.
 struct PeerDoc {
     doc: Arc<Doc>,
+    /// Holds the document on this gateway while the socket syncs it.
+    _lease: DocLease,
     sync: sync::State,
     /// Ask the peer to send its changes again at this time.
     resync_at: Option<Instant>,
@@ -127,6 +128,7 @@ impl Session {
             .metrics
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Metrics::inc(&state.docs.metrics.sockets);
         state.hooks.on_connect(&session.principal, &session_id);
         let (mut sink, mut stream) = socket.split();
         let Closing(code, reason) = session.serve(&mut sink, &mut stream).await;
@@ -140,6 +142,11 @@ impl Session {
         state
             .metrics
             .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        state
+            .docs
+            .metrics
+            .sockets
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         debug!(session = %session_id, code, %reason, "automerge-repo socket closing");
         if code != close::SLOW_CONSUMER {
@@ -432,9 +439,10 @@ impl Session {
         if self.docs.contains_key(doc_id) {
             return Ok(());
         }
-        if self.docs.len() >= MAX_DOCS {
+        let per_socket = self.state.config.gateway.automerge_docs_per_socket;
+        if self.docs.len() >= per_socket {
             return Err(format!(
-                "this socket already syncs {MAX_DOCS} documents; document {doc_id} refused"
+                "this socket already syncs {per_socket} documents (automerge_docs_per_socket); document {doc_id} refused"
             ));
         }
         let space = match &self.space {
@@ -447,7 +455,13 @@ impl Session {
                 s
             }
         };
-        let doc = space.doc(doc_id);
+        let lease = self.state.docs.lease(&space, doc_id).map_err(|full| {
+            format!(
+                "this gateway holds {} documents of org {} for automerge-repo sockets, all in use (automerge_docs_per_org); document {doc_id} refused, retry later",
+                full.held, self.key.org
+            )
+        })?;
+        let doc = lease.doc.clone();
         if let Some(j) = &self.joined {
             doc.watch(&j.inbox);
         }
@@ -455,6 +469,7 @@ impl Session {
             doc_id.to_owned(),
             PeerDoc {
                 doc,
+                _lease: lease,
                 sync: sync::State::new(),
                 resync_at: None,
             },
@@ -510,6 +525,10 @@ impl Session {
                     }
                 }
                 Err(r) => {
+                    self.state.docs.metrics.changes_refused.fetch_add(
+                        message.changes.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     let why = format!(
                         "changes to document {doc_id} refused: {} ({})",
                         r.message,
@@ -548,12 +567,14 @@ impl Session {
         let (hash, chunk) = match admitted {
             Ok(Ok(c)) => c,
             Ok(Err((code, why))) => {
+                Metrics::inc(&self.state.docs.metrics.changes_refused);
                 return self.error(&format!(
                     "document {doc_id}: a change was refused: {why} ({})",
                     code.as_str()
                 ));
             }
             Err(e) => {
+                Metrics::inc(&self.state.docs.metrics.changes_refused);
                 let r = Refusal::unavailable("checking a change", e);
                 return self.error(&format!("document {doc_id}: {}", r.message));
             }
@@ -563,6 +584,7 @@ impl Session {
         }
         let refuse = |s: &mut Self, r: Refusal| {
             doc.release(&hash);
+            Metrics::inc(&s.state.docs.metrics.changes_refused);
             match r.code {
                 ErrorCode::RateLimited | ErrorCode::Unavailable => s.resync_later(&doc_id),
                 _ => s.error(&format!(
@@ -625,6 +647,7 @@ impl Session {
                 sent: Instant::now(),
             },
         );
+        Metrics::inc(&self.state.docs.metrics.changes_submitted);
         self.state.publisher.submit(
             ultrasync_shared::nats::cmd_subject(&self.key),
             crate::publisher::Queued {
@@ -664,6 +687,7 @@ impl Session {
                     let Some(f) = self.inflight.remove(&command_id) else {
                         continue;
                     };
+                    Metrics::inc(&self.state.docs.metrics.changes_refused);
                     if let Some(pd) = self.docs.get(&f.doc) {
                         pd.doc.release(&f.hash);
                     }
@@ -694,6 +718,11 @@ impl Session {
             let Some(pd) = self.docs.get_mut(&id) else {
                 continue;
             };
+            // A document the log does not have (just loaded as absent) has nothing
+            // to announce; the peer was answered when it asked.
+            if !pd.doc.exists() {
+                continue;
+            }
             if let Some(data) = pd.doc.generate(&mut pd.sync) {
                 let frame = wire::sync(&self.server_id, self.target(), &id, &data);
                 self.out.push(frame);
