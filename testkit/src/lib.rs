@@ -444,6 +444,8 @@ impl Default for StackOptions {
 }
 
 struct Service {
+    /// "gateway", "sequencer", "materializer": named when it does not stop.
+    name: &'static str,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -453,9 +455,9 @@ impl Service {
         self.stop.cancel();
         match tokio::time::timeout(Duration::from_secs(15), self.task).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => panic!("service failed: {e:#}"),
-            Ok(Err(e)) => panic!("service panicked: {e}"),
-            Err(_) => panic!("service did not stop within 15 s"),
+            Ok(Ok(Err(e))) => panic!("the {} failed: {e:#}", self.name),
+            Ok(Err(e)) => panic!("the {} panicked: {e}", self.name),
+            Err(_) => panic!("the {} did not stop within 15 s", self.name),
         }
     }
 }
@@ -552,7 +554,11 @@ impl Stack {
             listener,
             stop.clone(),
         ));
-        self.gateway = Some(Service { stop, task });
+        self.gateway = Some(Service {
+            name: "gateway",
+            stop,
+            task,
+        });
         self.wait_ready().await;
     }
 
@@ -568,7 +574,11 @@ impl Stack {
             listener,
             stop.clone(),
         ));
-        self.extra_gateways.push(Service { stop, task });
+        self.extra_gateways.push(Service {
+            name: "gateway",
+            stop,
+            task,
+        });
         let url = format!("http://{addr}/readyz");
         for _ in 0..300 {
             if matches!(http_get(&url).await, Ok((200, _))) {
@@ -596,7 +606,11 @@ impl Stack {
     pub fn add_sequencer(&mut self) {
         let stop = CancellationToken::new();
         let task = tokio::spawn(ultrasync_sequencer::run(self.config.clone(), stop.clone()));
-        self.sequencers.push(Service { stop, task });
+        self.sequencers.push(Service {
+            name: "sequencer",
+            stop,
+            task,
+        });
     }
 
     /// The RocksDB folder of materializer `name` (kept for the stack's life).
@@ -611,7 +625,11 @@ impl Stack {
         config.materializer.data_dir = self.materializer_dir(name);
         let stop = CancellationToken::new();
         let task = tokio::spawn(ultrasync_materializer::run(config, stop.clone()));
-        self.materializers.push(Service { stop, task });
+        self.materializers.push(Service {
+            name: "materializer",
+            stop,
+            task,
+        });
     }
 
     /// Stops materializer `i` (in start order) gracefully.
