@@ -6,31 +6,39 @@
 //! | code | meaning |
 //! | --- | --- |
 //! | 0 | done |
-//! | 1 | anything else (bad answer, internal) |
+//! | 1 | anything else (bad answer, internal; `untrusted_certificate`: the server's TLS certificate is not signed by a trusted CA, see `--ca-file`) |
 //! | 2 | bad input (invalid id, key, JSON; also clap's usage errors) |
 //! | 3 | precondition failed (`--if-version` mismatch); the current state is printed |
 //! | 4 | not found |
 //! | 5 | rejected by the namespace's rules (schema, op, size) |
 //! | 6 | not authorized (missing, invalid or expired token; forbidden) |
 //! | 7 | unavailable (server down, rate limited, timed out): retry later |
+//!
+//! `--url` may be `http://`, `https://`, `ws://` or `wss://` (the same gateway either
+//! way). TLS trusts the system's roots plus `--ca-file` (`ULTRASYNC_CA_FILE`), a PEM CA
+//! for a private deployment (`ultrasync dev --tls` prints its own).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine as _;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use ultrasync_client::http::{self, HttpError};
-use ultrasync_client::{ClientError, Connection, ServerMessage};
+use ultrasync_client::{ClientError, Connection, ServerMessage, Trust};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where and as whom.
 #[derive(Args, Clone)]
 pub struct Target {
-    /// Gateway base URL.
+    /// Gateway base URL (`http://`, `https://`; `ws://`/`wss://` work too).
     #[arg(long, env = "ULTRASYNC_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// A PEM CA to trust for `https://` / `wss://` besides the system's roots.
+    #[arg(long, env = "ULTRASYNC_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Bearer token (see `ultrasync token`).
     #[arg(long, env = "ULTRASYNC_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -133,6 +141,7 @@ fn exit_code(code: &str) -> u8 {
         "not_found" => 4,
         "schema_invalid" | "invalid_op" | "payload_too_large" | "stale_base" => 5,
         "unauthorized" | "forbidden" => 6,
+        // "untrusted_certificate" too: retrying will not help, trusting the CA will.
         "unavailable" | "rate_limited" | "slow_consumer" => 7,
         _ => 1,
     }
@@ -149,7 +158,10 @@ fn token_org(token: &str) -> Option<String> {
 }
 
 struct Resolved {
+    /// `http(s)://host:port`.
     base: String,
+    http: http::Client,
+    trust: Trust,
     token: String,
     org: String,
     project: String,
@@ -167,14 +179,21 @@ fn resolve(t: &Target) -> anyhow::Result<Resolved> {
         Some(o) => o,
         None => return Err(fail("invalid_id", "no org: pass --org", None)),
     };
-    let base = t
-        .url
-        .trim_end_matches('/')
-        .replace("ws://", "http://")
-        .trim_end_matches("/v1/sync")
-        .to_owned();
+    let url = t.url.trim_end_matches('/');
+    let url = url.trim_end_matches("/v1/sync");
+    let base = match url.split_once("://") {
+        Some(("ws", rest)) => format!("http://{rest}"),
+        Some(("wss", rest)) => format!("https://{rest}"),
+        _ => url.to_owned(),
+    };
+    let trust = Trust::from_ca_file(t.ca_file.as_deref())
+        .map_err(|e| fail("invalid_message", format!("--ca-file: {e}"), None))?;
+    let http = http::Client::new(&base, &trust, TIMEOUT)
+        .map_err(|e| fail("invalid_message", format!("--url: {e}"), None))?;
     Ok(Resolved {
         base,
+        http,
+        trust,
         token,
         org,
         project: t.project.clone(),
@@ -227,10 +246,16 @@ async fn call(
     for (k, v) in extra_headers {
         headers.push((k, v.as_str()));
     }
-    let resp = match http::request(method, &r.base, path, &headers, body.as_deref(), TIMEOUT).await
+    let resp = match r
+        .http
+        .request(method, path, &headers, body.as_deref())
+        .await
     {
         Ok(resp) => resp,
         Err(e @ HttpError::Url(_)) => return Err(fail("invalid_message", e.to_string(), None)),
+        Err(e @ HttpError::Untrusted(_)) => {
+            return Err(fail("untrusted_certificate", e.to_string(), None));
+        }
         Err(e) => return Err(fail("unavailable", e.to_string(), None)),
     };
     let parsed: Value = serde_json::from_str(&resp.body).unwrap_or(Value::Null);
@@ -373,11 +398,18 @@ async fn watch(r: &Resolved, namespace: &str, since: Option<u64>) -> anyhow::Res
         Some(s) => s,
         None => head_of(r, namespace).await?,
     };
-    let ws = format!("{}/v1/sync", r.base.replace("http://", "ws://"));
-    let mut conn = match Connection::connect(&ws, &r.token).await {
+    let ws = match r.base.split_once("://") {
+        Some(("https", rest)) => format!("wss://{rest}/v1/sync"),
+        Some((_, rest)) => format!("ws://{rest}/v1/sync"),
+        None => format!("ws://{}/v1/sync", r.base),
+    };
+    let mut conn = match Connection::connect_with(&ws, &r.token, &r.trust).await {
         Ok(c) => c,
         Err(ClientError::Http(401 | 403)) => {
             return Err(fail("unauthorized", "token refused", None));
+        }
+        Err(e @ ClientError::Untrusted(_)) => {
+            return Err(fail("untrusted_certificate", e.to_string(), None));
         }
         Err(e) => return Err(fail("unavailable", e.to_string(), None)),
     };

@@ -141,6 +141,8 @@ async fn with_webhook(stack: &mut Stack, name: &str, url: String) -> u64 {
         events: vec!["op.committed".to_owned()],
         max_attempts: 1000,
         backoff_ms: 100,
+        timeout_ms: 10_000,
+        ca_file: None,
     }];
     stack.add_gateway().await;
     write_n(stack, 60).await

@@ -24,6 +24,7 @@ fn options(url: &str, token: &str, client: &str, store: &Path, ns: &[&str]) -> S
         client_id: client.to_owned(),
         namespaces: ns.iter().map(|s| (*s).to_owned()).collect(),
         store: store.to_path_buf(),
+        ca_file: None,
     }
 }
 

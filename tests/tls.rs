@@ -126,3 +126,197 @@ async fn wss_with_a_test_ca_and_no_plain_on_the_tls_port() {
     let _ = tokio::time::timeout(Duration::from_secs(15), gateway).await;
     stack.shutdown().await;
 }
+
+/// A gateway serving TLS with a certificate from `ca`, on the stack's NATS; its
+/// address, stop token and task.
+async fn tls_gateway(
+    stack: &Stack,
+    ca: &ultrasync_testkit::pki::TestCa,
+    dir: &std::path::Path,
+) -> (
+    std::net::SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let files = ca.localhost().write(dir, "gateway");
+    let mut config = stack.config.clone();
+    config.gateway.tls_cert_file = Some(files.cert);
+    config.gateway.tls_key_file = Some(files.key);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(ultrasync_gateway::run(config, listener, stop.clone()));
+    (addr, stop, task)
+}
+
+/// The real binary's client command against `url` with `env`: (exit code, stdout,
+/// stderr).
+fn cli(args: &[&str], env: &[(&str, &str)]) -> (i32, serde_json::Value, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ultrasync"))
+        .args(args)
+        .env_remove("ULTRASYNC_CA_FILE")
+        .envs(env.iter().copied())
+        .env("ULTRASYNC_LOG", "error")
+        .output()
+        .expect("run ultrasync");
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The CLI over `https://` and the Rust SDK over `wss://`, trusting a private CA
+/// given as a file (`--ca-file`, `ULTRASYNC_CA_FILE`, `Trust::with_ca_file`,
+/// `SyncOptions::ca_file`): a put and a get, a write acked; without the CA both
+/// fail saying the certificate is not trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_and_sdk_over_https_and_wss_with_a_ca_file() {
+    use ultrasync_client::http;
+    use ultrasync_client::{ClientError, Connection, ServerMessage, Trust};
+    let stack = Stack::start().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let ca = ultrasync_testkit::pki::TestCa::new();
+    let ca_file = ca.write_ca(dir.path());
+    let (addr, stop, gateway) = tls_gateway(&stack, &ca, dir.path()).await;
+    let https = format!("https://localhost:{}", addr.port());
+    let wss = format!("wss://localhost:{}/v1/sync", addr.port());
+    let trust = Trust::with_ca_file(&ca_file).expect("trust the CA");
+
+    // The HTTP client of the CLI, once the listener serves.
+    let client = http::Client::new(&https, &trust, Duration::from_secs(5)).expect("client");
+    let mut ready = None;
+    for _ in 0..100 {
+        ready = Some(client.request("GET", "/readyz", &[], None).await);
+        if matches!(&ready, Some(Ok(r)) if r.status == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        matches!(&ready, Some(Ok(r)) if r.status == 200),
+        "https /readyz: {ready:?}"
+    );
+
+    // The CLI: a put with --ca-file, a get with ULTRASYNC_CA_FILE.
+    let token = stack.token("cleo", "read write");
+    let ca_path = ca_file.to_str().expect("utf-8 path");
+    let env = [
+        ("ULTRASYNC_TOKEN", token.as_str()),
+        ("ULTRASYNC_PROJECT", "web"),
+    ];
+    let (code, out, err) = cli(
+        &[
+            "put",
+            "index",
+            "tls-key",
+            r#""over https""#,
+            "--url",
+            &https,
+            "--ca-file",
+            ca_path,
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out["server_seq"], serde_json::json!(1), "{out}");
+    let with_ca = [
+        ("ULTRASYNC_TOKEN", token.as_str()),
+        ("ULTRASYNC_PROJECT", "web"),
+        ("ULTRASYNC_URL", https.as_str()),
+        ("ULTRASYNC_CA_FILE", ca_path),
+    ];
+    let mut got = (0, serde_json::Value::Null, String::new());
+    for _ in 0..100 {
+        got = cli(&["get", "index", "tls-key"], &with_ca);
+        if got.0 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(got.0, 0, "{}", got.2);
+    assert_eq!(got.1["value"], serde_json::json!("over https"), "{}", got.1);
+
+    // Without the CA: refused, and the error says why and what to do.
+    let (code, _, err) = cli(&["get", "index", "tls-key", "--url", &https], &env);
+    assert_ne!(code, 0);
+    let err: serde_json::Value = serde_json::from_str(err.trim()).expect("json error");
+    assert_eq!(
+        err["error"]["code"],
+        serde_json::json!("untrusted_certificate"),
+        "{err}"
+    );
+    let message = err["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("--ca-file"), "{message}");
+
+    // The SDK's connection over wss://: hello, a write, its ack.
+    let mut conn = Connection::connect_with(&wss, &stack.token("sam", "read write"), &trust)
+        .await
+        .expect("wss trusting the CA");
+    conn.hello("acme", "web", "sam-1", Default::default())
+        .await
+        .expect("hello");
+    conn.command(
+        "sam-c1",
+        "index",
+        "sdk-key",
+        ultrasync_client::OpType::Set,
+        serde_json::json!(1),
+    )
+    .await
+    .expect("command");
+    loop {
+        match conn
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .expect("ack")
+        {
+            ServerMessage::Ack { op, .. } => {
+                assert_eq!(op.key, "sdk-key");
+                break;
+            }
+            ServerMessage::Reject { reason, .. } => panic!("rejected: {reason}"),
+            _ => {}
+        }
+    }
+    conn.close().await;
+
+    // The local-first SDK with `ca_file`: its edit is acked (the outbox empties).
+    let replica = ultrasync_client::sync::SyncClient::start(ultrasync_client::sync::SyncOptions {
+        url: wss.clone(),
+        token: stack.token("sid", "read write"),
+        org: "acme".into(),
+        project: "web".into(),
+        client_id: "sid-1".into(),
+        namespaces: vec!["index".into()],
+        store: dir.path().join("replica"),
+        ca_file: Some(ca_file.clone()),
+    })
+    .expect("start");
+    replica
+        .put("index", "replica-key", serde_json::json!("over wss"))
+        .expect("put");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while replica.outbox_len() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edit was never acked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(replica);
+
+    // Without the CA, the SDK is refused the same way.
+    let refused = Connection::connect(&wss, &stack.token("sam", "read")).await;
+    assert!(
+        matches!(&refused, Err(ClientError::Untrusted(_))),
+        "{:?}",
+        refused.as_ref().err()
+    );
+
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), gateway).await;
+    stack.shutdown().await;
+}

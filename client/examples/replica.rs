@@ -30,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
         client_id: "example-replica".to_owned(),
         namespaces: vec!["index".to_owned()],
         store: "./.replica".into(),
+        ca_file: std::env::var_os("ULTRASYNC_CA_FILE").map(Into::into),
     })?;
     let mut changes = client.changes();
     client.put("index", &key, serde_json::json!(text))?;

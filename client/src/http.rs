@@ -1,9 +1,16 @@
-//! A minimal HTTP/1.1 client for the gateway's HTTP API (`http://` only; one request
-//! per connection). Enough for the CLI and agents; browsers and apps use their own.
+//! The gateway's HTTP API as the CLI and agents call it, over the workspace's one HTTP
+//! client (`ultrasync-http-client`: reqwest on rustls): `http://` and `https://`,
+//! trusting the system's roots plus an optional private CA ([`Trust`]), each exchange
+//! under a deadline and every answer read up to [`MAX_BODY`].
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ultrasync_http_client::reqwest;
+use ultrasync_http_client::{BodyError, describe, is_untrusted_certificate, read_bounded};
+pub use ultrasync_http_client::{Trust, TrustError};
+
+/// The largest answer read (a history page or a big value fits; a runaway does not).
+pub const MAX_BODY: usize = 64 << 20;
 
 /// An answer.
 #[derive(Debug, Clone)]
@@ -26,17 +33,112 @@ impl Response {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("only http:// URLs are supported here, got {0}")]
+    #[error("not an http:// or https:// URL: {0}")]
     Url(String),
-    #[error("cannot reach {0}: {1}")]
-    Connect(String, String),
+    /// The server's certificate is not signed by a trusted CA (or names another host).
+    #[error(
+        "the server's certificate is not trusted ({0}); give the CA that signed it with --ca-file or ULTRASYNC_CA_FILE"
+    )]
+    Untrusted(String),
+    #[error("cannot reach {0}")]
+    Connect(String),
     #[error("timed out")]
     Timeout,
     #[error("bad answer: {0}")]
     Answer(String),
 }
 
-/// Sends one request to `base` + `path` (e.g. `http://127.0.0.1:8080` + `/v1/...`).
+impl HttpError {
+    fn from_reqwest(e: &reqwest::Error) -> Self {
+        if is_untrusted_certificate(e) {
+            Self::Untrusted(describe(e))
+        } else if e.is_timeout() {
+            Self::Timeout
+        } else if e.is_connect() {
+            Self::Connect(describe(e))
+        } else {
+            Self::Answer(describe(e))
+        }
+    }
+}
+
+/// Requests to one gateway; connections are kept and reused between them.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    /// `http(s)://host:port`, no trailing slash.
+    base: String,
+}
+
+impl Client {
+    /// A client for the gateway at `base` (`https://host:port`), trusting `trust`,
+    /// giving each exchange `timeout` in all.
+    pub fn new(base: &str, trust: &Trust, timeout: Duration) -> Result<Self, HttpError> {
+        let base = base.trim_end_matches('/');
+        let url = reqwest::Url::parse(base).map_err(|e| HttpError::Url(format!("{base}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(HttpError::Url(base.to_owned()));
+        }
+        let http = ultrasync_http_client::builder(trust, "ultrasync-cli", timeout)
+            .build()
+            .map_err(|e| HttpError::Answer(describe(&e)))?;
+        Ok(Self {
+            http,
+            base: base.to_owned(),
+        })
+    }
+
+    /// Sends one request to `base` + `path` (`/v1/...`, already percent-encoded); a JSON
+    /// `body` when given.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Result<Response, HttpError> {
+        let url = format!("{}{path}", self.base);
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| HttpError::Url(format!("method {method}: {e}")))?;
+        let mut req = self.http.request(method, &url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(body) = body {
+            req = req
+                .header("Content-Type", "application/json")
+                .body(body.to_owned());
+        }
+        let resp = req.send().await.map_err(|e| HttpError::from_reqwest(&e))?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = match read_bounded(resp, MAX_BODY).await {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(BodyError::TooLarge(n)) => {
+                return Err(HttpError::Answer(format!("the answer is over {n} bytes")));
+            }
+            Err(BodyError::Timeout) => return Err(HttpError::Timeout),
+            Err(BodyError::Read(e)) => return Err(HttpError::Answer(e)),
+        };
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// One request to `base` + `path` with a client of its own trusting the system's
+/// roots (for a single call; keep a [`Client`] to reuse connections or trust a CA).
 pub async fn request(
     method: &str,
     base: &str,
@@ -45,102 +147,7 @@ pub async fn request(
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
-    let authority = base
-        .strip_prefix("http://")
-        .ok_or_else(|| HttpError::Url(base.to_owned()))?
-        .trim_end_matches('/');
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(authority)
-            .await
-            .map_err(|e| HttpError::Connect(authority.to_owned(), e.to_string()))?;
-        let body = body.unwrap_or("");
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if !body.is_empty() {
-            req.push_str("Content-Type: application/json\r\n");
-        }
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        stream
-            .write_all(req.as_bytes())
-            .await
-            .map_err(|e| HttpError::Connect(authority.to_owned(), e.to_string()))?;
-        let mut buf = Vec::new();
-        stream
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| HttpError::Answer(e.to_string()))?;
-        parse(&buf)
-    };
-    tokio::time::timeout(timeout, exchange)
+    Client::new(base, &Trust::system(), timeout)?
+        .request(method, path, headers, body)
         .await
-        .map_err(|_| HttpError::Timeout)?
-}
-
-fn parse(raw: &[u8]) -> Result<Response, HttpError> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| HttpError::Answer("no header end".into()))?;
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| HttpError::Answer("no status line".into()))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_plain_and_chunked_answers() {
-        let r = parse(b"HTTP/1.1 409 Conflict\r\nETag: \"3\"\r\nContent-Length: 2\r\n\r\n{}")
-            .expect("parse");
-        assert_eq!(
-            (r.status, r.header("etag"), r.body.as_str()),
-            (409, Some("\"3\""), "{}")
-        );
-        let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
-            .expect("parse");
-        assert_eq!(r.body, "abcde");
-    }
 }

@@ -1,6 +1,8 @@
 //! The Rust client for ultrasync: [`Connection`] speaks the WebSocket protocol frame
 //! by frame (the CLI, the tests and the benchmark use it); [`sync::SyncClient`] is the
 //! local-first SDK on top (replica, persisted outbox, optimistic edits, reconnects).
+//! Both speak `ws://` and `wss://`; [`Trust`] says which CAs `wss://` believes (the
+//! system's roots, plus a private CA from a PEM file), the same for [`http::Client`].
 
 pub mod http;
 pub mod sync;
@@ -15,6 +17,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+pub use ultrasync_http_client::{Trust, TrustError};
 pub use ultrasync_shared::protocol::{ClientMessage, CommandFrame, ServerMessage};
 pub use ultrasync_shared::{Op, OpType, Precondition};
 
@@ -25,6 +28,12 @@ pub enum ClientError {
     Http(u16),
     #[error("websocket: {0}")]
     WebSocket(String),
+    /// `wss://`: the server's certificate is not signed by a trusted CA (or names
+    /// another host).
+    #[error(
+        "the server's certificate is not trusted ({0}); trust the CA that signed it (a CA file: `Trust::with_ca_file`, the CLI's --ca-file)"
+    )]
+    Untrusted(String),
     /// The server closed the socket.
     #[error("closed by server: {code} {reason}")]
     Closed { code: u16, reason: String },
@@ -41,9 +50,18 @@ pub struct Connection {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }
 
+/// Longest wait for the TCP connection, TLS and the WebSocket upgrade.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Connection {
-    /// Connects to `url` (`ws://host:port/v1/sync`) with a bearer token.
+    /// Connects to `url` (`ws://` or `wss://host:port/v1/sync`) with a bearer token,
+    /// trusting the system's roots for `wss://`.
     pub async fn connect(url: &str, token: &str) -> Result<Self, ClientError> {
+        Self::connect_with(url, token, &Trust::system()).await
+    }
+
+    /// [`Connection::connect`] trusting `trust` for `wss://` (e.g. a private CA).
+    pub async fn connect_with(url: &str, token: &str, trust: &Trust) -> Result<Self, ClientError> {
         let mut request = url
             .into_client_request()
             .map_err(|e| ClientError::Request(e.to_string()))?;
@@ -53,10 +71,23 @@ impl Connection {
         let config = WebSocketConfig::default()
             .max_message_size(Some(64 << 20))
             .max_frame_size(Some(64 << 20));
-        match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
-            Ok((ws, _)) => Ok(Self { ws }),
-            Err(tungstenite::Error::Http(resp)) => Err(ClientError::Http(resp.status().as_u16())),
-            Err(e) => Err(ClientError::WebSocket(e.to_string())),
+        let connector = tokio_tungstenite::Connector::Rustls(trust.rustls_config());
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            Some(connector),
+        );
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Err(_) => Err(ClientError::Timeout),
+            Ok(Ok((ws, _))) => Ok(Self { ws }),
+            Ok(Err(tungstenite::Error::Http(resp))) => {
+                Err(ClientError::Http(resp.status().as_u16()))
+            }
+            Ok(Err(e)) if ultrasync_http_client::is_untrusted_certificate(&e) => {
+                Err(ClientError::Untrusted(e.to_string()))
+            }
+            Ok(Err(e)) => Err(ClientError::WebSocket(e.to_string())),
         }
     }
 

@@ -13,6 +13,7 @@
 //!     client_id: "laptop-1".into(),
 //!     namespaces: vec!["index".into()],
 //!     store: "./.replica".into(),
+//!     ca_file: None,
 //! })?;
 //! let mut changes = client.changes();
 //! client.put("index", "greeting", serde_json::json!("hello"))?; // applied locally now
@@ -77,6 +78,8 @@ pub struct SyncOptions {
     pub namespaces: Vec<String>,
     /// Folder of the local store.
     pub store: PathBuf,
+    /// A PEM CA trusted for `wss://` besides the system's roots (a private CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// What the application hears about.
@@ -168,6 +171,8 @@ struct Local {
 
 struct Shared {
     opts: SyncOptions,
+    /// Whom `wss://` believes (from `opts.ca_file`).
+    trust: crate::Trust,
     local: Mutex<Local>,
     changes: broadcast::Sender<Change>,
     /// An edit was queued.
@@ -266,6 +271,8 @@ impl Shared {
 impl SyncClient {
     /// Opens (or creates) the store and starts syncing in the background.
     pub fn start(opts: SyncOptions) -> Result<Self, SyncError> {
+        let trust = crate::Trust::from_ca_file(opts.ca_file.as_deref())
+            .map_err(|e| SyncError::Invalid(e.to_string()))?;
         std::fs::create_dir_all(&opts.store)
             .map_err(|e| SyncError::Store(format!("{}: {e}", opts.store.display())))?;
         let mut local = Local {
@@ -318,6 +325,7 @@ impl SyncClient {
         }
         let shared = Arc::new(Shared {
             opts,
+            trust,
             local: Mutex::new(local),
             changes: broadcast::channel(16 * 1024).0,
             edited: Notify::new(),
@@ -531,7 +539,7 @@ fn jitter(d: Duration) -> Duration {
 async fn run(shared: Arc<Shared>) {
     let mut backoff = BACKOFF_START;
     while !shared.stopped.load(std::sync::atomic::Ordering::SeqCst) {
-        match Connection::connect(&shared.opts.url, &shared.opts.token).await {
+        match Connection::connect_with(&shared.opts.url, &shared.opts.token, &shared.trust).await {
             Ok(conn) => {
                 let reason = session(&shared, conn, &mut backoff).await;
                 shared.emit(Change::Disconnected { reason });

@@ -17,6 +17,15 @@
 //! Each POST carries `Usync-Event` (`op.committed`, `doc.updated` or `stream.reset`), `Usync-Delivery`
 //! (`{op_id}.{event}`, the same on every retry), `Usync-Timestamp` (Unix seconds) and
 //! `Usync-Signature: sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`.
+//!
+//! POSTs go through the workspace's one HTTP client (`ultrasync-http-client`): one
+//! pooled client per webhook, so its deliveries reuse a kept-alive connection (one TLS
+//! handshake for many), trusting the system's roots plus the webhook's `ca_file`. An
+//! attempt succeeds on a 2xx whose answer is complete within `timeout_ms` (request,
+//! status and body together); the body is read and dropped, at most
+//! [`MAX_ANSWER_BYTES`] of it, so a receiver answering a huge body or one that never
+//! ends holds neither memory nor the delivery task: past the bound or the deadline the
+//! connection is dropped and the attempt fails like any other.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,9 +37,9 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use ultrasync_http_client::{Trust, describe, read_bounded, reqwest};
 use ultrasync_shared::config::WebhookConfig;
 use ultrasync_shared::log::LogEntry;
 use ultrasync_shared::namespaces::{Mode, Namespaces};
@@ -40,8 +49,37 @@ use ultrasync_shared::nats::OPS_STREAM;
 pub use ultrasync_shared::nats::DLQ_STREAM;
 /// Longest wait between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// One POST may take this long.
-const POST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest time JetStream waits for an op's ack before sending it again (longer
+/// for webhooks with a long `timeout_ms`: an op may take one POST per event).
+const MIN_ACK_WAIT: Duration = Duration::from_secs(30);
+/// The most of an answer's body read (and dropped); a longer one fails the attempt.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// Idle kept-alive connections per webhook.
+const POOL_PER_WEBHOOK: usize = 4;
+
+/// Where one webhook's POSTs go: its URL and its pooled client.
+struct Endpoint {
+    url: reqwest::Url,
+    client: reqwest::Client,
+}
+
+impl Endpoint {
+    fn new(hook: &WebhookConfig) -> anyhow::Result<Self> {
+        let url = reqwest::Url::parse(&hook.url)
+            .with_context(|| format!("webhook {}: url {}", hook.name, hook.url))?;
+        let trust = Trust::from_ca_file(hook.ca_file.as_deref())
+            .with_context(|| format!("webhook {}: ca_file", hook.name))?;
+        let client = ultrasync_http_client::builder(
+            &trust,
+            "ultrasync-webhooks",
+            Duration::from_millis(hook.timeout_ms),
+        )
+        .pool_max_idle_per_host(POOL_PER_WEBHOOK)
+        .build()
+        .with_context(|| format!("webhook {}: HTTP client", hook.name))?;
+        Ok(Self { url, client })
+    }
+}
 
 #[derive(Default)]
 pub struct WebhookMetrics {
@@ -91,6 +129,7 @@ pub async fn start(
         .await
         .context("opening the cursor bucket (webhook resets)")?;
     for hook in hooks {
+        let endpoint = Arc::new(Endpoint::new(hook)?);
         let filter = format!(
             "usync.ops.{}.{}.{}",
             hook.org,
@@ -105,7 +144,8 @@ pub async fn start(
                     description: Some(format!("ultrasync webhook {}", hook.name)),
                     filter_subject: filter,
                     ack_policy: AckPolicy::Explicit,
-                    ack_wait: POST_TIMEOUT * 3,
+                    ack_wait: Duration::from_millis(hook.timeout_ms.saturating_mul(3))
+                        .max(MIN_ACK_WAIT),
                     max_ack_pending: 256,
                     ..Default::default()
                 },
@@ -135,7 +175,9 @@ pub async fn start(
                         m = messages.next() => m,
                     };
                     match msg {
-                        Some(Ok(m)) => deliver(&js, &resets, &hook, &namespaces, &metrics, m).await,
+                        Some(Ok(m)) => {
+                            deliver(&js, &resets, &hook, &endpoint, &namespaces, &metrics, m).await;
+                        }
                         Some(Err(e)) => {
                             debug!(webhook = %hook.name, error = %e, "webhook pull error");
                         }
@@ -152,6 +194,7 @@ async fn deliver(
     js: &jetstream::Context,
     resets: &jetstream::kv::Store,
     hook: &WebhookConfig,
+    endpoint: &Endpoint,
     namespaces: &Namespaces,
     metrics: &WebhookMetrics,
     msg: jetstream::Message,
@@ -233,7 +276,7 @@ async fn deliver(
             _ => format!("{}.{event}", op.op_id),
         };
         let body = serde_json::to_vec(body).unwrap_or_default();
-        match post(hook, event, &delivery, &body).await {
+        match post(hook, endpoint, event, &delivery, body).await {
             Ok(status) if (200..300).contains(&status) => {}
             Ok(status) => failed = Some(format!("HTTP {status}")),
             Err(e) => failed = Some(e),
@@ -279,82 +322,35 @@ async fn deliver(
     let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
 }
 
-/// One signed POST; the HTTP status.
+/// One signed POST; the HTTP status, once the whole answer is in (see the module
+/// docs for the bounds).
 async fn post(
     hook: &WebhookConfig,
+    endpoint: &Endpoint,
     event: &str,
     delivery: &str,
-    body: &[u8],
+    body: Vec<u8>,
 ) -> Result<u16, String> {
     let timestamp = ultrasync_shared::auth::now_secs();
-    let (tls, rest) = match hook.url.split_once("://") {
-        Some(("https", rest)) => (true, rest),
-        Some(("http", rest)) => (false, rest),
-        _ => return Err(format!("bad url {}", hook.url)),
-    };
-    let (authority, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-    let addr = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:{}", if tls { 443 } else { 80 })
-    };
-    let mut head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: ultrasync-webhooks\r\nUsync-Event: {event}\r\nUsync-Delivery: {delivery}\r\nUsync-Timestamp: {timestamp}\r\nUsync-Signature: {}\r\n\r\n",
-        body.len(),
-        signature(hook.secret.as_bytes(), timestamp, body)
-    )
-    .into_bytes();
-    head.extend_from_slice(body);
-    let exchange = async {
-        let tcp = tokio::net::TcpStream::connect(&addr)
-            .await
-            .map_err(|e| format!("connecting to {addr}: {e}"))?;
-        let mut response = Vec::new();
-        if tls {
-            let name = rustls_pki_types::ServerName::try_from(host.to_owned())
-                .map_err(|e| e.to_string())?;
-            let mut stream = tls_connector()
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS: {e}"))?;
-            stream.write_all(&head).await.map_err(|e| e.to_string())?;
-            let _ = stream.read_to_end(&mut response).await;
-        } else {
-            let mut stream = tcp;
-            stream.write_all(&head).await.map_err(|e| e.to_string())?;
-            let _ = stream.read_to_end(&mut response).await;
-        }
-        let text = String::from_utf8_lossy(&response);
-        text.split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse::<u16>().ok())
-            .ok_or_else(|| "no HTTP status in the answer".to_owned())
-    };
-    tokio::time::timeout(POST_TIMEOUT, exchange)
+    let signature = signature(hook.secret.as_bytes(), timestamp, &body);
+    let answer = endpoint
+        .client
+        .post(endpoint.url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header("Usync-Event", event)
+        .header("Usync-Delivery", delivery)
+        .header("Usync-Timestamp", timestamp.to_string())
+        .header("Usync-Signature", signature)
+        .body(body)
+        .send()
         .await
-        .map_err(|_| "timed out".to_owned())?
-}
-
-fn tls_connector() -> tokio_rustls::TlsConnector {
-    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
-    let config = CONFIG.get_or_init(|| {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Arc::new(
-            rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default TLS versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
-    });
-    tokio_rustls::TlsConnector::from(config.clone())
+        .map_err(|e| describe(&e))?;
+    let status = answer.status().as_u16();
+    // Read to its end, so the connection goes back to the pool.
+    read_bounded(answer, MAX_ANSWER_BYTES)
+        .await
+        .map_err(|e| format!("HTTP {status}: {e}"))?;
+    Ok(status)
 }
 
 #[cfg(test)]

@@ -77,10 +77,21 @@ pub struct WebhookConfig {
     /// First retry delay; doubles per attempt, at most 60 s.
     #[serde(default = "default_webhook_backoff_ms")]
     pub backoff_ms: u64,
+    /// One attempt, answer included, may take this long; then it has failed.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// A PEM CA trusted for an `https://` url besides the system's roots (a receiver
+    /// with a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_webhook_attempts() -> u32 {
     8
+}
+
+fn default_webhook_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_webhook_backoff_ms() -> u64 {
@@ -663,6 +674,9 @@ impl Config {
             refuse_example_secret(&format!("webhook {}: secret", w.name), &w.secret)?;
             if w.max_attempts == 0 {
                 anyhow::bail!("webhook {}: max_attempts must be positive", w.name);
+            }
+            if w.timeout_ms == 0 {
+                anyhow::bail!("webhook {}: timeout_ms must be positive", w.name);
             }
             if let Some(e) = w
                 .events

@@ -821,20 +821,46 @@ impl Drop for Stack {
     }
 }
 
-/// A minimal HTTP/1.1 GET over a real socket: (status, body).
+/// A GET through the workspace's HTTP client (`http://` or `https://` with the
+/// system's roots): (status, body).
 pub async fn http_get(url: &str) -> std::io::Result<(u16, String)> {
     http_request("GET", url, &[], "").await
 }
 
-/// A minimal HTTP/1.1 request over a real socket: (status, body).
+/// A request through the workspace's HTTP client (`ultrasync-http-client`; a fresh
+/// connection each time, no proxy, 30 s in all): (status, body). Tests that need the
+/// exact bytes on the wire use [`http_exchange`].
 pub async fn http_request(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<(u16, String)> {
-    let r = http_exchange(method, url, headers, body).await?;
-    Ok((r.status, r.body))
+    use ultrasync_http_client::{Trust, describe, read_bounded, reqwest};
+    let failed = |e: &(dyn std::error::Error + 'static)| std::io::Error::other(describe(e));
+    let client = ultrasync_http_client::builder(
+        &Trust::system(),
+        "ultrasync-testkit",
+        Duration::from_secs(30),
+    )
+    .no_proxy()
+    .pool_max_idle_per_host(0)
+    .build()
+    .map_err(|e| failed(&e))?;
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| failed(&e))?;
+    let mut req = client.request(method, url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if !body.is_empty() {
+        req = req.body(body.to_owned());
+    }
+    let answer = req.send().await.map_err(|e| failed(&e))?;
+    let status = answer.status().as_u16();
+    let body = read_bounded(answer, 256 << 20)
+        .await
+        .map_err(|e| failed(&e))?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// An HTTP response as [`http_exchange`] read it.
@@ -855,7 +881,9 @@ impl HttpResponse {
     }
 }
 
-/// A minimal HTTP/1.1 request over a real socket, `Connection: close`.
+/// A minimal HTTP/1.1 request written by hand over a real socket, `Connection: close`:
+/// the method, path and headers go on the wire exactly as given (no URL normalizing,
+/// no added headers), for tests that probe the gateway's edges.
 pub async fn http_exchange(
     method: &str,
     url: &str,

@@ -1,7 +1,7 @@
 //! A test certificate authority (rcgen): certificates for servers on loopback and
 //! for clients, written as PEM files where a config wants paths.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -48,7 +48,7 @@ impl TestCa {
         self.issuer.pem()
     }
 
-    /// A server (and client) certificate for `localhost` and 127.0.0.1.
+    /// A server (and client) certificate for `localhost`, 127.0.0.1 and ::1.
     pub fn localhost(&self) -> Issued {
         self.issue(&["localhost"], true)
     }
@@ -66,6 +66,9 @@ impl TestCa {
             params
                 .subject_alt_names
                 .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)));
             params.extended_key_usages = vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
