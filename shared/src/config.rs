@@ -333,6 +333,14 @@ pub struct GatewayConfig {
     /// Client ids one actor may have cursors recorded for on this gateway (each holds
     /// the log until the compactor's `cursor_ttl_secs`); more: `rate_limited`.
     pub max_clients_per_actor: usize,
+    /// Documents one automerge-repo socket may sync at once; a further one is refused
+    /// with an `error` naming it.
+    pub automerge_docs_per_socket: usize,
+    /// Automerge documents this gateway holds for one org's automerge-repo sockets
+    /// (in use, or kept a minute after the last socket left). At the bound the least
+    /// recently used document no socket holds is dropped; when every one is in use, a
+    /// new one is refused with an `error` naming it.
+    pub automerge_docs_per_org: usize,
 }
 
 impl Default for GatewayConfig {
@@ -344,14 +352,6 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             command_timeout_secs: 10,
             presence_ttl_secs: 30,
-    /// Documents one automerge-repo socket may sync at once; a further one is refused
-    /// with an `error` naming it.
-    pub automerge_docs_per_socket: usize,
-    /// Automerge documents this gateway holds for one org's automerge-repo sockets
-    /// (in use, or kept a minute after the last socket left). At the bound the least
-    /// recently used document no socket holds is dropped; when every one is in use, a
-    /// new one is refused with an `error` naming it.
-    pub automerge_docs_per_org: usize,
             presence_keys_per_client: 16,
             presence_payload_bytes: 4 * 1024,
             presence_entries_per_room: 10_000,
@@ -376,6 +376,8 @@ impl Default for GatewayConfig {
             max_http_connections: 12_000,
             snapshot_after_ops: 10_000,
             max_clients_per_actor: 1_000,
+            automerge_docs_per_socket: 1_024,
+            automerge_docs_per_org: 10_000,
         }
     }
 }
@@ -387,8 +389,6 @@ pub struct SequencerConfig {
     /// one waits (ms, 0-10). 0 by default: the committer already groups every key's
     /// writes while one is on its way (measured: 1,000 ops/s p50 5.5 → 4.9 ms).
     pub batch_window_ms: u64,
-            automerge_docs_per_socket: 1_024,
-            automerge_docs_per_org: 10_000,
     /// Most commands in one durable write (JetStream allows 1000 per atomic batch).
     pub batch_max: usize,
     /// Seconds the active sequencer may go without pulling before another takes over.
@@ -698,6 +698,8 @@ impl Config {
             || g.max_commands_per_sec_per_actor == 0
             || g.max_subscriptions_per_socket == 0
             || g.max_clients_per_actor == 0
+            || g.automerge_docs_per_socket == 0
+            || g.automerge_docs_per_org == 0
             || g.header_read_timeout_secs == 0
             || g.request_timeout_secs == 0
         {
@@ -712,8 +714,6 @@ impl Config {
         }
         if g.max_http_connections < g.max_connections {
             anyhow::bail!("gateway.max_http_connections must be at least max_connections");
-            || g.automerge_docs_per_socket == 0
-            || g.automerge_docs_per_org == 0
         }
         if self.gateway.outbound_queue == 0 {
             anyhow::bail!("gateway.outbound_queue must be at least 1");
