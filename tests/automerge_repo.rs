@@ -139,6 +139,10 @@ async fn two_repos_sync_converge_and_a_third_loads_later() {
 
     let doc = a.create(json!({"title": "hello"})).await;
     a.change(&doc, "count", json!(1)).await;
+    // Another peer can find a document once the server stores it (as with any sync
+    // server, one asked first answers that it does not have it).
+    a.call(json!({"cmd": "wait_server_heads", "url": doc}))
+        .await;
     let found = b.find(&doc).await.expect("b finds the document by URL");
     assert_eq!(found["title"], "hello");
     let seen = b.wait(&doc, "count", json!(1)).await;
@@ -311,6 +315,9 @@ async fn peers_on_two_gateways_sync_and_share_ephemeral_messages() {
         &format!("ws://{second_http}/v1/automerge/{ORG}/web/collab?access_token={token}"),
     );
     let doc = a.create(json!({"title": "two gateways"})).await;
+    // Stored first: the other gateway answers from the log.
+    a.call(json!({"cmd": "wait_server_heads", "url": doc}))
+        .await;
     b.find(&doc)
         .await
         .expect("b finds it through the other gateway");
