@@ -1398,20 +1398,34 @@ async fn run_row(hub: &mut Hub, row: &str) {
                     }
                 }
             });
-            let mut code = None;
-            while let Ok(Some(m)) =
-                tokio::time::timeout(Duration::from_secs(20), stream.next()).await
-            {
-                if let Ok(Message::Close(f)) = m {
-                    code = f.map(|f| u16::from(f.code));
-                    break;
+            // The gateway closes with 1008. The close frame may not get through: the
+            // gateway shuts a socket with the flood still unread in its receive
+            // buffer, and the kernel then answers with a reset. Either way the
+            // socket ends; a timeout means it was left open.
+            let mut ended = None;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(20), stream.next()).await {
+                    Err(_) => break,
+                    Ok(Some(Ok(Message::Close(f)))) => {
+                        ended = Some(format!("close {:?}", f.map(|f| u16::from(f.code))));
+                        break;
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(e))) => {
+                        ended = Some(format!("dropped: {e}"));
+                        break;
+                    }
+                    Ok(None) => {
+                        ended = Some("dropped".to_owned());
+                        break;
+                    }
                 }
             }
             flood.abort();
-            assert_eq!(
-                code,
-                Some(1008),
-                "an ephemeral flood over the frame rate was not closed"
+            let ended = ended.expect("an ephemeral flood over the frame rate was not closed");
+            assert!(
+                ended == "close Some(1008)" || ended.starts_with("dropped"),
+                "an ephemeral flood over the frame rate ended with {ended}"
             );
         }
         other => panic!("no such row: {other}"),
