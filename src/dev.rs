@@ -309,6 +309,17 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
                 "  (build it first: npm ci && npm run build in clients/typescript)"
             }
         );
+        // An unmodified automerge-repo app on the same token (/v1/automerge/…).
+        if dir.join("automerge/index.html").is_file() {
+            println!(
+                "  Automerge  {http}/demo/automerge/#token={}",
+                if cfg.auth.uses_public_keys() {
+                    "<jwt>"
+                } else {
+                    &token
+                },
+            );
+        }
     }
     if nodes == 1 {
         println!(

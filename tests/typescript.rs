@@ -1,7 +1,9 @@
 //! The TypeScript SDK (`clients/typescript`) from `cargo test`: its unit tests (node's
 //! test runner, the shared optimistic-apply vectors included), then the demo app in
 //! headless Chromium (Playwright, two browser contexts as two users) against the real
-//! `ultrasync dev` serving it at `/demo`. Node, the npm packages (from the lockfile)
+//! `ultrasync dev` serving it at `/demo`, and the automerge-repo demo
+//! (`/demo/automerge/`, an unmodified automerge-repo app on ultrasync's automerge-repo
+//! endpoint) the same way. Node, the npm packages (from the lockfile)
 //! and Debian's `chromium` come from `scripts/setup.sh`; the screenshots land in a
 //! folder whose path the test prints.
 
@@ -66,6 +68,8 @@ fn sdk_unit_tests_and_shared_vectors() {
 struct Dev {
     child: Child,
     http: String,
+    /// The `Automerge` link it printed.
+    automerge: String,
     _dir: tempfile::TempDir,
     secret: Vec<u8>,
 }
@@ -101,13 +105,16 @@ fn start_dev() -> Dev {
         .expect("start ultrasync dev");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let (mut http, mut demo) = (None, None);
+    let (mut http, mut demo, mut automerge) = (None, None, None);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while demo.is_none() && Instant::now() < deadline {
+    // The demo links come before the NATS line.
+    while Instant::now() < deadline {
         let Some(Ok(line)) = lines.next() else { break };
         match line.split_whitespace().collect::<Vec<_>>().as_slice() {
             ["HTTP", url, ..] => http = Some((*url).to_owned()),
             ["Demo", url, ..] => demo = Some((*url).to_owned()),
+            ["Automerge", url, ..] => automerge = Some((*url).to_owned()),
+            ["NATS", ..] => break,
             _ => {}
         }
     }
@@ -117,6 +124,7 @@ fn start_dev() -> Dev {
     Dev {
         child,
         http: http.expect("HTTP URL printed"),
+        automerge: automerge.expect("ultrasync dev printed no Automerge link"),
         _dir: dir,
         secret: secret.trim().as_bytes().to_vec(),
     }
@@ -175,4 +183,47 @@ fn demo_in_headless_chromium() {
     let n = std::fs::read_dir(&shots).map_or(0, |d| d.count());
     assert!(n >= 8, "expected the screenshots in {}", shots.display());
     eprintln!("{n} screenshots in {}", shots.display());
+}
+
+#[test]
+fn automerge_repo_demo_in_headless_chromium() {
+    let browser = chromium();
+    build();
+    let dev = start_dev();
+    assert!(
+        dev.automerge.contains("/demo/automerge/#token="),
+        "{}",
+        dev.automerge
+    );
+    let token = |sub: &str| {
+        auth::mint_hs256(
+            &dev.secret,
+            &auth::claims(
+                sub,
+                "dev",
+                &["*"],
+                "read write",
+                3600,
+                auth::DEFAULT_AUDIENCE,
+            ),
+        )
+        .expect("token")
+    };
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("automerge-demo-screenshots");
+    let _ = std::fs::remove_dir_all(&shots);
+    eprintln!("screenshots: {}", shots.display());
+    run(
+        "node",
+        &["--test", "test/browser/automerge.mjs"],
+        &[
+            ("ULTRASYNC_AUTOMERGE_DEMO", dev.automerge.clone()),
+            ("ULTRASYNC_HTTP", dev.http.clone()),
+            ("ULTRASYNC_TOKEN_ALICE", token("alice")),
+            ("ULTRASYNC_TOKEN_BOB", token("bob")),
+            ("ULTRASYNC_CHROMIUM", browser),
+            ("ULTRASYNC_SCREENSHOTS", shots.display().to_string()),
+        ],
+    );
+    let n = std::fs::read_dir(&shots).map_or(0, |d| d.count());
+    assert!(n >= 3, "expected the screenshots in {}", shots.display());
 }

@@ -1,16 +1,18 @@
-// Bundles the demo app (demo/app.ts + the SDK + Automerge) into demo/dist/app.js:
-// plain files the gateway serves at /demo, no dev server. Automerge's wasm comes
-// inlined as base64 (the `webpack` export condition), so there is no .wasm to serve.
+// Bundles the demo apps into demo/dist/: app.js (demo/app.ts + the SDK + Automerge)
+// and automerge.js (demo/automerge/app.ts + automerge-repo and its WebSocket adapter,
+// the page at /demo/automerge/): plain files the gateway serves at /demo, no dev
+// server. Automerge's wasm comes inlined as base64 (the `webpack` export condition),
+// so there is no .wasm to serve.
 import { build } from "esbuild";
 
 await build({
-  entryPoints: ["demo/app.ts"],
+  entryPoints: { app: "demo/app.ts", automerge: "demo/automerge/app.ts" },
   bundle: true,
   format: "esm",
   platform: "browser",
   target: "es2022",
   conditions: ["webpack"],
-  outfile: "demo/dist/app.js",
+  outdir: "demo/dist",
   sourcemap: true,
   logLevel: "warning",
 });
