@@ -90,7 +90,7 @@ async function main(): Promise<void> {
     history.replaceState(null, "", `#${params}`);
   }
   // For the browser tests and the curious: `demo.handle` in the console.
-  (window as unknown as { demo: unknown }).demo = { repo, handle };
+  (window as unknown as { demo: unknown }).demo = { repo, handle, server: () => server };
 
   $("#doc-url").textContent = handle.url;
   $("#project").textContent = project;

@@ -60,7 +60,18 @@ async function ready(page) {
 }
 
 const shot = (u, label) => u.page.screenshot({ path: join(SHOTS, `automerge-${label}-${u.name}.png`), fullPage: true });
-const saved = (u) => u.page.waitForSelector('#saved[data-saved="yes"]', { timeout: WAIT });
+const saved = (u) =>
+  u.page.waitForSelector('#saved[data-saved="yes"]', { timeout: WAIT }).catch(async (e) => {
+    const state = await u.page.evaluate(() => {
+      const { repo, handle, server } = window.demo;
+      const s = server();
+      return { url: handle.url, heads: handle.heads(), peers: repo.peers, server: s, syncInfo: s?.storageId && handle.getSyncInfo(s.storageId) };
+    });
+    const id = state.url.slice("automerge:".length);
+    const res = await fetch(`${HTTP}/v1/dev/${PROJECT}/collab/keys/${id}`, { headers: { authorization: `Bearer ${TOKENS.alice}` } });
+    state.http = { status: res.status, body: await res.text() };
+    assert.fail(`${u.name}: the server's heads never included the page's: ${JSON.stringify(state)} (${e.message})`);
+  });
 const notes = (u) => u.page.$$eval("#notes li .text", (els) => els.map((e) => e.textContent));
 const count = (u) => u.page.textContent("#count");
 
