@@ -25,11 +25,6 @@ use crate::AppState;
 use crate::rules::auth::{self, Door};
 use crate::rules::error_response;
 
-/// Per-socket read buffer (bytes), as on the native socket.
-const SOCKET_READ_BUFFER: usize = 4 * 1024;
-/// Bytes gathered before a socket write.
-const SOCKET_WRITE_BUFFER: usize = 8 * 1024;
-
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new().route("/v1/automerge/{org}/{project}/{ns}", get(automerge_socket))
 }
@@ -120,28 +115,14 @@ pub async fn automerge_socket(
             );
         }
     }
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rejection) => {
-            return error_response(ErrorCode::InvalidMessage, rejection.body_text());
-        }
+    let (ws, slot, permit) = match crate::ws::admit(&state, ws, &principal) {
+        Ok(admitted) => admitted,
+        Err(r) => return r,
     };
-    let slot = match state.budgets.open_socket(&principal) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
-    let Ok(permit) = state.connection_slots.clone().try_acquire_owned() else {
-        return error_response(ErrorCode::Unavailable, "too many connections; retry later");
-    };
-    let max = state.config.gateway.max_frame_bytes;
-    ws.max_frame_size(max)
-        .max_message_size(max)
-        .read_buffer_size(SOCKET_READ_BUFFER)
-        .write_buffer_size(SOCKET_WRITE_BUFFER)
-        .on_upgrade(move |socket| async move {
-            session::Session::run(state, socket, principal, key, slot).await;
-            drop(permit);
-        })
+    ws.on_upgrade(move |socket| async move {
+        session::Session::run(state, socket, principal, key, slot).await;
+        drop(permit);
+    })
 }
 
 #[cfg(test)]

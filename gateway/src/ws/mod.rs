@@ -64,28 +64,50 @@ pub async fn sync_socket(
     if !auth::origin_allowed(&state, &headers) {
         return error_response(ErrorCode::Forbidden, "origin not allowed");
     }
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rejection) => {
-            return error_response(ErrorCode::InvalidMessage, rejection.body_text());
-        }
+    let (ws, slot, permit) = match admit(&state, ws, &principal) {
+        Ok(admitted) => admitted,
+        Err(r) => return r,
     };
-    let slot = match state.budgets.open_socket(&principal) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
+    ws.on_upgrade(move |socket| async move {
+        session::Session::run(state, socket, principal, slot).await;
+        drop(permit);
+    })
+}
+
+/// What every WebSocket door (native and automerge-repo) checks before upgrading:
+/// a valid upgrade request, a socket within the actor's and org's budgets, and a
+/// free connection slot. Returns the upgrade bounded to the frame size, with small
+/// socket buffers: tungstenite's 128 KiB read and write defaults cost ~140 KiB per
+/// idle socket (measured with `ultrasync bench --scenario idle`).
+pub(crate) fn admit(
+    state: &AppState,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    principal: &ultrasync_shared::auth::Principal,
+) -> Result<
+    (
+        WebSocketUpgrade,
+        crate::rules::limits::SocketSlot,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+    Response,
+> {
+    let ws =
+        ws.map_err(|rejection| error_response(ErrorCode::InvalidMessage, rejection.body_text()))?;
+    let slot = state
+        .budgets
+        .open_socket(principal)
+        .map_err(IntoResponse::into_response)?;
     let Ok(permit) = state.connection_slots.clone().try_acquire_owned() else {
-        return error_response(ErrorCode::Unavailable, "too many connections; retry later");
+        return Err(error_response(
+            ErrorCode::Unavailable,
+            "too many connections; retry later",
+        ));
     };
     let max = state.config.gateway.max_frame_bytes;
-    // Small socket buffers: tungstenite's 128 KiB read and write defaults cost
-    // ~140 KiB per idle socket (measured with `ultrasync bench --scenario idle`).
-    ws.max_frame_size(max)
+    let ws = ws
+        .max_frame_size(max)
         .max_message_size(max)
         .read_buffer_size(SOCKET_READ_BUFFER)
-        .write_buffer_size(SOCKET_WRITE_BUFFER)
-        .on_upgrade(move |socket| async move {
-            session::Session::run(state, socket, principal, slot).await;
-            drop(permit);
-        })
+        .write_buffer_size(SOCKET_WRITE_BUFFER);
+    Ok((ws, slot, permit))
 }
