@@ -236,16 +236,26 @@ async fn three_sequencers_share_partitions_through_kill_and_freeze() {
     }
     nc.flush().await.expect("flush");
     let cmds = js.get_stream(nats::CMDS_STREAM).await.expect("cmds");
-    let stored: HashSet<String> = futures::TryStreamExt::try_collect::<Vec<(String, usize)>>(
-        cmds.info_with_subjects("usync.cmdp.>")
+    // Core publishes are not acked: the stream may store them a moment after the
+    // flush. Wait until it holds all four.
+    let mut stored: HashSet<String> = HashSet::new();
+    for _ in 0..100 {
+        let mut c = cmds.clone();
+        if c.info().await.expect("info").state.messages >= 4 {
+            stored = futures::TryStreamExt::try_collect::<Vec<(String, usize)>>(
+                cmds.info_with_subjects("usync.cmdp.>")
+                    .await
+                    .expect("subjects"),
+            )
             .await
-            .expect("subjects"),
-    )
-    .await
-    .expect("subjects")
-    .into_iter()
-    .map(|(s, _)| s)
-    .collect();
+            .expect("subjects")
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for i in [0, 1, 7, 42] {
         let k = key(i);
         let want = format!(
