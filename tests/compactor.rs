@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use ultrasync_client::{Connection, OpType, ServerMessage};
 use ultrasync_compactor::{Metrics, compact_once, read_cursors};
+use ultrasync_shared::config::CompactorConfig;
 use ultrasync_shared::nats::{CURSORS_BUCKET, OPS_STREAM, ops_subject};
 use ultrasync_shared::state::{self, KeyEntry, NamespaceState};
 use ultrasync_shared::{ErrorCode, StreamKey, log, reads};
@@ -175,7 +176,16 @@ async fn a_lagging_client_holds_the_log_until_it_expires_then_resyncs() {
     // A dry run says what would go and purges nothing.
     let js = stack.jetstream().await;
     let cfg = stack.config.compactor.clone();
-    let dry = compact_once(&js, &cfg, true, None).await.expect("dry run");
+    // Until the test lets Carl expire, passes run with a TTL no slow moment can reach:
+    // with the stack's 2 s, a loaded machine could expire him before the pass that
+    // checks he holds the log.
+    let holding = CompactorConfig {
+        cursor_ttl_secs: 3600,
+        ..cfg.clone()
+    };
+    let dry = compact_once(&js, &holding, true, None)
+        .await
+        .expect("dry run");
     let plan = &dry.stream_keys[0];
     assert_eq!(
         (plan.floor, plan.purged, plan.min_cursor),
@@ -190,7 +200,7 @@ async fn a_lagging_client_holds_the_log_until_it_expires_then_resyncs() {
 
     // Carl holds the log at his cursor.
     let metrics = Metrics::default();
-    let done = compact_once(&js, &cfg, false, Some(&metrics))
+    let done = compact_once(&js, &holding, false, Some(&metrics))
         .await
         .expect("pass");
     assert_eq!(done.purged_total, 10);
