@@ -348,6 +348,25 @@ pub fn shutdown_on_signals() -> CancellationToken {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ultrasync_shared::telemetry::init(matches!(cli.common.log_format, LogFormat::Json));
+    // The services export their spans when ULTRASYNC_OTLP_ENDPOINT is set.
+    let services = matches!(
+        cli.command,
+        Command::Dev(_)
+            | Command::Gateway(_)
+            | Command::Sequencer(_)
+            | Command::Materializer(_)
+            | Command::Compactor(_)
+    );
+    if services {
+        match ultrasync_shared::trace::init_from_env() {
+            Ok(true) => info!("traces are exported over OTLP"),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -358,7 +377,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    if services {
+        // Spans still queued go out before the process ends.
+        ultrasync_shared::trace::shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<cli::Exit>().is_some() => {
             ExitCode::from(e.downcast_ref::<cli::Exit>().map_or(1, |x| x.0))

@@ -23,6 +23,7 @@ mod presence;
 mod publisher;
 mod rules;
 mod serve;
+mod spans;
 mod tls;
 pub mod webhooks;
 mod ws;
@@ -118,6 +119,8 @@ pub struct AppState {
     /// One permit per open socket (`max_connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     pub hooks: Arc<dyn hooks::Hooks>,
+    /// Spans of commands (off unless `ULTRASYNC_OTLP_ENDPOINT` is set).
+    pub tracer: ultrasync_shared::trace::Tracer,
     /// What each actor and org may hold and send, across both doors.
     pub(crate) budgets: rules::limits::Budgets,
 }
@@ -242,6 +245,7 @@ async fn run_with(
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         budgets: rules::limits::Budgets::new(&config_gateway),
         hooks,
+        tracer: ultrasync_shared::trace::Tracer::for_service("gateway"),
     });
     state.presence.export(&state.metrics);
     state.publisher.export(&state.metrics);

@@ -35,6 +35,7 @@ use ultrasync_shared::ErrorCode;
 use ultrasync_shared::config::GatewayConfig;
 use ultrasync_shared::nats;
 use ultrasync_shared::protocol::ServerMessage;
+use ultrasync_shared::trace::{self, Span};
 
 use crate::Routes;
 
@@ -57,6 +58,9 @@ pub struct Queued {
     /// The route (session or request id) that waits for the answer.
     pub route: String,
     pub command_id: String,
+    /// Its `gateway.publish` span (ends at the store ack; its context goes with the
+    /// command to the sequencer).
+    pub span: Span,
 }
 
 /// How much one org may have waiting on this gateway (`gateway.org_max_inflight_*`).
@@ -393,10 +397,21 @@ async fn publish(
     subject: String,
     batch: Vec<Queued>,
 ) -> (Result<(), String>, Vec<Queued>) {
+    // Traced commands name their context, by line ([`trace::HDR_TRACE`]).
+    let mut headers = HeaderMap::new();
+    for (line, cmd) in batch.iter().enumerate() {
+        if let Some(tp) = cmd.span.traceparent() {
+            headers.append(trace::HDR_TRACE, format!("{line} {tp}").as_str());
+        }
+    }
     let sent = if let [one] = batch.as_slice() {
-        js.publish(subject, one.body.clone()).await
+        if headers.is_empty() {
+            js.publish(subject, one.body.clone()).await
+        } else {
+            js.publish_with_headers(subject, headers, one.body.clone())
+                .await
+        }
     } else {
-        let mut headers = HeaderMap::new();
         headers.insert(nats::HDR_BATCH, batch.len().to_string().as_str());
         let docs: Vec<&[u8]> = batch.iter().map(|c| c.body.as_ref()).collect();
         js.publish_with_headers(subject, headers, nats::join_lines(&docs).into())
@@ -406,6 +421,11 @@ async fn publish(
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
+    if let Err(why) = &result {
+        for cmd in &batch {
+            cmd.span.fail(why.clone());
+        }
+    }
     (result, batch)
 }
 

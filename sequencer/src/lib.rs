@@ -95,6 +95,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .get_key_value(ultrasync_shared::nats::COMMANDS_BUCKET)
             .await
             .context("opening the bucket of compacted commands")?,
+        tracer: ultrasync_shared::trace::Tracer::for_service("sequencer"),
     });
     let mut coordinator = partitions::Coordinator::start(
         js.clone(),

@@ -193,6 +193,7 @@ pub async fn run(
     stats: Arc<SourceStats>,
     stop: CancellationToken,
 ) {
+    let tracer = shared.tracer.clone();
     let mut workers = Workers::new(shared, fence);
     let mut messages = loop {
         let pulled = consumer
@@ -244,7 +245,7 @@ pub async fn run(
         };
         let delivered = msg.info().map_or(1, |i| i.delivered.max(1)) as u32;
         let busy_retry = (BUSY_RETRY * delivered).min(BUSY_RETRY_MAX);
-        for p in Pending::from_message(msg) {
+        for p in Pending::from_message(msg, &tracer) {
             stats.commands.fetch_add(1, Ordering::Relaxed);
             if let Err(Job::Command(p)) = workers.dispatch(key.clone(), Job::Command(p)) {
                 // The key's queue is full: only this key waits.

@@ -32,6 +32,7 @@ use ultrasync_shared::protocol::{CurrentState, ServerMessage};
 use ultrasync_shared::reads::DigestReply;
 use ultrasync_shared::snapshot::{self, Snapshot};
 use ultrasync_shared::state::{self, ApplyError, KeyEntry, NamespaceState};
+use ultrasync_shared::trace::{self, Span, SpanKind, Tracer};
 use ultrasync_shared::{CommandEnvelope, ErrorCode, Op, OpType, StreamKey, validate_key};
 
 use crate::HDR_SEQUENCER;
@@ -83,6 +84,9 @@ pub struct WorkerShared {
     pub committer: crate::committer::Committer,
     /// `usync-commands`: the commands of compacted ops.
     pub commands: jetstream::kv::Store,
+    /// Continues the traces gateways send with commands (off unless
+    /// `ULTRASYNC_OTLP_ENDPOINT` is set).
+    pub tracer: Tracer,
 }
 
 /// What a worker is handed.
@@ -139,16 +143,25 @@ pub struct Pending {
     command_id: String,
     /// Size of the command document (decides where the batch is planned).
     bytes: usize,
+    /// `sequencer.command`, when the gateway sent the command's trace: from its
+    /// delivery here to its answer (ends when the command is dropped).
+    span: Span,
 }
 
 impl Pending {
     /// The commands of one message, in order.
-    pub fn from_message(msg: jetstream::Message) -> Vec<Self> {
+    pub fn from_message(msg: jetstream::Message, tracer: &Tracer) -> Vec<Self> {
         let decoded: Vec<(Decoded, usize)> =
             ultrasync_shared::nats::split_lines(msg.headers.as_ref(), &msg.payload)
                 .into_iter()
                 .map(|doc| (decode(doc), doc.len()))
                 .collect();
+        let mut traces = match tracer.is_on() {
+            true => trace::lines_of(msg.headers.as_ref(), decoded.len()),
+            false => Default::default(),
+        };
+        let delivered = msg.info().map_or(1, |i| i.delivered);
+        let arrived = std::time::SystemTime::now();
         let delivery = Arc::new(Delivery {
             msg,
             open: AtomicUsize::new(decoded.len()),
@@ -156,8 +169,23 @@ impl Pending {
         });
         decoded
             .into_iter()
-            .map(|((cmd, reply_to, command_id), bytes)| {
+            .enumerate()
+            .map(|(line, ((cmd, reply_to, command_id), bytes))| {
                 let bad_reply_to = reply_to.as_deref().is_some_and(|r| !is_reply_subject(r));
+                let span = match traces.remove(&line) {
+                    Some(tp) => {
+                        let span = tracer.continue_from(
+                            "sequencer.command",
+                            SpanKind::Consumer,
+                            &tp,
+                            arrived,
+                        );
+                        span.set("ultrasync.command_id", command_id.clone());
+                        span.set("ultrasync.deliveries", delivered);
+                        span
+                    }
+                    None => Span::off(),
+                };
                 Self {
                     delivery: delivery.clone(),
                     cmd,
@@ -165,6 +193,7 @@ impl Pending {
                     bad_reply_to,
                     command_id,
                     bytes,
+                    span,
                 }
             })
             .collect()
@@ -633,11 +662,27 @@ impl Worker {
                 return;
             }
             if !outgoing.is_empty() {
+                let writing: Vec<Span> = batch
+                    .iter()
+                    .filter(|p| p.span.is_on())
+                    .map(|p| {
+                        let w = p.span.child("sequencer.write", SpanKind::Producer);
+                        w.set("ultrasync.batch_commands", batch.len() as i64);
+                        w.set("ultrasync.batch_ops", outgoing.len() as i64);
+                        w
+                    })
+                    .collect();
                 let written = self
                     .shared
                     .committer
                     .write(&self.subject, loaded.head_stream_seq, outgoing.clone())
                     .await;
+                if let Err(e) = &written {
+                    for w in &writing {
+                        w.fail(e.to_string());
+                    }
+                }
+                drop(writing);
                 match written {
                     Ok(last_stream_seq) => {
                         let last = outgoing.last().map_or(0, |o| o.server_seq);
@@ -881,6 +926,7 @@ impl Worker {
         let mut done = Vec::with_capacity(batch.len());
         let mut retry = Vec::new();
         for (p, plan) in batch.iter().zip(plans) {
+            p.span.set("ultrasync.stream_key", self.key.to_string());
             let reply = match plan {
                 Plan::Reject(m) => m,
                 Plan::New(i) => ServerMessage::Ack {
@@ -908,6 +954,16 @@ impl Worker {
                     }
                 },
             };
+            match &reply {
+                ServerMessage::Ack { server_seq, .. } => {
+                    p.span.set("ultrasync.server_seq", *server_seq as i64)
+                }
+                ServerMessage::Reject { code, reason, .. } => {
+                    p.span.set("ultrasync.reject", code.as_str());
+                    p.span.fail(format!("{}: {reason}", code.as_str()));
+                }
+                _ => {}
+            }
             if let Some(to) = &p.reply_to {
                 let doc = reply.encode();
                 // One message per route, up to MAX_ANSWER_BYTES (NATS caps a message).
@@ -1195,6 +1251,7 @@ pub fn admit(
 
 async fn nak_all(batch: &[Pending]) {
     for p in batch {
+        p.span.event("handed back for redelivery");
         p.retry_after(Duration::from_millis(250)).await;
     }
 }

@@ -19,6 +19,7 @@ pub mod reads;
 pub mod snapshot;
 pub mod state;
 pub mod telemetry;
+pub mod trace;
 
 pub use error::ErrorCode;
 pub use ids::{Id, IdError, StreamKey, validate_key};

@@ -32,7 +32,7 @@ use super::wire;
 use crate::docs::{Answer, Doc, DocLease, Ephemeral, Inbox, PeerGuard, Space};
 use crate::rules::limits::{RateLimit, SocketSlot};
 use crate::rules::{Refusal, access, commands};
-use crate::{AppState, Metrics};
+use crate::{AppState, Metrics, spans};
 
 /// How often the server pings an idle socket (as on `/v1/sync`).
 const PING_EVERY: Duration = Duration::from_secs(20);
@@ -76,6 +76,8 @@ struct Inflight {
     doc: String,
     hash: ChangeHash,
     sent: Instant,
+    /// The change's `gateway.command` span, ended with the answer.
+    span: ultrasync_shared::trace::Span,
 }
 
 pub struct Session {
@@ -621,6 +623,13 @@ impl Session {
         let Some(client_id) = self.joined.as_ref().map(|j| j.client_id.clone()) else {
             return;
         };
+        let span = spans::command(&self.state.tracer, "automerge-repo", &frame);
+        spans::addressed(
+            &span,
+            &self.key,
+            self.principal.actor_id.as_str(),
+            &client_id,
+        );
         let mut envelope = commands::envelope(
             &self.principal,
             &self.key,
@@ -639,12 +648,14 @@ impl Session {
             Ok(b) => b,
             Err(e) => return refuse(self, Refusal::unavailable("encoding a command", e)),
         };
+        let publishing = spans::publish(&span);
         self.inflight.insert(
             command_id.clone(),
             Inflight {
                 doc: doc_id,
                 hash,
                 sent: Instant::now(),
+                span,
             },
         );
         Metrics::inc(&self.state.docs.metrics.changes_submitted);
@@ -654,6 +665,7 @@ impl Session {
                 body: body.into(),
                 route: self.session_id.clone(),
                 command_id,
+                span: publishing,
             },
         );
     }
@@ -675,8 +687,14 @@ impl Session {
             };
             match msg {
                 // The change comes back through the log; nothing to do.
-                ServerMessage::Ack { command_id, .. } => {
-                    self.inflight.remove(&command_id);
+                ServerMessage::Ack {
+                    command_id,
+                    server_seq,
+                    ..
+                } => {
+                    if let Some(f) = self.inflight.remove(&command_id) {
+                        f.span.set("ultrasync.server_seq", server_seq as i64);
+                    }
                 }
                 ServerMessage::Reject {
                     command_id,
@@ -687,6 +705,7 @@ impl Session {
                     let Some(f) = self.inflight.remove(&command_id) else {
                         continue;
                     };
+                    spans::rejected(&f.span, code, &reason);
                     Metrics::inc(&self.state.docs.metrics.changes_refused);
                     if let Some(pd) = self.docs.get(&f.doc) {
                         pd.doc.release(&f.hash);

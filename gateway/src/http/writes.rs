@@ -18,12 +18,13 @@ use serde::Deserialize;
 use serde_json::Value;
 use ultrasync_shared::auth::Principal;
 use ultrasync_shared::protocol::{CommandFrame, ServerMessage};
+use ultrasync_shared::trace::Span;
 use ultrasync_shared::{ErrorCode, Id, OpType, Precondition, StreamKey, log};
 
 use super::{ApiQuery, body_error, resolve};
-use crate::AppState;
 use crate::rules::access::Access;
 use crate::rules::{Refusal, commands, error_response};
+use crate::{AppState, spans};
 
 /// Most commands in one `POST …/commands`.
 const MAX_BATCH: usize = 1000;
@@ -43,30 +44,42 @@ async fn run_commands(
     let reply_to = state.routes.reply_subject(&request_id);
     let mut results: Vec<Option<ServerMessage>> = vec![None; frames.len()];
     let mut waiting: HashMap<String, Vec<usize>> = HashMap::new();
+    // Each command's `gateway.command` span, ended with its answer.
+    let mut traced: Vec<Span> = Vec::new();
     for (i, frame) in frames.into_iter().enumerate() {
+        let span = spans::command(&state.tracer, "http", &frame);
+        spans::addressed(&span, key, principal.actor_id.as_str(), client_id);
         let checked = match commands::check_frame(state, &frame) {
             Ok(()) => commands::admit(state, &frame).await,
             Err(r) => Err(r),
         };
         if let Err(r) = checked {
+            spans::rejected(&span, r.code, &r.message);
             results[i] = Some(ServerMessage::reject(frame.command_id, r.code, r.message));
             continue;
         }
         let command_id = frame.command_id.clone();
         let mut envelope = commands::envelope(principal, key, client_id, frame, reply_to.clone());
         if let Err(e) = state.hooks.before_apply(principal, &mut envelope) {
+            spans::rejected(&span, e.code, &e.message);
             results[i] = Some(ServerMessage::reject(command_id, e.code, e.message));
             continue;
         }
         match serde_json::to_vec(&envelope) {
             Ok(body) => {
                 waiting.entry(command_id.clone()).or_default().push(i);
+                let publishing = spans::publish(&span);
+                if span.is_on() {
+                    traced.resize_with(i, Span::off);
+                    traced.push(span);
+                }
                 state.publisher.submit(
                     ultrasync_shared::nats::cmd_subject(key),
                     crate::publisher::Queued {
                         body: body.into(),
                         route: request_id.clone(),
                         command_id,
+                        span: publishing,
                     },
                 );
             }
@@ -96,6 +109,10 @@ async fn run_commands(
             };
             if let Some(slots) = waiting.remove(&id) {
                 for i in slots {
+                    if let Some(span) = traced.get_mut(i) {
+                        spans::answered(span, &msg);
+                        std::mem::take(span).end();
+                    }
                     results[i] = Some(msg.clone());
                 }
             }
@@ -107,6 +124,9 @@ async fn run_commands(
     }
     for (id, slots) in waiting {
         for i in slots {
+            if let Some(span) = traced.get(i) {
+                spans::rejected(span, ErrorCode::Unavailable, "no answer in time");
+            }
             results[i] = Some(ServerMessage::reject(
                 id.clone(),
                 ErrorCode::Unavailable,

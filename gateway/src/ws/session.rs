@@ -18,6 +18,7 @@ use ultrasync_shared::error::close;
 use ultrasync_shared::ids::Id;
 use ultrasync_shared::namespaces::Mode;
 use ultrasync_shared::protocol::{ClientMessage, CommandFrame, PROTOCOL_VERSION, ServerMessage};
+use ultrasync_shared::trace::Span;
 use ultrasync_shared::{ErrorCode, StreamKey, validate_key};
 
 use super::follow::Follower;
@@ -25,7 +26,7 @@ use super::outbound::{self, OutQueue, OutReceiver, Outbound, Refused};
 use crate::presence::Room;
 use crate::rules::limits::{RateLimit, SocketSlot};
 use crate::rules::{Refusal, access, commands};
-use crate::{AppState, Metrics};
+use crate::{AppState, Metrics, spans};
 
 /// How often the server pings an idle socket.
 const PING_EVERY: Duration = Duration::from_secs(20);
@@ -57,7 +58,8 @@ pub struct Session {
     slow: CancellationToken,
     bound: Option<Bound>,
     followers: HashMap<String, JoinHandle<()>>,
-    inflight: HashMap<String, Instant>,
+    /// Commands sent on and not yet answered: when each arrived, and its span.
+    inflight: HashMap<String, (Instant, Span)>,
     /// Presence keys this socket shows (cleared with `null` on disconnect).
     presence_keys: std::collections::HashSet<String>,
     /// This socket's place in its actor's and org's socket budget.
@@ -263,16 +265,15 @@ impl Session {
                     let expired: Vec<String> = self
                         .inflight
                         .iter()
-                        .filter(|(_, t)| now.duration_since(**t) > command_timeout)
+                        .filter(|(_, (t, _))| now.duration_since(*t) > command_timeout)
                         .map(|(id, _)| id.clone())
                         .collect();
                     for id in expired {
-                        self.inflight.remove(&id);
-                        self.push(ServerMessage::reject(
-                            id,
-                            ErrorCode::Unavailable,
-                            "no answer from the sequencer in time; retry with the same command_id",
-                        ));
+                        const WHY: &str = "no answer from the sequencer in time; retry with the same command_id";
+                        if let Some((_, span)) = self.inflight.remove(&id) {
+                            spans::rejected(&span, ErrorCode::Unavailable, WHY);
+                        }
+                        self.push(ServerMessage::reject(id, ErrorCode::Unavailable, WHY));
                     }
                 }
             }
@@ -385,19 +386,32 @@ impl Session {
             command_id: String,
             #[serde(default)]
             code: Option<ErrorCode>,
+            #[serde(default)]
+            server_seq: Option<u64>,
+            #[serde(default)]
+            reason: Option<String>,
         }
         let mut texts = Vec::with_capacity(replies.len());
         for reply in replies {
             if let Ok(h) = serde_json::from_slice::<Head>(&reply) {
-                let sent = self.inflight.remove(&h.command_id);
+                let (sent, span) = match self.inflight.remove(&h.command_id) {
+                    Some((t, span)) => (Some(t), span),
+                    None => (None, Span::off()),
+                };
                 match (h.kind.as_str(), h.code) {
                     ("ack", _) => {
                         Metrics::inc(&self.state.metrics.acks);
                         if let Some(t) = sent {
                             self.state.metrics.ack_latency(t.elapsed());
                         }
+                        if let Some(seq) = h.server_seq {
+                            span.set("ultrasync.server_seq", seq as i64);
+                        }
                     }
-                    (_, Some(code)) => self.state.metrics.reject(code),
+                    (_, Some(code)) => {
+                        self.state.metrics.reject(code);
+                        spans::rejected(&span, code, h.reason.as_deref().unwrap_or_default());
+                    }
                     _ => {}
                 }
             }
@@ -687,7 +701,11 @@ impl Session {
 
     async fn command(&mut self, frame: CommandFrame) {
         let command_id = frame.command_id.clone();
-        let reject = |r: Refusal| ServerMessage::reject(command_id.clone(), r.code, r.message);
+        let span = spans::command(&self.state.tracer, "ws", &frame);
+        let reject = |r: Refusal| {
+            spans::rejected(&span, r.code, &r.message);
+            ServerMessage::reject(command_id.clone(), r.code, r.message)
+        };
         let key = match self.stream_key(&frame.namespace, access::Access::Write) {
             Ok(k) => k,
             Err(r) => return self.push(reject(r)),
@@ -710,6 +728,12 @@ impl Session {
         let Some(bound) = self.bound.as_ref() else {
             return;
         };
+        spans::addressed(
+            &span,
+            &key,
+            self.principal.actor_id.as_str(),
+            bound.client_id.as_str(),
+        );
         let mut envelope = commands::envelope(
             &self.principal,
             &key,
@@ -733,7 +757,9 @@ impl Session {
                 )));
             }
         };
-        self.inflight.insert(command_id.clone(), Instant::now());
+        let publishing = spans::publish(&span);
+        self.inflight
+            .insert(command_id.clone(), (Instant::now(), span));
         // One publisher per stream key keeps the socket's order and gathers commands
         // under load; a command it cannot store is answered with a reject.
         self.state.publisher.submit(
@@ -742,6 +768,7 @@ impl Session {
                 body: body.into(),
                 route: self.session_id.clone(),
                 command_id,
+                span: publishing,
             },
         );
     }
