@@ -313,7 +313,7 @@ async fn partitions(js: &jetstream::Context) -> anyhow::Result<Value> {
     }))
 }
 
-/// [`partitions`] as Prometheus text.
+/// [`partitions`] as Prometheus text (0.0.4), names `ultrasync_inspect_partition_*`.
 fn partitions_prometheus(v: &Value) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -334,12 +334,12 @@ fn partitions_prometheus(v: &Value) -> String {
             "Commands delivered more than once, not yet acked",
         ),
         (
-            "commands",
+            "commands_total",
             "counter",
             "Commands the owning instance took from the partition",
         ),
         (
-            "pushed_back",
+            "pushed_back_total",
             "counter",
             "Commands handed back because their stream key's queue was full",
         ),
@@ -352,26 +352,28 @@ fn partitions_prometheus(v: &Value) -> String {
     let parts = v["by_partition"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(
         out,
-        "# HELP usync_partition_owned 1 for the instance holding the partition's lease"
+        "# HELP ultrasync_inspect_partition_owned 1 for the instance holding the partition's lease"
     );
-    let _ = writeln!(out, "# TYPE usync_partition_owned gauge");
+    let _ = writeln!(out, "# TYPE ultrasync_inspect_partition_owned gauge");
     for p in &parts {
         if let Some(owner) = p["owner"].as_str() {
             let _ = writeln!(
                 out,
-                "usync_partition_owned{{partition=\"{}\",instance=\"{owner}\"}} 1",
+                "ultrasync_inspect_partition_owned{{partition=\"{}\",instance=\"{owner}\"}} 1",
                 p["partition"]
             );
         }
     }
     for (name, kind, help) in metrics {
-        let _ = writeln!(out, "# HELP usync_partition_{name} {help}");
-        let _ = writeln!(out, "# TYPE usync_partition_{name} {kind}");
+        let _ = writeln!(out, "# HELP ultrasync_inspect_partition_{name} {help}");
+        let _ = writeln!(out, "# TYPE ultrasync_inspect_partition_{name} {kind}");
+        // A counter's field is its name without `_total`.
+        let field = name.trim_end_matches("_total");
         for p in &parts {
-            if let Some(n) = p[name].as_u64() {
+            if let Some(n) = p[field].as_u64() {
                 let _ = writeln!(
                     out,
-                    "usync_partition_{name}{{partition=\"{}\"}} {n}",
+                    "ultrasync_inspect_partition_{name}{{partition=\"{}\"}} {n}",
                     p["partition"]
                 );
             }

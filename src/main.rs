@@ -190,6 +190,9 @@ pub struct MaterializerArgs {
     /// ... or this many seconds after its first op since the last snapshot.
     #[arg(long, env = "ULTRASYNC_SNAPSHOT_INTERVAL_SECS")]
     snapshot_interval_secs: Option<u64>,
+    /// Serve Prometheus /metrics here (ops applied, apply and snapshot times).
+    #[arg(long, env = "ULTRASYNC_MATERIALIZER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -443,6 +446,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(n) = args.snapshot_interval_secs {
                 cfg.materializer.snapshot_interval_secs = n;
+            }
+            if let Some(a) = args.metrics_listen {
+                cfg.materializer.metrics_listen = Some(a);
             }
             cfg.validate()?;
             ultrasync_materializer::run(cfg, shutdown_on_signals()).await

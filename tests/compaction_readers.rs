@@ -592,9 +592,9 @@ async fn a_webhook_down_past_its_time_bound_is_let_go_and_told_exactly_which_ops
     let floor = plan.floor;
     assert!(floor > 0 && plan.purged > 0, "{plan:?}");
     assert_eq!(first_in_log(&w.stack).await, Some(floor + 1));
-    let text = metrics.render();
+    let text = metrics.render().expect("render");
     assert!(
-        text.contains("usync_compactor_readers_let_go_total{kind=\"webhook\"} 1"),
+        text.contains("ultrasync_compactor_readers_let_go_total{kind=\"webhook\"} 1"),
         "{text}"
     );
     w.comes_back_told_what_was_purged(floor).await;

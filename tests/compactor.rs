@@ -205,18 +205,18 @@ async fn a_lagging_client_holds_the_log_until_it_expires_then_resyncs() {
         .expect("pass");
     assert_eq!(done.purged_total, 10);
     assert_eq!(first_in_log(&stack).await, Some(11));
-    let text = metrics.render();
+    let text = metrics.render().expect("render");
     assert!(
-        text.contains("usync_compactor_ops_purged_total{stream_key=\"acme/web/index\"} 10"),
+        text.contains("ultrasync_compactor_ops_purged_total{stream_key=\"acme/web/index\"} 10"),
         "{text}"
     );
     assert!(
-        text.contains("usync_compactor_floor{stream_key=\"acme/web/index\"} 10"),
+        text.contains("ultrasync_compactor_floor{stream_key=\"acme/web/index\"} 10"),
         "{text}"
     );
     assert!(
         text.contains(
-            "usync_cursor_lag{stream_key=\"acme/web/index\",client_id=\"carl-1\",live=\"true\"} 90"
+            "ultrasync_compactor_cursor_lag{stream_key=\"acme/web/index\",client_id=\"carl-1\",live=\"true\"} 90"
         ),
         "{text}"
     );

@@ -68,7 +68,7 @@ fn partition_label(labels: &str) -> u32 {
 
 /// Partitions an instance reports owned.
 fn owned(s: &Scrape) -> HashSet<u32> {
-    s.get("usync_sequencer_partition_owned")
+    s.get("ultrasync_sequencer_partition_owned")
         .map(|m| {
             m.iter()
                 .filter(|(_, v)| **v == 1.0)
@@ -172,18 +172,18 @@ async fn three_sequencers_report_their_partitions_and_counters() {
         .as_secs_f64();
     for s in &all {
         assert_eq!(
-            total(s, "usync_sequencer_partitions"),
+            total(s, "ultrasync_sequencer_partitions"),
             f64::from(PARTITIONS)
         );
         // Every partition has an owned series (1 or 0) on every instance.
         assert_eq!(
-            s["usync_sequencer_partition_owned"].len(),
+            s["ultrasync_sequencer_partition_owned"].len(),
             PARTITIONS as usize
         );
         let mine = owned(s);
         assert!(mine.len() < PARTITIONS as usize, "one instance holds all");
         // A lease expiry and a queue depth for each partition held, no other.
-        let expiry = by_partition(s, "usync_sequencer_partition_lease_expiry_seconds");
+        let expiry = by_partition(s, "ultrasync_sequencer_partition_lease_expiry_seconds");
         assert_eq!(expiry.keys().copied().collect::<HashSet<_>>(), mine);
         for (p, at) in expiry {
             // Renewed every quarter TTL (2 s): in the future, within a TTL, give or
@@ -193,7 +193,7 @@ async fn three_sequencers_report_their_partitions_and_counters() {
                 "partition {p}: lease expiry {at} against now {now}"
             );
         }
-        let depth = by_partition(s, "usync_sequencer_partition_queue_depth");
+        let depth = by_partition(s, "ultrasync_sequencer_partition_queue_depth");
         assert!(
             depth.keys().all(|p| mine.contains(p)),
             "depth of a partition not held: {depth:?} {mine:?}"
@@ -242,19 +242,19 @@ async fn three_sequencers_report_their_partitions_and_counters() {
     let all = wait_for(&ports, "counters settle", |all| {
         let written: f64 = all
             .iter()
-            .map(|s| total(s, "usync_sequencer_ops_written_total"))
+            .map(|s| total(s, "ultrasync_sequencer_ops_written_total"))
             .sum();
         let dropped: f64 = all
             .iter()
-            .map(|s| total(s, "usync_sequencer_dropped_replies_total"))
+            .map(|s| total(s, "ultrasync_sequencer_dropped_replies_total"))
             .sum();
         let depth: f64 = all
             .iter()
-            .map(|s| total(s, "usync_sequencer_partition_queue_depth"))
+            .map(|s| total(s, "ultrasync_sequencer_partition_queue_depth"))
             .sum();
         let depth_series: usize = all
             .iter()
-            .map(|s| by_partition(s, "usync_sequencer_partition_queue_depth").len())
+            .map(|s| by_partition(s, "ultrasync_sequencer_partition_queue_depth").len())
             .sum();
         written == (COMMANDS + DROPPED) as f64
             && dropped == DROPPED as f64
@@ -268,15 +268,15 @@ async fn three_sequencers_report_their_partitions_and_counters() {
     let mut commands: BTreeMap<u32, f64> = BTreeMap::new();
     for s in &all {
         // Per partition and instance-wide agree.
-        let per = by_partition(s, "usync_sequencer_partition_ops_written_total");
+        let per = by_partition(s, "ultrasync_sequencer_partition_ops_written_total");
         assert_eq!(
             per.values().sum::<f64>(),
-            total(s, "usync_sequencer_ops_written_total")
+            total(s, "ultrasync_sequencer_ops_written_total")
         );
-        let took = by_partition(s, "usync_sequencer_partition_commands_total");
+        let took = by_partition(s, "ultrasync_sequencer_partition_commands_total");
         assert_eq!(
             took.values().sum::<f64>(),
-            total(s, "usync_sequencer_commands_total")
+            total(s, "ultrasync_sequencer_commands_total")
         );
         // Only the partitions held wrote (nothing moved during the run).
         let mine = owned(s);
@@ -318,8 +318,8 @@ async fn three_sequencers_report_their_partitions_and_counters() {
     // The survivors' counters continue (they are counters: they never go down).
     for (before, s) in all[1..].iter().zip(&after) {
         assert!(
-            total(s, "usync_sequencer_ops_written_total")
-                >= total(before, "usync_sequencer_ops_written_total")
+            total(s, "ultrasync_sequencer_ops_written_total")
+                >= total(before, "ultrasync_sequencer_ops_written_total")
         );
     }
     drop(procs);

@@ -230,9 +230,9 @@ async fn every_op_reaches_the_receiver_signed_even_after_it_was_down() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    assert!(value("ultrasync_webhook_deliveries_total") >= op_ids.len() as u64);
-    assert!(value("ultrasync_webhook_failed_attempts_total") > 0);
-    assert!(value("ultrasync_webhook_dead_lettered_total") >= op_ids.len() as u64);
+    assert!(value("ultrasync_gateway_webhook_deliveries_total") >= op_ids.len() as u64);
+    assert!(value("ultrasync_gateway_webhook_failed_attempts_total") > 0);
+    assert!(value("ultrasync_gateway_webhook_dead_lettered_total") >= op_ids.len() as u64);
     stack.shutdown().await;
 }
 
@@ -520,7 +520,7 @@ async fn https_webhooks_reuse_one_connection_and_bound_what_they_read() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let body = stack.get("/metrics", "").await.body;
-        let dead = metrics(&body, "ultrasync_webhook_dead_lettered_total");
+        let dead = metrics(&body, "ultrasync_gateway_webhook_dead_lettered_total");
         if dead >= 2 * OPS as u64 {
             break;
         }

@@ -20,7 +20,7 @@ mod metrics;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream;
@@ -600,13 +600,26 @@ async fn purge_below(
 /// Runs the compactor until `shutdown` fires: a pass every `interval_secs`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = config.compactor.clone();
+    let listener = ultrasync_metrics::bind("compactor", cfg.metrics_listen).await?;
+    run_with_metrics(config, listener, shutdown).await
+}
+
+/// [`run`] with the metrics listener bound already (`None`: no listener), as tests
+/// bind it on port 0.
+pub async fn run_with_metrics(
+    config: Config,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let cfg = config.compactor.clone();
     let metrics = Arc::new(Metrics::default());
-    if let Some(addr) = cfg.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the compactor's metrics to {addr}"))?;
-        info!(addr = %listener.local_addr()?, "compactor metrics listening");
-        tokio::spawn(metrics::serve(listener, metrics.clone(), shutdown.clone()));
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(ultrasync_metrics::serve(
+            "compactor",
+            listener,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
     }
     let nats::ServiceNats { js, client, .. } =
         nats::connect_service(&config, "ultrasync-compactor").await?;
@@ -621,15 +634,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_secs(cfg.interval_secs)) => {}
         }
+        let started = Instant::now();
         match compact_once(&js, &cfg, false, Some(&metrics)).await {
             Ok(r) => {
-                metrics.pass_done();
+                metrics.pass_done(started.elapsed());
                 if r.purged_total > 0 {
                     info!(purged = r.purged_total, "compaction pass done");
                 }
             }
             Err(e) => {
-                metrics.pass_failed();
+                metrics.pass_failed(started.elapsed());
                 warn!(error = %format!("{e:#}"), "compaction pass failed; nothing more purged");
             }
         }

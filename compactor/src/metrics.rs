@@ -1,17 +1,17 @@
-//! The compactor's Prometheus metrics: passes, ops purged and the floor per stream
-//! key, and each client's cursor lag, served on `compactor.metrics_listen`.
+//! The compactor's metrics (`ultrasync_compactor_…`), served on
+//! `compactor.metrics_listen`: passes and how long they took, ops purged and the
+//! floor per stream key, durable readers let go, and each client's cursor lag.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use tokio_util::sync::CancellationToken;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use ultrasync_metrics::{Exposition, counter, counters, gauges};
 
 use crate::Plan;
 
@@ -30,27 +30,61 @@ struct Inner {
     mirrors: BTreeMap<String, u64>,
 }
 
-#[derive(Default)]
 pub struct Metrics {
-    inner: Mutex<Inner>,
+    /// What the passes found; read by the registry's collector at each scrape.
+    inner: Arc<Mutex<Inner>>,
+    /// How long each pass took, failed ones too.
+    pass: Histogram,
+    registry: Registry,
 }
 
-/// A label value with `\` and `"` escaped.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"")
+impl Default for Metrics {
+    fn default() -> Self {
+        // Every kind of reader has a series from the start, at 0.
+        let let_go = ["webhook", "materializer", "mirror"]
+            .into_iter()
+            .map(|kind| (kind, 0))
+            .collect();
+        let inner = Arc::new(Mutex::new(Inner {
+            let_go,
+            ..Inner::default()
+        }));
+        let pass = Histogram::new(ultrasync_metrics::SECONDS_BUCKETS);
+        let mut registry = Registry::with_prefix("ultrasync_compactor");
+        registry.register_with_unit(
+            "pass",
+            "How long a compaction pass took (failed ones too)",
+            Unit::Seconds,
+            pass.clone(),
+        );
+        registry.register_collector(Box::new(Collected(inner.clone())));
+        Self {
+            inner,
+            pass,
+            registry,
+        }
+    }
+}
+
+fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Metrics {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
-    pub fn pass_done(&self) {
+    /// A pass completed in `took`.
+    pub fn pass_done(&self, took: Duration) {
         self.lock().passes += 1;
+        self.pass.observe(took.as_secs_f64());
     }
 
-    pub fn pass_failed(&self) {
+    /// A pass failed (purged nothing) after `took`.
+    pub fn pass_failed(&self, took: Duration) {
         self.lock().failed_passes += 1;
+        self.pass.observe(took.as_secs_f64());
     }
 
     /// A replica region's mirror was read at stream sequence `seq`.
@@ -87,109 +121,146 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self) -> String {
-        let m = self.lock();
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP usync_compactor_passes_total Compaction passes completed."
-        );
-        let _ = writeln!(out, "# TYPE usync_compactor_passes_total counter");
-        let _ = writeln!(out, "usync_compactor_passes_total {}", m.passes);
-        let _ = writeln!(
-            out,
-            "# HELP usync_compactor_readers_let_go_total Stream keys on which a durable reader (webhook, materializer, mirror) was let go for lagging past its max_lag_ops or max_lag_secs."
-        );
-        let _ = writeln!(out, "# TYPE usync_compactor_readers_let_go_total counter");
-        for (kind, n) in &m.let_go {
-            let _ = writeln!(
-                out,
-                "usync_compactor_readers_let_go_total{{kind=\"{kind}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP usync_compactor_failed_passes_total Passes that purged nothing because NATS, the cursors or the log could not be read."
-        );
-        let _ = writeln!(out, "# TYPE usync_compactor_failed_passes_total counter");
-        let _ = writeln!(
-            out,
-            "usync_compactor_failed_passes_total {}",
-            m.failed_passes
-        );
-        let _ = writeln!(
-            out,
-            "# HELP usync_compactor_ops_purged_total Ops purged from the log, per stream key."
-        );
-        let _ = writeln!(out, "# TYPE usync_compactor_ops_purged_total counter");
-        for (k, v) in &m.purged {
-            let _ = writeln!(
-                out,
-                "usync_compactor_ops_purged_total{{stream_key=\"{}\"}} {v}",
-                label(k)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP usync_compactor_floor Highest server_seq that may be purged, per stream key."
-        );
-        let _ = writeln!(out, "# TYPE usync_compactor_floor gauge");
-        for (k, v) in &m.floor {
-            let _ = writeln!(
-                out,
-                "usync_compactor_floor{{stream_key=\"{}\"}} {v}",
-                label(k)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP usync_compactor_skipped_total Passes that left a stream key alone (no sound snapshot)."
-        );
-        let _ = writeln!(out, "# TYPE usync_compactor_skipped_total counter");
-        for (k, v) in &m.skipped {
-            let _ = writeln!(
-                out,
-                "usync_compactor_skipped_total{{stream_key=\"{}\"}} {v}",
-                label(k)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP usync_cursor_lag Ops between a client's cursor and the head (live=false: expired by TTL)."
-        );
-        let _ = writeln!(out, "# TYPE usync_cursor_lag gauge");
-        for ((k, c), (lag, live)) in &m.lag {
-            let _ = writeln!(
-                out,
-                "usync_cursor_lag{{stream_key=\"{}\",client_id=\"{}\",live=\"{live}\"}} {lag}",
-                label(k),
-                label(c)
-            );
-        }
-        out
+    /// The OpenMetrics text of `/metrics`.
+    pub fn render(&self) -> Result<String, fmt::Error> {
+        ultrasync_metrics::render(&self.registry)
     }
 }
 
-/// Serves `/metrics` and `/healthz` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(m): State<Arc<Metrics>>| async move {
+impl Exposition for Metrics {
+    async fn render(&self) -> Result<String, fmt::Error> {
+        Metrics::render(self)
+    }
+}
+
+/// Reads what the passes found at each scrape.
+struct Collected(Arc<Mutex<Inner>>);
+
+impl fmt::Debug for Collected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("compactor metrics")
+    }
+}
+
+impl Collector for Collected {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let m = lock(&self.0);
+        let per_key = |values: &BTreeMap<String, u64>| {
+            values
+                .iter()
+                .map(|(k, v)| ([("stream_key", k.clone())], *v))
+                .collect::<Vec<_>>()
+        };
+        counter(&mut e, "passes", "Compaction passes completed.", m.passes)?;
+        counters(
+            &mut e,
+            "readers_let_go",
+            "Stream keys on which a durable reader (webhook, materializer, mirror) was let go for lagging past its max_lag_ops or max_lag_secs.",
+            m.let_go.iter().map(|(kind, n)| ([("kind", *kind)], *n)),
+        )?;
+        counter(
+            &mut e,
+            "failed_passes",
+            "Passes that purged nothing because NATS, the cursors or the log could not be read.",
+            m.failed_passes,
+        )?;
+        counters(
+            &mut e,
+            "ops_purged",
+            "Ops purged from the log, per stream key.",
+            per_key(&m.purged),
+        )?;
+        gauges(
+            &mut e,
+            "floor",
+            "Highest server_seq that may be purged, per stream key.",
+            None,
+            per_key(&m.floor),
+        )?;
+        counters(
+            &mut e,
+            "skipped",
+            "Passes that left a stream key alone (no sound snapshot).",
+            per_key(&m.skipped),
+        )?;
+        gauges(
+            &mut e,
+            "cursor_lag",
+            "Ops between a client's cursor and the head (live=false: expired by TTL).",
+            None,
+            m.lag.iter().map(|((k, c), (lag, live))| {
                 (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    m.render(),
+                    [
+                        ("stream_key", k.clone()),
+                        ("client_id", c.clone()),
+                        ("live", live.to_string()),
+                    ],
+                    *lag,
                 )
-                    .into_response()
             }),
         )
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(metrics);
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClientCursor;
+
+    fn plan(key: &str, purged: u64, floor: u64, clients: &[(&str, u64)]) -> Plan {
+        Plan {
+            stream_key: key.to_owned(),
+            head: 100,
+            first: Some(1),
+            snapshot_seq: Some(90),
+            min_cursor: clients.iter().map(|c| c.1).min(),
+            live_clients: clients
+                .iter()
+                .map(|(id, lag)| ClientCursor {
+                    client_id: (*id).to_owned(),
+                    server_seq: 100 - lag,
+                    lag: *lag,
+                    seen_secs_ago: 1,
+                })
+                .collect(),
+            expired_clients: Vec::new(),
+            readers: Vec::new(),
+            held_by: "snapshot".to_owned(),
+            floor,
+            purged,
+            skipped: None,
+        }
+    }
+
+    #[test]
+    fn passes_purges_floors_and_lags_render_with_one_prefix() {
+        let m = Metrics::default();
+        m.record(&plan("acme/web/index", 10, 10, &[("carl\"1", 90)]));
+        m.record(&plan("acme/web/index", 5, 15, &[]));
+        m.reader_let_go("webhook");
+        m.pass_done(Duration::from_millis(20));
+        m.pass_failed(Duration::from_millis(3));
+        let text = m.render().expect("render");
+        for line in [
+            "ultrasync_compactor_passes_total 1\n",
+            "ultrasync_compactor_failed_passes_total 1\n",
+            "ultrasync_compactor_ops_purged_total{stream_key=\"acme/web/index\"} 15\n",
+            "ultrasync_compactor_floor{stream_key=\"acme/web/index\"} 15\n",
+            "ultrasync_compactor_readers_let_go_total{kind=\"webhook\"} 1\n",
+            "ultrasync_compactor_readers_let_go_total{kind=\"mirror\"} 0\n",
+            "# TYPE ultrasync_compactor_cursor_lag gauge\n",
+            "# TYPE ultrasync_compactor_pass_seconds histogram\n",
+            "ultrasync_compactor_pass_seconds_count 2\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        // The key's second pass replaced its clients: carl's lag is gone.
+        assert!(!text.contains("carl"), "{text}");
+        m.record(&plan("acme/web/index", 0, 15, &[("carl\"1", 7)]));
+        let text = m.render().expect("render");
+        assert!(
+            text.contains("ultrasync_compactor_cursor_lag{stream_key=\"acme/web/index\",client_id=\"carl\\\"1\",live=\"true\"} 7\n"),
+            "{text}"
+        );
+    }
 }

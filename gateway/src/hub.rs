@@ -165,6 +165,17 @@ impl Hub {
         let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
         topics.values().filter(|t| t.strong_count() > 0).count()
     }
+
+    /// Shows the number of topics on `/metrics`.
+    pub fn export(self: &Arc<Self>, metrics: &crate::Metrics) {
+        let hub = Arc::downgrade(self);
+        metrics.probe(
+            "ultrasync_gateway_followed_stream_keys",
+            "gauge",
+            "Stream keys this gateway follows.",
+            Box::new(move || hub.upgrade().map_or(0, |h| h.topic_count() as u64)),
+        );
+    }
 }
 
 struct TopicState {

@@ -113,7 +113,7 @@ pub struct AppState {
     /// Commands on their way to `USYNC_CMDS`.
     pub publisher: Arc<publisher::Publisher>,
     pub cursors: Arc<cursors::CursorWriter>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     pub started: Instant,
     /// One permit per open socket (`max_connections`).
@@ -239,7 +239,7 @@ async fn run_with(
             config_gateway.max_clients_per_actor,
             shutdown.clone(),
         ),
-        metrics: Metrics::default(),
+        metrics: Metrics::new(),
         shutdown: shutdown.clone(),
         started: Instant::now(),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
@@ -250,6 +250,14 @@ async fn run_with(
     state.presence.export(&state.metrics);
     state.publisher.export(&state.metrics);
     state.docs.export(&state.metrics);
+    state.hub.export(&state.metrics);
+    let started = state.started;
+    state.metrics.probe(
+        "ultrasync_gateway_uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+        Box::new(move || started.elapsed().as_secs()),
+    );
     // Webhooks are sent from the home region only: a replica region would deliver
     // every op a second time.
     let hooks_here: &[ultrasync_shared::config::WebhookConfig] =

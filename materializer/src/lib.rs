@@ -22,6 +22,7 @@
 //! (the home compactor never purges past its own snapshot); it is read across the
 //! leafnode.
 
+mod metrics;
 pub mod rebuild;
 pub mod store;
 
@@ -47,6 +48,7 @@ use ultrasync_shared::nats::{self, ops_subject};
 use ultrasync_shared::reads::{self, ReadRequest, Verb};
 use ultrasync_shared::{StreamKey, snapshot, state};
 
+use crate::metrics::Metrics;
 use crate::store::{Applier, Store, StoreError};
 
 /// Ops read from the log per step when filling a gap or rebuilding.
@@ -68,10 +70,24 @@ struct Shared {
     store: Arc<Store>,
     /// Bumped after every applied batch; readers waiting for `min_seq` watch it.
     progress: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs one materializer until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Bound before anything else, so a taken port stops the start at once.
+    let metrics_listener =
+        ultrasync_metrics::bind("materializer", config.materializer.metrics_listen).await?;
+    run_with_metrics(config, metrics_listener, shutdown).await
+}
+
+/// [`run`] with the metrics listener bound already (`None`: no listener), as tests
+/// bind it on port 0.
+pub async fn run_with_metrics(
+    config: Config,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let nats::ServiceNats {
         client,
         ops,
@@ -90,7 +106,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         home_domain: config.region.home_domain.clone(),
         store: Arc::new(store),
         progress: watch::channel(0).0,
+        metrics: Arc::new(Metrics::default()),
     });
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(ultrasync_metrics::serve(
+            "materializer",
+            listener,
+            shared.metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     let reads = tokio::spawn(serve_reads(shared.clone(), shutdown.clone()));
     let result = apply_loop(shared.clone(), &cfg, shutdown.clone()).await;
     shutdown.cancel();
@@ -171,7 +196,11 @@ async fn apply_loop(
                 }
             }
             if !entries.is_empty() {
+                let started = Instant::now();
                 let counts = apply_all(&mut applier, &shared, entries, true).await?;
+                shared
+                    .metrics
+                    .applied(counts.values().sum(), started.elapsed());
                 for (key, n) in counts {
                     snapshots.record(key, n);
                 }
@@ -259,7 +288,8 @@ async fn apply_all(
             u64::MAX,
         )
         .await?;
-        *counts.entry(gap.stream_key).or_default() += filled;
+        shared.metrics.rebuilt(filled.from_snapshot);
+        *counts.entry(gap.stream_key).or_default() += filled.applied;
     }
 }
 
@@ -316,10 +346,17 @@ impl std::fmt::Display for SnapshotSource<'_> {
     }
 }
 
+/// What [`fill`] did.
+pub(crate) struct Filled {
+    /// Ops applied (a snapshot counts as what it skipped).
+    pub applied: u64,
+    /// Whether a snapshot was loaded.
+    pub from_snapshot: bool,
+}
+
 /// Brings `key` up to `to` from the log; where the log no longer holds the next op,
 /// from the first sound snapshot of `sources` that reaches it (at most
-/// `snapshot_limit`) and the log after it. Returns how many ops were applied (a
-/// snapshot counts as what it skipped).
+/// `snapshot_limit`) and the log after it.
 pub(crate) async fn fill(
     applier: &mut Applier,
     ops: &Stream,
@@ -327,13 +364,17 @@ pub(crate) async fn fill(
     key: &StreamKey,
     to: u64,
     snapshot_limit: u64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Filled> {
     let subject = ops_subject(key);
     let mut applied = 0;
+    let mut from_snapshot = false;
     loop {
         let head = applier.head(key)?;
         if head.last_seq >= to {
-            return Ok(applied);
+            return Ok(Filled {
+                applied,
+                from_snapshot,
+            });
         }
         let from = head.last_seq + 1;
         let chunk = log::read_range(ops, &subject, from, to.min(from + FILL_CHUNK - 1)).await?;
@@ -380,6 +421,7 @@ pub(crate) async fn fill(
             }
         }
         applied += s.state.last_seq - head.last_seq;
+        from_snapshot = true;
         let mut owned = std::mem::replace(applier, Applier::new(applier.store().clone()));
         let k = key.clone();
         let (owned, result) = tokio::task::spawn_blocking(move || {
@@ -468,6 +510,7 @@ impl Snapshots {
             let task_key = key.clone();
             let task = tokio::spawn(async move {
                 if let Err(e) = write_snapshot(&shared, &task_key, force).await {
+                    shared.metrics.snapshot_failed();
                     warn!(stream_key = %task_key, error = %e, "writing a snapshot failed");
                 }
             });
@@ -498,15 +541,20 @@ async fn encode_snapshot(shared: &Shared, key: &StreamKey) -> anyhow::Result<(Ve
 }
 
 async fn write_snapshot(shared: &Shared, key: &StreamKey, force: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
     let (bytes, seq) = encode_snapshot(shared, key).await?;
     if seq == 0 {
         return Ok(());
     }
     let js = async_nats::jetstream::new(shared.client.clone());
-    match snapshot::put(&js, &shared.snapshots, key, seq, &bytes, force)
+    let put = snapshot::put(&js, &shared.snapshots, key, seq, &bytes, force)
         .await
-        .map_err(anyhow::Error::msg)?
-    {
+        .map_err(anyhow::Error::msg)?;
+    let written = matches!(put, snapshot::Put::Written);
+    shared
+        .metrics
+        .snapshot_stored(written, bytes.len(), started.elapsed());
+    match put {
         snapshot::Put::Written => {
             info!(stream_key = %key, seq, bytes = bytes.len(), "snapshot written")
         }
@@ -575,13 +623,21 @@ async fn answer(shared: &Shared, msg: &async_nats::Message) -> ReadResult {
     }
     match verb {
         Verb::Snapshot => {
+            let started = Instant::now();
             let (bytes, seq) = encode_snapshot(shared, &key).await.map_err(internal)?;
             if req.store && seq > 0 {
                 let js = async_nats::jetstream::new(shared.client.clone());
-                match snapshot::put(&js, &shared.snapshots, &key, seq, &bytes, true)
+                let put = snapshot::put(&js, &shared.snapshots, &key, seq, &bytes, true)
                     .await
-                    .map_err(internal)?
-                {
+                    .map_err(|e| {
+                        shared.metrics.snapshot_failed();
+                        internal(e)
+                    })?;
+                let written = matches!(put, snapshot::Put::Written);
+                shared
+                    .metrics
+                    .snapshot_stored(written, bytes.len(), started.elapsed());
+                match put {
                     snapshot::Put::Written => {
                         info!(stream_key = %key, seq, "snapshot written on request")
                     }

@@ -54,7 +54,7 @@ pub struct WriteRequest {
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::Sender<WriteRequest>,
-    /// Counts the ops stored.
+    /// Counts the ops stored and times the writes.
     metrics: Arc<Metrics>,
 }
 
@@ -66,7 +66,7 @@ impl Committer {
         metrics: Arc<Metrics>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(client, js, rx));
+        tokio::spawn(run(client, js, rx, metrics.clone()));
         Self { tx, metrics }
     }
 
@@ -104,6 +104,7 @@ async fn run(
     client: async_nats::Client,
     js: jetstream::Context,
     mut rx: mpsc::Receiver<WriteRequest>,
+    metrics: Arc<Metrics>,
 ) {
     let mut carry: Option<WriteRequest> = None;
     let mut inflight = FuturesUnordered::new();
@@ -155,7 +156,12 @@ async fn run(
         debug!(keys = round.len(), ops = msgs, "committing a round");
         // The keys of a round in flight are not in the next one: their workers wait
         // for this write before they plan again.
-        inflight.push(commit(client.clone(), js.clone(), round));
+        let (client, js, metrics) = (client.clone(), js.clone(), metrics.clone());
+        inflight.push(async move {
+            let started = std::time::Instant::now();
+            commit(client, js, round).await;
+            metrics.committed(started.elapsed());
+        });
     }
     while inflight.next().await.is_some() {}
 }

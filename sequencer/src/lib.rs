@@ -17,8 +17,9 @@
 //! what the winner wrote, re-plans its batch on top, and tries again. `server_seq`
 //! therefore stays dense and unique whatever the instances do (invariant 2).
 //!
-//! With `sequencer.metrics_listen` set, an instance serves Prometheus `/metrics` on
-//! it (`metrics.rs`): the partitions it holds, their queue depth and counters.
+//! With `sequencer.metrics_listen` set, an instance serves `/metrics` on it
+//! (`metrics.rs`): the partitions it holds, their queue depth and counters, batch
+//! sizes and commit times.
 
 mod committer;
 mod metrics;
@@ -28,6 +29,7 @@ mod worker;
 mod writer;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::Context as _;
 use futures::StreamExt;
@@ -50,20 +52,24 @@ pub const HDR_SEQUENCER: &str = "Usync-Sequencer";
 /// Runs one sequencer instance until `shutdown` fires; then finishes the batches it
 /// has taken, gives its partitions back and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Bound before anything else, so a taken port stops the start at once.
+    let metrics_listener =
+        ultrasync_metrics::bind("sequencer", config.sequencer.metrics_listen).await?;
+    run_with_metrics(config, metrics_listener, shutdown).await
+}
+
+/// [`run`] with the metrics listener bound already (`None`: no listener), as tests
+/// bind it on port 0.
+pub async fn run_with_metrics(
+    config: Config,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     if let Some(home) = &config.region.home_domain {
         anyhow::bail!(
             "this region mirrors the op log of domain {home}: writes are sequenced there; run sequencers in the home region only"
         );
     }
-    // Bound before anything else, so a taken port stops the start at once.
-    let metrics_listener = match config.sequencer.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the sequencer's metrics to {addr}"))?,
-        ),
-        None => None,
-    };
     let nats::ServiceNats {
         client,
         js,
@@ -91,6 +97,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         dropped_replies: std::sync::atomic::AtomicU64::new(0),
         instance: instance.clone(),
         committer: committer::Committer::start(client.clone(), js.clone(), metrics.clone()),
+        metrics: metrics.clone(),
         commands: js
             .get_key_value(ultrasync_shared::nats::COMMANDS_BUCKET)
             .await
@@ -112,12 +119,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .get_stream(nats::CMDS_STREAM)
             .await
             .context("opening USYNC_CMDS")?;
-        info!(addr = %listener.local_addr()?, "sequencer metrics listening");
-        tokio::spawn(metrics::serve(
-            listener,
-            metrics.clone(),
-            shared.clone(),
+        let dropped = shared.clone();
+        let registry = metrics.registry(
+            &instance,
+            Box::new(move || dropped.dropped_replies.load(Ordering::Relaxed)),
+        );
+        let exposed = metrics::Exposed {
+            metrics: metrics.clone(),
+            registry,
             cmds,
+        };
+        tokio::spawn(ultrasync_metrics::serve(
+            "sequencer",
+            listener,
+            Arc::new(exposed),
             metrics_stop.clone(),
         ));
     }

@@ -1,30 +1,32 @@
-//! The sequencer's Prometheus metrics, served on `sequencer.metrics_listen`: for each
-//! partition whether this instance holds it, its queue depth, live workers, commands
-//! taken, ops written and when its lease runs out; and the instance's own counters.
+//! The sequencer's metrics (`ultrasync_sequencer_…`), served on
+//! `sequencer.metrics_listen`: for each partition whether this instance holds it,
+//! its queue depth, live workers, commands taken, ops written and when its lease
+//! runs out; the instance's own counters; and histograms of batch sizes and commit
+//! times.
 //!
 //! Counters are kept per partition for as long as the process lives (a partition
 //! that moves away and comes back continues its series), so they only grow. Queue
 //! depths come from the partitions' consumers on NATS; they are read at most once per
-//! [`DEPTH_REFRESH`] however often (and however many at once) scrapers ask.
+//! [`DEPTH_REFRESH`] however often (and however many at once) scrapers ask, right
+//! before the registry is encoded.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::Stream;
-use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use futures::future::join_all;
-use tokio_util::sync::CancellationToken;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+use ultrasync_metrics::{Exposition, counter, counters, gauge, gauges};
 use ultrasync_shared::nats;
 
 use crate::source::SourceStats;
-use crate::worker::WorkerShared;
 
 /// Queue depths are read from NATS at most this often.
 pub const DEPTH_REFRESH: Duration = Duration::from_secs(2);
@@ -46,24 +48,38 @@ struct Inner {
     ops_written: BTreeMap<u32, u64>,
     /// Ops stored in all (also before partitions exist).
     ops_written_total: u64,
+    /// Queue depths as last read from NATS: partition → waiting + in flight.
+    depths: BTreeMap<u32, u64>,
+    /// The same for the consumer of before partitions, while drained here.
+    unpartitioned_depth: Option<u64>,
 }
 
-/// Queue depths as last read from NATS.
-#[derive(Default)]
-struct Depths {
-    read_at: Option<Instant>,
-    /// Partition → waiting + in flight.
-    by_partition: BTreeMap<u32, u64>,
-    unpartitioned: Option<u64>,
-}
-
-/// What one instance counts; shared by the coordinator, the committer and the
-/// metrics listener.
-#[derive(Default)]
+/// What one instance counts; shared by the coordinator, the workers, the committer
+/// and the metrics listener.
 pub struct Metrics {
     inner: Mutex<Inner>,
-    /// Held across a refresh, so concurrent scrapes wait for one read of NATS.
-    depths: tokio::sync::Mutex<Depths>,
+    /// When the queue depths were last read; held across a read, so concurrent
+    /// scrapes wait for one read of NATS.
+    depths_read: tokio::sync::Mutex<Option<Instant>>,
+    /// Commands a worker took into one batch.
+    batch_commands: Histogram,
+    /// Ops of one stream key's batch stored in one write.
+    batch_ops: Histogram,
+    /// One durable write of the committer, from its publish to the server's answer.
+    commit: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            depths_read: tokio::sync::Mutex::default(),
+            // 1 to 1,024: `batch_max` is at most 1,000.
+            batch_commands: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            batch_ops: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            commit: Histogram::new(ultrasync_metrics::SECONDS_BUCKETS),
+        }
+    }
 }
 
 impl Metrics {
@@ -108,8 +124,19 @@ impl Metrics {
         self.lock().held.remove(&p);
     }
 
-    /// `ops` ops were stored on the op subject `subject`.
+    /// A worker took `commands` commands into one batch.
+    pub fn batch_taken(&self, commands: usize) {
+        self.batch_commands.observe(commands as f64);
+    }
+
+    /// A durable write took `took` from its publish to the server's answer.
+    pub fn committed(&self, took: Duration) {
+        self.commit.observe(took.as_secs_f64());
+    }
+
+    /// `ops` ops were stored on the op subject `subject` in one write.
     pub fn wrote(&self, subject: &str, ops: usize) {
+        self.batch_ops.observe(ops as f64);
         let mut m = self.lock();
         m.ops_written_total += ops as u64;
         if let Some(p) = m.partitions
@@ -121,298 +148,236 @@ impl Metrics {
         }
     }
 
-    /// Queue depths of the partitions held (and the consumer of before partitions
-    /// while drained), read from NATS when the last read is older than
+    /// Reads the queue depths of the partitions held (and of the consumer of before
+    /// partitions while drained) from NATS, when the last read is older than
     /// [`DEPTH_REFRESH`].
-    async fn refresh_depths(&self, cmds: &Stream) -> (BTreeMap<u32, u64>, Option<u64>) {
-        let mut d = self.depths.lock().await;
-        if d.read_at.is_none_or(|t| t.elapsed() >= DEPTH_REFRESH) {
-            let (held, draining) = {
-                let m = self.lock();
-                (
-                    m.held.keys().copied().collect::<Vec<u32>>(),
-                    m.draining_unpartitioned,
-                )
-            };
-            let infos = join_all(
-                held.iter()
-                    .map(|p| cmds.consumer_info(nats::partition_consumer(*p))),
-            )
-            .await;
-            d.by_partition = held
-                .into_iter()
-                .zip(infos)
-                .filter_map(|(p, info)| {
-                    let i = info.ok()?;
-                    Some((p, i.num_pending + i.num_ack_pending as u64))
-                })
-                .collect();
-            d.unpartitioned = if draining {
-                cmds.consumer_info(nats::SEQUENCER_CONSUMER)
-                    .await
-                    .ok()
-                    .map(|i| i.num_pending + i.num_ack_pending as u64)
-            } else {
-                None
-            };
-            d.read_at = Some(Instant::now());
+    async fn refresh_depths(&self, cmds: &Stream) {
+        let mut read_at = self.depths_read.lock().await;
+        if read_at.is_some_and(|t| t.elapsed() < DEPTH_REFRESH) {
+            return;
         }
-        (d.by_partition.clone(), d.unpartitioned)
+        let (held, draining) = {
+            let m = self.lock();
+            (
+                m.held.keys().copied().collect::<Vec<u32>>(),
+                m.draining_unpartitioned,
+            )
+        };
+        let infos = join_all(
+            held.iter()
+                .map(|p| cmds.consumer_info(nats::partition_consumer(*p))),
+        )
+        .await;
+        let by_partition = held
+            .into_iter()
+            .zip(infos)
+            .filter_map(|(p, info)| {
+                let i = info.ok()?;
+                Some((p, i.num_pending + i.num_ack_pending as u64))
+            })
+            .collect();
+        let unpartitioned = if draining {
+            cmds.consumer_info(nats::SEQUENCER_CONSUMER)
+                .await
+                .ok()
+                .map(|i| i.num_pending + i.num_ack_pending as u64)
+        } else {
+            None
+        };
+        self.store_depths(by_partition, unpartitioned);
+        *read_at = Some(Instant::now());
     }
 
-    /// Prometheus text. `depths`: the queue depths to show; `dropped_replies`: the
-    /// instance's counter of answers it could not send.
-    fn render(
-        &self,
+    fn store_depths(&self, by_partition: BTreeMap<u32, u64>, unpartitioned: Option<u64>) {
+        let mut m = self.lock();
+        m.depths = by_partition;
+        m.unpartitioned_depth = unpartitioned;
+    }
+
+    /// The instance's registry: these metrics and `instance`'s id, with
+    /// `dropped_replies` read at each scrape.
+    pub fn registry(
+        self: &Arc<Self>,
         instance: &str,
-        depths: &(BTreeMap<u32, u64>, Option<u64>),
-        dropped_replies: u64,
-    ) -> String {
-        let m = self.lock();
-        let mut out = String::new();
-        fn head(out: &mut String, name: &str, kind: &str, help: &str) {
-            let _ = writeln!(out, "# HELP usync_sequencer_{name} {help}");
-            let _ = writeln!(out, "# TYPE usync_sequencer_{name} {kind}");
-        }
-        head(
-            &mut out,
-            "info",
-            "gauge",
-            "This sequencer instance (its id is on every answer it sends, header Usync-Sequencer).",
+        dropped_replies: Box<dyn Fn() -> u64 + Send + Sync>,
+    ) -> Registry {
+        let mut root = Registry::default();
+        root.register(
+            "ultrasync_sequencer",
+            "This sequencer instance (its id is on every answer it sends, header Usync-Sequencer)",
+            Info::new(vec![("sequencer".to_owned(), instance.to_owned())]),
         );
-        let _ = writeln!(
-            out,
-            "usync_sequencer_info{{sequencer=\"{}\"}} 1",
-            label(instance)
+        let r = root.sub_registry_with_prefix("ultrasync_sequencer");
+        r.register(
+            "batch_commands",
+            "Commands a worker took into one batch (one plan against the stream key's state)",
+            self.batch_commands.clone(),
         );
-        head(
-            &mut out,
+        r.register(
+            "batch_ops",
+            "Ops of one stream key's batch stored in USYNC_OPS in one write",
+            self.batch_ops.clone(),
+        );
+        r.register_with_unit(
+            "commit",
+            "One durable write of the committer (the batches of every stream key waiting, as one publish or atomic batch), from its publish to the server's answer",
+            Unit::Seconds,
+            self.commit.clone(),
+        );
+        r.register_collector(Box::new(Collected {
+            metrics: self.clone(),
+            dropped_replies,
+        }));
+        root
+    }
+}
+
+/// Reads the partitions' figures at each scrape.
+struct Collected {
+    metrics: Arc<Metrics>,
+    dropped_replies: Box<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl fmt::Debug for Collected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("sequencer metrics")
+    }
+}
+
+impl Collector for Collected {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let m = self.metrics.lock();
+        // One sample per partition this instance has sequenced.
+        let per_source = |f: fn(&SourceStats) -> u64| {
+            m.sources
+                .iter()
+                .map(|(p, s)| ([("partition", p.to_string())], f(s)))
+                .collect::<Vec<_>>()
+        };
+        let partitions = m.partitions.unwrap_or(0);
+        gauge(
+            &mut e,
             "partitions",
-            "gauge",
             "Partitions of USYNC_CMDS (0: set up before partitions, one consumer for every stream key).",
-        );
-        let _ = writeln!(
-            out,
-            "usync_sequencer_partitions {}",
-            m.partitions.unwrap_or(0)
-        );
-        head(
-            &mut out,
+            partitions,
+        )?;
+        gauges(
+            &mut e,
             "partition_owned",
-            "gauge",
             "1 for each partition this instance holds the lease of and sequences, 0 for the others.",
-        );
-        for p in 0..m.partitions.unwrap_or(0) {
-            let owned = u8::from(m.held.contains_key(&p));
-            let _ = writeln!(
-                out,
-                "usync_sequencer_partition_owned{{partition=\"{p}\"}} {owned}"
-            );
-        }
-        head(
-            &mut out,
-            "partition_lease_expiry_seconds",
-            "gauge",
+            None,
+            (0..partitions).map(|p| {
+                (
+                    [("partition", p.to_string())],
+                    u64::from(m.held.contains_key(&p)),
+                )
+            }),
+        )?;
+        gauges(
+            &mut e,
+            "partition_lease_expiry",
             "When the lease of a partition held runs out unless renewed (unix seconds; renewed every quarter of the TTL).",
-        );
-        for (p, until) in &m.held {
-            let _ = writeln!(
-                out,
-                "usync_sequencer_partition_lease_expiry_seconds{{partition=\"{p}\"}} {:.3}",
-                *until as f64 / 1000.0
-            );
-        }
-        head(
-            &mut out,
+            Some(&Unit::Seconds),
+            m.held
+                .iter()
+                .map(|(p, until)| ([("partition", p.to_string())], *until as f64 / 1000.0)),
+        )?;
+        gauges(
+            &mut e,
             "partition_queue_depth",
-            "gauge",
             "Commands waiting or in flight on a held partition's consumer (num_pending + num_ack_pending, read at most every 2 s).",
-        );
-        for (p, n) in &depths.0 {
-            if m.held.contains_key(p) {
-                let _ = writeln!(
-                    out,
-                    "usync_sequencer_partition_queue_depth{{partition=\"{p}\"}} {n}"
-                );
-            }
-        }
-        head(
-            &mut out,
+            None,
+            m.depths
+                .iter()
+                .filter(|(p, _)| m.held.contains_key(p))
+                .map(|(p, n)| ([("partition", p.to_string())], *n)),
+        )?;
+        gauges(
+            &mut e,
             "partition_workers",
-            "gauge",
             "Stream keys with a live worker, per partition (0 once the partition is let go).",
-        );
-        for (p, s) in &m.sources {
-            let _ = writeln!(
-                out,
-                "usync_sequencer_partition_workers{{partition=\"{p}\"}} {}",
-                s.workers.load(Ordering::Relaxed)
-            );
-        }
-        head(
-            &mut out,
-            "partition_commands_total",
-            "counter",
+            None,
+            per_source(|s| s.workers.load(Ordering::Relaxed) as u64),
+        )?;
+        counters(
+            &mut e,
+            "partition_commands",
             "Commands this instance took from a partition's consumer.",
-        );
-        for (p, s) in &m.sources {
-            let _ = writeln!(
-                out,
-                "usync_sequencer_partition_commands_total{{partition=\"{p}\"}} {}",
-                s.commands.load(Ordering::Relaxed)
-            );
-        }
-        head(
-            &mut out,
-            "partition_pushed_back_total",
-            "counter",
+            per_source(|s| s.commands.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut e,
+            "partition_pushed_back",
             "Commands handed back for redelivery because their stream key's queue was full.",
-        );
-        for (p, s) in &m.sources {
-            let _ = writeln!(
-                out,
-                "usync_sequencer_partition_pushed_back_total{{partition=\"{p}\"}} {}",
-                s.pushed_back.load(Ordering::Relaxed)
-            );
-        }
-        head(
-            &mut out,
-            "partition_ops_written_total",
-            "counter",
+            per_source(|s| s.pushed_back.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut e,
+            "partition_ops_written",
             "Ops this instance stored in USYNC_OPS, by the partition of their stream key.",
-        );
-        for (p, n) in &m.ops_written {
-            let _ = writeln!(
-                out,
-                "usync_sequencer_partition_ops_written_total{{partition=\"{p}\"}} {n}"
-            );
-        }
+            m.ops_written
+                .iter()
+                .map(|(p, n)| ([("partition", p.to_string())], *n)),
+        )?;
         let unpart = m.unpartitioned.as_ref();
         let sum = |f: fn(&SourceStats) -> u64| {
             m.sources.values().map(|s| f(s)).sum::<u64>() + unpart.map_or(0, |s| f(s))
         };
-        head(
-            &mut out,
-            "commands_total",
-            "counter",
+        counter(
+            &mut e,
+            "commands",
             "Commands this instance took, from every partition and the consumer of before partitions.",
-        );
-        let _ = writeln!(
-            out,
-            "usync_sequencer_commands_total {}",
-            sum(|s| s.commands.load(Ordering::Relaxed))
-        );
-        head(
-            &mut out,
-            "ops_written_total",
-            "counter",
+            sum(|s| s.commands.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            &mut e,
+            "ops_written",
             "Ops this instance stored in USYNC_OPS.",
-        );
-        let _ = writeln!(
-            out,
-            "usync_sequencer_ops_written_total {}",
-            m.ops_written_total
-        );
-        head(
-            &mut out,
+            m.ops_written_total,
+        )?;
+        gauge(
+            &mut e,
             "workers",
-            "gauge",
             "Stream keys with a live worker on this instance.",
-        );
-        let _ = writeln!(
-            out,
-            "usync_sequencer_workers {}",
-            sum(|s| s.workers.load(Ordering::Relaxed) as u64)
-        );
-        head(
-            &mut out,
-            "dropped_replies_total",
-            "counter",
+            sum(|s| s.workers.load(Ordering::Relaxed) as u64),
+        )?;
+        counter(
+            &mut e,
+            "dropped_replies",
             "Answers not sent because the command's reply_to was not a usync.reply subject.",
-        );
-        let _ = writeln!(
-            out,
-            "usync_sequencer_dropped_replies_total {dropped_replies}"
-        );
-        head(
-            &mut out,
+            (self.dropped_replies)(),
+        )?;
+        gauge(
+            &mut e,
             "unpartitioned_draining",
-            "gauge",
             "1 while this instance pulls the single consumer of a deployment set up before partitions.",
-        );
-        let _ = writeln!(
-            out,
-            "usync_sequencer_unpartitioned_draining {}",
-            u8::from(m.draining_unpartitioned)
-        );
-        if let Some(n) = depths.1 {
-            head(
-                &mut out,
+            u64::from(m.draining_unpartitioned),
+        )?;
+        if let Some(n) = m.unpartitioned_depth {
+            gauge(
+                &mut e,
                 "unpartitioned_queue_depth",
-                "gauge",
                 "Commands waiting or in flight on the consumer of before partitions.",
-            );
-            let _ = writeln!(out, "usync_sequencer_unpartitioned_queue_depth {n}");
+                n,
+            )?;
         }
-        out
+        Ok(())
     }
 }
 
-/// A label value with `\`, `"` and newlines escaped.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// What the listener shows: the queue depths read again when due, then the registry.
+pub struct Exposed {
+    pub metrics: Arc<Metrics>,
+    pub registry: Registry,
+    /// `USYNC_CMDS`, whose consumers hold the queue depths.
+    pub cmds: Stream,
 }
 
-/// What the listener reads.
-#[derive(Clone)]
-struct Exporter {
-    metrics: Arc<Metrics>,
-    shared: Arc<WorkerShared>,
-    cmds: Stream,
-}
-
-impl Exporter {
-    async fn text(&self) -> String {
-        let depths = self.metrics.refresh_depths(&self.cmds).await;
-        self.metrics.render(
-            &self.shared.instance,
-            &depths,
-            self.shared.dropped_replies.load(Ordering::Relaxed),
-        )
+impl Exposition for Exposed {
+    async fn render(&self) -> Result<String, fmt::Error> {
+        self.metrics.refresh_depths(&self.cmds).await;
+        ultrasync_metrics::render(&self.registry)
     }
-}
-
-/// Serves `/metrics` and `/healthz` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    shared: Arc<WorkerShared>,
-    cmds: Stream,
-    shutdown: CancellationToken,
-) {
-    let exporter = Exporter {
-        metrics,
-        shared,
-        cmds,
-    };
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(e): State<Exporter>| async move {
-                (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    e.text().await,
-                )
-                    .into_response()
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(exporter);
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
 }
 
 #[cfg(test)]
@@ -426,36 +391,49 @@ mod tests {
 
     #[test]
     fn counters_follow_a_partition_that_comes_back() {
-        let m = Metrics::default();
+        let m = Arc::new(Metrics::default());
+        let registry = m.registry("i-1", Box::new(|| 2));
         m.set_layout(Some(4), Duration::from_secs(2));
         let s = m.source(1);
         s.commands.fetch_add(3, Ordering::Relaxed);
         m.lease_renewed(1, 10_000);
         let key = ultrasync_shared::StreamKey::parse("o", "p", "index").expect("key");
         let p = nats::partition_of(&key, 4);
+        m.batch_taken(6);
         m.wrote(&nats::ops_subject(&key), 5);
+        m.committed(Duration::from_millis(3));
+        m.store_depths(BTreeMap::from([(1, 7), (2, 9)]), None);
 
-        let depths = (BTreeMap::from([(1, 7), (2, 9)]), None);
-        let text = m.render("i-1", &depths, 2);
+        let text = ultrasync_metrics::render(&registry).expect("render");
         assert_eq!(
-            value(&text, "usync_sequencer_partition_owned{partition=\"1\"}"),
+            value(&text, "ultrasync_sequencer_info{sequencer=\"i-1\"}"),
             Some(1.0)
         );
         assert_eq!(
-            value(&text, "usync_sequencer_partition_owned{partition=\"0\"}"),
+            value(
+                &text,
+                "ultrasync_sequencer_partition_owned{partition=\"1\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "ultrasync_sequencer_partition_owned{partition=\"0\"}"
+            ),
             Some(0.0)
         );
         assert_eq!(
             value(
                 &text,
-                "usync_sequencer_partition_lease_expiry_seconds{partition=\"1\"}"
+                "ultrasync_sequencer_partition_lease_expiry_seconds{partition=\"1\"}"
             ),
             Some(12.0)
         );
         assert_eq!(
             value(
                 &text,
-                "usync_sequencer_partition_queue_depth{partition=\"1\"}"
+                "ultrasync_sequencer_partition_queue_depth{partition=\"1\"}"
             ),
             Some(7.0)
         );
@@ -463,47 +441,76 @@ mod tests {
         assert_eq!(
             value(
                 &text,
-                "usync_sequencer_partition_queue_depth{partition=\"2\"}"
+                "ultrasync_sequencer_partition_queue_depth{partition=\"2\"}"
             ),
             None
         );
         assert_eq!(
             value(
                 &text,
-                &format!("usync_sequencer_partition_ops_written_total{{partition=\"{p}\"}}")
+                &format!("ultrasync_sequencer_partition_ops_written_total{{partition=\"{p}\"}}")
             ),
             Some(5.0)
         );
         assert_eq!(
-            value(&text, "usync_sequencer_dropped_replies_total"),
+            value(&text, "ultrasync_sequencer_dropped_replies_total"),
             Some(2.0)
+        );
+        assert_eq!(
+            value(&text, "ultrasync_sequencer_batch_commands_count"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "ultrasync_sequencer_batch_commands_bucket{le=\"8.0\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(value(&text, "ultrasync_sequencer_batch_ops_sum"), Some(5.0));
+        assert_eq!(
+            value(&text, "ultrasync_sequencer_commit_seconds_count"),
+            Some(1.0)
         );
 
         // Let go and taken again: the same counters, not a new series from zero.
         m.released(1);
-        let text = m.render("i-1", &depths, 2);
+        let text = ultrasync_metrics::render(&registry).expect("render");
         assert_eq!(
-            value(&text, "usync_sequencer_partition_owned{partition=\"1\"}"),
+            value(
+                &text,
+                "ultrasync_sequencer_partition_owned{partition=\"1\"}"
+            ),
             Some(0.0)
         );
         assert!(!text.contains("lease_expiry_seconds{partition=\"1\"}"));
         m.source(1).commands.fetch_add(1, Ordering::Relaxed);
-        let text = m.render("i-1", &depths, 2);
+        let text = ultrasync_metrics::render(&registry).expect("render");
         assert_eq!(
             value(
                 &text,
-                "usync_sequencer_partition_commands_total{partition=\"1\"}"
+                "ultrasync_sequencer_partition_commands_total{partition=\"1\"}"
             ),
             Some(4.0)
         );
-        assert_eq!(value(&text, "usync_sequencer_commands_total"), Some(4.0));
-        // Every series has its HELP and TYPE.
+        assert_eq!(
+            value(&text, "ultrasync_sequencer_commands_total"),
+            Some(4.0)
+        );
+        // Every family has its HELP and TYPE, and every sample belongs to one.
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+            .collect();
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let name = l.split(['{', ' ']).next().expect("name");
             assert!(
-                text.contains(&format!("# TYPE {name} ")),
+                families.iter().any(|f| name.starts_with(f)),
                 "{name} has no TYPE"
             );
+        }
+        for f in &families {
+            assert!(text.contains(&format!("# HELP {f} ")), "{f} has no HELP");
         }
     }
 }

@@ -82,6 +82,8 @@ pub struct WorkerShared {
     pub instance: String,
     /// Group commit of every worker's writes.
     pub committer: crate::committer::Committer,
+    /// The instance's metrics (batch sizes).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// `usync-commands`: the commands of compacted ops.
     pub commands: jetstream::kv::Store,
     /// Continues the traces gateways send with commands (off unless
@@ -574,6 +576,7 @@ impl Worker {
     }
 
     async fn process(&mut self, mut batch: Vec<Pending>) {
+        self.shared.metrics.batch_taken(batch.len());
         let Some(spec) = self.spec.clone() else {
             // Nothing to load or write: every command is refused.
             let name = self.key.namespace.to_string();

@@ -426,6 +426,8 @@ pub struct MaterializerConfig {
     pub snapshot_interval_secs: u64,
     /// Whether this instance writes snapshots (at least one instance should).
     pub write_snapshots: bool,
+    /// Where this instance serves Prometheus `/metrics` (off when unset).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for MaterializerConfig {
@@ -436,6 +438,7 @@ impl Default for MaterializerConfig {
             snapshot_every_ops: 10_000,
             snapshot_interval_secs: 60,
             write_snapshots: true,
+            metrics_listen: None,
         }
     }
 }

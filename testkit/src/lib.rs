@@ -448,6 +448,23 @@ struct Service {
     name: &'static str,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
+    /// Where its `/metrics` is served (the config's `metrics_listen`, bound here).
+    metrics: Option<SocketAddr>,
+}
+
+/// Binds a service's metrics listener when the config asks for one (port 0 too), so
+/// the stack knows where it is.
+fn bind_metrics(addr: Option<SocketAddr>) -> (Option<tokio::net::TcpListener>, Option<SocketAddr>) {
+    let Some(addr) = addr else {
+        return (None, None);
+    };
+    let listener = std::net::TcpListener::bind(addr).expect("bind a metrics listener");
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    let bound = listener.local_addr().expect("addr");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    (Some(listener), Some(bound))
 }
 
 impl Service {
@@ -558,6 +575,7 @@ impl Stack {
             name: "gateway",
             stop,
             task,
+            metrics: Some(self.http),
         });
         self.wait_ready().await;
     }
@@ -578,6 +596,7 @@ impl Stack {
             name: "gateway",
             stop,
             task,
+            metrics: Some(addr),
         });
         let url = format!("http://{addr}/readyz");
         for _ in 0..300 {
@@ -602,15 +621,32 @@ impl Stack {
         ServiceProcess::spawn(bin, "sequencer", self.nats.url(), &[])
     }
 
-    /// Starts one more in-process sequencer instance (its own NATS connection).
+    /// Starts one more in-process sequencer instance (its own NATS connection), with
+    /// its metrics listener when `sequencer.metrics_listen` is set.
     pub fn add_sequencer(&mut self) {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(ultrasync_sequencer::run(self.config.clone(), stop.clone()));
+        let (listener, metrics) = bind_metrics(self.config.sequencer.metrics_listen);
+        let task = tokio::spawn(ultrasync_sequencer::run_with_metrics(
+            self.config.clone(),
+            listener,
+            stop.clone(),
+        ));
         self.sequencers.push(Service {
             name: "sequencer",
             stop,
             task,
+            metrics,
         });
+    }
+
+    /// Where sequencer `i` (in start order) serves `/metrics`.
+    pub fn sequencer_metrics(&self, i: usize) -> Option<SocketAddr> {
+        self.sequencers.get(i)?.metrics
+    }
+
+    /// Where materializer `i` (in start order) serves `/metrics`.
+    pub fn materializer_metrics(&self, i: usize) -> Option<SocketAddr> {
+        self.materializers.get(i)?.metrics
     }
 
     /// The RocksDB folder of materializer `name` (kept for the stack's life).
@@ -618,17 +654,24 @@ impl Stack {
         self.state_dir.path().join(format!("materializer-{name}"))
     }
 
-    /// Starts one more in-process materializer named `name`.
+    /// Starts one more in-process materializer named `name`, with its metrics
+    /// listener when `materializer.metrics_listen` is set.
     pub fn add_materializer(&mut self, name: &str) {
         let mut config = self.config.clone();
         config.materializer.name = name.to_owned();
         config.materializer.data_dir = self.materializer_dir(name);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(ultrasync_materializer::run(config, stop.clone()));
+        let (listener, metrics) = bind_metrics(config.materializer.metrics_listen);
+        let task = tokio::spawn(ultrasync_materializer::run_with_metrics(
+            config,
+            listener,
+            stop.clone(),
+        ));
         self.materializers.push(Service {
             name: "materializer",
             stop,
             task,
+            metrics,
         });
     }
 

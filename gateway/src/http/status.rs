@@ -42,12 +42,9 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")), security(()))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text")), security(()))]
 pub async fn prometheus(State(state): State<Arc<AppState>>) -> Response {
-    let body = state
-        .metrics
-        .render(state.hub.topic_count(), state.started.elapsed());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    ultrasync_metrics::response(state.metrics.render())
 }
 
 #[utoipa::path(
