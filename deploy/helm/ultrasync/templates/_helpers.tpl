@@ -91,6 +91,16 @@ the NATS user of deploy/nats/users.conf and its password from the Secret.
   value: {{ .ctx.Values.streamReplicas | quote }}
 - name: ULTRASYNC_LOG_FORMAT
   value: {{ .ctx.Values.logFormat | quote }}
+{{- with .ctx.Values.traces.otlpEndpoint }}
+- name: ULTRASYNC_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- with $.ctx.Values.traces.sampleRatio }}
+- name: OTEL_TRACES_SAMPLER
+  value: parentbased_traceidratio
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
 {{- with include "ultrasync.natsTlsEnv" .ctx }}
 {{ . }}
 {{- end }}
