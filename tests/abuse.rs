@@ -1084,6 +1084,7 @@ async fn run_row(hub: &mut Hub, row: &str) {
                     precondition: Some(ultrasync_shared::Precondition {
                         expected_version: 99,
                     }),
+                    base_seq: None,
                 },
             ))
             .await

@@ -187,6 +187,7 @@ fn envelope(id: &str, org: &str, ns: &str, op_type: OpType, payload: Value) -> C
         payload,
         precondition: None,
         reply_to: Some(format!("usync.reply.test.{org}")),
+        base_seq: None,
     }
 }
 
@@ -334,6 +335,7 @@ async fn answers_go_to_reply_subjects_only() {
         payload: json!(1),
         precondition: None,
         reply_to: Some(reply_to.into()),
+        base_seq: None,
     };
     for (id, to) in [
         ("c1", "victim.inbox"),

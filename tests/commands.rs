@@ -54,6 +54,7 @@ fn frame(
         precondition: expected.map(|v| Precondition {
             expected_version: v,
         }),
+        base_seq: None,
     })
 }
 

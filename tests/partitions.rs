@@ -125,6 +125,7 @@ impl Load {
             payload,
             precondition: None,
             reply_to: Some(REPLY.into()),
+            base_seq: None,
         };
         let body = bytes::Bytes::from(serde_json::to_vec(&cmd).expect("encode"));
         let now = Instant::now();

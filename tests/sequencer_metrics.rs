@@ -136,6 +136,7 @@ fn command(n: usize, reply_to: &str) -> (String, bytes::Bytes) {
         payload: serde_json::json!({"n": n}),
         precondition: None,
         reply_to: Some(reply_to.into()),
+        base_seq: None,
     };
     let body = serde_json::to_vec(&cmd).expect("encode");
     (cmd_subject(&key), body.into())

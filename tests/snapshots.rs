@@ -37,6 +37,7 @@ async fn send(
         precondition: expected.map(|v| Precondition {
             expected_version: v,
         }),
+        base_seq: None,
     }))
     .await
     .expect("send");

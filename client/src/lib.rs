@@ -180,6 +180,7 @@ impl Connection {
             op_type,
             payload,
             precondition: None,
+            base_seq: None,
         }))
         .await
     }

@@ -37,6 +37,15 @@
 //!   applied), never applied twice.
 //! - A `reject` removes the edit from the outbox (rolling it back locally) and is
 //!   reported as [`Change::Rejected`] with its code and `current_state`.
+//! - Each edit is sent with `base_seq`, the namespace's cursor when it was made. When
+//!   the server answers `stale_base` with a `current_state` (the edit was made on a
+//!   state older than the compaction floor: nothing was written), the edit stays in
+//!   the outbox, the namespace is bootstrapped again from a snapshot
+//!   ([`Change::Snapshot`]), and the edit is sent again based on that snapshot: the
+//!   application saw the state it now lands on, and a precondition it carries is
+//!   checked against it. After [`MAX_REBASES`] such answers for one edit it is rolled
+//!   back and reported as rejected. (A `stale_base` without `current_state` answers
+//!   a resend whose op was compacted: it was applied, and is done.)
 //! - After ops are applied and stored, a `cursor` report tells the server how far this
 //!   replica durably is (the compactor keeps the log from there).
 //! - On any disconnect it reconnects with exponential backoff (100 ms doubling to
@@ -65,6 +74,9 @@ use crate::{ClientError, Connection};
 const STATE_FILE: &str = "replica.json";
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Times one edit is re-based on a fresh snapshot after `stale_base` before it is
+/// rolled back.
+pub const MAX_REBASES: u32 = 3;
 
 pub struct SyncOptions {
     /// `ws://…/v1/sync` or `wss://…`.
@@ -139,6 +151,21 @@ struct Pending {
     payload: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     precondition: Option<Precondition>,
+    /// The namespace's confirmed cursor the edit was made on (`None` in stores
+    /// written before it was kept: sent without).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base_seq: Option<u64>,
+    /// Refused `stale_base`: held back until the namespace's next snapshot, which
+    /// becomes its base.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    rebase: bool,
+    /// How many times it was re-based.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    rebases: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize, Deserialize)]
@@ -167,6 +194,9 @@ struct Local {
     confirmed: BTreeMap<String, NamespaceState>,
     outbox: Vec<Pending>,
     next_id: u64,
+    /// Namespaces to bootstrap again from a snapshot on the next connection (an
+    /// edit of theirs waits to be re-based).
+    resync: HashSet<String>,
 }
 
 struct Shared {
@@ -279,6 +309,7 @@ impl SyncClient {
             confirmed: BTreeMap::new(),
             outbox: Vec::new(),
             next_id: 1,
+            resync: HashSet::new(),
         };
         if let Some(stored) = load(&opts.store.join(STATE_FILE))? {
             if stored.client_id != opts.client_id {
@@ -323,6 +354,12 @@ impl SyncClient {
         for ns in &opts.namespaces {
             local.confirmed.entry(ns.clone()).or_default();
         }
+        local.resync = local
+            .outbox
+            .iter()
+            .filter(|p| p.rebase)
+            .map(|p| p.namespace.clone())
+            .collect();
         let shared = Arc::new(Shared {
             opts,
             trust,
@@ -361,6 +398,7 @@ impl SyncClient {
         let mut local = self.shared.lock();
         let command_id = format!("{}-{}", self.shared.opts.client_id, local.next_id);
         local.next_id += 1;
+        let base_seq = local.confirmed.get(namespace).map_or(0, |s| s.last_seq);
         local.outbox.push(Pending {
             command_id: command_id.clone(),
             namespace: namespace.to_owned(),
@@ -368,6 +406,9 @@ impl SyncClient {
             op_type,
             payload,
             precondition,
+            base_seq: Some(base_seq),
+            rebase: false,
+            rebases: 0,
         });
         self.shared.persist(&local)?;
         drop(local);
@@ -571,7 +612,8 @@ async fn session(shared: &Shared, mut conn: Connection, backoff: &mut Duration) 
             .iter()
             .map(|ns| {
                 let seq = local.confirmed.get(ns).map_or(0, |s| s.last_seq);
-                (ns.clone(), (seq > 0).then_some(seq))
+                let resync = local.resync.contains(ns);
+                (ns.clone(), (seq > 0 && !resync).then_some(seq))
             })
             .collect()
     };
@@ -640,6 +682,16 @@ async fn session(shared: &Shared, mut conn: Connection, backoff: &mut Duration) 
                             keys,
                         },
                     );
+                    // Edits refused `stale_base` now stand on this snapshot.
+                    local.resync.remove(&namespace);
+                    for p in local
+                        .outbox
+                        .iter_mut()
+                        .filter(|p| p.rebase && p.namespace == namespace)
+                    {
+                        p.rebase = false;
+                        p.base_seq = Some(last_server_seq);
+                    }
                     if let Err(e) = shared.persist(&local) {
                         return e.to_string();
                     }
@@ -720,6 +772,31 @@ async fn session(shared: &Shared, mut conn: Connection, backoff: &mut Duration) 
                 if matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited) {
                     return format!("{code}: {reason}");
                 }
+                // The edit's base predates a purge (nothing written): keep it,
+                // bootstrap the namespace again and send it on the new base.
+                let stale_base = code == ErrorCode::StaleBase && current_state.is_some();
+                if stale_base {
+                    let mut local = shared.lock();
+                    let rebased = match local
+                        .outbox
+                        .iter_mut()
+                        .find(|p| p.command_id == command_id && p.rebases < MAX_REBASES)
+                    {
+                        Some(p) => {
+                            p.rebase = true;
+                            p.rebases += 1;
+                            Some(p.namespace.clone())
+                        }
+                        None => None,
+                    };
+                    if let Some(ns) = rebased {
+                        local.resync.insert(ns);
+                        if let Err(e) = shared.persist(&local) {
+                            return e.to_string();
+                        }
+                        return format!("{code}: {reason}");
+                    }
+                }
                 {
                     let mut local = shared.lock();
                     local.outbox.retain(|p| p.command_id != command_id);
@@ -727,9 +804,9 @@ async fn session(shared: &Shared, mut conn: Connection, backoff: &mut Duration) 
                         return e.to_string();
                     }
                 }
-                // stale_base for a command: a resend of something applied long ago
-                // (compacted), so it is done; anything else is rolled back.
-                if code != ErrorCode::StaleBase {
+                // stale_base without current_state: a resend of something applied
+                // long ago (compacted), so it is done; anything else is rolled back.
+                if code != ErrorCode::StaleBase || stale_base {
                     shared.emit(Change::Rejected {
                         command_id,
                         code,
@@ -768,7 +845,7 @@ async fn flush(
         .lock()
         .outbox
         .iter()
-        .filter(|p| !sent.contains(&p.command_id))
+        .filter(|p| !p.rebase && !sent.contains(&p.command_id))
         .cloned()
         .collect();
     for p in todo {
@@ -779,6 +856,7 @@ async fn flush(
             op_type: p.op_type,
             payload: p.payload,
             precondition: p.precondition,
+            base_seq: p.base_seq,
         }))
         .await?;
         sent.insert(p.command_id);

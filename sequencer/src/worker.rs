@@ -612,6 +612,13 @@ impl Worker {
                 nak_all(&batch).await;
                 return;
             }
+            if let Some(loaded) = self.loaded.as_mut()
+                && let Err(e) = refresh_floor(&self.shared, &self.subject, loaded, &batch).await
+            {
+                warn!(stream_key = %self.key, error = %e, "reading the log's first op for a base_seq check failed; the batch is retried later");
+                nak_all(&batch).await;
+                return;
+            }
             let limits = Limits::for_namespace(&self.shared.limits, &spec);
             let heavy = batch.iter().map(|p| p.bytes).sum::<usize>() > INLINE_PLAN_BYTES
                 || batch
@@ -769,6 +776,33 @@ async fn trim(shared: &WorkerShared, subject: &str, loaded: &mut Loaded) -> Resu
     Ok(())
 }
 
+/// Makes `loaded.first_in_log` exact for the `base_seq` checks of `batch`.
+///
+/// The floor of a stream key is the newest `server_seq` the compactor purged
+/// (`first_in_log - 1`; 0 before any purge): a client whose state is at `base_seq`
+/// can still follow the log when `base_seq >= floor`, and when `base_seq < floor` it
+/// never saw ops that are gone, so its edit is refused `stale_base`. The cached
+/// `first_in_log` only ever lags (the compactor moves the floor up behind the
+/// worker's back): a base below it is stale for sure, and a base at or above the
+/// head's predecessor never is (the compactor keeps the newest op). Anything in
+/// between is checked against the log, one direct get per batch.
+async fn refresh_floor(
+    shared: &WorkerShared,
+    subject: &str,
+    loaded: &mut Loaded,
+    batch: &[Pending],
+) -> Result<(), LogError> {
+    let (first, head) = (loaded.first_in_log, loaded.state.last_seq);
+    let unsure = batch
+        .iter()
+        .filter_map(|p| p.cmd.as_ref().ok()?.base_seq)
+        .any(|base| base.saturating_add(1) >= first && base.saturating_add(1) < head);
+    if unsure && let Some(entry) = log::next_at_or_after(&shared.ops, subject, 1).await? {
+        loaded.first_in_log = first.max(entry.server_seq);
+    }
+    Ok(())
+}
+
 /// Looks up, in `usync-commands`, the commands of `batch` that memory does not
 /// hold while ops of the key were compacted: a retry of a compacted op, or its
 /// command id used again. What is found joins memory until the next trim.
@@ -882,11 +916,19 @@ fn plan(
             });
             continue;
         }
-        let server_seq = next_seq + ops.len() as u64;
         let current = match overlay.get(&cmd.key) {
             Some(e) => e.as_ref(),
             None => loaded.state.keys.get(&cmd.key),
         };
+        // After the retry checks: a command already applied keeps its original
+        // answer whatever base it names now.
+        if let Some(base) = cmd.base_seq
+            && base.saturating_add(1) < loaded.first_in_log
+        {
+            plans.push(Plan::Reject(stale_base(key, cmd, base, loaded, current)));
+            continue;
+        }
+        let server_seq = next_seq + ops.len() as u64;
         let entry = match admit(spec, limits, current, cmd, server_seq) {
             Ok(e) => e,
             Err(reject) => {
@@ -1014,6 +1056,32 @@ impl Worker {
         for p in retry {
             p.retry_after(Duration::from_millis(500)).await;
         }
+    }
+}
+
+/// The answer to a command whose `base_seq` is below the floor: nothing is written;
+/// `current_state` (the key as it is now) tells it apart from the `stale_base` of a
+/// retry whose op was compacted, which was applied and carries none.
+fn stale_base(
+    key: &StreamKey,
+    cmd: &CommandEnvelope,
+    base: u64,
+    loaded: &Loaded,
+    current: Option<&KeyEntry>,
+) -> ServerMessage {
+    let floor = loaded.first_in_log.saturating_sub(1);
+    ServerMessage::Reject {
+        command_id: cmd.command_id.clone(),
+        code: ErrorCode::StaleBase,
+        reason: format!(
+            "base_seq {base} is below the compaction floor {floor} of {}: ops this client never saw were purged; resync from a snapshot, then send the edit again",
+            key.namespace
+        ),
+        current_state: Some(CurrentState {
+            key: cmd.key.clone(),
+            version: current.map_or(0, |e| e.version),
+            value: current.map_or(Value::Null, |e| e.value.clone()),
+        }),
     }
 }
 
@@ -1281,6 +1349,7 @@ mod tests {
                 expected_version: v,
             }),
             reply_to: None,
+            base_seq: None,
         }
     }
 

@@ -78,6 +78,12 @@ pub struct CommandEnvelope {
     pub payload: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precondition: Option<Precondition>,
+    /// The cursor the client edited on ([`crate::protocol::CommandFrame::base_seq`]):
+    /// the sequencer refuses the command `stale_base` when it is below the key's
+    /// compaction floor. Not part of the op id (a retry is the same command whatever
+    /// base it names) nor of the op.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_seq: Option<u64>,
     /// Core NATS subject the sequencer publishes the ack or reject to. `None` for
     /// commands whose submitter does not wait (the op still reaches subscribers).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -25,6 +25,11 @@ pub struct CommandFrame {
     pub payload: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precondition: Option<Precondition>,
+    /// The cursor of `namespace` the client made this edit on. Below the stream
+    /// key's compaction floor (the client's state predates a purge it never saw) the
+    /// command is rejected `stale_base`, nothing written, so the client resyncs first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_seq: Option<u64>,
 }
 
 /// Client → server frames.

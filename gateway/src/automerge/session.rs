@@ -613,6 +613,7 @@ impl Session {
             op_type: OpType::CrdtOp,
             payload: serde_json::json!({ "change": B64.encode(&chunk) }),
             precondition: None,
+            base_seq: None,
         };
         if let Err(r) = commands::check_frame(&self.state, &frame) {
             return refuse(self, r);

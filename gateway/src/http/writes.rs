@@ -161,6 +161,11 @@ pub struct HttpCommand {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     precondition: Option<Precondition>,
+    /// The `server_seq` the client's state was at when it made this edit: below the
+    /// compaction floor the command is rejected `stale_base` (nothing written) and the
+    /// client resyncs before sending it again.
+    #[serde(default)]
+    base_seq: Option<u64>,
 }
 
 #[utoipa::path(
@@ -215,6 +220,7 @@ pub async fn commands(
             op_type: c.op_type,
             payload: c.payload,
             precondition: c.precondition,
+            base_seq: c.base_seq,
         })
         .collect();
     let results = run_commands(&state, &principal, &key, &body.client_id, frames).await;
@@ -283,6 +289,7 @@ async fn write_key(
         op_type,
         payload,
         precondition,
+        base_seq: None,
     };
     let answer = run_commands(&state, &principal, &key, &client_id, vec![frame])
         .await

@@ -89,6 +89,7 @@ pub fn envelope(
         op_type: frame.op_type,
         payload: frame.payload,
         precondition: frame.precondition,
+        base_seq: frame.base_seq,
         reply_to: Some(reply_to),
     }
 }
