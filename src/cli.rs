@@ -39,10 +39,10 @@ pub struct Target {
     /// A PEM CA to trust for `https://` / `wss://` besides the system's roots.
     #[arg(long, env = "ULTRASYNC_CA_FILE")]
     ca_file: Option<PathBuf>,
-    /// Bearer token (see `ultrasync token`).
+    /// Bearer token (see `ultrasync token`) or API key (`ultrasync apikey create`).
     #[arg(long, env = "ULTRASYNC_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Organization [default: the token's `org` claim].
+    /// Organization [default: the token's `org` claim; required with an API key].
     #[arg(long, env = "ULTRASYNC_ORG")]
     org: Option<String>,
     /// Project.
@@ -177,7 +177,13 @@ fn resolve(t: &Target) -> anyhow::Result<Resolved> {
     };
     let org = match t.org.clone().or_else(|| token_org(&token)) {
         Some(o) => o,
-        None => return Err(fail("invalid_id", "no org: pass --org", None)),
+        None => {
+            return Err(fail(
+                "invalid_id",
+                "no org: pass --org (an API key does not name its org)",
+                None,
+            ));
+        }
     };
     let url = t.url.trim_end_matches('/');
     let url = url.trim_end_matches("/v1/sync");

@@ -1,6 +1,7 @@
 //! `ultrasync`: one binary, one subcommand per service plus the tools around them.
 //! Parsing and wiring only; the services live in their crates.
 
+mod apikey;
 mod bench;
 mod cli;
 mod dev;
@@ -140,6 +141,14 @@ enum Command {
     Rebuild(rebuild::RebuildArgs),
     /// Mint a JWT from the configured secret (or the `dev` secret).
     Token(TokenArgs),
+    /// API keys for agents and services: scoped, revocable credentials that need no
+    /// signing secret, stored as hashes in the bucket usync-apikeys (NATS admin
+    /// credentials: --nats-user admin).
+    #[command(subcommand)]
+    Apikey(apikey::ApiKeyCommand),
+    /// Revoke JWTs before they expire, by `jti` or by subject (NATS admin
+    /// credentials): refused by every gateway at once, open sockets closed with 1008.
+    RevokeToken(apikey::RevokeTokenArgs),
     /// Print the effective configuration (all sources merged, secrets redacted) as TOML.
     Config,
     #[command(flatten)]
@@ -257,6 +266,10 @@ struct TokenArgs {
     /// Namespace allow-list (comma-separated); all when absent.
     #[arg(long, value_delimiter = ',')]
     ns: Option<Vec<String>>,
+    /// Token id (`jti`), by which `ultrasync revoke-token --jti` revokes it
+    /// [default: a random one].
+    #[arg(long)]
+    jti: Option<String>,
     /// The `dev` data folder whose secret to use when none is configured.
     #[arg(long, env = "ULTRASYNC_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -494,6 +507,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Client(cmd) => cli::run(cmd).await,
+        Command::Apikey(cmd) => apikey::run(&cli.common.config()?, cmd).await,
+        Command::RevokeToken(args) => apikey::revoke_token(&cli.common.config()?, args).await,
         Command::Bench(args) => bench::run(args, cli.common.config()).await,
         Command::Rebuild(args) => rebuild::run(&cli.common.config()?, args).await,
         Command::Inspect(what) => inspect::run(&cli.common.config()?, what).await,
@@ -552,6 +567,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             claims.iss = cfg.auth.issuer.clone();
             claims.ns = args.ns;
+            claims.jti = Some(
+                args.jti
+                    .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
+            );
             println!("{}", auth::mint_hs256(&secret, &claims)?);
             Ok(())
         }

@@ -470,6 +470,43 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
         );
     }
 
+    // API keys: made by admin, followed by the gateway, which writes only their
+    // last use; the same for a revoked token.
+    let (ok, out) = run_as(
+        &users,
+        &url,
+        "admin",
+        &[
+            "apikey", "create", "--org", ORG, "--name", "agent", "--scope", "read",
+        ],
+    )
+    .await;
+    assert!(ok, "apikey create as admin: {out}");
+    let at = out.find("usk_").expect("the key is printed");
+    let api_key = out[at..at + ultrasync_shared::apikeys::KEY_LEN].to_owned();
+    let key_url = format!("http://{}/v1/{ORG}/web/index/ops?since=3", gateway.addr);
+    let key_auth = format!("Bearer {api_key}");
+    let (status, body) = http_request("GET", &key_url, &[("Authorization", &key_auth)], "")
+        .await
+        .expect("http");
+    assert_eq!(status, 200, "{body}");
+    let apikeys_admin = js_admin
+        .get_key_value(ultrasync_shared::apikeys::APIKEYS_BUCKET)
+        .await
+        .expect("usync-apikeys");
+    let hash = ultrasync_shared::apikeys::key_hash(&api_key).expect("hash");
+    let used = ultrasync_shared::apikeys::used_entry(ORG, &hash);
+    let (kv, used_key) = (&apikeys_admin, &used);
+    assert!(
+        eventually(30, || async move {
+            kv.get(used_key).await.ok().flatten().is_some()
+        })
+        .await,
+        "the gateway did not write the key's last use"
+    );
+    let (ok, out) = run_as(&users, &url, "admin", &["revoke-token", "--jti", "j-1"]).await;
+    assert!(ok, "revoke-token as admin: {out}");
+
     let clean = violations(&nats).split_off(refused_before);
     assert!(
         clean.is_empty(),
@@ -540,6 +577,32 @@ async fn services_run_as_their_users_and_only_within_their_permissions() {
             .iter()
             .any(|l| l.contains("\"gateway\"") || l.contains("gateway")),
         "the server logs the gateway's violations: {denied:?}"
+    );
+
+    // Keys and revocations are admin's: the gateway may write a key's last use only.
+    let gateway_kv = short_timeout(users.connect(&url, "gateway").await)
+        .get_key_value(ultrasync_shared::apikeys::APIKEYS_BUCKET)
+        .await
+        .expect("the gateway opens usync-apikeys");
+    for forged in [
+        ultrasync_shared::apikeys::record_entry(ORG, &"f".repeat(64)),
+        ultrasync_shared::apikeys::sub_entry(ORG, "alice"),
+        ultrasync_shared::apikeys::record_entry(ORG, &hash),
+    ] {
+        let put =
+            tokio::time::timeout(Duration::from_secs(5), gateway_kv.put(&forged, "{}".into()))
+                .await;
+        assert!(!matches!(put, Ok(Ok(_))), "the gateway wrote {forged}");
+    }
+    assert!(
+        apikeys_admin
+            .get(ultrasync_shared::apikeys::record_entry(
+                ORG,
+                &"f".repeat(64)
+            ))
+            .await
+            .expect("get")
+            .is_none()
     );
 
     // Another service's consumer: the materializer's and the webhooks' durables

@@ -11,6 +11,7 @@
 //! door imports another, and `rules` imports none.
 
 mod automerge;
+mod credentials;
 mod cursors;
 mod demo;
 mod docs;
@@ -101,6 +102,8 @@ impl Routes {
 pub struct AppState {
     pub config: Config,
     pub verifier: Verifier,
+    /// API keys and revoked tokens, followed from the bucket `usync-apikeys`.
+    pub credentials: Arc<credentials::Credentials>,
     pub namespaces: ultrasync_shared::namespaces::Namespaces,
     pub gateway_id: String,
     pub nats: async_nats::Client,
@@ -183,6 +186,7 @@ async fn run_with(
         .await
         .context("opening the cursor bucket")?;
     let cursor_flush = Duration::from_millis(config.gateway.cursor_flush_ms);
+    let credentials = credentials::Credentials::start(&js, shutdown.clone()).await?;
     let gateway_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
     let routes = Routes::new(&gateway_id);
 
@@ -217,6 +221,7 @@ async fn run_with(
         namespaces: config.namespaces()?,
         config,
         verifier,
+        credentials,
         gateway_id: gateway_id.clone(),
         nats: client.clone(),
         publisher: publisher::Publisher::with_limits(

@@ -116,6 +116,9 @@ pub struct Claims {
     /// Optional namespace allow-list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ns: Option<Vec<String>>,
+    /// Token id: a token can be revoked by it (`ultrasync revoke --jti`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 /// What a token grants, after verification.
@@ -130,6 +133,24 @@ pub struct Principal {
     pub namespaces: Option<Vec<String>>,
     /// Expiry, seconds since the epoch.
     pub exp: u64,
+    /// What the caller presented: revoking it ends the sockets it opened.
+    pub credential: Credential,
+}
+
+/// The credential a principal came from.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Credential {
+    /// A JWT, with its `jti` and `iat` when it has them (revocation by id, or of a
+    /// subject's tokens issued up to a time).
+    Jwt {
+        jti: Option<String>,
+        iat: Option<u64>,
+    },
+    /// An API key, named by the hex SHA-256 of the key.
+    ApiKey { hash: String },
+    /// Vouched for by an embedder's hook; the server cannot revoke it.
+    #[default]
+    Embedder,
 }
 
 impl Principal {
@@ -420,10 +441,7 @@ impl Verifier {
         }
         let actor_id = Id::parse("sub", &c.sub).map_err(invalid)?;
         let org = Id::parse("org", &c.org).map_err(invalid)?;
-        let scopes: Vec<&str> = c.scope.split_whitespace().collect();
-        let admin = scopes.contains(&"admin");
-        let write = admin || scopes.contains(&"write");
-        let read = write || scopes.contains(&"read");
+        let (read, write, admin) = scopes(&c.scope);
         Ok(Principal {
             actor_id,
             org,
@@ -433,8 +451,22 @@ impl Verifier {
             admin,
             namespaces: c.ns,
             exp: c.exp,
+            credential: Credential::Jwt {
+                jti: c.jti,
+                iat: c.iat,
+            },
         })
     }
+}
+
+/// `(read, write, admin)` of a space-separated scope: `admin` implies `write`, which
+/// implies `read`.
+pub fn scopes(scope: &str) -> (bool, bool, bool) {
+    let scopes: Vec<&str> = scope.split_whitespace().collect();
+    let admin = scopes.contains(&"admin");
+    let write = admin || scopes.contains(&"write");
+    let read = write || scopes.contains(&"read");
+    (read, write, admin)
 }
 
 fn read_key_file(path: &Path) -> anyhow::Result<String> {
@@ -525,6 +557,7 @@ pub fn claims(
         iat: Some(now),
         nbf: None,
         ns: None,
+        jti: None,
     }
 }
 

@@ -166,6 +166,9 @@ pub struct AuthConfig {
     /// Longest accepted token lifetime, `exp - iat` (or `exp - now` without `iat`);
     /// 0 = unlimited.
     pub max_token_lifetime_secs: u64,
+    /// API keys one org may have (`ultrasync apikey create` refuses more): every
+    /// gateway keeps every key in memory.
+    pub max_api_keys_per_org: usize,
 }
 
 impl Default for AuthConfig {
@@ -179,6 +182,7 @@ impl Default for AuthConfig {
             public_key_file: None,
             jwks_file: None,
             max_token_lifetime_secs: crate::auth::DEFAULT_MAX_TOKEN_LIFETIME_SECS,
+            max_api_keys_per_org: crate::apikeys::DEFAULT_MAX_KEYS_PER_ORG,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! two services must agree on lives here and only here.
 
 pub mod admission;
+pub mod apikeys;
 pub mod auth;
 pub mod config;
 pub mod cursors;

@@ -391,6 +391,9 @@ pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyh
     js.create_or_update_key_value(commands_bucket_config(&opts))
         .await
         .map_err(|e| anyhow::anyhow!("creating bucket {COMMANDS_BUCKET}: {e}"))?;
+    js.create_or_update_key_value(crate::apikeys::bucket_config(opts.replicas))
+        .await
+        .map_err(|e| anyhow::anyhow!("creating bucket {}: {e}", crate::apikeys::APIKEYS_BUCKET))?;
     if opts.mirror_of.is_none() {
         js.create_or_update_key_value(leases_bucket_config(&opts))
             .await
@@ -519,6 +522,7 @@ pub async fn describe_layout(
         .map(|s| s.name)
         .chain([
             format!("KV_{CURSORS_BUCKET}"),
+            format!("KV_{}", crate::apikeys::APIKEYS_BUCKET),
             format!("OBJ_{SNAPSHOTS_BUCKET}"),
         ])
         .chain(leases);
@@ -568,6 +572,7 @@ pub async fn check_layout(
     for (kind, stream) in [
         ("bucket", format!("KV_{}", kv.bucket)),
         ("bucket", format!("KV_{COMMANDS_BUCKET}")),
+        ("bucket", format!("KV_{}", crate::apikeys::APIKEYS_BUCKET)),
         ("object store", format!("OBJ_{SNAPSHOTS_BUCKET}")),
     ] {
         match js.get_stream(&stream).await {

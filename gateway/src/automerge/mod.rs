@@ -119,8 +119,17 @@ pub async fn automerge_socket(
         Ok(admitted) => admitted,
         Err(r) => return r,
     };
+    let connected = match auth::connect_socket(
+        &state,
+        &principal,
+        crate::hooks::ConnectionKind::AutomergeRepo,
+        &headers,
+    ) {
+        Ok(c) => c,
+        Err(r) => return r.into_response(),
+    };
     ws.on_upgrade(move |socket| async move {
-        session::Session::run(state, socket, principal, key, slot).await;
+        session::Session::run(state, socket, principal, key, slot, connected).await;
         drop(permit);
     })
 }

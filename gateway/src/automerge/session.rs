@@ -95,6 +95,9 @@ pub struct Session {
     /// Frames to write once the current event is handled.
     out: Vec<Vec<u8>>,
     _slot: SocketSlot,
+    /// Its credential's registration (closes the socket when revoked) and the
+    /// embedder's leave to connect (`on_disconnect` when dropped).
+    connected: crate::rules::auth::Connected,
 }
 
 struct Closing(u16, String);
@@ -108,8 +111,9 @@ impl Session {
         principal: Principal,
         key: StreamKey,
         slot: SocketSlot,
+        connected: crate::rules::auth::Connected,
     ) {
-        let session_id = uuid::Uuid::new_v4().simple().to_string();
+        let session_id = connected.session_id.clone();
         let replies = state.routes.register(&session_id);
         let mut session = Session {
             server_id: format!("ultrasync-{}", state.gateway_id),
@@ -125,13 +129,13 @@ impl Session {
             replies,
             out: Vec::new(),
             _slot: slot,
+            connected,
         };
         state
             .metrics
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Metrics::inc(&state.docs.metrics.sockets);
-        state.hooks.on_connect(&session.principal, &session_id);
         let (mut sink, mut stream) = socket.split();
         let Closing(code, reason) = session.serve(&mut sink, &mut stream).await;
         for (_, f) in std::mem::take(&mut session.inflight) {
@@ -140,7 +144,6 @@ impl Session {
             }
         }
         state.routes.unregister(&session_id);
-        state.hooks.on_disconnect(&session.principal, &session_id);
         state
             .metrics
             .connections
@@ -178,6 +181,7 @@ impl Session {
         let shutdown = self.state.shutdown.clone();
         let expiry = tokio::time::sleep(Duration::from_secs(self.principal.expires_in()));
         tokio::pin!(expiry);
+        let revoked = self.connected.registration.revoked.clone();
         let join_deadline = tokio::time::sleep(Duration::from_secs(
             self.state.config.gateway.hello_timeout_secs,
         ));
@@ -204,6 +208,7 @@ impl Session {
                     Some(Closing(close::TRY_AGAIN_LATER, "server shutting down".into()))
                 }
                 _ = &mut expiry => Some(Closing(close::POLICY, "token expired".into())),
+                _ = revoked.cancelled() => Some(Closing(close::POLICY, "credential revoked".into())),
                 _ = replaced.cancelled() => {
                     Some(Closing(close::NORMAL, "replaced by a newer socket of the same peer".into()))
                 }

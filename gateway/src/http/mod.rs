@@ -69,6 +69,7 @@ pub(crate) fn caller(
 ) -> Result<Principal, Response> {
     let principal = auth::authenticate(state, Door::Http, headers, query.access_token.as_deref())
         .map_err(IntoResponse::into_response)?;
+    auth::connect_request(state, &principal, headers).map_err(IntoResponse::into_response)?;
     state
         .budgets
         .request(&principal)

@@ -239,6 +239,7 @@ mod tests {
             admin: false,
             namespaces: None,
             exp: u64::MAX,
+            credential: Default::default(),
         }
     }
 

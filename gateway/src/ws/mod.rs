@@ -35,8 +35,9 @@ pub struct TokenQuery {
     access_token: Option<String>,
 }
 
-/// The WebSocket endpoint (SPEC §4); 401 before the upgrade without a valid token,
-/// 403 for an Origin outside the allow-list, 429 when the actor or its org has its
+/// The WebSocket endpoint (SPEC §4); 401 before the upgrade without a valid token
+/// or API key, 403 for an Origin outside the allow-list (or the code of an embedder's
+/// `on_connect` refusal), 429 when the actor or its org has its
 /// share of sockets open, 503 when the gateway's connection cap is reached.
 #[utoipa::path(
     get,
@@ -68,8 +69,17 @@ pub async fn sync_socket(
         Ok(admitted) => admitted,
         Err(r) => return r,
     };
+    let connected = match auth::connect_socket(
+        &state,
+        &principal,
+        crate::hooks::ConnectionKind::WebSocket,
+        &headers,
+    ) {
+        Ok(c) => c,
+        Err(r) => return r.into_response(),
+    };
     ws.on_upgrade(move |socket| async move {
-        session::Session::run(state, socket, principal, slot).await;
+        session::Session::run(state, socket, principal, slot, connected).await;
         drop(permit);
     })
 }

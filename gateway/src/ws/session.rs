@@ -24,6 +24,7 @@ use ultrasync_shared::{ErrorCode, StreamKey, validate_key};
 use super::follow::Follower;
 use super::outbound::{self, OutQueue, OutReceiver, Outbound, Refused};
 use crate::presence::Room;
+use crate::rules::auth::Connected;
 use crate::rules::limits::{RateLimit, SocketSlot};
 use crate::rules::{Refusal, access, commands};
 use crate::{AppState, Metrics, spans};
@@ -64,6 +65,9 @@ pub struct Session {
     presence_keys: std::collections::HashSet<String>,
     /// This socket's place in its actor's and org's socket budget.
     _slot: SocketSlot,
+    /// Its credential's registration (closes the socket when revoked) and the
+    /// embedder's leave to connect (`on_disconnect` when dropped).
+    connected: Connected,
 }
 
 /// Why the session loop ended, and the close frame to send.
@@ -75,8 +79,9 @@ impl Session {
         socket: WebSocket,
         principal: Principal,
         slot: SocketSlot,
+        connected: Connected,
     ) {
-        let session_id = uuid::Uuid::new_v4().simple().to_string();
+        let session_id = connected.session_id.clone();
         let (out, mut out_rx) = outbound::channel(
             state.config.gateway.outbound_queue,
             state.config.gateway.max_outbound_bytes,
@@ -94,12 +99,12 @@ impl Session {
             inflight: HashMap::new(),
             presence_keys: Default::default(),
             _slot: slot,
+            connected,
         };
         state
             .metrics
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        state.hooks.on_connect(&session.principal, &session_id);
         let probe = session.out.downgrade();
         state
             .metrics
@@ -112,7 +117,6 @@ impl Session {
         out_rx.close();
         session.leave_presence().await;
         state.routes.unregister(&session_id);
-        state.hooks.on_disconnect(&session.principal, &session_id);
         state.metrics.untrack_queue(&session_id);
         state
             .metrics
@@ -163,6 +167,7 @@ impl Session {
         let shutdown = self.state.shutdown.clone();
         let expiry = tokio::time::sleep(Duration::from_secs(self.principal.expires_in()));
         tokio::pin!(expiry);
+        let revoked = self.connected.registration.revoked.clone();
         let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         let mut last_heard = Instant::now();
@@ -181,6 +186,9 @@ impl Session {
                 _ = self.slow.cancelled() => return self.slow_consumer(),
                 _ = &mut expiry => {
                     return Closing(close::POLICY, "token expired".into());
+                }
+                _ = revoked.cancelled() => {
+                    return Closing(close::POLICY, "credential revoked".into());
                 }
                 _ = &mut hello_deadline, if self.bound.is_none() => {
                     self.push(ServerMessage::error(ErrorCode::InvalidMessage, "no hello in time"));
