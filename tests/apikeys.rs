@@ -35,6 +35,33 @@ fn cli(stack: &Stack, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
 }
 
+/// `ultrasync {args}` (a client command) against the gateway at `addr` with `key`:
+/// (exit code, stdout and stderr).
+fn client_cli(addr: &str, key: &str, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .args([
+            "--url",
+            &format!("http://{addr}"),
+            "--org",
+            "acme",
+            "--project",
+            "web",
+        ])
+        .env("ULTRASYNC_TOKEN", key)
+        .env("ULTRASYNC_LOG", "error")
+        .output()
+        .expect("run ultrasync");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 async fn http_on(addr: &str, method: &str, path: &str, bearer: &str, body: &str) -> HttpResponse {
     let auth = format!("Bearer {bearer}");
     http_exchange(
@@ -198,6 +225,13 @@ async fn api_keys_work_like_tokens_and_revocation_closes_sockets_everywhere() {
     .expect("http");
     assert_eq!(q.status, 401, "{}", q.body);
 
+    // The CLI's client commands take the key as --token (the org from --org).
+    let (code, out) = client_cli(&gw1, &key, &["put", "index", "cli", "\"from the cli\""]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = client_cli(&gw2, &key, &["get", "index", "cli"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("from the cli"), "{out}");
+
     // The bucket holds the hash, never the key.
     let hash = apikeys::key_hash(&key).expect("hash");
     let js = stack.jetstream().await;
@@ -239,6 +273,8 @@ async fn api_keys_work_like_tokens_and_revocation_closes_sockets_everywhere() {
     assert_eq!(r.status, 401, "{}", r.body);
     assert_eq!(refused_ws(&ws2, &key).await, 401);
     assert_eq!(refused_ws(&stack.ws_url(), &key).await, 401);
+    let (code, out) = client_cli(&gw1, &key, &["get", "index", "cli"]);
+    assert_eq!(code, 6, "a revoked key is refused (exit code 6): {out}");
     let listed = cli(&stack, &["apikey", "list"]);
     assert_eq!(listed, json!([]));
     stack.shutdown().await;
@@ -491,13 +527,29 @@ async fn hostile_credentials_are_refused_from_memory() {
     {
         seen.push(m.subject.to_string());
     }
-    // (The good key's coalesced last-use write may fall in this window.)
+    // Reads of the bucket (a direct or stored-message get) or writes to it; not the
+    // watch's upkeep, nor the good key's coalesced last-use write, which may fall in
+    // this window.
     let good_used = apikeys::used_entry("acme", &apikeys::key_hash(&key).expect("hash"));
     let bucket_requests: Vec<&String> = seen
         .iter()
-        .filter(|s| s.contains("apikeys") && !s.ends_with(&good_used))
+        .filter(|s| {
+            s.contains("GET.KV_usync-apikeys")
+                || (s.starts_with("$KV.usync-apikeys.") && !s.ends_with(&good_used))
+        })
         .collect();
     assert!(bucket_requests.is_empty(), "{bucket_requests:?}");
+    // The spy does see a read of the bucket when there is one.
+    let _ = kv.get("key.acme.none").await;
+    let read = tokio::time::timeout(WAIT, async {
+        while let Some(m) = api.next().await {
+            if m.subject.contains("GET.KV_usync-apikeys") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the spy missed a read of the bucket");
 
     // At most 3 keys per org here; another org has its own count; a revoked key frees
     // its place.
