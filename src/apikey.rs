@@ -130,6 +130,8 @@ pub async fn revoke_token(cfg: &Config, args: RevokeTokenArgs) -> anyhow::Result
         (None, Some(org), Some(sub)) => apikeys::revoke_sub(&kv, &org, &sub, until).await?,
         _ => anyhow::bail!("pass --jti, or --org and --sub"),
     };
+    // Revocations past every token they could name go, so the bucket stays small.
+    apikeys::prune_moot(&kv).await?;
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }

@@ -417,11 +417,31 @@ async fn jwts_are_revoked_by_jti_and_by_subject() {
     let mut kept = connect(&ws2, &spared).await;
     assert_eq!(http_on(&gw, "GET", OPS, &doomed, "").await.status, 200);
 
+    // A revocation past every token it could name is deleted by the next one.
+    let kv = bucket(&stack).await;
+    let moot = apikeys::Revocation {
+        jti: Some("old".into()),
+        org: None,
+        sub: None,
+        revoked_at: 1,
+        until: auth::now_secs() - 1,
+    };
+    kv.put(
+        apikeys::jti_entry("old"),
+        serde_json::to_vec(&moot).expect("json").into(),
+    )
+    .await
+    .expect("put");
     let t0 = Instant::now();
     let r = cli(&stack, &["revoke-token", "--jti", "t-1"]);
     assert_eq!(r["jti"], "t-1");
     let (code, took) = closed(&mut on2, t0).await;
     eprintln!("socket closed {took:?} after the revoke-token command started");
+    assert_eq!(
+        kv.get(apikeys::jti_entry("old")).await.expect("get"),
+        None,
+        "a moot revocation was kept"
+    );
     assert_eq!(code, 1008);
     assert_eq!(http_on(&gw, "GET", OPS, &doomed, "").await.status, 401);
     assert_eq!(refused_ws(&stack.ws_url(), &doomed).await, 401);

@@ -328,6 +328,37 @@ pub async fn revoke(kv: &kv::Store, id_or_key: &str) -> anyhow::Result<Listed> {
     })
 }
 
+/// Deletes revocations that no longer name a valid token ([`Revocation::is_moot`]),
+/// so that the bucket, and every gateway's copy, holds only those still needed.
+/// Returns how many went.
+pub async fn prune_moot(kv: &kv::Store) -> anyhow::Result<usize> {
+    let failed = |e: &dyn std::fmt::Display| anyhow::anyhow!("reading {APIKEYS_BUCKET}: {e}");
+    let mut names = Vec::new();
+    let mut keys = kv.keys().await.map_err(|e| failed(&e))?;
+    while let Some(name) = keys.next().await {
+        let name = name.map_err(|e| failed(&e))?;
+        if name.starts_with("revoked.") {
+            names.push(name);
+        }
+    }
+    let mut pruned = 0;
+    for name in names {
+        let moot = kv
+            .get(&name)
+            .await
+            .map_err(|e| failed(&e))?
+            .and_then(|v| serde_json::from_slice::<Revocation>(&v).ok())
+            .is_some_and(|r| r.is_moot());
+        if moot {
+            kv.purge(&name)
+                .await
+                .map_err(|e| anyhow::anyhow!("deleting {name}: {e}"))?;
+            pruned += 1;
+        }
+    }
+    Ok(pruned)
+}
+
 /// Refuses the JWT with this `jti` until `until` (seconds since the epoch).
 pub async fn revoke_jti(kv: &kv::Store, jti: &str, until: u64) -> anyhow::Result<Revocation> {
     if jti.is_empty() || jti.len() > 1024 {
