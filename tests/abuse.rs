@@ -211,6 +211,7 @@ fn hello(org: &str, client: &str, cursors: BTreeMap<String, Option<u64>>) -> Str
         project_id: "web".to_owned(),
         client_id: client.to_owned(),
         cursors,
+        checkpoints: Default::default(),
     })
     .expect("hello")
 }
@@ -452,6 +453,7 @@ async fn run_row(hub: &mut Hub, row: &str) {
                 c.send(&ClientMessage::Subscribe {
                     namespace: ns.into(),
                     last_server_seq: Some(0),
+                    checkpoint: None,
                 })
                 .await
                 .expect("send");
@@ -471,6 +473,7 @@ async fn run_row(hub: &mut Hub, row: &str) {
             c.send(&ClientMessage::Subscribe {
                 namespace: "collab".into(),
                 last_server_seq: Some(0),
+                checkpoint: None,
             })
             .await
             .expect("send");
@@ -970,6 +973,7 @@ async fn run_row(hub: &mut Hub, row: &str) {
                 .send(&ClientMessage::Subscribe {
                     namespace: "presence".into(),
                     last_server_seq: None,
+                    checkpoint: None,
                 })
                 .await
                 .expect("send");

@@ -39,6 +39,7 @@ async fn bootstrap(conn: &mut Connection, namespaces: &[&str]) -> BTreeMap<Strin
                 state: part,
                 digest,
                 more,
+                ..
             } => {
                 let r = replicas.entry(namespace).or_default();
                 if r.snapshot_frames == 0

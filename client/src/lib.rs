@@ -145,12 +145,27 @@ impl Connection {
         client_id: &str,
         cursors: BTreeMap<String, Option<u64>>,
     ) -> Result<ServerMessage, ClientError> {
+        self.hello_resuming(org, project, client_id, cursors, BTreeMap::new())
+            .await
+    }
+
+    /// `hello` that continues interrupted snapshots: `checkpoints` maps a namespace
+    /// whose cursor is null to the `checkpoint` of the last `snapshot` frame it got.
+    pub async fn hello_resuming(
+        &mut self,
+        org: &str,
+        project: &str,
+        client_id: &str,
+        cursors: BTreeMap<String, Option<u64>>,
+        checkpoints: BTreeMap<String, String>,
+    ) -> Result<ServerMessage, ClientError> {
         self.send(&ClientMessage::Hello {
             protocol: ultrasync_shared::protocol::PROTOCOL_VERSION,
             org_id: org.to_owned(),
             project_id: project.to_owned(),
             client_id: client_id.to_owned(),
             cursors,
+            checkpoints,
         })
         .await?;
         match self.recv_timeout(Duration::from_secs(10)).await? {

@@ -49,7 +49,11 @@
 //! - After ops are applied and stored, a `cursor` report tells the server how far this
 //!   replica durably is (the compactor keeps the log from there).
 //! - On any disconnect it reconnects with exponential backoff (100 ms doubling to
-//!   10 s) and jitter.
+//!   10 s) and jitter. A snapshot cut off by a disconnect is continued: the keys
+//!   received so far are kept (in memory) with the last frame's `checkpoint`, which
+//!   the next `hello` sends back; when the server answers `stale_base` (that
+//!   snapshot was replaced meanwhile) the part is dropped and the namespace starts
+//!   over.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
@@ -213,6 +217,16 @@ struct Shared {
     stopped: std::sync::atomic::AtomicBool,
     /// Frames to send when connected (presence).
     extra: Mutex<Vec<ClientMessage>>,
+    /// Snapshots received in part, per namespace: continued on the next connection.
+    partial: Mutex<BTreeMap<String, Partial>>,
+}
+
+/// A snapshot received up to a checkpoint.
+#[derive(Default)]
+struct Partial {
+    last_server_seq: u64,
+    checkpoint: Option<String>,
+    keys: BTreeMap<String, KeyEntry>,
 }
 
 /// A running replica. Dropping it stops the connection; the store stays.
@@ -293,6 +307,10 @@ impl Shared {
         write().map_err(|e| SyncError::Store(format!("{}: {e}", dir.display())))
     }
 
+    fn partials(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Partial>> {
+        self.partial.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn emit(&self, change: Change) {
         let _ = self.changes.send(change);
     }
@@ -370,6 +388,7 @@ impl SyncClient {
             stop: Notify::new(),
             stopped: std::sync::atomic::AtomicBool::new(false),
             extra: Mutex::new(Vec::new()),
+            partial: Mutex::new(BTreeMap::new()),
         });
         let task = tokio::spawn(run(shared.clone()));
         Ok(Self {
@@ -617,8 +636,21 @@ async fn session(shared: &Shared, mut conn: Connection, backoff: &mut Duration) 
             })
             .collect()
     };
+    let checkpoints: BTreeMap<String, String> = shared
+        .partials()
+        .iter()
+        .filter(|(ns, _)| cursors.get(*ns).is_some_and(Option::is_none))
+        .filter_map(|(ns, p)| Some((ns.clone(), p.checkpoint.clone()?)))
+        .collect();
+    let resuming = !checkpoints.is_empty();
     if let Err(e) = conn
-        .hello(&opts.org, &opts.project, &opts.client_id, cursors)
+        .hello_resuming(
+            &opts.org,
+            &opts.project,
+            &opts.client_id,
+            cursors,
+            checkpoints,
+        )
         .await
     {
         return format!("hello: {e}");
@@ -627,7 +659,6 @@ async fn session(shared: &Shared, mut conn: Connection, backoff: &mut Duration) 
     shared.emit(Change::Connected);
     let mut unsynced: HashSet<String> = opts.namespaces.iter().cloned().collect();
     let mut sent: HashSet<String> = HashSet::new();
-    let mut parts: BTreeMap<String, BTreeMap<String, KeyEntry>> = BTreeMap::new();
     loop {
         if unsynced.is_empty()
             && let Err(e) = flush(shared, &mut conn, &mut sent).await
@@ -654,9 +685,20 @@ async fn session(shared: &Shared, mut conn: Connection, backoff: &mut Duration) 
                 last_server_seq,
                 state: part,
                 more,
+                checkpoint,
                 ..
             } => {
-                let keys = parts.entry(namespace.clone()).or_default();
+                let mut partials = shared.partials();
+                let partial = partials.entry(namespace.clone()).or_default();
+                if partial.last_server_seq != last_server_seq {
+                    // Another snapshot than the one received in part: start over.
+                    *partial = Partial {
+                        last_server_seq,
+                        ..Partial::default()
+                    };
+                }
+                partial.checkpoint = checkpoint;
+                let keys = &mut partial.keys;
                 for (k, ks) in part {
                     let doc = ks
                         .doc
@@ -672,8 +714,12 @@ async fn session(shared: &Shared, mut conn: Connection, backoff: &mut Duration) 
                         },
                     );
                 }
-                if !more {
-                    let keys = parts.remove(&namespace).unwrap_or_default();
+                let done = match more {
+                    true => None,
+                    false => partials.remove(&namespace),
+                };
+                drop(partials);
+                if let Some(Partial { keys, .. }) = done {
                     let mut local = shared.lock();
                     local.confirmed.insert(
                         namespace.clone(),
@@ -829,6 +875,11 @@ async fn session(shared: &Shared, mut conn: Connection, backoff: &mut Duration) 
             }),
             ServerMessage::Error { code, message } => {
                 warn!(%code, %message, "server error");
+                if resuming && code == ErrorCode::StaleBase {
+                    // A snapshot being continued was replaced: start over.
+                    shared.partials().clear();
+                    return format!("{code}: {message}");
+                }
             }
             _ => {}
         }

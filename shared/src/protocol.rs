@@ -44,11 +44,18 @@ pub enum ClientMessage {
         /// `{namespace: last_server_seq | null}`; null asks for a snapshot.
         #[serde(default)]
         cursors: BTreeMap<String, Option<u64>>,
+        /// `{namespace: checkpoint}`: continue an interrupted snapshot of a namespace
+        /// whose cursor is null from the last `snapshot` frame's `checkpoint`.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        checkpoints: BTreeMap<String, String>,
     },
     Subscribe {
         namespace: String,
         #[serde(default)]
         last_server_seq: Option<u64>,
+        /// With a null `last_server_seq`: continue an interrupted snapshot.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        checkpoint: Option<String>,
     },
     Unsubscribe {
         namespace: String,
@@ -130,6 +137,11 @@ pub enum ServerMessage {
         digest: String,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         more: bool,
+        /// Where this frame leaves the transfer ([`Checkpoint`], opaque to clients):
+        /// sent back in `hello`'s `checkpoints` or `subscribe`'s `checkpoint`, the
+        /// snapshot continues after this frame's keys.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        checkpoint: Option<String>,
     },
     Ops {
         namespace: String,
@@ -170,39 +182,188 @@ pub enum ServerMessage {
 }
 
 /// Splits a snapshot into `snapshot` frames of about `max_bytes` of state each (a key
-/// larger than that gets a frame of its own). Always at least one frame.
+/// larger than that gets a frame of its own), each with its checkpoint. Always at
+/// least one frame.
 pub fn snapshot_frames(
     namespace: &str,
     snapshot: &crate::snapshot::Snapshot,
     max_bytes: usize,
 ) -> Vec<ServerMessage> {
-    let digest = snapshot.digest();
-    let mut frames = Vec::new();
-    let mut part = BTreeMap::new();
-    let mut size = 0;
-    for (key, entry) in &snapshot.state.keys {
-        let state = KeyState::from_entry(entry);
-        let bytes = key.len() + serde_json::to_vec(&state).map_or(0, |v| v.len());
-        if size > 0 && size + bytes > max_bytes {
-            frames.push(std::mem::take(&mut part));
-            size = 0;
-        }
-        size += bytes;
-        part.insert(key.clone(), state);
-    }
-    frames.push(part);
-    let n = frames.len();
-    frames
-        .into_iter()
-        .enumerate()
-        .map(|(i, state)| ServerMessage::Snapshot {
-            namespace: namespace.to_owned(),
+    let mut parts = SnapshotParts::new(std::sync::Arc::new(snapshot.clone()), None);
+    std::iter::from_fn(|| parts.next_frame(namespace, max_bytes)).collect()
+}
+
+/// Most bytes of an encoded [`Checkpoint`]: a key is at most 512 bytes, so a real
+/// one is far below; anything longer is refused before it is decoded.
+pub const MAX_CHECKPOINT_BYTES: usize = 2048;
+
+/// Where a snapshot transfer stands: the stream key, the snapshot (its
+/// `last_server_seq` and the start of its digest) and the last key sent. Encoded as
+/// `v1.` + base64url(JSON): opaque to clients, checked by the server, which only
+/// ever continues the one snapshot the checkpoint names (the stored one, when it is
+/// still that snapshot) after `after`, so a forged checkpoint can cost no more than
+/// one snapshot read, and only of the caller's own stream key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    #[serde(rename = "k")]
+    pub stream_key: String,
+    #[serde(rename = "s")]
+    pub last_server_seq: u64,
+    /// The first 16 hex digits of the snapshot's digest.
+    #[serde(rename = "d")]
+    pub digest: String,
+    /// The last key sent; `None`: nothing yet.
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+}
+
+/// Why a checkpoint is refused (`invalid_message`).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid checkpoint: {0}")]
+pub struct CheckpointError(&'static str);
+
+const CHECKPOINT_DIGEST_HEX: usize = 16;
+
+impl Checkpoint {
+    pub fn new(snapshot: &crate::snapshot::Snapshot, digest: &str, after: Option<String>) -> Self {
+        Self {
+            stream_key: snapshot.stream_key.clone(),
             last_server_seq: snapshot.state.last_seq,
+            digest: digest.chars().take(CHECKPOINT_DIGEST_HEX).collect(),
+            after,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        use base64::Engine as _;
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        format!(
+            "v1.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+        )
+    }
+
+    /// Decodes and checks a checkpoint sent for `stream_key`: bounded, well formed,
+    /// a valid key, this stream key.
+    pub fn decode(text: &str, stream_key: &crate::ids::StreamKey) -> Result<Self, CheckpointError> {
+        use base64::Engine as _;
+        if text.len() > MAX_CHECKPOINT_BYTES {
+            return Err(CheckpointError("too long"));
+        }
+        let body = text
+            .strip_prefix("v1.")
+            .ok_or(CheckpointError("unknown version"))?;
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| CheckpointError("not base64url"))?;
+        let cp: Self = serde_json::from_slice(&json).map_err(|_| CheckpointError("malformed"))?;
+        if cp.stream_key != stream_key.to_string() {
+            return Err(CheckpointError("it belongs to another namespace"));
+        }
+        if cp.digest.len() != CHECKPOINT_DIGEST_HEX
+            || !cp.digest.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(CheckpointError("bad digest"));
+        }
+        if let Some(after) = &cp.after
+            && crate::validate_key(after).is_err()
+        {
+            return Err(CheckpointError("bad key"));
+        }
+        Ok(cp)
+    }
+
+    /// Whether `snapshot` (with `digest`) is the one this checkpoint names.
+    pub fn names(&self, snapshot: &crate::snapshot::Snapshot, digest: &str) -> bool {
+        snapshot.stream_key == self.stream_key
+            && snapshot.state.last_seq == self.last_server_seq
+            && digest.starts_with(&self.digest)
+    }
+}
+
+/// A snapshot cut into parts in key order, from a checkpoint on: what the WebSocket
+/// `snapshot` frames and the HTTP snapshot stream are made of. Holds the decoded
+/// snapshot and where it stands; each part is encoded when asked for, so what a
+/// transfer holds beyond the snapshot is one part.
+pub struct SnapshotParts {
+    snapshot: std::sync::Arc<crate::snapshot::Snapshot>,
+    digest: String,
+    after: Option<String>,
+    done: bool,
+}
+
+impl SnapshotParts {
+    /// Parts of `snapshot` after the key `after` (all of it when `None`).
+    pub fn new(snapshot: std::sync::Arc<crate::snapshot::Snapshot>, after: Option<String>) -> Self {
+        let digest = snapshot.digest();
+        Self {
+            snapshot,
+            digest,
+            after,
+            done: false,
+        }
+    }
+
+    pub fn snapshot(&self) -> &crate::snapshot::Snapshot {
+        &self.snapshot
+    }
+
+    /// The whole state's digest.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// The next part of about `max_bytes` (at least one key; an empty last part
+    /// when nothing is left at the start), whether more follow, and the checkpoint
+    /// after it. `None` once the last part was given.
+    pub fn next_part(
+        &mut self,
+        max_bytes: usize,
+    ) -> Option<(BTreeMap<String, KeyState>, bool, Checkpoint)> {
+        use std::ops::Bound;
+        if self.done {
+            return None;
+        }
+        let keys = &self.snapshot.state.keys;
+        let from = match &self.after {
+            Some(a) => Bound::Excluded(a.clone()),
+            None => Bound::Unbounded,
+        };
+        let mut range = keys.range::<String, _>((from, Bound::Unbounded)).peekable();
+        let mut part = BTreeMap::new();
+        let mut size = 0;
+        while let Some((key, entry)) = range.peek() {
+            let state = KeyState::from_entry(entry);
+            let bytes = key.len() + serde_json::to_vec(&state).map_or(0, |v| v.len());
+            if size > 0 && size + bytes > max_bytes {
+                break;
+            }
+            size += bytes;
+            part.insert((*key).clone(), state);
+            range.next();
+        }
+        let more = range.peek().is_some();
+        if let Some(last) = part.keys().next_back() {
+            self.after = Some(last.clone());
+        }
+        self.done = !more;
+        let checkpoint = Checkpoint::new(&self.snapshot, &self.digest, self.after.clone());
+        Some((part, more, checkpoint))
+    }
+
+    /// The next part as a `snapshot` frame of `namespace`.
+    pub fn next_frame(&mut self, namespace: &str, max_bytes: usize) -> Option<ServerMessage> {
+        let (state, more, checkpoint) = self.next_part(max_bytes)?;
+        Some(ServerMessage::Snapshot {
+            namespace: namespace.to_owned(),
+            last_server_seq: self.snapshot.state.last_seq,
             state,
-            digest: digest.clone(),
-            more: i + 1 < n,
+            digest: self.digest.clone(),
+            more,
+            checkpoint: Some(checkpoint.encode()),
         })
-        .collect()
+    }
 }
 
 impl ServerMessage {

@@ -959,15 +959,47 @@ pub async fn http_exchange(
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let headers = lines
+    let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = match chunked {
+        true => String::from_utf8_lossy(&dechunk(body.as_bytes())).into_owned(),
+        false => body.to_owned(),
+    };
     Ok(HttpResponse {
         status,
         headers,
-        body: body.to_owned(),
+        body,
     })
+}
+
+/// The payload of a `Transfer-Encoding: chunked` body (what is there of it).
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&rest[..eol])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.trim(), 16).ok());
+        let after = &rest[eol + 2..];
+        match size {
+            Some(0) | None => break,
+            Some(size) if after.len() < size => {
+                out.extend_from_slice(after);
+                break;
+            }
+            Some(size) => {
+                out.extend_from_slice(&after[..size]);
+                rest = after[size..]
+                    .strip_prefix(b"\r\n")
+                    .unwrap_or(&after[size..]);
+            }
+        }
+    }
+    out
 }
 
 /// Checks the log of each `subject` against what clients were acked: `server_seq`

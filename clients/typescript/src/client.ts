@@ -17,6 +17,13 @@
  * - After ops are stored, a `cursor` frame says how far this replica durably is.
  * - `stale_base`: the stored cursors are dropped and the replica resyncs from
  *   snapshots (the outbox stays).
+ * - Edits carry `base_seq` (the cursor they were made on). Refused `stale_base` with
+ *   a `current_state` (made on a state the log was compacted past; nothing written),
+ *   an edit stays in the outbox, the replica resyncs, and the edit is sent again on
+ *   the new snapshot (rolled back after three such refusals).
+ * - A snapshot cut off by a disconnect is continued: the part received is kept in
+ *   memory with the last frame's `checkpoint`, which the next `hello` sends back
+ *   (`stale_base` when that snapshot was replaced: start over).
  */
 
 import * as A from "@automerge/automerge";
@@ -90,6 +97,19 @@ interface NamespaceReplica {
 interface Outgoing extends Pending {
   /** Acknowledged at this `server_seq`, not yet in the confirmed state. */
   ackedAt?: number;
+  /** Refused `stale_base`: waits for the next snapshot, which becomes its base. */
+  rebase?: boolean;
+  rebases?: number;
+}
+
+/** Times an edit is re-based after `stale_base` before it is rolled back. */
+const MAX_REBASES = 3;
+
+/** A snapshot received in part: continued on the next socket from `checkpoint`. */
+interface SnapshotPart {
+  lastSeq: number;
+  keys: Map<string, Confirmed>;
+  checkpoint?: string;
 }
 
 /** Codes that mean "try again later": the edit stays in the outbox. */
@@ -134,7 +154,7 @@ export class SyncClient {
   /** Command ids sent on the current socket. */
   private sent = new Set<string>();
   private unsynced = new Set<string>();
-  private snapshotParts = new Map<string, Map<string, Confirmed>>();
+  private snapshotParts = new Map<string, SnapshotPart>();
   /** Optimistic documents (confirmed + pending changes), built on demand. */
   private docViews = new Map<string, A.Doc<unknown>>();
   private readonly presenceSeen = new Map<string, PresenceEntry>();
@@ -442,11 +462,12 @@ export class SyncClient {
       throw new UsageError("key must be 1-512 bytes of UTF-8 without control characters");
     }
     const n = this.nextId++;
-    const p: Outgoing = { command_id: `${this.clientId}-${n}`, n, namespace, key, op_type: opType, payload };
+    const base_seq = this.replica(namespace).lastSeq;
+    const p: Outgoing = { command_id: `${this.clientId}-${n}`, n, namespace, key, op_type: opType, payload, base_seq };
     if (expectedVersion !== undefined) p.precondition = { expected_version: expectedVersion };
     this.outbox.push(p);
     this.changed(namespace, key, "local");
-    const { ackedAt: _, ...stored } = p;
+    const { ackedAt: _, rebase: _r, rebases: _n, ...stored } = p;
     await this.commit({ addPending: [stored], nextId: this.nextId });
     // Stored: now it may go out (a reload before this point never sent it).
     if (this.conn.status === "live" && this.outbox.includes(p)) this.sendCommand(p);
@@ -454,7 +475,7 @@ export class SyncClient {
   }
 
   private sendCommand(p: Outgoing): void {
-    if (this.sent.has(p.command_id)) return;
+    if (this.sent.has(p.command_id) || p.rebase) return;
     const frame = {
       type: "command" as const,
       command_id: p.command_id,
@@ -463,6 +484,7 @@ export class SyncClient {
       op_type: p.op_type,
       payload: p.payload,
       ...(p.precondition ? { precondition: p.precondition } : {}),
+      ...(p.base_seq !== undefined ? { base_seq: p.base_seq } : {}),
     };
     if (this.conn.send(frame)) this.sent.add(p.command_id);
   }
@@ -484,7 +506,11 @@ export class SyncClient {
     if (this.opts.presence) cursors[this.opts.presence] = null;
     this.sent = new Set();
     this.unsynced = new Set(this.replicas.keys());
-    this.snapshotParts = new Map();
+    const checkpoints: Record<string, string> = {};
+    for (const [ns, part] of this.snapshotParts) {
+      if (cursors[ns] === null && part.checkpoint) checkpoints[ns] = part.checkpoint;
+      else this.snapshotParts.delete(ns);
+    }
     this.conn.send({
       type: "hello",
       protocol: PROTOCOL_VERSION,
@@ -492,6 +518,7 @@ export class SyncClient {
       project_id: this.opts.project,
       client_id: this.clientId,
       cursors,
+      ...(Object.keys(checkpoints).length ? { checkpoints } : {}),
     });
   }
 
@@ -556,8 +583,13 @@ export class SyncClient {
 
   private onSnapshot(m: Extract<ServerMessage, { type: "snapshot" }>): void {
     if (!this.replicas.has(m.namespace)) return;
-    let part = this.snapshotParts.get(m.namespace);
-    if (!part) this.snapshotParts.set(m.namespace, (part = new Map()));
+    let got = this.snapshotParts.get(m.namespace);
+    if (!got || got.lastSeq !== m.last_server_seq) {
+      // Another snapshot than the one received in part: start over.
+      this.snapshotParts.set(m.namespace, (got = { lastSeq: m.last_server_seq, keys: new Map() }));
+    }
+    got.checkpoint = m.checkpoint;
+    const part = got.keys;
     for (const [k, ks] of Object.entries(m.state)) {
       const e: Confirmed = { value: ks.value, version: ks.version };
       if (ks.doc) e.doc = A.load(b64decode(ks.doc));
@@ -565,6 +597,13 @@ export class SyncClient {
     }
     if (m.more) return;
     this.snapshotParts.delete(m.namespace);
+    // Edits refused `stale_base` now stand on this snapshot.
+    for (const p of this.outbox) {
+      if (p.rebase && p.namespace === m.namespace) {
+        p.rebase = false;
+        p.base_seq = m.last_server_seq;
+      }
+    }
     const replica = this.replica(m.namespace);
     const touched = new Set([...replica.keys.keys(), ...part.keys()]);
     replica.keys = part;
@@ -665,11 +704,20 @@ export class SyncClient {
       return;
     }
     if (!p) return;
+    // Made on a state the log was compacted past (nothing written): resync, then
+    // send it again on the new snapshot.
+    const staleEdit = code === "stale_base" && currentState !== undefined;
+    if (staleEdit && (p.rebases ?? 0) < MAX_REBASES) {
+      p.rebase = true;
+      p.rebases = (p.rebases ?? 0) + 1;
+      return this.resync();
+    }
     this.outbox = this.outbox.filter((x) => x !== p);
     this.changed(p.namespace, p.key, "rollback");
     const commit = this.commit({ removePending: [commandId] });
-    // stale_base for a command: a resend of something applied long ago (compacted).
-    if (code !== "stale_base") {
+    // stale_base without current_state: a resend of something applied long ago
+    // (compacted); anything else is rolled back.
+    if (code !== "stale_base" || staleEdit) {
       const err = new RejectedError(commandId, code, reason, currentState);
       this.rejectListeners.forEach((l) => l(err));
     }
@@ -678,6 +726,7 @@ export class SyncClient {
 
   /** The server cannot continue from a stored cursor: start over from snapshots. */
   private async resync(): Promise<void> {
+    this.snapshotParts = new Map();
     const replace: Record<string, { lastSeq: number; keys: Record<string, StoredKey> }> = {};
     for (const [ns, r] of this.replicas) {
       r.lastSeq = 0;

@@ -30,6 +30,8 @@ export interface Pending {
   op_type: OpType;
   payload: Json;
   precondition?: Precondition;
+  /** The namespace's cursor when the edit was made (sent as `base_seq`). */
+  base_seq?: number;
 }
 
 export interface StoredReplica {

@@ -57,6 +57,9 @@ export interface CommandFrame {
   op_type: OpType;
   payload: Json;
   precondition?: Precondition;
+  /** The namespace's cursor the edit was made on: below the compaction floor the
+   * server refuses it `stale_base` with `current_state`, writing nothing. */
+  base_seq?: number;
 }
 
 /** Client → server. */
@@ -68,8 +71,10 @@ export type ClientMessage =
       project_id: string;
       client_id: string;
       cursors: Record<string, number | null>;
+      /** Continue an interrupted snapshot (null cursor) from its last checkpoint. */
+      checkpoints?: Record<string, string>;
     }
-  | { type: "subscribe"; namespace: string; last_server_seq: number | null }
+  | { type: "subscribe"; namespace: string; last_server_seq: number | null; checkpoint?: string }
   | { type: "unsubscribe"; namespace: string }
   | ({ type: "command" } & CommandFrame)
   | { type: "cursor"; namespace: string; server_seq: number }
@@ -103,6 +108,8 @@ export type ServerMessage =
       digest: string;
       /** All frames of a multi-frame snapshot but the last. */
       more?: boolean;
+      /** Where this frame leaves the transfer: sent back to continue it. */
+      checkpoint?: string;
     }
   | { type: "ops"; namespace: string; seq_start: number; ops: Op[] }
   | { type: "synced"; namespace: string; server_seq: number }

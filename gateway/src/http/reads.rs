@@ -3,17 +3,25 @@
 //! N: read-your-writes); `…/ops?since=N&limit=M` reads the log (410 `stale_base` below
 //! the compacted floor); `POST /v1/{org}/{project}/cursors` stores a polling client's
 //! cursor.
+//!
+//! The snapshot answer is streamed (chunked), encoded one part at a time as the
+//! connection takes it. With `Accept: application/x-ndjson` it is the stored snapshot
+//! as lines, each a `snapshot` frame as on the WebSocket with its `checkpoint`; with
+//! `?checkpoint=` either form continues after that checkpoint, or answers 410
+//! `stale_base` when the snapshot it names was replaced.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
 use serde::Deserialize;
-use ultrasync_shared::protocol::KeyState;
+use ultrasync_shared::protocol::{Checkpoint, SnapshotParts};
 use ultrasync_shared::reads::{self, ReadError, ReadRequest};
+use ultrasync_shared::snapshot::Snapshot;
 use ultrasync_shared::{ErrorCode, StreamKey, log, validate_key};
 
 use super::{ApiQuery, body_error, resolve};
@@ -68,18 +76,29 @@ fn read_error(e: ReadError) -> Response {
     }
 }
 
+/// About how much state one part of a streamed snapshot carries.
+const SNAPSHOT_PART_BYTES: usize = 512 * 1024;
+
+/// `GET …/snapshot`'s own query parameter.
+#[derive(Deserialize, Default)]
+pub struct SnapshotQuery {
+    /// Continue after this checkpoint (from an NDJSON line of an earlier answer).
+    checkpoint: Option<String>,
+}
+
 #[utoipa::path(
     get,
     path = "/v1/{org}/{project}/{ns}/snapshot",
-    params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("min_seq" = Option<u64>, Query)),
-    responses((status = 200, body = super::schema::SnapshotBody), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
-    description = "The namespace's state (bootstrap), from a materializer."
+    params(("org" = String, Path), ("project" = String, Path), ("ns" = String, Path), ("min_seq" = Option<u64>, Query), ("checkpoint" = Option<String>, Query, description = "continue an interrupted transfer after this checkpoint (410 stale_base when its snapshot was replaced)")),
+    responses((status = 200, body = super::schema::SnapshotBody, description = "streamed; with Accept: application/x-ndjson, lines of snapshot frames with checkpoints"), (status = 400, body = super::schema::ErrorBody), (status = 401, body = super::schema::ErrorBody), (status = 403, body = super::schema::ErrorBody), (status = 404, body = super::schema::ErrorBody), (status = 410, body = super::schema::ErrorBody), (status = 503, body = super::schema::ErrorBody)),
+    description = "The namespace's state (bootstrap), streamed; resumable with checkpoints."
 )]
 pub async fn snapshot(
     State(state): State<Arc<AppState>>,
     Path((org, project, ns)): Path<(String, String, String)>,
     headers: HeaderMap,
     Query(query): Query<ApiQuery>,
+    Query(snapshot_query): Query<SnapshotQuery>,
 ) -> Response {
     let key = match resolve(
         &state,
@@ -94,36 +113,134 @@ pub async fn snapshot(
     if let Err(r) = check_min_seq(&state, &key, query.min_seq).await {
         return r;
     }
+    let checkpoint = match snapshot_query.checkpoint.as_deref() {
+        None => None,
+        Some(text) => match Checkpoint::decode(text, &key) {
+            Ok(cp) => Some(cp),
+            Err(e) => return error_response(ErrorCode::InvalidMessage, e.to_string()),
+        },
+    };
+    let lines = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/x-ndjson"));
+    // A transfer that may be continued is of the stored snapshot: a checkpoint can
+    // name it again later (until it is replaced).
+    let stored = match (lines || checkpoint.is_some(), query.min_seq) {
+        (false, _) => None,
+        (true, min_seq) => match state.hub.snapshot(&key).await {
+            Ok(s) => s.filter(|s| min_seq.is_none_or(|m| s.state.last_seq >= m)),
+            Err(e) => return Refusal::unavailable("reading the snapshot", e).into_response(),
+        },
+    };
+    let snapshot = match stored {
+        Some(s) => s,
+        None if checkpoint.is_some() => return replaced(&key),
+        None => match fresh_snapshot(&state, &key, query.min_seq).await {
+            Ok(s) => s,
+            Err(r) => return r,
+        },
+    };
+    let parts = SnapshotParts::new(
+        Arc::new(snapshot),
+        checkpoint.as_ref().and_then(|c| c.after.clone()),
+    );
+    if let Some(cp) = &checkpoint
+        && !cp.names(parts.snapshot(), parts.digest())
+    {
+        return replaced(&key);
+    }
+    let (body, content_type) = match lines {
+        true => (ndjson_body(parts, ns), "application/x-ndjson"),
+        false => (json_body(parts), "application/json"),
+    };
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+/// 410 `stale_base`: the checkpoint's snapshot is gone; start over without it.
+fn replaced(key: &StreamKey) -> Response {
+    error_response(
+        ErrorCode::StaleBase,
+        format!(
+            "the snapshot of {} that the checkpoint names was replaced; start over without a checkpoint",
+            key.namespace
+        ),
+    )
+}
+
+/// The newest state a materializer has (at least `min_seq`), else the stored
+/// snapshot when the state is too big for one NATS message.
+async fn fresh_snapshot(
+    state: &AppState,
+    key: &StreamKey,
+    min_seq: Option<u64>,
+) -> Result<Snapshot, Response> {
     let req = ReadRequest {
-        min_seq: query.min_seq,
+        min_seq,
         ..Default::default()
     };
-    let snapshot = match reads::snapshot(&state.nats, &key, &req).await {
-        Ok(s) => s,
+    match reads::snapshot(&state.nats, key, &req).await {
+        Ok(s) => Ok(s),
         // Too big for one NATS message: the stored snapshot (older, but sound; the
         // client reads the ops after `last_server_seq`).
         Err(ReadError::Refused {
             code: ErrorCode::PayloadTooLarge,
             ..
-        }) => match state.hub.snapshot(&key).await {
-            Ok(Some(s)) => s,
-            Ok(None) => return error_response(ErrorCode::Unavailable, "no snapshot stored yet"),
-            Err(e) => return Refusal::unavailable("reading the snapshot", e).into_response(),
+        }) => match state.hub.snapshot(key).await {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => Err(error_response(
+                ErrorCode::Unavailable,
+                "no snapshot stored yet",
+            )),
+            Err(e) => Err(Refusal::unavailable("reading the snapshot", e).into_response()),
         },
-        Err(e) => return read_error(e),
-    };
-    let body: BTreeMap<String, KeyState> = snapshot
-        .state
-        .keys
-        .iter()
-        .map(|(k, e)| (k.clone(), KeyState::from_entry(e)))
-        .collect();
-    Json(serde_json::json!({
-        "last_server_seq": snapshot.state.last_seq,
-        "state": body,
-        "digest": snapshot.digest(),
-    }))
-    .into_response()
+        Err(e) => Err(read_error(e)),
+    }
+}
+
+/// Lines of `snapshot` frames, each encoded when the connection takes the previous.
+fn ndjson_body(parts: SnapshotParts, namespace: String) -> Body {
+    let lines = futures::stream::unfold((parts, namespace), |(mut parts, ns)| async move {
+        let frame = parts.next_frame(&ns, SNAPSHOT_PART_BYTES)?;
+        let mut line = frame.encode().into_bytes();
+        line.push(b'\n');
+        Some((
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
+            (parts, ns),
+        ))
+    });
+    Body::from_stream(lines)
+}
+
+/// `{last_server_seq, digest, state}` as one JSON object, its `state` encoded one
+/// part at a time.
+fn json_body(parts: SnapshotParts) -> Body {
+    let head = format!(
+        r#"{{"last_server_seq":{},"digest":{},"state":{{"#,
+        parts.snapshot().state.last_seq,
+        serde_json::Value::from(parts.digest())
+    );
+    let state = futures::stream::unfold((parts, true), |(mut parts, first)| async move {
+        let (part, _, _) = parts.next_part(SNAPSHOT_PART_BYTES)?;
+        let mut chunk = Vec::new();
+        for (i, (k, v)) in part.iter().enumerate() {
+            if !(first && i == 0) {
+                chunk.push(b',');
+            }
+            let _ = serde_json::to_writer(&mut chunk, k);
+            chunk.push(b':');
+            let _ = serde_json::to_writer(&mut chunk, v);
+        }
+        let first = first && part.is_empty();
+        Some((bytes::Bytes::from(chunk), (parts, first)))
+    });
+    let all = futures::stream::once(async move { bytes::Bytes::from(head) })
+        .chain(state)
+        .chain(futures::stream::once(async {
+            bytes::Bytes::from_static(b"}}")
+        }))
+        .map(Ok::<_, std::convert::Infallible>);
+    Body::from_stream(all)
 }
 
 #[utoipa::path(

@@ -1,5 +1,6 @@
-//! A socket's follower for one namespace: catch-up from the client's cursor, then
-//! `synced`, then live ops, always contiguous and in `server_seq` order.
+//! A socket's follower for one namespace: catch-up from the client's cursor (or a
+//! snapshot, possibly continued from a checkpoint), then `synced`, then live ops,
+//! always contiguous and in `server_seq` order.
 
 use std::sync::Arc;
 
@@ -7,7 +8,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use ultrasync_shared::ErrorCode;
 use ultrasync_shared::log;
-use ultrasync_shared::protocol::{ServerMessage, encode_ops_frame, snapshot_frames};
+use ultrasync_shared::protocol::{Checkpoint, ServerMessage, SnapshotParts, encode_ops_frame};
 use ultrasync_shared::snapshot::Snapshot;
 
 use super::outbound::{OutQueue, Outbound, Refused};
@@ -44,15 +45,46 @@ enum Stop {
 
 impl Follower {
     /// Runs until the socket goes away. `cursor` is the last `server_seq` the client
-    /// has; `None` asks for a snapshot.
-    pub async fn run(self, cursor: Option<u64>) {
-        let _ = self.follow(cursor).await;
+    /// has; `None` asks for a snapshot, continued after `checkpoint` when given.
+    pub async fn run(self, cursor: Option<u64>, checkpoint: Option<Checkpoint>) {
+        let _ = self.follow(cursor, checkpoint).await;
     }
 
-    async fn follow(&self, cursor: Option<u64>) -> Result<(), Stop> {
+    async fn follow(
+        &self,
+        cursor: Option<u64>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), Stop> {
         let (mut rx, head) = self.topic.subscribe().await;
         let mut last = cursor.unwrap_or(0);
         match cursor {
+            None if checkpoint.is_some() => {
+                // Continue the snapshot the checkpoint names, if it is still the
+                // stored one; else the client starts over.
+                let Some(cp) = checkpoint else {
+                    return Err(Stop::Closed);
+                };
+                let parts = match self.snapshot_up_to(head).await? {
+                    Some(s) => {
+                        let parts = SnapshotParts::new(Arc::new(s), cp.after.clone());
+                        cp.names(parts.snapshot(), parts.digest()).then_some(parts)
+                    }
+                    None => None,
+                };
+                let Some(parts) = parts else {
+                    return self
+                        .report(
+                            ErrorCode::StaleBase,
+                            format!(
+                                "the snapshot of {} at {} that the checkpoint names was replaced; start over: subscribe with a null cursor and no checkpoint",
+                                self.namespace, cp.last_server_seq
+                            ),
+                        )
+                        .await;
+                };
+                last = parts.snapshot().state.last_seq;
+                self.send_parts(parts).await?;
+            }
             None => {
                 // SPEC §4: a null cursor always gets a snapshot frame: the stored
                 // snapshot, else a materializer's state, else the empty state at 0;
@@ -71,7 +103,7 @@ impl Follower {
                     },
                 };
                 last = s.state.last_seq;
-                self.send_snapshot(&s).await?;
+                self.send_snapshot(s).await?;
             }
             // Far behind (though above the floor): a snapshot and the tail cost less
             // than every op since the cursor.
@@ -82,7 +114,7 @@ impl Follower {
                     .filter(|s| s.state.last_seq > c)
                 {
                     last = s.state.last_seq;
-                    self.send_snapshot(&s).await?;
+                    self.send_snapshot(s).await?;
                 }
             }
             Some(_) => {}
@@ -275,8 +307,8 @@ impl Follower {
         };
         match fresh.or(stored) {
             Some(s) if s.state.last_seq + 1 >= first && s.state.last_seq > *last => {
-                self.send_snapshot(&s).await?;
                 *last = s.state.last_seq;
+                self.send_snapshot(s).await?;
                 Ok(true)
             }
             _ => Ok(false),
@@ -317,8 +349,15 @@ impl Follower {
         }
     }
 
-    async fn send_snapshot(&self, snapshot: &Snapshot) -> Result<(), Stop> {
-        for frame in snapshot_frames(&self.namespace, snapshot, SNAPSHOT_FRAME_BYTES) {
+    async fn send_snapshot(&self, snapshot: Snapshot) -> Result<(), Stop> {
+        self.send_parts(SnapshotParts::new(Arc::new(snapshot), None))
+            .await
+    }
+
+    /// Sends the snapshot's frames one at a time, each encoded when the queue has
+    /// room for it.
+    async fn send_parts(&self, mut parts: SnapshotParts) -> Result<(), Stop> {
+        while let Some(frame) = parts.next_frame(&self.namespace, SNAPSHOT_FRAME_BYTES) {
             self.send(frame).await?;
         }
         Ok(())

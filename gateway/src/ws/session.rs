@@ -460,6 +460,7 @@ impl Session {
                 project_id,
                 client_id,
                 cursors,
+                mut checkpoints,
             } => {
                 if self.bound.is_some() {
                     self.push(ServerMessage::error(
@@ -520,7 +521,8 @@ impl Session {
                     actor_id: self.principal.actor_id.to_string(),
                 });
                 for (ns, cursor) in cursors {
-                    self.subscribe(&ns, cursor).await;
+                    let checkpoint = checkpoints.remove(&ns);
+                    self.subscribe(&ns, cursor, checkpoint).await;
                 }
             }
             _ if self.bound.is_none() => {
@@ -532,7 +534,11 @@ impl Session {
             ClientMessage::Subscribe {
                 namespace,
                 last_server_seq,
-            } => self.subscribe(&namespace, last_server_seq).await,
+                checkpoint,
+            } => {
+                self.subscribe(&namespace, last_server_seq, checkpoint)
+                    .await
+            }
             ClientMessage::Unsubscribe { namespace } => {
                 if let Some(f) = self.followers.remove(&namespace) {
                     f.abort();
@@ -563,10 +569,28 @@ impl Session {
         )
     }
 
-    async fn subscribe(&mut self, namespace: &str, cursor: Option<u64>) {
+    async fn subscribe(
+        &mut self,
+        namespace: &str,
+        cursor: Option<u64>,
+        checkpoint: Option<String>,
+    ) {
         let key = match self.stream_key(namespace, access::Access::Read) {
             Ok(k) => k,
             Err(r) => return self.push(ServerMessage::error(r.code, r.message)),
+        };
+        // A checkpoint continues a snapshot, so it goes with a null cursor only.
+        let checkpoint = match checkpoint.filter(|_| cursor.is_none()) {
+            None => None,
+            Some(text) => match ultrasync_shared::protocol::Checkpoint::decode(&text, &key) {
+                Ok(cp) => Some(cp),
+                Err(e) => {
+                    return self.push(ServerMessage::error(
+                        ErrorCode::InvalidMessage,
+                        format!("{namespace}: {e}"),
+                    ));
+                }
+            },
         };
         let most = self.state.config.gateway.max_subscriptions_per_socket;
         if !self.followers.contains_key(namespace) && self.followers.len() >= most {
@@ -618,7 +642,7 @@ impl Session {
             slow: self.slow.clone(),
             snapshot_after_ops: self.state.config.gateway.snapshot_after_ops,
         };
-        let handle = tokio::spawn(follower.run(cursor));
+        let handle = tokio::spawn(follower.run(cursor, checkpoint));
         self.followers.insert(namespace.to_owned(), handle);
     }
 

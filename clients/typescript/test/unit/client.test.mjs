@@ -141,6 +141,55 @@ test("a reconnect resumes from the cursor, drops own ops found in the catch-up, 
   }
 });
 
+test("a snapshot cut off is continued from its checkpoint; a replaced one starts over", async () => {
+  const server = new FakeServer();
+  const client = await open(server);
+  try {
+    const s0 = await server.socket(0);
+    s0.open();
+    await s0.until((sent) => sent.some((f) => f.type === "hello"));
+    s0.push({ type: "welcome", protocol: 1, server_id: "g", session_id: "s0", actor_id: "a" });
+    s0.push({ type: "snapshot", namespace: "index", last_server_seq: 9, state: { k1: { value: 1, version: 1 } }, digest: "d", more: true, checkpoint: "cp-1" });
+    s0.drop();
+    const s1 = await server.socket(1);
+    s1.open();
+    await s1.until((sent) => sent.some((f) => f.type === "hello"));
+    assert.deepEqual(s1.sent[0].checkpoints, { index: "cp-1" });
+    s1.push({ type: "welcome", protocol: 1, server_id: "g", session_id: "s1", actor_id: "a" });
+    s1.push({ type: "snapshot", namespace: "index", last_server_seq: 9, state: { k2: { value: 2, version: 9 } }, digest: "d", checkpoint: "cp-2" });
+    s1.push({ type: "synced", namespace: "index", server_seq: 9 });
+    assert.equal(client.get("index", "k1").value, 1, "the first part was kept");
+    assert.equal(client.get("index", "k2").value, 2);
+    // An edit made on 9, refused because the log was compacted past it: resync, resend.
+    const id = await client.put("index", "k3", 3);
+    await s1.until((sent) => sent.some((f) => f.type === "command"));
+    assert.equal(s1.frames("command")[0].base_seq, 9);
+    s1.push({ type: "reject", command_id: id, code: "stale_base", reason: "below the floor", current_state: { key: "k3", version: 0, value: null } });
+    const s2 = await server.socket(2);
+    s2.open();
+    await s2.until((sent) => sent.some((f) => f.type === "hello"));
+    assert.deepEqual(s2.sent[0].cursors, { index: null });
+    assert.equal(s2.sent[0].checkpoints, undefined);
+    assert.equal(client.get("index", "k3").pending, true, "the edit is kept");
+    s2.push({ type: "welcome", protocol: 1, server_id: "g", session_id: "s2", actor_id: "a" });
+    s2.push({ type: "snapshot", namespace: "index", last_server_seq: 20, state: {}, digest: "e", more: true, checkpoint: "cp-3" });
+    s2.drop();
+    // The snapshot named by cp-3 was replaced: stale_base, and the client starts over.
+    const s3 = await server.socket(3);
+    s3.open();
+    await s3.until((sent) => sent.some((f) => f.type === "hello"));
+    assert.deepEqual(s3.sent[0].checkpoints, { index: "cp-3" });
+    s3.push({ type: "welcome", protocol: 1, server_id: "g", session_id: "s3", actor_id: "a" });
+    s3.push({ type: "error", code: "stale_base", message: "replaced" });
+    const s4 = await connect(server, 4, [{ type: "snapshot", namespace: "index", last_server_seq: 21, state: {}, digest: "f", checkpoint: "cp-4" }], 21);
+    assert.equal(s4.sent[0].checkpoints, undefined);
+    await s4.until((sent) => sent.some((f) => f.type === "command"));
+    assert.deepEqual(s4.frames("command").map((c) => [c.command_id, c.base_seq]), [[id, 21]]);
+  } finally {
+    await client.close();
+  }
+});
+
 test("the IndexedDB outbox survives a reload with its command ids", async () => {
   const server = new FakeServer();
   const first = await open(server, { clientId: undefined, store: await IndexedDbStore.open("reload") });
