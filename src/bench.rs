@@ -35,6 +35,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
+use plotters::coord::types::RangedCoordf64;
+use plotters::element::DashedPathElement;
+use plotters::prelude::*;
+use plotters::series::DashedLineSeries;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use ultrasync_client::{Connection, OpType, ServerMessage};
@@ -433,30 +438,102 @@ fn summary(h: &Histogram<u64>) -> Value {
     })
 }
 
-/// Progress on one line of stderr.
-fn progress(label: &str, done: Duration, total: Duration, extra: &str) {
-    let frac = done.as_secs_f64() / total.as_secs_f64();
-    bar(label, frac, &format!("{:>5.1}s", done.as_secs_f64()), extra);
+/// How often a step whose bar is hidden (stderr is not a terminal) prints where it is.
+const PLAIN_EVERY: Duration = Duration::from_secs(30);
+
+/// The progress of one step: a bar on stderr while it runs (indicatif draws it only
+/// when stderr is a terminal) and one plain line when it ends, so a log or a CI run
+/// shows every step too. Without a terminal, a step that runs long also prints a
+/// plain line every [`PLAIN_EVERY`].
+struct Step {
+    bar: ProgressBar,
+    label: String,
+    begun: Instant,
+    /// A timed step's planned length (the bar runs on time, not items).
+    planned: Option<Duration>,
+    /// When the last plain line went out.
+    last_line: Instant,
 }
 
-/// Progress counted in items (ops written, sockets opened).
-fn progress_items(label: &str, done: usize, total: usize, extra: &str) {
-    bar(
-        label,
-        done as f64 / total.max(1) as f64,
-        &format!("{done}/{total}"),
-        extra,
-    );
+impl Step {
+    /// A step measured in time: its bar fills over `total`.
+    fn timed(label: &str, total: Duration) -> Self {
+        let style = Self::style("{prefix:<24} [{bar:20}] {secs} {wide_msg}").with_key(
+            "secs",
+            |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:>5.1}s", s.pos() as f64 / 1000.0);
+            },
+        );
+        let mut step = Self::new(label, total.as_millis() as u64, style);
+        step.planned = Some(total);
+        step
+    }
+
+    /// A step counted in items (sockets opened, ops written).
+    fn items(label: &str, total: usize) -> Self {
+        let style = Self::style("{prefix:<24} [{bar:20}] {pos}/{len} {wide_msg}");
+        Self::new(label, total as u64, style)
+    }
+
+    fn style(template: &str) -> ProgressStyle {
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("#> ")
+    }
+
+    fn new(label: &str, len: u64, style: ProgressStyle) -> Self {
+        let bar = ProgressBar::new(len)
+            .with_style(style)
+            .with_prefix(label.to_owned());
+        let now = Instant::now();
+        Self {
+            bar,
+            label: label.to_owned(),
+            begun: now,
+            planned: None,
+            last_line: now,
+        }
+    }
+
+    /// A timed step: the time since it began, and what it has measured so far.
+    fn tick(&mut self, msg: String) {
+        let done = self.begun.elapsed().min(self.planned.unwrap_or_default());
+        self.advance(done.as_millis() as u64, msg);
+    }
+
+    /// `done`: items (or, for a timed step, milliseconds) so far.
+    fn advance(&mut self, done: u64, msg: String) {
+        self.bar.set_position(done);
+        if self.bar.is_hidden() && self.last_line.elapsed() >= PLAIN_EVERY {
+            self.last_line = Instant::now();
+            let shown = match self.planned {
+                Some(_) => String::new(),
+                None => format!("{done}/{} ", self.bar.length().unwrap_or(0)),
+            };
+            eprintln!(
+                "{}: {shown}{msg} ({:.0}s so far)",
+                self.label,
+                self.begun.elapsed().as_secs_f64()
+            );
+        }
+        self.bar.set_message(msg);
+    }
+
+    /// Clears the bar and prints one line: the label, `summary` and the time taken.
+    fn finish(self, summary: &str) {
+        self.bar.finish_and_clear();
+        eprintln!(
+            "{}: {summary} ({:.1}s)",
+            self.label,
+            self.begun.elapsed().as_secs_f64()
+        );
+    }
 }
 
-fn bar(label: &str, frac: f64, shown: &str, extra: &str) {
-    let width = 30;
-    let filled = (frac.clamp(0.0, 1.0) * width as f64) as usize;
-    eprint!(
-        "\r{label:<28} [{}{}] {shown} {extra:<40}",
-        "#".repeat(filled),
-        " ".repeat(width - filled),
-    );
+/// "p50 1.2 ms, p99 8.5 ms" of a latency histogram (µs).
+fn percentiles(h: &Histogram<u64>) -> String {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    format!("p50 {:.1} ms, p99 {:.1} ms", ms(0.5), ms(0.99))
 }
 
 /// (user+system CPU seconds, peak RSS bytes) of a process, from /proc.
@@ -518,13 +595,18 @@ async fn drive(
     tag: &str,
     spread: bool,
 ) -> Driven {
-    let clients = conns.len().max(1);
+    let sockets = conns.len();
+    let clients = sockets.max(1);
     let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // One histogram for every socket (a lock held for one record per ack), so the
+    // progress line can show the p99 so far.
+    let latency = Arc::new(Mutex::new(histogram()));
     let start = Instant::now() + Duration::from_millis(200);
     let per_client = rate as f64 / clients as f64;
     let mut tasks = Vec::new();
     for (i, mut conn) in conns.into_iter().enumerate() {
         let acked = acked.clone();
+        let latency = latency.clone();
         let tag = tag.to_owned();
         let phase = if spread {
             i as f64 / clients as f64
@@ -534,7 +616,6 @@ async fn drive(
         tasks.push(tokio::spawn(async move {
             let total = (per_client * duration.as_secs_f64()).round() as u64;
             let mut sent_at: HashMap<String, Instant> = HashMap::new();
-            let mut local = histogram();
             let mut next = 0u64;
             let deadline = start + duration + Duration::from_secs(10);
             let interval = Duration::from_secs_f64(1.0 / per_client.max(0.001));
@@ -559,7 +640,7 @@ async fn drive(
                         .await
                         .is_err()
                     {
-                        return (None, local);
+                        return None;
                     }
                     sent_at.insert(id, due);
                     next += 1;
@@ -574,7 +655,10 @@ async fn drive(
                     Ok(Ok(ServerMessage::Ack { command_id, .. })) => {
                         if let Some(t) = sent_at.remove(&command_id) {
                             let us = t.elapsed().as_micros() as u64;
-                            let _ = local.record(us.max(1));
+                            let _ = latency
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .record(us.max(1));
                             acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
@@ -582,38 +666,41 @@ async fn drive(
                         sent_at.remove(&command_id);
                     }
                     Ok(Ok(_)) | Err(_) => {}
-                    Ok(Err(_)) => return (None, local),
+                    Ok(Err(_)) => return None,
                 }
             }
-            (Some(conn), local)
+            Some(conn)
         }));
     }
     let total = duration + Duration::from_millis(200);
-    let begun = Instant::now();
     let ticker = {
         let acked = acked.clone();
-        let label = label.to_owned();
+        let latency = latency.clone();
+        let mut step = Step::timed(label, total);
         tokio::spawn(async move {
             loop {
-                let done = begun.elapsed();
-                progress(
-                    &label,
-                    done,
-                    total,
-                    &format!("{} acked", acked.load(std::sync::atomic::Ordering::Relaxed)),
-                );
-                if done >= total {
+                let n = acked.load(std::sync::atomic::Ordering::Relaxed);
+                let p99 = latency
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .value_at_quantile(0.99) as f64
+                    / 1000.0;
+                step.tick(if n == 0 {
+                    "0 acked".to_owned()
+                } else {
+                    format!("{n} acked, p99 {p99:.1} ms")
+                });
+                if step.begun.elapsed() >= total {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            step
         })
     };
-    let mut merged = histogram();
     let mut back = Vec::new();
     for t in tasks {
-        if let Ok((conn, h)) = t.await {
-            let _ = merged.add(h);
+        if let Ok(conn) = t.await {
             back.extend(conn);
         }
     }
@@ -621,11 +708,22 @@ async fn drive(
         .elapsed()
         .min(duration + Duration::from_secs(10))
         .max(duration);
-    let _ = ticker.await;
-    eprintln!();
+    let acked = acked.load(std::sync::atomic::Ordering::Relaxed);
+    let latency = latency.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Ok(step) = ticker.await {
+        step.finish(&format!(
+            "{acked} acked ({:.0}/s), {}{}",
+            acked as f64 / elapsed.as_secs_f64(),
+            percentiles(&latency),
+            match sockets - back.len() {
+                0 => String::new(),
+                lost => format!(", {lost} socket(s) closed"),
+            }
+        ));
+    }
     Driven {
-        acked: acked.load(std::sync::atomic::Ordering::Relaxed),
-        latency: merged,
+        acked,
+        latency,
         elapsed,
         conns: back,
     }
@@ -647,7 +745,9 @@ async fn jetstream(natsd_url: &str, duration: Duration) -> anyhow::Result<Value>
     let mut h = histogram();
     let in_flight = 256;
     let mut pending = std::collections::VecDeque::new();
+    let mut step = Step::timed("jetstream raw publish", duration);
     let begun = Instant::now();
+    let mut ticked = begun;
     let mut acked = 0u64;
     while begun.elapsed() < duration {
         while pending.len() < in_flight {
@@ -660,13 +760,12 @@ async fn jetstream(natsd_url: &str, duration: Duration) -> anyhow::Result<Value>
             let _ = h.record((t.elapsed().as_micros() as u64).max(1));
             acked += 1;
         }
-        if acked.is_multiple_of(2000) {
-            progress(
-                "jetstream raw publish",
-                begun.elapsed(),
-                duration,
-                &format!("{acked} acked"),
-            );
+        if ticked.elapsed() >= Duration::from_millis(200) {
+            ticked = Instant::now();
+            step.tick(format!(
+                "{acked} acked, p99 {:.1} ms",
+                h.value_at_quantile(0.99) as f64 / 1000.0
+            ));
         }
     }
     while let Some((t, ack)) = pending.pop_front() {
@@ -675,7 +774,11 @@ async fn jetstream(natsd_url: &str, duration: Duration) -> anyhow::Result<Value>
         acked += 1;
     }
     let elapsed = begun.elapsed();
-    eprintln!();
+    step.finish(&format!(
+        "{acked} acked ({:.0}/s, {in_flight} in flight), {}",
+        acked as f64 / elapsed.as_secs_f64(),
+        percentiles(&h)
+    ));
     let _ = js.delete_stream("USYNC_BENCH").await;
     Ok(json!({
         "acked": acked,
@@ -691,6 +794,7 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
     let mut tasks = Vec::new();
     let epoch = Instant::now();
     let expected = (100.0 * duration.as_secs_f64()) as u64;
+    let mut connecting = Step::items("fanout: connecting", subscribers);
     for i in 0..subscribers {
         let mut conn = stack
             .client("fan", &format!("s{i}"), &[("index", Some(0))])
@@ -717,11 +821,12 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
             let _ = merged.lock().unwrap_or_else(|p| p.into_inner()).add(&local);
         }));
         if (i + 1).is_multiple_of(100) {
-            progress_items("fanout: connecting", i + 1, subscribers, "");
+            connecting.advance(i as u64 + 1, String::new());
         }
     }
-    eprintln!();
+    connecting.finish(&format!("{subscribers} subscribers"));
     let mut writer = stack.client("fan", "fan-writer", &[]).await?;
+    let mut step = Step::timed("fanout 100 ops/s", duration);
     let begun = Instant::now();
     for n in 0..expected {
         let due = begun + Duration::from_millis(10 * n);
@@ -737,19 +842,18 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
             )
             .await?;
         if n.is_multiple_of(20) {
-            progress(
-                "fanout 100 ops/s",
-                begun.elapsed(),
-                duration,
-                &format!("{subscribers} subscribers"),
-            );
+            step.tick(format!("{n}/{expected} ops sent"));
         }
     }
     for t in tasks {
         let _ = t.await;
     }
-    eprintln!();
     let h = merged.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    step.finish(&format!(
+        "{expected} ops to {subscribers} subscribers, {} receipts, commit to receipt {}",
+        h.len(),
+        percentiles(&h)
+    ));
     Ok(json!({"subscribers": subscribers, "ops": expected, "rate": 100, "latency": summary(&h)}))
 }
 
@@ -802,29 +906,38 @@ async fn bootstrap(stack: &Stack, keys: usize, ops: usize) -> anyhow::Result<Val
     }
     let ticker = {
         let acked = acked.clone();
+        let mut step = Step::items("bootstrap: writing ops", ops);
         tokio::spawn(async move {
             loop {
                 let n = acked.load(std::sync::atomic::Ordering::Relaxed);
                 let rate = n as f64 / begun.elapsed().as_secs_f64().max(0.001);
-                progress_items(
-                    "bootstrap: writing ops",
-                    n,
-                    ops,
-                    &format!("{rate:.0} ops/s"),
-                );
+                step.advance(n as u64, format!("{rate:.0} ops/s acked"));
                 if n >= ops {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
+            step
         })
     };
-    for w in writers {
-        w.await.context("a bootstrap writer stopped")??;
+    let written = async {
+        for w in writers {
+            w.await.context("a bootstrap writer stopped")??;
+        }
+        Ok::<_, anyhow::Error>(())
     }
-    let _ = ticker.await;
-    eprintln!();
+    .await;
+    if written.is_err() {
+        ticker.abort();
+    }
+    written?;
     let write_secs = begun.elapsed().as_secs_f64();
+    if let Ok(step) = ticker.await {
+        step.finish(&format!(
+            "{ops} ops on {keys} keys ({:.0} ops/s)",
+            ops as f64 / write_secs
+        ));
+    }
     // A new client with no cursor: snapshot (when one is stored) + tail, then synced.
     let started = Instant::now();
     let mut c = stack
@@ -923,6 +1036,7 @@ async fn idle(stack: &Stack, connections: usize) -> anyhow::Result<Value> {
     let before = rss(child.id()).map_or(0, |r| r.0);
     let token = stack.token("idle");
     let mut held = Vec::with_capacity(connections);
+    let mut step = Step::items("idle: opening sockets", connections);
     let begun = Instant::now();
     while held.len() < connections {
         let batch = (connections - held.len()).min(200);
@@ -941,10 +1055,16 @@ async fn idle(stack: &Stack, connections: usize) -> anyhow::Result<Value> {
         for c in opened {
             held.push(c?);
         }
-        progress_items("idle: opening sockets", held.len(), connections, "");
+        step.advance(
+            held.len() as u64,
+            format!(
+                "gateway at {:.0} MiB",
+                rss(child.id()).map_or(0.0, |r| r.0 as f64 / 1048576.0)
+            ),
+        );
     }
-    eprintln!();
     let open_secs = begun.elapsed().as_secs_f64();
+    step.finish(&format!("{connections} sockets open"));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (with, peak) = rss(child.id()).unwrap_or((0, 0));
     drop(held);
@@ -968,6 +1088,7 @@ async fn idle(stack: &Stack, connections: usize) -> anyhow::Result<Value> {
 /// one stream key per org.
 async fn tenant_sockets(stack: &Stack, keys: usize) -> anyhow::Result<Vec<Connection>> {
     let mut conns = Vec::with_capacity(keys);
+    let mut step = Step::items("tenants: opening sockets", keys);
     while conns.len() < keys {
         let batch = (keys - conns.len()).min(100);
         let opened = futures::future::join_all((0..batch).map(|i| {
@@ -985,9 +1106,9 @@ async fn tenant_sockets(stack: &Stack, keys: usize) -> anyhow::Result<Vec<Connec
         for c in opened {
             conns.push(c?);
         }
-        progress_items("tenants: opening sockets", conns.len(), keys, "");
+        step.advance(conns.len() as u64, String::new());
     }
-    eprintln!();
+    step.finish(&format!("{keys} sockets, one org each"));
     Ok(conns)
 }
 
@@ -1124,104 +1245,333 @@ async fn tenants(
     }))
 }
 
-/// A small SVG: the throughput scenario's p50 and p99 against the offered rate, and
-/// the tenants scenario's p99 per sequencer count.
-/// `tenants`: the scenario's runs (`sequencers`, `steps`).
-fn chart(steps: &[Value], raw_rate: Option<f64>, tenants: &[Value]) -> String {
-    let (w, h, pad) = (720.0, 400.0, 60.0);
-    let tenant_steps = |run: &Value| run["steps"].as_array().cloned().unwrap_or_default();
-    let every: Vec<Value> = steps
-        .iter()
-        .cloned()
-        .chain(tenants.iter().flat_map(tenant_steps))
-        .collect();
-    let max_rate = every
-        .iter()
-        .filter_map(|s| s["offered_ops_per_sec"].as_f64())
-        .fold(1.0_f64, f64::max);
-    let max_ms = every
-        .iter()
-        .filter_map(|s| s["latency"]["p99_ms"].as_f64())
-        .fold(100.0_f64, f64::max)
-        .min(1000.0);
-    let x = |r: f64| pad + (w - 2.0 * pad) * r / max_rate;
-    let y = |ms: f64| h - pad - (h - 2.0 * pad) * ms.min(max_ms) / max_ms;
-    let points = |steps: &[Value], key: &str| -> String {
-        steps
-            .iter()
-            .filter_map(|s| {
-                Some(format!(
-                    "{:.1},{:.1}",
-                    x(s["offered_ops_per_sec"].as_f64()?),
-                    y(s["latency"][key].as_f64()?)
-                ))
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let line = |key: &str| points(steps, key);
-    let mut svg = format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{pad}" y="24" font-size="15">ultrasync bench: ack latency vs offered load (open loop)</text>
-<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>
-<text x="{r}" y="{lb}" text-anchor="end">offered ops/s (max {max_rate:.0})</text>
-<text x="14" y="{pad}" >ms (max {max_ms:.0})</text>
-<line x1="{pad}" y1="{y100:.1}" x2="{r}" y2="{y100:.1}" stroke="#c00" stroke-dasharray="4 4"/><text x="{r}" y="{y100m:.1}" text-anchor="end" fill="#c00">100 ms</text>
-"##,
-        b = h - pad,
-        r = w - pad,
-        lb = h - pad + 30.0,
-        y100 = y(100.0),
-        y100m = y(100.0) - 4.0,
-    );
-    // Legend lines, one under the other.
-    let mut legend = 0;
-    let mut legend_y = || {
-        legend += 1;
-        pad + 14.0 + 16.0 * (legend - 1) as f64
-    };
-    if !steps.is_empty() {
-        svg.push_str(&format!(
-            r##"<polyline fill="none" stroke="#06c" stroke-width="2" points="{p50}"/>
-<polyline fill="none" stroke="#e80" stroke-width="2" points="{p99}"/>
-<text x="{lx}" y="{ly1:.1}" fill="#06c">p50, throughput</text><text x="{lx}" y="{ly2:.1}" fill="#e80">p99, throughput</text>
-"##,
-            p50 = line("p50_ms"),
-            p99 = line("p99_ms"),
-            lx = pad + 10.0,
-            ly1 = legend_y(),
-            ly2 = legend_y(),
-        ));
-    }
-    if let Some(raw) = raw_rate
-        && raw <= max_rate * 1.5
-    {
-        let xr = x(raw.min(max_rate));
-        svg.push_str(&format!(
-            r##"<line x1="{xr:.1}" y1="{pad}" x2="{xr:.1}" y2="{b}" stroke="#090" stroke-dasharray="2 3"/><text x="{xr:.1}" y="{t}" fill="#090">raw JetStream {raw:.0}/s</text>
-"##,
-            b = h - pad,
-            t = pad - 6.0
-        ));
-    }
-    // The tenants scenario: p99 of each sequencer count, dashed, one colour each.
-    for (i, run) in tenants.iter().enumerate() {
-        let colour = ["#2a2", "#a2c", "#c22", "#555"][i % 4];
-        let who = match &run["sequencers"] {
-            Value::Number(n) => format!("{n} sequencer(s)"),
-            other => other.as_str().unwrap_or("?").to_owned(),
+/// One line of the chart: offered ops/s against a value, with its legend entry.
+struct Curve {
+    label: String,
+    colour: RGBColor,
+    /// Dashed (p50) or solid.
+    dashed: bool,
+    points: Vec<(f64, f64)>,
+}
+
+/// One scenario's column of the chart: acked rate on top, ack latency below.
+struct Panel {
+    caption: &'static str,
+    acked: Vec<Curve>,
+    latency: Vec<Curve>,
+}
+
+/// Colours of the runs in a panel (throughput, or one per sequencer count).
+const RUN_COLOURS: [RGBColor; 4] = [
+    RGBColor(0x00, 0x66, 0xcc),
+    RGBColor(0x22, 0xaa, 0x22),
+    RGBColor(0xaa, 0x22, 0xcc),
+    RGBColor(0xcc, 0x22, 0x22),
+];
+const RAW_COLOUR: RGBColor = RGBColor(0x00, 0x99, 0x00);
+const TARGET_COLOUR: RGBColor = RGBColor(0xcc, 0x00, 0x00);
+const FONT: &str = "sans-serif";
+
+impl Panel {
+    /// The curves of one run: acked rate, p50 and p99 against the offered rate.
+    fn add_run(&mut self, who: &str, colour: RGBColor, steps: &[Value]) {
+        let points = |value: &dyn Fn(&Value) -> Option<f64>| -> Vec<(f64, f64)> {
+            steps
+                .iter()
+                .filter_map(|s| Some((s["offered_ops_per_sec"].as_f64()?, value(s)?)))
+                .collect()
         };
-        svg.push_str(&format!(
-            r##"<polyline fill="none" stroke="{colour}" stroke-width="2" stroke-dasharray="6 3" points="{p}"/><text x="{lx}" y="{ly:.1}" fill="{colour}">p99, tenants, {who}</text>
-"##,
-            p = points(&tenant_steps(run), "p99_ms"),
-            lx = pad + 10.0,
-            ly = legend_y(),
-        ));
+        self.acked.push(Curve {
+            label: format!("acked, {who}"),
+            colour,
+            dashed: false,
+            points: points(&|s| s["acked_ops_per_sec"].as_f64()),
+        });
+        for (q, dashed) in [("p50", true), ("p99", false)] {
+            self.latency.push(Curve {
+                label: format!("{q}, {who}"),
+                colour,
+                dashed,
+                points: points(&|s| s["latency"][format!("{q}_ms")].as_f64()),
+            });
+        }
     }
-    svg.push_str("</svg>\n");
-    svg
+
+    fn points(curves: &[Curve]) -> impl Iterator<Item = (f64, f64)> + '_ {
+        curves.iter().flat_map(|c| c.points.iter().copied())
+    }
+
+    fn max_offered(&self) -> f64 {
+        Self::points(&self.acked)
+            .map(|p| p.0)
+            .fold(1.0_f64, f64::max)
+    }
+}
+
+/// The SVG chart of the throughput and tenants scenarios, a column each: acked rate
+/// against the offered rate (with the raw JetStream rate, when measured, for
+/// reference) and p50/p99 ack latency against the offered rate (log scale, with the
+/// 100 ms target). `tenants`: the scenario's runs (`sequencers`, `steps`).
+fn chart(steps: &[Value], raw_rate: Option<f64>, tenants: &[Value]) -> anyhow::Result<String> {
+    let mut panels = Vec::new();
+    if !steps.is_empty() {
+        let mut panel = Panel {
+            caption: "throughput: one org, a stream key per client",
+            acked: Vec::new(),
+            latency: Vec::new(),
+        };
+        panel.add_run("throughput", RUN_COLOURS[0], steps);
+        panels.push(panel);
+    }
+    if !tenants.is_empty() {
+        let mut panel = Panel {
+            caption: "tenants: one stream key per org",
+            acked: Vec::new(),
+            latency: Vec::new(),
+        };
+        for (i, run) in tenants.iter().enumerate() {
+            let who = match &run["sequencers"] {
+                Value::Number(n) => format!("tenants, {n} sequencer(s)"),
+                other => format!("tenants, {}", other.as_str().unwrap_or("?")),
+            };
+            let steps = run["steps"].as_array().map_or(&[][..], Vec::as_slice);
+            panel.add_run(&who, RUN_COLOURS[(i + 1) % RUN_COLOURS.len()], steps);
+        }
+        panels.push(panel);
+    }
+    let columns = panels.len().max(1);
+    let size = (if columns > 1 { 1200 } else { 760 }, 820);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        root.fill(&WHITE)?;
+        let root = root.titled(
+            "ultrasync bench: acked rate and ack latency vs offered load (open loop)",
+            (FONT, 20),
+        )?;
+        if panels.is_empty() {
+            root.draw(&Text::new(
+                "no throughput or tenants steps in this run",
+                (40, 40),
+                (FONT, 14),
+            ))?;
+        }
+        let cells = root.split_evenly((2, columns));
+        for (i, panel) in panels.iter().enumerate() {
+            rate_panel(&cells[i], panel, raw_rate)?;
+            latency_panel(&cells[columns + i], panel)?;
+        }
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+/// Acked ops/s against offered ops/s: the line `acked = offered` is where the stack
+/// keeps up; the raw JetStream rate is the ceiling this machine allows.
+fn rate_panel(area: &Area<'_>, panel: &Panel, raw_rate: Option<f64>) -> anyhow::Result<()> {
+    let x_max = panel.max_offered() * 1.05;
+    let top = Panel::points(&panel.acked)
+        .map(|p| p.1)
+        .fold(x_max, f64::max);
+    // A raw rate far above the steps would squash them to the bottom: then it is
+    // named in the legend only.
+    let raw_on_scale = raw_rate.filter(|raw| *raw <= top * 2.0);
+    let y_max = raw_on_scale.unwrap_or(0.0).max(top) * 1.08;
+    let mut chart = ChartBuilder::on(area)
+        .caption(format!("{}: acked rate", panel.caption), (FONT, 15))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("offered ops/s")
+        .y_desc("acked ops/s")
+        .x_label_formatter(&|v| rate_label(*v))
+        .y_label_formatter(&|v| rate_label(*v))
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(BLACK.mix(0.12))
+        .label_style((FONT, 12))
+        .draw()?;
+    let grey = BLACK.mix(0.4).stroke_width(1);
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(0.0, 0.0), (x_max, x_max)],
+            4,
+            4,
+            grey,
+        ))?
+        .label("acked = offered")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], grey));
+    let style = RAW_COLOUR.stroke_width(2);
+    match (raw_rate, raw_on_scale) {
+        (Some(raw), Some(_)) => {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    [(0.0, raw), (x_max, raw)],
+                    8,
+                    4,
+                    style,
+                ))?
+                .label(format!("raw JetStream {raw:.0}/s"))
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
+        }
+        (Some(raw), None) => {
+            chart
+                .draw_series(std::iter::empty::<PathElement<(f64, f64)>>())?
+                .label(format!("raw JetStream {raw:.0}/s (above this scale)"))
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
+        }
+        (None, _) => {}
+    }
+    for curve in &panel.acked {
+        draw_curve(&mut chart, curve)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font((FONT, 12))
+        .draw()?;
+    Ok(())
+}
+
+/// p50 (dashed) and p99 (solid) ack latency against offered ops/s, log scale, with
+/// the 100 ms p99 target.
+fn latency_panel(area: &Area<'_>, panel: &Panel) -> anyhow::Result<()> {
+    let x_max = panel.max_offered() * 1.05;
+    let values: Vec<f64> = Panel::points(&panel.latency)
+        .map(|p| p.1)
+        .filter(|v| *v > 0.0)
+        .collect();
+    let low = values.iter().copied().fold(100.0_f64, f64::min);
+    let high = values.iter().copied().fold(100.0_f64, f64::max);
+    // Whole decades below, and room above the highest value for the legend.
+    let y_min = 10f64.powf(low.log10().floor()).clamp(0.001, 10.0);
+    let y_max = (high * 3.0).min(100_000.0);
+    let mut chart = ChartBuilder::on(area)
+        .caption(format!("{}: ack latency", panel.caption), (FONT, 15))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(
+            0.0..x_max,
+            (y_min..y_max)
+                .log_scale()
+                .with_key_points(log_ticks(y_min, y_max)),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("offered ops/s")
+        .y_desc("ack latency, ms (log scale)")
+        .x_label_formatter(&|v| rate_label(*v))
+        .y_label_formatter(&|v| ms_label(*v))
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(BLACK.mix(0.12))
+        .label_style((FONT, 12))
+        .draw()?;
+    let target = TARGET_COLOUR.stroke_width(1);
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(0.0, 100.0), (x_max, 100.0)],
+            6,
+            4,
+            target,
+        ))?
+        .label("p99 target 100 ms")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], target));
+    for curve in &panel.latency {
+        let points = curve
+            .points
+            .iter()
+            .map(|&(x, y)| (x, y.max(y_min)))
+            .collect();
+        draw_curve(
+            &mut chart,
+            &Curve {
+                points,
+                label: curve.label.clone(),
+                ..*curve
+            },
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font((FONT, 12))
+        .draw()?;
+    Ok(())
+}
+
+/// A curve: its line (dashed or solid), a dot per step and its legend entry.
+fn draw_curve<Y>(
+    chart: &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<RangedCoordf64, Y>>,
+    curve: &Curve,
+) -> anyhow::Result<()>
+where
+    Y: Ranged<ValueType = f64>,
+{
+    let style = curve.colour.stroke_width(2);
+    if curve.dashed {
+        chart
+            .draw_series(DashedLineSeries::new(curve.points.clone(), 6, 4, style))?
+            .label(&curve.label)
+            .legend(move |(x, y)| DashedPathElement::new([(x, y), (x + 20, y)], 6, 4, style));
+    } else {
+        chart
+            .draw_series(LineSeries::new(curve.points.clone(), style))?
+            .label(&curve.label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
+    }
+    chart.draw_series(PointSeries::of_element(
+        curve.points.clone(),
+        3,
+        curve.colour.filled(),
+        &|c, s, st| Circle::new(c, s, st),
+    ))?;
+    Ok(())
+}
+
+/// Ticks of a log axis from `low` to `high`: 1, 2 and 5 of each decade, or only the
+/// powers of ten when the axis spans more than three decades.
+fn log_ticks(low: f64, high: f64) -> Vec<f64> {
+    let (first, last) = (low.log10().floor() as i32, high.log10().ceil() as i32);
+    let steps: &[f64] = if last - first > 3 {
+        &[1.0]
+    } else {
+        &[1.0, 2.0, 5.0]
+    };
+    (first..=last)
+        .flat_map(|e| steps.iter().map(move |m| m * 10f64.powi(e)))
+        // (`low` may be a power of ten computed another way, an ulp off.)
+        .filter(|v| *v >= low * (1.0 - 1e-9) && *v <= high * (1.0 + 1e-9))
+        .collect()
+}
+
+/// Ops/s on an axis: 500, 2k, 2.5k.
+fn rate_label(v: f64) -> String {
+    if v.abs() < 1000.0 {
+        format!("{v:.0}")
+    } else if (v / 1000.0).fract().abs() < 0.05 {
+        format!("{:.0}k", v / 1000.0)
+    } else {
+        format!("{:.1}k", v / 1000.0)
+    }
+}
+
+/// Milliseconds on a log axis: 0.01, 0.5, 2, 100.
+fn ms_label(v: f64) -> String {
+    if v >= 1.0 {
+        format!("{v:.0}")
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').to_owned()
+    }
 }
 
 /// `config` is needed only with `--url` (secret, NATS URL).
@@ -1287,7 +1637,10 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
     let svg_path = args.out.join(format!("bench-{stamp}.svg"));
     let report = Value::Object(report);
     std::fs::write(&json_path, serde_json::to_vec_pretty(&report)?)?;
-    std::fs::write(&svg_path, chart(&steps, raw_rate, &tenant_runs))?;
+    std::fs::write(
+        &svg_path,
+        chart(&steps, raw_rate, &tenant_runs).context("drawing the chart")?,
+    )?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     eprintln!(
         "report: {}\nchart:  {}",
@@ -1412,4 +1765,115 @@ async fn one_stack(
         }),
     );
     Ok((steps, raw_rate))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(offered: f64, acked: f64, p50: f64, p99: f64) -> Value {
+        json!({
+            "offered_ops_per_sec": offered,
+            "acked_ops_per_sec": acked,
+            "acked": (acked * 5.0) as u64,
+            "latency": {"p50_ms": p50, "p99_ms": p99},
+        })
+    }
+
+    /// The text of every `<text>` element of a well-formed SVG document.
+    fn texts(svg: &str) -> Vec<String> {
+        let doc = roxmltree::Document::parse(svg).expect("the chart is well-formed XML");
+        assert!(doc.root_element().has_tag_name("svg"), "{svg}");
+        doc.descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text())
+            .map(|t| t.trim().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_chart_has_axes_legends_and_reference_lines() {
+        let steps = [
+            step(1000.0, 998.0, 0.8, 3.1),
+            step(2500.0, 2497.0, 1.1, 12.0),
+            step(5000.0, 4990.0, 4.2, 61.0),
+            step(10_000.0, 6900.0, 310.0, 1450.0),
+        ];
+        let tenants = [
+            json!({"sequencers": 1, "steps": [step(1000.0, 999.0, 1.0, 9.0), step(2000.0, 1500.0, 80.0, 235.0)]}),
+            json!({"sequencers": 3, "steps": [step(1000.0, 999.0, 0.9, 7.0), step(2000.0, 1998.0, 2.0, 30.0)]}),
+            json!({"sequencers": "existing stack", "steps": [step(1000.0, 1000.0, 0.5, 2.0)]}),
+        ];
+        let svg = chart(&steps, Some(6956.0), &tenants).expect("chart");
+        let texts = texts(&svg);
+        for want in [
+            "ultrasync bench: acked rate and ack latency vs offered load (open loop)",
+            "throughput: one org, a stream key per client: acked rate",
+            "throughput: one org, a stream key per client: ack latency",
+            "tenants: one stream key per org: acked rate",
+            "tenants: one stream key per org: ack latency",
+            "offered ops/s",
+            "acked ops/s",
+            "ack latency, ms (log scale)",
+            "acked = offered",
+            "raw JetStream 6956/s",
+            // The tenants' steps stay far below it.
+            "raw JetStream 6956/s (above this scale)",
+            "p99 target 100 ms",
+            "acked, throughput",
+            "p50, throughput",
+            "p99, throughput",
+            "acked, tenants, 1 sequencer(s)",
+            "p50, tenants, 3 sequencer(s)",
+            "p99, tenants, 3 sequencer(s)",
+            "p99, tenants, existing stack",
+            // Tick labels of both axes.
+            "10k",
+            "100",
+        ] {
+            assert!(texts.iter().any(|t| t == want), "no {want:?} in {texts:?}");
+        }
+        assert!(svg.contains("<polyline"), "{svg}");
+    }
+
+    #[test]
+    fn a_chart_without_raw_rate_or_tenants_draws_what_it_has() {
+        let svg = chart(&[step(500.0, 500.0, 0.4, 1.2)], None, &[]).expect("chart");
+        let texts = texts(&svg);
+        assert!(texts.iter().any(|t| t == "p99, throughput"), "{texts:?}");
+        assert!(texts.iter().any(|t| t == "p99 target 100 ms"), "{texts:?}");
+        assert!(
+            !texts.iter().any(|t| t.starts_with("raw JetStream")),
+            "{texts:?}"
+        );
+        assert!(!texts.iter().any(|t| t.contains("tenants")), "{texts:?}");
+    }
+
+    #[test]
+    fn log_axes_are_ticked_at_1_2_5_or_at_powers_of_ten() {
+        assert_eq!(
+            log_ticks(1.0, 300.0),
+            [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0]
+        );
+        let wide = log_ticks(10f64.powf(-1.0), 3000.0);
+        assert_eq!(wide.len(), 5, "{wide:?}");
+        assert_eq!(
+            wide.iter().map(|v| ms_label(*v)).collect::<Vec<_>>(),
+            ["0.1", "1", "10", "100", "1000"]
+        );
+        assert_eq!(rate_label(2500.0), "2.5k");
+        assert_eq!(rate_label(40_000.0), "40k");
+        assert_eq!(rate_label(500.0), "500");
+    }
+
+    #[test]
+    fn a_chart_without_steps_is_still_an_svg() {
+        let texts = texts(&chart(&[], Some(7000.0), &[]).expect("chart"));
+        assert!(
+            texts
+                .iter()
+                .any(|t| t == "no throughput or tenants steps in this run"),
+            "{texts:?}"
+        );
+    }
 }

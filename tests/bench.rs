@@ -90,6 +90,26 @@ fn a_quick_bench_writes_a_report_and_a_chart() {
     assert!(files.iter().any(|f| f.ends_with(".json")), "{files:?}");
     let svg = files.iter().find(|f| f.ends_with(".svg")).expect("a chart");
     let text = std::fs::read_to_string(out.path().join(svg)).expect("svg");
-    assert!(text.starts_with("<svg") && text.contains("polyline"));
-    assert!(text.contains("tenants, 3 sequencer(s)"), "{text}");
+    let doc = roxmltree::Document::parse(&text).expect("the chart is well-formed XML");
+    assert!(doc.root_element().has_tag_name("svg"), "{text}");
+    let labels: Vec<&str> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .filter_map(|n| n.text().map(str::trim))
+        .collect();
+    for want in [
+        "offered ops/s",
+        "acked ops/s",
+        "ack latency, ms (log scale)",
+        "p99 target 100 ms",
+        "p50, throughput",
+        "p99, throughput",
+        "p99, tenants, 3 sequencer(s)",
+    ] {
+        assert!(labels.contains(&want), "no {want:?} in {labels:?}");
+    }
+    assert!(
+        labels.iter().any(|l| l.starts_with("raw JetStream ")),
+        "{labels:?}"
+    );
 }
