@@ -248,7 +248,6 @@ mod tests {
             "ultrasync_compactor_floor{stream_key=\"acme/web/index\"} 15\n",
             "ultrasync_compactor_readers_let_go_total{kind=\"webhook\"} 1\n",
             "ultrasync_compactor_readers_let_go_total{kind=\"mirror\"} 0\n",
-            "# TYPE ultrasync_compactor_cursor_lag gauge\n",
             "# TYPE ultrasync_compactor_pass_seconds histogram\n",
             "ultrasync_compactor_pass_seconds_count 2\n",
         ] {
@@ -258,6 +257,10 @@ mod tests {
         assert!(!text.contains("carl"), "{text}");
         m.record(&plan("acme/web/index", 0, 15, &[("carl\"1", 7)]));
         let text = m.render().expect("render");
+        assert!(
+            text.contains("# TYPE ultrasync_compactor_cursor_lag gauge\n"),
+            "{text}"
+        );
         assert!(
             text.contains("ultrasync_compactor_cursor_lag{stream_key=\"acme/web/index\",client_id=\"carl\\\"1\",live=\"true\"} 7\n"),
             "{text}"
