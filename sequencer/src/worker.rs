@@ -162,8 +162,14 @@ impl Pending {
             true => trace::lines_of(msg.headers.as_ref(), decoded.len()),
             false => Default::default(),
         };
-        let delivered = msg.info().map_or(1, |i| i.delivered);
-        let arrived = std::time::SystemTime::now();
+        // Only traced commands need the delivery count and the arrival time.
+        let (delivered, arrived) = match traces.is_empty() {
+            true => (0, std::time::UNIX_EPOCH),
+            false => (
+                msg.info().map_or(1, |i| i.delivered),
+                std::time::SystemTime::now(),
+            ),
+        };
         let delivery = Arc::new(Delivery {
             msg,
             open: AtomicUsize::new(decoded.len()),
