@@ -1,15 +1,20 @@
 //! `ultrasync bench`: drives a stack through real WebSocket connections and writes a
 //! JSON report and an SVG chart to a results folder.
 //!
-//! By default it starts its own stack (a managed nats-server with `sync_interval:
-//! always` in a temporary folder, gateway, sequencer and materializer in this
-//! process, so the load generator shares the machine with everything, as the targets
-//! assume). Scenarios:
+//! By default it starts its own stack: a managed nats-server with `sync_interval:
+//! always` in a temporary folder, and the gateway, materializer and sequencer(s) each
+//! in its own process. This process is only the load generator: it shares the
+//! machine's cores with the stack, as the targets assume, but not its CPU
+//! accounting. Every measured step reports the CPU µs per acked op of the ultrasync
+//! processes and of nats-server separately (and of the load generator), read from
+//! /proc. Scenarios:
 //!
 //! - `jetstream`: raw JetStream publishes (file storage, same server, same
 //!   durability) with bounded in-flight acks: the physical limit of this machine.
 //! - `throughput`: one org, one client per project (stream key), open loop at rising
 //!   total rates until p99 ack latency passes 100 ms or acks fall behind the offer.
+//! - `closed`: closed loop like the peers' harnesses: W writers (a stream key each),
+//!   each keeping a window of commands in flight, as fast as acks come back.
 //! - `latency`: a fixed 1,000 ops/s.
 //! - `fanout`: one writer at 100 ops/s, N subscribers; commit-to-receipt latency.
 //! - `bootstrap`: a namespace with K keys, then the time a new client takes from
@@ -20,11 +25,10 @@
 //!   each writing at a low rate, the total rate doubling per step (after a warm-up
 //!   that writes every key once) until p99 passes 100 ms or acks fall behind;
 //!   repeated with 1, 2 and 3 `ultrasync sequencer` processes sharing the
-//!   partitions (each count on a fresh stack: nats-server, gateway and materializer
-//!   in this process, the sequencers as children). Against an existing stack
-//!   (`--url`) it runs once, with whatever sequencers that has.
+//!   partitions (each count on a fresh stack). Against an existing stack (`--url`)
+//!   it runs once, with whatever sequencers that has.
 //!
-//! Latencies are measured from the scheduled send time (open loop: a slow server
+//! Open-loop latencies are measured from the scheduled send time (a slow server
 //! cannot hide its queueing) with an HDR histogram (µs, 3 significant digits).
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,7 +45,6 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::series::DashedLineSeries;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use ultrasync_client::{Connection, OpType, ServerMessage};
 use ultrasync_shared::auth;
 use ultrasync_shared::config::Config;
@@ -49,8 +52,8 @@ use ultrasync_shared::natsd::{Natsd, NatsdOptions, find_nats_server};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Scenarios to run (comma separated): jetstream, throughput, latency, fanout,
-    /// bootstrap, idle, tenants, or all.
+    /// Scenarios to run (comma separated): jetstream, throughput, closed, latency,
+    /// fanout, bootstrap, idle, tenants, or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenario: Vec<String>,
     /// Seconds per measurement step.
@@ -71,6 +74,12 @@ pub struct BenchArgs {
     /// Ops written to the bootstrap namespace (spread over its keys).
     #[arg(long, default_value_t = 1_000_000)]
     bootstrap_ops: usize,
+    /// Writers (one project, so one stream key, each) of the closed-loop scenario.
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// Commands each closed-loop writer keeps in flight.
+    #[arg(long, default_value_t = 16)]
+    window: usize,
     /// Clients (one project, so one stream key, each) of the throughput scenario.
     #[arg(long, default_value_t = 8)]
     clients: usize,
@@ -98,8 +107,8 @@ pub struct BenchArgs {
     out: PathBuf,
 }
 
-/// The stack under test: started by this run (in this process, with its own
-/// nats-server), or an existing one (`--url`).
+/// The stack under test: started by this run (nats-server and every service in its
+/// own process), or an existing one (`--url`).
 struct Stack {
     ws: String,
     secret: String,
@@ -112,17 +121,21 @@ struct Stack {
 struct OwnStack {
     natsd: Natsd,
     dir: tempfile::TempDir,
-    stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    /// `ultrasync sequencer` processes (none: the sequencer runs in this process).
-    sequencers: Vec<std::process::Child>,
+    /// `ultrasync gateway`, `materializer` and `sequencer` processes, by role.
+    services: Vec<(String, std::process::Child)>,
 }
 
+/// What the processes of a stack spent: CPU seconds per role, read from /proc.
+#[derive(Clone)]
+struct CpuSample(Vec<(String, f64)>);
+
 impl Stack {
-    /// `sequencer_processes`: 0 runs the sequencer in this process with the rest;
-    /// N > 0 starts N `ultrasync sequencer` processes instead and waits until they
-    /// share the partitions evenly.
-    async fn start(sequencer_processes: usize) -> anyhow::Result<Self> {
+    /// Starts a managed nats-server (`sync_interval: always`), then a gateway and a
+    /// materializer process, then `sequencers` (at least one) `ultrasync sequencer`
+    /// processes, and waits until they share the partitions evenly. The load
+    /// generator (this process) shares the machine with them but not their CPU
+    /// accounting.
+    async fn start(sequencers: usize) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let bin = find_nats_server(None)?;
         let natsd = Natsd::spawn(&NatsdOptions {
@@ -138,7 +151,6 @@ impl Stack {
             nats_url: natsd.url.clone(),
             ..Default::default()
         };
-        config.auth.jwt_secret = Some(secret.clone());
         config.gateway.max_messages_per_sec = 1_000_000;
         config.gateway.outbound_queue = 65_536;
         // One org and few actors drive the whole load: the per-tenant budgets are
@@ -147,92 +159,110 @@ impl Stack {
         config.gateway.max_commands_per_sec_per_actor = 1_000_000;
         config.gateway.max_sockets_per_actor = 100_000;
         config.gateway.max_sockets_per_org = 100_000;
+        config.gateway.max_connections = 100_000;
+        config.gateway.max_http_connections = 100_000;
         config.gateway.max_subscriptions_per_socket = 1024;
         config.gateway.org_max_inflight_commands = 1 << 20;
         config.gateway.org_max_inflight_bytes = 1 << 30;
         config.materializer.data_dir = dir.path().join("materializer");
+        config.auth.jwt_secret = Some(secret.clone());
         config.validate()?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let stop = CancellationToken::new();
-        let mut tasks = vec![
-            tokio::spawn(ultrasync_materializer::run(config.clone(), stop.clone())),
-            tokio::spawn(ultrasync_gateway::run(
-                config.clone(),
-                listener,
-                stop.clone(),
-            )),
-        ];
-        if sequencer_processes == 0 {
-            tasks.push(tokio::spawn(ultrasync_sequencer::run(config, stop.clone())));
-        }
+        // The secret goes to the services in their environment, not in the file.
+        config.auth.jwt_secret = None;
+        let config_path = dir.path().join("ultrasync.toml");
+        std::fs::write(
+            &config_path,
+            toml::to_string(&config).context("writing the stack's config")?,
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let mut stack = Self {
-            ws: format!("ws://{addr}/v1/sync"),
+            ws: format!("ws://127.0.0.1:{port}/v1/sync"),
             secret,
             nats_url: natsd.url.clone(),
             partitions: None,
             own: Some(OwnStack {
                 natsd,
                 dir,
-                stop,
-                tasks,
-                sequencers: Vec::new(),
+                services: Vec::new(),
             }),
         };
-        // The gateway has set up the streams once it answers; the sequencers start
-        // on a ready layout.
-        stack.wait_ready().await?;
-        if sequencer_processes > 0 {
-            let shared = match stack.spawn_sequencers(sequencer_processes) {
-                Ok(()) => stack.wait_partitions_shared(sequencer_processes).await,
-                Err(e) => Err(e),
-            };
-            match shared {
-                Ok(p) => stack.partitions = Some(p),
-                Err(e) => {
-                    let e = anyhow::anyhow!("{e:#}\n{}", stack.sequencer_logs());
-                    stack.stop().await;
-                    return Err(e);
-                }
+        let listen = format!("127.0.0.1:{port}");
+        let started = async {
+            stack.spawn("gateway", &["gateway", "--listen", &listen])?;
+            stack.spawn("materializer", &["materializer"])?;
+            // The gateway has set up the streams once it answers; the sequencers
+            // start on a ready layout.
+            stack.wait_ready().await?;
+            for i in 0..sequencers.max(1) {
+                stack.spawn(&format!("sequencer-{}", i + 1), &["sequencer"])?;
+            }
+            stack.wait_partitions_shared(sequencers.max(1)).await
+        }
+        .await;
+        match started {
+            Ok(p) => {
+                stack.partitions = Some(p);
+                Ok(stack)
+            }
+            Err(e) => {
+                let e = anyhow::anyhow!("{e:#}\n{}", stack.service_logs());
+                stack.stop().await;
+                Err(e)
             }
         }
-        Ok(stack)
     }
 
-    fn spawn_sequencers(&mut self, n: usize) -> anyhow::Result<()> {
+    /// Starts `ultrasync <args>` as `role`, with the stack's config and secret, its
+    /// log in the stack's folder.
+    fn spawn(&mut self, role: &str, args: &[&str]) -> anyhow::Result<()> {
         let Some(own) = self.own.as_mut() else {
             return Ok(());
         };
-        for i in 0..n {
-            let log = std::fs::File::create(own.dir.path().join(format!("sequencer-{i}.log")))?;
-            let child = std::process::Command::new(std::env::current_exe()?)
-                .args(["sequencer", "--nats-url", &self.nats_url])
-                .env("ULTRASYNC_LOG", "warn")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("starting a sequencer process")?;
-            own.sequencers.push(child);
-        }
+        let log = std::fs::File::create(own.dir.path().join(format!("{role}.log")))?;
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args(args)
+            .arg("--config")
+            .arg(own.dir.path().join("ultrasync.toml"))
+            .env("ULTRASYNC_JWT_SECRET", &self.secret)
+            .env("ULTRASYNC_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting the {role} process"))?;
+        own.services.push((role.to_owned(), child));
         Ok(())
     }
 
-    /// The last lines each sequencer process logged (for an error).
-    fn sequencer_logs(&self) -> String {
+    /// The last lines each service process logged (for an error).
+    fn service_logs(&self) -> String {
         let Some(own) = &self.own else {
             return String::new();
         };
-        let mut out = String::from("sequencer logs:");
-        for i in 0..own.sequencers.len() {
-            let log = std::fs::read_to_string(own.dir.path().join(format!("sequencer-{i}.log")))
+        let mut out = String::from("service logs:");
+        for (role, _) in &own.services {
+            let log = std::fs::read_to_string(own.dir.path().join(format!("{role}.log")))
                 .unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
             for l in &lines[lines.len().saturating_sub(5)..] {
-                out.push_str(&format!("\n  [{i}] {l}"));
+                out.push_str(&format!("\n  [{role}] {l}"));
             }
         }
         out
+    }
+
+    /// Fails when a service process has exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(own) = self.own.as_mut() {
+            for (role, c) in &mut own.services {
+                if let Some(status) = c.try_wait()? {
+                    anyhow::bail!("the {role} process exited ({status})");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Waits until `n` sequencer instances are alive and hold every partition, none
@@ -248,13 +278,7 @@ impl Stack {
         let share = (partitions as usize).div_ceil(n);
         let mut last = String::new();
         for _ in 0..300 {
-            if let Some(own) = self.own.as_mut() {
-                for c in &mut own.sequencers {
-                    if let Some(status) = c.try_wait()? {
-                        anyhow::bail!("a sequencer process exited ({status})");
-                    }
-                }
-            }
+            self.check_alive()?;
             let keys: Vec<String> = leases.keys().await?.try_collect().await?;
             let leased = keys.iter().filter(|k| k.starts_with("p.")).count();
             let mut shares = Vec::new();
@@ -295,7 +319,7 @@ impl Stack {
     /// Ready when a socket gets a welcome.
     async fn wait_ready(&self) -> anyhow::Result<()> {
         let mut last = String::new();
-        for _ in 0..200 {
+        for _ in 0..300 {
             match Connection::connect(&self.ws, &self.token("probe")).await {
                 Ok(mut c) => match c.hello("bench", "probe", "probe", BTreeMap::new()).await {
                     Ok(_) => return Ok(()),
@@ -339,13 +363,16 @@ impl Stack {
 
     async fn stop(self) {
         let Some(mut own) = self.own else { return };
-        for c in &own.sequencers {
+        // Sequencers first (they hand their partitions back), then the rest.
+        own.services
+            .sort_by_key(|(role, _)| !role.starts_with("sequencer"));
+        for (_, c) in &own.services {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
-        for mut c in own.sequencers.drain(..) {
+        for (_, mut c) in own.services.drain(..) {
             let waited = tokio::task::spawn_blocking(move || {
                 let deadline = Instant::now() + Duration::from_secs(15);
                 while Instant::now() < deadline {
@@ -359,40 +386,27 @@ impl Stack {
             });
             let _ = waited.await;
         }
-        own.stop.cancel();
-        for t in own.tasks.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
-        }
         let mut natsd = own.natsd;
         let _ = tokio::task::spawn_blocking(move || natsd.terminate(Duration::from_secs(10))).await;
     }
 
-    /// The processes measured: this one and its nats-server, or (`--url`) every
-    /// `ultrasync` and `nats-server` process on this machine but this one.
+    /// The processes measured, by name: the stack's services, its nats-server and the
+    /// load generator (this process); or (`--url`) every `ultrasync` and
+    /// `nats-server` process on this machine but this one, and this one.
     fn processes(&self) -> Vec<(String, u32)> {
+        let me = std::process::id();
         match &self.own {
-            Some(own) if own.sequencers.is_empty() => vec![
-                (
-                    "ultrasync (gateway + sequencer + materializer + load generator)".to_owned(),
-                    std::process::id(),
-                ),
-                ("nats-server".to_owned(), own.natsd.pid()),
-            ],
             Some(own) => {
-                let mut found = vec![
-                    (
-                        "ultrasync (gateway + materializer + load generator)".to_owned(),
-                        std::process::id(),
-                    ),
-                    ("nats-server".to_owned(), own.natsd.pid()),
-                ];
-                for (i, c) in own.sequencers.iter().enumerate() {
-                    found.push((format!("ultrasync sequencer {}", i + 1), c.id()));
-                }
+                let mut found: Vec<(String, u32)> = own
+                    .services
+                    .iter()
+                    .map(|(role, c)| (format!("ultrasync {role}"), c.id()))
+                    .collect();
+                found.push(("nats-server".to_owned(), own.natsd.pid()));
+                found.push((LOAD_GENERATOR.to_owned(), me));
                 found
             }
             None => {
-                let me = std::process::id();
                 let mut found = Vec::new();
                 for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
                     let Some(pid) = entry
@@ -415,10 +429,58 @@ impl Stack {
                         found.push((format!("{comm} {role} (pid {pid})").trim().to_owned(), pid));
                     }
                 }
-                found.push(("load generator (this process)".to_owned(), me));
+                found.push((LOAD_GENERATOR.to_owned(), me));
                 found
             }
         }
+    }
+
+    /// CPU seconds spent so far by each measured process.
+    fn cpu(&self) -> CpuSample {
+        CpuSample(
+            self.processes()
+                .into_iter()
+                .filter_map(|(name, pid)| Some((name, process_usage(pid)?.0)))
+                .collect(),
+        )
+    }
+}
+
+/// The name the load generator's own process is reported under.
+const LOAD_GENERATOR: &str = "load generator (this process)";
+
+impl CpuSample {
+    /// CPU µs per acked op spent between `self` and `later`, summed by group: the
+    /// ultrasync processes, nats-server, and the load generator.
+    fn per_op(&self, later: &CpuSample, acked: u64) -> Value {
+        let mut groups: BTreeMap<&str, f64> = BTreeMap::new();
+        for (name, after) in &later.0 {
+            let before = self
+                .0
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0.0, |(_, c)| *c);
+            let group = if name == LOAD_GENERATOR {
+                "load_generator"
+            } else if name.starts_with("nats-server") {
+                "nats_server"
+            } else {
+                "ultrasync"
+            };
+            *groups.entry(group).or_default() += after - before;
+        }
+        let per_op = |secs: f64| secs * 1e6 / acked.max(1) as f64;
+        let server = groups.get("ultrasync").copied().unwrap_or(0.0)
+            + groups.get("nats_server").copied().unwrap_or(0.0);
+        json!({
+            "cpu_secs": groups,
+            "cpu_us_per_op": {
+                "ultrasync": per_op(groups.get("ultrasync").copied().unwrap_or(0.0)),
+                "nats_server": per_op(groups.get("nats_server").copied().unwrap_or(0.0)),
+                "server_total": per_op(server),
+                "load_generator": per_op(groups.get("load_generator").copied().unwrap_or(0.0)),
+            },
+        })
     }
 }
 
@@ -570,6 +632,112 @@ async fn open_loop(
     }
     let run = drive(conns, rate, duration, label, "c", false).await;
     Ok((run.acked, run.latency, run.elapsed))
+}
+
+/// Closed-loop writers, shaped like the peers' harnesses: `writers` sockets (one
+/// project, so one stream key, each), each keeping `window` commands in flight and
+/// sending the next one as soon as an ack comes back, for `duration`. Latency runs
+/// from each command's send.
+async fn closed_loop(
+    stack: &Stack,
+    writers: usize,
+    window: usize,
+    duration: Duration,
+) -> anyhow::Result<Value> {
+    let mut conns = Vec::with_capacity(writers);
+    for i in 0..writers {
+        conns.push(
+            stack
+                .client(&format!("c{i}"), &format!("cw{i}"), &[])
+                .await?,
+        );
+    }
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let latency = Arc::new(Mutex::new(histogram()));
+    let window = window.max(1);
+    let cpu_before = stack.cpu();
+    let begun = Instant::now();
+    let deadline = begun + duration;
+    let mut tasks = Vec::new();
+    for (w, mut conn) in conns.into_iter().enumerate() {
+        let acked = acked.clone();
+        let latency = latency.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sent_at: HashMap<String, Instant> = HashMap::with_capacity(window);
+            let mut local = histogram();
+            let mut next = 0u64;
+            loop {
+                let sending = Instant::now() < deadline;
+                while sending && sent_at.len() < window {
+                    let id = format!("w{w}-{next}");
+                    conn.command(
+                        &id,
+                        "index",
+                        &format!("k{}", next % 1000),
+                        OpType::Set,
+                        json!({"n": next}),
+                    )
+                    .await?;
+                    sent_at.insert(id, Instant::now());
+                    next += 1;
+                }
+                if sent_at.is_empty() {
+                    break;
+                }
+                match conn.recv_timeout(Duration::from_secs(10)).await? {
+                    ServerMessage::Ack { command_id, .. } => {
+                        if let Some(t) = sent_at.remove(&command_id) {
+                            let _ = local.record((t.elapsed().as_micros() as u64).max(1));
+                            acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    ServerMessage::Reject { command_id, .. } => {
+                        sent_at.remove(&command_id);
+                    }
+                    _ => {}
+                }
+            }
+            latency
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .add(&local)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let label = format!("closed loop {writers}x{window}");
+    let mut step = Step::timed(&label, duration);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        step.tick(format!(
+            "{} acked",
+            acked.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = begun.elapsed();
+    let cpu = cpu_before.per_op(
+        &stack.cpu(),
+        acked.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let acked = acked.load(std::sync::atomic::Ordering::Relaxed);
+    let latency = latency.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let rate = acked as f64 / elapsed.as_secs_f64();
+    step.finish(&format!(
+        "{acked} acked ({rate:.0}/s), {}, server CPU {:.0} µs/op",
+        percentiles(&latency),
+        cpu["cpu_us_per_op"]["server_total"].as_f64().unwrap_or(0.0)
+    ));
+    Ok(json!({
+        "writers": writers,
+        "window": window,
+        "acked": acked,
+        "acked_ops_per_sec": rate,
+        "latency": summary(&latency),
+        "cpu": cpu,
+    }))
 }
 
 /// What one open-loop step measured; the sockets come back for the next step.
@@ -1591,6 +1759,7 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
     // one stack; so does `tenants` against an existing one.
     let on_one_stack = [
         "jetstream",
+        "closed",
         "throughput",
         "latency",
         "fanout",
@@ -1607,7 +1776,7 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
                 eprintln!(
                     "starting a stack (nats-server with sync_interval: always, gateway, sequencer, materializer)..."
                 );
-                Stack::start(0).await?
+                Stack::start(1).await?
             }
             Some(url) => {
                 let config = config?;
@@ -1691,6 +1860,7 @@ async fn one_stack(
             ],
         };
         for &rate in &rates {
+            let cpu_before = stack.cpu();
             let (acked, h, elapsed) = open_loop(
                 stack,
                 args.clients,
@@ -1699,6 +1869,7 @@ async fn one_stack(
                 &format!("throughput {rate}/s"),
             )
             .await?;
+            let cpu = cpu_before.per_op(&stack.cpu(), acked);
             let achieved = acked as f64 / elapsed.as_secs_f64();
             let p99 = h.value_at_quantile(0.99) as f64 / 1000.0;
             steps.push(json!({
@@ -1706,6 +1877,7 @@ async fn one_stack(
                 "acked_ops_per_sec": achieved,
                 "acked": acked,
                 "latency": summary(&h),
+                "cpu": cpu,
             }));
             if p99 > 100.0 || achieved < rate as f64 * 0.9 {
                 break;
@@ -1723,10 +1895,18 @@ async fn one_stack(
         );
     }
     if wants("latency") {
+        let cpu_before = stack.cpu();
         let (acked, h, elapsed) = open_loop(stack, 4, 1000, step * 2, "latency at 1000/s").await?;
+        let cpu = cpu_before.per_op(&stack.cpu(), acked);
         report.insert(
             "latency".into(),
-            json!({"offered_ops_per_sec": 1000, "acked_ops_per_sec": acked as f64 / elapsed.as_secs_f64(), "latency": summary(&h)}),
+            json!({"offered_ops_per_sec": 1000, "acked_ops_per_sec": acked as f64 / elapsed.as_secs_f64(), "latency": summary(&h), "cpu": cpu}),
+        );
+    }
+    if wants("closed") {
+        report.insert(
+            "closed".into(),
+            closed_loop(stack, args.writers, args.window, step).await?,
         );
     }
     if wants("fanout") {
@@ -1761,7 +1941,7 @@ async fn one_stack(
         "stack".into(),
         json!(match &args.url {
             Some(u) => format!("existing: {u}"),
-            None => "started by the bench (one process + nats-server)".to_owned(),
+            None => "started by the bench: nats-server, gateway, materializer and sequencer processes; the load generator in its own".to_owned(),
         }),
     );
     Ok((steps, raw_rate))

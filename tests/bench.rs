@@ -33,6 +33,7 @@ fn a_quick_bench_writes_a_report_and_a_chart() {
     for scenario in [
         "jetstream",
         "throughput",
+        "closed",
         "latency",
         "fanout",
         "bootstrap",
@@ -47,6 +48,37 @@ fn a_quick_bench_writes_a_report_and_a_chart() {
             .is_some_and(|r| r > 0.0)
     );
     assert!(report["latency"]["latency"]["p99_ms"].as_f64().is_some());
+    // The stack runs in processes of its own: the CPU each step cost is reported per
+    // acked op, for the ultrasync processes and nats-server apart from the load
+    // generator.
+    let closed = &report["closed"];
+    assert!(closed["acked"].as_u64().is_some_and(|a| a > 0), "{closed}");
+    assert_eq!(closed["writers"].as_u64(), Some(8), "{closed}");
+    for cpu in [&closed["cpu"], &report["latency"]["cpu"]] {
+        for part in ["ultrasync", "nats_server", "server_total", "load_generator"] {
+            assert!(
+                cpu["cpu_us_per_op"][part]
+                    .as_f64()
+                    .is_some_and(|v| v >= 0.0),
+                "no {part} in {cpu}"
+            );
+        }
+        assert!(
+            cpu["cpu_secs"]["ultrasync"]
+                .as_f64()
+                .is_some_and(|v| v > 0.0),
+            "{cpu}"
+        );
+    }
+    let processes = report["processes"].as_object().expect("processes");
+    for role in [
+        "ultrasync gateway",
+        "ultrasync materializer",
+        "ultrasync sequencer-1",
+        "nats-server",
+    ] {
+        assert!(processes.contains_key(role), "no {role} in {processes:?}");
+    }
     assert!(
         report["fanout"]["latency"]["count"]
             .as_u64()
