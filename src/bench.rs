@@ -1904,10 +1904,11 @@ async fn one_stack(
         );
     }
     if wants("closed") {
-        report.insert(
-            "closed".into(),
-            closed_loop(stack, args.writers, args.window, step).await?,
-        );
+        let mut closed = closed_loop(stack, args.writers, args.window, step).await?;
+        if let (Some(raw), Some(rate)) = (raw_rate, closed["acked_ops_per_sec"].as_f64()) {
+            closed["ratio_to_raw_jetstream"] = json!(rate / raw);
+        }
+        report.insert("closed".into(), closed);
     }
     if wants("fanout") {
         report.insert("fanout".into(), fanout(stack, subscribers, step * 2).await?);
