@@ -103,6 +103,8 @@ async fn receiver_with_resets(
     format!("http://{addr}/hook")
 }
 
+/// Writes `n` ops one command at a time (each op is then a log message of its own,
+/// so compaction floors fall on single ops); returns the last `server_seq`.
 async fn write_n(stack: &Stack, n: u64) -> u64 {
     let mut c = stack.client("writer", "web", "writer", &[]).await;
     let mut last = 0;
@@ -116,12 +118,12 @@ async fn write_n(stack: &Stack, n: u64) -> u64 {
         )
         .await
         .expect("send");
-    }
-    let mut acked = 0;
-    while acked < n {
-        if let ServerMessage::Ack { server_seq, .. } = c.recv_timeout(WAIT).await.expect("ack") {
-            acked += 1;
-            last = last.max(server_seq);
+        loop {
+            if let ServerMessage::Ack { server_seq, .. } = c.recv_timeout(WAIT).await.expect("ack")
+            {
+                last = last.max(server_seq);
+                break;
+            }
         }
     }
     c.close().await;

@@ -149,6 +149,9 @@ async fn a_lagging_client_holds_the_log_until_it_expires_then_resyncs() {
     .expect("send");
     let mut carl_state = NamespaceState::default();
     follow(&mut carl, &mut carl_state, 1).await;
+    // One command at a time: each op is then a log message of its own, and the
+    // compactor (which purges whole messages) purges exactly up to the floors below.
+    let mut alice_state = NamespaceState::default();
     for i in 1..100 {
         alice
             .command(
@@ -160,8 +163,8 @@ async fn a_lagging_client_holds_the_log_until_it_expires_then_resyncs() {
             )
             .await
             .expect("send");
+        follow(&mut alice, &mut alice_state, i + 1).await;
     }
-    let mut alice_state = NamespaceState::default();
     let mut bob_state = NamespaceState::default();
     follow(&mut carl, &mut carl_state, 10).await;
     cursor(&mut carl, 10).await;

@@ -295,7 +295,11 @@ async fn write(conn: &mut Connection, prefix: &str, n: usize) -> Vec<u64> {
 
 /// [`write`], also returning the seqs of the ops frames that came meanwhile (a
 /// socket following `index` gets its own ops too, before or after their acks).
+/// One command at a time: each op is then a log message of its own, so stream
+/// sequences and compaction below fall on single ops.
 async fn write_seeing(conn: &mut Connection, prefix: &str, n: usize) -> (Vec<u64>, Vec<u64>) {
+    let mut seqs = Vec::new();
+    let mut seen = Vec::new();
     for i in 0..n {
         conn.command(
             &format!("{prefix}-{i}"),
@@ -306,17 +310,15 @@ async fn write_seeing(conn: &mut Connection, prefix: &str, n: usize) -> (Vec<u64
         )
         .await
         .expect("send");
-    }
-    let mut seqs = Vec::new();
-    let mut seen = Vec::new();
-    while seqs.len() < n {
-        match conn.recv_timeout(WAIT).await.expect("answer") {
-            ServerMessage::Ack { server_seq, .. } => seqs.push(server_seq),
-            ServerMessage::Ops { ops, .. } => seen.extend(ops.iter().map(|o| o.server_seq)),
-            ServerMessage::Reject {
-                command_id, reason, ..
-            } => panic!("{command_id} refused: {reason}"),
-            _ => {}
+        while seqs.len() <= i {
+            match conn.recv_timeout(WAIT).await.expect("answer") {
+                ServerMessage::Ack { server_seq, .. } => seqs.push(server_seq),
+                ServerMessage::Ops { ops, .. } => seen.extend(ops.iter().map(|o| o.server_seq)),
+                ServerMessage::Reject {
+                    command_id, reason, ..
+                } => panic!("{command_id} refused: {reason}"),
+                _ => {}
+            }
         }
     }
     seqs.sort_unstable();

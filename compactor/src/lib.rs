@@ -475,6 +475,11 @@ pub async fn compact_once(
             if plan.floor >= first {
                 plan.purged = plan.floor - first + 1;
                 if !dry_run {
+                    // The log is purged by whole messages: what goes is everything
+                    // before the message that holds floor + 1 (its first ops, at or
+                    // below the floor, stay).
+                    let cut = message_start(&ops, &subject, plan.floor + 1).await?;
+                    plan.purged = cut.saturating_sub(first);
                     // Webhooks let go lose what is purged past their position: they
                     // are told which ops before their next one (`stream.reset`).
                     for r in plan
@@ -482,15 +487,16 @@ pub async fn compact_once(
                         .iter()
                         .filter(|r| r.let_go && r.kind == "webhook")
                     {
-                        if plan.floor > r.position {
+                        if cut > r.position + 1 {
                             let name = r.name.trim_start_matches("usync-webhook-");
-                            record_reset(&cursor_kv, &key, name, r.position + 1, plan.floor)
-                                .await?;
+                            record_reset(&cursor_kv, &key, name, r.position + 1, cut - 1).await?;
                         }
                     }
-                    commands::remember(&ops, &commands_kv, &key, &subject, first, plan.floor)
-                        .await?;
-                    purge_below(&ops, &subject, plan.floor + 1).await?;
+                    if cut > first {
+                        commands::remember(&ops, &commands_kv, &key, &subject, first, cut - 1)
+                            .await?;
+                        purge_below(&ops, &subject, cut).await?;
+                    }
                     info!(stream_key = %key, floor = plan.floor, purged = plan.purged, min_cursor = ?plan.min_cursor, snapshot_seq = snap, "compacted");
                 }
             }
@@ -535,7 +541,10 @@ async fn next_stored(
             let stored_ms = std::time::SystemTime::from(m.time)
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
-            Ok(Some((log::LogEntry::from_stream_message(&m)?, stored_ms)))
+            Ok(log::stream_message_entries(&m)?
+                .into_iter()
+                .next()
+                .map(|first| (first, stored_ms)))
         }
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => Err(anyhow::anyhow!("reading {subject} from {from}: {e}")),
@@ -570,7 +579,22 @@ async fn record_reset(
     Ok(())
 }
 
-/// Purges every op of `subject` below `server_seq` `keep_from`.
+/// The first op of the log message that holds op `server_seq` of `subject`.
+async fn message_start(
+    ops: &jetstream::stream::Stream,
+    subject: &str,
+    server_seq: u64,
+) -> anyhow::Result<u64> {
+    let Some(at) = log::locate(ops, subject, server_seq).await? else {
+        anyhow::bail!("op {server_seq} of {subject} is not in the log");
+    };
+    Ok(log::next_at_or_after(ops, subject, at.stream_seq)
+        .await?
+        .map_or(at.server_seq, |e| e.server_seq.min(at.server_seq)))
+}
+
+/// Purges every op of `subject` below `server_seq` `keep_from`, which must be the
+/// first op of its log message ([`message_start`]).
 async fn purge_below(
     ops: &jetstream::stream::Stream,
     subject: &str,

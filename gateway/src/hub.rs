@@ -345,8 +345,11 @@ async fn follow_log(
                         None => return,
                     }
                 }
-                Some(Err(log::LogError::MissingSeq { stream_seq })) => {
-                    warn!(subject = %subject, stream_seq, "skipping a message without a server_seq");
+                Some(Err(
+                    log::LogError::MissingSeq { stream_seq }
+                    | log::LogError::BadBatch { stream_seq, .. },
+                )) => {
+                    warn!(subject = %subject, stream_seq, "skipping a message that is not ops");
                     next_stream_seq = Some(stream_seq + 1);
                 }
                 Some(Err(e)) => {

@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use ultrasync_http_client::{Trust, describe, read_bounded, reqwest};
 use ultrasync_shared::config::WebhookConfig;
-use ultrasync_shared::log::LogEntry;
+use ultrasync_shared::log::{self, LogEntry};
 use ultrasync_shared::namespaces::{Mode, Namespaces};
 use ultrasync_shared::nats::OPS_STREAM;
 
@@ -190,6 +190,11 @@ pub async fn start(
     Ok(())
 }
 
+/// Delivers the ops of one log message in order, then acks it. A failed op makes the
+/// whole message come back after the backoff (the ops before it are delivered again:
+/// at least once, with the same `Usync-Delivery`); once the message has been
+/// delivered `max_attempts` times, a failing op is dead-lettered and the next ones
+/// go on.
 async fn deliver(
     js: &jetstream::Context,
     resets: &jetstream::kv::Store,
@@ -199,13 +204,57 @@ async fn deliver(
     metrics: &WebhookMetrics,
     msg: jetstream::Message,
 ) {
-    let Ok(entry) = LogEntry::from_consumer_message(&msg) else {
+    let Ok(ops) = log::consumer_message_entries(&msg) else {
         let _ = msg.ack_with(AckKind::Term).await;
         return;
     };
+    let attempt = msg.info().map_or(1, |i| i.delivered.max(1) as u32);
+    for entry in &ops {
+        let Err(why) = deliver_op(resets, hook, endpoint, namespaces, entry).await else {
+            metrics.delivered.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        metrics.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        if attempt < hook.max_attempts {
+            let delay =
+                Duration::from_millis(hook.backoff_ms.saturating_mul(1 << (attempt - 1).min(16)))
+                    .min(MAX_BACKOFF);
+            debug!(webhook = %hook.name, op_id = %entry.op_id, attempt, ?delay, %why, "webhook failed; retrying");
+            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+            return;
+        }
+        warn!(webhook = %hook.name, op_id = %entry.op_id, attempt, %why, "webhook gave up; dead-lettered");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Usync-Webhook", hook.name.as_str());
+        headers.insert("Usync-Error", why.as_str());
+        let subject = format!("usync.webhooks.dead.{}", hook.name);
+        let stored = match js
+            .publish_with_headers(subject, headers, entry.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        if !stored {
+            let _ = msg.ack_with(AckKind::Nak(Some(MAX_BACKOFF))).await;
+            return;
+        }
+        metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
+    let _ = msg.double_ack().await;
+}
+
+/// Posts the events of one op; the reason when one was not accepted.
+async fn deliver_op(
+    resets: &jetstream::kv::Store,
+    hook: &WebhookConfig,
+    endpoint: &Endpoint,
+    namespaces: &Namespaces,
+    entry: &LogEntry,
+) -> Result<(), String> {
     let Ok(op) = entry.op() else {
-        let _ = msg.ack_with(AckKind::Term).await;
-        return;
+        // Not an op: nothing to deliver.
+        return Ok(());
     };
     let crdt = namespaces
         .get(&op.namespace)
@@ -285,41 +334,13 @@ async fn deliver(
             break;
         }
     }
-    let Some(why) = failed else {
-        if let (Some(_), Some(k)) = (reset, &reset_key) {
-            let _ = resets.delete(k).await;
-        }
-        metrics.delivered.fetch_add(1, Ordering::Relaxed);
-        let _ = msg.double_ack().await;
-        return;
-    };
-    metrics.failed_attempts.fetch_add(1, Ordering::Relaxed);
-    let attempt = msg.info().map_or(1, |i| i.delivered.max(1) as u32);
-    if attempt >= hook.max_attempts {
-        warn!(webhook = %hook.name, op_id = %op.op_id, attempt, %why, "webhook gave up; dead-lettered");
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Usync-Webhook", hook.name.as_str());
-        headers.insert("Usync-Error", why.as_str());
-        let subject = format!("usync.webhooks.dead.{}", hook.name);
-        let stored = match js
-            .publish_with_headers(subject, headers, entry.payload.clone())
-            .await
-        {
-            Ok(ack) => ack.await.is_ok(),
-            Err(_) => false,
-        };
-        if stored {
-            metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            let _ = msg.ack_with(AckKind::Term).await;
-        } else {
-            let _ = msg.ack_with(AckKind::Nak(Some(MAX_BACKOFF))).await;
-        }
-        return;
+    if let Some(why) = failed {
+        return Err(why);
     }
-    let delay = Duration::from_millis(hook.backoff_ms.saturating_mul(1 << (attempt - 1).min(16)))
-        .min(MAX_BACKOFF);
-    debug!(webhook = %hook.name, op_id = %op.op_id, attempt, ?delay, %why, "webhook failed; retrying");
-    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+    if let (Some(_), Some(k)) = (reset, &reset_key) {
+        let _ = resets.delete(k).await;
+    }
+    Ok(())
 }
 
 /// One signed POST; the HTTP status, once the whole answer is in (see the module

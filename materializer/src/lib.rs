@@ -177,9 +177,11 @@ async fn apply_loop(
                     Ok(m) => {
                         match (
                             nats::stream_key_from_subject(&m.subject),
-                            LogEntry::from_consumer_message(&m),
+                            log::consumer_message_entries(&m),
                         ) {
-                            (Some(key), Ok(entry)) => entries.push((key, entry)),
+                            (Some(key), Ok(ops)) => {
+                                entries.extend(ops.into_iter().map(|e| (key.clone(), e)))
+                            }
                             (_, Err(e)) => {
                                 warn!(subject = %m.subject, error = %e, "skipping a message that is not an op")
                             }

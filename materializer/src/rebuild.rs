@@ -75,6 +75,11 @@ async fn continues(
     if s.state.last_seq == to {
         return Ok(true);
     }
-    let next = log::next_at_or_after(ops, &nats::ops_subject(key), s.head_stream_seq + 1).await?;
-    Ok(next.is_some_and(|e| e.server_seq == s.state.last_seq + 1))
+    Ok(log::continues_after(
+        ops,
+        &nats::ops_subject(key),
+        s.head_stream_seq,
+        s.state.last_seq,
+    )
+    .await?)
 }

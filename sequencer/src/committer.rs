@@ -36,7 +36,7 @@ const DEPTH: usize = 1;
 const LINGER: std::time::Duration = std::time::Duration::from_micros(1000);
 /// JetStream's limit on messages in one atomic batch.
 const MAX_BATCH_MSGS: usize = 1000;
-/// Rounds of at most this many single-op writes go as pipelined single publishes.
+/// Rounds of at most this many one-message writes go as pipelined single publishes.
 const SINGLES_MAX: usize = 4;
 /// Requests waiting for the committer; workers block beyond this.
 const QUEUE: usize = 4096;
@@ -124,7 +124,7 @@ async fn run(
             },
         };
         let mut round = vec![first];
-        let mut msgs = round[0].ops.len();
+        let mut msgs = writer::messages(&round[0].ops);
         let mut subjects: HashSet<String> = HashSet::from([round[0].subject.clone()]);
         // The workers of the previous round answer their commands and come back
         // almost together: wait a moment for as many keys as that round had, so the
@@ -144,11 +144,12 @@ async fn run(
             };
             // One write per subject per round (its check names one head), and at most
             // JetStream's batch size: anything else waits for the next round.
-            if msgs + next.ops.len() > MAX_BATCH_MSGS || subjects.contains(&next.subject) {
+            let messages = writer::messages(&next.ops);
+            if msgs + messages > MAX_BATCH_MSGS || subjects.contains(&next.subject) {
                 carry = Some(next);
                 break;
             }
-            msgs += next.ops.len();
+            msgs += messages;
             subjects.insert(next.subject.clone());
             round.push(next);
         }
@@ -168,9 +169,11 @@ async fn run(
 
 async fn commit(client: async_nats::Client, js: jetstream::Context, round: Vec<WriteRequest>) {
     let (client, js) = (&client, &js);
-    // One key, or a few keys with one op each: single publishes (pipelined, each its
-    // own check) cost less than the fixed price of a batch.
-    if round.len() == 1 || (round.len() <= SINGLES_MAX && round.iter().all(|r| r.ops.len() == 1)) {
+    // One key, or a few keys with one message each: single publishes (pipelined,
+    // each its own check) cost less than the fixed price of a batch.
+    if round.len() == 1
+        || (round.len() <= SINGLES_MAX && round.iter().all(|r| writer::messages(&r.ops) == 1))
+    {
         return each_alone(client, js, round).await;
     }
     let writes: Vec<writer::SubjectWrite<'_>> = round

@@ -486,8 +486,14 @@ impl Worker {
             head.stream_seq == snapshot.head_stream_seq
         } else {
             matches!(
-                log::next_at_or_after(&self.shared.ops, &self.subject, snapshot.head_stream_seq + 1).await,
-                Ok(Some(e)) if e.server_seq == last + 1
+                log::continues_after(
+                    &self.shared.ops,
+                    &self.subject,
+                    snapshot.head_stream_seq,
+                    last
+                )
+                .await,
+                Ok(true)
             )
         }
     }
@@ -596,7 +602,7 @@ impl Worker {
                     ))
                 })
                 .collect();
-            self.answer(&batch, plans, &[]).await;
+            self.answer(&batch, plans, &[], &[]).await;
             return;
         };
         let mut conflicts = 0;
@@ -664,6 +670,7 @@ impl Worker {
                 };
                 plan(&self.key, &self.shared, &spec, &limits, loaded, &batch)
             };
+            let bodies: Vec<Bytes> = outgoing.iter().map(|o| o.body.clone()).collect();
             let Some(loaded) = self.loaded.as_ref() else {
                 return;
             };
@@ -745,7 +752,7 @@ impl Worker {
                     }
                 }
             }
-            self.answer(&batch, plans, &ops).await;
+            self.answer(&batch, plans, &ops, &bodies).await;
             if self
                 .loaded
                 .as_ref()
@@ -970,7 +977,18 @@ fn plan(
 
 impl Worker {
     /// Sends every answer, then acks the command messages.
-    async fn answer(&self, batch: &[Pending], plans: Vec<Plan>, ops: &[Op]) {
+    /// Counts (and logs) an answer that goes nowhere: answers go to gateways' reply
+    /// subjects only, and anything else (another service's subject, a wildcard) is
+    /// dropped, whatever the command says.
+    fn count_dropped(&self, p: &Pending) {
+        if p.bad_reply_to {
+            let dropped = self.shared.dropped_replies.fetch_add(1, Ordering::Relaxed) + 1;
+            warn!(stream_key = %self.key, command_id = %p.command_id, dropped, "answer dropped: reply_to is not a usync.reply subject");
+        }
+    }
+
+    /// `bodies[i]` is `ops[i]` as stored (JSON): acks of new ops splice it in.
+    async fn answer(&self, batch: &[Pending], plans: Vec<Plan>, ops: &[Op], bodies: &[Bytes]) {
         let mut headers = HeaderMap::new();
         headers.insert(HDR_SEQUENCER, self.shared.instance.as_str());
         let mut routes: Vec<(String, Vec<String>, usize)> = Vec::new();
@@ -978,6 +996,22 @@ impl Worker {
         let mut retry = Vec::new();
         for (p, plan) in batch.iter().zip(plans) {
             p.span.set("ultrasync.stream_key", self.key.to_string());
+            if let Plan::New(i) = plan
+                && let (Some(op), Some(body)) = (ops.get(i), bodies.get(i))
+            {
+                p.span.set("ultrasync.server_seq", op.server_seq as i64);
+                if let Some(to) = &p.reply_to {
+                    let doc = ultrasync_shared::protocol::encode_ack_frame(
+                        &op.command_id,
+                        op.server_seq,
+                        body,
+                    );
+                    push_answer(&mut routes, to, doc);
+                }
+                self.count_dropped(p);
+                done.push(p);
+                continue;
+            }
             let reply = match plan {
                 Plan::Reject(m) => m,
                 Plan::New(i) => ServerMessage::Ack {
@@ -1016,25 +1050,9 @@ impl Worker {
                 _ => {}
             }
             if let Some(to) = &p.reply_to {
-                let doc = reply.encode();
-                // One message per route, up to MAX_ANSWER_BYTES (NATS caps a message).
-                match routes.iter_mut().rev().find(|(r, _, _)| r == to) {
-                    Some((_, docs, bytes)) if *bytes + doc.len() <= MAX_ANSWER_BYTES => {
-                        *bytes += doc.len() + 1;
-                        docs.push(doc);
-                    }
-                    _ => {
-                        let bytes = doc.len();
-                        routes.push((to.clone(), vec![doc], bytes));
-                    }
-                }
+                push_answer(&mut routes, to, reply.encode());
             }
-            if p.bad_reply_to {
-                // Answers go to gateways' reply subjects only: anything else (another
-                // service's subject, a wildcard) is dropped, whatever the command says.
-                let dropped = self.shared.dropped_replies.fetch_add(1, Ordering::Relaxed) + 1;
-                warn!(stream_key = %self.key, command_id = %p.command_id, dropped, "answer dropped: reply_to is not a usync.reply subject");
-            }
+            self.count_dropped(p);
             done.push(p);
         }
         // One message per route: a socket's answers of this batch travel together.
@@ -1061,6 +1079,21 @@ impl Worker {
         }
         for p in retry {
             p.retry_after(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Adds an answer for reply route `to`: one message per route, up to
+/// [`MAX_ANSWER_BYTES`] (NATS caps a message).
+fn push_answer(routes: &mut Vec<(String, Vec<String>, usize)>, to: &str, doc: String) {
+    match routes.iter_mut().rev().find(|(r, _, _)| r == to) {
+        Some((_, docs, bytes)) if *bytes + doc.len() <= MAX_ANSWER_BYTES => {
+            *bytes += doc.len() + 1;
+            docs.push(doc);
+        }
+        _ => {
+            let bytes = doc.len();
+            routes.push((to.to_owned(), vec![doc], bytes));
         }
     }
 }
@@ -1147,7 +1180,9 @@ impl Worker {
         };
         let mut start = 1;
         if let Some(snapshot) = self.usable_snapshot(head).await {
-            start = snapshot.head_stream_seq + 1;
+            // The snapshot's last op may sit inside a message: read that message
+            // again (its ops up to the snapshot are skipped).
+            start = snapshot.head_stream_seq.max(1);
             loaded.head_stream_seq = snapshot.head_stream_seq;
             loaded.state = snapshot.state;
             loaded.commands =
@@ -1166,25 +1201,25 @@ impl Worker {
         Ok(loaded)
     }
 
-    /// Applies the ops from stream sequence `start` up to `head`.
+    /// Applies the ops after the loaded state up to `head`, reading from stream
+    /// sequence `start` (ops at or below the state's last one are skipped).
     async fn replay(&self, loaded: &mut Loaded, start: u64, head: Head) -> Result<(), LogError> {
-        if head.stream_seq < start {
+        if head.server_seq <= loaded.state.last_seq || head.stream_seq < start {
             return Ok(());
         }
         let mut entries = Box::pin(log::read_from(&self.shared.ops, &self.subject, start).await?);
         while let Some(entry) = entries.next().await {
             let entry = entry?;
-            if entry.server_seq <= loaded.state.last_seq {
-                continue;
+            if entry.server_seq > loaded.state.last_seq {
+                if entry.server_seq != loaded.state.last_seq + 1 {
+                    return Err(LogError::Nats(format!(
+                        "the log of {} starts at {} (compacted): a snapshot is needed",
+                        self.key, entry.server_seq
+                    )));
+                }
+                loaded.apply_entry(&self.key, &entry)?;
             }
-            if entry.server_seq != loaded.state.last_seq + 1 {
-                return Err(LogError::Nats(format!(
-                    "the log of {} starts at {} (compacted): a snapshot is needed",
-                    self.key, entry.server_seq
-                )));
-            }
-            loaded.apply_entry(&self.key, &entry)?;
-            if entry.stream_seq >= head.stream_seq {
+            if entry.server_seq >= head.server_seq {
                 break;
             }
         }
@@ -1199,7 +1234,7 @@ impl Worker {
         let Some(mut loaded) = self.loaded.take() else {
             return Ok(());
         };
-        let start = loaded.head_stream_seq + 1;
+        let start = loaded.head_stream_seq.max(1);
         let result = self.replay(&mut loaded, start, head).await;
         if result.is_ok() {
             self.loaded = Some(loaded);

@@ -1,9 +1,15 @@
-//! Reading the op log. Each op is one message on `usync.ops.{org}.{project}.{ns}` with
-//! headers `Usync-Seq` (its `server_seq`) and `Usync-Op-Id`. `server_seq` is dense per
-//! subject but the stream sequence is shared by all subjects, so finding where
-//! `server_seq = N` sits takes a binary search over the stream sequence using the
-//! leader-routed "next message on subject from sequence S" lookup: O(log stream size)
-//! small requests, independent of how long the subject's history is.
+//! Reading the op log. Ops live on `usync.ops.{org}.{project}.{ns}`; a message carries
+//! one op, or several consecutive ops of its stream key (one durable write): header
+//! `Usync-Seq` is the `server_seq` of its first op, `Usync-Op-Id` that op's id, and
+//! `Usync-Batch: n` (absent: 1) says how many ops the body holds, one JSON document
+//! per line, numbered `Usync-Seq`, `Usync-Seq + 1`, ... Readers see ops
+//! ([`LogEntry`]): the ops of one message share its stream sequence.
+//!
+//! `server_seq` is dense per subject but the stream sequence is shared by all
+//! subjects, so finding where `server_seq = N` sits takes a binary search over the
+//! stream sequence using the leader-routed "next message on subject from sequence S"
+//! lookup: O(log stream size) small requests, independent of how long the subject's
+//! history is.
 
 use std::time::Duration;
 
@@ -14,7 +20,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tracing::debug;
 
-use crate::nats::{HDR_OP_ID, HDR_SEQ};
+use crate::nats::{HDR_BATCH, HDR_OP_ID, HDR_SEQ};
 
 /// The newest op on a subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +35,8 @@ pub struct Head {
 /// One op as read from the log, payload still encoded.
 #[derive(Debug, Clone)]
 pub struct LogEntry {
+    /// Stream sequence of the message that carries the op (shared by every op of
+    /// that message).
     pub stream_seq: u64,
     pub server_seq: u64,
     pub op_id: String,
@@ -42,6 +50,12 @@ pub enum LogError {
     Nats(String),
     #[error("op log message {stream_seq} lacks a valid {HDR_SEQ} header")]
     MissingSeq { stream_seq: u64 },
+    #[error("op log message {stream_seq} says it carries {said} ops but holds {held}")]
+    BadBatch {
+        stream_seq: u64,
+        said: usize,
+        held: usize,
+    },
 }
 
 fn nats_err(e: impl std::fmt::Display) -> LogError {
@@ -55,6 +69,15 @@ fn header_seq(headers: Option<&async_nats::HeaderMap>, stream_seq: u64) -> Resul
         .ok_or(LogError::MissingSeq { stream_seq })
 }
 
+/// How many ops a log message carries (`Usync-Batch`, absent: 1).
+fn header_count(headers: Option<&async_nats::HeaderMap>) -> usize {
+    headers
+        .and_then(|h| h.get(HDR_BATCH))
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 fn header_op_id(headers: Option<&async_nats::HeaderMap>) -> String {
     headers
         .and_then(|h| h.get(HDR_OP_ID))
@@ -62,26 +85,83 @@ fn header_op_id(headers: Option<&async_nats::HeaderMap>) -> String {
         .unwrap_or_default()
 }
 
-impl LogEntry {
-    pub fn from_stream_message(m: &StreamMessage) -> Result<Self, LogError> {
-        Ok(Self {
-            stream_seq: m.sequence,
-            server_seq: header_seq(Some(&m.headers), m.sequence)?,
-            op_id: header_op_id(Some(&m.headers)),
-            payload: m.payload.clone(),
-        })
+/// The `op_id` of an op's JSON. The sequencer writes it first (`{"op_id":"...",`),
+/// so it is read without parsing the op; anything else is parsed.
+fn op_id_of(json: &[u8]) -> String {
+    const LEAD: &[u8] = br#"{"op_id":""#;
+    if let Some(rest) = json.strip_prefix(LEAD)
+        && let Some(end) = rest.iter().position(|b| *b == b'"' || *b == b'\\')
+        && rest[end] == b'"'
+        && let Ok(id) = std::str::from_utf8(&rest[..end])
+    {
+        return id.to_owned();
     }
+    #[derive(serde::Deserialize)]
+    struct OpId {
+        #[serde(default)]
+        op_id: String,
+    }
+    serde_json::from_slice::<OpId>(json)
+        .map(|o| o.op_id)
+        .unwrap_or_default()
+}
 
-    pub fn from_consumer_message(m: &async_nats::jetstream::Message) -> Result<Self, LogError> {
-        let stream_seq = m.info().map_err(nats_err)?.stream_sequence;
-        Ok(Self {
+/// The ops of one log message (stream sequence `stream_seq`), in order.
+pub fn entries(
+    stream_seq: u64,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &Bytes,
+) -> Result<Vec<LogEntry>, LogError> {
+    let first = header_seq(headers, stream_seq)?;
+    let count = header_count(headers);
+    if count == 1 {
+        return Ok(vec![LogEntry {
             stream_seq,
-            server_seq: header_seq(m.headers.as_ref(), stream_seq)?,
-            op_id: header_op_id(m.headers.as_ref()),
-            payload: m.payload.clone(),
-        })
+            server_seq: first,
+            op_id: header_op_id(headers),
+            payload: payload.clone(),
+        }]);
     }
+    let held = payload.split(|b| *b == b'\n').count();
+    if held != count {
+        return Err(LogError::BadBatch {
+            stream_seq,
+            said: count,
+            held,
+        });
+    }
+    let mut out = Vec::with_capacity(count);
+    let mut start = 0usize;
+    for (i, line) in payload.split(|b| *b == b'\n').enumerate() {
+        let end = start + line.len();
+        out.push(LogEntry {
+            stream_seq,
+            server_seq: first + i as u64,
+            op_id: match i {
+                0 => header_op_id(headers),
+                _ => op_id_of(line),
+            },
+            payload: payload.slice(start..end),
+        });
+        start = end + 1;
+    }
+    Ok(out)
+}
 
+/// The ops of a message read with a direct or leader-routed get.
+pub fn stream_message_entries(m: &StreamMessage) -> Result<Vec<LogEntry>, LogError> {
+    entries(m.sequence, Some(&m.headers), &m.payload)
+}
+
+/// The ops of a message delivered by a consumer.
+pub fn consumer_message_entries(
+    m: &async_nats::jetstream::Message,
+) -> Result<Vec<LogEntry>, LogError> {
+    let stream_seq = m.info().map_err(nats_err)?.stream_sequence;
+    entries(stream_seq, m.headers.as_ref(), &m.payload)
+}
+
+impl LogEntry {
     /// Decodes the op.
     pub fn op(&self) -> Result<crate::Op, serde_json::Error> {
         serde_json::from_slice(&self.payload)
@@ -94,7 +174,9 @@ pub async fn head(stream: &Stream, subject: &str) -> Result<Option<Head>, LogErr
     match stream.get_last_raw_message_by_subject(subject).await {
         Ok(m) => Ok(Some(Head {
             stream_seq: m.sequence,
-            server_seq: header_seq(Some(&m.headers), m.sequence)?,
+            server_seq: header_seq(Some(&m.headers), m.sequence)?
+                + header_count(Some(&m.headers)) as u64
+                - 1,
         })),
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => Err(nats_err(e)),
@@ -107,6 +189,18 @@ pub async fn next_at_or_after(
     subject: &str,
     from_stream_seq: u64,
 ) -> Result<Option<LogEntry>, LogError> {
+    Ok(next_message_at_or_after(stream, subject, from_stream_seq)
+        .await?
+        .and_then(|ops| ops.into_iter().next()))
+}
+
+/// The ops of the first message on `subject` at stream sequence `from_stream_seq` or
+/// later (never empty).
+pub async fn next_message_at_or_after(
+    stream: &Stream,
+    subject: &str,
+    from_stream_seq: u64,
+) -> Result<Option<Vec<LogEntry>>, LogError> {
     let res = stream
         .raw_message_builder()
         .sequence(from_stream_seq.max(1))
@@ -114,16 +208,42 @@ pub async fn next_at_or_after(
         .send()
         .await;
     match res {
-        Ok(m) => Ok(Some(LogEntry::from_stream_message(&m)?)),
+        Ok(m) => Ok(Some(stream_message_entries(&m)?)),
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => Err(nats_err(e)),
     }
 }
 
-/// The stream sequence of the first op on `subject` whose `server_seq >= from`, or
-/// `None` when there is none (the subject ends before `from`). When `from` lies
-/// below the oldest op still in the log (compacted), the oldest op is returned: the
-/// caller compares its `server_seq` with what it asked for.
+/// Whether the log of `subject` goes on right after op `last`, whose message is at
+/// stream sequence `stream_seq`: the op `last + 1` is in that message or is the first
+/// op of the next one.
+pub async fn continues_after(
+    stream: &Stream,
+    subject: &str,
+    stream_seq: u64,
+    last: u64,
+) -> Result<bool, LogError> {
+    let Some(ops) = next_message_at_or_after(stream, subject, stream_seq).await? else {
+        return Ok(false);
+    };
+    if ops[0].stream_seq == stream_seq && ops.iter().any(|e| e.server_seq == last + 1) {
+        return Ok(true);
+    }
+    let from = match ops[0].stream_seq {
+        s if s == stream_seq => s + 1,
+        // The message of `last` is gone: what follows must start right after it.
+        _ => return Ok(ops[0].server_seq == last + 1),
+    };
+    Ok(next_at_or_after(stream, subject, from)
+        .await?
+        .is_some_and(|e| e.server_seq == last + 1))
+}
+
+/// The first op on `subject` whose `server_seq >= from` (its `stream_seq` is that of
+/// the message carrying it), or `None` when there is none (the subject ends before
+/// `from`). When `from` lies below the oldest op still in the log (compacted), the
+/// oldest op is returned: the caller compares its `server_seq` with what it asked
+/// for.
 pub async fn locate(
     stream: &Stream,
     subject: &str,
@@ -133,6 +253,15 @@ pub async fn locate(
         Some(h) => locate_below(stream, subject, from, h).await,
         None => Ok(None),
     }
+}
+
+/// From a message's ops, the first with `server_seq >= from` (the last when none is).
+fn pick(ops: Vec<LogEntry>, from: u64) -> Option<LogEntry> {
+    let at = ops
+        .iter()
+        .position(|e| e.server_seq >= from)
+        .unwrap_or(ops.len().saturating_sub(1));
+    ops.into_iter().nth(at)
 }
 
 /// [`locate`] with the subject's head already known.
@@ -145,25 +274,25 @@ pub async fn locate_below(
     if head.server_seq < from {
         return Ok(None);
     }
-    // Invariant: the answer's stream sequence is in [lo, hi].
+    // Invariant: the message holding the answer has its stream sequence in [lo, hi].
+    // (A message may carry several ops, so the distance in ops from the head does
+    // not bound its stream sequence from above.)
     let mut lo = 1u64;
     let mut hi = head.stream_seq;
-    // Dense server_seq: the op `from` sits at least (head.server_seq - from) messages
-    // before the head, which bounds it from above.
-    hi = hi.saturating_sub(head.server_seq - from).max(lo);
     let mut best: Option<LogEntry> = None;
     while lo <= hi {
         let mid = lo + (hi - lo) / 2;
-        match next_at_or_after(stream, subject, mid).await? {
-            Some(e) if e.server_seq >= from => {
-                hi = e.stream_seq.min(mid).saturating_sub(1);
-                let done = e.server_seq == from;
-                best = Some(e);
-                if done || hi < lo {
+        match next_message_at_or_after(stream, subject, mid).await? {
+            Some(ops) if ops.last().is_some_and(|e| e.server_seq >= from) => {
+                let at = ops[0].stream_seq;
+                let holds = ops[0].server_seq <= from;
+                hi = at.min(mid).saturating_sub(1);
+                best = pick(ops, from);
+                if holds || hi < lo {
                     break;
                 }
             }
-            Some(e) => lo = e.stream_seq + 1,
+            Some(ops) => lo = ops.last().map_or(mid, |e| e.stream_seq) + 1,
             None => {
                 if mid == 0 {
                     break;
@@ -175,7 +304,9 @@ pub async fn locate_below(
     match best {
         Some(e) => Ok(Some(e)),
         // Nothing found under the bound: read forward from it (cannot normally happen).
-        None => next_at_or_after(stream, subject, lo).await,
+        None => Ok(next_message_at_or_after(stream, subject, lo)
+            .await?
+            .and_then(|ops| pick(ops, from))),
     }
 }
 
@@ -218,6 +349,8 @@ struct Reader {
     limit_exceeded: bool,
     /// An error was surfaced: the stream has ended.
     done: bool,
+    /// Ops of the last message read, not yielded yet.
+    pending: std::collections::VecDeque<LogEntry>,
 }
 
 impl Reader {
@@ -286,6 +419,9 @@ impl Reader {
     }
 
     async fn next_entry(&mut self) -> Option<Result<LogEntry, LogError>> {
+        if let Some(e) = self.pending.pop_front() {
+            return Some(Ok(e));
+        }
         while !self.done {
             let why = match self.messages.as_mut() {
                 None => LogError::Nats("no consumer".to_owned()),
@@ -307,7 +443,13 @@ impl Reader {
                             self.next = info.stream_sequence + 1;
                             self.restarts = 0;
                             self.limit_exceeded = false;
-                            return Some(LogEntry::from_consumer_message(&m));
+                            return match consumer_message_entries(&m) {
+                                Ok(ops) => {
+                                    self.pending.extend(ops);
+                                    self.pending.pop_front().map(Ok)
+                                }
+                                Err(e) => Some(Err(e)),
+                            };
                         }
                         Err(e) => nats_err(e),
                     },
@@ -366,6 +508,7 @@ async fn read_from_batched(
         restarts: 0,
         limit_exceeded: false,
         done: false,
+        pending: std::collections::VecDeque::new(),
     };
     reader.open().await?;
     Ok(futures::stream::unfold(reader, |mut r| async move {
@@ -412,18 +555,18 @@ pub async fn read_range_limited(
     let mut out = Vec::with_capacity(want.min(64 * 1024));
     // Few ops: leader-routed lookups, no consumer to create.
     if want <= 8 {
-        let mut next = first.stream_seq + 1;
-        let last_seq = first.server_seq;
-        out.push(first);
-        let mut at = last_seq;
+        let mut next = first.stream_seq;
+        let mut at = first.server_seq - 1;
         while at < to {
-            match next_at_or_after(stream, subject, next).await? {
-                Some(e) => {
-                    next = e.stream_seq + 1;
+            let Some(ops) = next_message_at_or_after(stream, subject, next).await? else {
+                break;
+            };
+            next = ops[0].stream_seq + 1;
+            for e in ops {
+                if e.server_seq > at && e.server_seq <= to {
                     at = e.server_seq;
                     out.push(e);
                 }
-                None => break,
             }
         }
         return Ok(out);
@@ -440,6 +583,10 @@ pub async fn read_range_limited(
         Box::pin(read_from_batched(stream, subject, first.stream_seq, max_batch).await?);
     while let Some(e) = entries.next().await {
         let e = e?;
+        if e.server_seq < first.server_seq {
+            // The first message's ops before `from`.
+            continue;
+        }
         let done = e.server_seq >= to;
         bytes += e.payload.len();
         out.push(e);

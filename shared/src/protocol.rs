@@ -415,6 +415,23 @@ pub fn encode_ops_frame<'a>(
     out
 }
 
+/// Builds the `ack` of an op that is already JSON-encoded (as the sequencer stores
+/// it), so the op is not serialized a second time. Decodes to the same
+/// [`ServerMessage::Ack`] as the serde path.
+pub fn encode_ack_frame(command_id: &str, server_seq: u64, op: &[u8]) -> String {
+    let id = serde_json::to_string(command_id).unwrap_or_else(|_| "\"\"".to_owned());
+    let op = String::from_utf8_lossy(op);
+    let mut out = String::with_capacity(id.len() + op.len() + 64);
+    out.push_str(r#"{"type":"ack","command_id":"#);
+    out.push_str(&id);
+    out.push_str(r#","server_seq":"#);
+    out.push_str(&server_seq.to_string());
+    out.push_str(r#","op":"#);
+    out.push_str(&op);
+    out.push('}');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,5 +496,27 @@ mod tests {
         assert_eq!(v["type"], "reject");
         assert_eq!(v["code"], "precondition_failed");
         assert!(v.get("current_state").is_none());
+    }
+
+    #[test]
+    fn a_spliced_ack_decodes_like_the_serde_one() {
+        let op: crate::Op = serde_json::from_value(json!({
+            "op_id": "ab12", "org_id": "o", "project_id": "p", "namespace": "n",
+            "actor_id": "a", "client_id": "c", "command_id": "c\"1", "server_seq": 9,
+            "hlc_ts": "1", "key": "k\n", "op_type": "set", "payload": {"x": [1, "y"]},
+        }))
+        .expect("op");
+        let body = serde_json::to_vec(&op).expect("json");
+        let spliced = encode_ack_frame(&op.command_id, op.server_seq, &body);
+        let serde = ServerMessage::Ack {
+            command_id: op.command_id.clone(),
+            server_seq: op.server_seq,
+            op,
+        };
+        assert_eq!(spliced, serde.encode());
+        assert_eq!(
+            serde_json::from_str::<ServerMessage>(&spliced).expect("decodes"),
+            serde
+        );
     }
 }

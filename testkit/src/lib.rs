@@ -1059,7 +1059,7 @@ pub async fn read_subject(js: &jetstream::Context, subject: &str) -> Vec<LogEntr
     let mut out = Vec::new();
     while let Some(e) = entries.next().await {
         let e = e.expect("entry");
-        let done = e.stream_seq >= head.stream_seq;
+        let done = e.server_seq >= head.server_seq;
         out.push(e);
         if done {
             break;

@@ -415,7 +415,7 @@ pub async fn history(
             Ok(e) => e,
             Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
         };
-        let done = entry.stream_seq >= head.stream_seq;
+        let done = entry.server_seq >= head.server_seq;
         if let Ok(op) = serde_json::from_slice::<Value>(&entry.payload)
             && op.get("key").and_then(Value::as_str) == Some(name.as_str())
         {
