@@ -113,6 +113,8 @@ struct Stack {
     ws: String,
     secret: String,
     nats_url: String,
+    /// nats-server's monitoring endpoint (a stack this run started).
+    nats_monitor: Option<String>,
     /// Partitions of `USYNC_CMDS`, when sequencer processes were started.
     partitions: Option<u32>,
     own: Option<OwnStack>,
@@ -125,9 +127,10 @@ struct OwnStack {
     services: Vec<(String, std::process::Child)>,
 }
 
-/// What the processes of a stack spent: CPU seconds per role, read from /proc.
+/// What the processes of a stack spent: CPU seconds per role, read from /proc, and
+/// the messages nats-server took in and sent out (its `/varz`), when known.
 #[derive(Clone)]
-struct CpuSample(Vec<(String, f64)>);
+struct CpuSample(Vec<(String, f64)>, Option<(u64, u64)>);
 
 impl Stack {
     /// Starts a managed nats-server (`sync_interval: always`), then a gateway and a
@@ -138,12 +141,16 @@ impl Stack {
     async fn start(sequencers: usize) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let bin = find_nats_server(None)?;
+        // The monitoring endpoint on loopback: messages in and out per acked op.
+        let monitor_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let natsd = Natsd::spawn(&NatsdOptions {
             bin,
             store_dir: dir.path().join("nats"),
             run_dir: dir.path().to_path_buf(),
             port: None,
-            extra_conf: String::new(),
+            extra_conf: format!("http: \"127.0.0.1:{monitor_port}\"\n"),
             ..Default::default()
         })?;
         let secret = hex::encode(rand::random::<[u8; 32]>());
@@ -181,6 +188,7 @@ impl Stack {
             ws: format!("ws://127.0.0.1:{port}/v1/sync"),
             secret,
             nats_url: natsd.url.clone(),
+            nats_monitor: Some(format!("http://127.0.0.1:{monitor_port}")),
             partitions: None,
             own: Some(OwnStack {
                 natsd,
@@ -309,6 +317,7 @@ impl Stack {
             ws,
             secret,
             nats_url,
+            nats_monitor: None,
             partitions: None,
             own: None,
         };
@@ -435,13 +444,30 @@ impl Stack {
         }
     }
 
-    /// CPU seconds spent so far by each measured process.
-    fn cpu(&self) -> CpuSample {
+    /// CPU seconds spent so far by each measured process, and nats-server's message
+    /// counters.
+    async fn cpu(&self) -> CpuSample {
+        let mut msgs = None;
+        if let Some(base) = &self.nats_monitor
+            && let Ok(r) = ultrasync_client::http::request(
+                "GET",
+                base,
+                "/varz",
+                &[],
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            && let Ok(v) = serde_json::from_str::<Value>(&r.body)
+        {
+            msgs = v["in_msgs"].as_u64().zip(v["out_msgs"].as_u64());
+        }
         CpuSample(
             self.processes()
                 .into_iter()
                 .filter_map(|(name, pid)| Some((name, process_usage(pid)?.0)))
                 .collect(),
+            msgs,
         )
     }
 }
@@ -472,7 +498,15 @@ impl CpuSample {
         let per_op = |secs: f64| secs * 1e6 / acked.max(1) as f64;
         let server = groups.get("ultrasync").copied().unwrap_or(0.0)
             + groups.get("nats_server").copied().unwrap_or(0.0);
+        let msgs = match (self.1, later.1) {
+            (Some((i0, o0)), Some((i1, o1))) => json!({
+                "in": i1.saturating_sub(i0) as f64 / acked.max(1) as f64,
+                "out": o1.saturating_sub(o0) as f64 / acked.max(1) as f64,
+            }),
+            _ => Value::Null,
+        };
         json!({
+            "nats_msgs_per_op": msgs,
             "cpu_secs": groups,
             "cpu_us_per_op": {
                 "ultrasync": per_op(groups.get("ultrasync").copied().unwrap_or(0.0)),
@@ -655,7 +689,7 @@ async fn closed_loop(
     let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let latency = Arc::new(Mutex::new(histogram()));
     let window = window.max(1);
-    let cpu_before = stack.cpu();
+    let cpu_before = stack.cpu().await;
     let begun = Instant::now();
     let deadline = begun + duration;
     let mut tasks = Vec::new();
@@ -719,7 +753,7 @@ async fn closed_loop(
     }
     let elapsed = begun.elapsed();
     let cpu = cpu_before.per_op(
-        &stack.cpu(),
+        &stack.cpu().await,
         acked.load(std::sync::atomic::Ordering::Relaxed),
     );
     let acked = acked.load(std::sync::atomic::Ordering::Relaxed);
@@ -1860,7 +1894,7 @@ async fn one_stack(
             ],
         };
         for &rate in &rates {
-            let cpu_before = stack.cpu();
+            let cpu_before = stack.cpu().await;
             let (acked, h, elapsed) = open_loop(
                 stack,
                 args.clients,
@@ -1869,7 +1903,7 @@ async fn one_stack(
                 &format!("throughput {rate}/s"),
             )
             .await?;
-            let cpu = cpu_before.per_op(&stack.cpu(), acked);
+            let cpu = cpu_before.per_op(&stack.cpu().await, acked);
             let achieved = acked as f64 / elapsed.as_secs_f64();
             let p99 = h.value_at_quantile(0.99) as f64 / 1000.0;
             steps.push(json!({
@@ -1895,9 +1929,9 @@ async fn one_stack(
         );
     }
     if wants("latency") {
-        let cpu_before = stack.cpu();
+        let cpu_before = stack.cpu().await;
         let (acked, h, elapsed) = open_loop(stack, 4, 1000, step * 2, "latency at 1000/s").await?;
-        let cpu = cpu_before.per_op(&stack.cpu(), acked);
+        let cpu = cpu_before.per_op(&stack.cpu().await, acked);
         report.insert(
             "latency".into(),
             json!({"offered_ops_per_sec": 1000, "acked_ops_per_sec": acked as f64 / elapsed.as_secs_f64(), "latency": summary(&h), "cpu": cpu}),
