@@ -478,7 +478,7 @@ pub async fn compact_once(
                     // The log is purged by whole messages: what goes is everything
                     // before the message that holds floor + 1 (its first ops, at or
                     // below the floor, stay).
-                    let cut = message_start(&ops, &subject, plan.floor + 1).await?;
+                    let (cut, keep) = message_start(&ops, &subject, plan.floor + 1).await?;
                     plan.purged = cut.saturating_sub(first);
                     // Webhooks let go lose what is purged past their position: they
                     // are told which ops before their next one (`stream.reset`).
@@ -495,7 +495,7 @@ pub async fn compact_once(
                     if cut > first {
                         commands::remember(&ops, &commands_kv, &key, &subject, first, cut - 1)
                             .await?;
-                        purge_below(&ops, &subject, cut).await?;
+                        purge_below(&ops, &subject, keep).await?;
                     }
                     info!(stream_key = %key, floor = plan.floor, purged = plan.purged, min_cursor = ?plan.min_cursor, snapshot_seq = snap, "compacted");
                 }
@@ -579,45 +579,39 @@ async fn record_reset(
     Ok(())
 }
 
-/// The first op of the log message that holds op `server_seq` of `subject`.
+/// Where the log message that holds op `server_seq` of `subject` starts: its
+/// first op and its stream sequence.
 async fn message_start(
     ops: &jetstream::stream::Stream,
     subject: &str,
     server_seq: u64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, u64)> {
     let Some(at) = log::locate(ops, subject, server_seq).await? else {
         anyhow::bail!("op {server_seq} of {subject} is not in the log");
     };
-    Ok(log::next_at_or_after(ops, subject, at.stream_seq)
+    anyhow::ensure!(
+        at.server_seq == server_seq,
+        "found op {} where {server_seq} was due",
+        at.server_seq
+    );
+    let first = log::next_at_or_after(ops, subject, at.stream_seq)
         .await?
-        .map_or(at.server_seq, |e| e.server_seq.min(at.server_seq)))
+        .map_or(at.server_seq, |e| e.server_seq.min(at.server_seq));
+    Ok((first, at.stream_seq))
 }
 
-/// Purges every op of `subject` below `server_seq` `keep_from`, which must be the
-/// first op of its log message ([`message_start`]).
+/// Purges every message of `subject` before stream sequence `keep` (the start of
+/// the message that holds the floor + 1, [`message_start`]).
 async fn purge_below(
     ops: &jetstream::stream::Stream,
     subject: &str,
-    keep_from: u64,
+    keep: u64,
 ) -> anyhow::Result<()> {
-    let Some(keep) = log::locate(ops, subject, keep_from).await? else {
-        anyhow::bail!("op {keep_from} of {subject} is not in the log");
-    };
-    anyhow::ensure!(
-        keep.server_seq == keep_from,
-        "found op {} where {keep_from} was due",
-        keep.server_seq
-    );
     ops.purge()
         .filter(subject)
-        .sequence(keep.stream_seq)
+        .sequence(keep)
         .await
-        .with_context(|| {
-            format!(
-                "purging {subject} below stream sequence {}",
-                keep.stream_seq
-            )
-        })?;
+        .with_context(|| format!("purging {subject} below stream sequence {keep}"))?;
     Ok(())
 }
 

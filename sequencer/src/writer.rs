@@ -100,31 +100,42 @@ impl Packed<'_> {
     }
 }
 
-/// `ops` cut into log messages, in order.
-fn pack(ops: &[Outgoing]) -> Vec<Packed<'_>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0;
-    for (i, op) in ops.iter().enumerate() {
-        let n = i - start;
-        if n > 0 && (n >= PACK_OPS || bytes + op.body.len() + 1 > PACK_BYTES) {
-            out.push(Packed {
-                ops: &ops[start..i],
-            });
-            start = i;
-            bytes = 0;
-        }
-        bytes += op.body.len() + 1;
-    }
-    if start < ops.len() {
-        out.push(Packed { ops: &ops[start..] });
-    }
-    out
+/// `ops` cut into log messages, in order: a message ends before the op that would
+/// take it past [`PACK_OPS`] ops or [`PACK_BYTES`] bytes.
+struct Packs<'a> {
+    ops: &'a [Outgoing],
 }
 
-/// How many log messages `ops` take.
+impl<'a> Iterator for Packs<'a> {
+    type Item = Packed<'a>;
+
+    fn next(&mut self) -> Option<Packed<'a>> {
+        if self.ops.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut end = 0;
+        for (n, op) in self.ops.iter().enumerate() {
+            if n > 0 && (n >= PACK_OPS || bytes + op.body.len() + 1 > PACK_BYTES) {
+                break;
+            }
+            bytes += op.body.len() + 1;
+            end = n + 1;
+        }
+        let (ops, rest) = self.ops.split_at(end);
+        self.ops = rest;
+        Some(Packed { ops })
+    }
+}
+
+fn pack(ops: &[Outgoing]) -> Vec<Packed<'_>> {
+    Packs { ops }.collect()
+}
+
+/// How many log messages `ops` take (the committer asks per request and per round:
+/// counted, not built).
 pub fn messages(ops: &[Outgoing]) -> usize {
-    pack(ops).len()
+    Packs { ops }.count()
 }
 
 /// Stores `ops` on `subject` if the subject's last stream sequence is still
