@@ -480,6 +480,7 @@ impl CpuSample {
     /// ultrasync processes, nats-server, and the load generator.
     fn per_op(&self, later: &CpuSample, acked: u64) -> Value {
         let mut groups: BTreeMap<&str, f64> = BTreeMap::new();
+        let mut processes: BTreeMap<&str, f64> = BTreeMap::new();
         for (name, after) in &later.0 {
             let before = self
                 .0
@@ -494,6 +495,7 @@ impl CpuSample {
                 "ultrasync"
             };
             *groups.entry(group).or_default() += after - before;
+            *processes.entry(name).or_default() += after - before;
         }
         let per_op = |secs: f64| secs * 1e6 / acked.max(1) as f64;
         let server = groups.get("ultrasync").copied().unwrap_or(0.0)
@@ -508,6 +510,7 @@ impl CpuSample {
         json!({
             "nats_msgs_per_op": msgs,
             "cpu_secs": groups,
+            "cpu_secs_by_process": processes,
             "cpu_us_per_op": {
                 "ultrasync": per_op(groups.get("ultrasync").copied().unwrap_or(0.0)),
                 "nats_server": per_op(groups.get("nats_server").copied().unwrap_or(0.0)),
@@ -1028,6 +1031,7 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
     }
     connecting.finish(&format!("{subscribers} subscribers"));
     let mut writer = stack.client("fan", "fan-writer", &[]).await?;
+    let cpu_before = stack.cpu().await;
     let mut step = Step::timed("fanout 100 ops/s", duration);
     let begun = Instant::now();
     for n in 0..expected {
@@ -1050,13 +1054,21 @@ async fn fanout(stack: &Stack, subscribers: usize, duration: Duration) -> anyhow
     for t in tasks {
         let _ = t.await;
     }
+    // CPU per op written, each delivered to every subscriber.
+    let cpu = cpu_before.per_op(&stack.cpu().await, expected);
     let h = merged.lock().unwrap_or_else(|p| p.into_inner()).clone();
     step.finish(&format!(
         "{expected} ops to {subscribers} subscribers, {} receipts, commit to receipt {}",
         h.len(),
         percentiles(&h)
     ));
-    Ok(json!({"subscribers": subscribers, "ops": expected, "rate": 100, "latency": summary(&h)}))
+    Ok(json!({
+        "subscribers": subscribers,
+        "ops": expected,
+        "rate": 100,
+        "latency": summary(&h),
+        "cpu": cpu,
+    }))
 }
 
 /// Writers of the bootstrap namespace, each with this many commands in flight.

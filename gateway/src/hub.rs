@@ -10,10 +10,11 @@
 //! followed now, never every namespace ever followed.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::stream::Stream;
+use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{broadcast, watch};
@@ -22,8 +23,8 @@ use tracing::{debug, warn};
 use ultrasync_shared::StreamKey;
 use ultrasync_shared::log::{self, LogEntry};
 use ultrasync_shared::nats::ops_subject;
-use ultrasync_shared::reads;
 use ultrasync_shared::snapshot::{self, Snapshot};
+use ultrasync_shared::{protocol, reads};
 
 /// Ops a topic keeps for followers that are slightly behind.
 const RING: usize = 4096;
@@ -35,6 +36,20 @@ const BROADCAST: usize = 4096;
 pub struct LiveOp {
     pub server_seq: u64,
     pub body: Bytes,
+    /// The `ops` frame of this op alone, encoded by the first follower that sends it
+    /// and shared by the others (a topic is one namespace).
+    frame: OnceLock<Utf8Bytes>,
+}
+
+impl LiveOp {
+    /// The `ops` frame carrying only this op, encoded once for every socket.
+    pub fn frame(&self, namespace: &str) -> Utf8Bytes {
+        self.frame
+            .get_or_init(|| {
+                protocol::encode_ops_frame(namespace, self.server_seq, [self.body.as_ref()]).into()
+            })
+            .clone()
+    }
 }
 
 impl From<LogEntry> for LiveOp {
@@ -42,6 +57,7 @@ impl From<LogEntry> for LiveOp {
         Self {
             server_seq: e.server_seq,
             body: e.payload,
+            frame: OnceLock::new(),
         }
     }
 }

@@ -195,6 +195,19 @@ impl Follower {
         let Some(first) = live.first() else {
             return Ok(());
         };
+        if let [one] = live.as_slice() {
+            // The usual case under fan-out: one op, one frame encoded for all sockets.
+            let frame = one.frame(&self.namespace);
+            live.clear();
+            return match self.out.try_push(Outbound::Shared(frame)) {
+                Ok(()) => Ok(()),
+                Err(Refused::Full) => {
+                    self.slow.cancel();
+                    Err(Stop::Closed)
+                }
+                Err(Refused::Closed) => Err(Stop::Closed),
+            };
+        }
         let frames = ops_frames(
             &self.namespace,
             first.server_seq,
@@ -427,5 +440,20 @@ mod tests {
             .collect();
         assert_eq!(starts, vec![7, 9, 10, 11]);
         assert!(frames.iter().all(|f| f.len() <= FRAME_BYTES + 200));
+    }
+
+    #[test]
+    fn a_lone_live_op_is_the_frame_a_socket_would_build() {
+        let body = r#"{"op_id":"a","server_seq":5,"value":"é"}"#.as_bytes();
+        let op = LiveOp::from(ultrasync_shared::log::LogEntry {
+            stream_seq: 9,
+            server_seq: 5,
+            op_id: "a".to_owned(),
+            payload: bytes::Bytes::from_static(body),
+        });
+        let built = ops_frames("ns", 5, [body]);
+        assert_eq!(built.len(), 1);
+        assert_eq!(op.frame("ns").as_str(), built[0]);
+        assert_eq!(op.frame("ns").as_str(), built[0], "encoded once, shared");
     }
 }

@@ -9,12 +9,16 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
 
 /// A frame on its way to the socket.
 #[derive(Debug)]
 pub enum Outbound {
     Text(String),
+    /// A frame encoded once and shared by every socket it goes to (a live op of a
+    /// topic: `hub::LiveOp::frame`).
+    Shared(Utf8Bytes),
     /// Frames that go out together in one socket write (the answers of one
     /// sequencer batch): one queue slot, one flush.
     Texts(Vec<String>),
@@ -25,14 +29,16 @@ impl Outbound {
     pub fn len(&self) -> usize {
         match self {
             Self::Text(t) => t.len(),
+            Self::Shared(t) => t.len(),
             Self::Texts(ts) => ts.iter().map(String::len).sum(),
         }
     }
 
-    pub fn into_texts(self) -> Vec<String> {
+    pub fn into_texts(self) -> Vec<Utf8Bytes> {
         match self {
-            Self::Text(t) => vec![t],
-            Self::Texts(ts) => ts,
+            Self::Text(t) => vec![t.into()],
+            Self::Shared(t) => vec![t],
+            Self::Texts(ts) => ts.into_iter().map(Utf8Bytes::from).collect(),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -131,7 +131,7 @@ impl Session {
             let flush = async {
                 while let Some(item) = out_rx.try_recv() {
                     for text in item.into_texts() {
-                        if sink.send(Message::Text(text.into())).await.is_err() {
+                        if sink.send(Message::Text(text)).await.is_err() {
                             return;
                         }
                     }
@@ -311,31 +311,38 @@ impl Session {
 
     /// Writes frames with one flush at the end (one socket write for many small
     /// frames). Each frame gets `WRITE_TIMEOUT`: a peer that keeps reading is not a
-    /// slow consumer however large the batch.
+    /// slow consumer however large the batch. A write the socket takes at once (the
+    /// usual case) is done on its first poll, without arming the timer.
     async fn write_all(
         &self,
         sink: &mut futures::stream::SplitSink<WebSocket, Message>,
-        texts: Vec<String>,
+        texts: Vec<Utf8Bytes>,
         shutdown: &CancellationToken,
     ) -> Option<Closing> {
         let last = texts.len().saturating_sub(1);
         for (i, text) in texts.into_iter().enumerate() {
             Metrics::inc(&self.state.metrics.messages_out);
-            let msg = Message::Text(text.into());
+            let msg = Message::Text(text);
             let step = async {
                 match i == last {
                     true => sink.send(msg).await,
                     false => sink.feed(msg).await,
                 }
             };
-            let closing = tokio::select! {
-                sent = step => sent.err().map(|_| Closing(close::NORMAL, "peer gone".into())),
-                _ = self.slow.cancelled() => Some(self.slow_consumer()),
-                _ = tokio::time::sleep(WRITE_TIMEOUT) => Some(self.slow_consumer()),
-                _ = shutdown.cancelled() => Some(Closing(close::TRY_AGAIN_LATER, "server shutting down".into())),
+            let mut step = std::pin::pin!(step);
+            let sent = match futures::poll!(step.as_mut()) {
+                std::task::Poll::Ready(sent) => sent,
+                std::task::Poll::Pending => {
+                    tokio::select! {
+                        sent = step => sent,
+                        _ = self.slow.cancelled() => return Some(self.slow_consumer()),
+                        _ = tokio::time::sleep(WRITE_TIMEOUT) => return Some(self.slow_consumer()),
+                        _ = shutdown.cancelled() => return Some(Closing(close::TRY_AGAIN_LATER, "server shutting down".into())),
+                    }
+                }
             };
-            if closing.is_some() {
-                return closing;
+            if sent.is_err() {
+                return Some(Closing(close::NORMAL, "peer gone".into()));
             }
         }
         None
