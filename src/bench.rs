@@ -651,14 +651,14 @@ fn process_usage(pid: u32) -> Option<(f64, u64)> {
 }
 
 /// Open-loop writers: `clients` sockets (one project each), `rate` ops/s in all, for
-/// `duration`; returns (acked, ack latency histogram, elapsed).
+/// `duration`; the sockets are closed after the step.
 async fn open_loop(
     stack: &Stack,
     clients: usize,
     rate: u64,
     duration: Duration,
     label: &str,
-) -> anyhow::Result<(u64, Histogram<u64>, Duration)> {
+) -> anyhow::Result<Driven> {
     let mut conns = Vec::with_capacity(clients);
     for i in 0..clients {
         conns.push(
@@ -667,8 +667,7 @@ async fn open_loop(
                 .await?,
         );
     }
-    let run = drive(conns, rate, duration, label, "c", false).await;
-    Ok((run.acked, run.latency, run.elapsed))
+    Ok(drive(conns, rate, duration, label, "c", false).await)
 }
 
 /// Closed-loop writers, shaped like the peers' harnesses: `writers` sockets (one
@@ -781,8 +780,53 @@ async fn closed_loop(
 struct Driven {
     acked: u64,
     latency: Histogram<u64>,
+    /// How late the load generator sent each command after its scheduled time (µs).
+    send_lag: Histogram<u64>,
     elapsed: Duration,
     conns: Vec<Connection>,
+}
+
+/// One socket's schedule: its first send time, the interval, how many sends, and
+/// where to say "send command n now".
+type Schedule = (
+    Instant,
+    Duration,
+    u64,
+    tokio::sync::mpsc::UnboundedSender<u64>,
+);
+
+/// Tells every socket's task when its next command is due, from a thread of its own
+/// that sleeps with the OS timer. tokio's timer has a resolution of 1 ms and rounds
+/// up: paced by it, a command went out up to a millisecond after its scheduled time,
+/// and the latency (measured from that time) counted the delay as the server's.
+fn pace(schedules: Vec<Schedule>) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    std::thread::spawn(move || {
+        let mut due: BinaryHeap<Reverse<(Instant, usize, u64)>> = schedules
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.2 > 0)
+            .map(|(i, s)| Reverse((s.0, i, 0)))
+            .collect();
+        while let Some(Reverse((at, i, n))) = due.pop() {
+            let wait = at.saturating_duration_since(Instant::now());
+            if wait > Duration::from_micros(20) {
+                std::thread::sleep(wait);
+            }
+            let (first, interval, total, tx) = &schedules[i];
+            if tx.send(n).is_err() {
+                continue;
+            }
+            if n + 1 < *total {
+                due.push(Reverse((
+                    *first + interval.mul_f64((n + 1) as f64),
+                    i,
+                    n + 1,
+                )));
+            }
+        }
+    });
 }
 
 /// Drives `conns` (each after `hello`) open loop: `rate` ops/s in all, shared
@@ -791,7 +835,7 @@ struct Driven {
 /// from its op id). `spread`: the sockets' send times are staggered over one
 /// interval instead of all falling on the same instants (many slow writers).
 /// Latency runs from the scheduled send time, so a slow server cannot hide its
-/// queueing.
+/// queueing; `send_lag` says how late the load generator itself was.
 async fn drive(
     conns: Vec<Connection>,
     rate: u64,
@@ -806,77 +850,83 @@ async fn drive(
     // One histogram for every socket (a lock held for one record per ack), so the
     // progress line can show the p99 so far.
     let latency = Arc::new(Mutex::new(histogram()));
+    let send_lag = Arc::new(Mutex::new(histogram()));
     let start = Instant::now() + Duration::from_millis(200);
     let per_client = rate as f64 / clients as f64;
+    let total = (per_client * duration.as_secs_f64()).round() as u64;
+    let interval = Duration::from_secs_f64(1.0 / per_client.max(0.001));
     let mut tasks = Vec::new();
+    let mut schedules = Vec::with_capacity(sockets);
     for (i, mut conn) in conns.into_iter().enumerate() {
         let acked = acked.clone();
         let latency = latency.clone();
+        let send_lag = send_lag.clone();
         let tag = tag.to_owned();
         let phase = if spread {
             i as f64 / clients as f64
         } else {
             0.0
         };
+        let due_at = move |n: u64| start + interval.mul_f64(n as f64 + phase);
+        let (go, mut go_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        schedules.push((due_at(0), interval, total, go));
         tasks.push(tokio::spawn(async move {
-            let total = (per_client * duration.as_secs_f64()).round() as u64;
             let mut sent_at: HashMap<String, Instant> = HashMap::new();
-            let mut next = 0u64;
+            let mut lag = histogram();
+            let mut pacing = true;
             let deadline = start + duration + Duration::from_secs(10);
-            let interval = Duration::from_secs_f64(1.0 / per_client.max(0.001));
-            let due_at = |n: u64| start + interval.mul_f64(n as f64 + phase);
-            while (next < total || !sent_at.is_empty()) && Instant::now() < deadline {
-                // Send everything that is due (open loop).
-                let now = Instant::now();
-                while next < total {
-                    let due = due_at(next);
-                    if due > now {
-                        break;
-                    }
-                    let id = format!("{tag}{next}");
-                    if conn
-                        .command(
-                            &id,
-                            "index",
-                            &format!("k{}", next % 1000),
-                            OpType::Set,
-                            json!({"n": next}),
-                        )
-                        .await
-                        .is_err()
-                    {
-                        return None;
-                    }
-                    sent_at.insert(id, due);
-                    next += 1;
-                }
-                let wait = if next < total {
-                    due_at(next).saturating_duration_since(Instant::now())
-                } else {
-                    Duration::from_millis(100)
-                };
-                match tokio::time::timeout(wait.max(Duration::from_micros(200)), conn.recv()).await
-                {
-                    Ok(Ok(ServerMessage::Ack { command_id, .. })) => {
-                        if let Some(t) = sent_at.remove(&command_id) {
-                            let us = t.elapsed().as_micros() as u64;
-                            let _ = latency
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .record(us.max(1));
-                            acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            while (pacing || !sent_at.is_empty()) && Instant::now() < deadline {
+                tokio::select! {
+                    biased;
+                    go = go_rx.recv(), if pacing => {
+                        // Send what is due (open loop).
+                        let Some(next) = go else {
+                            pacing = false;
+                            continue;
+                        };
+                        let due = due_at(next);
+                        let _ = lag.record((due.elapsed().as_micros() as u64).max(1));
+                        let id = format!("{tag}{next}");
+                        if conn
+                            .command(
+                                &id,
+                                "index",
+                                &format!("k{}", next % 1000),
+                                OpType::Set,
+                                json!({"n": next}),
+                            )
+                            .await
+                            .is_err()
+                        {
+                            return None;
                         }
+                        sent_at.insert(id, due);
                     }
-                    Ok(Ok(ServerMessage::Reject { command_id, .. })) => {
-                        sent_at.remove(&command_id);
-                    }
-                    Ok(Ok(_)) | Err(_) => {}
-                    Ok(Err(_)) => return None,
+                    got = conn.recv() => match got {
+                        Ok(ServerMessage::Ack { command_id, .. }) => {
+                            if let Some(t) = sent_at.remove(&command_id) {
+                                let us = t.elapsed().as_micros() as u64;
+                                let _ = latency
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .record(us.max(1));
+                                acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        Ok(ServerMessage::Reject { command_id, .. }) => {
+                            sent_at.remove(&command_id);
+                        }
+                        Ok(_) => {}
+                        Err(_) => return None,
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 }
             }
+            let _ = send_lag.lock().unwrap_or_else(|p| p.into_inner()).add(&lag);
             Some(conn)
         }));
     }
+    pace(schedules);
     let total = duration + Duration::from_millis(200);
     let ticker = {
         let acked = acked.clone();
@@ -915,6 +965,7 @@ async fn drive(
         .max(duration);
     let acked = acked.load(std::sync::atomic::Ordering::Relaxed);
     let latency = latency.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let send_lag = send_lag.lock().unwrap_or_else(|p| p.into_inner()).clone();
     if let Ok(step) = ticker.await {
         step.finish(&format!(
             "{acked} acked ({:.0}/s), {}{}",
@@ -929,6 +980,7 @@ async fn drive(
     Driven {
         acked,
         latency,
+        send_lag,
         elapsed,
         conns: back,
     }
@@ -1378,6 +1430,7 @@ async fn tenant_steps(
             "acked_ops_per_sec": achieved,
             "acked": run.acked,
             "latency": summary(&run.latency),
+            "send_lag": summary(&run.send_lag),
             "sockets_closed": lost,
         }));
         if p99 > 100.0 || achieved < rate as f64 * 0.9 || lost > 0 {
@@ -1907,7 +1960,7 @@ async fn one_stack(
         };
         for &rate in &rates {
             let cpu_before = stack.cpu().await;
-            let (acked, h, elapsed) = open_loop(
+            let run = open_loop(
                 stack,
                 args.clients,
                 rate,
@@ -1915,14 +1968,15 @@ async fn one_stack(
                 &format!("throughput {rate}/s"),
             )
             .await?;
-            let cpu = cpu_before.per_op(&stack.cpu().await, acked);
-            let achieved = acked as f64 / elapsed.as_secs_f64();
-            let p99 = h.value_at_quantile(0.99) as f64 / 1000.0;
+            let cpu = cpu_before.per_op(&stack.cpu().await, run.acked);
+            let achieved = run.acked as f64 / run.elapsed.as_secs_f64();
+            let p99 = run.latency.value_at_quantile(0.99) as f64 / 1000.0;
             steps.push(json!({
                 "offered_ops_per_sec": rate,
                 "acked_ops_per_sec": achieved,
-                "acked": acked,
-                "latency": summary(&h),
+                "acked": run.acked,
+                "latency": summary(&run.latency),
+                "send_lag": summary(&run.send_lag),
                 "cpu": cpu,
             }));
             if p99 > 100.0 || achieved < rate as f64 * 0.9 {
@@ -1942,11 +1996,17 @@ async fn one_stack(
     }
     if wants("latency") {
         let cpu_before = stack.cpu().await;
-        let (acked, h, elapsed) = open_loop(stack, 4, 1000, step * 2, "latency at 1000/s").await?;
-        let cpu = cpu_before.per_op(&stack.cpu().await, acked);
+        let run = open_loop(stack, 4, 1000, step * 2, "latency at 1000/s").await?;
+        let cpu = cpu_before.per_op(&stack.cpu().await, run.acked);
         report.insert(
             "latency".into(),
-            json!({"offered_ops_per_sec": 1000, "acked_ops_per_sec": acked as f64 / elapsed.as_secs_f64(), "latency": summary(&h), "cpu": cpu}),
+            json!({
+                "offered_ops_per_sec": 1000,
+                "acked_ops_per_sec": run.acked as f64 / run.elapsed.as_secs_f64(),
+                "latency": summary(&run.latency),
+                "send_lag": summary(&run.send_lag),
+                "cpu": cpu,
+            }),
         );
     }
     if wants("closed") {

@@ -48,13 +48,23 @@ fn a_quick_bench_writes_a_report_and_a_chart() {
             .is_some_and(|r| r > 0.0)
     );
     assert!(report["latency"]["latency"]["p99_ms"].as_f64().is_some());
+    // Every command of an open-loop step was sent on a schedule, and how late the
+    // load generator was is reported beside the latency it measured (one lag per
+    // command sent, one latency per command acked).
+    let sent = report["latency"]["send_lag"]["count"].as_u64().unwrap_or(0);
+    let acked = report["latency"]["latency"]["count"].as_u64().unwrap_or(0);
+    assert!(sent >= acked && acked > 0, "{}", report["latency"]);
     // The stack runs in processes of its own: the CPU each step cost is reported per
     // acked op, for the ultrasync processes and nats-server apart from the load
     // generator.
     let closed = &report["closed"];
     assert!(closed["acked"].as_u64().is_some_and(|a| a > 0), "{closed}");
     assert_eq!(closed["writers"].as_u64(), Some(8), "{closed}");
-    for cpu in [&closed["cpu"], &report["latency"]["cpu"]] {
+    for cpu in [
+        &closed["cpu"],
+        &report["latency"]["cpu"],
+        &report["fanout"]["cpu"],
+    ] {
         for part in ["ultrasync", "nats_server", "server_total", "load_generator"] {
             assert!(
                 cpu["cpu_us_per_op"][part]
