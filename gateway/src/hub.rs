@@ -10,7 +10,7 @@
 //! followed now, never every namespace ever followed.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::stream::Stream;
@@ -35,30 +35,39 @@ const BROADCAST: usize = 4096;
 #[derive(Debug)]
 pub struct LiveOp {
     pub server_seq: u64,
+    /// The op's JSON as stored (a view into `frame` when it is valid UTF-8, as
+    /// everything the sequencer writes is).
     pub body: Bytes,
-    /// The `ops` frame of this op alone, encoded by the first follower that sends it
-    /// and shared by the others (a topic is one namespace).
-    frame: OnceLock<Utf8Bytes>,
+    /// The `ops` frame carrying this op alone: what a live socket is sent, encoded
+    /// once per topic and shared by every socket.
+    frame: Utf8Bytes,
 }
 
 impl LiveOp {
-    /// The `ops` frame carrying only this op, encoded once for every socket.
-    pub fn frame(&self, namespace: &str) -> Utf8Bytes {
-        self.frame
-            .get_or_init(|| {
-                protocol::encode_ops_frame(namespace, self.server_seq, [self.body.as_ref()]).into()
-            })
-            .clone()
-    }
-}
-
-impl From<LogEntry> for LiveOp {
-    fn from(e: LogEntry) -> Self {
+    /// `entry` of a topic on `namespace`, with its frame.
+    pub fn new(entry: LogEntry, namespace: &str) -> Self {
+        let frame: Utf8Bytes =
+            protocol::encode_ops_frame(namespace, entry.server_seq, [entry.payload.as_ref()])
+                .into();
+        // The frame ends with `BODY]}` when the body went in unchanged.
+        let end = frame.len().saturating_sub(2);
+        let start = end.saturating_sub(entry.payload.len());
+        let body = match frame.as_bytes().get(start..end) {
+            Some(inside) if inside == entry.payload.as_ref() => {
+                Bytes::from(frame.clone()).slice(start..end)
+            }
+            _ => entry.payload,
+        };
         Self {
-            server_seq: e.server_seq,
-            body: e.payload,
-            frame: OnceLock::new(),
+            server_seq: entry.server_seq,
+            body,
+            frame,
         }
+    }
+
+    /// The `ops` frame carrying only this op.
+    pub fn frame(&self) -> Utf8Bytes {
+        self.frame.clone()
     }
 }
 
@@ -288,7 +297,7 @@ impl Topic {
             st.ring.clear();
         }
         st.last_seq = entry.server_seq;
-        let op = Arc::new(LiveOp::from(entry));
+        let op = Arc::new(LiveOp::new(entry, self.key.namespace.as_str()));
         if st.ring.len() == RING {
             st.ring.pop_front();
         }

@@ -197,7 +197,7 @@ impl Follower {
         };
         if let [one] = live.as_slice() {
             // The usual case under fan-out: one op, one frame encoded for all sockets.
-            let frame = one.frame(&self.namespace);
+            let frame = one.frame();
             live.clear();
             return match self.out.try_push(Outbound::Shared(frame)) {
                 Ok(()) => Ok(()),
@@ -445,15 +445,19 @@ mod tests {
     #[test]
     fn a_lone_live_op_is_the_frame_a_socket_would_build() {
         let body = r#"{"op_id":"a","server_seq":5,"value":"é"}"#.as_bytes();
-        let op = LiveOp::from(ultrasync_shared::log::LogEntry {
+        let entry = |payload: &[u8]| ultrasync_shared::log::LogEntry {
             stream_seq: 9,
             server_seq: 5,
             op_id: "a".to_owned(),
-            payload: bytes::Bytes::from_static(body),
-        });
+            payload: bytes::Bytes::copy_from_slice(payload),
+        };
+        let op = LiveOp::new(entry(body), "ns");
         let built = ops_frames("ns", 5, [body]);
         assert_eq!(built.len(), 1);
-        assert_eq!(op.frame("ns").as_str(), built[0]);
-        assert_eq!(op.frame("ns").as_str(), built[0], "encoded once, shared");
+        assert_eq!(op.frame().as_str(), built[0]);
+        assert_eq!(op.body.as_ref(), body, "the body is kept as stored");
+        // A body that is not UTF-8 (never written by the sequencer) is kept apart.
+        let odd = LiveOp::new(entry(b"\"\xff\""), "ns");
+        assert_eq!(odd.body.as_ref(), b"\"\xff\"");
     }
 }
