@@ -32,6 +32,8 @@ use crate::writer::{self, Outgoing, WriteError};
 /// ms against 16-24 ms with 1, since the server commits a stream's batches one after
 /// another anyway.
 const DEPTH: usize = 1;
+/// Longest wait for the keys of the previous round to come back.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(1000);
 /// JetStream's limit on messages in one atomic batch.
 const MAX_BATCH_MSGS: usize = 1000;
 /// Rounds of at most this many one-message writes go as pipelined single publishes
@@ -111,6 +113,7 @@ async fn run(
 ) {
     let mut carry: Option<WriteRequest> = None;
     let mut inflight = FuturesUnordered::new();
+    let mut last_keys = 0usize;
     loop {
         while inflight.len() >= DEPTH {
             inflight.next().await;
@@ -128,12 +131,22 @@ async fn run(
         let mut round = vec![first];
         let mut msgs = writer::messages(&round[0].ops);
         let mut subjects: HashSet<String> = HashSet::from([round[0].subject.clone()]);
-        // Whatever else is waiting joins the round; nothing waits for more. (A linger
-        // of up to 1 ms for as many keys as the previous round had was measured with
-        // `ultrasync bench` once rounds went as pipelined single publishes: without
-        // it, p50 at 1,000 ops/s 3.3 → 2.7 ms, the closed loop 8 × 16 13,000 →
-        // 14,500-15,300 acked/s, p99 at 10,000 ops/s 27-43 → 22-24 ms.)
-        while let Ok(next) = rx.try_recv() {
+        // The workers of the previous round answer their commands and come back
+        // almost together: wait a moment for as many keys as that round had, so the
+        // first one back does not go alone (a round costs the server the same
+        // whatever its size). A lone key never waits.
+        let linger_until = tokio::time::Instant::now() + LINGER;
+        loop {
+            let next = match rx.try_recv() {
+                Ok(n) => n,
+                Err(_) if round.len() < last_keys => {
+                    match tokio::time::timeout_at(linger_until, rx.recv()).await {
+                        Ok(Some(n)) => n,
+                        _ => break,
+                    }
+                }
+                Err(_) => break,
+            };
             // One write per subject per round (its check names one head), and at most
             // JetStream's batch size: anything else waits for the next round.
             let messages = writer::messages(&next.ops);
@@ -145,6 +158,7 @@ async fn run(
             subjects.insert(next.subject.clone());
             round.push(next);
         }
+        last_keys = round.len();
         debug!(keys = round.len(), ops = msgs, "committing a round");
         // The keys of a round in flight are not in the next one: their workers wait
         // for this write before they plan again.
