@@ -787,12 +787,12 @@ struct Driven {
 }
 
 /// One socket's schedule: its first send time, the interval, how many sends, and
-/// where to say "send command n now".
+/// where to say "send command n, due at this time, now".
 type Schedule = (
     Instant,
     Duration,
     u64,
-    tokio::sync::mpsc::UnboundedSender<u64>,
+    tokio::sync::mpsc::UnboundedSender<(u64, Instant)>,
 );
 
 /// Tells every socket's task when its next command is due, from a thread of its own
@@ -815,7 +815,7 @@ fn pace(schedules: Vec<Schedule>) {
                 std::thread::sleep(wait);
             }
             let (first, interval, total, tx) = &schedules[i];
-            if tx.send(n).is_err() {
+            if tx.send((n, at)).is_err() {
                 continue;
             }
             if n + 1 < *total {
@@ -867,9 +867,8 @@ async fn drive(
         } else {
             0.0
         };
-        let due_at = move |n: u64| start + interval.mul_f64(n as f64 + phase);
-        let (go, mut go_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-        schedules.push((due_at(0), interval, total, go));
+        let (go, mut go_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+        schedules.push((start + interval.mul_f64(phase), interval, total, go));
         tasks.push(tokio::spawn(async move {
             let mut sent_at: HashMap<String, Instant> = HashMap::new();
             let mut lag = histogram();
@@ -880,11 +879,10 @@ async fn drive(
                     biased;
                     go = go_rx.recv(), if pacing => {
                         // Send what is due (open loop).
-                        let Some(next) = go else {
+                        let Some((next, due)) = go else {
                             pacing = false;
                             continue;
                         };
-                        let due = due_at(next);
                         let _ = lag.record((due.elapsed().as_micros() as u64).max(1));
                         let id = format!("{tag}{next}");
                         if conn

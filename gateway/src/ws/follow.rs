@@ -199,14 +199,7 @@ impl Follower {
             // The usual case under fan-out: one op, one frame encoded for all sockets.
             let frame = one.frame();
             live.clear();
-            return match self.out.try_push(Outbound::Shared(frame)) {
-                Ok(()) => Ok(()),
-                Err(Refused::Full) => {
-                    self.slow.cancel();
-                    Err(Stop::Closed)
-                }
-                Err(Refused::Closed) => Err(Stop::Closed),
-            };
+            return self.push_now(Outbound::Shared(frame));
         }
         let frames = ops_frames(
             &self.namespace,
@@ -215,16 +208,22 @@ impl Follower {
         );
         live.clear();
         for frame in frames {
-            match self.out.try_push(Outbound::Text(frame)) {
-                Ok(()) => {}
-                Err(Refused::Full) => {
-                    self.slow.cancel();
-                    return Err(Stop::Closed);
-                }
-                Err(Refused::Closed) => return Err(Stop::Closed),
-            }
+            self.push_now(Outbound::Text(frame))?;
         }
         Ok(())
+    }
+
+    /// Queues a live frame without waiting; a full queue marks the socket a slow
+    /// consumer.
+    fn push_now(&self, item: Outbound) -> Result<(), Stop> {
+        match self.out.try_push(item) {
+            Ok(()) => Ok(()),
+            Err(Refused::Full) => {
+                self.slow.cancel();
+                Err(Stop::Closed)
+            }
+            Err(Refused::Closed) => Err(Stop::Closed),
+        }
     }
 
     /// Sends ops `last+1..=to` from the topic's ring or the log, advancing `last`.
