@@ -433,3 +433,89 @@ async fn a_stream_key_holds_a_bounded_number_of_waiting_commands() {
     assert_eq!(info, ultrasync_shared::nats::CMDS_PER_STREAM_KEY as u64 + 1);
     stack.shutdown().await;
 }
+
+/// Receives frames until `ns` is `synced` at `head`, returning every op's
+/// `server_seq` and value in order.
+async fn ops_until_synced(c: &mut Connection, ns: &str, head: u64) -> Vec<(u64, Value)> {
+    let mut got = Vec::new();
+    loop {
+        match c.recv_timeout(WAIT).await.expect("frame") {
+            ServerMessage::Ops { namespace, ops, .. } if namespace == ns => {
+                got.extend(ops.into_iter().map(|o| (o.server_seq, o.payload)));
+                if got.last().is_some_and(|(s, _)| *s == head) {
+                    return got;
+                }
+            }
+            ServerMessage::Synced {
+                namespace,
+                server_seq,
+            } if namespace == ns && server_seq == head => return got,
+            ServerMessage::Error { code, message, .. } => panic!("{code:?}: {message}"),
+            _ => {}
+        }
+    }
+}
+
+/// A topic's ring holds at most 8 MiB of ops (`hub::RING_BYTES`), not 4096 ops of
+/// any size: a tenant writing large values does not make the gateway hold a GiB per
+/// namespace. Ops past the bound leave the ring, and a socket catching up across it
+/// still gets every op in order: the older ones from the log, the newer from the
+/// ring; a live follower gets every op too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_ops_leave_a_topics_ring_and_followers_still_get_every_op() {
+    let stack = Stack::start_with(StackOptions {
+        configure: |c| c.gateway.snapshot_after_ops = 1_000_000,
+        ..Default::default()
+    })
+    .await;
+    // A live follower keeps the topic (and its ring) while the ops are written.
+    let mut live = stack
+        .client("live", "web", "live", &[("index", Some(0))])
+        .await;
+    ops_until_synced(&mut live, "index", 0).await;
+    let n = 48u64;
+    // It reads as the ops come (one that does not read is closed as slow).
+    let live = tokio::spawn(async move {
+        let got = ops_until_synced(&mut live, "index", n).await;
+        (live, got)
+    });
+    let mut writer = stack.client("writer", "web", "writer", &[]).await;
+    // 48 values of 200 KiB: 9.6 MiB, more than the ring may hold.
+    let value = |i: u64| json!(format!("{i}:{}", "x".repeat(200 * 1024)));
+    for i in 1..=n {
+        let id = format!("big-{i}");
+        writer
+            .command(&id, "index", &format!("k{}", i % 4), OpType::Set, value(i))
+            .await
+            .expect("send");
+        loop {
+            match writer.recv_timeout(WAIT).await.expect("answer") {
+                ServerMessage::Ack { command_id, .. } if command_id == id => break,
+                ServerMessage::Reject { code, reason, .. } => panic!("{code:?}: {reason}"),
+                _ => {}
+            }
+        }
+    }
+    let want: Vec<(u64, Value)> = (1..=n).map(|i| (i, value(i))).collect();
+    let (live, got) = live.await.expect("live follower");
+    let held = gauge(&stack, "ultrasync_gateway_topic_ring_bytes").await;
+    assert!(
+        held > 7 << 20 && held <= 8 << 20,
+        "the ring holds {held} bytes after 9.6 MiB of ops"
+    );
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "the live follower's ops differ");
+
+    // A socket one op behind the start: ops 2..=48, across the ring's bound.
+    let mut late = stack
+        .client("late", "web", "late", &[("index", Some(1))])
+        .await;
+    let got = ops_until_synced(&mut late, "index", n).await;
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (2..=n).collect::<Vec<_>>());
+    assert!(got[..] == want[1..], "the late socket's ops differ");
+    for c in [live, late, writer] {
+        c.close().await;
+    }
+    stack.shutdown().await;
+}

@@ -5,6 +5,13 @@
 //! namespace cost one consumer. A follower that falls behind the broadcast fills the
 //! hole from the ring or, failing that, from the log, so nothing is ever skipped.
 //!
+//! Memory is bounded per topic in ops and in bytes: the ring holds the newest
+//! [`RING`] ops but no more than [`RING_BYTES`] of them (at least the newest op), and
+//! the broadcast carries weak references, so an op leaves memory when it leaves the
+//! ring. A follower that receives one already gone treats it as a lag and reads the
+//! log: a tenant writing large ops costs the gateway a few MiB per topic, not 4096
+//! times its largest op.
+//!
 //! A topic lives while someone follows it: when its last follower drops it, its
 //! consumer task stops and it leaves the map, so the map holds the stream keys
 //! followed now, never every namespace ever followed.
@@ -28,6 +35,8 @@ use ultrasync_shared::{protocol, reads};
 
 /// Ops a topic keeps for followers that are slightly behind.
 const RING: usize = 4096;
+/// Bytes of encoded ops a topic's ring may hold (it always holds the newest op).
+pub const RING_BYTES: usize = 8 << 20;
 /// Ops a broadcast may hold for its slowest follower before it lags.
 const BROADCAST: usize = 4096;
 
@@ -68,6 +77,33 @@ impl LiveOp {
     /// The `ops` frame carrying only this op.
     pub fn frame(&self) -> Utf8Bytes {
         self.frame.clone()
+    }
+
+    /// Bytes this op holds: its frame, and its body when that is not a view into it.
+    fn held_bytes(&self) -> usize {
+        let frame = self.frame.as_bytes().as_ptr_range();
+        let inside = frame.contains(&self.body.as_ptr()) || self.body.is_empty();
+        self.frame.len() + if inside { 0 } else { self.body.len() }
+    }
+}
+
+/// A follower's end of a topic's broadcast. The broadcast holds weak references,
+/// so an op the ring let go of is gone for a follower that had not taken it yet:
+/// that reads as a lag, and the follower fills the hole from the ring or the log.
+pub struct LiveRx(broadcast::Receiver<Weak<LiveOp>>);
+
+impl LiveRx {
+    /// The next op; `Lagged` when ops were missed (overrun, or let go of by the ring).
+    pub async fn recv(&mut self) -> Result<Arc<LiveOp>, broadcast::error::RecvError> {
+        let op = self.0.recv().await?;
+        op.upgrade().ok_or(broadcast::error::RecvError::Lagged(1))
+    }
+
+    /// The next op if one is queued; `Lagged` as for [`recv`](Self::recv).
+    pub fn try_recv(&mut self) -> Result<Arc<LiveOp>, broadcast::error::TryRecvError> {
+        let op = self.0.try_recv()?;
+        op.upgrade()
+            .ok_or(broadcast::error::TryRecvError::Lagged(1))
     }
 }
 
@@ -191,7 +227,19 @@ impl Hub {
         topics.values().filter(|t| t.strong_count() > 0).count()
     }
 
-    /// Shows the number of topics on `/metrics`.
+    /// Bytes of ops the followed topics' rings hold.
+    pub fn ring_bytes(&self) -> usize {
+        let topics: Vec<Arc<Topic>> = self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        topics.iter().map(|t| t.lock().ring_bytes).sum()
+    }
+
+    /// Shows the number of topics and what their rings hold on `/metrics`.
     pub fn export(self: &Arc<Self>, metrics: &crate::Metrics) {
         let hub = Arc::downgrade(self);
         metrics.probe(
@@ -200,13 +248,23 @@ impl Hub {
             "Stream keys this gateway follows.",
             Box::new(move || hub.upgrade().map_or(0, |h| h.topic_count() as u64)),
         );
+        let hub = Arc::downgrade(self);
+        metrics.probe(
+            "ultrasync_gateway_topic_ring_bytes",
+            "gauge",
+            "Bytes of recent ops the followed stream keys' rings hold (at most 8 MiB each).",
+            Box::new(move || hub.upgrade().map_or(0, |h| h.ring_bytes() as u64)),
+        );
     }
 }
 
 struct TopicState {
     /// Newest `server_seq` seen (the head when the topic started, then live).
     last_seq: u64,
+    /// The newest ops, dense; at most [`RING`] of them and [`RING_BYTES`] (or one).
     ring: VecDeque<Arc<LiveOp>>,
+    /// Bytes the ring's ops hold.
+    ring_bytes: usize,
 }
 
 /// One followed stream key.
@@ -214,7 +272,7 @@ pub struct Topic {
     pub key: StreamKey,
     pub subject: String,
     state: Mutex<TopicState>,
-    tx: broadcast::Sender<Arc<LiveOp>>,
+    tx: broadcast::Sender<Weak<LiveOp>>,
     ready: watch::Receiver<bool>,
     /// The map this topic is listed in; the topic leaves it when dropped.
     registry: Weak<Topics>,
@@ -247,6 +305,7 @@ impl Topic {
             state: Mutex::new(TopicState {
                 last_seq: 0,
                 ring: VecDeque::with_capacity(64),
+                ring_bytes: 0,
             }),
             tx,
             ready,
@@ -262,11 +321,11 @@ impl Topic {
     }
 
     /// A receiver for every op after the returned head.
-    pub async fn subscribe(&self) -> (broadcast::Receiver<Arc<LiveOp>>, u64) {
+    pub async fn subscribe(&self) -> (LiveRx, u64) {
         let mut ready = self.ready.clone();
         let _ = ready.wait_for(|r| *r).await;
         let st = self.lock();
-        (self.tx.subscribe(), st.last_seq)
+        (LiveRx(self.tx.subscribe()), st.last_seq)
     }
 
     pub fn head(&self) -> u64 {
@@ -295,15 +354,29 @@ impl Topic {
             // Only possible if the log itself has a hole; the ring must stay dense.
             warn!(stream_key = %self.key, expected = st.last_seq + 1, got = entry.server_seq, "op log is not dense");
             st.ring.clear();
+            st.ring_bytes = 0;
         }
         st.last_seq = entry.server_seq;
         let op = Arc::new(LiveOp::new(entry, self.key.namespace.as_str()));
-        if st.ring.len() == RING {
-            st.ring.pop_front();
-        }
+        st.ring_bytes += op.held_bytes();
         st.ring.push_back(op.clone());
-        // No receivers is fine: followers come and go.
-        let _ = self.tx.send(op);
+        while st.ring.len() > RING || (st.ring_bytes > RING_BYTES && st.ring.len() > 1) {
+            let Some(old) = st.ring.pop_front() else {
+                break;
+            };
+            st.ring_bytes -= old.held_bytes();
+        }
+        // Sent under the lock, after the ring let go of older ops: a follower that
+        // finds an op gone always finds a newer one queued behind it. No receivers
+        // is fine: followers come and go.
+        let _ = self.tx.send(Arc::downgrade(&op));
+    }
+
+    /// Ops and bytes the ring holds.
+    #[cfg(test)]
+    fn ring_size(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.ring.len(), st.ring_bytes)
     }
 }
 
@@ -405,7 +478,11 @@ mod tests {
 
     /// A topic without its log follower (that needs a stream).
     fn topic(key: StreamKey, registry: Weak<Topics>) -> Arc<Topic> {
-        let (tx, _) = broadcast::channel(4);
+        topic_with(key, registry, 4)
+    }
+
+    fn topic_with(key: StreamKey, registry: Weak<Topics>, broadcast: usize) -> Arc<Topic> {
+        let (tx, _) = broadcast::channel(broadcast);
         let (_, ready) = watch::channel(true);
         Arc::new(Topic {
             subject: ops_subject(&key),
@@ -413,12 +490,74 @@ mod tests {
             state: Mutex::new(TopicState {
                 last_seq: 0,
                 ring: VecDeque::new(),
+                ring_bytes: 0,
             }),
             tx,
             ready,
             registry,
             _stop: CancellationToken::new().drop_guard(),
         })
+    }
+
+    fn entry(server_seq: u64, bytes: usize) -> LogEntry {
+        LogEntry {
+            stream_seq: server_seq,
+            server_seq,
+            op_id: format!("op{server_seq}"),
+            payload: format!("\"{}\"", "x".repeat(bytes)).into(),
+        }
+    }
+
+    /// Large ops: the ring keeps what fits in its bytes, an op it let go of is gone
+    /// from the broadcast too (a follower sees a lag), and the newest op is always
+    /// there.
+    #[tokio::test]
+    async fn the_ring_is_bounded_in_bytes_and_lets_go_of_what_it_drops() {
+        let topics: Arc<Topics> = Arc::new(Mutex::new(HashMap::new()));
+        let t = topic_with(key("big"), Arc::downgrade(&topics), BROADCAST);
+        let (mut rx, head) = t.subscribe().await;
+        assert_eq!(head, 0);
+        let op_bytes = 256 * 1024;
+        let n = 4 * RING_BYTES / op_bytes;
+        for seq in 1..=n as u64 {
+            t.push(entry(seq, op_bytes));
+            let (ops, bytes) = t.ring_size();
+            assert!(bytes <= RING_BYTES, "{ops} ops, {bytes} bytes");
+        }
+        let (ops, bytes) = t.ring_size();
+        assert!(
+            ops < n && ops >= RING_BYTES / (op_bytes + 200) - 1,
+            "{ops} ops"
+        );
+        assert!(bytes >= RING_BYTES - op_bytes - 200 && bytes <= RING_BYTES);
+        // The ring is dense and ends at the head; older ops come from the log.
+        let first = n as u64 - ops as u64 + 1;
+        assert_eq!(t.recent(first, n as u64).map(|o| o.len()), Some(ops));
+        assert!(t.recent(first - 1, n as u64).is_none());
+        // The broadcast still has a slot for every op, but the ops the ring let go of
+        // are gone: the follower sees a lag for each, then the ring's ops.
+        let mut got = Vec::new();
+        loop {
+            match rx.try_recv() {
+                Ok(op) => got.push(op.server_seq),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => got.push(0),
+                Err(_) => break,
+            }
+        }
+        let expected: Vec<u64> = (1..=n as u64)
+            .map(|s| if s < first { 0 } else { s })
+            .collect();
+        assert_eq!(got, expected);
+        // An op bigger than the whole budget is still kept, alone.
+        t.push(entry(n as u64 + 1, RING_BYTES + 1));
+        assert_eq!(t.ring_size().0, 1);
+        assert_eq!(rx.try_recv().map(|o| o.server_seq).ok(), Some(n as u64 + 1));
+        // Ops of normal size: the count bound.
+        let small = topic(key("small"), Arc::downgrade(&topics));
+        for seq in 1..=(RING as u64 + 10) {
+            small.push(entry(seq, 10));
+        }
+        assert_eq!(small.ring_size().0, RING);
     }
 
     #[test]

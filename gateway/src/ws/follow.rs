@@ -182,6 +182,8 @@ impl Follower {
                     live.push(op);
                 }
                 if live.len() < FRAME_OPS {
+                    // A lag here ends the frame; the broadcast always holds a newer
+                    // op behind a missed one, and the next `recv` fills the hole.
                     next = rx.try_recv().ok();
                 }
             }
