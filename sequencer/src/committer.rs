@@ -21,7 +21,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use futures::future::join_all;
 use futures::stream::FuturesUnordered;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 
 use crate::metrics::Metrics;
@@ -59,6 +59,8 @@ pub struct WriteRequest {
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::Sender<WriteRequest>,
+    /// `true` while a write is on its way to the server.
+    busy: watch::Receiver<bool>,
     /// Counts the ops stored and times the writes.
     metrics: Arc<Metrics>,
 }
@@ -71,8 +73,21 @@ impl Committer {
         metrics: Arc<Metrics>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(client, js, rx, metrics.clone()));
-        Self { tx, metrics }
+        let (busy_tx, busy) = watch::channel(false);
+        tokio::spawn(run(client, js, rx, busy_tx, metrics.clone()));
+        Self { tx, busy, metrics }
+    }
+
+    /// Whether a write is on its way: a write handed in now waits for it.
+    pub fn is_busy(&self) -> bool {
+        *self.busy.borrow()
+    }
+
+    /// Resolves once no write is on its way (at once when none is).
+    pub async fn idle(&self) {
+        let mut busy = self.busy.clone();
+        // An error means the committer stopped: nothing to wait for.
+        let _ = busy.wait_for(|b| !*b).await;
     }
 
     /// Stores `ops` on `subject` if its last stream sequence is still `expected_last`;
@@ -109,19 +124,29 @@ async fn run(
     client: async_nats::Client,
     js: jetstream::Context,
     mut rx: mpsc::Receiver<WriteRequest>,
+    busy: watch::Sender<bool>,
     metrics: Arc<Metrics>,
 ) {
     let mut carry: Option<WriteRequest> = None;
     let mut inflight = FuturesUnordered::new();
     let mut last_keys = 0usize;
+    // Workers keep their batches open while a write is on its way (see `is_busy`).
+    let show = |inflight: &FuturesUnordered<_>| {
+        let now = !inflight.is_empty();
+        busy.send_if_modified(|b| std::mem::replace(b, now) != now);
+    };
     loop {
         while inflight.len() >= DEPTH {
             inflight.next().await;
+            show(&inflight);
         }
         let first = match carry.take() {
             Some(r) => r,
             None => tokio::select! {
-                Some(()) = inflight.next(), if !inflight.is_empty() => continue,
+                Some(()) = inflight.next(), if !inflight.is_empty() => {
+                    show(&inflight);
+                    continue;
+                }
                 got = rx.recv() => match got {
                     Some(r) => r,
                     None => break,
@@ -168,6 +193,7 @@ async fn run(
             commit(client, js, round).await;
             metrics.committed(started.elapsed());
         });
+        show(&inflight);
     }
     while inflight.next().await.is_some() {}
 }

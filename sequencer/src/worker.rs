@@ -61,6 +61,9 @@ const RECENT_BYTES: usize = 4 * 1024 * 1024;
 const TRIM_MIN: usize = 4096;
 /// `usync-commands` lookups in flight for one batch.
 const LOOKUPS_IN_FLIGHT: usize = 32;
+/// Longest a batch stays open while the committer is writing (a write takes a few
+/// milliseconds; this only bounds a write that hangs).
+const BUSY_LINGER_MAX: Duration = Duration::from_millis(20);
 
 /// What every worker of an instance shares.
 pub struct WorkerShared {
@@ -541,6 +544,30 @@ impl Worker {
                     Ok(Job::Command(p)) => batch.push(p),
                     Ok(Job::Digest(tx)) => digests.push(tx),
                     Err(_) => break,
+                }
+            }
+            // A key under load (more than one command waiting) while the committer
+            // is writing: a batch handed in now would wait for that write anyway, so
+            // keep it open and take what arrives until the committer is free; those
+            // commands share this write instead of costing one of their own. An
+            // idle committer takes a batch at once, and a lone command is planned
+            // at once (with many quiet keys, planning them all after the write
+            // would only delay the next one).
+            if batch.len() > 1 && batch.len() < max && self.shared.committer.is_busy() {
+                let deadline = tokio::time::Instant::now() + BUSY_LINGER_MAX;
+                let idle = self.shared.committer.idle();
+                let mut idle = std::pin::pin!(idle);
+                while batch.len() < max {
+                    tokio::select! {
+                        biased;
+                        job = rx.recv() => match job {
+                            Some(Job::Command(p)) => batch.push(p),
+                            Some(Job::Digest(tx)) => digests.push(tx),
+                            None => break,
+                        },
+                        () = &mut idle => break,
+                        () = tokio::time::sleep_until(deadline) => break,
+                    }
                 }
             }
             // Under load (more than one command waiting) linger for the window to
