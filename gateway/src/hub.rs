@@ -195,19 +195,24 @@ impl Hub {
     /// Every followed stream key with the newest `server_seq` this gateway has fanned
     /// out, sorted.
     pub fn followed(&self) -> Vec<(StreamKey, u64)> {
-        // Upgraded under the lock, read (and possibly dropped: dropping a topic takes
-        // the lock) after it.
-        let topics: Vec<Arc<Topic>> = self
-            .topics
+        let mut out: Vec<(StreamKey, u64)> = self
+            .live_topics()
+            .iter()
+            .map(|t| (t.key.clone(), t.head()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The topics followed now. Upgraded under the map's lock, to be read (and
+    /// possibly dropped: dropping a topic takes that lock) after it.
+    fn live_topics(&self) -> Vec<Arc<Topic>> {
+        self.topics
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter_map(Weak::upgrade)
-            .collect();
-        let mut out: Vec<(StreamKey, u64)> =
-            topics.iter().map(|t| (t.key.clone(), t.head())).collect();
-        out.sort();
-        out
+            .collect()
     }
 
     /// The topic for `key`, started when nobody follows it yet.
@@ -229,14 +234,7 @@ impl Hub {
 
     /// Bytes of ops the followed topics' rings hold.
     pub fn ring_bytes(&self) -> usize {
-        let topics: Vec<Arc<Topic>> = self
-            .topics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter_map(Weak::upgrade)
-            .collect();
-        topics.iter().map(|t| t.lock().ring_bytes).sum()
+        self.live_topics().iter().map(|t| t.lock().ring_bytes).sum()
     }
 
     /// Shows the number of topics and what their rings hold on `/metrics`.
