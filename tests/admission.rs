@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use ultrasync_client::{Connection, OpType, ServerMessage};
 use ultrasync_shared::admission::{Limits, test_support};
 use ultrasync_shared::{CommandEnvelope, ErrorCode, auth};
-use ultrasync_testkit::{Stack, http_get};
+use ultrasync_testkit::{Stack, StackOptions, http_get};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -209,10 +209,16 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 /// The sequencer admits on its own (a command may skip a gateway's checks), and an
 /// expensive tenant slows only itself: another tenant's writes keep their latency
-/// while the sequencer decodes a flood of large Automerge changes.
+/// while the sequencer decodes a flood of large Automerge changes. Each is decoded
+/// and answered once: with a 1 s ack wait, planning the flood outlasts it, and the
+/// sequencer keeps the messages in progress instead of getting them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sequencer_refuses_bombs_and_heavy_input_delays_only_its_tenant() {
-    let stack = Stack::start().await;
+    let stack = Stack::start_with(StackOptions {
+        configure: |c| c.sequencer.ack_wait_secs = 1,
+        ..Default::default()
+    })
+    .await;
     let nc = stack.nats_client().await;
     let mut heavy_answers = nc
         .subscribe("usync.reply.test.acme")
@@ -303,6 +309,16 @@ async fn the_sequencer_refuses_bombs_and_heavy_input_delays_only_its_tenant() {
             _ => panic!("the heavy tenant got {answered} of 40 answers"),
         }
     }
+    // Nothing is answered twice (a redelivered command would be).
+    let mut again = 0;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(3), heavy_answers.next()).await
+    {
+        again += ultrasync_shared::nats::split_lines(m.headers.as_ref(), &m.payload).len();
+    }
+    assert_eq!(
+        again, 0,
+        "{again} of the 40 heavy commands were answered again"
+    );
     eprintln!("other tenant's write p50: alone {alone:?}, during the flood {during:?}");
     assert!(
         during <= alone * 10 + Duration::from_millis(250),

@@ -98,6 +98,9 @@ pub struct Workers {
     senders: HashMap<StreamKey, mpsc::Sender<Job>>,
     /// Each task is one worker; it returns its key when it exits (idle).
     tasks: JoinSet<StreamKey>,
+    /// Fired by [`finish`](Self::finish): workers end the batch in hand and hand
+    /// back the commands they have not started.
+    stopping: CancellationToken,
 }
 
 impl Workers {
@@ -107,6 +110,7 @@ impl Workers {
             fence,
             senders: HashMap::new(),
             tasks: JoinSet::new(),
+            stopping: CancellationToken::new(),
         }
     }
 
@@ -122,8 +126,9 @@ impl Workers {
                 let (tx, rx) = mpsc::channel(WORKER_QUEUE);
                 let worker = Worker::new(key.clone(), self.shared.clone(), self.fence.clone());
                 let owned = key.clone();
+                let stopping = self.stopping.clone();
                 self.tasks.spawn(async move {
-                    worker.run(rx).await;
+                    worker.run(rx, stopping).await;
                     owned
                 });
                 self.senders.insert(key.clone(), tx);
@@ -172,8 +177,11 @@ impl Workers {
         }
     }
 
-    /// Closes every queue and waits for the workers to finish what they hold.
+    /// Closes every queue and waits for the workers to finish the batch each has in
+    /// hand; the commands queued behind it go back to the stream for the next owner
+    /// (a stop waits for one batch per key, not for everything queued).
     pub async fn finish(mut self) {
+        self.stopping.cancel();
         self.senders.clear();
         while let Some(res) = self.tasks.join_next().await {
             if let Err(e) = res {

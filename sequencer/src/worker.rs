@@ -18,6 +18,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use ultrasync_shared::admission::{self, Limits, LimitsConfig};
 use ultrasync_shared::config::SequencerConfig;
@@ -501,7 +502,10 @@ impl Worker {
         }
     }
 
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+    /// Takes `rx`'s jobs in batches until it closes or the key is idle. Once
+    /// `stopping` fires, the batch in progress is finished and what has not been
+    /// started is handed back for redelivery.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Job>, stopping: CancellationToken) {
         let window = Duration::from_millis(self.shared.config.batch_window_ms);
         let max = self.shared.config.batch_max;
         let idle = if self.spec.is_some() {
@@ -581,6 +585,17 @@ impl Worker {
                         _ => break,
                     }
                 }
+            }
+            if stopping.is_cancelled() {
+                rx.close();
+                while let Ok(job) = rx.try_recv() {
+                    if let Job::Command(p) = job {
+                        batch.push(p);
+                    }
+                }
+                debug!(stream_key = %self.key, commands = batch.len(), "stopping: commands handed back");
+                nak_all(&batch).await;
+                return;
             }
             self.process(batch).await;
             for tx in digests {
@@ -666,10 +681,21 @@ impl Worker {
             let (plans, ops, outgoing, overlay) = if heavy {
                 // Decoding changes and large JSON happens on a blocking thread (at most
                 // `heavy` at once): this key waits, the runtime and other keys do not.
-                let Some(loaded) = self.loaded.take() else {
+                // Waiting for a permit and planning may outlast the ack wait under
+                // load: the commands' messages are kept in progress meanwhile, so
+                // JetStream does not hand them out again to be decoded twice.
+                let deliveries = distinct_deliveries(&batch);
+                let every = Duration::from_secs(self.shared.config.ack_wait_secs.max(1)) / 2;
+                let Ok(permit) = keeping_alive(
+                    &deliveries,
+                    every,
+                    self.shared.heavy.clone().acquire_owned(),
+                )
+                .await
+                else {
                     return;
                 };
-                let Ok(permit) = self.shared.heavy.clone().acquire_owned().await else {
+                let Some(loaded) = self.loaded.take() else {
                     return;
                 };
                 let (key, shared) = (self.key.clone(), self.shared.clone());
@@ -679,7 +705,7 @@ impl Worker {
                     drop(permit);
                     (loaded, batch, planned)
                 });
-                match job.await {
+                match keeping_alive(&deliveries, every, job).await {
                     Ok((loaded, back, planned)) => {
                         self.loaded = Some(loaded);
                         batch = back;
@@ -1386,6 +1412,38 @@ pub fn admit(
         }
     }
     Ok(entry)
+}
+
+/// The messages `batch`'s commands came in, each once.
+fn distinct_deliveries(batch: &[Pending]) -> Vec<Arc<Delivery>> {
+    let mut out: Vec<Arc<Delivery>> = Vec::new();
+    for p in batch {
+        if !out.iter().any(|d| Arc::ptr_eq(d, &p.delivery)) {
+            out.push(p.delivery.clone());
+        }
+    }
+    out
+}
+
+/// Runs `work`, telling JetStream every `every` that `deliveries` are still being
+/// worked on (`+WPI`), so they are not redelivered while it runs.
+async fn keeping_alive<T>(
+    deliveries: &[Arc<Delivery>],
+    every: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tick.tick() => {
+                for d in deliveries {
+                    let _ = d.msg.ack_with(AckKind::Progress).await;
+                }
+            }
+        }
+    }
 }
 
 async fn nak_all(batch: &[Pending]) {
