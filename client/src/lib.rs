@@ -123,7 +123,7 @@ impl Connection {
                 }
                 Some(Err(e)) => return Err(ClientError::WebSocket(e.to_string())),
                 Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str(t.as_str())
+                    return ServerMessage::decode(t.as_str())
                         .map_err(|e| ClientError::Decode(format!("{e}: {t}")));
                 }
                 Some(Ok(Message::Close(frame))) => {

@@ -771,13 +771,12 @@ impl Worker {
                                     None => loaded.state.keys.remove(&key),
                                 };
                             }
-                            for (o, op) in outgoing.into_iter().zip(&ops) {
+                            for (o, op) in outgoing.iter().zip(&ops) {
                                 loaded.commands.insert(
                                     command_key(&op.actor_id, &op.command_id),
                                     &o.op_id,
                                     o.server_seq,
                                 );
-                                loaded.remember(op.clone(), o.body.len());
                             }
                         }
                         debug!(stream_key = %self.key, ops = ops.len(), last_seq = last, "batch committed");
@@ -806,6 +805,12 @@ impl Worker {
                 }
             }
             self.answer(&batch, plans, &ops, &bodies).await;
+            // The new ops stay decoded for answering retries (moved, once answered).
+            if let Some(loaded) = self.loaded.as_mut() {
+                for (op, body) in ops.into_iter().zip(&bodies) {
+                    loaded.remember(op, body.len());
+                }
+            }
             if self
                 .loaded
                 .as_ref()

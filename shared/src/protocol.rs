@@ -78,8 +78,119 @@ pub enum ClientMessage {
 
 impl ClientMessage {
     /// Decodes one text frame.
+    ///
+    /// A `command` (nearly every frame under load) is read straight into its struct:
+    /// serde's tagged enum first buffers the whole object in an intermediate tree,
+    /// which cost the gateway as much as the rest of decoding. Anything the direct
+    /// read does not take (another type, a malformed command) goes the general way,
+    /// so errors and every other frame decode as before.
     pub fn decode(text: &str) -> Result<Self, serde_json::Error> {
+        match serde_json::from_str::<wire::Command>(text) {
+            Ok(c) => Ok(Self::Command(c.into())),
+            Err(_) => serde_json::from_str(text),
+        }
+    }
+}
+
+impl ServerMessage {
+    /// Decodes one text frame, reading `ack` and `ops` (the frames a writing or
+    /// following client gets most) straight into their fields, like
+    /// [`ClientMessage::decode`].
+    pub fn decode(text: &str) -> Result<Self, serde_json::Error> {
+        // The server writes `type` first, so a frame of another type stops each
+        // direct read at its first field.
+        if let Ok(a) = serde_json::from_str::<wire::Ack>(text) {
+            return Ok(Self::Ack {
+                command_id: a.command_id,
+                server_seq: a.server_seq,
+                op: a.op,
+            });
+        }
+        if let Ok(o) = serde_json::from_str::<wire::Ops>(text) {
+            return Ok(Self::Ops {
+                namespace: o.namespace,
+                seq_start: o.seq_start,
+                ops: o.ops,
+            });
+        }
         serde_json::from_str(text)
+    }
+}
+
+/// The hot frames as plain structs with their `type` as a field: what
+/// `decode` reads directly. Each must accept exactly what its variant accepts.
+mod wire {
+    use serde::Deserialize;
+    use serde_json::Value;
+
+    use super::CommandFrame;
+    use crate::op::{Op, OpType, Precondition};
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum CommandTag {
+        Command,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Command {
+        #[serde(rename = "type")]
+        _tag: CommandTag,
+        command_id: String,
+        namespace: String,
+        key: String,
+        op_type: OpType,
+        #[serde(default)]
+        payload: Value,
+        #[serde(default)]
+        precondition: Option<Precondition>,
+        #[serde(default)]
+        base_seq: Option<u64>,
+    }
+
+    impl From<Command> for CommandFrame {
+        fn from(c: Command) -> Self {
+            Self {
+                command_id: c.command_id,
+                namespace: c.namespace,
+                key: c.key,
+                op_type: c.op_type,
+                payload: c.payload,
+                precondition: c.precondition,
+                base_seq: c.base_seq,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum AckTag {
+        Ack,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum OpsTag {
+        Ops,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Ack {
+        #[serde(rename = "type")]
+        _tag: AckTag,
+        pub command_id: String,
+        pub server_seq: u64,
+        pub op: Op,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Ops {
+        #[serde(rename = "type")]
+        _tag: OpsTag,
+        pub namespace: String,
+        pub seq_start: u64,
+        pub ops: Vec<Op>,
     }
 }
 
@@ -464,6 +575,54 @@ mod tests {
         assert!(ClientMessage::decode(r#"{"type":"nope"}"#).is_err());
         assert!(ClientMessage::decode(r#"{"type":"command"}"#).is_err());
         assert!(ClientMessage::decode("not json").is_err());
+    }
+
+    #[test]
+    fn hot_frames_decode_as_the_tagged_enums_do() {
+        let client = [
+            r#"{"type":"command","command_id":"c-1","namespace":"index","key":"k","op_type":"set","payload":{"a":[1,{"b":null}]}}"#,
+            r#"{"command_id":"c-1","namespace":"index","key":"k","op_type":"patch","payload":{"a":1},"type":"command","precondition":{"expected_version":3},"base_seq":7}"#,
+            r#"{"type":"command","command_id":"c-1","namespace":"index","key":"k","op_type":"del"}"#,
+            r#"{"type":"command","command_id":"c-1","namespace":"index","key":"k","op_type":"set","precondition":null,"base_seq":null}"#,
+            r#"{"type":"command","command_id":"c-1","namespace":"index","key":"k","op_type":"set","extra":1}"#,
+            r#"{"type":"command","command_id":"c-1","command_id":"c-2","namespace":"n","key":"k","op_type":"set"}"#,
+            r#"{"type":"command","type":"command","command_id":"c-1","namespace":"n","key":"k","op_type":"set"}"#,
+            r#"{"type":"command","command_id":"c-1","namespace":"n","key":"k","op_type":"nope"}"#,
+            r#"{"type":"command","command_id":7,"namespace":"n","key":"k","op_type":"set"}"#,
+            r#"{"type":"Command","command_id":"c-1","namespace":"n","key":"k","op_type":"set"}"#,
+            r#"{"type":"cursor","namespace":"n","server_seq":4}"#,
+            r#"{"type":"ping"}"#,
+            r#"[1,2]"#,
+            "",
+        ];
+        for text in client {
+            let general = serde_json::from_str::<ClientMessage>(text);
+            match (ClientMessage::decode(text), general) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{text}"),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{text}"),
+                (a, b) => panic!("{text}: direct {a:?}, general {b:?}"),
+            }
+        }
+        let op = r#"{"op_id":"x","org_id":"o","project_id":"p","namespace":"n","actor_id":"a","client_id":"c","command_id":"1","server_seq":5,"hlc_ts":"9","key":"k","op_type":"set","payload":{"v":[1,2]}}"#;
+        let server = [
+            format!(r#"{{"type":"ack","command_id":"1","server_seq":5,"op":{op}}}"#),
+            format!(r#"{{"command_id":"1","server_seq":5,"op":{op},"type":"ack","more":true}}"#),
+            format!(r#"{{"type":"ops","namespace":"n","seq_start":5,"ops":[{op},{op}]}}"#),
+            r#"{"type":"ops","namespace":"n","seq_start":5,"ops":[]}"#.to_owned(),
+            r#"{"type":"ack","command_id":"1","server_seq":5}"#.to_owned(),
+            r#"{"type":"synced","namespace":"n","server_seq":5}"#.to_owned(),
+            r#"{"type":"reject","command_id":"1","code":"invalid_op","reason":"no"}"#.to_owned(),
+            r#"{"type":"pong"}"#.to_owned(),
+            "{}".to_owned(),
+        ];
+        for text in &server {
+            let general = serde_json::from_str::<ServerMessage>(text);
+            match (ServerMessage::decode(text), general) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{text}"),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{text}"),
+                (a, b) => panic!("{text}: direct {a:?}, general {b:?}"),
+            }
+        }
     }
 
     #[test]
