@@ -203,9 +203,8 @@ impl Natsd {
             .append(true)
             .open(&log_file)?;
         let mut command = Command::new(&opts.bin);
-        if !opts.env.iter().any(|(k, _)| k == "GOMAXPROCS")
-            && let Some(n) = gomaxprocs()
-        {
+        if let Some(n) = gomaxprocs() {
+            // `opts.env`, set after it, wins.
             command.env("GOMAXPROCS", n);
         }
         let child = command
