@@ -83,7 +83,9 @@ impl ClientMessage {
     /// serde's tagged enum first buffers the whole object in an intermediate tree,
     /// which cost the gateway as much as the rest of decoding. Anything the direct
     /// read does not take (another type, a malformed command) goes the general way,
-    /// so errors and every other frame decode as before.
+    /// so errors and every other frame decode as before. At worst a frame is read
+    /// twice (a non-command whose `type` comes last), within the socket's frame size
+    /// and rate limits.
     pub fn decode(text: &str) -> Result<Self, serde_json::Error> {
         match serde_json::from_str::<wire::Command>(text) {
             Ok(c) => Ok(Self::Command(c.into())),
