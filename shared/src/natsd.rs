@@ -111,8 +111,8 @@ pub struct NatsdOptions {
     pub env: Vec<(String, String)>,
 }
 
-/// Go's processors for a managed nats-server: half the machine's cores (at least
-/// one), unless `GOMAXPROCS` is set. It shares the machine with the services (`dev`,
+/// Go's processors for a managed single nats-server: half the machine's cores (at
+/// least one), unless `GOMAXPROCS` is set. It shares the machine with the services (`dev`,
 /// the tests, `bench`); with a processor per core, Go's scheduler spun up a second
 /// thread whenever one sat in an fsync, for work the services needed that core for.
 /// `ultrasync bench` on 2 cores: nats-server's CPU per op 10-17 % lower with 1.
@@ -203,7 +203,10 @@ impl Natsd {
             .append(true)
             .open(&log_file)?;
         let mut command = Command::new(&opts.bin);
-        if let Some(n) = gomaxprocs() {
+        // Measured on a single server; a loopback cluster keeps Go's default.
+        if opts.cluster.is_none()
+            && let Some(n) = gomaxprocs()
+        {
             // `opts.env`, set after it, wins.
             command.env("GOMAXPROCS", n);
         }
