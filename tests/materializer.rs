@@ -492,3 +492,65 @@ async fn reads_inspect_state_and_a_second_replica() {
     );
     stack.shutdown().await;
 }
+
+/// `materializer.apply_interval_ms`: the ops of log messages that arrive within the
+/// interval after an apply began are applied together, in one write batch, and
+/// every op is still applied, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_arriving_within_the_apply_interval_share_one_apply() {
+    const OPS: usize = 40;
+    let stack = Stack::start_with(StackOptions {
+        configure: |c| {
+            c.materializer.apply_interval_ms = 400;
+            c.materializer.metrics_listen = Some(([127, 0, 0, 1], 0).into());
+        },
+        ..Default::default()
+    })
+    .await;
+    // One command at a time, each acked before the next: one log message each.
+    send_ops(&stack, "metadata", 0, OPS).await;
+    let nc = stack.nats_client().await;
+    let k = reads::key(&nc, &key("metadata"), "k3", Some(OPS as u64))
+        .await
+        .expect("key");
+    assert_eq!(k.last_server_seq, OPS as u64);
+    assert_eq!(k.value, Some(json!({"i": 38})));
+    let (code, out) = run_cli(
+        &stack,
+        &[
+            "inspect",
+            "state",
+            "--org",
+            "acme",
+            "--project",
+            "web",
+            "--ns",
+            "metadata",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let shown: Value = serde_json::from_str(&out).expect("json");
+    let expected = model(&stack, "metadata").await;
+    assert_eq!(shown["digest"], json!(state::digest(&expected)));
+
+    let addr = stack.materializer_metrics(0).expect("materializer metrics");
+    let (status, body) = ultrasync_testkit::http_get(&format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape");
+    assert_eq!(status, 200, "{body}");
+    let count = |family: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(family)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{family} missing in\n{body}"))
+    };
+    let ops = count("ultrasync_materializer_ops_applied_total");
+    let applies = count("ultrasync_materializer_apply_seconds_count");
+    assert_eq!(ops, OPS as f64);
+    // The 40 messages came one acked command after another, so well within a few
+    // intervals of each other: a handful of applies, not one per message.
+    assert!(
+        applies <= (OPS / 4) as f64,
+        "{applies} applies for {OPS} log messages"
+    );
+    stack.shutdown().await;
+}

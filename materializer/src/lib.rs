@@ -136,6 +136,8 @@ async fn apply_loop(
     let durable = consumer_name(&cfg.name);
     info!(name = %cfg.name, applied = shared.store.applied()?, "materializer running");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let apply_interval = Duration::from_millis(cfg.apply_interval_ms);
+    let mut last_apply = Instant::now();
     'consumer: loop {
         let from = shared.store.applied()? + 1;
         let consumer = match start_consumer(&shared.ops, &durable, from).await {
@@ -156,7 +158,12 @@ async fn apply_loop(
             .await
             .context("pulling ops")?;
         let mut messages = messages.ready_chunks(APPLY_CHUNK);
+        let mut ended = false;
         loop {
+            if ended {
+                warn!("op consumer ended; starting it again");
+                continue 'consumer;
+            }
             let chunk = tokio::select! {
                 _ = shutdown.cancelled() => break 'consumer,
                 _ = tick.tick() => {
@@ -165,10 +172,24 @@ async fn apply_loop(
                 }
                 c = messages.next() => c,
             };
-            let Some(chunk) = chunk else {
+            let Some(mut chunk) = chunk else {
                 warn!("op consumer ended; starting it again");
                 continue 'consumer;
             };
+            // Under load, the ops that arrive until `apply_interval` after the
+            // previous apply began join this one: one write batch, one ack.
+            let due = last_apply + apply_interval;
+            while chunk.len() < APPLY_CHUNK {
+                match tokio::time::timeout_at(due.into(), messages.next()).await {
+                    Ok(Some(more)) => chunk.extend(more),
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            last_apply = Instant::now();
             let mut entries = Vec::with_capacity(chunk.len());
             let mut last = None;
             let mut failed = false;

@@ -7,15 +7,20 @@
 //!                     message taken from the consumer (u64 BE)
 //! H{sk}             → the stream key's head: last_seq, head_stream_seq (u64 BE each)
 //! K{sk}\0{key}      → one key's entry (see `encode_entry`)
-//! C{sk}\0{cmd}      → server_seq (u64 BE) and op id of the op a command made; `cmd`
-//!                     is the hex of its command key (for snapshots: a retry after a
-//!                     take-over gets its answer, a reused command id is refused)
+//! S{sk}\0{seq}      → the command key (hex, length u16 BE first) and the op id of
+//!                     the op at server_seq `seq` (u64 BE), for snapshots: a retry
+//!                     after a take-over gets its answer, a reused command id is
+//!                     refused. Keyed by `seq` so that an apply appends to the
+//!                     memtable's order instead of inserting at random places, and
+//!                     records below a snapshot's floor go in one range delete.
+//! C{sk}\0{cmd}      → server_seq (u64 BE) and op id of the op a command made (written
+//!                     by older versions; read into snapshots, never written now)
 //! O{sk}\0{op_id}    → server_seq of an op whose command key is not known (written by
 //!                     older versions; read into snapshots, never written now)
 //! ```
 //!
-//! Every apply is one `WriteBatch` holding the changed entries, the op ids, the heads
-//! and the applied position, so after a crash at any point the store is at some batch
+//! Every apply is one `WriteBatch` holding the changed entries, the commands, the
+//! heads and the applied position, its keys in order, so after a crash at any point the store is at some batch
 //! boundary and the consumer restarts right after it: nothing lost, nothing applied
 //! twice. The WAL is written without fsync: a killed process loses nothing written;
 //! an OS crash may lose the newest batches, and with them their position, so they are
@@ -34,7 +39,11 @@ use ultrasync_shared::snapshot::Snapshot;
 use ultrasync_shared::state::{self, ApplyError, KeyEntry, NamespaceState};
 
 const APPLIED: &[u8] = b"A";
-/// crdt documents kept loaded between batches (loading one is O(document)).
+/// Entries kept loaded between batches, at most: in all, in stored bytes, and
+/// crdt documents (loading one is O(document), holding one takes more than its
+/// stored bytes).
+const CACHE_ENTRIES: usize = 65_536;
+const CACHE_BYTES: usize = 64 << 20;
 const DOC_CACHE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -109,16 +118,30 @@ fn op_id_key(key: &StreamKey, op_id: &str) -> Vec<u8> {
     prefixed(b'O', key, Some(op_id.as_bytes()))
 }
 
-fn command_key(key: &StreamKey, command: &str) -> Vec<u8> {
-    prefixed(b'C', key, Some(command.as_bytes()))
+fn command_key(key: &StreamKey, server_seq: u64) -> Vec<u8> {
+    prefixed(b'S', key, Some(&server_seq.to_be_bytes()))
 }
 
-/// `server_seq` (u64 BE), then the op id.
-fn encode_command(server_seq: u64, op_id: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + op_id.len());
-    v.extend_from_slice(&server_seq.to_be_bytes());
+/// The command key's length (u16 BE), the command key, then the op id.
+fn encode_command(command: &str, op_id: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(2 + command.len() + op_id.len());
+    v.extend_from_slice(&(command.len() as u16).to_be_bytes());
+    v.extend_from_slice(command.as_bytes());
     v.extend_from_slice(op_id.as_bytes());
     v
+}
+
+fn decode_command(bytes: &[u8]) -> Result<(String, String), StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("command record of {} bytes", bytes.len()));
+    let len = u16::from_be_bytes([
+        *bytes.first().ok_or_else(corrupt)?,
+        *bytes.get(1).ok_or_else(corrupt)?,
+    ]) as usize;
+    let command = bytes.get(2..2 + len).ok_or_else(corrupt)?;
+    let op_id = bytes.get(2 + len..).ok_or_else(corrupt)?;
+    let text =
+        |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|e| StoreError::Corrupt(e.to_string()));
+    Ok((text(command)?, text(op_id)?))
 }
 
 /// `[from, to)` covering every `tag{sk}\0…` key.
@@ -295,6 +318,29 @@ impl Store {
         );
         let mut stale = WriteBatch::default();
         let mut commands = BTreeMap::new();
+        // Commands by server_seq: the ones below `keep_from` are not read, and go in
+        // one range delete.
+        let (from, to) = range(b'S', key);
+        let floor = command_key(key, keep_from);
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(floor.clone());
+        if snap
+            .iterator_opt(IteratorMode::From(&from, Direction::Forward), opts)
+            .next()
+            .transpose()?
+            .is_some()
+        {
+            stale.delete_range(&from, &floor);
+        }
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(to);
+        for item in snap.iterator_opt(IteratorMode::From(&floor, Direction::Forward), opts) {
+            let (k, v) = item?;
+            let seq = u64_at(&k, k.len().saturating_sub(8))?;
+            let (command, op_id) = decode_command(&v)?;
+            commands.insert(command, (op_id, seq));
+        }
+        // Written by older versions: by command.
         let (from, to) = range(b'C', key);
         let skip = from.len();
         let mut opts = ReadOptions::default();
@@ -310,7 +356,7 @@ impl Store {
                 stale.delete(&k);
                 continue;
             }
-            commands.insert(command, (op_id, seq));
+            commands.entry(command).or_insert((op_id, seq));
         }
         let mut op_ids = BTreeMap::new();
         let (from, to) = range(b'O', key);
@@ -344,11 +390,65 @@ impl Store {
     }
 }
 
-/// The single writer: applies ops in order, keeping crdt documents loaded.
+/// One key's entry as the applier holds it: the entry (`None`: the key does not
+/// exist) and the size of its stored form, by which the cache is bounded.
+struct Held {
+    entry: Option<KeyEntry>,
+    bytes: usize,
+}
+
+/// The entries an [`Applier`] keeps between batches, so that a key written again
+/// is not read back from RocksDB (and a crdt document not loaded again, which is
+/// O(document)). Bounded in entries, stored bytes and documents; past a bound it
+/// starts over empty.
+#[derive(Default)]
+struct EntryCache {
+    entries: HashMap<(StreamKey, String), (KeyEntry, usize)>,
+    bytes: usize,
+    docs: usize,
+}
+
+impl EntryCache {
+    fn take(&mut self, id: &(StreamKey, String)) -> Option<(KeyEntry, usize)> {
+        let (entry, bytes) = self.entries.remove(id)?;
+        self.bytes -= bytes;
+        self.docs -= usize::from(entry.doc.is_some());
+        Some((entry, bytes))
+    }
+
+    fn put(&mut self, id: (StreamKey, String), entry: KeyEntry, bytes: usize) {
+        if let Some((old, old_bytes)) = self.entries.remove(&id) {
+            self.bytes -= old_bytes;
+            self.docs -= usize::from(old.doc.is_some());
+        }
+        let is_doc = entry.doc.is_some();
+        if self.entries.len() >= CACHE_ENTRIES
+            || self.bytes + bytes > CACHE_BYTES
+            || (is_doc && self.docs >= DOC_CACHE)
+        {
+            *self = Self::default();
+        }
+        self.bytes += bytes;
+        self.docs += usize::from(is_doc);
+        self.entries.insert(id, (entry, bytes));
+    }
+
+    fn forget_stream_key(&mut self, key: &StreamKey) {
+        self.entries.retain(|(k, _), _| k != key);
+        self.bytes = self.entries.values().map(|(_, b)| b).sum();
+        self.docs = self
+            .entries
+            .values()
+            .filter(|(e, _)| e.doc.is_some())
+            .count();
+    }
+}
+
+/// The single writer: applies ops in order, keeping recent entries loaded.
 pub struct Applier {
     store: std::sync::Arc<Store>,
     heads: HashMap<StreamKey, KeyHead>,
-    docs: HashMap<(StreamKey, String), KeyEntry>,
+    cache: EntryCache,
 }
 
 impl Applier {
@@ -356,7 +456,7 @@ impl Applier {
         Self {
             store,
             heads: HashMap::new(),
-            docs: HashMap::new(),
+            cache: EntryCache::default(),
         }
     }
 
@@ -373,23 +473,25 @@ impl Applier {
         Ok(h)
     }
 
-    fn current(
-        &self,
-        overlay: &HashMap<(StreamKey, String), Option<KeyEntry>>,
-        key: &StreamKey,
-        name: &str,
-    ) -> Result<Option<KeyEntry>, StoreError> {
-        let id = (key.clone(), name.to_owned());
-        if let Some(e) = overlay.get(&id) {
-            return Ok(e.clone());
+    /// A key's entry as stored, from the cache (which it leaves: the batch holds it
+    /// now) or from RocksDB.
+    fn load(&mut self, id: &(StreamKey, String)) -> Result<Held, StoreError> {
+        if let Some((entry, bytes)) = self.cache.take(id) {
+            return Ok(Held {
+                entry: Some(entry),
+                bytes,
+            });
         }
-        if let Some(e) = self.docs.get(&id) {
-            return Ok(Some(e.clone()));
-        }
-        match self.store.db.get(entry_key(key, name))? {
-            Some(b) => Ok(Some(decode_entry(&b)?)),
-            None => Ok(None),
-        }
+        Ok(match self.store.db.get(entry_key(&id.0, &id.1))? {
+            Some(b) => Held {
+                entry: Some(decode_entry(&b)?),
+                bytes: b.len(),
+            },
+            None => Held {
+                entry: None,
+                bytes: 0,
+            },
+        })
     }
 
     /// Applies `entries` (each with its stream key) in order, in one atomic write, up
@@ -402,9 +504,12 @@ impl Applier {
         record_position: bool,
     ) -> Result<Applied, StoreError> {
         let mut out = Applied::default();
-        let mut overlay: HashMap<(StreamKey, String), Option<KeyEntry>> = HashMap::new();
+        // The entries this batch read, and whether it changed them.
+        let mut overlay: HashMap<(StreamKey, String), (Held, bool)> = HashMap::new();
         let mut heads: HashMap<StreamKey, KeyHead> = HashMap::new();
-        let mut batch = WriteBatch::default();
+        // Every key written, put in the batch in order at the end: the memtable
+        // then inserts each one next to the one before.
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut last_position = None;
         for (key, entry) in entries {
             let mut head = match heads.get(key) {
@@ -426,10 +531,22 @@ impl Applier {
                     server_seq: entry.server_seq,
                     why: e.to_string(),
                 })?;
-                let current = self.current(&overlay, key, &op.key)?;
-                match state::next_entry(current.as_ref(), op.op_type, &op.payload, op.server_seq) {
+                let slot = match overlay.entry((key.clone(), op.key.clone())) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let held = self.load(v.key())?;
+                        v.insert((held, false))
+                    }
+                };
+                match state::next_entry(
+                    slot.0.entry.as_ref(),
+                    op.op_type,
+                    &op.payload,
+                    op.server_seq,
+                ) {
                     Ok(next) => {
-                        overlay.insert((key.clone(), op.key.clone()), next);
+                        slot.0.entry = next;
+                        slot.1 = true;
                     }
                     Err(ApplyError::InvalidOp(why)) => {
                         // Committed ops always apply; if one does not, the sequencer
@@ -445,10 +562,10 @@ impl Applier {
                     }
                 }
                 let command = ultrasync_shared::op::command_key_hex(&op.actor_id, &op.command_id);
-                batch.put(
-                    command_key(key, &command),
-                    encode_command(entry.server_seq, &entry.op_id),
-                );
+                writes.push((
+                    command_key(key, entry.server_seq),
+                    Some(encode_command(&command, &entry.op_id)),
+                ));
                 head = KeyHead {
                     last_seq: entry.server_seq,
                     head_stream_seq: entry.stream_seq,
@@ -459,34 +576,41 @@ impl Applier {
             last_position = Some(entry.stream_seq);
             out.taken += 1;
         }
-        for ((key, name), entry) in &overlay {
-            match entry {
-                Some(e) => batch.put(entry_key(key, name), encode_entry(e)),
-                None => batch.delete(entry_key(key, name)),
+        for ((key, name), (held, changed)) in overlay.iter_mut() {
+            if !*changed {
+                continue;
+            }
+            match &held.entry {
+                Some(e) => {
+                    let bytes = encode_entry(e);
+                    held.bytes = bytes.len();
+                    writes.push((entry_key(key, name), Some(bytes)));
+                }
+                None => writes.push((entry_key(key, name), None)),
             }
         }
         for (key, head) in &heads {
-            batch.put(head_key(key), encode_head(*head));
+            writes.push((head_key(key), Some(encode_head(*head))));
         }
         if let (true, Some(p)) = (record_position, last_position) {
             let p = p.max(self.store.applied()?);
-            batch.put(APPLIED, p.to_be_bytes());
+            writes.push((APPLIED.to_vec(), Some(p.to_be_bytes().to_vec())));
         }
-        if !batch.is_empty() {
+        if !writes.is_empty() {
+            writes.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut batch = WriteBatch::default();
+            for (k, v) in writes {
+                match v {
+                    Some(v) => batch.put(k, v),
+                    None => batch.delete(k),
+                }
+            }
             self.store.db.write(batch)?;
         }
         self.heads.extend(heads);
-        if self.docs.len() > DOC_CACHE {
-            self.docs.clear();
-        }
-        for ((key, name), entry) in overlay {
-            match entry {
-                Some(e) if e.doc.is_some() => {
-                    self.docs.insert((key, name), e);
-                }
-                _ => {
-                    self.docs.remove(&(key, name));
-                }
+        for (id, (held, _)) in overlay {
+            if let Some(e) = held.entry {
+                self.cache.put(id, e, held.bytes);
             }
         }
         Ok(out)
@@ -496,7 +620,7 @@ impl Applier {
     /// gone, so the snapshot is where it starts).
     pub fn install(&mut self, key: &StreamKey, snapshot: &Snapshot) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        for tag in [b'K', b'O', b'C'] {
+        for tag in [b'K', b'O', b'C', b'S'] {
             let (from, to) = range(tag, key);
             batch.delete_range(from, to);
         }
@@ -507,7 +631,7 @@ impl Applier {
             batch.put(op_id_key(key, id), seq.to_be_bytes());
         }
         for (command, (id, seq)) in &snapshot.commands {
-            batch.put(command_key(key, command), encode_command(*seq, id));
+            batch.put(command_key(key, *seq), encode_command(command, id));
         }
         let head = KeyHead {
             last_seq: snapshot.state.last_seq,
@@ -516,7 +640,7 @@ impl Applier {
         batch.put(head_key(key), encode_head(head));
         self.store.db.write(batch)?;
         self.heads.insert(key.clone(), head);
-        self.docs.retain(|(k, _), _| k != key);
+        self.cache.forget_stream_key(key);
         Ok(())
     }
 }
@@ -608,5 +732,138 @@ mod tests {
                 }
             )]
         );
+    }
+
+    #[test]
+    fn commands_by_server_seq_are_read_into_snapshots_and_trimmed_in_one_range() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = std::sync::Arc::new(Store::open(dir.path()).expect("open"));
+        let mut applier = Applier::new(store.clone());
+        let k = StreamKey::parse("o", "p", "n").expect("key");
+        let other = StreamKey::parse("o", "p", "m").expect("key");
+        let ops: Vec<_> = (1..=1100)
+            .flat_map(|seq| {
+                [
+                    (
+                        k.clone(),
+                        entry(&k, seq, "a", OpType::Set, serde_json::json!(seq)),
+                    ),
+                    (
+                        other.clone(),
+                        entry(&other, seq, "a", OpType::Set, Value::Null),
+                    ),
+                ]
+            })
+            .collect();
+        for chunk in ops.chunks(300) {
+            applier.apply(chunk, true).expect("apply");
+        }
+        // Two ops recorded by an older version: by command, not by server_seq.
+        let command = |seq: u64| ultrasync_shared::op::command_key_hex("a", &format!("c{seq}"));
+        for seq in [5, 900] {
+            store.db.delete(command_key(&k, seq)).expect("delete");
+            let mut v = seq.to_be_bytes().to_vec();
+            v.extend_from_slice(format!("id{seq}").as_bytes());
+            store
+                .db
+                .put(prefixed(b'C', &k, Some(command(seq).as_bytes())), v)
+                .expect("put");
+        }
+        let stored = |tag: u8, key: &StreamKey| {
+            let (from, to) = range(tag, key);
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_upper_bound(to);
+            store
+                .db
+                .iterator_opt(IteratorMode::From(&from, Direction::Forward), opts)
+                .count()
+        };
+        assert_eq!(stored(b'S', &k), 1098);
+
+        // The log holds 1050 on; the newest 1024 commands are kept anyway (from 77).
+        let snap = store.snapshot_for_log(&k, 1050).expect("snapshot");
+        assert_eq!(snap.commands.len(), 1024);
+        for seq in [77, 900, 1100] {
+            assert_eq!(snap.commands[&command(seq)], (format!("id{seq}"), seq));
+        }
+        assert!(!snap.commands.contains_key(&command(76)));
+        assert!(!snap.commands.contains_key(&command(5)));
+        assert_eq!(stored(b'S', &k), 1023);
+        assert_eq!(stored(b'C', &k), 1);
+        // Another stream key's records are not touched; a second snapshot agrees.
+        assert_eq!(stored(b'S', &other), 1100);
+        let again = store.snapshot_for_log(&k, 1050).expect("snapshot");
+        assert_eq!(again.commands, snap.commands);
+
+        // Installed elsewhere, the same commands come back.
+        let dir2 = tempfile::tempdir().expect("tmp");
+        let store2 = std::sync::Arc::new(Store::open(dir2.path()).expect("open"));
+        Applier::new(store2.clone())
+            .install(&k, &snap)
+            .expect("install");
+        assert_eq!(
+            store2.snapshot_for_log(&k, 1050).expect("s").commands,
+            snap.commands
+        );
+    }
+
+    #[test]
+    fn an_installed_snapshot_replaces_what_the_applier_holds() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = std::sync::Arc::new(Store::open(dir.path()).expect("open"));
+        let mut applier = Applier::new(store.clone());
+        let k = StreamKey::parse("o", "p", "n").expect("key");
+        let e = |seq, t, p| (k.clone(), entry(&k, seq, "a", t, p));
+        applier
+            .apply(&[e(1, OpType::Set, serde_json::json!({"x": 1}))], true)
+            .expect("apply");
+        let mut installed = store.snapshot(&k).expect("snapshot");
+        installed.state.last_seq = 5;
+        installed.head_stream_seq = 50;
+        installed.state.keys.insert(
+            "a".into(),
+            KeyEntry {
+                value: serde_json::json!({"x": 99}),
+                version: 5,
+                doc: None,
+            },
+        );
+        applier.install(&k, &installed).expect("install");
+        applier
+            .apply(&[e(6, OpType::Patch, serde_json::json!({"y": 2}))], true)
+            .expect("apply");
+        let (seq, a) = store.entry(&k, "a").expect("entry");
+        assert_eq!(seq, 6);
+        assert_eq!(
+            a.map(|a| a.value),
+            Some(serde_json::json!({"x": 99, "y": 2}))
+        );
+    }
+
+    #[test]
+    fn the_entry_cache_stays_within_its_bounds() {
+        let k = StreamKey::parse("o", "p", "n").expect("key");
+        let value = |n: u64| KeyEntry {
+            value: serde_json::json!(n),
+            version: n,
+            doc: None,
+        };
+        let mut cache = EntryCache::default();
+        for n in 0..100u64 {
+            cache.put((k.clone(), format!("k{n}")), value(n), 1 << 20);
+            assert!(cache.bytes <= CACHE_BYTES);
+            assert_eq!(cache.bytes, cache.entries.len() << 20);
+        }
+        assert!(cache.entries.len() < 100);
+        // The newest is always held; taking it leaves the accounts right.
+        let newest = (k.clone(), "k99".to_owned());
+        assert_eq!(cache.take(&newest).map(|(e, _)| e.version), Some(99));
+        assert_eq!(cache.bytes, cache.entries.len() << 20);
+        for n in 0..(CACHE_ENTRIES as u64 + 10) {
+            cache.put((k.clone(), format!("s{n}")), value(n), 1);
+            assert!(cache.entries.len() <= CACHE_ENTRIES);
+        }
+        cache.forget_stream_key(&k);
+        assert_eq!((cache.entries.len(), cache.bytes, cache.docs), (0, 0, 0));
     }
 }

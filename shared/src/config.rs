@@ -430,6 +430,11 @@ pub struct MaterializerConfig {
     pub snapshot_interval_secs: u64,
     /// Whether this instance writes snapshots (at least one instance should).
     pub write_snapshots: bool,
+    /// Milliseconds an apply waits, at most, after the previous one started, so that
+    /// under load one write batch takes the ops of several log messages (0: apply
+    /// whatever has arrived at once). Ops arriving further apart than this are
+    /// applied at once.
+    pub apply_interval_ms: u64,
     /// Where this instance serves Prometheus `/metrics` (off when unset).
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -442,6 +447,7 @@ impl Default for MaterializerConfig {
             snapshot_every_ops: 10_000,
             snapshot_interval_secs: 60,
             write_snapshots: true,
+            apply_interval_ms: 5,
             metrics_listen: None,
         }
     }
@@ -637,6 +643,9 @@ impl Config {
             anyhow::bail!(
                 "materializer.snapshot_every_ops and snapshot_interval_secs must be positive"
             );
+        }
+        if self.materializer.apply_interval_ms > 1000 {
+            anyhow::bail!("materializer.apply_interval_ms must be 0-1000");
         }
         crate::ids::Id::parse("materializer.name", &self.materializer.name).map_err(|e| {
             anyhow::anyhow!("materializer.name must be an id (letters, digits, - and _): {e}")

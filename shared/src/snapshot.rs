@@ -81,15 +81,16 @@ pub enum SnapshotError {
     Digest,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Body {
-    stream_key: String,
+/// What a snapshot's body holds, borrowed from the [`Snapshot`] it encodes.
+#[derive(Serialize)]
+struct Body<'a> {
+    stream_key: &'a str,
     last_seq: u64,
     head_stream_seq: u64,
     digest: String,
-    keys: Vec<BodyKey>,
-    op_ids: Vec<(String, u64)>,
-    commands: Vec<(String, String, u64)>,
+    keys: Vec<BodyKey<'a>>,
+    op_ids: Vec<(&'a str, u64)>,
+    commands: Vec<(&'a str, &'a str, u64)>,
 }
 
 /// [`Body`] as read: values left raw, parsed one by one (see the module doc).
@@ -115,13 +116,13 @@ struct BodyKeyIn {
     doc: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct BodyKey {
-    key: String,
-    value: Value,
+#[derive(Serialize)]
+struct BodyKey<'a> {
+    key: &'a str,
+    value: &'a Value,
     version: u64,
     /// `Automerge::save()` of a crdt key's document, base64.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     doc: Option<String>,
 }
 
@@ -399,7 +400,7 @@ impl Snapshot {
 
     pub fn encode(&self) -> Vec<u8> {
         let body = Body {
-            stream_key: self.stream_key.clone(),
+            stream_key: &self.stream_key,
             last_seq: self.state.last_seq,
             head_stream_seq: self.head_stream_seq,
             digest: self.digest(),
@@ -408,29 +409,40 @@ impl Snapshot {
                 .keys
                 .iter()
                 .map(|(k, e)| BodyKey {
-                    key: k.clone(),
-                    value: e.value.clone(),
+                    key: k,
+                    value: &e.value,
                     version: e.version,
                     doc: e.doc.as_ref().map(|d| B64.encode(d.save())),
                 })
                 .collect(),
-            op_ids: self.op_ids.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            op_ids: self.op_ids.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
             commands: self
                 .commands
                 .iter()
-                .map(|(k, (id, seq))| (k.clone(), id.clone(), *seq))
+                .map(|(k, (id, seq))| (k.as_str(), id.as_str(), *seq))
                 .collect(),
         };
-        let json = serde_json::to_vec(&body).unwrap_or_default();
-        let compressed = zstd::encode_all(json.as_slice(), ZSTD_LEVEL).unwrap_or_default();
-        let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.push(CODEC_ZSTD_JSON);
-        out.push(0);
-        out.extend_from_slice(&(compressed.len() as u64).to_le_bytes());
-        out.extend_from_slice(&Sha256::digest(&compressed));
-        out.extend_from_slice(&compressed);
+        // The JSON goes through the compressor as it is written: no copy of the
+        // whole body is held uncompressed. The header's length and checksum are
+        // filled in once the compressed body is complete.
+        let mut out = vec![0u8; HEADER_LEN];
+        let written = zstd::stream::Encoder::new(&mut out, ZSTD_LEVEL).and_then(|mut z| {
+            serde_json::to_writer(&mut z, &body)?;
+            z.finish().map(|_| ())
+        });
+        if written.is_err() {
+            // Writing into memory fails only when the compressor cannot be set up;
+            // an empty body then fails the reader's checks instead of passing them.
+            out.truncate(HEADER_LEN);
+        }
+        let compressed_len = (out.len() - HEADER_LEN) as u64;
+        let digest = Sha256::digest(&out[HEADER_LEN..]);
+        out[..4].copy_from_slice(MAGIC);
+        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        out[6] = CODEC_ZSTD_JSON;
+        out[7] = 0;
+        out[8..16].copy_from_slice(&compressed_len.to_le_bytes());
+        out[16..48].copy_from_slice(&digest);
         out
     }
 
