@@ -157,10 +157,11 @@ async fn hostile_commands_are_refused_and_the_stack_keeps_serving() {
     c.command("deepest", "index", "deepest", OpType::Set, nested(depth))
         .await
         .expect("send");
-    assert!(answer(&mut c, "deepest").await.is_ok());
+    let seq = answer(&mut c, "deepest").await.expect("stored");
+    // Read-your-writes: the materializer's state at least as of the ack.
     let snap = stack
         .get(
-            "/v1/acme/web/index/snapshot",
+            &format!("/v1/acme/web/index/snapshot?min_seq={seq}"),
             &stack.token("reader", "read"),
         )
         .await;

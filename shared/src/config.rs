@@ -431,9 +431,10 @@ pub struct MaterializerConfig {
     /// Whether this instance writes snapshots (at least one instance should).
     pub write_snapshots: bool,
     /// Milliseconds an apply waits, at most, after the previous one started, so that
-    /// under load one write batch takes the ops of several log messages (0: apply
-    /// whatever has arrived at once). Ops arriving further apart than this are
-    /// applied at once.
+    /// under load one write batch takes the ops of several log messages (0, the
+    /// default: apply whatever has arrived at once). Ops arriving further apart than
+    /// this are applied at once. Reads without `min_seq` may then see state up to
+    /// this much older.
     pub apply_interval_ms: u64,
     /// Where this instance serves Prometheus `/metrics` (off when unset).
     pub metrics_listen: Option<SocketAddr>,
@@ -447,7 +448,7 @@ impl Default for MaterializerConfig {
             snapshot_every_ops: 10_000,
             snapshot_interval_secs: 60,
             write_snapshots: true,
-            apply_interval_ms: 5,
+            apply_interval_ms: 0,
             metrics_listen: None,
         }
     }
