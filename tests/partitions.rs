@@ -581,9 +581,11 @@ async fn a_flooded_stream_key_does_not_delay_another() {
         baseline.0, baseline.1, baseline.2, baseline.3, during.0, during.1, during.2, during.3
     );
     assert!(pushed_back > 0, "the flood never filled its key's queue");
-    // Not queued behind the flood: the bystander's slowest ack is a small part of
-    // the time the flood took, and its median stays near the baseline's.
-    assert!(during.2 * 4 < drained, "the bystander waited for the flood");
+    // Not queued behind the flood: a bystander command sent right after the flood
+    // and queued behind it would wait about as long as the flood took to drain;
+    // its slowest ack is a small part of that, and its median stays near the
+    // baseline's.
+    assert!(during.2 * 2 < drained, "the bystander waited for the flood");
     assert!(
         during.0 <= baseline.1 * 5 + baseline.0 * 5,
         "bystander p50 {:?} against baseline p99 {:?}",

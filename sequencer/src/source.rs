@@ -2,9 +2,10 @@
 //! consumer of a deployment set up before partitions) feeding per-stream-key
 //! workers.
 //!
-//! Dispatch never waits for a worker: when a stream key's queue is full, that key's
-//! command is handed back to JetStream for redelivery after [`BUSY_RETRY`], and
-//! every other key of the source keeps flowing. A flooded key slows only itself.
+//! Dispatch never waits for a worker: when a stream key's queue has no room for a
+//! message's commands, the message is handed back to JetStream for redelivery after
+//! [`BUSY_RETRY`], before it is decoded, and every other key of the source keeps
+//! flowing. A flooded key slows only itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -148,6 +149,16 @@ impl Workers {
         }
     }
 
+    /// Commands the queue of `key` takes now without waiting (a whole queue when the
+    /// key has no live worker). The source is the queues' only sender, so this much
+    /// room stays until it dispatches.
+    pub fn room(&self, key: &StreamKey) -> usize {
+        match self.senders.get(key) {
+            Some(tx) if !tx.is_closed() => tx.capacity(),
+            _ => WORKER_QUEUE,
+        }
+    }
+
     /// Forgets workers that ended, without waiting.
     pub fn reap(&mut self) {
         while let Some(res) = self.tasks.try_join_next() {
@@ -253,6 +264,23 @@ pub async fn run(
         };
         let delivered = msg.info().map_or(1, |i| i.delivered.max(1)) as u32;
         let busy_retry = (BUSY_RETRY * delivered).min(BUSY_RETRY_MAX);
+        // A message goes to its key's queue whole or not at all, and is handed back
+        // before it is decoded: a flood costs a redelivery per message, not a
+        // decode and a repeated answer per command already taken.
+        let commands = nats::split_lines(msg.headers.as_ref(), &msg.payload).len();
+        if workers.room(&key) < commands.min(WORKER_QUEUE) {
+            stats.commands.fetch_add(commands as u64, Ordering::Relaxed);
+            stats
+                .pushed_back
+                .fetch_add(commands as u64, Ordering::Relaxed);
+            if let Err(e) = msg
+                .ack_with(jetstream::AckKind::Nak(Some(busy_retry)))
+                .await
+            {
+                warn!(error = %e, "handing a command message back failed; it will be redelivered");
+            }
+            continue;
+        }
         for p in Pending::from_message(msg, &tracer) {
             stats.commands.fetch_add(1, Ordering::Relaxed);
             if let Err(Job::Command(p)) = workers.dispatch(key.clone(), Job::Command(p)) {
