@@ -581,6 +581,15 @@ async fn a_flooded_stream_key_does_not_delay_another() {
         baseline.0, baseline.1, baseline.2, baseline.3, during.0, during.1, during.2, during.3
     );
     assert!(pushed_back > 0, "the flood never filled its key's queue");
+    // Read before any resend: every command handed back so far came in a message of
+    // 200, and a message goes to the queue whole or back whole (a message split
+    // between the two would come back with the commands already taken, each decoded
+    // and answered again).
+    assert_eq!(
+        pushed_back % 200,
+        0,
+        "a flood message was split between the queue and a hand-back"
+    );
     // Not queued behind the flood: a bystander command sent right after the flood
     // and queued behind it would wait about as long as the flood took to drain;
     // its slowest ack is a small part of that, and its median stays near the

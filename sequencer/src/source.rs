@@ -266,7 +266,9 @@ pub async fn run(
         let busy_retry = (BUSY_RETRY * delivered).min(BUSY_RETRY_MAX);
         // A message goes to its key's queue whole or not at all, and is handed back
         // before it is decoded: a flood costs a redelivery per message, not a
-        // decode and a repeated answer per command already taken.
+        // decode and a repeated answer per command already taken. (Gateways put at
+        // most 500 commands in a message; one over a whole queue would go in part
+        // once the queue is empty, the rest handed back as before.)
         let commands = nats::split_lines(msg.headers.as_ref(), &msg.payload).len();
         if workers.room(&key) < commands.min(WORKER_QUEUE) {
             stats.commands.fetch_add(commands as u64, Ordering::Relaxed);
