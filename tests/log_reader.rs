@@ -10,7 +10,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::{StreamExt as _, TryStreamExt as _};
 use ultrasync_shared::log::{LogEntry, LogError, read_from};
-use ultrasync_shared::nats::{HDR_OP_ID, HDR_SEQ, LayoutOptions, OPS_STREAM, ensure_layout};
+use ultrasync_shared::nats::{
+    HDR_OP_ID, HDR_SEQ, LayoutOptions, MAX_MSG_SIZE, OPS_STREAM, PULL_MAX_BYTES, ensure_layout,
+};
 use ultrasync_shared::natsd::{Natsd, NatsdOptions, find_nats_server, free_ports};
 use ultrasync_testkit::{NatsUsers, shipped_users_conf};
 
@@ -140,4 +142,53 @@ async fn the_reader_starts_over_in_order_without_deleting_a_consumer() {
         "the reader hit permission violations:\n{}",
         refused.join("\n")
     );
+}
+
+/// Pulls ask for at most `PULL_MAX_BYTES`: ops of nearly the largest message size
+/// the log takes, more of them than one pull's bytes hold, still come through in
+/// order (a message over a pull's bytes would never be delivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reader_reads_the_largest_messages_over_several_pulls() {
+    ultrasync_testkit::init_tracing();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let opts = NatsdOptions {
+        bin: find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)"),
+        store_dir: tmp.path().join("store"),
+        run_dir: tmp.path().join("run"),
+        ..Default::default()
+    };
+    let nats = Natsd::spawn(&opts).expect("nats-server");
+    let js = jetstream::new(async_nats::connect(&nats.url).await.expect("connect"));
+    ensure_layout(&js, LayoutOptions::default())
+        .await
+        .expect("layout");
+    let size = MAX_MSG_SIZE as usize - 4096;
+    let count = (PULL_MAX_BYTES / size + 2) as u64;
+    for seq in 1..=count {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(HDR_SEQ, seq.to_string().as_str());
+        headers.insert(HDR_OP_ID, format!("op-{seq}").as_str());
+        let body = format!("{{\"v\":\"{}\"}}", "x".repeat(size - 8));
+        js.publish_with_headers(SUBJECT, headers, body.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    let ops = js.get_stream(OPS_STREAM).await.expect("ops");
+    let mut entries = Box::pin(read_from(&ops, SUBJECT, 1).await.expect("read"));
+    let read = async {
+        for want in 1..=count {
+            let e = entries
+                .next()
+                .await
+                .expect("the reader does not end")
+                .expect("the reader reads on");
+            assert_eq!(e.server_seq, want, "a gap or a duplicate");
+            assert_eq!(e.payload.len(), size);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("every large op read within a minute");
 }

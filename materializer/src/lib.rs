@@ -153,6 +153,7 @@ async fn apply_loop(
         let messages = consumer
             .stream()
             .max_messages_per_batch(APPLY_CHUNK)
+            .max_bytes_per_batch(nats::PULL_MAX_BYTES)
             .heartbeat(Duration::from_secs(5))
             .messages()
             .await

@@ -219,6 +219,7 @@ pub async fn run(
             .stream()
             .group(PRIORITY_GROUP)
             .max_messages_per_batch(1000)
+            .max_bytes_per_batch(nats::PULL_MAX_BYTES)
             .heartbeat(Duration::from_secs(5))
             .messages()
             .await;

@@ -383,6 +383,7 @@ impl Reader {
         let messages = consumer
             .stream()
             .max_messages_per_batch(batch)
+            .max_bytes_per_batch(crate::nats::PULL_MAX_BYTES)
             .expires(READER_EXPIRES)
             .heartbeat(READER_HEARTBEAT)
             .messages()

@@ -136,6 +136,14 @@ pub fn split_lines<'a>(
 /// Largest message either stream accepts: a frame (1 MiB) plus envelope.
 pub const MAX_MSG_SIZE: i32 = 2 * 1024 * 1024;
 
+/// Most bytes one pull of a consumer asks for (the sequencers' command sources, the
+/// materializer, log readers), beside its message count: what a process holds of
+/// messages it has not worked through yet. A thousand messages of a tenant's
+/// largest commands or ops would otherwise be a couple of GiB at once. Well above
+/// [`MAX_MSG_SIZE`]: a message larger than a pull's bytes would never be delivered.
+pub const PULL_MAX_BYTES: usize = 8 * 1024 * 1024;
+const _: () = assert!(PULL_MAX_BYTES >= 2 * MAX_MSG_SIZE as usize);
+
 pub fn cmd_subject(key: &StreamKey) -> String {
     format!("usync.cmd.{}.{}.{}", key.org, key.project, key.namespace)
 }
