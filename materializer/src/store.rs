@@ -26,6 +26,7 @@
 //! an OS crash may lose the newest batches, and with them their position, so they are
 //! read from the log again.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -33,10 +34,10 @@ use automerge::Automerge;
 use rocksdb::{DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch};
 use serde_json::Value;
 use tracing::warn;
-use ultrasync_shared::StreamKey;
 use ultrasync_shared::log::LogEntry;
 use ultrasync_shared::snapshot::Snapshot;
 use ultrasync_shared::state::{self, ApplyError, KeyEntry, NamespaceState};
+use ultrasync_shared::{OpType, StreamKey};
 
 const APPLIED: &[u8] = b"A";
 /// Entries kept loaded between batches, at most: in all, in stored bytes, and
@@ -444,6 +445,23 @@ impl EntryCache {
     }
 }
 
+/// What an apply reads of an op: the fields it uses, the strings borrowed from the
+/// stored JSON where they hold no escapes (the rest of the op is skipped, not
+/// decoded into a whole `Op` only to be dropped).
+#[derive(serde::Deserialize)]
+struct Applying<'a> {
+    #[serde(borrow)]
+    actor_id: Cow<'a, str>,
+    #[serde(borrow)]
+    command_id: Cow<'a, str>,
+    #[serde(borrow)]
+    key: Cow<'a, str>,
+    op_type: OpType,
+    #[serde(default)]
+    payload: Value,
+    server_seq: u64,
+}
+
 /// The single writer: applies ops in order, keeping recent entries loaded.
 pub struct Applier {
     store: std::sync::Arc<Store>,
@@ -526,12 +544,13 @@ impl Applier {
                 });
                 break;
             } else {
-                let op = entry.op().map_err(|e| StoreError::BadOp {
-                    stream_key: key.to_string(),
-                    server_seq: entry.server_seq,
-                    why: e.to_string(),
-                })?;
-                let slot = match overlay.entry((key.clone(), op.key.clone())) {
+                let op: Applying =
+                    serde_json::from_slice(&entry.payload).map_err(|e| StoreError::BadOp {
+                        stream_key: key.to_string(),
+                        server_seq: entry.server_seq,
+                        why: e.to_string(),
+                    })?;
+                let slot = match overlay.entry((key.clone(), op.key.to_string())) {
                     std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                     std::collections::hash_map::Entry::Vacant(v) => {
                         let held = self.load(v.key())?;
