@@ -21,12 +21,18 @@ const SUBJECT: &str = "usync.ops.acme.web.index";
 /// Appends op `seq` to `SUBJECT` as admin, waiting out a server that is still
 /// starting (JetStream answers no responders until it is up).
 async fn append(js: &jetstream::Context, seq: u64) {
+    append_body(js, seq, format!("{{\"n\":{seq}}}")).await;
+}
+
+/// [`append`] with `body` as the op's JSON.
+async fn append_body(js: &jetstream::Context, seq: u64, body: String) {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(HDR_SEQ, seq.to_string().as_str());
     headers.insert(HDR_OP_ID, format!("op-{seq}").as_str());
+    let body = bytes::Bytes::from(body);
     for _ in 0..300 {
         if let Ok(ack) = js
-            .publish_with_headers(SUBJECT, headers.clone(), format!("{{\"n\":{seq}}}").into())
+            .publish_with_headers(SUBJECT, headers.clone(), body.clone())
             .await
             && ack.await.is_ok()
         {
@@ -38,10 +44,11 @@ async fn append(js: &jetstream::Context, seq: u64) {
 }
 
 /// The next `n` ops from `entries`, which must be `from..from + n` in order.
-async fn expect_next<S>(entries: &mut S, from: u64, n: u64)
+async fn expect_next<S>(entries: &mut S, from: u64, n: u64) -> Vec<LogEntry>
 where
     S: futures::Stream<Item = Result<LogEntry, LogError>> + Unpin,
 {
+    let mut read = Vec::new();
     for want in from..from + n {
         let e = entries
             .next()
@@ -50,7 +57,9 @@ where
             .expect("the reader reads on");
         assert_eq!(e.server_seq, want, "a gap or a duplicate");
         assert_eq!(e.op_id, format!("op-{want}"));
+        read.push(e);
     }
+    read
 }
 
 /// The names of the consumers on `USYNC_OPS` reading `SUBJECT`.
@@ -165,30 +174,12 @@ async fn the_reader_reads_the_largest_messages_over_several_pulls() {
     let size = MAX_MSG_SIZE as usize - 4096;
     let count = (PULL_MAX_BYTES / size + 2) as u64;
     for seq in 1..=count {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(HDR_SEQ, seq.to_string().as_str());
-        headers.insert(HDR_OP_ID, format!("op-{seq}").as_str());
-        let body = format!("{{\"v\":\"{}\"}}", "x".repeat(size - 8));
-        js.publish_with_headers(SUBJECT, headers, body.into())
-            .await
-            .expect("publish")
-            .await
-            .expect("stored");
+        append_body(&js, seq, format!("{{\"v\":\"{}\"}}", "x".repeat(size - 8))).await;
     }
     let ops = js.get_stream(OPS_STREAM).await.expect("ops");
     let mut entries = Box::pin(read_from(&ops, SUBJECT, 1).await.expect("read"));
-    let read = async {
-        for want in 1..=count {
-            let e = entries
-                .next()
-                .await
-                .expect("the reader does not end")
-                .expect("the reader reads on");
-            assert_eq!(e.server_seq, want, "a gap or a duplicate");
-            assert_eq!(e.payload.len(), size);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), read)
+    let read = tokio::time::timeout(Duration::from_secs(60), expect_next(&mut entries, 1, count))
         .await
         .expect("every large op read within a minute");
+    assert!(read.iter().all(|e| e.payload.len() == size));
 }

@@ -49,6 +49,26 @@ fn run_cli(stack: &Stack, args: &[&str]) -> (i32, String) {
     stack.run_cli(&bin(), args)
 }
 
+/// `ultrasync inspect state` of namespace `ns` (org acme, project web), which must
+/// succeed, parsed.
+fn inspect_state(stack: &Stack, ns: &str) -> Value {
+    let (code, out) = run_cli(
+        stack,
+        &[
+            "inspect",
+            "state",
+            "--org",
+            "acme",
+            "--project",
+            "web",
+            "--ns",
+            ns,
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    serde_json::from_str(&out).expect("json")
+}
+
 /// One writer: `PER_WRITER` commands (set, patch, del over 97 keys per namespace),
 /// `WINDOW` in flight, never more than its share of `cap` sent; returns when all are
 /// acked.
@@ -370,21 +390,7 @@ async fn reads_inspect_state_and_a_second_replica() {
         other => panic!("empty key: {other:?}"),
     }
 
-    let (code, out) = run_cli(
-        &stack,
-        &[
-            "inspect",
-            "state",
-            "--org",
-            "acme",
-            "--project",
-            "web",
-            "--ns",
-            "metadata",
-        ],
-    );
-    assert_eq!(code, 0, "{out}");
-    let shown: Value = serde_json::from_str(&out).expect("json");
+    let shown = inspect_state(&stack, "metadata");
     let expected = model(&stack, "metadata").await;
     assert_eq!(shown["last_server_seq"], json!(30));
     assert_eq!(shown["digest"], json!(state::digest(&expected)));
@@ -515,21 +521,7 @@ async fn ops_arriving_within_the_apply_interval_share_one_apply() {
         .expect("key");
     assert_eq!(k.last_server_seq, OPS as u64);
     assert_eq!(k.value, Some(json!({"i": 38})));
-    let (code, out) = run_cli(
-        &stack,
-        &[
-            "inspect",
-            "state",
-            "--org",
-            "acme",
-            "--project",
-            "web",
-            "--ns",
-            "metadata",
-        ],
-    );
-    assert_eq!(code, 0, "{out}");
-    let shown: Value = serde_json::from_str(&out).expect("json");
+    let shown = inspect_state(&stack, "metadata");
     let expected = model(&stack, "metadata").await;
     assert_eq!(shown["digest"], json!(state::digest(&expected)));
 
