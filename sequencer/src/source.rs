@@ -270,7 +270,7 @@ pub async fn run(
         // decode and a repeated answer per command already taken. (Gateways put at
         // most 500 commands in a message; one over a whole queue would go in part
         // once the queue is empty, the rest handed back as before.)
-        let commands = nats::split_lines(msg.headers.as_ref(), &msg.payload).len();
+        let commands = nats::count_lines(msg.headers.as_ref(), &msg.payload);
         if workers.room(&key) < commands.min(WORKER_QUEUE) {
             stats.commands.fetch_add(commands as u64, Ordering::Relaxed);
             stats

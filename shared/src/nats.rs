@@ -133,6 +133,14 @@ pub fn split_lines<'a>(
     }
 }
 
+/// How many documents [`split_lines`] finds in a message, without splitting it.
+pub fn count_lines(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> usize {
+    match headers.and_then(|h| h.get(HDR_BATCH)) {
+        Some(_) => 1 + payload.iter().filter(|b| **b == b'\n').count(),
+        None => 1,
+    }
+}
+
 /// Largest message either stream accepts: a frame (1 MiB) plus envelope.
 pub const MAX_MSG_SIZE: i32 = 2 * 1024 * 1024;
 
@@ -818,5 +826,7 @@ mod lines_tests {
         let parts = split_lines(Some(&h), &body);
         assert_eq!(parts, vec![docs[0].as_slice(), docs[1].as_slice()]);
         assert_eq!(split_lines(None, &body), vec![body.as_slice()]);
+        assert_eq!(count_lines(Some(&h), &body), 2);
+        assert_eq!(count_lines(None, &body), 1);
     }
 }
