@@ -49,22 +49,21 @@ fn run_cli(stack: &Stack, args: &[&str]) -> (i32, String) {
     stack.run_cli(&bin(), args)
 }
 
-/// `ultrasync inspect state` of namespace `ns` (org acme, project web), which must
-/// succeed, parsed.
-fn inspect_state(stack: &Stack, ns: &str) -> Value {
-    let (code, out) = run_cli(
-        stack,
-        &[
-            "inspect",
-            "state",
-            "--org",
-            "acme",
-            "--project",
-            "web",
-            "--ns",
-            ns,
-        ],
-    );
+/// `ultrasync inspect state` of namespace `ns` (org acme, project web) with `more`
+/// arguments, which must succeed, parsed.
+fn inspect_state(stack: &Stack, ns: &str, more: &[&str]) -> Value {
+    let mut args = vec![
+        "inspect",
+        "state",
+        "--org",
+        "acme",
+        "--project",
+        "web",
+        "--ns",
+        ns,
+    ];
+    args.extend_from_slice(more);
+    let (code, out) = run_cli(stack, &args);
     assert_eq!(code, 0, "{out}");
     serde_json::from_str(&out).expect("json")
 }
@@ -390,28 +389,12 @@ async fn reads_inspect_state_and_a_second_replica() {
         other => panic!("empty key: {other:?}"),
     }
 
-    let shown = inspect_state(&stack, "metadata");
+    let shown = inspect_state(&stack, "metadata", &[]);
     let expected = model(&stack, "metadata").await;
     assert_eq!(shown["last_server_seq"], json!(30));
     assert_eq!(shown["digest"], json!(state::digest(&expected)));
     assert_eq!(shown["state"]["k3"]["value"], json!({"i": 24}));
-    let (code, out) = run_cli(
-        &stack,
-        &[
-            "inspect",
-            "state",
-            "--org",
-            "acme",
-            "--project",
-            "web",
-            "--ns",
-            "metadata",
-            "--key",
-            "k6",
-        ],
-    );
-    assert_eq!(code, 0, "{out}");
-    let one: Value = serde_json::from_str(&out).expect("json");
+    let one = inspect_state(&stack, "metadata", &["--key", "k6"]);
     assert_eq!(one["value"], json!({"i": 27}));
 
     // The same over HTTP (SPEC §5).
@@ -521,7 +504,7 @@ async fn ops_arriving_within_the_apply_interval_share_one_apply() {
         .expect("key");
     assert_eq!(k.last_server_seq, OPS as u64);
     assert_eq!(k.value, Some(json!({"i": 38})));
-    let shown = inspect_state(&stack, "metadata");
+    let shown = inspect_state(&stack, "metadata", &[]);
     let expected = model(&stack, "metadata").await;
     assert_eq!(shown["digest"], json!(state::digest(&expected)));
 
