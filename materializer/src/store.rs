@@ -693,12 +693,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn applies_in_order_stops_at_gaps_and_skips_duplicates() {
+    /// A new store in a temporary folder, its applier and the stream key `o/p/n`
+    /// (the folder lives as long as the first item).
+    fn fresh() -> (tempfile::TempDir, std::sync::Arc<Store>, Applier, StreamKey) {
         let dir = tempfile::tempdir().expect("tmp");
         let store = std::sync::Arc::new(Store::open(dir.path()).expect("open"));
-        let mut applier = Applier::new(store.clone());
+        let applier = Applier::new(store.clone());
         let k = StreamKey::parse("o", "p", "n").expect("key");
+        (dir, store, applier, k)
+    }
+
+    #[test]
+    fn applies_in_order_stops_at_gaps_and_skips_duplicates() {
+        let (dir, store, mut applier, k) = fresh();
         let e = |seq, name: &str, t, p| (k.clone(), entry(&k, seq, name, t, p));
         let ops = vec![
             e(1, "a", OpType::Set, serde_json::json!({"x": 1})),
@@ -755,10 +762,7 @@ mod tests {
 
     #[test]
     fn commands_by_server_seq_are_read_into_snapshots_and_trimmed_in_one_range() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let store = std::sync::Arc::new(Store::open(dir.path()).expect("open"));
-        let mut applier = Applier::new(store.clone());
-        let k = StreamKey::parse("o", "p", "n").expect("key");
+        let (_dir, store, mut applier, k) = fresh();
         let other = StreamKey::parse("o", "p", "m").expect("key");
         let ops: Vec<_> = (1..=1100)
             .flat_map(|seq| {
@@ -828,10 +832,7 @@ mod tests {
 
     #[test]
     fn an_installed_snapshot_replaces_what_the_applier_holds() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let store = std::sync::Arc::new(Store::open(dir.path()).expect("open"));
-        let mut applier = Applier::new(store.clone());
-        let k = StreamKey::parse("o", "p", "n").expect("key");
+        let (_dir, store, mut applier, k) = fresh();
         let e = |seq, t, p| (k.clone(), entry(&k, seq, "a", t, p));
         applier
             .apply(&[e(1, OpType::Set, serde_json::json!({"x": 1}))], true)
