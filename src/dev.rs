@@ -435,7 +435,8 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
 }
 
 /// Creates the streams and buckets (what `ultrasync setup` does), on a cluster
-/// after waiting (up to 30 s) for its JetStream meta leader to be elected.
+/// after waiting (up to 30 s) for its JetStream meta leader to be elected; the
+/// streams then wait (up to 30 s more) until every node can hold a replica.
 async fn create_layout(
     cfg: &ultrasync_shared::config::Config,
     cluster: bool,

@@ -540,3 +540,60 @@ async fn dev_cluster_runs_three_nodes_with_r3_streams() {
         );
     }
 }
+
+/// A cluster that has elected its meta leader before every node reported in: a
+/// stream of 3 replicas finds no place yet. The set-up every service, `ultrasync
+/// setup` and `ultrasync dev --cluster` run waits for the third node instead of
+/// failing ("no suitable peers for placement").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layout_waits_for_a_forming_cluster_to_place_its_replicas() {
+    use async_nats::jetstream::{self, stream};
+    use ultrasync_shared::nats::{CMDS_STREAM, LayoutOptions, ensure_layout};
+
+    let mut cluster = NatsCluster::start_without(3, 2);
+    cluster.wait_jetstream().await;
+    let client = async_nats::connect(cluster.node_url(0))
+        .await
+        .expect("connect");
+    let js = jetstream::new(client);
+
+    // The condition itself: two of three nodes cannot hold three replicas.
+    let probe = js
+        .create_stream(stream::Config {
+            name: "PROBE".to_owned(),
+            subjects: vec!["probe.>".to_owned()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .expect_err("three replicas on two nodes");
+    assert!(
+        matches!(probe.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j)
+            if j.error_code() == jetstream::ErrorCode::CLUSTER_NO_PEERS),
+        "{probe}"
+    );
+
+    let setup = tokio::spawn({
+        let js = js.clone();
+        async move {
+            ensure_layout(
+                &js,
+                LayoutOptions {
+                    replicas: 3,
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    });
+    // Let set-up meet the forming cluster before the third node starts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!setup.is_finished(), "set-up gave up on a forming cluster");
+    cluster.restart(2);
+    setup
+        .await
+        .expect("join")
+        .expect("layout once the third node is in");
+    let cmds = js.get_stream(CMDS_STREAM).await.expect("USYNC_CMDS");
+    assert_eq!(cmds.cached_info().config.num_replicas, 3);
+}

@@ -396,10 +396,7 @@ fn layout_streams(opts: &LayoutOptions, partitions: u32) -> Vec<stream::Config> 
 pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyhow::Result<()> {
     let partitions = choose_partitions(js, &opts).await?;
     for cfg in layout_streams(&opts, partitions) {
-        let name = cfg.name.clone();
-        js.create_or_update_stream(cfg)
-            .await
-            .map_err(|e| anyhow::anyhow!("creating stream {name}: {e}"))?;
+        create_stream_placed(js, cfg).await?;
     }
     js.create_or_update_key_value(cursors_bucket_config(&opts))
         .await
@@ -455,6 +452,44 @@ pub async fn ensure_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyh
     }
     info!(replicas = opts.replicas, partitions, "nats layout ready");
     Ok(())
+}
+
+/// How long creating a stream waits for a forming cluster to place its replicas.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(30);
+
+/// Creates or updates one stream. A cluster that has elected its meta leader may
+/// not yet know every node: until the nodes have all reported in, a stream of N
+/// replicas finds fewer than N peers ("no suitable peers for placement"). That
+/// answer is retried for [`PLACEMENT_WAIT`]; any other fails at once.
+async fn create_stream_placed(js: &jetstream::Context, cfg: stream::Config) -> anyhow::Result<()> {
+    let name = cfg.name.clone();
+    let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
+    let mut told = false;
+    loop {
+        let e = match js.create_or_update_stream(cfg.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if !cluster_forming(&e) || tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("creating stream {name}: {e}");
+        }
+        if !told {
+            info!(stream = %name, replicas = cfg.num_replicas, error = %e,
+                "waiting for the cluster's nodes to place the stream's replicas");
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether `e` says the cluster has too few peers for the stream yet.
+fn cluster_forming(e: &jetstream::context::CreateStreamError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::CreateStreamErrorKind::JetStream(j)
+            if j.error_code() == jetstream::ErrorCode::CLUSTER_NO_PEERS
+                || j.error_code() == jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
+    )
 }
 
 /// The partitions `USYNC_CMDS` gets: what the options ask for, else what it has,

@@ -262,7 +262,13 @@ pub struct ClusterTls {
 impl NatsCluster {
     /// `n` nodes, plain client and route ports, routes unauthenticated.
     pub fn start(n: usize) -> Self {
-        Self::start_with(n, None)
+        Self::start_with(n, None, None)
+    }
+
+    /// `n` nodes configured, all but node `absent` started ([`Self::restart`]
+    /// starts it): a cluster still forming.
+    pub fn start_without(n: usize, absent: usize) -> Self {
+        Self::start_with(n, None, Some(absent))
     }
 
     /// `n` nodes with TLS on client and route ports (verifying the peer's
@@ -284,10 +290,14 @@ impl NatsCluster {
             route_user: "route".to_owned(),
             route_password: random_secret(),
         };
-        Self::start_with(n, Some((tls, tmp)))
+        Self::start_with(n, Some((tls, tmp)), None)
     }
 
-    fn start_with(n: usize, tls: Option<(ClusterTls, tempfile::TempDir)>) -> Self {
+    fn start_with(
+        n: usize,
+        tls: Option<(ClusterTls, tempfile::TempDir)>,
+        absent: Option<usize>,
+    ) -> Self {
         start_watchdog();
         let tmp = tempfile::tempdir().expect("temp dir");
         let bin = find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)");
@@ -317,7 +327,8 @@ impl NatsCluster {
             .collect();
         let nodes = opts
             .iter()
-            .map(|o| Some(Natsd::spawn(o).expect("start cluster node")))
+            .enumerate()
+            .map(|(i, o)| (absent != Some(i)).then(|| Natsd::spawn(o).expect("start cluster node")))
             .collect();
         Self {
             nodes,
@@ -363,7 +374,7 @@ impl NatsCluster {
         }
     }
 
-    /// Starts node `i` again with its store and ports.
+    /// Starts node `i` (again) with its store and ports.
     pub fn restart(&mut self, i: usize) {
         assert!(self.nodes[i].is_none(), "node {i} is running");
         self.nodes[i] = Some(Natsd::spawn(&self.opts[i]).expect("restart cluster node"));
