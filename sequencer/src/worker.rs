@@ -34,7 +34,7 @@ use ultrasync_shared::reads::DigestReply;
 use ultrasync_shared::snapshot::{self, Snapshot};
 use ultrasync_shared::state::{self, ApplyError, KeyEntry, NamespaceState};
 use ultrasync_shared::trace::{self, Span, SpanKind, Tracer};
-use ultrasync_shared::{CommandEnvelope, ErrorCode, Op, OpType, StreamKey, validate_key};
+use ultrasync_shared::{CommandEnvelope, ErrorCode, OpType, StreamKey, validate_key};
 
 use crate::HDR_SEQUENCER;
 use crate::writer::{Outgoing, WriteError};
@@ -52,7 +52,7 @@ const IDLE_UNKNOWN: Duration = Duration::from_secs(1);
 /// Bytes of command documents in a batch above which it is planned off the async
 /// runtime (a batch with any `crdt_op` always is).
 const INLINE_PLAN_BYTES: usize = 64 * 1024;
-/// Newest ops a worker keeps decoded, so a retry of a recent command is answered
+/// Newest ops a worker keeps (as stored), so a retry of a recent command is answered
 /// without reading the log...
 const RECENT_OPS: usize = 1024;
 /// ...within this many bytes of op bodies.
@@ -262,9 +262,9 @@ struct Loaded {
     first_in_log: u64,
     /// Trim `commands` to the log once it holds more than this many.
     trim_at: usize,
-    /// The newest ops, contiguous up to `state.last_seq` (retries answered from
-    /// memory), with their bytes.
-    recent: VecDeque<(Op, usize)>,
+    /// The newest ops as stored, with their `server_seq`, contiguous up to
+    /// `state.last_seq` (retries answered from memory).
+    recent: VecDeque<(u64, Bytes)>,
     recent_bytes: usize,
 }
 
@@ -289,36 +289,37 @@ impl Loaded {
             entry.server_seq,
         );
         self.head_stream_seq = entry.stream_seq;
-        self.remember(op, entry.payload.len());
+        // A copy: the entry's bytes may be a view into a larger log message.
+        self.remember(entry.server_seq, Bytes::copy_from_slice(&entry.payload));
         Ok(())
     }
 
-    /// Keeps `op` (the newest) among the recent ones.
-    fn remember(&mut self, op: Op, bytes: usize) {
+    /// Keeps the op stored at `server_seq` (the newest) among the recent ones.
+    fn remember(&mut self, server_seq: u64, body: Bytes) {
         if self
             .recent
             .back()
-            .is_some_and(|(last, _)| last.server_seq + 1 != op.server_seq)
+            .is_some_and(|(last, _)| last + 1 != server_seq)
         {
             // Not contiguous (cannot happen when ops come in order): start over.
             self.recent.clear();
             self.recent_bytes = 0;
         }
-        self.recent.push_back((op, bytes));
-        self.recent_bytes += bytes;
+        self.recent_bytes += body.len();
+        self.recent.push_back((server_seq, body));
         while self.recent.len() > RECENT_OPS || self.recent_bytes > RECENT_BYTES {
             match self.recent.pop_front() {
-                Some((_, b)) => self.recent_bytes -= b,
+                Some((_, b)) => self.recent_bytes -= b.len(),
                 None => break,
             }
         }
     }
 
-    /// The op at `server_seq` if it is among the recent ones.
-    fn recent_op(&self, server_seq: u64) -> Option<&Op> {
-        let first = self.recent.front()?.0.server_seq;
+    /// The op stored at `server_seq` if it is among the recent ones.
+    fn recent_op(&self, server_seq: u64) -> Option<&Bytes> {
+        let first = self.recent.front()?.0;
         let i = usize::try_from(server_seq.checked_sub(first)?).ok()?;
-        self.recent.get(i).map(|(op, _)| op)
+        self.recent.get(i).map(|(_, body)| body)
     }
 }
 
@@ -644,7 +645,7 @@ impl Worker {
                     ))
                 })
                 .collect();
-            self.answer(&batch, plans, &[], &[]).await;
+            self.answer(&batch, plans, &[]).await;
             return;
         };
         let mut conflicts = 0;
@@ -678,7 +679,12 @@ impl Worker {
                 || batch
                     .iter()
                     .any(|p| matches!(&p.cmd, Ok(c) if c.op_type == OpType::CrdtOp));
-            let (plans, ops, outgoing, overlay) = if heavy {
+            let Planned {
+                plans,
+                outgoing,
+                commands,
+                overlay,
+            } = if heavy {
                 // Decoding changes and large JSON happens on a blocking thread (at most
                 // `heavy` at once): this key waits, the runtime and other keys do not.
                 // Waiting for a permit and planning may outlast the ack wait under
@@ -723,7 +729,6 @@ impl Worker {
                 };
                 plan(&self.key, &self.shared, &spec, &limits, loaded, &batch)
             };
-            let bodies: Vec<Bytes> = outgoing.iter().map(|o| o.body.clone()).collect();
             let Some(loaded) = self.loaded.as_ref() else {
                 return;
             };
@@ -771,15 +776,11 @@ impl Worker {
                                     None => loaded.state.keys.remove(&key),
                                 };
                             }
-                            for (o, op) in outgoing.iter().zip(&ops) {
-                                loaded.commands.insert(
-                                    command_key(&op.actor_id, &op.command_id),
-                                    &o.op_id,
-                                    o.server_seq,
-                                );
+                            for (o, command) in outgoing.iter().zip(commands) {
+                                loaded.commands.insert(command, &o.op_id, o.server_seq);
                             }
                         }
-                        debug!(stream_key = %self.key, ops = ops.len(), last_seq = last, "batch committed");
+                        debug!(stream_key = %self.key, ops = outgoing.len(), last_seq = last, "batch committed");
                     }
                     Err(WriteError::Conflict(why)) => {
                         conflicts += 1;
@@ -804,11 +805,11 @@ impl Worker {
                     }
                 }
             }
-            self.answer(&batch, plans, &ops, &bodies).await;
-            // The new ops stay decoded for answering retries (moved, once answered).
+            self.answer(&batch, plans, &outgoing).await;
+            // The new ops stay, as stored, for answering retries.
             if let Some(loaded) = self.loaded.as_mut() {
-                for (op, body) in ops.into_iter().zip(&bodies) {
-                    loaded.remember(op, body.len());
+                for o in outgoing {
+                    loaded.remember(o.server_seq, o.body);
                 }
             }
             if self
@@ -923,19 +924,20 @@ async fn look_up(
     Ok(())
 }
 
-/// What [`plan`] decides: the plans, the new ops, their encoded form, and the keys'
-/// entries after the batch.
-type Planned = (
-    Vec<Plan>,
-    Vec<Op>,
-    Vec<Outgoing>,
-    HashMap<String, Option<KeyEntry>>,
-);
+/// What [`plan`] decides.
+struct Planned {
+    /// One per command of the batch.
+    plans: Vec<Plan>,
+    /// The new ops, numbered from the head, encoded as they are stored.
+    outgoing: Vec<Outgoing>,
+    /// The [`command_key`] of each new op.
+    commands: Vec<[u8; 16]>,
+    /// The keys' entries after the batch (to commit once the write lands).
+    overlay: HashMap<String, Option<KeyEntry>>,
+}
 
 /// Decides every command of the batch against the state, numbering new ops from the
-/// head. Returns the plans, the new ops, their encoded form, and the keys' entries
-/// after the batch (to commit once the write lands). Pure CPU: may run on a blocking
-/// thread.
+/// head. Pure CPU: may run on a blocking thread.
 fn plan(
     key: &StreamKey,
     shared: &WorkerShared,
@@ -946,7 +948,7 @@ fn plan(
 ) -> Planned {
     let next_seq = loaded.state.last_seq + 1;
     let mut plans = Vec::with_capacity(batch.len());
-    let mut ops: Vec<Op> = Vec::new();
+    let mut commands: Vec<[u8; 16]> = Vec::new();
     let mut outgoing: Vec<Outgoing> = Vec::new();
     let mut overlay: HashMap<String, Option<KeyEntry>> = HashMap::new();
     let mut in_batch: HashMap<[u8; 16], (String, usize)> = HashMap::new();
@@ -983,7 +985,7 @@ fn plan(
             plans.push(if *id == op_id {
                 Plan::New(*i)
             } else {
-                Plan::Reject(reused(&cmd.command_id, ops[*i].server_seq))
+                Plan::Reject(reused(&cmd.command_id, outgoing[*i].server_seq))
             });
             continue;
         }
@@ -999,7 +1001,7 @@ fn plan(
             plans.push(Plan::Reject(stale_base(key, cmd, base, loaded, current)));
             continue;
         }
-        let server_seq = next_seq + ops.len() as u64;
+        let server_seq = next_seq + outgoing.len() as u64;
         let entry = match admit(spec, limits, current, cmd, server_seq) {
             Ok(e) => e,
             Err(reject) => {
@@ -1008,8 +1010,7 @@ fn plan(
             }
         };
         let hlc_ts = shared.hlc.new_timestamp().get_time().as_u64().to_string();
-        let op = cmd.clone().into_op(op_id.clone(), server_seq, hlc_ts);
-        let body = match serde_json::to_vec(&op) {
+        let body = match serde_json::to_vec(&cmd.op_ref(&op_id, server_seq, &hlc_ts)) {
             Ok(b) => Bytes::from(b),
             Err(e) => {
                 plans.push(Plan::Reject(ServerMessage::reject(
@@ -1021,16 +1022,21 @@ fn plan(
             }
         };
         overlay.insert(cmd.key.clone(), entry);
-        in_batch.insert(command, (op_id.clone(), ops.len()));
-        plans.push(Plan::New(ops.len()));
+        in_batch.insert(command, (op_id.clone(), outgoing.len()));
+        plans.push(Plan::New(outgoing.len()));
+        commands.push(command);
         outgoing.push(Outgoing {
             server_seq,
             op_id,
             body,
         });
-        ops.push(op);
     }
-    (plans, ops, outgoing, overlay)
+    Planned {
+        plans,
+        outgoing,
+        commands,
+        overlay,
+    }
 }
 
 impl Worker {
@@ -1045,24 +1051,41 @@ impl Worker {
         }
     }
 
-    /// `bodies[i]` is `ops[i]` as stored (JSON): acks of new ops splice it in.
-    async fn answer(&self, batch: &[Pending], plans: Vec<Plan>, ops: &[Op], bodies: &[Bytes]) {
+    /// `Plan::New(i)` is `new[i]`, an op as stored: its ack splices the stored JSON
+    /// in, as does the ack of a retry.
+    async fn answer(&self, batch: &[Pending], plans: Vec<Plan>, new: &[Outgoing]) {
         let mut headers = HeaderMap::new();
         headers.insert(HDR_SEQUENCER, self.shared.instance.as_str());
         let mut routes: Vec<(String, Vec<String>, usize)> = Vec::new();
         let mut done = Vec::with_capacity(batch.len());
         let mut retry = Vec::new();
         for (p, plan) in batch.iter().zip(plans) {
-            p.span.set("ultrasync.stream_key", self.key.to_string());
-            if let Plan::New(i) = plan
-                && let (Some(op), Some(body)) = (ops.get(i), bodies.get(i))
-            {
-                p.span.set("ultrasync.server_seq", op.server_seq as i64);
+            if p.span.is_on() {
+                p.span.set("ultrasync.stream_key", self.key.to_string());
+            }
+            // A new op, or a retry's: the ack splices the op as stored. A retry is
+            // the same command (same sender, command id and op id), so its command
+            // id is the one stored.
+            let stored = match &plan {
+                Plan::New(i) => new.get(*i).map(|o| (o.server_seq, o.body.clone())),
+                Plan::Existing(seq) => match self.recent_or_stored_op(*seq).await {
+                    Ok(Some(body)) => Some((*seq, body)),
+                    Ok(None) => None,
+                    Err(e) => {
+                        warn!(stream_key = %self.key, error = %e, "reading a stored op for a retry failed");
+                        retry.push(p);
+                        continue;
+                    }
+                },
+                Plan::Reject(_) => None,
+            };
+            if let Some((server_seq, body)) = stored {
+                p.span.set("ultrasync.server_seq", server_seq as i64);
                 if let Some(to) = &p.reply_to {
                     let doc = ultrasync_shared::protocol::encode_ack_frame(
-                        &op.command_id,
-                        op.server_seq,
-                        body,
+                        &p.command_id,
+                        server_seq,
+                        &body,
                     );
                     push_answer(&mut routes, to, doc);
                 }
@@ -1072,30 +1095,20 @@ impl Worker {
             }
             let reply = match plan {
                 Plan::Reject(m) => m,
-                Plan::New(i) => ServerMessage::Ack {
-                    command_id: ops[i].command_id.clone(),
-                    server_seq: ops[i].server_seq,
-                    op: ops[i].clone(),
-                },
-                Plan::Existing(seq) => match self.recent_or_stored_op(seq).await {
-                    Ok(Some(op)) => ServerMessage::Ack {
-                        command_id: op.command_id.clone(),
-                        server_seq: op.server_seq,
-                        op,
-                    },
-                    Ok(None) => ServerMessage::reject(
-                        &p.command_id,
-                        ErrorCode::StaleBase,
-                        format!(
-                            "this command was applied at server_seq {seq}, which has been compacted; resync"
-                        ),
+                Plan::New(i) => {
+                    // Cannot happen: every new op's plan points into `new`.
+                    warn!(stream_key = %self.key, index = i, "a new op's plan points past the batch's ops; the command is retried");
+                    retry.push(p);
+                    continue;
+                }
+                // The log no longer holds it.
+                Plan::Existing(seq) => ServerMessage::reject(
+                    &p.command_id,
+                    ErrorCode::StaleBase,
+                    format!(
+                        "this command was applied at server_seq {seq}, which has been compacted; resync"
                     ),
-                    Err(e) => {
-                        warn!(stream_key = %self.key, error = %e, "reading a stored op for a retry failed");
-                        retry.push(p);
-                        continue;
-                    }
-                },
+                ),
             };
             match &reply {
                 ServerMessage::Ack { server_seq, .. } => {
@@ -1114,12 +1127,12 @@ impl Worker {
             done.push(p);
         }
         // One message per route: a socket's answers of this batch travel together.
-        for (to, docs, _) in routes {
+        for (to, mut docs, _) in routes {
             let mut headers = headers.clone();
-            let body = match docs.as_slice() {
-                [one] => one.clone().into_bytes(),
-                _ => {
-                    headers.insert(HDR_BATCH, docs.len().to_string().as_str());
+            let body = match docs.len() {
+                1 => docs.pop().map(String::into_bytes).unwrap_or_default(),
+                n => {
+                    headers.insert(HDR_BATCH, n.to_string().as_str());
                     join_lines(&docs)
                 }
             };
@@ -1300,23 +1313,18 @@ impl Worker {
         result
     }
 
-    /// The op at `server_seq`, for answering a retry: from memory when recent, else
-    /// from the log; `None` when the log no longer holds it.
-    async fn recent_or_stored_op(&self, server_seq: u64) -> Result<Option<Op>, LogError> {
-        if let Some(op) = self.loaded.as_ref().and_then(|l| l.recent_op(server_seq)) {
-            return Ok(Some(op.clone()));
+    /// The op at `server_seq` as stored, for answering a retry: from memory when
+    /// recent, else from the log; `None` when the log no longer holds it.
+    async fn recent_or_stored_op(&self, server_seq: u64) -> Result<Option<Bytes>, LogError> {
+        if let Some(body) = self.loaded.as_ref().and_then(|l| l.recent_op(server_seq)) {
+            return Ok(Some(body.clone()));
         }
-        self.stored_op(server_seq).await
-    }
-
-    /// The op stored at `server_seq`; `None` when the log no longer holds it.
-    async fn stored_op(&self, server_seq: u64) -> Result<Option<Op>, LogError> {
         let entries =
             log::read_range(&self.shared.ops, &self.subject, server_seq, server_seq).await?;
-        match entries.into_iter().find(|e| e.server_seq == server_seq) {
-            Some(e) => e.op().map(Some).map_err(|e| LogError::Nats(e.to_string())),
-            None => Ok(None),
-        }
+        Ok(entries
+            .into_iter()
+            .find(|e| e.server_seq == server_seq)
+            .map(|e| e.payload))
     }
 }
 

@@ -532,13 +532,14 @@ pub fn encode_ops_frame<'a>(
 /// it), so the op is not serialized a second time. Decodes to the same
 /// [`ServerMessage::Ack`] as the serde path.
 pub fn encode_ack_frame(command_id: &str, server_seq: u64, op: &[u8]) -> String {
+    use std::fmt::Write as _;
     let id = serde_json::to_string(command_id).unwrap_or_else(|_| "\"\"".to_owned());
     let op = String::from_utf8_lossy(op);
     let mut out = String::with_capacity(id.len() + op.len() + 64);
     out.push_str(r#"{"type":"ack","command_id":"#);
     out.push_str(&id);
     out.push_str(r#","server_seq":"#);
-    out.push_str(&server_seq.to_string());
+    let _ = write!(out, "{server_seq}");
     out.push_str(r#","op":"#);
     out.push_str(&op);
     out.push('}');
