@@ -8,6 +8,7 @@ use serde_json::json;
 use ultrasync_shared::namespaces::{NamespaceConfig, Namespaces};
 use ultrasync_shared::op::{CommandEnvelope, Op, OpType};
 use ultrasync_shared::protocol::encode_ops_frame;
+use ultrasync_shared::snapshot::Snapshot;
 use ultrasync_shared::state::{self, NamespaceState};
 use ultrasync_shared::validate_key;
 
@@ -109,6 +110,28 @@ fn hot(c: &mut Criterion) {
     }
     c.bench_function("digest of a 1,000-key state", |b| {
         b.iter(|| state::digest(black_box(&st)))
+    });
+
+    // A snapshot as the materializer writes one: 20,000 keys and the commands of
+    // the newest ops.
+    let mut st = NamespaceState::default();
+    for seq in 1..=20_000 {
+        let mut o = op(seq);
+        o.key = format!("todo:{seq}");
+        state::apply(&mut st, &o).expect("apply");
+    }
+    let snap = Snapshot {
+        stream_key: "acme/web/todos".into(),
+        head_stream_seq: 20_000,
+        commands: (1..=4096u64)
+            .map(|s| (format!("{s:032x}"), (format!("{s:032x}"), s)))
+            .collect(),
+        op_ids: Default::default(),
+        state: st,
+    };
+    eprintln!("a 20,000-key snapshot: {} bytes", snap.encode().len());
+    c.bench_function("encode a 20,000-key snapshot", |b| {
+        b.iter(|| black_box(&snap).encode())
     });
 }
 

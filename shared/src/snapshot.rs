@@ -42,6 +42,8 @@ const CODEC_ZSTD_JSON: u8 = 1;
 const HEADER_LEN: usize = 4 + 2 + 1 + 1 + 8 + 32;
 /// zstd level: fast, still small for JSON.
 const ZSTD_LEVEL: i32 = 3;
+/// Bytes of JSON handed to the compressor at a time when encoding.
+const ENCODE_CHUNK: usize = 128 * 1024;
 /// Largest inflated body [`Snapshot::decode`] accepts (a damaged or hostile blob
 /// must not inflate without end).
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024 * 1024;
@@ -425,10 +427,16 @@ impl Snapshot {
         // The JSON goes through the compressor as it is written: no copy of the
         // whole body is held uncompressed. The header's length and checksum are
         // filled in once the compressed body is complete.
+        // The JSON writer's many small writes are gathered first: each write into
+        // the compressor is a compression call of its own.
         let mut out = vec![0u8; HEADER_LEN];
-        let written = zstd::stream::Encoder::new(&mut out, ZSTD_LEVEL).and_then(|mut z| {
-            serde_json::to_writer(&mut z, &body)?;
-            z.finish().map(|_| ())
+        let written = zstd::stream::Encoder::new(&mut out, ZSTD_LEVEL).and_then(|z| {
+            let mut w = std::io::BufWriter::with_capacity(ENCODE_CHUNK, z);
+            serde_json::to_writer(&mut w, &body)?;
+            w.into_inner()
+                .map_err(std::io::IntoInnerError::into_error)?
+                .finish()
+                .map(|_| ())
         });
         if written.is_err() {
             // Writing into memory fails only when the compressor cannot be set up;
