@@ -458,6 +458,11 @@ pub(crate) async fn fill(
     }
 }
 
+/// Keys in a state up to which its snapshots follow `snapshot_every_ops` and
+/// `snapshot_interval_secs` as set; a larger state's are that many times further
+/// apart as it holds this many keys (see [`Snapshots::is_due`]).
+const SNAPSHOT_SCALE_KEYS: u64 = 10_000;
+
 /// When each stream key's next snapshot is due, and the writes in flight.
 struct Snapshots {
     enabled: bool,
@@ -467,7 +472,10 @@ struct Snapshots {
     pending: HashMap<StreamKey, (u64, Instant)>,
     /// Keys whose stored snapshot is damaged: written again at once, over it.
     forced: HashSet<StreamKey>,
-    writing: HashMap<StreamKey, tokio::task::JoinHandle<()>>,
+    /// The writes in flight; each ends with the keys of the state it wrote.
+    writing: HashMap<StreamKey, tokio::task::JoinHandle<Option<u64>>>,
+    /// Keys in the state of each stream key's last snapshot written.
+    keys: HashMap<StreamKey, u64>,
 }
 
 impl Snapshots {
@@ -479,7 +487,23 @@ impl Snapshots {
             pending: HashMap::new(),
             forced: HashSet::new(),
             writing: HashMap::new(),
+            keys: HashMap::new(),
         }
+    }
+
+    /// Whether a snapshot of a state of `keys` keys is due after `ops` ops, the
+    /// first of them `waited` ago. Writing one costs in proportion to the state,
+    /// so a state of more than [`SNAPSHOT_SCALE_KEYS`] keys waits that many times
+    /// longer, in ops and in time: a tenant's large namespace written at a high
+    /// rate costs the materializer about the same per op as a small one, instead of
+    /// a whole state's encoding every `every_ops` ops. The log then holds about as
+    /// many ops past the snapshot as the state has keys.
+    fn is_due(&self, keys: u64, ops: u64, waited: Duration) -> bool {
+        let scale = (keys / SNAPSHOT_SCALE_KEYS).max(1);
+        let interval = self
+            .interval
+            .saturating_mul(u32::try_from(scale).unwrap_or(u32::MAX));
+        ops >= self.every_ops.saturating_mul(scale) || waited >= interval
     }
 
     fn record(&mut self, key: StreamKey, ops: u64) {
@@ -518,11 +542,28 @@ impl Snapshots {
         if !self.enabled {
             return;
         }
-        self.writing.retain(|_, t| !t.is_finished());
+        let finished: Vec<StreamKey> = self
+            .writing
+            .iter()
+            .filter(|(_, t)| t.is_finished())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in finished {
+            if let Some(Ok(Some(keys))) = self
+                .writing
+                .remove(&key)
+                .and_then(futures::FutureExt::now_or_never)
+            {
+                self.keys.insert(key, keys);
+            }
+        }
         let due: Vec<(StreamKey, bool)> = self
             .pending
             .iter()
-            .filter(|(_, (n, since))| *n >= self.every_ops || since.elapsed() >= self.interval)
+            .filter(|(k, (n, since))| {
+                let keys = self.keys.get(*k).copied().unwrap_or(0);
+                self.is_due(keys, *n, since.elapsed())
+            })
             .map(|(k, _)| (k.clone(), false))
             .chain(self.forced.iter().map(|k| (k.clone(), true)))
             .filter(|(k, _)| !self.writing.contains_key(k))
@@ -533,9 +574,13 @@ impl Snapshots {
             let shared = shared.clone();
             let task_key = key.clone();
             let task = tokio::spawn(async move {
-                if let Err(e) = write_snapshot(&shared, &task_key, force).await {
-                    shared.metrics.snapshot_failed();
-                    warn!(stream_key = %task_key, error = %e, "writing a snapshot failed");
+                match write_snapshot(&shared, &task_key, force).await {
+                    Ok(keys) => Some(keys),
+                    Err(e) => {
+                        shared.metrics.snapshot_failed();
+                        warn!(stream_key = %task_key, error = %e, "writing a snapshot failed");
+                        None
+                    }
                 }
             });
             self.writing.insert(key, task);
@@ -549,8 +594,9 @@ impl Snapshots {
     }
 }
 
-/// Encodes `key`'s state as stored now; returns the blob and its `last_server_seq`.
-async fn encode_snapshot(shared: &Shared, key: &StreamKey) -> anyhow::Result<(Vec<u8>, u64)> {
+/// Encodes `key`'s state as stored now; returns the blob, its `last_server_seq` and
+/// the keys in it.
+async fn encode_snapshot(shared: &Shared, key: &StreamKey) -> anyhow::Result<(Vec<u8>, u64, u64)> {
     let first_in_log = log::next_at_or_after(&shared.ops, &nats::ops_subject(key), 1)
         .await?
         .map_or(1, |e| e.server_seq);
@@ -558,17 +604,18 @@ async fn encode_snapshot(shared: &Shared, key: &StreamKey) -> anyhow::Result<(Ve
     let key = key.clone();
     tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
         let s = store.snapshot_for_log(&key, first_in_log)?;
-        Ok((s.encode(), s.state.last_seq))
+        Ok((s.encode(), s.state.last_seq, s.state.keys.len() as u64))
     })
     .await?
     .map_err(Into::into)
 }
 
-async fn write_snapshot(shared: &Shared, key: &StreamKey, force: bool) -> anyhow::Result<()> {
+/// Writes `key`'s snapshot; returns the keys of the state it holds.
+async fn write_snapshot(shared: &Shared, key: &StreamKey, force: bool) -> anyhow::Result<u64> {
     let started = Instant::now();
-    let (bytes, seq) = encode_snapshot(shared, key).await?;
+    let (bytes, seq, keys) = encode_snapshot(shared, key).await?;
     if seq == 0 {
-        return Ok(());
+        return Ok(keys);
     }
     let js = async_nats::jetstream::new(shared.client.clone());
     let put = snapshot::put(&js, &shared.snapshots, key, seq, &bytes, force)
@@ -586,7 +633,7 @@ async fn write_snapshot(shared: &Shared, key: &StreamKey, force: bool) -> anyhow
             debug!(stream_key = %key, seq, stored_seq, "a snapshot as new is stored already")
         }
     }
-    Ok(())
+    Ok(keys)
 }
 
 async fn serve_reads(shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -648,7 +695,7 @@ async fn answer(shared: &Shared, msg: &async_nats::Message) -> ReadResult {
     match verb {
         Verb::Snapshot => {
             let started = Instant::now();
-            let (bytes, seq) = encode_snapshot(shared, &key).await.map_err(internal)?;
+            let (bytes, seq, _) = encode_snapshot(shared, &key).await.map_err(internal)?;
             if req.store && seq > 0 {
                 let js = async_nats::jetstream::new(shared.client.clone());
                 let put = snapshot::put(&js, &shared.snapshots, &key, seq, &bytes, true)
@@ -771,5 +818,33 @@ async fn wait_for(shared: &Shared, key: &StreamKey, min: u64) -> Result<(), (Err
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_state_is_snapshotted_further_apart() {
+        let cfg = MaterializerConfig {
+            snapshot_every_ops: 10_000,
+            snapshot_interval_secs: 60,
+            ..Default::default()
+        };
+        let s = Snapshots::new(&cfg);
+        let min = |m: u64| Duration::from_secs(60 * m);
+        // Up to the scale, as configured: by ops or by time.
+        for keys in [0, 1_000, SNAPSHOT_SCALE_KEYS] {
+            assert!(!s.is_due(keys, 9_999, min(0)));
+            assert!(s.is_due(keys, 10_000, min(0)));
+            assert!(s.is_due(keys, 1, min(1)));
+        }
+        // A million keys: a hundred times further apart, in ops and in time.
+        let keys = 100 * SNAPSHOT_SCALE_KEYS;
+        assert!(!s.is_due(keys, 10_000, min(0)));
+        assert!(!s.is_due(keys, 999_999, min(99)));
+        assert!(s.is_due(keys, 1_000_000, min(0)));
+        assert!(s.is_due(keys, 1, min(100)));
     }
 }

@@ -426,7 +426,8 @@ pub struct MaterializerConfig {
     pub name: String,
     /// A stream key's snapshot is written after this many ops since the last one...
     pub snapshot_every_ops: u64,
-    /// ...or this many seconds after its first op since the last one.
+    /// ...or this many seconds after its first op since the last one. A state of
+    /// more than 10,000 keys waits that many times longer for both.
     pub snapshot_interval_secs: u64,
     /// Whether this instance writes snapshots (at least one instance should).
     pub write_snapshots: bool,
