@@ -71,6 +71,52 @@ struct Shared {
     /// Bumped after every applied batch; readers waiting for `min_seq` watch it.
     progress: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+    /// Snapshots encoded for reads.
+    on_demand: OnDemand,
+}
+
+/// Most bytes of snapshots encoded for reads kept for the next read of the same
+/// state.
+const ON_DEMAND_KEPT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Snapshots encoded for reads (`usync.mat.snapshot.…`). Encoding one holds a copy
+/// of the whole state and costs in proportion to it, and any reader with a token
+/// may ask: they are encoded one at a time, in the order asked (a flood of requests
+/// waits instead of holding a state copy each on every blocking thread), and the
+/// newest of each stream key is kept while its state has not moved, so asking
+/// again costs nothing.
+struct OnDemand {
+    turn: tokio::sync::Semaphore,
+    /// Stream key → (`last_server_seq`, encoded snapshot).
+    kept: std::sync::Mutex<HashMap<StreamKey, (u64, Bytes)>>,
+}
+
+impl OnDemand {
+    fn new() -> Self {
+        Self {
+            turn: tokio::sync::Semaphore::new(1),
+            kept: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn kept(&self, key: &StreamKey, seq: u64) -> Option<Bytes> {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.get(key)
+            .filter(|(at, _)| *at == seq)
+            .map(|(_, b)| b.clone())
+    }
+
+    fn keep(&self, key: &StreamKey, seq: u64, bytes: &Bytes) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.remove(key);
+        let held: usize = kept.values().map(|(_, b)| b.len()).sum();
+        if held + bytes.len() > ON_DEMAND_KEPT_BYTES {
+            kept.clear();
+        }
+        if bytes.len() <= ON_DEMAND_KEPT_BYTES {
+            kept.insert(key.clone(), (seq, bytes.clone()));
+        }
+    }
 }
 
 /// Runs one materializer until `shutdown` fires.
@@ -107,6 +153,7 @@ pub async fn run_with_metrics(
         store: Arc::new(store),
         progress: watch::channel(0).0,
         metrics: Arc::new(Metrics::default()),
+        on_demand: OnDemand::new(),
     });
     if let Some(listener) = metrics_listener {
         tokio::spawn(ultrasync_metrics::serve(
@@ -695,7 +742,7 @@ async fn answer(shared: &Shared, msg: &async_nats::Message) -> ReadResult {
     match verb {
         Verb::Snapshot => {
             let started = Instant::now();
-            let (bytes, seq, _) = encode_snapshot(shared, &key).await.map_err(internal)?;
+            let (bytes, seq) = snapshot_for_read(shared, &key).await?;
             if req.store && seq > 0 {
                 let js = async_nats::jetstream::new(shared.client.clone());
                 let put = snapshot::put(&js, &shared.snapshots, &key, seq, &bytes, true)
@@ -732,7 +779,7 @@ async fn answer(shared: &Shared, msg: &async_nats::Message) -> ReadResult {
                     ),
                 ));
             }
-            Ok(bytes.into())
+            Ok(bytes)
         }
         Verb::Key => {
             let name = req
@@ -798,6 +845,31 @@ async fn answer(shared: &Shared, msg: &async_nats::Message) -> ReadResult {
 }
 
 /// Waits until `key` is applied up to `min`, for at most `reads::MAX_WAIT`.
+/// `key`'s snapshot for a read, as it is now: the kept one when the state has not
+/// moved since, else encoded in turn (see [`OnDemand`]).
+async fn snapshot_for_read(
+    shared: &Shared,
+    key: &StreamKey,
+) -> Result<(Bytes, u64), (ErrorCode, String)> {
+    let _turn = tokio::time::timeout(reads::MAX_WAIT, shared.on_demand.turn.acquire())
+        .await
+        .map_err(|_| {
+            (
+                ErrorCode::Unavailable,
+                "this materializer is busy encoding other snapshots; retry later".to_owned(),
+            )
+        })?
+        .map_err(internal)?;
+    let head = shared.store.head(key).map_err(internal)?.last_seq;
+    if let Some(bytes) = shared.on_demand.kept(key, head) {
+        return Ok((bytes, head));
+    }
+    let (bytes, seq, _) = encode_snapshot(shared, key).await.map_err(internal)?;
+    let bytes = Bytes::from(bytes);
+    shared.on_demand.keep(key, seq, &bytes);
+    Ok((bytes, seq))
+}
+
 async fn wait_for(shared: &Shared, key: &StreamKey, min: u64) -> Result<(), (ErrorCode, String)> {
     let deadline = tokio::time::Instant::now() + reads::MAX_WAIT;
     let mut progress = shared.progress.subscribe();
@@ -824,6 +896,33 @@ async fn wait_for(shared: &Shared, key: &StreamKey, min: u64) -> Result<(), (Err
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_encoded_for_a_read_is_kept_while_its_state_has_not_moved() {
+        let on_demand = OnDemand::new();
+        let a = StreamKey::parse("acme", "web", "a").expect("key");
+        let b = StreamKey::parse("acme", "web", "b").expect("key");
+        on_demand.keep(&a, 7, &Bytes::from_static(b"seven"));
+        assert_eq!(on_demand.kept(&a, 7).as_deref(), Some(&b"seven"[..]));
+        assert_eq!(on_demand.kept(&a, 8), None, "the state moved on");
+        assert_eq!(on_demand.kept(&b, 7), None);
+        on_demand.keep(&a, 8, &Bytes::from_static(b"eight"));
+        assert_eq!(on_demand.kept(&a, 7), None, "one per stream key");
+        // Bounded in bytes: a blob that would go past the bound drops the others.
+        let big = Bytes::from(vec![0u8; ON_DEMAND_KEPT_BYTES]);
+        on_demand.keep(&b, 1, &big);
+        assert_eq!(on_demand.kept(&a, 8), None);
+        assert_eq!(
+            on_demand.kept(&b, 1).map(|b| b.len()),
+            Some(ON_DEMAND_KEPT_BYTES)
+        );
+        on_demand.keep(&a, 9, &Bytes::from(vec![0u8; ON_DEMAND_KEPT_BYTES + 1]));
+        assert_eq!(
+            on_demand.kept(&a, 9),
+            None,
+            "larger than the bound: not kept"
+        );
+    }
 
     #[test]
     fn a_large_state_is_snapshotted_further_apart() {
