@@ -81,10 +81,10 @@ const ON_DEMAND_KEPT_BYTES: usize = 64 * 1024 * 1024;
 
 /// Snapshots encoded for reads (`usync.mat.snapshot.…`). Encoding one holds a copy
 /// of the whole state and costs in proportion to it, and any reader with a token
-/// may ask: they are encoded one at a time, in the order asked (a flood of requests
-/// waits instead of holding a state copy each on every blocking thread), and the
-/// newest of each stream key is kept while its state has not moved, so asking
-/// again costs nothing.
+/// may ask: at most as many are encoded at once as the machine has cores, in the
+/// order asked (a flood of requests waits instead of holding a state copy each on
+/// every blocking thread), and the newest of each stream key is kept while its
+/// state has not moved, so asking again costs nothing.
 struct OnDemand {
     turn: tokio::sync::Semaphore,
     /// Stream key → (`last_server_seq`, encoded snapshot).
@@ -94,7 +94,9 @@ struct OnDemand {
 impl OnDemand {
     fn new() -> Self {
         Self {
-            turn: tokio::sync::Semaphore::new(1),
+            turn: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            ),
             kept: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -846,7 +848,7 @@ async fn answer(shared: &Shared, msg: &async_nats::Message) -> ReadResult {
 
 /// Waits until `key` is applied up to `min`, for at most `reads::MAX_WAIT`.
 /// `key`'s snapshot for a read, as it is now: the kept one when the state has not
-/// moved since, else encoded in turn (see [`OnDemand`]).
+/// moved since, else encoded when its turn comes (see [`OnDemand`]).
 async fn snapshot_for_read(
     shared: &Shared,
     key: &StreamKey,
