@@ -529,3 +529,53 @@ async fn ops_arriving_within_the_apply_interval_share_one_apply() {
     );
     stack.shutdown().await;
 }
+
+/// Any reader may ask a materializer for a snapshot, which encodes the whole state:
+/// 64 asking at once for a state that does not move get it encoded about once (at
+/// most once per core, the reads encoding in turn), the others the encoding kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_snapshot_reads_encodes_a_standing_state_once() {
+    const READS: usize = 64;
+    let stack = Stack::start_with(StackOptions {
+        configure: |c| c.materializer.metrics_listen = Some(([127, 0, 0, 1], 0).into()),
+        ..Default::default()
+    })
+    .await;
+    send_ops(&stack, "index", 0, 30).await;
+    let nc = stack.nats_client().await;
+    let want = reads::ReadRequest {
+        min_seq: Some(30),
+        ..Default::default()
+    };
+    let snapshots = futures::future::join_all((0..READS).map(|_| {
+        let (nc, want) = (nc.clone(), want.clone());
+        async move { reads::snapshot(&nc, &key("index"), &want).await }
+    }))
+    .await;
+    let expected = model(&stack, "index").await;
+    for s in snapshots {
+        let s = s.expect("snapshot read");
+        assert_eq!(s.state.last_seq, 30);
+        assert_eq!(s.digest(), state::digest(&expected));
+    }
+
+    let addr = stack.materializer_metrics(0).expect("materializer metrics");
+    let (status, body) = ultrasync_testkit::http_get(&format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape");
+    assert_eq!(status, 200, "{body}");
+    let count = |series: &str| -> usize {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{series} missing in\n{body}")) as usize
+    };
+    let encoded = count(r#"ultrasync_materializer_snapshot_reads_total{answer="encoded"}"#);
+    let kept = count(r#"ultrasync_materializer_snapshot_reads_total{answer="kept"}"#);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(encoded + kept, READS, "{body}");
+    assert!(
+        (1..=cores).contains(&encoded),
+        "{encoded} encodings for {READS} reads of one state ({cores} cores)"
+    );
+    stack.shutdown().await;
+}

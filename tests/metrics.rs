@@ -405,6 +405,12 @@ async fn every_service_serves_openmetrics_and_the_dashboard_queries_only_what_th
             Counter,
             false,
         ),
+        (
+            "materializer",
+            "ultrasync_materializer_snapshot_reads",
+            Counter,
+            false,
+        ),
         ("compactor", "ultrasync_compactor_passes", Counter, true),
         (
             "compactor",

@@ -864,9 +864,11 @@ async fn snapshot_for_read(
         .map_err(internal)?;
     let head = shared.store.head(key).map_err(internal)?.last_seq;
     if let Some(bytes) = shared.on_demand.kept(key, head) {
+        shared.metrics.snapshot_read(false);
         return Ok((bytes, head));
     }
     let (bytes, seq, _) = encode_snapshot(shared, key).await.map_err(internal)?;
+    shared.metrics.snapshot_read(true);
     let bytes = Bytes::from(bytes);
     shared.on_demand.keep(key, seq, &bytes);
     Ok((bytes, seq))

@@ -18,6 +18,12 @@ type FilledFrom = [(&'static str, &'static str); 1];
 const FROM_LOG: FilledFrom = [("from", "log")];
 const FROM_SNAPSHOT: FilledFrom = [("from", "snapshot")];
 
+/// How a snapshot read was answered.
+type ReadAnswer = [(&'static str, &'static str); 1];
+
+const READ_ENCODED: ReadAnswer = [("answer", "encoded")];
+const READ_KEPT: ReadAnswer = [("answer", "kept")];
+
 pub struct Metrics {
     ops_applied: Counter,
     /// One chunk pulled from the consumer, applied (gaps filled included).
@@ -28,6 +34,7 @@ pub struct Metrics {
     /// Making a snapshot (reading the state, encoding) and storing it.
     snapshot: Histogram,
     snapshot_bytes: Histogram,
+    snapshot_reads: Family<ReadAnswer, Counter>,
     registry: Registry,
 }
 
@@ -44,6 +51,9 @@ impl Default for Metrics {
         let snapshot = Histogram::new(ultrasync_metrics::SECONDS_BUCKETS);
         // 1 KiB to 1 GiB.
         let snapshot_bytes = Histogram::new(exponential_buckets(1024.0, 4.0, 11));
+        let snapshot_reads = Family::<ReadAnswer, Counter>::default();
+        drop(snapshot_reads.get_or_create(&READ_ENCODED));
+        drop(snapshot_reads.get_or_create(&READ_KEPT));
         let mut registry = Registry::with_prefix("ultrasync_materializer");
         registry.register(
             "ops_applied",
@@ -83,6 +93,11 @@ impl Default for Metrics {
             Unit::Bytes,
             snapshot_bytes.clone(),
         );
+        registry.register(
+            "snapshot_reads",
+            "Snapshot reads answered by encoding the state (answer=encoded) or with the encoding kept from an earlier read of the same state (answer=kept)",
+            snapshot_reads.clone(),
+        );
         Self {
             ops_applied,
             apply,
@@ -91,6 +106,7 @@ impl Default for Metrics {
             snapshot_failures,
             snapshot,
             snapshot_bytes,
+            snapshot_reads,
             registry,
         }
     }
@@ -123,6 +139,12 @@ impl Metrics {
         }
     }
 
+    /// A snapshot read was answered; `encoded`: by encoding the state.
+    pub fn snapshot_read(&self, encoded: bool) {
+        let answer = if encoded { &READ_ENCODED } else { &READ_KEPT };
+        self.snapshot_reads.get_or_create(answer).inc();
+    }
+
     pub fn snapshot_failed(&self) {
         self.snapshot_failures.inc();
     }
@@ -153,6 +175,8 @@ mod tests {
             "ultrasync_materializer_rebuilds_total{from=\"log\"} 0\n",
             "ultrasync_materializer_rebuilds_total{from=\"snapshot\"} 0\n",
             "ultrasync_materializer_snapshot_seconds_count 0\n",
+            "ultrasync_materializer_snapshot_reads_total{answer=\"encoded\"} 0\n",
+            "ultrasync_materializer_snapshot_reads_total{answer=\"kept\"} 0\n",
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }
@@ -162,6 +186,9 @@ mod tests {
         m.snapshot_stored(true, 5000, Duration::from_millis(4));
         m.snapshot_stored(false, 5000, Duration::from_millis(4));
         m.snapshot_failed();
+        m.snapshot_read(true);
+        m.snapshot_read(false);
+        m.snapshot_read(false);
         let text = m.render().expect("render");
         for line in [
             "ultrasync_materializer_ops_applied_total 15\n",
@@ -169,6 +196,8 @@ mod tests {
             "ultrasync_materializer_rebuilds_total{from=\"snapshot\"} 1\n",
             "ultrasync_materializer_snapshots_written_total 1\n",
             "ultrasync_materializer_snapshot_failures_total 1\n",
+            "ultrasync_materializer_snapshot_reads_total{answer=\"encoded\"} 1\n",
+            "ultrasync_materializer_snapshot_reads_total{answer=\"kept\"} 2\n",
             "ultrasync_materializer_snapshot_seconds_count 2\n",
             "# UNIT ultrasync_materializer_snapshot_size_bytes bytes\n",
             "ultrasync_materializer_snapshot_size_bytes_bucket{le=\"4096.0\"} 0\n",
