@@ -243,6 +243,23 @@ async fn fetch(
     snapshot::fetch(&store, &key(ns)).await
 }
 
+/// The first materializer's `/metrics` text.
+async fn scrape(stack: &Stack) -> String {
+    let addr = stack.materializer_metrics(0).expect("materializer metrics");
+    let (status, body) = ultrasync_testkit::http_get(&format!("http://{addr}/metrics"))
+        .await
+        .expect("scrape");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The value of the series named `name` (with its labels) in a `/metrics` text.
+fn series(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in\n{body}"))
+}
+
 async fn send_ops(stack: &Stack, ns: &str, from: usize, to: usize) {
     let mut w = stack
         .client("wes", "web", &format!("wes-{from}"), &[])
@@ -508,18 +525,9 @@ async fn ops_arriving_within_the_apply_interval_share_one_apply() {
     let expected = model(&stack, "metadata").await;
     assert_eq!(shown["digest"], json!(state::digest(&expected)));
 
-    let addr = stack.materializer_metrics(0).expect("materializer metrics");
-    let (status, body) = ultrasync_testkit::http_get(&format!("http://{addr}/metrics"))
-        .await
-        .expect("scrape");
-    assert_eq!(status, 200, "{body}");
-    let count = |family: &str| -> f64 {
-        body.lines()
-            .find_map(|l| l.strip_prefix(family)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{family} missing in\n{body}"))
-    };
-    let ops = count("ultrasync_materializer_ops_applied_total");
-    let applies = count("ultrasync_materializer_apply_seconds_count");
+    let body = scrape(&stack).await;
+    let ops = series(&body, "ultrasync_materializer_ops_applied_total");
+    let applies = series(&body, "ultrasync_materializer_apply_seconds_count");
     assert_eq!(ops, OPS as f64);
     // The 40 messages came one acked command after another, so well within a few
     // intervals of each other: a handful of applies, not one per message.
@@ -559,18 +567,12 @@ async fn a_flood_of_snapshot_reads_encodes_a_standing_state_once() {
         assert_eq!(s.digest(), state::digest(&expected));
     }
 
-    let addr = stack.materializer_metrics(0).expect("materializer metrics");
-    let (status, body) = ultrasync_testkit::http_get(&format!("http://{addr}/metrics"))
-        .await
-        .expect("scrape");
-    assert_eq!(status, 200, "{body}");
-    let count = |series: &str| -> usize {
-        body.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{series} missing in\n{body}")) as usize
+    let body = scrape(&stack).await;
+    let reads = |answer: &str| {
+        let name = format!(r#"ultrasync_materializer_snapshot_reads_total{{answer="{answer}"}}"#);
+        series(&body, &name) as usize
     };
-    let encoded = count(r#"ultrasync_materializer_snapshot_reads_total{answer="encoded"}"#);
-    let kept = count(r#"ultrasync_materializer_snapshot_reads_total{answer="kept"}"#);
+    let (encoded, kept) = (reads("encoded"), reads("kept"));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(encoded + kept, READS, "{body}");
     assert!(
