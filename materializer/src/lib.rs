@@ -87,8 +87,20 @@ const ON_DEMAND_KEPT_BYTES: usize = 64 * 1024 * 1024;
 /// state has not moved, so asking again costs nothing.
 struct OnDemand {
     turn: tokio::sync::Semaphore,
+    kept: std::sync::Mutex<Kept>,
+}
+
+/// The encodings kept, and their bytes (a stream key's name counted with its blob).
+#[derive(Default)]
+struct Kept {
     /// Stream key → (`last_server_seq`, encoded snapshot).
-    kept: std::sync::Mutex<HashMap<StreamKey, (u64, Bytes)>>,
+    by_key: HashMap<StreamKey, (u64, Bytes)>,
+    bytes: usize,
+}
+
+/// What keeping `blob` for `key` counts against [`ON_DEMAND_KEPT_BYTES`].
+fn kept_size(key: &StreamKey, blob: &Bytes) -> usize {
+    blob.len() + key.to_string().len() + 64
 }
 
 impl OnDemand {
@@ -97,26 +109,31 @@ impl OnDemand {
             turn: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             ),
-            kept: std::sync::Mutex::new(HashMap::new()),
+            kept: std::sync::Mutex::new(Kept::default()),
         }
     }
 
     fn kept(&self, key: &StreamKey, seq: u64) -> Option<Bytes> {
         let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        kept.get(key)
+        kept.by_key
+            .get(key)
             .filter(|(at, _)| *at == seq)
             .map(|(_, b)| b.clone())
     }
 
-    fn keep(&self, key: &StreamKey, seq: u64, bytes: &Bytes) {
+    /// Keeps `blob`, replacing `key`'s; past the bound the others go first.
+    fn keep(&self, key: &StreamKey, seq: u64, blob: &Bytes) {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        kept.remove(key);
-        let held: usize = kept.values().map(|(_, b)| b.len()).sum();
-        if held + bytes.len() > ON_DEMAND_KEPT_BYTES {
-            kept.clear();
+        if let Some((_, old)) = kept.by_key.remove(key) {
+            kept.bytes -= kept_size(key, &old);
         }
-        if bytes.len() <= ON_DEMAND_KEPT_BYTES {
-            kept.insert(key.clone(), (seq, bytes.clone()));
+        let size = kept_size(key, blob);
+        if kept.bytes + size > ON_DEMAND_KEPT_BYTES {
+            *kept = Kept::default();
+        }
+        if size <= ON_DEMAND_KEPT_BYTES {
+            kept.bytes += size;
+            kept.by_key.insert(key.clone(), (seq, blob.clone()));
         }
     }
 }
@@ -523,8 +540,9 @@ struct Snapshots {
     forced: HashSet<StreamKey>,
     /// The writes in flight; each ends with the keys of the state it wrote.
     writing: HashMap<StreamKey, tokio::task::JoinHandle<Option<u64>>>,
-    /// Keys in the state of each stream key's last snapshot written.
-    keys: HashMap<StreamKey, u64>,
+    /// Keys in the state of the last snapshot written, for the stream keys whose
+    /// state was larger than [`SNAPSHOT_SCALE_KEYS`] (the others' is not needed).
+    large: HashMap<StreamKey, u64>,
 }
 
 impl Snapshots {
@@ -536,7 +554,7 @@ impl Snapshots {
             pending: HashMap::new(),
             forced: HashSet::new(),
             writing: HashMap::new(),
-            keys: HashMap::new(),
+            large: HashMap::new(),
         }
     }
 
@@ -591,26 +609,27 @@ impl Snapshots {
         if !self.enabled {
             return;
         }
-        let finished: Vec<StreamKey> = self
-            .writing
-            .iter()
-            .filter(|(_, t)| t.is_finished())
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in finished {
-            if let Some(Ok(Some(keys))) = self
-                .writing
-                .remove(&key)
-                .and_then(futures::FutureExt::now_or_never)
-            {
-                self.keys.insert(key, keys);
+        let large = &mut self.large;
+        self.writing.retain(|key, task| {
+            if !task.is_finished() {
+                return true;
             }
-        }
+            match futures::FutureExt::now_or_never(task) {
+                Some(Ok(Some(keys))) if keys > SNAPSHOT_SCALE_KEYS => {
+                    large.insert(key.clone(), keys);
+                }
+                Some(Ok(Some(_))) => {
+                    large.remove(key);
+                }
+                _ => {}
+            }
+            false
+        });
         let due: Vec<(StreamKey, bool)> = self
             .pending
             .iter()
             .filter(|(k, (n, since))| {
-                let keys = self.keys.get(*k).copied().unwrap_or(0);
+                let keys = self.large.get(*k).copied().unwrap_or(0);
                 self.is_due(keys, *n, since.elapsed())
             })
             .map(|(k, _)| (k.clone(), false))
@@ -846,7 +865,6 @@ async fn answer(shared: &Shared, msg: &async_nats::Message) -> ReadResult {
     }
 }
 
-/// Waits until `key` is applied up to `min`, for at most `reads::MAX_WAIT`.
 /// `key`'s snapshot for a read, as it is now: the kept one when the state has not
 /// moved since, else encoded when its turn comes (see [`OnDemand`]).
 async fn snapshot_for_read(
@@ -874,6 +892,7 @@ async fn snapshot_for_read(
     Ok((bytes, seq))
 }
 
+/// Waits until `key` is applied up to `min`, for at most `reads::MAX_WAIT`.
 async fn wait_for(shared: &Shared, key: &StreamKey, min: u64) -> Result<(), (ErrorCode, String)> {
     let deadline = tokio::time::Instant::now() + reads::MAX_WAIT;
     let mut progress = shared.progress.subscribe();
@@ -913,13 +932,10 @@ mod tests {
         on_demand.keep(&a, 8, &Bytes::from_static(b"eight"));
         assert_eq!(on_demand.kept(&a, 7), None, "one per stream key");
         // Bounded in bytes: a blob that would go past the bound drops the others.
-        let big = Bytes::from(vec![0u8; ON_DEMAND_KEPT_BYTES]);
+        let big = Bytes::from(vec![0u8; ON_DEMAND_KEPT_BYTES - 100]);
         on_demand.keep(&b, 1, &big);
         assert_eq!(on_demand.kept(&a, 8), None);
-        assert_eq!(
-            on_demand.kept(&b, 1).map(|b| b.len()),
-            Some(ON_DEMAND_KEPT_BYTES)
-        );
+        assert_eq!(on_demand.kept(&b, 1).map(|b| b.len()), Some(big.len()));
         on_demand.keep(&a, 9, &Bytes::from(vec![0u8; ON_DEMAND_KEPT_BYTES + 1]));
         assert_eq!(
             on_demand.kept(&a, 9),
