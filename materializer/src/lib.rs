@@ -46,7 +46,7 @@ use ultrasync_shared::error::ErrorCode;
 use ultrasync_shared::log::{self, LogEntry};
 use ultrasync_shared::nats::{self, ops_subject};
 use ultrasync_shared::reads::{self, ReadRequest, Verb};
-use ultrasync_shared::{StreamKey, snapshot, state};
+use ultrasync_shared::{Id, StreamKey, snapshot, state};
 
 use crate::metrics::Metrics;
 use crate::store::{Applier, Store, StoreError};
@@ -85,9 +85,42 @@ const ON_DEMAND_KEPT_BYTES: usize = 64 * 1024 * 1024;
 /// order asked (a flood of requests waits instead of holding a state copy each on
 /// every blocking thread), and the newest of each stream key is kept while its
 /// state has not moved, so asking again costs nothing.
+///
+/// An org's reads wait for its own earlier ones first: it holds at most one of the
+/// turns, and the line for turns has at most one read of each org in it, so a
+/// tenant flooding large reads slows its own and takes turns with the others
+/// instead of making them wait behind its whole flood.
 struct OnDemand {
     turn: tokio::sync::Semaphore,
+    /// Org → its line; an entry lives while a read of the org waits or encodes.
+    lines: std::sync::Mutex<HashMap<Id, Arc<tokio::sync::Mutex<()>>>>,
     kept: std::sync::Mutex<Kept>,
+}
+
+/// A read's turn to encode (see [`OnDemand::turn`]).
+struct Turn<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    _place: Place<'a>,
+}
+
+/// A read's place in its org's line; leaving it last removes the line.
+struct Place<'a> {
+    lines: &'a std::sync::Mutex<HashMap<Id, Arc<tokio::sync::Mutex<()>>>>,
+    org: Id,
+    line: Arc<tokio::sync::Mutex<()>>,
+    first: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.first = None;
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        // Clones are taken under this lock: the map's and this one mean nobody
+        // else is in the line.
+        if Arc::strong_count(&self.line) == 2 {
+            lines.remove(&self.org);
+        }
+    }
 }
 
 /// The encodings kept, and their bytes (a stream key's name counted with its blob).
@@ -105,12 +138,35 @@ fn kept_size(key: &StreamKey, blob: &Bytes) -> usize {
 
 impl OnDemand {
     fn new() -> Self {
+        Self::with_turns(std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+    }
+
+    fn with_turns(turns: usize) -> Self {
         Self {
-            turn: tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-            ),
+            turn: tokio::sync::Semaphore::new(turns),
+            lines: std::sync::Mutex::default(),
             kept: std::sync::Mutex::new(Kept::default()),
         }
+    }
+
+    /// Waits for `org`'s earlier reads, then for a turn.
+    async fn turn(&self, org: &Id) -> Result<Turn<'_>, tokio::sync::AcquireError> {
+        let line = {
+            let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+            lines.entry(org.clone()).or_default().clone()
+        };
+        let mut place = Place {
+            lines: &self.lines,
+            org: org.clone(),
+            line,
+            first: None,
+        };
+        place.first = Some(place.line.clone().lock_owned().await);
+        let permit = self.turn.acquire().await?;
+        Ok(Turn {
+            _permit: permit,
+            _place: place,
+        })
     }
 
     fn kept(&self, key: &StreamKey, seq: u64) -> Option<Bytes> {
@@ -871,7 +927,7 @@ async fn snapshot_for_read(
     shared: &Shared,
     key: &StreamKey,
 ) -> Result<(Bytes, u64), (ErrorCode, String)> {
-    let _turn = tokio::time::timeout(reads::MAX_WAIT, shared.on_demand.turn.acquire())
+    let _turn = tokio::time::timeout(reads::MAX_WAIT, shared.on_demand.turn(&key.org))
         .await
         .map_err(|_| {
             (
@@ -942,6 +998,48 @@ mod tests {
             None,
             "larger than the bound: not kept"
         );
+    }
+
+    /// One turn, org `a` holding it with four more reads waiting, then one read of
+    /// org `b`: `b` encodes next, not after `a`'s flood, and the lines are gone
+    /// once everyone is through (also for a read that gave up waiting).
+    #[tokio::test]
+    async fn an_org_flooding_snapshot_reads_takes_turns_with_the_others() {
+        let on_demand = Arc::new(OnDemand::with_turns(1));
+        let (a, b) = (
+            Id::parse("org", "a").expect("id"),
+            Id::parse("org", "b").expect("id"),
+        );
+        let first = on_demand.turn(&a).await.expect("turn");
+        let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+        let mut reads = Vec::new();
+        for (org, name) in [(&a, "a2"), (&a, "a3"), (&a, "a4"), (&a, "a5"), (&b, "b1")] {
+            let (on_demand, org, tx) = (on_demand.clone(), org.clone(), order_tx.clone());
+            reads.push(tokio::spawn(async move {
+                let turn = on_demand.turn(&org).await.expect("turn");
+                tx.send(name).expect("send");
+                drop(turn);
+            }));
+            // Each read gets in line before the next one asks.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let gave_up =
+            futures::FutureExt::now_or_never(on_demand.turn(&Id::parse("org", "c").expect("id")));
+        assert!(gave_up.is_none(), "no turn is free");
+        drop(first);
+        for read in reads {
+            read.await.expect("read");
+        }
+        drop(order_tx);
+        let mut got = Vec::new();
+        while let Some(name) = order.recv().await {
+            got.push(name);
+        }
+        assert_eq!(got, ["b1", "a2", "a3", "a4", "a5"]);
+        let lines = on_demand.lines.lock().expect("lines");
+        assert!(lines.is_empty(), "{:?}", lines.keys().collect::<Vec<_>>());
     }
 
     #[test]
