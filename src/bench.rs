@@ -102,6 +102,11 @@ pub struct BenchArgs {
     /// `--nats-url`. Its per-socket rate limit must allow the offered rates.
     #[arg(long)]
     url: Option<String>,
+    /// Run the services of a stack this run starts in one `ultrasync serve` process
+    /// (gateway, sequencer, materializer and compactor; the tenants scenario's
+    /// further sequencers are processes of their own) instead of a process each.
+    #[arg(long, conflicts_with = "url")]
+    one_process: bool,
     /// Where the report and chart go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -123,7 +128,8 @@ struct Stack {
 struct OwnStack {
     natsd: Natsd,
     dir: tempfile::TempDir,
-    /// `ultrasync gateway`, `materializer` and `sequencer` processes, by role.
+    /// `ultrasync gateway`, `materializer` and `sequencer` processes (or `serve` and
+    /// further sequencers), by role.
     services: Vec<(String, std::process::Child)>,
 }
 
@@ -138,7 +144,7 @@ impl Stack {
     /// processes, and waits until they share the partitions evenly. The load
     /// generator (this process) shares the machine with them but not their CPU
     /// accounting.
-    async fn start(sequencers: usize) -> anyhow::Result<Self> {
+    async fn start(sequencers: usize, one_process: bool) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let bin = find_nats_server(None)?;
         // The monitoring endpoint on loopback: messages in and out per acked op.
@@ -198,12 +204,19 @@ impl Stack {
         };
         let listen = format!("127.0.0.1:{port}");
         let started = async {
-            stack.spawn("gateway", &["gateway", "--listen", &listen])?;
-            stack.spawn("materializer", &["materializer"])?;
+            // The sequencers that are processes of their own.
+            let mut own_sequencers = 0..sequencers.max(1);
+            if one_process {
+                stack.spawn("serve", &["serve", "--listen", &listen])?;
+                own_sequencers.start = 1;
+            } else {
+                stack.spawn("gateway", &["gateway", "--listen", &listen])?;
+                stack.spawn("materializer", &["materializer"])?;
+            }
             // The gateway has set up the streams once it answers; the sequencers
             // start on a ready layout.
             stack.wait_ready().await?;
-            for i in 0..sequencers.max(1) {
+            for i in own_sequencers {
                 stack.spawn(&format!("sequencer-{}", i + 1), &["sequencer"])?;
             }
             stack.wait_partitions_shared(sequencers.max(1)).await
@@ -1482,7 +1495,7 @@ async fn tenants(
     for &n in args.sequencers.iter().filter(|_| existing.is_none()) {
         anyhow::ensure!(n > 0, "--sequencers: counts must be positive");
         eprintln!("tenants: starting a stack with {n} sequencer process(es)...");
-        let stack = Stack::start(n).await?;
+        let stack = Stack::start(n, args.one_process).await?;
         let measured = stack.processes();
         let before: Vec<Option<(f64, u64)>> = measured
             .iter()
@@ -1839,6 +1852,14 @@ fn ms_label(v: f64) -> String {
     }
 }
 
+/// How a stack this run starts runs its services (`--one-process`).
+fn services_shape(one_process: bool) -> &'static str {
+    match one_process {
+        true => "one process: ultrasync serve (gateway, sequencer, materializer, compactor)",
+        false => "a process each: gateway, sequencer, materializer",
+    }
+}
+
 /// `config` is needed only with `--url` (secret, NATS URL).
 pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Result<()> {
     let all = args.scenario.iter().any(|s| s == "all");
@@ -1852,6 +1873,9 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
             "os": std::env::consts::OS,
         }),
     );
+    if args.url.is_none() {
+        report.insert("services".into(), services_shape(args.one_process).into());
+    }
     // Every scenario but `tenants` (which starts a stack per sequencer count) runs on
     // one stack; so does `tenants` against an existing one.
     let on_one_stack = [
@@ -1871,9 +1895,10 @@ pub async fn run(args: BenchArgs, config: anyhow::Result<Config>) -> anyhow::Res
         let stack = match &args.url {
             None => {
                 eprintln!(
-                    "starting a stack (nats-server with sync_interval: always, gateway, sequencer, materializer)..."
+                    "starting a stack (nats-server with sync_interval: always, {})...",
+                    services_shape(args.one_process)
                 );
-                Stack::start(1).await?
+                Stack::start(1, args.one_process).await?
             }
             Some(url) => {
                 let config = config?;

@@ -17,13 +17,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use tracing::{error, info};
+use tracing::info;
 use ultrasync_shared::auth;
 use ultrasync_shared::natsd::{
     ClusterOptions, Natsd, NatsdOptions, TlsFiles, find_nats_server, free_ports,
 };
 
-use crate::{CommonArgs, STOP_GRACE, shutdown_on_signals};
+use crate::serve::Services;
+use crate::{CommonArgs, shutdown_on_signals};
 
 /// The file in the data folder that holds the dev HS256 secret.
 const DEV_SECRET_FILE: &str = "dev-secret";
@@ -243,23 +244,8 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     {
         cfg.materializer.data_dir = data_dir.join("materializer");
     }
-    let sequencer = tokio::spawn(ultrasync_sequencer::run(cfg.clone(), shutdown.clone()));
-    let materializer = tokio::spawn(ultrasync_materializer::run(cfg.clone(), shutdown.clone()));
-    let compactor = tokio::spawn(ultrasync_compactor::run(cfg.clone(), shutdown.clone()));
     let demo = demo_dir(args.demo_dir);
-    let gateway = match demo.clone() {
-        Some(dir) => tokio::spawn(ultrasync_gateway::run_with_demo(
-            cfg.clone(),
-            listener,
-            shutdown.clone(),
-            dir,
-        )),
-        None => tokio::spawn(ultrasync_gateway::run(
-            cfg.clone(),
-            listener,
-            shutdown.clone(),
-        )),
-    };
+    let services = Services::spawn(&cfg, listener, &shutdown, demo.clone());
 
     // A week, or the configured maximum lifetime when that is shorter.
     let ttl = match cfg.auth.max_token_lifetime_secs {
@@ -382,48 +368,7 @@ pub async fn run(common: &CommonArgs, args: DevArgs) -> anyhow::Result<()> {
     println!("Ctrl-C stops everything.");
 
     // Run until a signal, or until a service fails (then stop the rest).
-    let mut sequencer = sequencer;
-    let mut gateway = gateway;
-    let mut materializer = materializer;
-    let mut compactor = compactor;
-    let failed = tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => None,
-        r = &mut sequencer => Some(("sequencer", r)),
-        r = &mut materializer => Some(("materializer", r)),
-        r = &mut compactor => Some(("compactor", r)),
-        r = &mut gateway => Some(("gateway", r)),
-    };
-    // A service that ends cleanly because the signal already fired is no failure.
-    let failed = failed.filter(|(_, r)| !(shutdown.is_cancelled() && matches!(r, Ok(Ok(())))));
-    shutdown.cancel();
-    let mut result = Ok(());
-    if let Some((name, r)) = failed {
-        let e = match r {
-            Ok(Ok(())) => anyhow::anyhow!("{name} stopped unexpectedly"),
-            Ok(Err(e)) => e.context(format!("{name} failed")),
-            Err(e) => anyhow::anyhow!("{name} panicked: {e}"),
-        };
-        error!(error = %format!("{e:#}"), "stopping");
-        result = Err(e);
-    }
-    for (name, task) in [
-        ("gateway", gateway),
-        ("sequencer", sequencer),
-        ("materializer", materializer),
-        ("compactor", compactor),
-    ] {
-        if task.is_finished() {
-            continue;
-        }
-        match tokio::time::timeout(STOP_GRACE, task).await {
-            Ok(Ok(Err(e))) => {
-                error!(service = name, error = %format!("{e:#}"), "stopped with an error")
-            }
-            Err(_) => error!(service = name, "did not stop in time"),
-            _ => info!(service = name, "stopped"),
-        }
-    }
+    let result = services.supervise(&shutdown).await;
     tokio::task::spawn_blocking(move || {
         for natsd in &mut natsds {
             natsd.terminate(Duration::from_secs(10));

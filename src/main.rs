@@ -7,6 +7,7 @@ mod cli;
 mod dev;
 mod inspect;
 mod rebuild;
+mod serve;
 
 /// mimalloc instead of glibc's malloc: the pipeline allocates many small, short-lived
 /// buffers (frames, envelopes, ops) across threads; measured with `ultrasync bench`.
@@ -123,6 +124,11 @@ enum Command {
     /// create streams expect it done. On a deployment set up before partitions it
     /// adds them while everything runs (README, "Upgrading to partitions").
     Setup(SetupArgs),
+    /// Run every service (gateway, sequencer, materializer, compactor) in one process
+    /// against a NATS server: one host's deployment, at less CPU per op than
+    /// separate processes. It includes the compactor: run one per deployment, and
+    /// scale out with the services as separate processes.
+    Serve(ServeArgs),
     /// Run the gateway (WebSocket + HTTP) against a NATS server.
     Gateway(GatewayArgs),
     /// Run a sequencer against a NATS server.
@@ -169,6 +175,31 @@ pub struct GatewayArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "ULTRASYNC_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// Folder of the materializer's RocksDB state.
+    #[arg(long, env = "ULTRASYNC_MATERIALIZER_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The materializer's instance name (its durable consumer is
+    /// usync-materializer-{name}).
+    #[arg(long, env = "ULTRASYNC_MATERIALIZER_NAME")]
+    name: Option<String>,
+}
+
+impl GatewayArgs {
+    fn apply(self, cfg: &mut Config) {
+        if let Some(l) = self.listen {
+            cfg.gateway.listen = l;
+        }
+        if self.tls_cert.is_some() {
+            cfg.gateway.tls_cert_file = self.tls_cert;
+            cfg.gateway.tls_key_file = self.tls_key;
+        }
+    }
 }
 
 #[derive(Args)]
@@ -368,6 +399,7 @@ fn main() -> ExitCode {
     let services = matches!(
         cli.command,
         Command::Dev(_)
+            | Command::Serve(_)
             | Command::Gateway(_)
             | Command::Sequencer(_)
             | Command::Materializer(_)
@@ -417,15 +449,38 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev::run(&cli.common, args).await,
+        Command::Serve(args) => {
+            let mut cfg = cli.common.config()?;
+            args.gateway.apply(&mut cfg);
+            if let Some(d) = args.data_dir {
+                cfg.materializer.data_dir = d;
+            }
+            if let Some(n) = args.name {
+                cfg.materializer.name = n;
+            }
+            cfg.validate()?;
+            let listener = tokio::net::TcpListener::bind(cfg.gateway.listen)
+                .await
+                .with_context(|| format!("binding {}", cfg.gateway.listen))?;
+            // Once here rather than four services racing to it.
+            {
+                let client = ultrasync_shared::nats::connect(
+                    &cfg,
+                    "ultrasync-serve",
+                    Duration::from_secs(30),
+                )
+                .await?;
+                let js = async_nats::jetstream::new(client);
+                ultrasync_shared::nats::prepare_layout(&js, cfg.layout()).await?;
+            }
+            let shutdown = shutdown_on_signals();
+            serve::Services::spawn(&cfg, listener, &shutdown, None)
+                .supervise(&shutdown)
+                .await
+        }
         Command::Gateway(args) => {
             let mut cfg = cli.common.config()?;
-            if let Some(l) = args.listen {
-                cfg.gateway.listen = l;
-            }
-            if args.tls_cert.is_some() {
-                cfg.gateway.tls_cert_file = args.tls_cert;
-                cfg.gateway.tls_key_file = args.tls_key;
-            }
+            args.apply(&mut cfg);
             cfg.validate()?;
             let listener = tokio::net::TcpListener::bind(cfg.gateway.listen)
                 .await

@@ -1,5 +1,6 @@
 //! `ultrasync dev` as a user runs it: the real binary, a managed nats-server, Ctrl-C /
-//! SIGTERM, and a second start that serves what the first one stored.
+//! SIGTERM, and a second start that serves what the first one stored; and `ultrasync
+//! serve`, the same services in one process against a nats-server of its own.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -178,4 +179,120 @@ async fn dev_runs_everything_and_keeps_data_across_restarts() {
     );
     let mut dev2 = dev2;
     stop_dev(&mut dev2);
+}
+
+/// `ultrasync serve` against a nats-server it does not manage: the gateway acks
+/// writes (the sequencer runs), a read waits for the materializer, the compactor
+/// makes passes, SIGTERM stops everything cleanly; and a service that fails to
+/// start takes the process down with an error instead of running on without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_every_service_in_one_process() {
+    let nats = ultrasync_testkit::NatsServer::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let secret = ultrasync_testkit::random_secret();
+    let compactor_metrics = ultrasync_shared::natsd::free_ports(1).expect("port")[0];
+    let config = dir.path().join("ultrasync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[compactor]\ninterval_secs = 1\nmetrics_listen = \"127.0.0.1:{compactor_metrics}\"\n"
+        ),
+    )
+    .expect("config");
+    let env = vec![
+        ("ULTRASYNC_JWT_SECRET".to_owned(), secret.clone()),
+        (
+            "ULTRASYNC_CONFIG".to_owned(),
+            config.to_string_lossy().into_owned(),
+        ),
+    ];
+    let bin = Path::new(env!("CARGO_BIN_EXE_ultrasync"));
+    let state = dir.path().join("state");
+    let mut serve = ultrasync_testkit::GatewayProcess::start_as(
+        bin,
+        "serve",
+        &["--data-dir", &state.to_string_lossy()],
+        nats.url(),
+        &env,
+    )
+    .await;
+
+    let token = ultrasync_testkit::token_for(&secret, "ana", "read write");
+    let mut conn = Connection::connect(&serve.ws_url(), &token)
+        .await
+        .expect("connect");
+    conn.hello("acme", "web", "c1", BTreeMap::new())
+        .await
+        .expect("hello");
+    conn.command("c1", "index", "greeting", OpType::Set, json!("hello"))
+        .await
+        .expect("send");
+    let seq = loop {
+        if let ServerMessage::Ack { op, .. } = conn
+            .recv_timeout(Duration::from_secs(20))
+            .await
+            .expect("ack")
+        {
+            break op.server_seq;
+        }
+    };
+    conn.close().await;
+    let auth = format!("Bearer {token}");
+    let read = ultrasync_testkit::http_exchange(
+        "GET",
+        &format!(
+            "http://{}/v1/acme/web/index/keys/greeting?min_seq={seq}",
+            serve.addr
+        ),
+        &[("Authorization", &auth)],
+        "",
+    )
+    .await
+    .expect("read");
+    assert_eq!(read.status, 200, "{}", read.body);
+    let value: serde_json::Value = serde_json::from_str(&read.body).expect("json");
+    assert_eq!(value["value"], json!("hello"), "{value}");
+    let passes = async {
+        loop {
+            let url = format!("http://127.0.0.1:{compactor_metrics}/metrics");
+            if let Ok((200, body)) = ultrasync_testkit::http_get(&url).await
+                && body.lines().any(|l| {
+                    l.strip_prefix("ultrasync_compactor_passes_total ")
+                        .and_then(|n| n.trim().parse::<f64>().ok())
+                        .is_some_and(|n| n >= 1.0)
+                })
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), passes)
+        .await
+        .expect("the compactor made no pass");
+    let status = serve
+        .process
+        .terminate(Duration::from_secs(30))
+        .expect("serve did not stop on SIGTERM");
+    assert!(status.success(), "serve exited with {status}");
+
+    // The materializer cannot open its state (a file where its folder goes).
+    let blocked = dir.path().join("blocked");
+    std::fs::write(&blocked, "not a folder").expect("file");
+    let mut failing = ultrasync_testkit::ServiceProcess::spawn_with_env(
+        bin,
+        "serve",
+        nats.url(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &blocked.to_string_lossy(),
+        ],
+        &env,
+    );
+    let status = failing
+        .wait_exit(Duration::from_secs(60))
+        .expect("serve ran on without its materializer");
+    assert!(!status.success(), "serve exited with {status}");
 }

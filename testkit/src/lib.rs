@@ -1183,6 +1183,27 @@ impl ServiceProcess {
         self.signal(nix::sys::signal::Signal::SIGSTOP);
     }
 
+    /// SIGTERM, then waits up to `limit` for the process to exit; its status, or
+    /// `None` if it is still running.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit(limit)
+    }
+
+    /// Waits up to `limit` for the process to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn cont(&self) {
         self.signal(nix::sys::signal::Signal::SIGCONT);
     }
@@ -1205,22 +1226,35 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts it and waits (up to 30 s) until `/readyz` answers 200.
     pub async fn start(bin: &Path, nats_url: &str, env: &[(String, String)]) -> Self {
+        Self::start_as(bin, "gateway", &[], nats_url, env).await
+    }
+
+    /// [`GatewayProcess::start`] for any command that runs a gateway (`gateway`,
+    /// `serve`), with `args` added.
+    pub async fn start_as(
+        bin: &Path,
+        command: &str,
+        args: &[&str],
+        nats_url: &str,
+        env: &[(String, String)],
+    ) -> Self {
         let port = free_ports(1).expect("free port")[0];
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let listen = addr.to_string();
-        let mut process =
-            ServiceProcess::spawn_with_env(bin, "gateway", nats_url, &["--listen", &listen], env);
+        let mut all = vec!["--listen", &listen];
+        all.extend_from_slice(args);
+        let mut process = ServiceProcess::spawn_with_env(bin, command, nats_url, &all, env);
         let url = format!("http://{addr}/readyz");
         for _ in 0..600 {
             if matches!(http_get(&url).await, Ok((200, _))) {
                 return Self { process, addr };
             }
             if let Some(status) = process.exited() {
-                panic!("gateway exited before it was ready: {status}");
+                panic!("{command} exited before it was ready: {status}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("gateway at {addr} never became ready");
+        panic!("{command} at {addr} never became ready");
     }
 
     pub fn ws_url(&self) -> String {
