@@ -32,6 +32,7 @@ const CONFIG: &str = r#"
 max_sockets_per_actor = 8
 max_sockets_per_org = 40
 max_commands_per_sec_per_actor = 200
+max_requests_per_sec_per_org = 300
 max_subscriptions_per_socket = 3
 max_outbound_bytes = 2097152
 max_messages_per_sec = 500
@@ -282,6 +283,7 @@ const ROWS: &[&str] = &[
     "automerge-repo: huge and deep CBOR",
     "automerge-repo: sync messages with huge heads, bloom filters and change counts",
     "automerge-repo: an ephemeral flood at a peer that does not read",
+    "many actors of one org flood HTTP reads",
 ];
 
 #[path = "support/amrepo.rs"]
@@ -1432,6 +1434,47 @@ async fn run_row(hub: &mut Hub, row: &str) {
                 ended == "close Some(1008)" || ended.starts_with("dropped"),
                 "an ephemeral flood over the frame rate ended with {ended}"
             );
+        }
+        "many actors of one org flood HTTP reads" => {
+            // Ten actors, each within its own rate, in waves until the org's rate
+            // refuses (the acme rows before this one stay far below it).
+            let tokens: Vec<String> = (0..10).map(|i| hub.token(&format!("reader-{i}"))).collect();
+            let hub = &*hub;
+            let mut org_refusals = 0;
+            for _wave in 0..100 {
+                let answers = futures::future::join_all((0..200).map(|i| {
+                    hub.http(
+                        "GET",
+                        "/v1/acme/web/index/ops?since=0&limit=20",
+                        &tokens[i % 10],
+                        "",
+                    )
+                }))
+                .await;
+                for (status, body) in answers {
+                    match status {
+                        200 => {}
+                        429 => {
+                            assert_eq!(body["error"]["code"], json!("rate_limited"), "{body}");
+                            let message = body["error"]["message"].as_str().unwrap_or_default();
+                            if message.contains("org") {
+                                org_refusals += 1;
+                            }
+                        }
+                        other => panic!("an HTTP read answered {other}: {body}"),
+                    }
+                }
+                if org_refusals > 0 {
+                    break;
+                }
+            }
+            assert!(org_refusals > 0, "the org's request rate never refused");
+            // Another org's reads are not charged to it.
+            let calm = hub.token_in(OTHER_ORG, "calm", "read write");
+            let (status, body) = hub
+                .http("GET", "/v1/bystander/web/index/ops", &calm, "")
+                .await;
+            assert_eq!(status, 200, "{body}");
         }
         other => panic!("no such row: {other}"),
     }

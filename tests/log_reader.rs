@@ -3,13 +3,14 @@
 //! consumers on `USYNC_OPS`), it keeps reading one subject in order, with no gap and
 //! no duplicate, after its consumer was deleted under it and after the nats-server
 //! restarted, each time on a new consumer, and the server logs no permission
-//! violation.
+//! violation. Range reads at a tenant's pace (`read_range_direct`) make no consumer
+//! at all.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::{StreamExt as _, TryStreamExt as _};
-use ultrasync_shared::log::{LogEntry, LogError, read_from};
+use ultrasync_shared::log::{LogEntry, LogError, read_from, read_range, read_range_direct};
 use ultrasync_shared::nats::{
     HDR_OP_ID, HDR_SEQ, LayoutOptions, MAX_MSG_SIZE, OPS_STREAM, PULL_MAX_BYTES, ensure_layout,
 };
@@ -182,4 +183,117 @@ async fn the_reader_reads_the_largest_messages_over_several_pulls() {
         .await
         .expect("every large op read within a minute");
     assert!(read.iter().all(|e| e.payload.len() == size));
+}
+
+/// Range reads with batched direct gets, as the shipped `gateway` user: the same ops
+/// as a consumer's read for every range (ops several to a message, ranges starting
+/// and ending inside a message, past the head, over many batches), bounded in bytes,
+/// and a thousand of them leave no consumer behind (a stream holds at most 1,000 by
+/// nats-server's default, and every reader of the log shares them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_reads_make_no_consumer() {
+    ultrasync_testkit::init_tracing();
+    let users = NatsUsers::random();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let opts = NatsdOptions {
+        bin: find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)"),
+        store_dir: tmp.path().join("store"),
+        run_dir: tmp.path().join("run"),
+        users_conf: Some(shipped_users_conf()),
+        env: users.server_env(),
+        ..Default::default()
+    };
+    let nats = Natsd::spawn(&opts).expect("nats-server");
+    let admin = jetstream::new(users.connect(&nats.url, "admin").await);
+    ensure_layout(&admin, LayoutOptions::default())
+        .await
+        .expect("layout");
+    // 600 ops: singles, then messages of 3 ops (as the sequencer stores a batch).
+    for seq in 1..=300 {
+        append(&admin, seq).await;
+    }
+    for first in (301..=600).step_by(3) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(HDR_SEQ, first.to_string().as_str());
+        headers.insert(HDR_OP_ID, format!("op-{first}").as_str());
+        headers.insert(ultrasync_shared::nats::HDR_BATCH, "3");
+        let body: Vec<String> = (first..first + 3)
+            .map(|s| format!("{{\"n\":{s}}}"))
+            .collect();
+        admin
+            .publish_with_headers(SUBJECT, headers, body.join("\n").into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    let client = users.connect(&nats.url, "gateway").await;
+    let gateway = jetstream::new(client.clone());
+    let ops = gateway
+        .get_stream(OPS_STREAM)
+        .await
+        .expect("ops as gateway");
+    let before = readers(&admin).await;
+    for (from, to) in [
+        (1, 1),
+        (1, 8),
+        (5, 300),
+        (299, 302),
+        (302, 302),
+        (303, 600),
+        (1, 600),
+        (590, 900),
+    ] {
+        let direct = read_range_direct(&client, &ops, SUBJECT, from, to, usize::MAX)
+            .await
+            .expect("direct read");
+        let seqs: Vec<u64> = direct.iter().map(|e| e.server_seq).collect();
+        let want: Vec<u64> = (from..=to.min(600)).collect();
+        assert_eq!(seqs, want, "{from}..={to}");
+        assert!(
+            direct
+                .iter()
+                .all(|e| e.payload == format!("{{\"n\":{}}}", e.server_seq))
+        );
+    }
+    // Bounded in bytes: at least one op, then no more once the budget is reached.
+    let page = read_range_direct(&client, &ops, SUBJECT, 1, 600, 100)
+        .await
+        .expect("direct read");
+    let bytes: usize = page.iter().map(|e| e.payload.len()).sum();
+    assert!(
+        !page.is_empty() && (100..100 + 16).contains(&bytes),
+        "{bytes} bytes"
+    );
+    assert_eq!(page[0].server_seq, 1);
+    let mut reads = futures::stream::iter(0..1000)
+        .map(|i| {
+            let (client, ops) = (client.clone(), ops.clone());
+            async move {
+                let from = 1 + (i % 500) as u64;
+                read_range_direct(&client, &ops, SUBJECT, from, from + 50, usize::MAX)
+                    .await
+                    .map(|e| e.len())
+            }
+        })
+        .buffer_unordered(32);
+    while let Some(read) = reads.next().await {
+        assert_eq!(read.expect("direct read"), 51);
+    }
+    assert_eq!(
+        readers(&admin).await,
+        before,
+        "a range read made a consumer"
+    );
+    // The consumer read it is measured against does make one.
+    read_range(&ops, SUBJECT, 1, 600)
+        .await
+        .expect("consumer read");
+    assert_eq!(readers(&admin).await.len(), before.len() + 1);
+    let refused = violations(&nats.log_file);
+    assert!(
+        refused.is_empty(),
+        "permission violations:\n{}",
+        refused.join("\n")
+    );
 }

@@ -135,6 +135,11 @@ impl Hub {
         &self.ops
     }
 
+    /// The gateway's NATS connection (batched direct gets of the log).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
     /// The newest `server_seq` of `key`: from its topic when this gateway follows it,
     /// else from the log.
     pub async fn head(&self, key: &StreamKey) -> Result<u64, log::LogError> {

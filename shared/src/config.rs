@@ -317,6 +317,10 @@ pub struct GatewayConfig {
     /// Commands per second one actor may send, over all its sockets and HTTP requests
     /// (a batch costs one per command; bursts of twice this). Over it: `rate_limited`.
     pub max_commands_per_sec_per_actor: u32,
+    /// HTTP requests per second one org may send to this gateway, over all its
+    /// actors (each also within `max_messages_per_sec`; bursts of twice this). Over
+    /// it: 429 `rate_limited`.
+    pub max_requests_per_sec_per_org: u32,
     /// Namespaces one socket may follow at once (and cursors one `hello` may carry).
     pub max_subscriptions_per_socket: usize,
     /// Bytes queued for one socket (live ops, catch-up, answers); a reader that
@@ -372,6 +376,7 @@ impl Default for GatewayConfig {
             max_sockets_per_actor: 100,
             max_sockets_per_org: 5_000,
             max_commands_per_sec_per_actor: 5_000,
+            max_requests_per_sec_per_org: 10_000,
             max_subscriptions_per_socket: 64,
             max_outbound_bytes: 4 * 1024 * 1024,
             max_page_bytes: 4 * 1024 * 1024,
@@ -714,6 +719,7 @@ impl Config {
         if g.max_sockets_per_actor == 0
             || g.max_sockets_per_org == 0
             || g.max_commands_per_sec_per_actor == 0
+            || g.max_requests_per_sec_per_org == 0
             || g.max_subscriptions_per_socket == 0
             || g.max_clients_per_actor == 0
             || g.automerge_docs_per_socket == 0
@@ -722,7 +728,7 @@ impl Config {
             || g.request_timeout_secs == 0
         {
             anyhow::bail!(
-                "gateway.max_sockets_per_actor, max_sockets_per_org, max_commands_per_sec_per_actor, max_subscriptions_per_socket, max_clients_per_actor, automerge_docs_per_socket, automerge_docs_per_org, header_read_timeout_secs and request_timeout_secs must be positive"
+                "gateway.max_sockets_per_actor, max_sockets_per_org, max_commands_per_sec_per_actor, max_requests_per_sec_per_org, max_subscriptions_per_socket, max_clients_per_actor, automerge_docs_per_socket, automerge_docs_per_org, header_read_timeout_secs and request_timeout_secs must be positive"
             );
         }
         if g.max_outbound_bytes < 2 * g.max_frame_bytes || g.max_page_bytes < g.max_frame_bytes {

@@ -539,19 +539,9 @@ pub async fn read_range_limited(
     to: u64,
     max_bytes: usize,
 ) -> Result<Vec<LogEntry>, LogError> {
-    let Some(head) = head(stream, subject).await? else {
+    let Some((first, to)) = range_start(stream, subject, from, to).await? else {
         return Ok(Vec::new());
     };
-    let to = to.min(head.server_seq);
-    if to < from {
-        return Ok(Vec::new());
-    }
-    let Some(first) = locate_below(stream, subject, from, head).await? else {
-        return Ok(Vec::new());
-    };
-    if first.server_seq > to {
-        return Ok(Vec::new());
-    }
     let want = (to - first.server_seq + 1) as usize;
     let mut out = Vec::with_capacity(want.min(64 * 1024));
     // Few ops: leader-routed lookups, no consumer to create.
@@ -596,6 +586,197 @@ pub async fn read_range_limited(
         }
     }
     Ok(out)
+}
+
+/// Where a read of ops `from..=to` on `subject` starts: the op at or below `from`
+/// that begins a message, and `to` capped at the head; `None` when there is nothing
+/// to read.
+async fn range_start(
+    stream: &Stream,
+    subject: &str,
+    from: u64,
+    to: u64,
+) -> Result<Option<(LogEntry, u64)>, LogError> {
+    let Some(head) = head(stream, subject).await? else {
+        return Ok(None);
+    };
+    let to = to.min(head.server_seq);
+    if to < from {
+        return Ok(None);
+    }
+    let Some(first) = locate_below(stream, subject, from, head).await? else {
+        return Ok(None);
+    };
+    Ok((first.server_seq <= to).then_some((first, to)))
+}
+
+/// [`read_range_limited`] for readers that come and go at a tenant's pace (HTTP
+/// pages and history, catch-up frames): it reads with batched direct gets (`$JS.API.DIRECT.GET`, nats-server 2.11+):
+/// no consumer is made, so readers that come and go (HTTP pages, catch-up frames,
+/// history) leave nothing on the server. A consumer lingered until its inactivity
+/// threshold, and a stream holds at most so many (nats-server's default is 1,000):
+/// a flood of short reads could have left no room for anyone's consumer.
+pub async fn read_range_direct(
+    client: &async_nats::Client,
+    stream: &Stream,
+    subject: &str,
+    from: u64,
+    to: u64,
+    max_bytes: usize,
+) -> Result<Vec<LogEntry>, LogError> {
+    let Some((first, to)) = range_start(stream, subject, from, to).await? else {
+        return Ok(Vec::new());
+    };
+    let want = (to - first.server_seq + 1) as usize;
+    let mut out = Vec::with_capacity(want.min(64 * 1024));
+    let mut bytes = 0;
+    let mut direct = DirectReader::new(client, stream, subject, first.stream_seq).await?;
+    let mut lagging = 0;
+    loop {
+        let Some(ops) = direct.next_message(max_bytes.saturating_sub(bytes)).await? else {
+            // The leader has the ops up to `to`; a replica answering direct gets may
+            // not have them yet.
+            if lagging == DIRECT_LAG_RETRIES {
+                return Ok(out);
+            }
+            lagging += 1;
+            tokio::time::sleep(DIRECT_LAG_WAIT).await;
+            direct.resume();
+            continue;
+        };
+        lagging = 0;
+        for e in ops {
+            if e.server_seq < first.server_seq {
+                // The first message's ops before `from`.
+                continue;
+            }
+            let done = e.server_seq >= to;
+            bytes += e.payload.len();
+            out.push(e);
+            if done || bytes >= max_bytes {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// How often, and how long apart, a range read asks again for ops the leader has
+/// and the replica answering does not yet.
+const DIRECT_LAG_RETRIES: u32 = 50;
+const DIRECT_LAG_WAIT: Duration = Duration::from_millis(20);
+
+/// Messages asked for by one batched direct get.
+const DIRECT_BATCH: usize = 256;
+/// Most payload bytes asked for by one batched direct get.
+const DIRECT_BATCH_BYTES: usize = 1024 * 1024;
+/// Longest wait for the next answer of a batched direct get.
+const DIRECT_WAIT: Duration = Duration::from_secs(10);
+
+/// The messages of one subject in order, read with batched direct gets on one
+/// inbox of its own (a core subscription, gone when this is dropped).
+struct DirectReader<'a> {
+    client: &'a async_nats::Client,
+    api: String,
+    subject: &'a str,
+    inbox: String,
+    answers: async_nats::Subscriber,
+    /// The stream sequence to ask from next.
+    next: u64,
+    /// A batch is being answered, and how many messages it brought so far.
+    open: bool,
+    answered: usize,
+    /// The subject has no more messages.
+    ended: bool,
+}
+
+impl<'a> DirectReader<'a> {
+    async fn new(
+        client: &'a async_nats::Client,
+        stream: &Stream,
+        subject: &'a str,
+        start: u64,
+    ) -> Result<Self, LogError> {
+        let inbox = client.new_inbox();
+        let answers = client.subscribe(inbox.clone()).await.map_err(nats_err)?;
+        Ok(Self {
+            client,
+            api: format!("$JS.API.DIRECT.GET.{}", stream.cached_info().config.name),
+            subject,
+            inbox,
+            answers,
+            next: start.max(1),
+            open: false,
+            answered: 0,
+            ended: false,
+        })
+    }
+
+    /// Asks again from where it stopped, after the subject seemed to end.
+    fn resume(&mut self) {
+        self.open = false;
+        self.ended = false;
+    }
+
+    /// The ops of the next message, `None` once the subject has no more. A new
+    /// batch asks for at most `budget` payload bytes (at least one message).
+    async fn next_message(&mut self, budget: usize) -> Result<Option<Vec<LogEntry>>, LogError> {
+        while !self.ended {
+            if !self.open {
+                let ask = serde_json::json!({
+                    "seq": self.next,
+                    "next_by_subj": self.subject,
+                    "batch": DIRECT_BATCH,
+                    "max_bytes": budget.clamp(1, DIRECT_BATCH_BYTES),
+                });
+                self.client
+                    .publish_with_reply(
+                        self.api.clone(),
+                        self.inbox.clone(),
+                        ask.to_string().into(),
+                    )
+                    .await
+                    .map_err(nats_err)?;
+                self.open = true;
+                self.answered = 0;
+            }
+            let answer = match tokio::time::timeout(DIRECT_WAIT, self.answers.next()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Err(LogError::Nats("the direct get inbox closed".to_owned())),
+                Err(_) => return Err(LogError::Nats("no answer to a direct get".to_owned())),
+            };
+            match answer.status.map(|s| s.as_u16()) {
+                None => {
+                    let m = async_nats::jetstream::message::StreamMessage::try_from(answer)
+                        .map_err(nats_err)?;
+                    self.next = m.sequence + 1;
+                    self.answered += 1;
+                    return stream_message_entries(&m).map(Some);
+                }
+                // End of a batch: ask for the next one (an empty batch ends the
+                // subject).
+                Some(204) => {
+                    self.open = false;
+                    let pending = answer
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Num-Pending"))
+                        .and_then(|v| v.as_str().parse::<u64>().ok());
+                    if pending == Some(0) || self.answered == 0 {
+                        self.ended = true;
+                    }
+                }
+                // Nothing at or after `next`.
+                Some(404) => self.ended = true,
+                Some(code) => {
+                    return Err(LogError::Nats(format!(
+                        "direct get answered {code} {}",
+                        answer.description.unwrap_or_default()
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Every stream key with ops in the log (`usync.ops.>` subjects), sorted.

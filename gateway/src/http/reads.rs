@@ -355,11 +355,19 @@ pub async fn ops(
     let to = head.min(since + limit as u64);
     // At most a page of bytes is read and answered; `more` says where to go on.
     let max_bytes = state.config.gateway.max_page_bytes;
-    let entries =
-        match log::read_range_limited(ops_stream, &subject, since + 1, to, max_bytes).await {
-            Ok(e) => e,
-            Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
-        };
+    let entries = match log::read_range_direct(
+        state.hub.client(),
+        ops_stream,
+        &subject,
+        since + 1,
+        to,
+        max_bytes,
+    )
+    .await
+    {
+        Ok(e) => e,
+        Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
+    };
     if since < to && entries.first().map(|e| e.server_seq) != Some(since + 1) {
         return error_response(
             ErrorCode::StaleBase,

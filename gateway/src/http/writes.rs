@@ -13,7 +13,6 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
 use ultrasync_shared::auth::Principal;
@@ -30,6 +29,8 @@ use crate::{AppState, spans};
 const MAX_BATCH: usize = 1000;
 /// Most history entries returned.
 const MAX_HISTORY: usize = 1000;
+/// Log bytes one step of a history scan reads (what it holds at once).
+const HISTORY_PAGE_BYTES: usize = 1024 * 1024;
 
 /// Sends `frames` as `client_id` and waits for every answer (in the order sent).
 async fn run_commands(
@@ -405,31 +406,39 @@ pub async fn history(
     let mut found: std::collections::VecDeque<Value> = std::collections::VecDeque::new();
     let mut found_bytes: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
     let mut bytes = 0usize;
-    let entries = match log::read_from(ops_stream, &subject, 1).await {
-        Ok(e) => e,
-        Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
-    };
-    let mut entries = Box::pin(entries);
-    while let Some(entry) = entries.next().await {
-        let entry = match entry {
-            Ok(e) => e,
+    // Read a page at a time with direct gets: no consumer is left behind per request.
+    let mut next = 1;
+    while next <= head.server_seq {
+        let page = match log::read_range_direct(
+            state.hub.client(),
+            ops_stream,
+            &subject,
+            next,
+            head.server_seq,
+            HISTORY_PAGE_BYTES,
+        )
+        .await
+        {
+            Ok(p) => p,
             Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
         };
-        let done = entry.server_seq >= head.server_seq;
-        if let Ok(op) = serde_json::from_slice::<Value>(&entry.payload)
-            && op.get("key").and_then(Value::as_str) == Some(name.as_str())
-        {
-            found.push_front(op);
-            found_bytes.push_front(entry.payload.len());
-            bytes += entry.payload.len();
-            while found.len() > limit || (found.len() > 1 && bytes > max_bytes) {
-                found.pop_back();
-                bytes -= found_bytes.pop_back().unwrap_or(0);
+        let Some(last) = page.last().map(|e| e.server_seq) else {
+            break;
+        };
+        for entry in page {
+            if let Ok(op) = serde_json::from_slice::<Value>(&entry.payload)
+                && op.get("key").and_then(Value::as_str) == Some(name.as_str())
+            {
+                found.push_front(op);
+                found_bytes.push_front(entry.payload.len());
+                bytes += entry.payload.len();
+                while found.len() > limit || (found.len() > 1 && bytes > max_bytes) {
+                    found.pop_back();
+                    bytes -= found_bytes.pop_back().unwrap_or(0);
+                }
             }
         }
-        if done {
-            break;
-        }
+        next = last + 1;
     }
     Json(serde_json::json!({"key": name, "ops": found, "head": head.server_seq})).into_response()
 }

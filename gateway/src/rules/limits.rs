@@ -1,6 +1,7 @@
 //! How much one caller may hold or send, whatever door it uses (SPEC invariant 9):
 //! frames per socket, commands per actor across its sockets *and* HTTP (a batch costs
-//! one token per command), HTTP requests per actor, sockets per actor and per org.
+//! one token per command), HTTP requests per actor and per org, sockets per actor and
+//! per org.
 //! Every table here drops entries nobody uses, so none grows with the number of
 //! actors ever seen.
 
@@ -85,7 +86,8 @@ impl RateLimit {
     }
 }
 
-/// Buckets keyed by `org/actor`, swept of idle entries as the table grows.
+/// Token buckets by key (`org/actor`, or an org), swept of idle entries as the table
+/// grows.
 #[derive(Debug)]
 struct Buckets {
     per_sec: u32,
@@ -100,15 +102,20 @@ impl Buckets {
         }
     }
 
-    fn take(&self, principal: &Principal, n: usize) -> bool {
+    fn take(&self, key: &str, n: usize) -> bool {
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         if table.len() >= 4096 && table.len().is_power_of_two() {
             table.retain(|_, b| !b.idle());
         }
-        table
-            .entry(actor_key(principal))
-            .or_insert_with(|| RateLimit::new(self.per_sec))
-            .take_n(n)
+        match table.get_mut(key) {
+            Some(bucket) => bucket.take_n(n),
+            None => {
+                let mut bucket = RateLimit::new(self.per_sec);
+                let took = bucket.take_n(n);
+                table.insert(key.to_owned(), bucket);
+                took
+            }
+        }
     }
 }
 
@@ -121,6 +128,7 @@ fn actor_key(principal: &Principal) -> String {
 pub struct Budgets {
     commands: Buckets,
     requests: Buckets,
+    org_requests: Buckets,
     sockets: Arc<SocketCounts>,
     per_actor: usize,
     per_org: usize,
@@ -162,6 +170,7 @@ impl Budgets {
         Self {
             commands: Buckets::new(config.max_commands_per_sec_per_actor),
             requests: Buckets::new(config.max_messages_per_sec),
+            org_requests: Buckets::new(config.max_requests_per_sec_per_org),
             sockets: Arc::default(),
             per_actor: config.max_sockets_per_actor,
             per_org: config.max_sockets_per_org,
@@ -170,7 +179,7 @@ impl Budgets {
 
     /// `n` commands of `principal`, from any socket or HTTP request.
     pub fn commands(&self, principal: &Principal, n: usize) -> Result<(), Refusal> {
-        match self.commands.take(principal, n) {
+        match self.commands.take(&actor_key(principal), n) {
             true => Ok(()),
             false => Err(Refusal::new(
                 ErrorCode::RateLimited,
@@ -179,15 +188,21 @@ impl Budgets {
         }
     }
 
-    /// One HTTP request of `principal`.
+    /// One HTTP request of `principal`, within its actor's and its org's rate.
     pub fn request(&self, principal: &Principal) -> Result<(), Refusal> {
-        match self.requests.take(principal, 1) {
-            true => Ok(()),
-            false => Err(Refusal::new(
+        if !self.requests.take(&actor_key(principal), 1) {
+            return Err(Refusal::new(
                 ErrorCode::RateLimited,
                 "too many requests; slow down",
-            )),
+            ));
         }
+        if !self.org_requests.take(principal.org.as_str(), 1) {
+            return Err(Refusal::new(
+                ErrorCode::RateLimited,
+                "too many requests from this org; slow down",
+            ));
+        }
+        Ok(())
     }
 
     /// A socket for `principal`, within its actor's and its org's share.
@@ -248,6 +263,8 @@ mod tests {
             max_sockets_per_actor: 2,
             max_sockets_per_org: 3,
             max_commands_per_sec_per_actor: 10,
+            max_messages_per_sec: 10,
+            max_requests_per_sec_per_org: 15,
             ..GatewayConfig::default()
         }
     }
@@ -289,5 +306,25 @@ mod tests {
             b.commands(&principal("acme", "a2"), 20).is_ok(),
             "per actor"
         );
+    }
+
+    #[test]
+    fn an_org_has_a_request_rate_over_all_its_actors() {
+        let b = Budgets::new(&config());
+        // Bursts of 20 per actor, 30 per org.
+        for _ in 0..20 {
+            b.request(&principal("acme", "a1")).expect("a1's burst");
+        }
+        let refused = b.request(&principal("acme", "a1")).expect_err("a1 is out");
+        assert_eq!(refused.code, ErrorCode::RateLimited);
+        for _ in 0..10 {
+            b.request(&principal("acme", "a2")).expect("the org's rest");
+        }
+        let refused = b
+            .request(&principal("acme", "a2"))
+            .expect_err("acme is out");
+        assert!(refused.message.contains("org"), "{}", refused.message);
+        b.request(&principal("other", "a1"))
+            .expect("another org has its own rate");
     }
 }

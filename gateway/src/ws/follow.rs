@@ -236,7 +236,8 @@ impl Follower {
             let bodies: Vec<(u64, bytes::Bytes)> = match self.topic.recent(from, chunk_to) {
                 Some(ops) => ops.iter().map(|o| (o.server_seq, o.body.clone())).collect(),
                 None => {
-                    let entries = log::read_range_limited(
+                    let entries = log::read_range_direct(
+                        self.hub.client(),
                         self.hub.ops_stream(),
                         &self.topic.subject,
                         from,
