@@ -171,6 +171,8 @@ impl Stack {
         config.gateway.max_outbound_bytes = 256 << 20;
         config.gateway.max_commands_per_sec_per_actor = 1_000_000;
         config.gateway.max_requests_per_sec_per_org = 1_000_000;
+        config.gateway.max_followed_keys_per_org = 100_000;
+        config.gateway.max_followed_keys = 100_000;
         config.gateway.max_sockets_per_actor = 100_000;
         config.gateway.max_sockets_per_org = 100_000;
         config.gateway.max_connections = 100_000;

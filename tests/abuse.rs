@@ -32,7 +32,8 @@ const CONFIG: &str = r#"
 max_sockets_per_actor = 8
 max_sockets_per_org = 40
 max_commands_per_sec_per_actor = 200
-max_requests_per_sec_per_org = 300
+max_requests_per_sec_per_org = 100
+max_followed_keys_per_org = 6
 max_subscriptions_per_socket = 3
 max_outbound_bytes = 2097152
 max_messages_per_sec = 500
@@ -284,6 +285,7 @@ const ROWS: &[&str] = &[
     "automerge-repo: sync messages with huge heads, bloom filters and change counts",
     "automerge-repo: an ephemeral flood at a peer that does not read",
     "many actors of one org flood HTTP reads",
+    "one org follows more stream keys than its share",
 ];
 
 #[path = "support/amrepo.rs"]
@@ -1475,6 +1477,125 @@ async fn run_row(hub: &mut Hub, row: &str) {
                 .http("GET", "/v1/bystander/web/index/ops", &calm, "")
                 .await;
             assert_eq!(status, 200, "{body}");
+        }
+        "one org follows more stream keys than its share" => {
+            // Three sockets in three projects, three namespaces each: nine stream
+            // keys, each a consumer on the op log while followed; the org's share
+            // on this gateway is six.
+            let token = hub.token("mallory");
+            let mut sockets = Vec::new();
+            let (mut synced, mut refused) = (0, 0);
+            for p in 0..3 {
+                let mut c = Connection::connect(&hub.gateway.ws_url(), &token)
+                    .await
+                    .expect("connect");
+                c.hello(
+                    ORG,
+                    &format!("follow-{p}"),
+                    &format!("follow-{p}"),
+                    BTreeMap::new(),
+                )
+                .await
+                .expect("hello");
+                for ns in ["index", "settings", "metadata"] {
+                    c.send(&ClientMessage::Subscribe {
+                        namespace: ns.into(),
+                        last_server_seq: Some(0),
+                        checkpoint: None,
+                    })
+                    .await
+                    .expect("send");
+                    let frames =
+                        ultrasync_testkit::recv_until(&mut c, Duration::from_secs(20), |m| {
+                            matches!(
+                                m,
+                                ServerMessage::Synced { .. } | ServerMessage::Error { .. }
+                            )
+                        })
+                        .await
+                        .expect("frames");
+                    match frames.last() {
+                        Some(ServerMessage::Synced { .. }) => synced += 1,
+                        Some(ServerMessage::Error { code, message, .. }) => {
+                            assert_eq!(*code, ErrorCode::RateLimited, "{message}");
+                            assert!(message.contains("org"), "{message}");
+                            refused += 1;
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                sockets.push(c);
+            }
+            // Earlier rows may leave a key of the org followed a while (a document
+            // stays loaded for a minute): at most six in all.
+            assert!(
+                synced <= 6 && refused >= 3 && synced + refused == 9,
+                "followed within the org's share: {synced} followed, {refused} refused"
+            );
+            // Another org follows as before.
+            let mut calm = hub.connect(OTHER_ORG, "calm", "calm-follow").await;
+            calm.send(&ClientMessage::Subscribe {
+                namespace: "index".into(),
+                last_server_seq: Some(0),
+                checkpoint: None,
+            })
+            .await
+            .expect("send");
+            let frames = ultrasync_testkit::recv_until(&mut calm, Duration::from_secs(20), |m| {
+                matches!(
+                    m,
+                    ServerMessage::Synced { .. } | ServerMessage::Error { .. }
+                )
+            })
+            .await
+            .expect("frames");
+            assert!(
+                matches!(frames.last(), Some(ServerMessage::Synced { .. })),
+                "{frames:?}"
+            );
+            calm.close().await;
+            // The org's keys are released with its sockets.
+            for c in sockets {
+                c.close().await;
+            }
+            let mut again = Connection::connect(&hub.gateway.ws_url(), &token)
+                .await
+                .expect("connect");
+            again
+                .hello(ORG, "follow-9", "follow-9", BTreeMap::new())
+                .await
+                .expect("hello");
+            let mut followed = false;
+            for _ in 0..100 {
+                again
+                    .send(&ClientMessage::Subscribe {
+                        namespace: "index".into(),
+                        last_server_seq: Some(0),
+                        checkpoint: None,
+                    })
+                    .await
+                    .expect("send");
+                let frames =
+                    ultrasync_testkit::recv_until(&mut again, Duration::from_secs(20), |m| {
+                        matches!(
+                            m,
+                            ServerMessage::Synced { .. } | ServerMessage::Error { .. }
+                        )
+                    })
+                    .await
+                    .expect("frames");
+                if matches!(frames.last(), Some(ServerMessage::Synced { .. })) {
+                    followed = true;
+                    break;
+                }
+                // Closed sockets' followers stop as their tasks end.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(
+                followed,
+                "the org's share came back when its sockets closed"
+            );
+            again.close().await;
         }
         other => panic!("no such row: {other}"),
     }

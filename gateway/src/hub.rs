@@ -27,11 +27,13 @@ use futures::StreamExt;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, warn};
-use ultrasync_shared::StreamKey;
 use ultrasync_shared::log::{self, LogEntry};
 use ultrasync_shared::nats::ops_subject;
 use ultrasync_shared::snapshot::{self, Snapshot};
+use ultrasync_shared::{ErrorCode, StreamKey};
 use ultrasync_shared::{protocol, reads};
+
+use crate::rules::Refusal;
 
 /// Ops a topic keeps for followers that are slightly behind.
 const RING: usize = 4096;
@@ -107,7 +109,62 @@ impl LiveRx {
     }
 }
 
-type Topics = Mutex<HashMap<StreamKey, Weak<Topic>>>;
+type Topics = Mutex<TopicMap>;
+
+/// The topics by stream key, and how many each org has.
+#[derive(Default)]
+struct TopicMap {
+    by_key: HashMap<StreamKey, Weak<Topic>>,
+    per_org: HashMap<ultrasync_shared::Id, usize>,
+}
+
+impl TopicMap {
+    fn get(&self, key: &StreamKey) -> Option<&Weak<Topic>> {
+        self.by_key.get(key)
+    }
+
+    /// Lists `topic` for `key` (in place of a dropped one, if any).
+    fn insert(&mut self, key: StreamKey, topic: Weak<Topic>) {
+        let org = key.org.clone();
+        if self.by_key.insert(key, topic).is_none() {
+            *self.per_org.entry(org).or_default() += 1;
+        }
+    }
+
+    /// Takes `key` out when its topic is gone.
+    fn remove_dropped(&mut self, key: &StreamKey) {
+        if self.by_key.get(key).is_some_and(|t| t.strong_count() == 0) {
+            self.by_key.remove(key);
+            if let Some(n) = self.per_org.get_mut(&key.org) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_org.remove(&key.org);
+                }
+            }
+        }
+    }
+
+    fn of_org(&self, org: &ultrasync_shared::Id) -> usize {
+        self.per_org.get(org).copied().unwrap_or(0)
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+/// How many stream keys a gateway follows (a consumer on `USYNC_OPS` each): in all,
+/// and per org.
+#[derive(Debug, Clone, Copy)]
+pub struct FollowLimits {
+    pub keys: usize,
+    pub keys_per_org: usize,
+}
 
 /// The gateway's topics, by stream key.
 pub struct Hub {
@@ -115,6 +172,7 @@ pub struct Hub {
     ops: Stream,
     snapshots: async_nats::jetstream::object_store::ObjectStore,
     topics: Arc<Topics>,
+    limits: FollowLimits,
 }
 
 impl Hub {
@@ -122,12 +180,14 @@ impl Hub {
         client: async_nats::Client,
         ops: Stream,
         snapshots: async_nats::jetstream::object_store::ObjectStore,
+        limits: FollowLimits,
     ) -> Arc<Self> {
         Arc::new(Self {
             client,
             ops,
             snapshots,
-            topics: Arc::new(Mutex::new(HashMap::new())),
+            topics: Arc::default(),
+            limits,
         })
     }
 
@@ -215,6 +275,7 @@ impl Hub {
         self.topics
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .by_key
             .values()
             .filter_map(Weak::upgrade)
             .collect()
@@ -226,6 +287,35 @@ impl Hub {
         if let Some(t) = topics.get(key).and_then(Weak::upgrade) {
             return t;
         }
+        self.start(&mut topics, key)
+    }
+
+    /// [`Hub::topic`] for a tenant's subscription: a key nobody follows yet is
+    /// started only within the gateway's and the org's share of followed keys
+    /// ([`FollowLimits`]). Each is a consumer on the op log, which every reader of
+    /// the log shares: one org following keys without end would leave none for the
+    /// others.
+    pub fn follow(&self, key: &StreamKey) -> Result<Arc<Topic>, Refusal> {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = topics.get(key).and_then(Weak::upgrade) {
+            return Ok(t);
+        }
+        if topics.len() >= self.limits.keys {
+            return Err(Refusal::new(
+                ErrorCode::RateLimited,
+                "this gateway follows as many stream keys as it may; retry later",
+            ));
+        }
+        if topics.of_org(&key.org) >= self.limits.keys_per_org {
+            return Err(Refusal::new(
+                ErrorCode::RateLimited,
+                "this org follows as many stream keys on this gateway as it may; unsubscribe from some",
+            ));
+        }
+        Ok(self.start(&mut topics, key))
+    }
+
+    fn start(&self, topics: &mut TopicMap, key: &StreamKey) -> Arc<Topic> {
         let topic = Topic::start(key.clone(), self.ops.clone(), Arc::downgrade(&self.topics));
         topics.insert(key.clone(), Arc::downgrade(&topic));
         topic
@@ -234,7 +324,11 @@ impl Hub {
     /// Stream keys followed right now.
     pub fn topic_count(&self) -> usize {
         let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-        topics.values().filter(|t| t.strong_count() > 0).count()
+        topics
+            .by_key
+            .values()
+            .filter(|t| t.strong_count() > 0)
+            .count()
     }
 
     /// Bytes of ops the followed topics' rings hold.
@@ -291,9 +385,7 @@ impl Drop for Topic {
             return;
         };
         let mut topics = topics.lock().unwrap_or_else(|p| p.into_inner());
-        if topics.get(&self.key).is_some_and(|t| t.strong_count() == 0) {
-            topics.remove(&self.key);
-        }
+        topics.remove_dropped(&self.key);
     }
 }
 
@@ -516,7 +608,7 @@ mod tests {
     /// there.
     #[tokio::test]
     async fn the_ring_is_bounded_in_bytes_and_lets_go_of_what_it_drops() {
-        let topics: Arc<Topics> = Arc::new(Mutex::new(HashMap::new()));
+        let topics: Arc<Topics> = Arc::default();
         let t = topic_with(key("big"), Arc::downgrade(&topics), BROADCAST);
         let (mut rx, head) = t.subscribe().await;
         assert_eq!(head, 0);
@@ -564,8 +656,32 @@ mod tests {
     }
 
     #[test]
+    fn followed_keys_are_counted_per_org_as_topics_come_and_go() {
+        let topics: Arc<Topics> = Arc::default();
+        let lock = || topics.lock().expect("lock");
+        let org = |o: &str| ultrasync_shared::Id::parse("org", o).expect("org");
+        let other = StreamKey::parse("other", "web", "a").expect("key");
+        let a = topic(key("a"), Arc::downgrade(&topics));
+        let b = topic(key("b"), Arc::downgrade(&topics));
+        let c = topic(other.clone(), Arc::downgrade(&topics));
+        lock().insert(key("a"), Arc::downgrade(&a));
+        lock().insert(key("b"), Arc::downgrade(&b));
+        lock().insert(other, Arc::downgrade(&c));
+        assert_eq!(lock().of_org(&key("a").org), 2);
+        assert_eq!(lock().of_org(&org("other")), 1);
+        // A replacement of a dropped topic is the same key, counted once.
+        let a2 = topic(key("a"), Arc::downgrade(&topics));
+        lock().insert(key("a"), Arc::downgrade(&a2));
+        drop(a);
+        assert_eq!(lock().of_org(&key("a").org), 2);
+        drop((a2, b, c));
+        assert_eq!(lock().of_org(&key("a").org), 0);
+        assert!(lock().per_org.is_empty() && lock().is_empty());
+    }
+
+    #[test]
     fn a_topic_leaves_the_map_with_its_last_follower() {
-        let topics: Arc<Topics> = Arc::new(Mutex::new(HashMap::new()));
+        let topics: Arc<Topics> = Arc::default();
         let lock = || topics.lock().expect("lock");
         let a = topic(key("a"), Arc::downgrade(&topics));
         let b = topic(key("b"), Arc::downgrade(&topics));

@@ -216,7 +216,15 @@ async fn run_with(
         Duration::from_secs(config.gateway.presence_ttl_secs),
         presence::Limits::from_config(&config.gateway),
     );
-    let hub = Hub::new(client.clone(), ops, snapshots);
+    let hub = Hub::new(
+        client.clone(),
+        ops,
+        snapshots,
+        hub::FollowLimits {
+            keys: config.gateway.max_followed_keys,
+            keys_per_org: config.gateway.max_followed_keys_per_org,
+        },
+    );
     let state = Arc::new(AppState {
         namespaces: config.namespaces()?,
         config,

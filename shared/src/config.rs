@@ -321,6 +321,11 @@ pub struct GatewayConfig {
     /// actors (each also within `max_messages_per_sec`; bursts of twice this). Over
     /// it: 429 `rate_limited`.
     pub max_requests_per_sec_per_org: u32,
+    /// Stream keys this gateway follows for its sockets at once (a consumer on the
+    /// op log each); a subscription to one more gets `rate_limited`.
+    pub max_followed_keys: usize,
+    /// Stream keys one org's sockets make this gateway follow at once.
+    pub max_followed_keys_per_org: usize,
     /// Namespaces one socket may follow at once (and cursors one `hello` may carry).
     pub max_subscriptions_per_socket: usize,
     /// Bytes queued for one socket (live ops, catch-up, answers); a reader that
@@ -377,6 +382,8 @@ impl Default for GatewayConfig {
             max_sockets_per_org: 5_000,
             max_commands_per_sec_per_actor: 5_000,
             max_requests_per_sec_per_org: 10_000,
+            max_followed_keys: 20_000,
+            max_followed_keys_per_org: 2_000,
             max_subscriptions_per_socket: 64,
             max_outbound_bytes: 4 * 1024 * 1024,
             max_page_bytes: 4 * 1024 * 1024,
@@ -720,6 +727,8 @@ impl Config {
             || g.max_sockets_per_org == 0
             || g.max_commands_per_sec_per_actor == 0
             || g.max_requests_per_sec_per_org == 0
+            || g.max_followed_keys == 0
+            || g.max_followed_keys_per_org == 0
             || g.max_subscriptions_per_socket == 0
             || g.max_clients_per_actor == 0
             || g.automerge_docs_per_socket == 0
@@ -728,7 +737,7 @@ impl Config {
             || g.request_timeout_secs == 0
         {
             anyhow::bail!(
-                "gateway.max_sockets_per_actor, max_sockets_per_org, max_commands_per_sec_per_actor, max_requests_per_sec_per_org, max_subscriptions_per_socket, max_clients_per_actor, automerge_docs_per_socket, automerge_docs_per_org, header_read_timeout_secs and request_timeout_secs must be positive"
+                "gateway.max_sockets_per_actor, max_sockets_per_org, max_commands_per_sec_per_actor, max_requests_per_sec_per_org, max_followed_keys, max_followed_keys_per_org, max_subscriptions_per_socket, max_clients_per_actor, automerge_docs_per_socket, automerge_docs_per_org, header_read_timeout_secs and request_timeout_secs must be positive"
             );
         }
         if g.max_outbound_bytes < 2 * g.max_frame_bytes || g.max_page_bytes < g.max_frame_bytes {

@@ -287,6 +287,13 @@ pub fn leases_bucket_config(opts: &LayoutOptions) -> jetstream::kv::Config {
 /// [`cmds_stream_config`]).
 pub const CMDS_PER_STREAM_KEY: i64 = 4096;
 
+/// Consumers `USYNC_OPS` may have. Without a value of its own a stream takes
+/// nats-server's default of 1,000, shared by every reader of the log: each
+/// gateway's followed stream keys (`gateway.max_followed_keys`, 20,000 by default),
+/// materializers, webhooks, loading sequencers. This leaves room for five gateways
+/// at their default bound.
+pub const OPS_MAX_CONSUMERS: i32 = 100_000;
+
 /// `USYNC_OPS`: the durable op log. In a replica region, a mirror of the home
 /// region's (same sequence numbers, subjects and headers; read-only; purged by this
 /// region's compactor, since purges do not propagate).
@@ -299,6 +306,7 @@ pub fn ops_stream_config(opts: &LayoutOptions) -> stream::Config {
             storage: stream::StorageType::File,
             allow_direct: true,
             max_message_size: MAX_MSG_SIZE,
+            max_consumers: OPS_MAX_CONSUMERS,
             num_replicas: opts.replicas,
             mirror: Some(stream::Source {
                 name: OPS_STREAM.to_owned(),
@@ -322,6 +330,7 @@ pub fn ops_stream_config(opts: &LayoutOptions) -> stream::Config {
         allow_atomic_publish: true,
         duplicate_window: Duration::from_secs(120),
         max_message_size: MAX_MSG_SIZE,
+        max_consumers: OPS_MAX_CONSUMERS,
         num_replicas: opts.replicas,
         ..Default::default()
     }

@@ -641,9 +641,13 @@ impl Session {
             self.followers.insert(namespace.to_owned(), handle);
             return;
         }
+        let topic = match self.state.hub.follow(&key) {
+            Ok(t) => t,
+            Err(r) => return self.push(ServerMessage::error(r.code, r.message)),
+        };
         let follower = Follower {
             hub: self.state.hub.clone(),
-            topic: self.state.hub.topic(&key),
+            topic,
             namespace: namespace.to_owned(),
             out: self.out.clone(),
             slow: self.slow.clone(),
