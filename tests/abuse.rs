@@ -361,6 +361,27 @@ fn am_url(hub: &Hub, org: &str, sub: &str) -> String {
 }
 
 /// One counter of the gateway's `/metrics`.
+/// Subscribes `conn` to `namespace` from the start: the frame that ends it, `synced`
+/// or an error.
+async fn subscribe_from_start(conn: &mut Connection, namespace: &str) -> ServerMessage {
+    conn.send(&ClientMessage::Subscribe {
+        namespace: namespace.into(),
+        last_server_seq: Some(0),
+        checkpoint: None,
+    })
+    .await
+    .expect("send");
+    let frames = ultrasync_testkit::recv_until(conn, Duration::from_secs(20), |m| {
+        matches!(
+            m,
+            ServerMessage::Synced { .. } | ServerMessage::Error { .. }
+        )
+    })
+    .await
+    .expect("frames");
+    frames.into_iter().last().expect("a frame")
+}
+
 async fn gateway_metric(hub: &Hub, name: &str) -> f64 {
     let r = http_exchange("GET", &hub.url("/metrics"), &[], "")
         .await
@@ -1489,35 +1510,15 @@ async fn run_row(hub: &mut Hub, row: &str) {
                 let mut c = Connection::connect(&hub.gateway.ws_url(), &token)
                     .await
                     .expect("connect");
-                c.hello(
-                    ORG,
-                    &format!("follow-{p}"),
-                    &format!("follow-{p}"),
-                    BTreeMap::new(),
-                )
-                .await
-                .expect("hello");
-                for ns in ["index", "settings", "metadata"] {
-                    c.send(&ClientMessage::Subscribe {
-                        namespace: ns.into(),
-                        last_server_seq: Some(0),
-                        checkpoint: None,
-                    })
+                let project = format!("follow-{p}");
+                c.hello(ORG, &project, &project, BTreeMap::new())
                     .await
-                    .expect("send");
-                    let frames =
-                        ultrasync_testkit::recv_until(&mut c, Duration::from_secs(20), |m| {
-                            matches!(
-                                m,
-                                ServerMessage::Synced { .. } | ServerMessage::Error { .. }
-                            )
-                        })
-                        .await
-                        .expect("frames");
-                    match frames.last() {
-                        Some(ServerMessage::Synced { .. }) => synced += 1,
-                        Some(ServerMessage::Error { code, message, .. }) => {
-                            assert_eq!(*code, ErrorCode::RateLimited, "{message}");
+                    .expect("hello");
+                for ns in ["index", "settings", "metadata"] {
+                    match subscribe_from_start(&mut c, ns).await {
+                        ServerMessage::Synced { .. } => synced += 1,
+                        ServerMessage::Error { code, message, .. } => {
+                            assert_eq!(code, ErrorCode::RateLimited, "{message}");
                             assert!(message.contains("org"), "{message}");
                             refused += 1;
                         }
@@ -1534,27 +1535,11 @@ async fn run_row(hub: &mut Hub, row: &str) {
             );
             // Another org follows as before.
             let mut calm = hub.connect(OTHER_ORG, "calm", "calm-follow").await;
-            calm.send(&ClientMessage::Subscribe {
-                namespace: "index".into(),
-                last_server_seq: Some(0),
-                checkpoint: None,
-            })
-            .await
-            .expect("send");
-            let frames = ultrasync_testkit::recv_until(&mut calm, Duration::from_secs(20), |m| {
-                matches!(
-                    m,
-                    ServerMessage::Synced { .. } | ServerMessage::Error { .. }
-                )
-            })
-            .await
-            .expect("frames");
-            assert!(
-                matches!(frames.last(), Some(ServerMessage::Synced { .. })),
-                "{frames:?}"
-            );
+            let answer = subscribe_from_start(&mut calm, "index").await;
+            assert!(matches!(answer, ServerMessage::Synced { .. }), "{answer:?}");
             calm.close().await;
-            // The org's keys are released with its sockets.
+            // The org's keys are released with its sockets (their followers stop as
+            // their tasks end).
             for c in sockets {
                 c.close().await;
             }
@@ -1567,28 +1552,13 @@ async fn run_row(hub: &mut Hub, row: &str) {
                 .expect("hello");
             let mut followed = false;
             for _ in 0..100 {
-                again
-                    .send(&ClientMessage::Subscribe {
-                        namespace: "index".into(),
-                        last_server_seq: Some(0),
-                        checkpoint: None,
-                    })
-                    .await
-                    .expect("send");
-                let frames =
-                    ultrasync_testkit::recv_until(&mut again, Duration::from_secs(20), |m| {
-                        matches!(
-                            m,
-                            ServerMessage::Synced { .. } | ServerMessage::Error { .. }
-                        )
-                    })
-                    .await
-                    .expect("frames");
-                if matches!(frames.last(), Some(ServerMessage::Synced { .. })) {
+                if matches!(
+                    subscribe_from_start(&mut again, "index").await,
+                    ServerMessage::Synced { .. }
+                ) {
                     followed = true;
                     break;
                 }
-                // Closed sockets' followers stop as their tasks end.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             assert!(

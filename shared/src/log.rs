@@ -562,7 +562,6 @@ pub async fn read_range_limited(
         }
         return Ok(out);
     }
-    let mut bytes = 0;
     // Pulls sized for the budget, taking ops of 64 KiB as the usual worst case (a
     // pull of larger ops overshoots by a few messages; the client may have the next
     // pull in flight too).
@@ -572,20 +571,52 @@ pub async fn read_range_limited(
     };
     let mut entries =
         Box::pin(read_from_batched(stream, subject, first.stream_seq, max_batch).await?);
+    let mut range = Range::new(&first, to, max_bytes, out);
     while let Some(e) = entries.next().await {
-        let e = e?;
-        if e.server_seq < first.server_seq {
-            // The first message's ops before `from`.
-            continue;
-        }
-        let done = e.server_seq >= to;
-        bytes += e.payload.len();
-        out.push(e);
-        if done || bytes >= max_bytes {
+        if range.take([e?]) {
             break;
         }
     }
-    Ok(out)
+    Ok(range.out)
+}
+
+/// A range read's ops as they arrive: from the first one asked for, until `to` or
+/// until their payloads reach `max_bytes`.
+struct Range {
+    from: u64,
+    to: u64,
+    max_bytes: usize,
+    bytes: usize,
+    out: Vec<LogEntry>,
+}
+
+impl Range {
+    fn new(first: &LogEntry, to: u64, max_bytes: usize, out: Vec<LogEntry>) -> Self {
+        Self {
+            from: first.server_seq,
+            to,
+            max_bytes,
+            bytes: 0,
+            out,
+        }
+    }
+
+    /// Takes `ops` (the first message's ops before `from` are skipped); true once
+    /// the range is complete.
+    fn take(&mut self, ops: impl IntoIterator<Item = LogEntry>) -> bool {
+        for e in ops {
+            if e.server_seq < self.from {
+                continue;
+            }
+            let done = e.server_seq >= self.to;
+            self.bytes += e.payload.len();
+            self.out.push(e);
+            if done || self.bytes >= self.max_bytes {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 /// Where a read of ops `from..=to` on `subject` starts: the op at or below `from`
@@ -611,11 +642,11 @@ async fn range_start(
 }
 
 /// [`read_range_limited`] for readers that come and go at a tenant's pace (HTTP
-/// pages and history, catch-up frames): it reads with batched direct gets (`$JS.API.DIRECT.GET`, nats-server 2.11+):
-/// no consumer is made, so readers that come and go (HTTP pages, catch-up frames,
-/// history) leave nothing on the server. A consumer lingered until its inactivity
-/// threshold, and a stream holds at most so many (nats-server's default is 1,000):
-/// a flood of short reads could have left no room for anyone's consumer.
+/// pages and history, catch-up frames): it reads with batched direct gets
+/// (`$JS.API.DIRECT.GET`, nats-server 2.11+), so no consumer is made and nothing
+/// is left on the server. A consumer lingered until its inactivity threshold, and a
+/// stream holds at most so many (nats-server's default is 1,000): a flood of short
+/// reads could leave no room for anyone's consumer.
 pub async fn read_range_direct(
     client: &async_nats::Client,
     stream: &Stream,
@@ -628,16 +659,21 @@ pub async fn read_range_direct(
         return Ok(Vec::new());
     };
     let want = (to - first.server_seq + 1) as usize;
-    let mut out = Vec::with_capacity(want.min(64 * 1024));
-    let mut bytes = 0;
+    let mut range = Range::new(
+        &first,
+        to,
+        max_bytes,
+        Vec::with_capacity(want.min(64 * 1024)),
+    );
     let mut direct = DirectReader::new(client, stream, subject, first.stream_seq).await?;
     let mut lagging = 0;
     loop {
-        let Some(ops) = direct.next_message(max_bytes.saturating_sub(bytes)).await? else {
+        let budget = max_bytes.saturating_sub(range.bytes);
+        let Some(ops) = direct.next_message(budget).await? else {
             // The leader has the ops up to `to`; a replica answering direct gets may
             // not have them yet.
             if lagging == DIRECT_LAG_RETRIES {
-                return Ok(out);
+                return Ok(range.out);
             }
             lagging += 1;
             tokio::time::sleep(DIRECT_LAG_WAIT).await;
@@ -645,17 +681,8 @@ pub async fn read_range_direct(
             continue;
         };
         lagging = 0;
-        for e in ops {
-            if e.server_seq < first.server_seq {
-                // The first message's ops before `from`.
-                continue;
-            }
-            let done = e.server_seq >= to;
-            bytes += e.payload.len();
-            out.push(e);
-            if done || bytes >= max_bytes {
-                return Ok(out);
-            }
+        if range.take(ops) {
+            return Ok(range.out);
         }
     }
 }
