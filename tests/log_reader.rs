@@ -83,6 +83,18 @@ fn violations(log: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// A nats-server in `dir` with the shipped users and `users`' passwords.
+fn with_users(dir: &std::path::Path, users: &NatsUsers) -> NatsdOptions {
+    NatsdOptions {
+        bin: find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)"),
+        store_dir: dir.join("store"),
+        run_dir: dir.join("run"),
+        users_conf: Some(shipped_users_conf()),
+        env: users.server_env(),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reader_starts_over_in_order_without_deleting_a_consumer() {
     ultrasync_testkit::init_tracing();
@@ -90,13 +102,8 @@ async fn the_reader_starts_over_in_order_without_deleting_a_consumer() {
     let tmp = tempfile::tempdir().expect("tmp");
     // A fixed port, so that the restarted server is found at the same address.
     let opts = NatsdOptions {
-        bin: find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)"),
-        store_dir: tmp.path().join("store"),
-        run_dir: tmp.path().join("run"),
         port: Some(free_ports(1).expect("port")[0]),
-        users_conf: Some(shipped_users_conf()),
-        env: users.server_env(),
-        ..Default::default()
+        ..with_users(tmp.path(), &users)
     };
     let mut nats = Natsd::spawn(&opts).expect("nats-server");
     let url = nats.url.clone();
@@ -195,15 +202,7 @@ async fn range_reads_make_no_consumer() {
     ultrasync_testkit::init_tracing();
     let users = NatsUsers::random();
     let tmp = tempfile::tempdir().expect("tmp");
-    let opts = NatsdOptions {
-        bin: find_nats_server(None).expect("nats-server (run ./scripts/setup.sh)"),
-        store_dir: tmp.path().join("store"),
-        run_dir: tmp.path().join("run"),
-        users_conf: Some(shipped_users_conf()),
-        env: users.server_env(),
-        ..Default::default()
-    };
-    let nats = Natsd::spawn(&opts).expect("nats-server");
+    let nats = Natsd::spawn(&with_users(tmp.path(), &users)).expect("nats-server");
     let admin = jetstream::new(users.connect(&nats.url, "admin").await);
     ensure_layout(&admin, LayoutOptions::default())
         .await

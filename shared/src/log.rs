@@ -601,6 +601,12 @@ impl Range {
         }
     }
 
+    /// Ops still wanted, at most (a message carries at least one).
+    fn ops_left(&self) -> usize {
+        let next = self.out.last().map_or(self.from, |e| e.server_seq + 1);
+        usize::try_from(self.to.saturating_sub(next) + 1).unwrap_or(usize::MAX)
+    }
+
     /// Takes `ops` (the first message's ops before `from` are skipped); true once
     /// the range is complete.
     fn take(&mut self, ops: impl IntoIterator<Item = LogEntry>) -> bool {
@@ -669,7 +675,7 @@ pub async fn read_range_direct(
     let mut lagging = 0;
     loop {
         let budget = max_bytes.saturating_sub(range.bytes);
-        let Some(ops) = direct.next_message(budget).await? else {
+        let Some(ops) = direct.next_message(budget, range.ops_left()).await? else {
             // The leader has the ops up to `to`; a replica answering direct gets may
             // not have them yet.
             if lagging == DIRECT_LAG_RETRIES {
@@ -745,14 +751,19 @@ impl<'a> DirectReader<'a> {
     }
 
     /// The ops of the next message, `None` once the subject has no more. A new
-    /// batch asks for at most `budget` payload bytes (at least one message).
-    async fn next_message(&mut self, budget: usize) -> Result<Option<Vec<LogEntry>>, LogError> {
+    /// batch asks for at most `budget` payload bytes and `messages` messages (at
+    /// least one): a short page does not make the server send a whole batch.
+    async fn next_message(
+        &mut self,
+        budget: usize,
+        messages: usize,
+    ) -> Result<Option<Vec<LogEntry>>, LogError> {
         while !self.ended {
             if !self.open {
                 let ask = serde_json::json!({
                     "seq": self.next,
                     "next_by_subj": self.subject,
-                    "batch": DIRECT_BATCH,
+                    "batch": messages.clamp(1, DIRECT_BATCH),
                     "max_bytes": budget.clamp(1, DIRECT_BATCH_BYTES),
                 });
                 self.client
