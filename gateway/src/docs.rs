@@ -348,7 +348,17 @@ impl Docs {
             match spaces.get(key).and_then(Weak::upgrade) {
                 Some(s) => s,
                 None => {
-                    let s = Space::open(self.clone(), key.clone(), Arc::downgrade(&self.spaces));
+                    // Within the gateway's and the org's share of followed keys.
+                    let topic = self
+                        .hub
+                        .follow(key)
+                        .map_err(|r| anyhow::anyhow!(r.message))?;
+                    let s = Space::open(
+                        self.clone(),
+                        topic,
+                        key.clone(),
+                        Arc::downgrade(&self.spaces),
+                    );
                     spaces.insert(key.clone(), Arc::downgrade(&s));
                     s
                 }
@@ -558,11 +568,16 @@ pub fn ephemeral_subject(key: &StreamKey) -> String {
 }
 
 impl Space {
-    fn open(root: Arc<Docs>, key: StreamKey, registry: Weak<Spaces>) -> Arc<Self> {
+    fn open(
+        root: Arc<Docs>,
+        topic: Arc<Topic>,
+        key: StreamKey,
+        registry: Weak<Spaces>,
+    ) -> Arc<Self> {
         let stop = CancellationToken::new();
         let (ready_tx, ready) = watch::channel(None);
         let space = Arc::new(Self {
-            topic: root.hub.topic(&key),
+            topic,
             subject: ephemeral_subject(&key),
             key,
             docs_root: root,

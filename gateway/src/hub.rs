@@ -281,20 +281,10 @@ impl Hub {
             .collect()
     }
 
-    /// The topic for `key`, started when nobody follows it yet.
-    pub fn topic(&self, key: &StreamKey) -> Arc<Topic> {
-        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = topics.get(key).and_then(Weak::upgrade) {
-            return t;
-        }
-        self.start(&mut topics, key)
-    }
-
-    /// [`Hub::topic`] for a tenant's subscription: a key nobody follows yet is
-    /// started only within the gateway's and the org's share of followed keys
-    /// ([`FollowLimits`]). Each is a consumer on the op log, which every reader of
-    /// the log shares: one org following keys without end would leave none for the
-    /// others.
+    /// The topic for `key`. A key nobody follows yet is started only within the
+    /// gateway's and the org's share of followed keys ([`FollowLimits`]). Each is a
+    /// consumer on the op log, which every reader of the log shares: one org
+    /// following keys without end would leave none for the others.
     pub fn follow(&self, key: &StreamKey) -> Result<Arc<Topic>, Refusal> {
         let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = topics.get(key).and_then(Weak::upgrade) {
@@ -312,13 +302,9 @@ impl Hub {
                 "this org follows as many stream keys on this gateway as it may; unsubscribe from some",
             ));
         }
-        Ok(self.start(&mut topics, key))
-    }
-
-    fn start(&self, topics: &mut TopicMap, key: &StreamKey) -> Arc<Topic> {
         let topic = Topic::start(key.clone(), self.ops.clone(), Arc::downgrade(&self.topics));
         topics.insert(key.clone(), Arc::downgrade(&topic));
-        topic
+        Ok(topic)
     }
 
     /// Stream keys followed right now.
