@@ -238,17 +238,23 @@ async fn serve_runs_every_service_in_one_process() {
     };
     conn.close().await;
     let auth = format!("Bearer {token}");
-    let read = ultrasync_testkit::http_exchange(
-        "GET",
-        &format!(
-            "http://{}/v1/acme/web/index/keys/greeting?min_seq={seq}",
-            serve.addr
-        ),
-        &[("Authorization", &auth)],
-        "",
-    )
-    .await
-    .expect("read");
+    // The gateway may take requests before the materializer subscribed to reads:
+    // those are answered 503 "retry later", as a client is told to.
+    let read_url = format!(
+        "http://{}/v1/acme/web/index/keys/greeting?min_seq={seq}",
+        serve.addr
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let read = loop {
+        let read =
+            ultrasync_testkit::http_exchange("GET", &read_url, &[("Authorization", &auth)], "")
+                .await
+                .expect("read");
+        if read.status != 503 || Instant::now() > deadline {
+            break read;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(read.status, 200, "{}", read.body);
     let value: serde_json::Value = serde_json::from_str(&read.body).expect("json");
     assert_eq!(value["value"], json!("hello"), "{value}");

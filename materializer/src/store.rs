@@ -53,6 +53,8 @@ pub enum StoreError {
     Db(#[from] rocksdb::Error),
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Io(String),
     #[error("op {server_seq} of {stream_key} cannot be decoded: {why}")]
     BadOp {
         stream_key: String,
@@ -214,7 +216,7 @@ fn decode_entry(bytes: &[u8]) -> Result<KeyEntry, StoreError> {
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Corrupt(format!("creating {}: {e}", dir.display())))?;
+            .map_err(|e| StoreError::Io(format!("creating {}: {e}", dir.display())))?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         Ok(Self {
