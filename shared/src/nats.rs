@@ -660,7 +660,7 @@ fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
 /// (on a cluster the loser can time out): the layout is checked again after a
 /// failure, and creation tried twice.
 pub async fn prepare_layout(js: &jetstream::Context, opts: LayoutOptions) -> anyhow::Result<()> {
-    let problems = check_layout(js, &opts).await?;
+    let problems = patiently("reading the layout", || check_layout(js, &opts)).await?;
     if problems.is_empty() {
         return Ok(());
     }
@@ -689,6 +689,36 @@ pub async fn prepare_layout(js: &jetstream::Context, opts: LayoutOptions) -> any
     ))
 }
 
+/// How long a service at start keeps asking JetStream's API when it does not answer.
+const START_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs `ask` again while it fails because JetStream's API did not answer in time
+/// (a cluster electing its meta leader, a server still recovering its streams), for
+/// up to [`START_PATIENCE`]; any other failure, or the last one, is returned.
+async fn patiently<T, E, F, Fut>(what: &str, mut ask: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + START_PATIENCE;
+    loop {
+        match ask().await {
+            Err(e) if unanswered(&e.to_string()) && tokio::time::Instant::now() < deadline => {
+                warn!(error = %e, "{what}: JetStream did not answer; asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether an error says a JetStream API request went unanswered (rather than
+/// answered with a refusal).
+fn unanswered(error: &str) -> bool {
+    error.contains("timed out") || error.contains("no responders")
+}
+
 /// What a service holds after start-up.
 pub struct ServiceNats {
     pub client: async_nats::Client,
@@ -709,14 +739,14 @@ pub async fn connect_service(
     let client = connect(config, name, Duration::from_secs(30)).await?;
     let js = jetstream::new(client.clone());
     prepare_layout(&js, config.layout()).await?;
-    let ops = js
-        .get_stream(OPS_STREAM)
+    let ops = patiently("opening USYNC_OPS", || js.get_stream(OPS_STREAM))
         .await
         .context("opening USYNC_OPS")?;
-    let snapshots = js
-        .get_object_store(SNAPSHOTS_BUCKET)
-        .await
-        .context("opening the snapshot store")?;
+    let snapshots = patiently("opening the snapshot store", || {
+        js.get_object_store(SNAPSHOTS_BUCKET)
+    })
+    .await
+    .context("opening the snapshot store")?;
     Ok(ServiceNats {
         client,
         js,
@@ -851,6 +881,29 @@ mod tests {
         );
         assert_eq!(parse_cmd_subject("usync.cmdp.x.acme.web.settings"), None);
         assert_eq!(parse_cmd_subject("usync.cmdp.7.acme.web"), None);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_went_unanswered_is_asked_again_and_a_refusal_is_not() {
+        let mut asked = 0;
+        let got: Result<u32, String> = patiently("test", || {
+            asked += 1;
+            let answer = match asked {
+                1 => Err("request error: timed out: request timed out".to_owned()),
+                2 => Err("jetstream error: no responders".to_owned()),
+                _ => Ok(7),
+            };
+            async move { answer }
+        })
+        .await;
+        assert_eq!((got, asked), (Ok(7), 3));
+        let mut asked = 0;
+        let got: Result<u32, String> = patiently("test", || {
+            asked += 1;
+            async { Err("stream not found".to_owned()) }
+        })
+        .await;
+        assert_eq!((got, asked), (Err("stream not found".to_owned()), 1));
     }
 }
 
