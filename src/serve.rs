@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use ultrasync_shared::config::Config;
 
 use crate::STOP_GRACE;
@@ -93,6 +93,11 @@ impl Services {
                 continue;
             }
             match tokio::time::timeout(STOP_GRACE, task).await {
+                // Stopped because another service failed: what it says is about
+                // being cut short, not a failure of its own.
+                Ok(Ok(Err(e))) if result.is_err() => {
+                    warn!(service = name, error = %format!("{e:#}"), "cut short while stopping")
+                }
                 Ok(Ok(Err(e))) => {
                     error!(service = name, error = %format!("{e:#}"), "stopped with an error")
                 }
