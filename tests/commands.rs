@@ -523,6 +523,81 @@ async fn a_retry_gets_the_original_ack_across_restarts_and_past_the_dedupe_windo
     stack.shutdown().await;
 }
 
+/// A retry of a command whose op is no longer among the key's recent ones (1,024 of
+/// them are kept in memory) still gets its original ack, read from the log: the
+/// first op, one inside a log message, and ones near the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_an_old_command_gets_its_original_ack() {
+    let stack = Stack::start_with(StackOptions {
+        namespaces: vec![todos()],
+        configure: |c| {
+            c.sequencer.metrics_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        },
+        ..Default::default()
+    })
+    .await;
+    let mut c = stack.client("olga", "web", "olga-1", &[]).await;
+    let write = |i: usize| {
+        frame(
+            &format!("w{i}"),
+            "todos",
+            &format!("k{}", i % 50),
+            OpType::Set,
+            json!({"title": format!("t{i}")}),
+            None,
+        )
+    };
+    let total = 1300;
+    let mut first = BTreeMap::new();
+    // Windows of 100 in flight: the key's ops span many log messages of several ops.
+    for window in 0..total / 100 {
+        for i in window * 100..(window + 1) * 100 {
+            c.send(&write(i)).await.expect("send");
+        }
+        let mut answered = 0;
+        while answered < 100 {
+            match c.recv_timeout(WAIT).await.expect("answer") {
+                m @ ServerMessage::Ack { .. } => {
+                    let ServerMessage::Ack { command_id, .. } = &m else {
+                        continue;
+                    };
+                    first.insert(command_id.clone(), m.clone());
+                    answered += 1;
+                }
+                other @ (ServerMessage::Reject { .. } | ServerMessage::Error { .. }) => {
+                    panic!("expected an ack, got {other:?}")
+                }
+                _ => {}
+            }
+        }
+    }
+    for i in [0, 1, 7, 150, 640, 1000, 1299] {
+        let again = send(&mut c, write(i)).await;
+        assert_eq!(Some(&again), first.get(&format!("w{i}")), "retry of w{i}");
+    }
+    assert_eq!(log_len(&stack, "todos").await, total, "a retry wrote an op");
+    // Each was read from a mark the worker noted while writing, not searched for.
+    let url = format!(
+        "http://{}/metrics",
+        stack.sequencer_metrics(0).expect("sequencer metrics")
+    );
+    let (status, text) = ultrasync_testkit::http_get(&url).await.expect("metrics");
+    assert_eq!(status, 200);
+    let reads = |how: &str| {
+        let line = format!("ultrasync_sequencer_retry_reads_total{{how=\"{how}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+    };
+    // w0, w1, w7 and w150 are older than the 1,024 recent ops.
+    assert_eq!(
+        (reads("mark"), reads("search")),
+        (Some(4), Some(0)),
+        "{text}"
+    );
+    stack.shutdown().await;
+}
+
 fn reason(m: &ServerMessage) -> &str {
     match m {
         ServerMessage::Reject { reason, .. } => reason,

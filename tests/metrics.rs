@@ -341,6 +341,12 @@ async fn every_service_serves_openmetrics_and_the_dashboard_queries_only_what_th
         ("sequencer", "ultrasync_sequencer_commands", Counter, true),
         (
             "sequencer",
+            "ultrasync_sequencer_retry_reads",
+            Counter,
+            false,
+        ),
+        (
+            "sequencer",
             "ultrasync_sequencer_ops_written",
             Counter,
             true,

@@ -48,6 +48,9 @@ use crate::worker::{Job, WorkerShared};
 const PRIORITY_GROUP: &str = "sequencers";
 /// Header on answers naming the instance that sent them (operators, tests).
 pub const HDR_SEQUENCER: &str = "Usync-Sequencer";
+/// Searches of the log for old retried ops at once, per instance
+/// ([`worker::WorkerShared::searches`]).
+const SEARCHES: usize = 2;
 
 /// Runs one sequencer instance until `shutdown` fires; then finishes the batches it
 /// has taken, gives its partitions back and returns.
@@ -94,6 +97,7 @@ pub async fn run_with_metrics(
         heavy: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         )),
+        searches: Arc::new(tokio::sync::Semaphore::new(SEARCHES)),
         dropped_replies: std::sync::atomic::AtomicU64::new(0),
         instance: instance.clone(),
         committer: committer::Committer::start(client.clone(), js.clone(), metrics.clone()),

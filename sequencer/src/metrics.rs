@@ -52,6 +52,8 @@ struct Inner {
     depths: BTreeMap<u32, u64>,
     /// The same for the consumer of before partitions, while drained here.
     unpartitioned_depth: Option<u64>,
+    /// Retried ops read from the log: from a mark, and by a search of the stream.
+    retry_reads: (u64, u64),
 }
 
 /// What one instance counts; shared by the coordinator, the workers, the committer
@@ -132,6 +134,17 @@ impl Metrics {
     /// A durable write took `took` from its publish to the server's answer.
     pub fn committed(&self, took: Duration) {
         self.commit.observe(took.as_secs_f64());
+    }
+
+    /// A retried command's op was read from the log: a few messages forward from a
+    /// mark (`searched` false), or by a search of the stream.
+    pub fn retry_read(&self, searched: bool) {
+        let mut m = self.lock();
+        if searched {
+            m.retry_reads.1 += 1;
+        } else {
+            m.retry_reads.0 += 1;
+        }
     }
 
     /// `ops` ops were stored on the op subject `subject` in one write.
@@ -340,6 +353,15 @@ impl Collector for Collected {
             "workers",
             "Stream keys with a live worker on this instance.",
             sum(|s| s.workers.load(Ordering::Relaxed) as u64),
+        )?;
+        counters(
+            &mut e,
+            "retry_reads",
+            "Retried commands whose op was read from the log (no longer among the key's recent ones): how=\"mark\" a few messages from a known position, how=\"search\" a search of the stream (a few dozen requests; at most two at once).",
+            [
+                ([("how", "mark".to_owned())], m.retry_reads.0),
+                ([("how", "search".to_owned())], m.retry_reads.1),
+            ],
         )?;
         counter(
             &mut e,

@@ -80,6 +80,11 @@ pub struct WorkerShared {
     /// large JSON): one heavy tenant takes at most these threads, never the
     /// runtime's.
     pub heavy: Arc<tokio::sync::Semaphore>,
+    /// Searches of the whole log for a retried command's op (one no longer among a
+    /// key's recent ops, nor after one of its [`Marks`]) running at once, across
+    /// every key: each is a few dozen requests to nats-server, which every tenant
+    /// shares, so a flood of retries of old commands waits here instead.
+    pub searches: Arc<tokio::sync::Semaphore>,
     /// Answers not sent because their `reply_to` was not a `usync.reply.…` subject.
     pub dropped_replies: AtomicU64,
     /// This instance's id, sent on every answer.
@@ -266,6 +271,46 @@ struct Loaded {
     /// `state.last_seq` (retries answered from memory).
     recent: VecDeque<(u64, Bytes)>,
     recent_bytes: usize,
+    /// Where older ops are in the log.
+    marks: Marks,
+}
+
+/// Ops between two [`Marks`], at least.
+const MARK_EVERY: u64 = 8;
+/// Marks kept per key (16 bytes each): with [`MARK_EVERY`], the last 32,768 ops or
+/// more.
+const MARKS: usize = 4096;
+
+/// Where a key's ops are in the log, sparsely: pairs of an op's `server_seq` and a
+/// stream sequence at or below the message holding it, oldest first, at least
+/// [`MARK_EVERY`] ops apart. A retry of an op no longer among the recent ones reads
+/// a few messages forward from the mark below it instead of searching the stream.
+#[derive(Default)]
+struct Marks(VecDeque<(u64, u64)>);
+
+impl Marks {
+    /// Op `server_seq` is in the message at stream sequence `stream_seq` or after it.
+    fn note(&mut self, server_seq: u64, stream_seq: u64) {
+        if self
+            .0
+            .back()
+            .is_some_and(|&(last, _)| server_seq < last.saturating_add(MARK_EVERY))
+        {
+            return;
+        }
+        self.0.push_back((server_seq, stream_seq));
+        if self.0.len() > MARKS {
+            self.0.pop_front();
+        }
+    }
+
+    /// The stream sequence to read forward from for op `server_seq`, when a mark is
+    /// at or below it.
+    fn below(&self, server_seq: u64) -> Option<u64> {
+        let after = self.0.partition_point(|&(s, _)| s <= server_seq);
+        let (_, stream_seq) = self.0.get(after.checked_sub(1)?)?;
+        Some(*stream_seq)
+    }
 }
 
 impl Loaded {
@@ -289,6 +334,7 @@ impl Loaded {
             entry.server_seq,
         );
         self.head_stream_seq = entry.stream_seq;
+        self.marks.note(entry.server_seq, entry.stream_seq);
         // A copy: the entry's bytes may be a view into a larger log message.
         self.remember(entry.server_seq, Bytes::copy_from_slice(&entry.payload));
         Ok(())
@@ -768,6 +814,12 @@ impl Worker {
                     Ok(last_stream_seq) => {
                         let last = outgoing.last().map_or(0, |o| o.server_seq);
                         if let Some(loaded) = self.loaded.as_mut() {
+                            // The write's messages follow the head it was planned on.
+                            if let Some(first) = outgoing.first() {
+                                loaded
+                                    .marks
+                                    .note(first.server_seq, loaded.head_stream_seq + 1);
+                            }
                             loaded.head_stream_seq = last_stream_seq;
                             loaded.state.last_seq = last;
                             for (key, entry) in overlay {
@@ -1244,6 +1296,7 @@ impl Worker {
             trim_at: TRIM_MIN,
             recent: VecDeque::new(),
             recent_bytes: 0,
+            marks: Marks::default(),
         };
         let Some(head) = log::head(&self.shared.ops, &self.subject).await? else {
             info!(stream_key = %self.key, "took key (empty)");
@@ -1319,6 +1372,35 @@ impl Worker {
         if let Some(body) = self.loaded.as_ref().and_then(|l| l.recent_op(server_seq)) {
             return Ok(Some(body.clone()));
         }
+        let mark = self.loaded.as_ref().and_then(|l| l.marks.below(server_seq));
+        if let Some(mut at) = mark {
+            // A few messages from the mark (at most MARK_EVERY unless the key's
+            // writes were split over several messages each).
+            for _ in 0..2 * MARK_EVERY {
+                let Some(ops) =
+                    log::next_message_at_or_after(&self.shared.ops, &self.subject, at).await?
+                else {
+                    return Ok(None);
+                };
+                if let Some(e) = ops.iter().find(|e| e.server_seq == server_seq) {
+                    self.shared.metrics.retry_read(false);
+                    return Ok(Some(e.payload.clone()));
+                }
+                match ops.last() {
+                    // Past it: the log no longer holds it.
+                    Some(last) if last.server_seq > server_seq => return Ok(None),
+                    Some(last) => at = last.stream_seq + 1,
+                    None => return Ok(None),
+                }
+            }
+        }
+        let _turn = self
+            .shared
+            .searches
+            .acquire()
+            .await
+            .map_err(|_| LogError::Nats("the sequencer is stopping".to_owned()))?;
+        self.shared.metrics.retry_read(true);
         let entries =
             log::read_range(&self.shared.ops, &self.subject, server_seq, server_seq).await?;
         Ok(entries
@@ -1472,6 +1554,31 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
     use ultrasync_shared::Precondition;
+
+    #[test]
+    fn marks_are_sparse_bounded_and_point_at_or_below_an_op() {
+        let mut marks = Marks::default();
+        // One op per message, message n at stream sequence 10 * n.
+        for seq in 1..=100u64 {
+            marks.note(seq, 10 * seq);
+        }
+        assert_eq!(marks.0.len(), 13, "one mark per {MARK_EVERY} ops");
+        assert_eq!(marks.below(0), None, "nothing below the first mark");
+        assert_eq!(marks.below(1), Some(10));
+        assert_eq!(marks.below(8), Some(10), "op 8 is read forward from op 1");
+        assert_eq!(marks.below(9), Some(90));
+        assert_eq!(marks.below(1000), Some(970));
+        // Older marks go first once there are too many.
+        for seq in 101..=(MARKS as u64 * MARK_EVERY * 2) {
+            marks.note(seq, 10 * seq);
+        }
+        assert_eq!(marks.0.len(), MARKS);
+        assert_eq!(marks.below(1), None, "the oldest marks are gone");
+        // An op that does not follow the last mark changes nothing.
+        let last = marks.0.back().copied();
+        marks.note(5, 50);
+        assert_eq!(marks.0.back().copied(), last);
+    }
 
     fn cmd(key: &str, op_type: OpType, payload: Value, expected: Option<u64>) -> CommandEnvelope {
         CommandEnvelope {
