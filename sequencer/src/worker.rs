@@ -466,6 +466,9 @@ pub struct Worker {
     fence: Option<Arc<crate::source::Fence>>,
     /// `None` until loaded, or after an error that makes the cached state doubtful.
     loaded: Option<Loaded>,
+    /// The log message a retried op was last read from: retries of the ops next to
+    /// it (a client resending its outbox) are answered without reading it again.
+    last_read: Vec<log::LogEntry>,
 }
 
 impl Worker {
@@ -481,6 +484,7 @@ impl Worker {
             shared,
             fence,
             loaded: None,
+            last_read: Vec::new(),
         }
     }
 
@@ -1105,7 +1109,7 @@ impl Worker {
 
     /// `Plan::New(i)` is `new[i]`, an op as stored: its ack splices the stored JSON
     /// in, as does the ack of a retry.
-    async fn answer(&self, batch: &[Pending], plans: Vec<Plan>, new: &[Outgoing]) {
+    async fn answer(&mut self, batch: &[Pending], plans: Vec<Plan>, new: &[Outgoing]) {
         let mut headers = HeaderMap::new();
         headers.insert(HDR_SEQUENCER, self.shared.instance.as_str());
         let mut routes: Vec<(String, Vec<String>, usize)> = Vec::new();
@@ -1368,9 +1372,12 @@ impl Worker {
 
     /// The op at `server_seq` as stored, for answering a retry: from memory when
     /// recent, else from the log; `None` when the log no longer holds it.
-    async fn recent_or_stored_op(&self, server_seq: u64) -> Result<Option<Bytes>, LogError> {
+    async fn recent_or_stored_op(&mut self, server_seq: u64) -> Result<Option<Bytes>, LogError> {
         if let Some(body) = self.loaded.as_ref().and_then(|l| l.recent_op(server_seq)) {
             return Ok(Some(body.clone()));
+        }
+        if let Some(e) = self.last_read.iter().find(|e| e.server_seq == server_seq) {
+            return Ok(Some(e.payload.clone()));
         }
         let mark = self.loaded.as_ref().and_then(|l| l.marks.below(server_seq));
         if let Some(mut at) = mark {
@@ -1384,7 +1391,9 @@ impl Worker {
                 };
                 if let Some(e) = ops.iter().find(|e| e.server_seq == server_seq) {
                     self.shared.metrics.retry_read(false);
-                    return Ok(Some(e.payload.clone()));
+                    let body = e.payload.clone();
+                    self.last_read = ops;
+                    return Ok(Some(body));
                 }
                 match ops.last() {
                     // Past it: the log no longer holds it.
