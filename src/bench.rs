@@ -675,11 +675,15 @@ async fn open_loop(
     duration: Duration,
     label: &str,
 ) -> anyhow::Result<Driven> {
+    // Client ids differ from run to run: a step repeated at the same rate sends new
+    // commands, not retries of the earlier step's.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut conns = Vec::with_capacity(clients);
     for i in 0..clients {
         conns.push(
             stack
-                .client(&format!("p{i}"), &format!("w{i}-{rate}"), &[])
+                .client(&format!("p{i}"), &format!("w{i}-{rate}-{run}"), &[])
                 .await?,
         );
     }
