@@ -286,6 +286,7 @@ const ROWS: &[&str] = &[
     "automerge-repo: an ephemeral flood at a peer that does not read",
     "many actors of one org flood HTTP reads",
     "one org follows more stream keys than its share",
+    "one org resends old commands in bulk",
 ];
 
 #[path = "support/amrepo.rs"]
@@ -430,6 +431,57 @@ async fn write(
             _ => {}
         }
     }
+}
+
+/// Sends commands `r{a}-0` to `r{a}-149` of actor `a` (values 0 to 149 on 20 keys of
+/// `index`), sending again those refused for the actor's rate: their acks' server_seq
+/// by command id.
+async fn send_numbered(c: &mut Connection, a: usize) -> BTreeMap<String, u64> {
+    let send = |i: usize| (format!("r{a}-{i}"), format!("k{}", i % 20), json!(i));
+    for i in 0..150 {
+        let (id, key, value) = send(i);
+        c.command(&id, "index", &key, OpType::Set, value)
+            .await
+            .expect("send");
+    }
+    let mut acks = BTreeMap::new();
+    while acks.len() < 150 {
+        match c
+            .recv_timeout(Duration::from_secs(20))
+            .await
+            .expect("answer")
+        {
+            ServerMessage::Ack {
+                command_id,
+                server_seq,
+                ..
+            } => {
+                acks.insert(command_id, server_seq);
+            }
+            ServerMessage::Reject {
+                code: ErrorCode::RateLimited,
+                command_id,
+                ..
+            } => {
+                // Over the actor's rate: sent again after a pause.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let i = command_id
+                    .rsplit('-')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("a numbered id");
+                let (id, key, value) = send(i);
+                c.command(&id, "index", &key, OpType::Set, value)
+                    .await
+                    .expect("send");
+            }
+            other @ (ServerMessage::Reject { .. } | ServerMessage::Error { .. }) => {
+                panic!("expected an ack, got {other:?}")
+            }
+            _ => {}
+        }
+    }
+    acks
 }
 
 async fn run_row(hub: &mut Hub, row: &str) {
@@ -1566,6 +1618,51 @@ async fn run_row(hub: &mut Hub, row: &str) {
                 "the org's share came back when its sockets closed"
             );
             again.close().await;
+        }
+        "one org resends old commands in bulk" => {
+            // 1,200 ops on one stream key from 8 actors (more than the 1,024 recent
+            // ops a sequencer keeps), then every command sent again, three times:
+            // each retry is acked with its op as first stored, and writes nothing.
+            let mut actors = Vec::new();
+            for a in 0..8 {
+                actors.push(
+                    hub.connect(ORG, &format!("again-{a}"), &format!("again-{a}"))
+                        .await,
+                );
+            }
+            let mut first = Vec::new();
+            for (a, c) in actors.iter_mut().enumerate() {
+                first.push(send_numbered(c, a).await);
+            }
+            let head = first
+                .iter()
+                .flat_map(|m| m.values())
+                .max()
+                .copied()
+                .unwrap_or(0);
+            assert!(head >= 1200, "the key holds {head} ops");
+            for _ in 0..3 {
+                let rounds = actors
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(a, c)| send_numbered(c, a));
+                let again = futures::future::join_all(rounds).await;
+                assert_eq!(again, first, "a retry was answered with another op");
+            }
+            let after = write(
+                &mut actors[0],
+                "after",
+                "index",
+                "k0",
+                OpType::Set,
+                json!(0),
+            )
+            .await
+            .expect("a new write after the retries");
+            assert_eq!(after, head + 1, "a retry wrote an op");
+            for c in actors {
+                c.close().await;
+            }
         }
         other => panic!("no such row: {other}"),
     }
