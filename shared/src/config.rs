@@ -326,6 +326,9 @@ pub struct GatewayConfig {
     pub max_followed_keys: usize,
     /// Stream keys one org's sockets make this gateway follow at once.
     pub max_followed_keys_per_org: usize,
+    /// Op-log reads that search for their start (HTTP `ops` pages, `history`, a
+    /// socket's catch-up) one org may have running on a gateway; more wait in line.
+    pub log_reads_per_org: usize,
     /// Namespaces one socket may follow at once (and cursors one `hello` may carry).
     pub max_subscriptions_per_socket: usize,
     /// Bytes queued for one socket (live ops, catch-up, answers); a reader that
@@ -384,6 +387,7 @@ impl Default for GatewayConfig {
             max_requests_per_sec_per_org: 10_000,
             max_followed_keys: 20_000,
             max_followed_keys_per_org: 2_000,
+            log_reads_per_org: 4,
             max_subscriptions_per_socket: 64,
             max_outbound_bytes: 4 * 1024 * 1024,
             max_page_bytes: 4 * 1024 * 1024,
@@ -729,6 +733,7 @@ impl Config {
             || g.max_requests_per_sec_per_org == 0
             || g.max_followed_keys == 0
             || g.max_followed_keys_per_org == 0
+            || g.log_reads_per_org == 0
             || g.max_subscriptions_per_socket == 0
             || g.max_clients_per_actor == 0
             || g.automerge_docs_per_socket == 0
@@ -737,7 +742,7 @@ impl Config {
             || g.request_timeout_secs == 0
         {
             anyhow::bail!(
-                "gateway.max_sockets_per_actor, max_sockets_per_org, max_commands_per_sec_per_actor, max_requests_per_sec_per_org, max_followed_keys, max_followed_keys_per_org, max_subscriptions_per_socket, max_clients_per_actor, automerge_docs_per_socket, automerge_docs_per_org, header_read_timeout_secs and request_timeout_secs must be positive"
+                "gateway.max_sockets_per_actor, max_sockets_per_org, max_commands_per_sec_per_actor, max_requests_per_sec_per_org, max_followed_keys, max_followed_keys_per_org, log_reads_per_org, max_subscriptions_per_socket, max_clients_per_actor, automerge_docs_per_socket, automerge_docs_per_org, header_read_timeout_secs and request_timeout_secs must be positive"
             );
         }
         if g.max_outbound_bytes < 2 * g.max_frame_bytes || g.max_page_bytes < g.max_frame_bytes {

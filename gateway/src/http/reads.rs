@@ -355,6 +355,7 @@ pub async fn ops(
     let to = head.min(since + limit as u64);
     // At most a page of bytes is read and answered; `more` says where to go on.
     let max_bytes = state.config.gateway.max_page_bytes;
+    let _turn = state.budgets.log_read(key.org.as_str()).await;
     let entries = match log::read_range_direct(
         state.hub.client(),
         ops_stream,

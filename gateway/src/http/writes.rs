@@ -409,6 +409,7 @@ pub async fn history(
     // Read a page at a time with direct gets: no consumer is left behind per request.
     let mut next = 1;
     while next <= head.server_seq {
+        let turn = state.budgets.log_read(key.org.as_str()).await;
         let page = match log::read_range_direct(
             state.hub.client(),
             ops_stream,
@@ -422,6 +423,7 @@ pub async fn history(
             Ok(p) => p,
             Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
         };
+        drop(turn);
         let Some(last) = page.last().map(|e| e.server_seq) else {
             break;
         };

@@ -132,6 +132,40 @@ pub struct Budgets {
     sockets: Arc<SocketCounts>,
     per_actor: usize,
     per_org: usize,
+    log_reads: Arc<LogReads>,
+}
+
+/// Reads of the op log that locate where they start (HTTP `ops` pages, `history`,
+/// a socket's catch-up past the recent ops): each is a search of the stream, a few
+/// dozen requests to the nats-server every org shares. An org has at most
+/// `gateway.log_reads_per_org` of them running on a gateway; the others wait in line
+/// (an HTTP request until its timeout). Orgs with none leave the map.
+#[derive(Debug)]
+struct LogReads {
+    per_org: usize,
+    orgs: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// One of an org's log reads at a time; the next in line goes when it is dropped.
+#[derive(Debug)]
+pub struct LogRead {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    reads: Arc<LogReads>,
+    org: String,
+}
+
+impl Drop for LogRead {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut orgs = self.reads.orgs.lock().unwrap_or_else(|p| p.into_inner());
+        // Nobody holds or waits for the org's line but the map: it goes.
+        if orgs
+            .get(&self.org)
+            .is_some_and(|line| Arc::strong_count(line) == 1)
+        {
+            orgs.remove(&self.org);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -174,7 +208,21 @@ impl Budgets {
             sockets: Arc::default(),
             per_actor: config.max_sockets_per_actor,
             per_org: config.max_sockets_per_org,
+            log_reads: Arc::new(LogReads {
+                per_org: config.log_reads_per_org,
+                orgs: Mutex::default(),
+            }),
         }
+    }
+
+    /// A turn of `org` to read the op log, waiting while it has its share running.
+    pub async fn log_read(&self, org: &str) -> LogRead {
+        LogReads::turn(&self.log_reads, org).await
+    }
+
+    /// The org lines of log reads, for a task that reads the log later.
+    pub fn log_reads(&self) -> LogReadLines {
+        LogReadLines(self.log_reads.clone())
     }
 
     /// `n` commands of `principal`, from any socket or HTTP request.
@@ -239,9 +287,72 @@ impl Budgets {
     }
 }
 
+/// The gateway's lines of log reads, by org ([`Budgets::log_read`]).
+#[derive(Debug, Clone)]
+pub struct LogReadLines(Arc<LogReads>);
+
+impl LogReadLines {
+    /// A turn of `org` to read the op log, waiting while it has its share running.
+    pub async fn turn(&self, org: &str) -> LogRead {
+        LogReads::turn(&self.0, org).await
+    }
+
+    /// Orgs with a log read running or waiting.
+    #[cfg(test)]
+    fn orgs(&self) -> usize {
+        self.0.orgs.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl LogReads {
+    async fn turn(reads: &Arc<Self>, org: &str) -> LogRead {
+        let line = {
+            let mut orgs = reads.orgs.lock().unwrap_or_else(|p| p.into_inner());
+            orgs.entry(org.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(reads.per_org)))
+                .clone()
+        };
+        // The semaphore is never closed.
+        let permit = line.acquire_owned().await.ok();
+        LogRead {
+            permit,
+            reads: reads.clone(),
+            org: org.to_owned(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_org_reads_the_log_within_its_share_and_others_are_not_held() {
+        use futures::FutureExt as _;
+        let budgets = Budgets::new(&GatewayConfig {
+            log_reads_per_org: 2,
+            ..GatewayConfig::default()
+        });
+        let lines = budgets.log_reads();
+        let a1 = budgets.log_read("acme").await;
+        let a2 = lines.turn("acme").await;
+        let mut a3 = Box::pin(lines.turn("acme"));
+        assert!(
+            a3.as_mut().now_or_never().is_none(),
+            "a third read of acme waits"
+        );
+        let b1 = budgets
+            .log_read("other")
+            .now_or_never()
+            .expect("another org reads at once");
+        drop(a1);
+        let a3 = a3
+            .now_or_never()
+            .expect("acme's next read goes when one ends");
+        assert_eq!(lines.orgs(), 2);
+        drop((a2, a3, b1));
+        assert_eq!(lines.orgs(), 0, "orgs with no reads leave the map");
+    }
     use ultrasync_shared::Id;
 
     fn principal(org: &str, actor: &str) -> Principal {

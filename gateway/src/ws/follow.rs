@@ -32,6 +32,8 @@ pub struct Follower {
     pub slow: CancellationToken,
     /// A cursor farther than this behind the head gets a snapshot and the tail.
     pub snapshot_after_ops: u64,
+    /// The org's turns to read the log (its catch-up past the topic's recent ops).
+    pub log_reads: crate::rules::limits::LogReadLines,
 }
 
 /// Why a follower stopped.
@@ -236,6 +238,7 @@ impl Follower {
             let bodies: Vec<(u64, bytes::Bytes)> = match self.topic.recent(from, chunk_to) {
                 Some(ops) => ops.iter().map(|o| (o.server_seq, o.body.clone())).collect(),
                 None => {
+                    let _turn = self.log_reads.turn(self.topic.key.org.as_str()).await;
                     let entries = log::read_range_direct(
                         self.hub.client(),
                         self.hub.ops_stream(),

@@ -652,6 +652,7 @@ impl Session {
             out: self.out.clone(),
             slow: self.slow.clone(),
             snapshot_after_ops: self.state.config.gateway.snapshot_after_ops,
+            log_reads: self.state.budgets.log_reads(),
         };
         let handle = tokio::spawn(follower.run(cursor, checkpoint));
         self.followers.insert(namespace.to_owned(), handle);
