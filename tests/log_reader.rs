@@ -3,14 +3,16 @@
 //! consumers on `USYNC_OPS`), it keeps reading one subject in order, with no gap and
 //! no duplicate, after its consumer was deleted under it and after the nats-server
 //! restarted, each time on a new consumer, and the server logs no permission
-//! violation. Range reads at a tenant's pace (`read_range_direct`) make no consumer
-//! at all.
+//! violation. Range reads at a tenant's pace (`read_range_direct`, and
+//! `continue_range_direct` for the pages after the first) make no consumer at all.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::{StreamExt as _, TryStreamExt as _};
-use ultrasync_shared::log::{LogEntry, LogError, read_from, read_range, read_range_direct};
+use ultrasync_shared::log::{
+    LogEntry, LogError, continue_range_direct, read_from, read_range, read_range_direct,
+};
 use ultrasync_shared::nats::{
     HDR_OP_ID, HDR_SEQ, LayoutOptions, MAX_MSG_SIZE, OPS_STREAM, PULL_MAX_BYTES, ensure_layout,
 };
@@ -265,6 +267,26 @@ async fn range_reads_make_no_consumer() {
         "{bytes} bytes"
     );
     assert_eq!(page[0].server_seq, 1);
+    // Pages going on from the last op of the one before (inside a message or at its
+    // end): every op once, in order, with no search for where a page starts.
+    let mut all = page.clone();
+    while let Some(last) = all.last().map(|e| (e.server_seq, e.stream_seq)) {
+        let next = continue_range_direct(&client, &ops, SUBJECT, last, 600, 100)
+            .await
+            .expect("continued read");
+        if next.is_empty() {
+            break;
+        }
+        all.extend(next);
+    }
+    let seqs: Vec<u64> = all.iter().map(|e| e.server_seq).collect();
+    assert_eq!(seqs, (1..=600).collect::<Vec<u64>>());
+    assert!(
+        continue_range_direct(&client, &ops, SUBJECT, (600, 500), 600, 100)
+            .await
+            .expect("past the end")
+            .is_empty()
+    );
     let mut reads = futures::stream::iter(0..1000)
         .map(|i| {
             let (client, ops) = (client.clone(), ops.clone());

@@ -571,7 +571,7 @@ pub async fn read_range_limited(
     };
     let mut entries =
         Box::pin(read_from_batched(stream, subject, first.stream_seq, max_batch).await?);
-    let mut range = Range::new(&first, to, max_bytes, out);
+    let mut range = Range::new(first.server_seq, to, max_bytes, out);
     while let Some(e) = entries.next().await {
         if range.take([e?]) {
             break;
@@ -591,9 +591,9 @@ struct Range {
 }
 
 impl Range {
-    fn new(first: &LogEntry, to: u64, max_bytes: usize, out: Vec<LogEntry>) -> Self {
+    fn new(from: u64, to: u64, max_bytes: usize, out: Vec<LogEntry>) -> Self {
         Self {
-            from: first.server_seq,
+            from,
             to,
             max_bytes,
             bytes: 0,
@@ -665,16 +665,44 @@ pub async fn read_range_direct(
         return Ok(Vec::new());
     };
     let want = (to - first.server_seq + 1) as usize;
-    let mut range = Range::new(
-        &first,
+    let range = Range::new(
+        first.server_seq,
         to,
         max_bytes,
         Vec::with_capacity(want.min(64 * 1024)),
     );
-    let mut direct = DirectReader::new(client, stream, subject, first.stream_seq).await?;
+    let direct = DirectReader::new(client, stream, subject, first.stream_seq).await?;
+    read_direct(direct, range).await
+}
+
+/// [`read_range_direct`] going on from an earlier read: ops `after + 1..=to` (`to`
+/// at most the head), where op `after` is in the message at stream sequence
+/// `after_stream_seq`. Nothing is searched for; ops compacted since the earlier read
+/// are missing from the answer, which then starts later.
+pub async fn continue_range_direct(
+    client: &async_nats::Client,
+    stream: &Stream,
+    subject: &str,
+    (after, after_stream_seq): (u64, u64),
+    to: u64,
+    max_bytes: usize,
+) -> Result<Vec<LogEntry>, LogError> {
+    if to <= after {
+        return Ok(Vec::new());
+    }
+    let range = Range::new(after + 1, to, max_bytes, Vec::new());
+    let direct = DirectReader::new(client, stream, subject, after_stream_seq).await?;
+    read_direct(direct, range).await
+}
+
+/// Reads messages from `direct` into `range` until it is complete or full.
+async fn read_direct(
+    mut direct: DirectReader<'_>,
+    mut range: Range,
+) -> Result<Vec<LogEntry>, LogError> {
     let mut lagging = 0;
     loop {
-        let budget = max_bytes.saturating_sub(range.bytes);
+        let budget = range.max_bytes.saturating_sub(range.bytes);
         let Some(ops) = direct.next_message(budget, range.ops_left()).await? else {
             // The leader has the ops up to `to`; a replica answering direct gets may
             // not have them yet.

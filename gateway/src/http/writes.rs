@@ -407,24 +407,35 @@ pub async fn history(
     let mut found_bytes: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
     let mut bytes = 0usize;
     // Read a page at a time with direct gets: no consumer is left behind per request.
-    let mut next = 1;
-    while next <= head.server_seq {
+    // After the first page, each goes on from where the one before ended (no search
+    // of the stream for its start).
+    let mut after: Option<(u64, u64)> = None;
+    loop {
         let turn = state.budgets.log_read(key.org.as_str()).await;
-        let page = match log::read_range_direct(
-            state.hub.client(),
-            ops_stream,
-            &subject,
-            next,
-            head.server_seq,
-            HISTORY_PAGE_BYTES,
-        )
-        .await
-        {
+        let (client, to) = (state.hub.client(), head.server_seq);
+        let page = match after {
+            None => {
+                log::read_range_direct(client, ops_stream, &subject, 1, to, HISTORY_PAGE_BYTES)
+                    .await
+            }
+            Some(after) => {
+                log::continue_range_direct(
+                    client,
+                    ops_stream,
+                    &subject,
+                    after,
+                    to,
+                    HISTORY_PAGE_BYTES,
+                )
+                .await
+            }
+        };
+        let page = match page {
             Ok(p) => p,
             Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
         };
         drop(turn);
-        let Some(last) = page.last().map(|e| e.server_seq) else {
+        let Some(last) = page.last().map(|e| (e.server_seq, e.stream_seq)) else {
             break;
         };
         for entry in page {
@@ -440,7 +451,10 @@ pub async fn history(
                 }
             }
         }
-        next = last + 1;
+        if last.0 >= head.server_seq {
+            break;
+        }
+        after = Some(last);
     }
     Json(serde_json::json!({"key": name, "ops": found, "head": head.server_seq})).into_response()
 }
