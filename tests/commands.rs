@@ -525,7 +525,8 @@ async fn a_retry_gets_the_original_ack_across_restarts_and_past_the_dedupe_windo
 
 /// A retry of a command whose op is no longer among the key's recent ones (1,024 of
 /// them are kept in memory) still gets its original ack, read from the log: the
-/// first op, one inside a log message, and ones near the end.
+/// first op, one inside a log message, and ones near the end. And a socket catching
+/// up on those ops from the log gets each once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_of_an_old_command_gets_its_original_ack() {
     let stack = Stack::start_with(StackOptions {
@@ -576,6 +577,25 @@ async fn a_retry_of_an_old_command_gets_its_original_ack() {
         assert_eq!(Some(&again), first.get(&format!("w{i}")), "retry of w{i}");
     }
     assert_eq!(log_len(&stack, "todos").await, total, "a retry wrote an op");
+    // A new socket from cursor 0 (no gateway followed the key, so all of it comes
+    // from the log, a frame of ops at a time, each read going on from the last):
+    // every op once, in order, then `synced`.
+    let mut reader = stack
+        .client("olga", "web", "olga-2", &[("todos", Some(0))])
+        .await;
+    let mut seen = Vec::new();
+    loop {
+        match reader.recv_timeout(WAIT).await.expect("catch-up") {
+            ServerMessage::Ops { ops, .. } => seen.extend(ops.iter().map(|o| o.server_seq)),
+            ServerMessage::Synced { server_seq, .. } => {
+                assert_eq!(server_seq, total as u64);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, (1..=total as u64).collect::<Vec<_>>());
+    reader.close().await;
     // Each was read from a mark the worker noted while writing, not searched for.
     let url = format!(
         "http://{}/metrics",

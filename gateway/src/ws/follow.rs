@@ -232,6 +232,9 @@ impl Follower {
 
     /// Sends ops `last+1..=to` from the topic's ring or the log, advancing `last`.
     async fn fill(&self, last: &mut u64, to: u64) -> Result<(), Stop> {
+        // The last op read from the log and its stream sequence: the next chunk goes
+        // on from there instead of searching the stream for its start.
+        let mut read_to: Option<(u64, u64)> = None;
         while *last < to {
             let from = *last + 1;
             let chunk_to = to.min(from + FRAME_OPS as u64 - 1);
@@ -239,17 +242,37 @@ impl Follower {
                 Some(ops) => ops.iter().map(|o| (o.server_seq, o.body.clone())).collect(),
                 None => {
                     let _turn = self.log_reads.turn(self.topic.key.org.as_str()).await;
-                    let entries = log::read_range_direct(
-                        self.hub.client(),
-                        self.hub.ops_stream(),
-                        &self.topic.subject,
-                        from,
-                        chunk_to,
-                        FRAME_BYTES,
-                    )
-                    .await;
+                    let (client, ops) = (self.hub.client(), self.hub.ops_stream());
+                    let subject = &self.topic.subject;
+                    let entries = match read_to.filter(|(seq, _)| *seq == *last) {
+                        Some(after) => {
+                            log::continue_range_direct(
+                                client,
+                                ops,
+                                subject,
+                                after,
+                                chunk_to,
+                                FRAME_BYTES,
+                            )
+                            .await
+                        }
+                        None => {
+                            log::read_range_direct(
+                                client,
+                                ops,
+                                subject,
+                                from,
+                                chunk_to,
+                                FRAME_BYTES,
+                            )
+                            .await
+                        }
+                    };
                     match entries {
-                        Ok(e) => e.into_iter().map(|e| (e.server_seq, e.payload)).collect(),
+                        Ok(e) => {
+                            read_to = e.last().map(|e| (e.server_seq, e.stream_seq));
+                            e.into_iter().map(|e| (e.server_seq, e.payload)).collect()
+                        }
                         Err(e) => {
                             return self
                                 .refuse(Refusal::unavailable("reading the op log", e))
