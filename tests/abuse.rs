@@ -415,6 +415,17 @@ async fn write(
 ) -> Result<u64, ErrorCode> {
     c.command(id, ns, key, op, payload).await.expect("send");
     loop {
+        let (command_id, answer) = next_answer(c).await;
+        if command_id == id {
+            return answer;
+        }
+    }
+}
+
+/// The next ack or reject `c` gets: its command id, and `Ok(server_seq)` or
+/// `Err(code)`.
+async fn next_answer(c: &mut Connection) -> (String, Result<u64, ErrorCode>) {
+    loop {
         match c
             .recv_timeout(Duration::from_secs(20))
             .await
@@ -424,10 +435,10 @@ async fn write(
                 command_id,
                 server_seq,
                 ..
-            } if command_id == id => return Ok(server_seq),
+            } => return (command_id, Ok(server_seq)),
             ServerMessage::Reject {
                 command_id, code, ..
-            } if command_id == id => return Err(code),
+            } => return (command_id, Err(code)),
             _ => {}
         }
     }
@@ -446,23 +457,11 @@ async fn send_numbered(c: &mut Connection, a: usize) -> BTreeMap<String, u64> {
     }
     let mut acks = BTreeMap::new();
     while acks.len() < 150 {
-        match c
-            .recv_timeout(Duration::from_secs(20))
-            .await
-            .expect("answer")
-        {
-            ServerMessage::Ack {
-                command_id,
-                server_seq,
-                ..
-            } => {
+        match next_answer(c).await {
+            (command_id, Ok(server_seq)) => {
                 acks.insert(command_id, server_seq);
             }
-            ServerMessage::Reject {
-                code: ErrorCode::RateLimited,
-                command_id,
-                ..
-            } => {
+            (command_id, Err(ErrorCode::RateLimited)) => {
                 // Over the actor's rate: sent again after a pause.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let i = command_id
@@ -475,10 +474,7 @@ async fn send_numbered(c: &mut Connection, a: usize) -> BTreeMap<String, u64> {
                     .await
                     .expect("send");
             }
-            other @ (ServerMessage::Reject { .. } | ServerMessage::Error { .. }) => {
-                panic!("expected an ack, got {other:?}")
-            }
-            _ => {}
+            (command_id, Err(code)) => panic!("{command_id}: expected an ack, got {code:?}"),
         }
     }
     acks
