@@ -307,17 +307,6 @@ impl Hub {
         Ok(topic)
     }
 
-    /// Ops `from..=to` of `key` from the ring of its topic, when this gateway follows
-    /// it and the ring still holds all of them (no key is followed for this).
-    pub fn recent(&self, key: &StreamKey, from: u64, to: u64) -> Option<Vec<Arc<LiveOp>>> {
-        let topic = {
-            let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
-            topics.get(key).and_then(Weak::upgrade)
-        };
-        // Read (and possibly dropped) after the map's lock: dropping a topic takes it.
-        topic?.recent(from, to)
-    }
-
     /// Stream keys followed right now.
     pub fn topic_count(&self) -> usize {
         let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());

@@ -355,50 +355,43 @@ pub async fn ops(
     let to = head.min(since + limit as u64);
     // At most a page of bytes is read and answered; `more` says where to go on.
     let max_bytes = state.config.gateway.max_page_bytes;
-    // A followed key's recent ops are in its topic's ring; others are read from the
-    // log, within the org's turns.
-    let entries: Vec<(u64, bytes::Bytes)> = match state.hub.recent(&key, since + 1, to) {
-        Some(ops) => ops.iter().map(|o| (o.server_seq, o.body.clone())).collect(),
-        None => {
-            let _turn = state.budgets.log_read(key.org.as_str()).await;
-            match log::read_range_direct(
-                state.hub.client(),
-                ops_stream,
-                &subject,
-                since + 1,
-                to,
-                max_bytes,
-            )
-            .await
-            {
-                Ok(e) => e.into_iter().map(|e| (e.server_seq, e.payload)).collect(),
-                Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
-            }
-        }
+    let _turn = state.budgets.log_read(key.org.as_str()).await;
+    let entries = match log::read_range_direct(
+        state.hub.client(),
+        ops_stream,
+        &subject,
+        since + 1,
+        to,
+        max_bytes,
+    )
+    .await
+    {
+        Ok(e) => e,
+        Err(e) => return Refusal::unavailable("reading the log", e).into_response(),
     };
-    if since < to && entries.first().map(|(seq, _)| *seq) != Some(since + 1) {
+    if since < to && entries.first().map(|e| e.server_seq) != Some(since + 1) {
         return error_response(
             ErrorCode::StaleBase,
             format!(
                 "ops after {since} of {ns} are compacted (oldest is {}); GET the snapshot and read from its last_server_seq",
                 entries
                     .first()
-                    .map_or("gone".to_owned(), |(seq, _)| seq.to_string())
+                    .map_or("gone".to_owned(), |e| e.server_seq.to_string())
             ),
         );
     }
     // Contiguous ops only, each as stored.
     let mut last = since;
     let mut body = String::from("{\"ops\":[");
-    for (seq, payload) in &entries {
-        if *seq != last + 1 || (last > since && body.len() + payload.len() > max_bytes) {
+    for e in &entries {
+        if e.server_seq != last + 1 || (last > since && body.len() + e.payload.len() > max_bytes) {
             break;
         }
         if last > since {
             body.push(',');
         }
-        body.push_str(&String::from_utf8_lossy(payload));
-        last = *seq;
+        body.push_str(&String::from_utf8_lossy(&e.payload));
+        last = e.server_seq;
     }
     body.push_str(&format!(
         "],\"last_server_seq\":{last},\"more\":{},\"head\":{head}}}",
