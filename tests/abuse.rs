@@ -361,7 +361,6 @@ fn am_url(hub: &Hub, org: &str, sub: &str) -> String {
     )
 }
 
-/// One counter of the gateway's `/metrics`.
 /// Subscribes `conn` to `namespace` from the start: the frame that ends it, `synced`
 /// or an error.
 async fn subscribe_from_start(conn: &mut Connection, namespace: &str) -> ServerMessage {
@@ -383,6 +382,7 @@ async fn subscribe_from_start(conn: &mut Connection, namespace: &str) -> ServerM
     frames.into_iter().last().expect("a frame")
 }
 
+/// One counter of the gateway's `/metrics`.
 async fn gateway_metric(hub: &Hub, name: &str) -> f64 {
     let r = http_exchange("GET", &hub.url("/metrics"), &[], "")
         .await
