@@ -1,7 +1,8 @@
 //! Every service in one process: `ultrasync serve` against a NATS server, and
 //! `ultrasync dev` beside its managed one. One runtime carries the gateway, a
-//! sequencer, a materializer and the compactor; they still talk through NATS
-//! exactly as separate processes do, so the two shapes behave alike.
+//! sequencer, a materializer and the compactor; they talk through NATS exactly as
+//! separate processes do, except that the sequencer hands its answers for the
+//! gateway straight to it (`ultrasync_shared::local`).
 
 use std::path::PathBuf;
 
@@ -9,6 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use ultrasync_shared::config::Config;
+use ultrasync_shared::local::Local;
 
 use crate::STOP_GRACE;
 
@@ -29,22 +31,21 @@ impl Services {
         shutdown: &CancellationToken,
         demo: Option<PathBuf>,
     ) -> Self {
-        let sequencer = tokio::spawn(ultrasync_sequencer::run(cfg.clone(), shutdown.clone()));
+        let local = Local::default();
+        let sequencer = tokio::spawn(ultrasync_sequencer::run_in_process(
+            cfg.clone(),
+            shutdown.clone(),
+            local.clone(),
+        ));
         let materializer = tokio::spawn(ultrasync_materializer::run(cfg.clone(), shutdown.clone()));
         let compactor = tokio::spawn(ultrasync_compactor::run(cfg.clone(), shutdown.clone()));
-        let gateway = match demo {
-            Some(dir) => tokio::spawn(ultrasync_gateway::run_with_demo(
-                cfg.clone(),
-                listener,
-                shutdown.clone(),
-                dir,
-            )),
-            None => tokio::spawn(ultrasync_gateway::run(
-                cfg.clone(),
-                listener,
-                shutdown.clone(),
-            )),
-        };
+        let gateway = tokio::spawn(ultrasync_gateway::run_in_process(
+            cfg.clone(),
+            listener,
+            shutdown.clone(),
+            demo,
+            local,
+        ));
         Self {
             gateway,
             sequencer,

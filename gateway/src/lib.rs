@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use ultrasync_shared::auth::Verifier;
 use ultrasync_shared::config::Config;
+use ultrasync_shared::local::{Answers, Local};
 use ultrasync_shared::nats::{self, CURSORS_BUCKET};
 
 use crate::hub::Hub;
@@ -98,6 +99,12 @@ impl Routes {
     }
 }
 
+impl Answers for Routes {
+    fn deliver(&self, session: &str, answers: Vec<Vec<u8>>) {
+        Routes::deliver(self, session, answers);
+    }
+}
+
 /// What every handler shares.
 pub struct AppState {
     pub config: Config,
@@ -145,23 +152,27 @@ pub async fn run_with_hooks(
     shutdown: CancellationToken,
     hooks: Arc<dyn hooks::Hooks>,
 ) -> anyhow::Result<()> {
-    run_with(config, listener, shutdown, hooks, None).await
+    run_with(config, listener, shutdown, hooks, None, Local::default()).await
 }
 
-/// [`run`] that also serves the demo app's files from `demo_dir` at `/demo`
-/// (`ultrasync dev`).
-pub async fn run_with_demo(
+/// [`run`] beside the other services of this process (`ultrasync serve`, `ultrasync
+/// dev`): answers of a sequencer registered in `local` come straight to this
+/// gateway's sessions, and the demo app's files are served from `demo_dir` at
+/// `/demo` when given.
+pub async fn run_in_process(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
-    demo_dir: std::path::PathBuf,
+    demo_dir: Option<std::path::PathBuf>,
+    local: Local,
 ) -> anyhow::Result<()> {
     run_with(
         config,
         listener,
         shutdown,
         Arc::new(hooks::NoHooks),
-        Some(demo_dir),
+        demo_dir,
+        local,
     )
     .await
 }
@@ -172,6 +183,7 @@ async fn run_with(
     shutdown: CancellationToken,
     hooks: Arc<dyn hooks::Hooks>,
     demo_dir: Option<std::path::PathBuf>,
+    local: Local,
 ) -> anyhow::Result<()> {
     // HS256 from the secret, or RS256/EdDSA from a public key or JWKS file.
     let verifier = Verifier::from_config(&config.auth)?;
@@ -189,6 +201,8 @@ async fn run_with(
     let credentials = credentials::Credentials::start(&js, shutdown.clone()).await?;
     let gateway_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
     let routes = Routes::new(&gateway_id);
+    let answers: Arc<dyn Answers> = routes.clone();
+    let _in_process = local.add_gateway(&gateway_id, &answers);
 
     let mut replies = client
         .subscribe(format!("usync.reply.{gateway_id}.*"))
@@ -236,6 +250,7 @@ async fn run_with(
             js.clone(),
             routes.clone(),
             publisher::OrgLimits::from_config(&config_gateway),
+            local.clone(),
         ),
         js,
         docs: docs::Docs::new(

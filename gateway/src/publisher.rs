@@ -10,6 +10,13 @@
 //! A command whose message the stream refuses is answered with `unavailable`
 //! through the same route its answer would take, so the sender retries it.
 //!
+//! Beside a sequencer in the same process (`ultrasync serve`), a key's task first
+//! offers each message to it (`ultrasync_shared::local`): taken, the message skips
+//! `USYNC_CMDS` and its store ack. Once the sequencer refuses one (it does not hold
+//! the key's partition, or the key's queue is full), the task publishes to
+//! `USYNC_CMDS` until it ends: what it offered before is already in the
+//! sequencer's queue, so the key's commands still reach it in order.
+//!
 //! `USYNC_CMDS` is shared by every tenant and refuses new messages when full, so one
 //! org's share is bounded twice (SPEC invariant 9). Here: the commands and bytes one
 //! org has waiting on this gateway or on their way into the stream
@@ -33,6 +40,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 use ultrasync_shared::ErrorCode;
 use ultrasync_shared::config::GatewayConfig;
+use ultrasync_shared::local::{self, Local};
 use ultrasync_shared::nats;
 use ultrasync_shared::protocol::ServerMessage;
 use ultrasync_shared::trace::{self, Span};
@@ -150,6 +158,8 @@ impl Budget {
 struct Shared {
     js: jetstream::Context,
     routes: Arc<Routes>,
+    /// The sequencer of this process, when there is one.
+    local: Local,
     budget: Budget,
     keys: Mutex<HashMap<String, Key>>,
     /// Tells a key's map entry from the one that replaced it.
@@ -179,20 +189,19 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// A publisher with the default [`OrgLimits`].
-    pub fn new(js: jetstream::Context, routes: Arc<Routes>) -> Arc<Self> {
-        Self::with_limits(js, routes, OrgLimits::default())
-    }
-
+    /// A publisher to `USYNC_CMDS`, offering to the sequencer of this process
+    /// registered in `local` first.
     pub fn with_limits(
         js: jetstream::Context,
         routes: Arc<Routes>,
         limits: OrgLimits,
+        local: Local,
     ) -> Arc<Self> {
         Arc::new(Self {
             shared: Arc::new(Shared {
                 js,
                 routes,
+                local,
                 budget: Budget::new(limits),
                 keys: Mutex::new(HashMap::new()),
                 generation: AtomicU64::new(0),
@@ -304,7 +313,8 @@ fn refuse(routes: &Routes, cmd: Queued, code: ErrorCode, why: &str) {
 }
 
 /// Publishes one stream key's commands in order, at most [`DEPTH`] messages in
-/// flight, gathering what waits into the next message. Idle for [`IDLE`], it stops
+/// flight, gathering what waits into the next message (or offers each message to
+/// the sequencer of this process while it takes them). Idle for [`IDLE`], it stops
 /// taking commands, finishes what it has and leaves the map.
 async fn run_key(
     shared: Arc<Shared>,
@@ -314,6 +324,7 @@ async fn run_key(
     mut rx: mpsc::Receiver<Queued>,
 ) {
     let mut inflight = FuturesUnordered::new();
+    let mut intake = shared.local.commands();
     loop {
         tokio::select! {
             Some((result, batch)) = inflight.next(), if !inflight.is_empty() => {
@@ -331,6 +342,13 @@ async fn run_key(
                         }
                         Err(_) => break,
                     }
+                }
+                if let Some(to) = &intake {
+                    if to.offer(&subject, offered(&shared.routes, &batch)).is_ok() {
+                        settle(&shared, &subject, &org, Ok(()), batch);
+                        continue;
+                    }
+                    intake = None;
                 }
                 inflight.push(publish(shared.js.clone(), subject.clone(), batch));
             }
@@ -388,6 +406,19 @@ fn settle(
             }
         }
     }
+}
+
+/// `batch` as the sequencer of this process takes it.
+fn offered(routes: &Routes, batch: &[Queued]) -> Vec<local::Command> {
+    batch
+        .iter()
+        .map(|c| local::Command {
+            body: c.body.clone(),
+            reply_to: routes.reply_subject(&c.route),
+            command_id: c.command_id.clone(),
+            traceparent: c.span.traceparent(),
+        })
+        .collect()
 }
 
 /// Publishes `batch` as one message and waits for its store ack. Hands the batch

@@ -22,6 +22,7 @@
 //! sizes and commit times.
 
 mod committer;
+mod intake;
 mod metrics;
 mod partitions;
 mod source;
@@ -36,6 +37,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use ultrasync_shared::config::Config;
+use ultrasync_shared::local::Local;
 use ultrasync_shared::nats;
 use ultrasync_shared::reads;
 
@@ -51,6 +53,9 @@ pub const HDR_SEQUENCER: &str = "Usync-Sequencer";
 /// Searches of the log for old retried ops at once, per instance
 /// ([`worker::WorkerShared::searches`]).
 const SEARCHES: usize = 2;
+/// How long a stopping instance waits for the commands it hands back to
+/// `USYNC_CMDS` (offered by the gateway of its process, not sequenced) to be stored.
+const STOP_HAND_BACK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs one sequencer instance until `shutdown` fires; then finishes the batches it
 /// has taken, gives its partitions back and returns.
@@ -61,12 +66,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     run_with_metrics(config, metrics_listener, shutdown).await
 }
 
+/// [`run`] beside the other services of this process (`ultrasync serve`): answers
+/// for a gateway registered in `local` go to it directly.
+pub async fn run_in_process(
+    config: Config,
+    shutdown: CancellationToken,
+    local: Local,
+) -> anyhow::Result<()> {
+    let metrics_listener =
+        ultrasync_metrics::bind("sequencer", config.sequencer.metrics_listen).await?;
+    run_inner(config, metrics_listener, shutdown, local).await
+}
+
 /// [`run`] with the metrics listener bound already (`None`: no listener), as tests
 /// bind it on port 0.
 pub async fn run_with_metrics(
     config: Config,
     metrics_listener: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_inner(config, metrics_listener, shutdown, Local::default()).await
+}
+
+async fn run_inner(
+    config: Config,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+    local: Local,
 ) -> anyhow::Result<()> {
     if let Some(home) = &config.region.home_domain {
         anyhow::bail!(
@@ -100,6 +126,8 @@ pub async fn run_with_metrics(
         searches: Arc::new(tokio::sync::Semaphore::new(SEARCHES)),
         dropped_replies: std::sync::atomic::AtomicU64::new(0),
         instance: instance.clone(),
+        intake: intake::Intake::new(js.clone(), local.clone(), metrics.clone()),
+        local: local.clone(),
         committer: committer::Committer::start(client.clone(), js.clone(), metrics.clone()),
         metrics: metrics.clone(),
         commands: js
@@ -108,6 +136,8 @@ pub async fn run_with_metrics(
             .context("opening the bucket of compacted commands")?,
         tracer: ultrasync_shared::trace::Tracer::for_service("sequencer"),
     });
+    let commands: Arc<dyn ultrasync_shared::local::Commands> = shared.intake.clone();
+    let _in_process = local.add_sequencer(&commands);
     let mut coordinator = partitions::Coordinator::start(
         js.clone(),
         shared.clone(),
@@ -182,6 +212,7 @@ pub async fn run_with_metrics(
     info!("sequencer stopping: finishing taken batches");
     let _ = digests.unsubscribe().await;
     coordinator.shutdown().await;
+    shared.intake.flush(STOP_HAND_BACK).await;
     digest_workers.finish().await;
     let _ = client.flush().await;
     metrics_stop.cancel();

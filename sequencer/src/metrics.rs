@@ -54,6 +54,12 @@ struct Inner {
     unpartitioned_depth: Option<u64>,
     /// Retried ops read from the log: from a mark, and by a search of the stream.
     retry_reads: (u64, u64),
+    /// Answer messages handed to a gateway of this process, and published to NATS.
+    answer_messages: (u64, u64),
+    /// Commands the gateway of this process offered and this instance took.
+    commands_in_process: u64,
+    /// Of those, commands handed back to `USYNC_CMDS`.
+    handed_back: u64,
 }
 
 /// What one instance counts; shared by the coordinator, the workers, the committer
@@ -144,6 +150,27 @@ impl Metrics {
             m.retry_reads.1 += 1;
         } else {
             m.retry_reads.0 += 1;
+        }
+    }
+
+    /// `n` commands offered by the gateway of this process were taken.
+    pub fn taken_in_process(&self, n: usize) {
+        self.lock().commands_in_process += n as u64;
+    }
+
+    /// `n` commands taken from the gateway of this process go to `USYNC_CMDS`.
+    pub fn handed_back(&self, n: usize) {
+        self.lock().handed_back += n as u64;
+    }
+
+    /// One message of answers went to its gateway: in this process (`local`), or
+    /// through NATS.
+    pub fn answered(&self, local: bool) {
+        let mut m = self.lock();
+        if local {
+            m.answer_messages.0 += 1;
+        } else {
+            m.answer_messages.1 += 1;
         }
     }
 
@@ -361,6 +388,27 @@ impl Collector for Collected {
             [
                 ([("how", "mark".to_owned())], m.retry_reads.0),
                 ([("how", "search".to_owned())], m.retry_reads.1),
+            ],
+        )?;
+        counter(
+            &mut e,
+            "commands_in_process",
+            "Commands the gateway of this process (`ultrasync serve`) handed to this instance directly, without USYNC_CMDS.",
+            m.commands_in_process,
+        )?;
+        counter(
+            &mut e,
+            "commands_handed_back",
+            "Commands taken from the gateway of this process but not sequenced here (their stream key's queue was full, the partition was given up, a write was retried): published to USYNC_CMDS.",
+            m.handed_back,
+        )?;
+        counters(
+            &mut e,
+            "answer_messages",
+            "Messages of answers (a batch's answers to one socket or request): how=\"local\" handed to the gateway of this process (`ultrasync serve`), how=\"nats\" published to the gateway's reply subject.",
+            [
+                ([("how", "local".to_owned())], m.answer_messages.0),
+                ([("how", "nats".to_owned())], m.answer_messages.1),
             ],
         )?;
         counter(

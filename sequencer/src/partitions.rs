@@ -235,6 +235,7 @@ impl Coordinator {
             None,
             stats.clone(),
             stop.clone(),
+            None,
         ));
         self.unpartitioned = Some(Running {
             stop,
@@ -406,6 +407,9 @@ impl Coordinator {
         fence.renew(valid_until);
         let stop = CancellationToken::new();
         let stats = self.metrics.source(p);
+        let offered = self
+            .partitions
+            .map(|partitions| self.shared.intake.open(p, partitions, fence.clone()));
         let task = tokio::spawn(source::run(
             nats::partition_consumer(p),
             consumer,
@@ -413,6 +417,7 @@ impl Coordinator {
             Some(fence.clone()),
             stats.clone(),
             stop.clone(),
+            offered,
         ));
         info!(partition = p, "took partition");
         self.metrics.lease_renewed(p, since_ms);
@@ -438,6 +443,7 @@ impl Coordinator {
         let Some(r) = self.owned.remove(&p) else {
             return;
         };
+        self.shared.intake.close(p);
         self.metrics.released(p);
         r.stop.cancel();
         if !release {

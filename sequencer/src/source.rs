@@ -1,6 +1,7 @@
 //! One source of commands: a consumer on `USYNC_CMDS` (a partition's, or the single
 //! consumer of a deployment set up before partitions) feeding per-stream-key
-//! workers.
+//! workers, and, for a partition, the commands the gateway of this process offers
+//! for it (`crate::intake`).
 //!
 //! Dispatch never waits for a worker: when a stream key's queue has no room for a
 //! message's commands, the message is handed back to JetStream for redelivery after
@@ -23,6 +24,7 @@ use ultrasync_shared::StreamKey;
 use ultrasync_shared::nats;
 
 use crate::PRIORITY_GROUP;
+use crate::intake::Offered;
 use crate::worker::{Job, Pending, Worker, WorkerShared};
 
 /// Commands buffered per stream key; beyond this the key's commands are handed back.
@@ -202,8 +204,46 @@ impl Workers {
     }
 }
 
-/// Pulls `consumer` (priority group, pinned) and feeds the workers until `stop`
-/// fires; then stops pulling and lets the workers finish.
+/// The next message offered by the gateway of this process (pending forever when
+/// there is no queue; `None` once it is closed and empty).
+async fn next_offered(rx: &mut Option<mpsc::Receiver<Offered>>) -> Option<Offered> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands an offered message to its key's worker, or back to `USYNC_CMDS` when the
+/// key's queue has no room for it (and refuses the key's offers for a while).
+async fn take_offered(
+    workers: &mut Workers,
+    shared: &Arc<WorkerShared>,
+    stats: &SourceStats,
+    offered: Offered,
+) {
+    let n = offered.commands.len();
+    stats.commands.fetch_add(n as u64, Ordering::Relaxed);
+    if workers.room(&offered.key) < n.min(WORKER_QUEUE) {
+        stats.pushed_back.fetch_add(n as u64, Ordering::Relaxed);
+        shared.intake.mark_busy(&offered.key);
+        shared
+            .intake
+            .hand_back(offered.subject, offered.commands, BUSY_RETRY);
+        return;
+    }
+    shared.metrics.taken_in_process(n);
+    let key = offered.key.clone();
+    for p in Pending::from_offered(offered, &shared.intake, &shared.tracer) {
+        if let Err(Job::Command(p)) = workers.dispatch(key.clone(), Job::Command(p)) {
+            stats.pushed_back.fetch_add(1, Ordering::Relaxed);
+            p.retry_after(BUSY_RETRY).await;
+        }
+    }
+}
+
+/// Pulls `consumer` (priority group, pinned) and feeds the workers, with what the
+/// gateway of this process offers through `offered`, until `stop` fires; then
+/// stops pulling and lets the workers finish.
 pub async fn run(
     name: String,
     consumer: PullConsumer,
@@ -211,9 +251,10 @@ pub async fn run(
     fence: Option<Arc<Fence>>,
     stats: Arc<SourceStats>,
     stop: CancellationToken,
+    mut offered: Option<mpsc::Receiver<Offered>>,
 ) {
     let tracer = shared.tracer.clone();
-    let mut workers = Workers::new(shared, fence);
+    let mut workers = Workers::new(shared.clone(), fence);
     let mut messages = loop {
         let pulled = consumer
             .stream()
@@ -239,6 +280,15 @@ pub async fn run(
         let msg = tokio::select! {
             _ = stop.cancelled() => break,
             _ = workers.next_ended() => {
+                stats.workers.store(workers.len(), Ordering::Relaxed);
+                continue;
+            }
+            o = next_offered(&mut offered) => {
+                match o {
+                    Some(o) => take_offered(&mut workers, &shared, &stats, o).await,
+                    None => offered = None,
+                }
+                workers.reap();
                 stats.workers.store(workers.len(), Ordering::Relaxed);
                 continue;
             }
@@ -302,7 +352,19 @@ pub async fn run(
         let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
     }
     drop(messages);
+    // Offers stop here; the workers hand back what they have not started, then
+    // what is still queued for them goes back after it, in order.
+    if let Some(rx) = offered.as_mut() {
+        rx.close();
+    }
     workers.finish().await;
+    if let Some(rx) = offered.as_mut() {
+        while let Ok(o) = rx.try_recv() {
+            shared
+                .intake
+                .hand_back(o.subject, o.commands, Duration::ZERO);
+        }
+    }
     stats.workers.store(0, Ordering::Relaxed);
     debug!(source = %name, "stopped pulling commands");
 }

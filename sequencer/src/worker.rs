@@ -89,6 +89,10 @@ pub struct WorkerShared {
     pub dropped_replies: AtomicU64,
     /// This instance's id, sent on every answer.
     pub instance: String,
+    /// The gateways of this process (`ultrasync serve`), answered without NATS.
+    pub local: ultrasync_shared::local::Local,
+    /// Commands from the gateway of this process.
+    pub intake: Arc<crate::intake::Intake>,
     /// Group commit of every worker's writes.
     pub committer: crate::committer::Committer,
     /// The instance's metrics (batch sizes).
@@ -111,9 +115,11 @@ pub enum Job {
 /// A message taken from `USYNC_CMDS`: one command, or several of one stream key
 /// ([`ultrasync_shared::nats::HDR_BATCH`]). It is acked once every command in it is
 /// answered, and handed back for redelivery when any of them must be retried (the
-/// ones already answered are then answered again from their op ids).
+/// ones already answered are then answered again from their op ids). A message
+/// offered by the gateway of this process has no `msg`: nothing to ack, and each
+/// command to retry is handed back on its own ([`Pending::retry_after`]).
 pub struct Delivery {
-    msg: jetstream::Message,
+    msg: Option<jetstream::Message>,
     open: AtomicUsize,
     /// Longest redelivery delay asked for (ms); 0 = ack.
     retry_ms: AtomicU64,
@@ -128,11 +134,11 @@ impl Delivery {
         if self.open.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
+        let Some(msg) = &self.msg else { return };
         let result = match self.retry_ms.load(Ordering::Acquire) {
-            0 => self.msg.ack().await,
+            0 => msg.ack().await,
             ms => {
-                self.msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_millis(ms))))
+                msg.ack_with(AckKind::Nak(Some(Duration::from_millis(ms))))
                     .await
             }
         };
@@ -157,6 +163,16 @@ pub struct Pending {
     /// `sequencer.command`, when the gateway sent the command's trace: from its
     /// delivery here to its answer (ends when the command is dropped).
     span: Span,
+    /// Offered by the gateway of this process: what handing it back takes.
+    offered: Option<Offered>,
+}
+
+/// A command the gateway of this process offered, as it would hand it back.
+struct Offered {
+    intake: Arc<crate::intake::Intake>,
+    subject: Arc<str>,
+    body: Bytes,
+    traceparent: Option<String>,
 }
 
 impl Pending {
@@ -180,7 +196,7 @@ impl Pending {
             ),
         };
         let delivery = Arc::new(Delivery {
-            msg,
+            msg: Some(msg),
             open: AtomicUsize::new(decoded.len()),
             retry_ms: AtomicU64::new(0),
         });
@@ -211,6 +227,57 @@ impl Pending {
                     command_id,
                     bytes,
                     span,
+                    offered: None,
+                }
+            })
+            .collect()
+    }
+
+    /// The commands of one message the gateway of this process offered, in order.
+    pub fn from_offered(
+        offered: crate::intake::Offered,
+        intake: &Arc<crate::intake::Intake>,
+        tracer: &Tracer,
+    ) -> Vec<Self> {
+        let delivery = Arc::new(Delivery {
+            msg: None,
+            open: AtomicUsize::new(offered.commands.len()),
+            retry_ms: AtomicU64::new(0),
+        });
+        offered
+            .commands
+            .into_iter()
+            .map(|c| {
+                let (cmd, reply_to, command_id) = decode(&c.body);
+                let bad_reply_to = reply_to.as_deref().is_some_and(|r| !is_reply_subject(r));
+                let span = match c.traceparent.as_deref().filter(|_| tracer.is_on()) {
+                    Some(tp) => {
+                        let span = tracer.continue_from(
+                            "sequencer.command",
+                            SpanKind::Consumer,
+                            tp,
+                            std::time::SystemTime::now(),
+                        );
+                        span.set("ultrasync.command_id", command_id.clone());
+                        span.set("ultrasync.deliveries", 1_i64);
+                        span
+                    }
+                    None => Span::off(),
+                };
+                Self {
+                    delivery: delivery.clone(),
+                    cmd,
+                    reply_to: reply_to.filter(|_| !bad_reply_to),
+                    bad_reply_to,
+                    command_id,
+                    bytes: c.body.len(),
+                    span,
+                    offered: Some(Offered {
+                        intake: intake.clone(),
+                        subject: offered.subject.clone(),
+                        body: c.body,
+                        traceparent: c.traceparent,
+                    }),
                 }
             })
             .collect()
@@ -220,8 +287,23 @@ impl Pending {
         self.delivery.finish(None).await;
     }
 
+    /// Has the command sequenced again after `delay`: its message redelivered, or,
+    /// offered by the gateway of this process, the command published to
+    /// `USYNC_CMDS`.
     pub(crate) async fn retry_after(&self, delay: Duration) {
-        self.delivery.finish(Some(delay)).await;
+        match &self.offered {
+            Some(o) => {
+                let command = ultrasync_shared::local::Command {
+                    body: o.body.clone(),
+                    reply_to: self.reply_to.clone().unwrap_or_default(),
+                    command_id: self.command_id.clone(),
+                    traceparent: o.traceparent.clone(),
+                };
+                o.intake.hand_back(o.subject.clone(), vec![command], delay);
+                self.delivery.finish(None).await;
+            }
+            None => self.delivery.finish(Some(delay)).await,
+        }
     }
 }
 
@@ -1184,6 +1266,12 @@ impl Worker {
         }
         // One message per route: a socket's answers of this batch travel together.
         for (to, mut docs, _) in routes {
+            if let Some((gateway, session)) = self.shared.local.answers_for(&to) {
+                gateway.deliver(session, docs.into_iter().map(String::into_bytes).collect());
+                self.shared.metrics.answered(true);
+                continue;
+            }
+            self.shared.metrics.answered(false);
             let mut headers = headers.clone();
             let body = match docs.len() {
                 1 => docs.pop().map(String::into_bytes).unwrap_or_default(),
@@ -1542,8 +1630,8 @@ async fn keeping_alive<T>(
         tokio::select! {
             out = &mut work => return out,
             _ = tick.tick() => {
-                for d in deliveries {
-                    let _ = d.msg.ack_with(AckKind::Progress).await;
+                for msg in deliveries.iter().filter_map(|d| d.msg.as_ref()) {
+                    let _ = msg.ack_with(AckKind::Progress).await;
                 }
             }
         }

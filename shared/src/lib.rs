@@ -10,6 +10,7 @@ pub mod config;
 pub mod cursors;
 pub mod error;
 pub mod ids;
+pub mod local;
 pub mod log;
 pub mod namespaces;
 pub mod nats;

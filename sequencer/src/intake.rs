@@ -1,0 +1,253 @@
+//! Commands from the gateway of this process (`ultrasync serve`), taken without
+//! `USYNC_CMDS` for the partitions this instance holds (see
+//! `ultrasync_shared::local`).
+//!
+//! A partition's source opens an entrance here while it runs; the gateway's offer
+//! for a stream key of that partition goes into the source's queue, and from there
+//! to the key's worker exactly as a message pulled from `USYNC_CMDS` would. What
+//! this instance cannot sequence after taking it (the key's queue is full, the
+//! partition is given up, a write must be retried) is handed back: published to
+//! `USYNC_CMDS` by one task, in the order handed back, after the delay a
+//! redelivery would have had. A key whose queue was found full is refused here for
+//! a while, so its gateway publishes to `USYNC_CMDS` itself and waits for the
+//! stream's store ack as before: a flood is held back the same way on both paths.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use tokio::sync::{Notify, mpsc};
+use tracing::warn;
+use ultrasync_shared::local::{Command, Commands, Local};
+use ultrasync_shared::protocol::ServerMessage;
+use ultrasync_shared::{ErrorCode, StreamKey, nats, trace};
+
+use crate::metrics::Metrics;
+use crate::source::Fence;
+
+/// Messages from the gateway waiting for a partition's source.
+pub const QUEUE: usize = 256;
+/// Commands waiting to be handed back; beyond this they are answered `unavailable`
+/// (their senders retry) instead.
+const HAND_BACK_MAX: usize = 65_536;
+/// How long a key whose queue was found full is refused here.
+const BUSY_FOR: Duration = Duration::from_millis(500);
+
+/// One message of commands from the gateway, for one stream key.
+pub struct Offered {
+    pub key: StreamKey,
+    /// `usync.cmd.{org}.{project}.{ns}`: where it goes when handed back.
+    pub subject: Arc<str>,
+    pub commands: Vec<Command>,
+}
+
+struct Entrance {
+    tx: mpsc::Sender<Offered>,
+    fence: Arc<Fence>,
+}
+
+/// Commands to publish to `USYNC_CMDS`, not before `at`.
+struct HandBack {
+    at: tokio::time::Instant,
+    subject: Arc<str>,
+    commands: Vec<Command>,
+}
+
+/// The sequencer's intake of the gateway's commands (one per instance).
+pub struct Intake {
+    js: jetstream::Context,
+    local: Local,
+    metrics: Arc<Metrics>,
+    /// Partitions of `USYNC_CMDS` (0: not known yet; nothing is taken).
+    partitions: AtomicU32,
+    open: RwLock<HashMap<u32, Entrance>>,
+    /// Keys refused until the given time.
+    busy: Mutex<HashMap<StreamKey, Instant>>,
+    hand_back: Mutex<VecDeque<HandBack>>,
+    handing_back: AtomicUsize,
+    wake: Arc<Notify>,
+}
+
+impl Intake {
+    /// An intake handing back through `js`, answering through `local`; its task
+    /// runs until the last reference is gone.
+    pub fn new(js: jetstream::Context, local: Local, metrics: Arc<Metrics>) -> Arc<Self> {
+        let intake = Arc::new(Self {
+            js,
+            local,
+            metrics,
+            partitions: AtomicU32::new(0),
+            open: RwLock::new(HashMap::new()),
+            busy: Mutex::new(HashMap::new()),
+            hand_back: Mutex::new(VecDeque::new()),
+            handing_back: AtomicUsize::new(0),
+            wake: Arc::new(Notify::new()),
+        });
+        tokio::spawn(hand_back_loop(Arc::downgrade(&intake)));
+        intake
+    }
+
+    fn open_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u32, Entrance>> {
+        self.open.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_map_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u32, Entrance>> {
+        self.open.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn busy_keys(&self) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Instant>> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<HandBack>> {
+        self.hand_back.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Partition `p` of `partitions` takes offered commands while `fence` is valid;
+    /// its source reads them from the returned queue.
+    pub fn open(&self, p: u32, partitions: u32, fence: Arc<Fence>) -> mpsc::Receiver<Offered> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        self.partitions.store(partitions, Ordering::Release);
+        self.open_map_mut().insert(p, Entrance { tx, fence });
+        rx
+    }
+
+    /// Partition `p` takes no more offers.
+    pub fn close(&self, p: u32) {
+        self.open_map_mut().remove(&p);
+    }
+
+    /// `key`'s queue was full: refuse its offers for a while.
+    pub fn mark_busy(&self, key: &StreamKey) {
+        let mut busy = self.busy_keys();
+        let now = Instant::now();
+        busy.retain(|_, until| *until > now);
+        busy.insert(key.clone(), now + BUSY_FOR);
+    }
+
+    fn is_busy(&self, key: &StreamKey) -> bool {
+        let busy = self.busy_keys();
+        !busy.is_empty() && busy.get(key).is_some_and(|until| *until > Instant::now())
+    }
+
+    /// Publishes `commands` to `USYNC_CMDS` at `subject` after `delay`, after every
+    /// hand-back before it, as the gateway would have published them.
+    pub fn hand_back(&self, subject: Arc<str>, commands: Vec<Command>, delay: Duration) {
+        if commands.is_empty() {
+            return;
+        }
+        let n = commands.len();
+        self.metrics.handed_back(n);
+        if self.handing_back.fetch_add(n, Ordering::AcqRel) + n > HAND_BACK_MAX {
+            self.handing_back.fetch_sub(n, Ordering::AcqRel);
+            return self.answer_unavailable(commands, "the sequencer is busy; retry");
+        }
+        self.queue().push_back(HandBack {
+            at: tokio::time::Instant::now() + delay,
+            subject,
+            commands,
+        });
+        self.wake.notify_one();
+    }
+
+    /// Waits (at most `within`) until everything handed back is published.
+    pub async fn flush(&self, within: Duration) {
+        let until = tokio::time::Instant::now() + within;
+        while self.handing_back.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn answer_unavailable(&self, commands: Vec<Command>, why: &str) {
+        for c in commands {
+            let Some((gateway, session)) = self.local.answers_for(&c.reply_to) else {
+                continue;
+            };
+            let reject = ServerMessage::reject(&c.command_id, ErrorCode::Unavailable, why);
+            gateway.deliver(session, vec![reject.encode().into_bytes()]);
+        }
+    }
+
+    async fn publish(&self, job: HandBack) {
+        let mut headers = HeaderMap::new();
+        for (line, c) in job.commands.iter().enumerate() {
+            if let Some(tp) = &c.traceparent {
+                headers.append(trace::HDR_TRACE, format!("{line} {tp}").as_str());
+            }
+        }
+        let body = match job.commands.as_slice() {
+            [one] => one.body.clone(),
+            many => {
+                headers.insert(nats::HDR_BATCH, many.len().to_string().as_str());
+                let docs: Vec<&[u8]> = many.iter().map(|c| c.body.as_ref()).collect();
+                nats::join_lines(&docs).into()
+            }
+        };
+        let stored = match self
+            .js
+            .publish_with_headers(job.subject.to_string(), headers, body)
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = stored {
+            warn!(subject = %job.subject, error = %e, "handing commands back to USYNC_CMDS failed; their senders are told to retry");
+            self.answer_unavailable(job.commands, "the command queue is unavailable; retry");
+        }
+    }
+}
+
+impl Commands for Intake {
+    fn offer(&self, subject: &str, commands: Vec<Command>) -> Result<(), Vec<Command>> {
+        let partitions = self.partitions.load(Ordering::Acquire);
+        if partitions == 0 {
+            return Err(commands);
+        }
+        let Some((None, key)) = nats::parse_cmd_subject(subject) else {
+            return Err(commands);
+        };
+        if self.is_busy(&key) {
+            return Err(commands);
+        }
+        let p = nats::partition_of(&key, partitions);
+        let open = self.open_map();
+        let Some(entrance) = open.get(&p).filter(|e| e.fence.valid()) else {
+            return Err(commands);
+        };
+        let offered = Offered {
+            key,
+            subject: subject.into(),
+            commands,
+        };
+        entrance.tx.try_send(offered).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => o.commands,
+        })
+    }
+}
+
+/// Publishes hand-backs one after another, each at its time.
+async fn hand_back_loop(intake: std::sync::Weak<Intake>) {
+    loop {
+        let Some(this) = intake.upgrade() else { return };
+        let next = this.queue().pop_front();
+        match next {
+            Some(job) => {
+                tokio::time::sleep_until(job.at).await;
+                let n = job.commands.len();
+                this.publish(job).await;
+                this.handing_back.fetch_sub(n, Ordering::AcqRel);
+            }
+            None => {
+                let wake = this.wake.clone();
+                let woken = wake.notified();
+                drop(this);
+                // Wakes for new work, and now and then to notice the intake is gone.
+                let _ = tokio::time::timeout(Duration::from_secs(1), woken).await;
+            }
+        }
+    }
+}
