@@ -181,6 +181,7 @@ mod tests {
         let (to, session) = local.answers_for("usync.reply.g1.s1").expect("local");
         assert_eq!(session, "s1");
         to.deliver(session, vec![b"a".to_vec()]);
+        drop(to);
         assert_eq!(seen.0.lock().map(|s| s.len()).unwrap_or(0), 1);
         // Another gateway's subjects, and ones its subscription would not match,
         // go through NATS.
