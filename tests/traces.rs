@@ -3,6 +3,8 @@
 //! `ULTRASYNC_OTLP_ENDPOINT`) export their spans to a small OTLP/HTTP collector on
 //! loopback. The spans of a WebSocket command and of an HTTP command each share one
 //! trace id across both services, and each hop is the child of the one before.
+//! The same holds inside one `ultrasync serve` process, where the command goes
+//! from the gateway to the sequencer without NATS.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -278,5 +280,58 @@ async fn one_command_is_one_trace_across_gateway_and_sequencer() {
 
     ws.close().await;
     stack.shutdown().await;
+    server.abort();
+}
+
+/// `ultrasync serve`: the command goes from the gateway to the sequencer of the same
+/// process without NATS, and its trace is still one path across both services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_command_is_one_trace_inside_one_serve_process() {
+    let spans: Spans = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let collector = listener.local_addr().expect("addr");
+    let app = Router::new()
+        .route("/v1/traces", post(collect))
+        .with_state(spans.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let nats = ultrasync_testkit::NatsServer::start();
+    let secret = ultrasync_testkit::random_secret();
+    let data = tempfile::tempdir().expect("tmp");
+    let serve = ultrasync_testkit::GatewayProcess::start_as(
+        &bin(),
+        "serve",
+        &["--data-dir", &data.path().to_string_lossy()],
+        nats.url(),
+        &[
+            ("ULTRASYNC_JWT_SECRET".into(), secret.clone()),
+            (trace::ENDPOINT_ENV.into(), format!("http://{collector}")),
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ],
+    )
+    .await;
+    let token = ultrasync_testkit::token_for(&secret, "alice", "read write");
+    let mut ws = ultrasync_client::Connection::connect(&serve.ws_url(), &token)
+        .await
+        .expect("connect");
+    ws.hello("acme", "web", "alice-1", Default::default())
+        .await
+        .expect("hello");
+    ws.command("traced-serve", "index", "k", OpType::Set, json!({"v": 1}))
+        .await
+        .expect("send");
+    let frames = recv_until(&mut ws, Duration::from_secs(30), |m| {
+        matches!(m, ServerMessage::Ack { command_id, .. } | ServerMessage::Reject { command_id, .. } if command_id == "traced-serve")
+    })
+    .await
+    .expect("answer");
+    let Some(ServerMessage::Ack { server_seq, .. }) = frames.last() else {
+        panic!("not acked: {frames:?}");
+    };
+    check_path(&spans_of(&spans, "traced-serve").await, "ws", *server_seq);
+    ws.close().await;
+    drop(serve);
     server.abort();
 }
