@@ -30,15 +30,27 @@ use crate::source::Fence;
 
 /// Messages from the gateway waiting for a partition's source.
 pub const QUEUE: usize = 256;
-/// Commands waiting to be handed back; beyond this they are answered `unavailable`
-/// (their senders retry) instead.
+/// Bytes of commands offered and not yet taken by their source, all partitions
+/// together; beyond this offers are refused (the gateway publishes them to
+/// `USYNC_CMDS`).
+const OFFERED_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Commands (and their bytes) waiting to be handed back; beyond this they are
+/// answered `unavailable` (their senders retry) instead.
 const HAND_BACK_MAX: usize = 65_536;
+const HAND_BACK_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// How long a key whose queue was found full is refused here.
 const BUSY_FOR: Duration = Duration::from_millis(500);
+
+/// The bytes of `commands` (their documents).
+fn size_of(commands: &[Command]) -> usize {
+    commands.iter().map(|c| c.body.len()).sum()
+}
 
 /// One message of commands from the gateway, for one stream key.
 pub struct Offered {
     pub key: StreamKey,
+    /// The commands' bytes, counted in the intake until the source takes them.
+    pub bytes: usize,
     /// `usync.cmd.{org}.{project}.{ns}`: where it goes when handed back.
     pub subject: Arc<str>,
     pub commands: Vec<Command>,
@@ -67,7 +79,11 @@ pub struct Intake {
     /// Keys refused until the given time.
     busy: Mutex<HashMap<StreamKey, Instant>>,
     hand_back: Mutex<VecDeque<HandBack>>,
+    /// Commands and bytes waiting to be handed back.
     handing_back: AtomicUsize,
+    handing_back_bytes: AtomicUsize,
+    /// Bytes offered and not yet taken by a source.
+    offered_bytes: AtomicUsize,
     wake: Arc<Notify>,
 }
 
@@ -84,6 +100,8 @@ impl Intake {
             busy: Mutex::new(HashMap::new()),
             hand_back: Mutex::new(VecDeque::new()),
             handing_back: AtomicUsize::new(0),
+            handing_back_bytes: AtomicUsize::new(0),
+            offered_bytes: AtomicUsize::new(0),
             wake: Arc::new(Notify::new()),
         });
         tokio::spawn(hand_back_loop(Arc::downgrade(&intake)));
@@ -120,6 +138,12 @@ impl Intake {
         self.open_map_mut().remove(&p);
     }
 
+    /// A source took `offered` from its queue.
+    pub fn took(&self, offered: &Offered) {
+        self.offered_bytes
+            .fetch_sub(offered.bytes, Ordering::AcqRel);
+    }
+
     /// `key`'s queue was full: refuse its offers for a while.
     pub fn mark_busy(&self, key: &StreamKey) {
         let mut busy = self.busy_keys();
@@ -140,9 +164,14 @@ impl Intake {
             return;
         }
         let n = commands.len();
+        let bytes = size_of(&commands);
         self.metrics.handed_back(n);
-        if self.handing_back.fetch_add(n, Ordering::AcqRel) + n > HAND_BACK_MAX {
+        let over = self.handing_back.fetch_add(n, Ordering::AcqRel) + n > HAND_BACK_MAX;
+        let over_bytes = self.handing_back_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes
+            > HAND_BACK_MAX_BYTES;
+        if over || over_bytes {
             self.handing_back.fetch_sub(n, Ordering::AcqRel);
+            self.handing_back_bytes.fetch_sub(bytes, Ordering::AcqRel);
             return self.answer_unavailable(commands, "the sequencer is busy; retry");
         }
         self.queue().push_back(HandBack {
@@ -218,13 +247,22 @@ impl Commands for Intake {
         let Some(entrance) = open.get(&p).filter(|e| e.fence.valid()) else {
             return Err(commands);
         };
+        let bytes = size_of(&commands);
+        if self.offered_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > OFFERED_MAX_BYTES {
+            self.offered_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(commands);
+        }
         let offered = Offered {
             key,
+            bytes,
             subject: subject.into(),
             commands,
         };
         entrance.tx.try_send(offered).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => o.commands,
+            mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => {
+                self.offered_bytes.fetch_sub(o.bytes, Ordering::AcqRel);
+                o.commands
+            }
         })
     }
 }
@@ -237,9 +275,10 @@ async fn hand_back_loop(intake: std::sync::Weak<Intake>) {
         match next {
             Some(job) => {
                 tokio::time::sleep_until(job.at).await;
-                let n = job.commands.len();
+                let (n, bytes) = (job.commands.len(), size_of(&job.commands));
                 this.publish(job).await;
                 this.handing_back.fetch_sub(n, Ordering::AcqRel);
+                this.handing_back_bytes.fetch_sub(bytes, Ordering::AcqRel);
             }
             None => {
                 let wake = this.wake.clone();
@@ -249,5 +288,99 @@ async fn hand_back_loop(intake: std::sync::Weak<Intake>) {
                 let _ = tokio::time::timeout(Duration::from_secs(1), woken).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn command(i: usize, bytes: usize) -> Command {
+        Command {
+            body: Bytes::from(vec![b'x'; bytes.max(1)]),
+            reply_to: "usync.reply.g.s".to_owned(),
+            command_id: format!("c{i}"),
+            traceparent: None,
+        }
+    }
+
+    fn key(project: &str) -> StreamKey {
+        StreamKey::parse("acme", project, "index").expect("key")
+    }
+
+    #[tokio::test]
+    async fn offers_are_taken_for_a_held_partition_only_and_within_bounds() {
+        // Never connected: offers never touch NATS.
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .expect("client");
+        let intake = Intake::new(
+            jetstream::new(client),
+            Local::default(),
+            Arc::new(Metrics::default()),
+        );
+        let a = key("a");
+        // Another key of the same partition, and one of another partition.
+        let same = (0..)
+            .map(|i| key(&format!("p{i}")))
+            .find(|k| nats::partition_of(k, 16) == nats::partition_of(&a, 16))
+            .expect("a key of the same partition");
+        let other = (0..)
+            .map(|i| key(&format!("q{i}")))
+            .find(|k| nats::partition_of(k, 16) != nats::partition_of(&a, 16))
+            .expect("a key of another partition");
+        let offer = |k: &StreamKey, n: usize, bytes: usize| {
+            intake
+                .offer(
+                    &nats::cmd_subject(k),
+                    (0..n).map(|i| command(i, bytes)).collect(),
+                )
+                .is_ok()
+        };
+        assert!(!offer(&a, 1, 10), "no partition is held yet");
+
+        let fence = Arc::new(Fence::new());
+        fence.renew(Instant::now() + Duration::from_secs(60));
+        let mut rx = intake.open(nats::partition_of(&a, 16), 16, fence.clone());
+        assert!(offer(&a, 2, 10));
+        let taken = rx.try_recv().expect("queued for the source");
+        assert_eq!((taken.key.clone(), taken.commands.len()), (a.clone(), 2));
+        intake.took(&taken);
+        assert!(!offer(&other, 1, 10), "another partition is not held");
+
+        // A key found busy is refused a while; its neighbours are not.
+        intake.mark_busy(&a);
+        assert!(!offer(&a, 1, 10), "a busy key");
+        assert!(offer(&same, 1, 10), "another key of the partition");
+        intake.took(&rx.try_recv().expect("queued"));
+
+        // Bounds: messages per partition, then bytes over all.
+        let mut queued = 0;
+        while offer(&same, 1, 10) {
+            queued += 1;
+        }
+        assert_eq!(queued, QUEUE);
+        while let Ok(o) = rx.try_recv() {
+            intake.took(&o);
+        }
+        assert!(!offer(&same, 1, OFFERED_MAX_BYTES + 1), "over the bytes");
+        assert!(offer(&same, 1, 10), "what was taken is counted off");
+        intake.took(&rx.try_recv().expect("queued"));
+
+        // A revoked fence, and a closed partition, take nothing.
+        fence.revoke();
+        assert!(!offer(&same, 1, 10), "the lease may have moved");
+        fence.renew(Instant::now() + Duration::from_secs(60));
+        assert!(offer(&same, 1, 10));
+        intake.close(nats::partition_of(&a, 16));
+        assert!(!offer(&same, 1, 10), "the partition was given up");
+        assert!(
+            rx.try_recv().is_ok(),
+            "what was queued stays for the source"
+        );
     }
 }

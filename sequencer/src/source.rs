@@ -221,6 +221,7 @@ async fn take_offered(
     stats: &SourceStats,
     offered: Offered,
 ) {
+    shared.intake.took(&offered);
     let n = offered.commands.len();
     stats.commands.fetch_add(n as u64, Ordering::Relaxed);
     if workers.room(&offered.key) < n.min(WORKER_QUEUE) {
@@ -360,6 +361,7 @@ pub async fn run(
     workers.finish().await;
     if let Some(rx) = offered.as_mut() {
         while let Ok(o) = rx.try_recv() {
+            shared.intake.took(&o);
             shared
                 .intake
                 .hand_back(o.subject, o.commands, Duration::ZERO);
