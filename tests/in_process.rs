@@ -81,16 +81,7 @@ async fn start_serve(url: &str) -> (GatewayProcess, String, tempfile::TempDir, S
 
 /// Partitions held by the instance whose pid is `pid`.
 fn partitions_of(nats_url: &str, pid: u32) -> usize {
-    let out = std::process::Command::new(bin())
-        .args(["inspect", "partitions", "--nats-url", nats_url])
-        .output()
-        .expect("inspect");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v = ultrasync_testkit::inspect_partitions(&bin(), nats_url);
     v["by_partition"]
         .as_array()
         .expect("partitions")

@@ -44,16 +44,7 @@ fn key(i: usize) -> StreamKey {
 
 /// `ultrasync inspect partitions` through the binary.
 fn inspect(url: &str) -> Value {
-    let out = std::process::Command::new(bin())
-        .args(["inspect", "partitions", "--nats-url", url])
-        .output()
-        .expect("inspect");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
+    ultrasync_testkit::inspect_partitions(&bin(), url)
 }
 
 /// Partitions held, by the pid in the instance id.

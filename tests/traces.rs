@@ -142,6 +142,22 @@ async fn spans_of(spans: &Spans, command_id: &str) -> Vec<Received> {
     }
 }
 
+/// Sends command `command_id` over `ws` and returns the `server_seq` of its ack.
+async fn set_over_ws(ws: &mut ultrasync_client::Connection, command_id: &str) -> u64 {
+    ws.command(command_id, "index", "k", OpType::Set, json!({"v": 1}))
+        .await
+        .expect("send");
+    let frames = recv_until(ws, Duration::from_secs(30), |m| {
+        matches!(m, ServerMessage::Ack { command_id: c, .. } | ServerMessage::Reject { command_id: c, .. } if c == command_id)
+    })
+    .await
+    .expect("answer");
+    match frames.last() {
+        Some(ServerMessage::Ack { server_seq, .. }) => *server_seq,
+        _ => panic!("not acked: {frames:?}"),
+    }
+}
+
 /// One trace id; each hop the child of the one before; each span from its service.
 fn check_path(spans: &[Received], transport: &str, server_seq: u64) {
     let one = |name: &str| {
@@ -214,18 +230,8 @@ async fn one_command_is_one_trace_across_gateway_and_sequencer() {
     let mut ws = stack
         .client("alice", "web", "alice-1", &[("index", Some(0))])
         .await;
-    ws.command("traced-ws", "index", "k", OpType::Set, json!({"v": 1}))
-        .await
-        .expect("send");
-    let frames = recv_until(&mut ws, Duration::from_secs(30), |m| {
-        matches!(m, ServerMessage::Ack { command_id, .. } | ServerMessage::Reject { command_id, .. } if command_id == "traced-ws")
-    })
-    .await
-    .expect("answer");
-    let Some(ServerMessage::Ack { server_seq, .. }) = frames.last() else {
-        panic!("not acked: {frames:?}");
-    };
-    check_path(&spans_of(&spans, "traced-ws").await, "ws", *server_seq);
+    let server_seq = set_over_ws(&mut ws, "traced-ws").await;
+    check_path(&spans_of(&spans, "traced-ws").await, "ws", server_seq);
 
     // Over HTTP.
     let token = stack.token("alice", "read write");
@@ -319,18 +325,8 @@ async fn one_command_is_one_trace_inside_one_serve_process() {
     ws.hello("acme", "web", "alice-1", Default::default())
         .await
         .expect("hello");
-    ws.command("traced-serve", "index", "k", OpType::Set, json!({"v": 1}))
-        .await
-        .expect("send");
-    let frames = recv_until(&mut ws, Duration::from_secs(30), |m| {
-        matches!(m, ServerMessage::Ack { command_id, .. } | ServerMessage::Reject { command_id, .. } if command_id == "traced-serve")
-    })
-    .await
-    .expect("answer");
-    let Some(ServerMessage::Ack { server_seq, .. }) = frames.last() else {
-        panic!("not acked: {frames:?}");
-    };
-    check_path(&spans_of(&spans, "traced-serve").await, "ws", *server_seq);
+    let server_seq = set_over_ws(&mut ws, "traced-serve").await;
+    check_path(&spans_of(&spans, "traced-serve").await, "ws", server_seq);
     ws.close().await;
     drop(serve);
     server.abort();

@@ -203,34 +203,32 @@ impl Pending {
         decoded
             .into_iter()
             .enumerate()
-            .map(|(line, ((cmd, reply_to, command_id), bytes))| {
-                let bad_reply_to = reply_to.as_deref().is_some_and(|r| !is_reply_subject(r));
-                let span = match traces.remove(&line) {
-                    Some(tp) => {
-                        let span = tracer.continue_from(
-                            "sequencer.command",
-                            SpanKind::Consumer,
-                            &tp,
-                            arrived,
-                        );
-                        span.set("ultrasync.command_id", command_id.clone());
-                        span.set("ultrasync.deliveries", delivered);
-                        span
-                    }
-                    None => Span::off(),
-                };
-                Self {
-                    delivery: delivery.clone(),
-                    cmd,
-                    reply_to: reply_to.filter(|_| !bad_reply_to),
-                    bad_reply_to,
-                    command_id,
-                    bytes,
-                    span,
-                    offered: None,
-                }
+            .map(|(line, (decoded, bytes))| {
+                let traced = traces.remove(&line);
+                let span = command_span(tracer, traced.as_deref(), &decoded.2, delivered, arrived);
+                Self::new(delivery.clone(), decoded, bytes, span, None)
             })
             .collect()
+    }
+
+    fn new(
+        delivery: Arc<Delivery>,
+        (cmd, reply_to, command_id): Decoded,
+        bytes: usize,
+        span: Span,
+        offered: Option<Offered>,
+    ) -> Self {
+        let bad_reply_to = reply_to.as_deref().is_some_and(|r| !is_reply_subject(r));
+        Self {
+            delivery,
+            cmd,
+            reply_to: reply_to.filter(|_| !bad_reply_to),
+            bad_reply_to,
+            command_id,
+            bytes,
+            span,
+            offered,
+        }
     }
 
     /// The commands of one message the gateway of this process offered, in order.
@@ -244,41 +242,24 @@ impl Pending {
             open: AtomicUsize::new(offered.commands.len()),
             retry_ms: AtomicU64::new(0),
         });
+        let arrived = match tracer.is_on() {
+            true => std::time::SystemTime::now(),
+            false => std::time::UNIX_EPOCH,
+        };
         offered
             .commands
             .into_iter()
             .map(|c| {
-                let (cmd, reply_to, command_id) = decode(&c.body);
-                let bad_reply_to = reply_to.as_deref().is_some_and(|r| !is_reply_subject(r));
-                let span = match c.traceparent.as_deref().filter(|_| tracer.is_on()) {
-                    Some(tp) => {
-                        let span = tracer.continue_from(
-                            "sequencer.command",
-                            SpanKind::Consumer,
-                            tp,
-                            std::time::SystemTime::now(),
-                        );
-                        span.set("ultrasync.command_id", command_id.clone());
-                        span.set("ultrasync.deliveries", 1_i64);
-                        span
-                    }
-                    None => Span::off(),
+                let decoded = decode(&c.body);
+                let span = command_span(tracer, c.traceparent.as_deref(), &decoded.2, 1, arrived);
+                let bytes = c.body.len();
+                let offered = Offered {
+                    intake: intake.clone(),
+                    subject: offered.subject.clone(),
+                    body: c.body,
+                    traceparent: c.traceparent,
                 };
-                Self {
-                    delivery: delivery.clone(),
-                    cmd,
-                    reply_to: reply_to.filter(|_| !bad_reply_to),
-                    bad_reply_to,
-                    command_id,
-                    bytes: c.body.len(),
-                    span,
-                    offered: Some(Offered {
-                        intake: intake.clone(),
-                        subject: offered.subject.clone(),
-                        body: c.body,
-                        traceparent: c.traceparent,
-                    }),
-                }
+                Self::new(delivery.clone(), decoded, bytes, span, Some(offered))
             })
             .collect()
     }
@@ -305,6 +286,24 @@ impl Pending {
             None => self.delivery.finish(Some(delay)).await,
         }
     }
+}
+
+/// `sequencer.command` for a command whose gateway span is `traceparent` (off when
+/// it has none or tracing is off), delivered `deliveries` times, here since `arrived`.
+fn command_span(
+    tracer: &Tracer,
+    traceparent: Option<&str>,
+    command_id: &str,
+    deliveries: i64,
+    arrived: std::time::SystemTime,
+) -> Span {
+    let Some(tp) = traceparent.filter(|_| tracer.is_on()) else {
+        return Span::off();
+    };
+    let span = tracer.continue_from("sequencer.command", SpanKind::Consumer, tp, arrived);
+    span.set("ultrasync.command_id", command_id.to_owned());
+    span.set("ultrasync.deliveries", deliveries);
+    span
 }
 
 /// A command document decoded: the envelope or why not, the reply route, the id.

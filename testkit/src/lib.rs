@@ -1217,6 +1217,20 @@ impl Drop for ServiceProcess {
     }
 }
 
+/// `ultrasync inspect partitions` against `nats_url`, run through the binary `bin`.
+pub fn inspect_partitions(bin: &Path, nats_url: &str) -> serde_json::Value {
+    let out = std::process::Command::new(bin)
+        .args(["inspect", "partitions", "--nats-url", nats_url])
+        .output()
+        .expect("inspect");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
 /// `ultrasync gateway` as its own process on a free loopback port.
 pub struct GatewayProcess {
     pub process: ServiceProcess,
