@@ -4,7 +4,7 @@
 //! are written (it takes partitions over: the commands of those keys go through
 //! `USYNC_CMDS` to it, and what the first had taken but not sequenced is handed
 //! back there), then is killed with SIGKILL (its partitions come back after the
-//! lease TTL). Every command is acked once, and the log holds exactly the acked
+//! lease TTL, and the keys' commands to the direct path). Every command is acked once, and the log holds exactly the acked
 //! ops, `server_seq` dense per stream key. A second test floods one stream key
 //! while nats-server is frozen: what the key's queue cannot hold is handed back to
 //! `USYNC_CMDS`, and still every command is acked once.
@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -118,7 +118,13 @@ async fn send(conn: &mut Connection, w: usize, id: &str, i: usize) {
 /// One socket writing one stream key (`acme/p{w}/index`) until `stop`, `WINDOW`
 /// commands in flight; a command refused with `unavailable` or `rate_limited` is
 /// sent again, as an outbox does. Returns each command's ack.
-async fn writer(ws: String, token: String, w: usize, stop: Arc<AtomicBool>) -> HashMap<String, Op> {
+async fn writer(
+    ws: String,
+    token: String,
+    w: usize,
+    stop: Arc<AtomicBool>,
+    progress: Arc<Vec<AtomicUsize>>,
+) -> HashMap<String, Op> {
     let mut conn = Connection::connect(&ws, &token).await.expect("connect");
     let project = format!("p{w}");
     conn.hello("acme", &project, &format!("c{w}"), BTreeMap::new())
@@ -141,6 +147,7 @@ async fn writer(ws: String, token: String, w: usize, stop: Arc<AtomicBool>) -> H
             Ok(ServerMessage::Ack { command_id, op, .. }) => {
                 if waiting.remove(&command_id) {
                     assert!(acks.insert(command_id, op).is_none(), "acked twice");
+                    progress[w].fetch_add(1, Ordering::Relaxed);
                 }
             }
             Ok(ServerMessage::Reject {
@@ -179,8 +186,13 @@ async fn serve_takes_its_gateways_commands_directly_and_loses_none_when_partitio
 
     let token = ultrasync_testkit::token_for(&secret, "writer", "read write");
     let stop = Arc::new(AtomicBool::new(false));
+    let progress: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..PROJECTS).map(|_| AtomicUsize::new(0)).collect());
     let writers: Vec<_> = (0..PROJECTS)
-        .map(|w| tokio::spawn(writer(serve.ws_url(), token.clone(), w, stop.clone())))
+        .map(|w| {
+            let (stop, progress) = (stop.clone(), progress.clone());
+            tokio::spawn(writer(serve.ws_url(), token.clone(), w, stop, progress))
+        })
         .collect();
 
     // Alone, serve's sequencer takes every command from its gateway: nothing
@@ -239,7 +251,27 @@ async fn serve_takes_its_gateways_commands_directly_and_loses_none_when_partitio
         n == nats::DEFAULT_PARTITIONS as usize
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The keys that went through USYNC_CMDS come back to the direct path once the
+    // stream holds none of their commands: every writer goes on, and USYNC_CMDS
+    // stops growing.
+    let acked_by = |p: &Vec<AtomicUsize>| -> Vec<usize> {
+        p.iter().map(|n| n.load(Ordering::Relaxed)).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut before) = (stored(js.clone()).await, acked_by(&progress));
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (now, after) = (stored(js.clone()).await, acked_by(&progress));
+        let all_went_on = before.iter().zip(&after).all(|(b, a)| a > b);
+        if now == last && all_went_on {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "commands still go through USYNC_CMDS ({last} → {now}), or writers stall ({before:?} → {after:?})"
+        );
+        (last, before) = (now, after);
+    }
     stop.store(true, Ordering::Relaxed);
 
     let mut acked: HashMap<String, Op> = HashMap::new();

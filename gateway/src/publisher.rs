@@ -14,8 +14,11 @@
 //! offers each message to it (`ultrasync_shared::local`): taken, the message skips
 //! `USYNC_CMDS` and its store ack. Once the sequencer refuses one (it does not hold
 //! the key's partition, or the key's queue is full), the task publishes to
-//! `USYNC_CMDS` until it ends: what it offered before is already in the
-//! sequencer's queue, so the key's commands still reach it in order.
+//! `USYNC_CMDS`: what it offered before is already in the sequencer's queue, so the
+//! key's commands still reach it in order. It offers again only once the stream
+//! holds none of the key's commands (every one it published has been sequenced and
+//! acked), asking at most every [`BACK_TO_LOCAL`], so that nothing it offers can
+//! overtake a command of its still waiting in the stream.
 //!
 //! `USYNC_CMDS` is shared by every tenant and refuses new messages when full, so one
 //! org's share is bounded twice (SPEC invariant 9). Here: the commands and bytes one
@@ -57,6 +60,9 @@ const MAX_BYTES: usize = 512 * 1024;
 const QUEUE: usize = 8192;
 /// A key's task with nothing to do for this long exits and leaves the map.
 const IDLE: Duration = Duration::from_secs(30);
+/// How often a key's task publishing to `USYNC_CMDS` asks whether it may offer to
+/// the sequencer of its process again.
+const BACK_TO_LOCAL: Duration = Duration::from_secs(1);
 /// What the stream answers when a stream key holds `max_messages_per_subject`.
 const PER_SUBJECT_FULL: &str = "maximum messages per subject exceeded";
 
@@ -324,7 +330,10 @@ async fn run_key(
     mut rx: mpsc::Receiver<Queued>,
 ) {
     let mut inflight = FuturesUnordered::new();
-    let mut intake = shared.local.commands();
+    let intake = shared.local.commands();
+    // Offering to the sequencer of this process; when not, offer again after this.
+    let mut offering = intake.is_some();
+    let mut back_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             Some((result, batch)) = inflight.next(), if !inflight.is_empty() => {
@@ -344,11 +353,21 @@ async fn run_key(
                     }
                 }
                 if let Some(to) = &intake {
-                    if to.offer(&subject, offered(&shared.routes, &batch)).is_ok() {
-                        settle(&shared, &subject, &org, Ok(()), batch);
-                        continue;
+                    if !offering
+                        && inflight.is_empty()
+                        && tokio::time::Instant::now() >= back_at
+                    {
+                        back_at = tokio::time::Instant::now() + BACK_TO_LOCAL;
+                        offering = stream_holds_none(&shared.js, &subject).await;
                     }
-                    intake = None;
+                    if offering {
+                        if to.offer(&subject, offered(&shared.routes, &batch)).is_ok() {
+                            settle(&shared, &subject, &org, Ok(()), batch);
+                            continue;
+                        }
+                        offering = false;
+                        back_at = tokio::time::Instant::now() + BACK_TO_LOCAL;
+                    }
                 }
                 inflight.push(publish(shared.js.clone(), subject.clone(), batch));
             }
@@ -406,6 +425,29 @@ fn settle(
             }
         }
     }
+}
+
+/// Whether `USYNC_CMDS` holds no command for `subject` (`usync.cmd.{org}.{project}.
+/// {ns}`, stored as `usync.cmdp.{p}.{org}.{project}.{ns}`): every one published has
+/// been sequenced and acked. `false` when the stream cannot tell.
+async fn stream_holds_none(js: &jetstream::Context, subject: &str) -> bool {
+    let Some(rest) = subject.strip_prefix("usync.cmd.") else {
+        return false;
+    };
+    let Ok(stream) = js.get_stream_no_info(nats::CMDS_STREAM).await else {
+        return false;
+    };
+    let filter = format!("{}*.{rest}", nats::CMD_PARTITIONED_PREFIX);
+    let Ok(mut subjects) = stream.info_with_subjects(filter).await else {
+        return false;
+    };
+    while let Some(item) = subjects.next().await {
+        match item {
+            Ok((_, 0)) => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// `batch` as the sequencer of this process takes it.
