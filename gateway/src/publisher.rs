@@ -15,10 +15,11 @@
 //! `USYNC_CMDS` and its store ack. Once the sequencer refuses one (it does not hold
 //! the key's partition, or the key's queue is full), the task publishes to
 //! `USYNC_CMDS`: what it offered before is already in the sequencer's queue, so the
-//! key's commands still reach it in order. It offers again only once the stream
-//! holds none of the key's commands (every one it published has been sequenced and
-//! acked), asking at most every [`BACK_TO_LOCAL`], so that nothing it offers can
-//! overtake a command of its still waiting in the stream.
+//! key's commands still reach it in order. It offers (at first, and again after a
+//! refusal) only when the sequencer would take the key and the stream holds none of
+//! its commands (every one published has been sequenced and acked), asking at most
+//! every [`BACK_TO_LOCAL`], so that nothing it offers can overtake a command still
+//! waiting in the stream.
 //!
 //! `USYNC_CMDS` is shared by every tenant and refuses new messages when full, so one
 //! org's share is bounded twice (SPEC invariant 9). Here: the commands and bytes one
@@ -331,8 +332,10 @@ async fn run_key(
 ) {
     let mut inflight = FuturesUnordered::new();
     let intake = shared.local.commands();
-    // Offering to the sequencer of this process; when not, offer again after this.
-    let mut offering = intake.is_some();
+    // Offering to the sequencer of this process; when not, see whether it may from
+    // this time on. A new task asks too: the one before it may have left commands
+    // waiting in the stream.
+    let mut offering = false;
     let mut back_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -358,7 +361,8 @@ async fn run_key(
                         && tokio::time::Instant::now() >= back_at
                     {
                         back_at = tokio::time::Instant::now() + BACK_TO_LOCAL;
-                        offering = stream_holds_none(&shared.js, &subject).await;
+                        offering = to.would_take(&subject)
+                            && stream_holds_none(&shared.js, &subject).await;
                     }
                     if offering {
                         if to.offer(&subject, offered(&shared.routes, &batch)).is_ok() {

@@ -38,6 +38,13 @@ const OFFERED_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// answered `unavailable` (their senders retry) instead.
 const HAND_BACK_MAX: usize = 65_536;
 const HAND_BACK_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Commands taken from offers and not yet answered or handed back, all partitions
+/// together (what `max_ack_pending` bounds for a partition's consumer); beyond this
+/// offers are refused.
+const IN_PROCESS_MAX: usize = 50_000;
+/// Most commands, and bytes, in one hand-back message (as the gateway's).
+const HAND_BACK_BATCH: usize = 500;
+const HAND_BACK_BATCH_BYTES: usize = 512 * 1024;
 /// How long a key whose queue was found full is refused here.
 const BUSY_FOR: Duration = Duration::from_millis(500);
 
@@ -84,6 +91,8 @@ pub struct Intake {
     handing_back_bytes: AtomicUsize,
     /// Bytes offered and not yet taken by a source.
     offered_bytes: AtomicUsize,
+    /// Commands offered and not yet answered or handed back.
+    in_process: AtomicUsize,
     wake: Arc<Notify>,
 }
 
@@ -102,6 +111,7 @@ impl Intake {
             handing_back: AtomicUsize::new(0),
             handing_back_bytes: AtomicUsize::new(0),
             offered_bytes: AtomicUsize::new(0),
+            in_process: AtomicUsize::new(0),
             wake: Arc::new(Notify::new()),
         });
         tokio::spawn(hand_back_loop(Arc::downgrade(&intake)));
@@ -165,7 +175,6 @@ impl Intake {
         }
         let n = commands.len();
         let bytes = size_of(&commands);
-        self.metrics.handed_back(n);
         let over = self.handing_back.fetch_add(n, Ordering::AcqRel) + n > HAND_BACK_MAX;
         let over_bytes = self.handing_back_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes
             > HAND_BACK_MAX_BYTES;
@@ -174,11 +183,26 @@ impl Intake {
             self.handing_back_bytes.fetch_sub(bytes, Ordering::AcqRel);
             return self.answer_unavailable(commands, "the sequencer is busy; retry");
         }
-        self.queue().push_back(HandBack {
-            at: tokio::time::Instant::now() + delay,
-            subject,
-            commands,
-        });
+        self.metrics.handed_back(n);
+        let at = tokio::time::Instant::now() + delay;
+        let mut queue = self.queue();
+        // Commands handed back one by one (a batch given up) go in one message.
+        match queue.back_mut() {
+            Some(last)
+                if last.subject == subject
+                    && last.at <= at
+                    && last.commands.len() + n <= HAND_BACK_BATCH
+                    && size_of(&last.commands) + bytes <= HAND_BACK_BATCH_BYTES =>
+            {
+                last.commands.extend(commands);
+            }
+            _ => queue.push_back(HandBack {
+                at,
+                subject,
+                commands,
+            }),
+        }
+        drop(queue);
         self.wake.notify_one();
     }
 
@@ -230,25 +254,58 @@ impl Intake {
     }
 }
 
-impl Commands for Intake {
-    fn offer(&self, subject: &str, commands: Vec<Command>) -> Result<(), Vec<Command>> {
+impl Intake {
+    /// The key of `subject` and its partition's entrance, when this instance takes
+    /// offers for it now.
+    fn entrance_for<'a>(
+        &self,
+        subject: &str,
+        open: &'a HashMap<u32, Entrance>,
+    ) -> Option<(StreamKey, &'a Entrance)> {
         let partitions = self.partitions.load(Ordering::Acquire);
         if partitions == 0 {
-            return Err(commands);
+            return None;
         }
         let Some((None, key)) = nats::parse_cmd_subject(subject) else {
-            return Err(commands);
+            return None;
         };
         if self.is_busy(&key) {
-            return Err(commands);
+            return None;
         }
-        let p = nats::partition_of(&key, partitions);
+        let entrance = open
+            .get(&nats::partition_of(&key, partitions))
+            .filter(|e| e.fence.valid())?;
+        Some((key, entrance))
+    }
+
+    /// `n` commands taken from offers were answered or handed back.
+    fn finished(&self, n: usize) {
+        self.in_process.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Hands back a whole offered message its source did not take into workers.
+    pub fn hand_back_offered(&self, offered: Offered, delay: Duration) {
+        self.finished(offered.commands.len());
+        self.hand_back(offered.subject, offered.commands, delay);
+    }
+}
+
+impl Commands for Intake {
+    fn would_take(&self, subject: &str) -> bool {
+        self.entrance_for(subject, &self.open_map()).is_some()
+    }
+
+    fn offer(&self, subject: &str, commands: Vec<Command>) -> Result<(), Vec<Command>> {
         let open = self.open_map();
-        let Some(entrance) = open.get(&p).filter(|e| e.fence.valid()) else {
+        let Some((key, entrance)) = self.entrance_for(subject, &open) else {
             return Err(commands);
         };
-        let bytes = size_of(&commands);
-        if self.offered_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > OFFERED_MAX_BYTES {
+        let (n, bytes) = (commands.len(), size_of(&commands));
+        let over = self.in_process.fetch_add(n, Ordering::AcqRel) + n > IN_PROCESS_MAX;
+        let over_bytes =
+            self.offered_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > OFFERED_MAX_BYTES;
+        if over || over_bytes {
+            self.in_process.fetch_sub(n, Ordering::AcqRel);
             self.offered_bytes.fetch_sub(bytes, Ordering::AcqRel);
             return Err(commands);
         }
@@ -260,10 +317,58 @@ impl Commands for Intake {
         };
         entrance.tx.try_send(offered).map_err(|e| match e {
             mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => {
+                self.in_process.fetch_sub(n, Ordering::AcqRel);
                 self.offered_bytes.fetch_sub(o.bytes, Ordering::AcqRel);
                 o.commands
             }
         })
+    }
+}
+
+/// A command a worker took from an offer. Answered, it is done; dropped before it
+/// was answered or handed back (its batch given up, its worker gone), it is handed
+/// back, as a message not acked would be redelivered.
+pub struct Taken {
+    intake: Arc<Intake>,
+    subject: Arc<str>,
+    command: Mutex<Option<Command>>,
+}
+
+impl Taken {
+    pub fn new(intake: Arc<Intake>, subject: Arc<str>, command: Command) -> Self {
+        Self {
+            intake,
+            subject,
+            command: Mutex::new(Some(command)),
+        }
+    }
+
+    fn take(&self) -> Option<Command> {
+        self.command
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Answered: nothing to hand back.
+    pub fn answered(&self) {
+        if self.take().is_some() {
+            self.intake.finished(1);
+        }
+    }
+
+    /// To be sequenced again after `delay`, by whichever instance then holds it.
+    pub fn hand_back(&self, delay: Duration) {
+        if let Some(c) = self.take() {
+            self.intake.finished(1);
+            self.intake.hand_back(self.subject.clone(), vec![c], delay);
+        }
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.hand_back(Duration::ZERO);
     }
 }
 
@@ -346,6 +451,8 @@ mod tests {
         let fence = Arc::new(Fence::new());
         fence.renew(Instant::now() + Duration::from_secs(60));
         let mut rx = intake.open(nats::partition_of(&a, 16), 16, fence.clone());
+        assert!(intake.would_take(&nats::cmd_subject(&a)));
+        assert!(!intake.would_take(&nats::cmd_subject(&other)));
         assert!(offer(&a, 2, 10));
         let taken = rx.try_recv().expect("queued for the source");
         assert_eq!((taken.key.clone(), taken.commands.len()), (a.clone(), 2));
@@ -354,6 +461,7 @@ mod tests {
 
         // A key found busy is refused a while; its neighbours are not.
         intake.mark_busy(&a);
+        assert!(!intake.would_take(&nats::cmd_subject(&a)));
         assert!(!offer(&a, 1, 10), "a busy key");
         assert!(offer(&same, 1, 10), "another key of the partition");
         intake.took(&rx.try_recv().expect("queued"));

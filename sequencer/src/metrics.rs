@@ -58,7 +58,7 @@ struct Inner {
     answer_messages: (u64, u64),
     /// Commands the gateway of this process offered and this instance took.
     commands_in_process: u64,
-    /// Of those, commands handed back to `USYNC_CMDS`.
+    /// Commands the gateway of this process offered that went to `USYNC_CMDS`.
     handed_back: u64,
 }
 
@@ -399,7 +399,7 @@ impl Collector for Collected {
         counter(
             &mut e,
             "commands_handed_back",
-            "Commands taken from the gateway of this process but not sequenced here (their stream key's queue was full, the partition was given up, a write was retried): published to USYNC_CMDS.",
+            "Commands the gateway of this process offered that this instance published to USYNC_CMDS instead of sequencing them (their stream key's queue was full, the partition was given up, a write is to be retried).",
             m.handed_back,
         )?;
         counters(

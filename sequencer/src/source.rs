@@ -213,6 +213,16 @@ async fn next_offered(rx: &mut Option<mpsc::Receiver<Offered>>) -> Option<Offere
     }
 }
 
+/// Closes the queue of offers and hands back what is in it.
+fn hand_back_offers(shared: &WorkerShared, offered: &mut Option<mpsc::Receiver<Offered>>) {
+    let Some(rx) = offered.as_mut() else { return };
+    rx.close();
+    while let Ok(o) = rx.try_recv() {
+        shared.intake.took(&o);
+        shared.intake.hand_back_offered(o, Duration::ZERO);
+    }
+}
+
 /// Hands an offered message to its key's worker, or back to `USYNC_CMDS` when the
 /// key's queue has no room for it (and refuses the key's offers for a while).
 async fn take_offered(
@@ -227,9 +237,7 @@ async fn take_offered(
     if workers.room(&offered.key) < n.min(WORKER_QUEUE) {
         stats.pushed_back.fetch_add(n as u64, Ordering::Relaxed);
         shared.intake.mark_busy(&offered.key);
-        shared
-            .intake
-            .hand_back(offered.subject, offered.commands, BUSY_RETRY);
+        shared.intake.hand_back_offered(offered, BUSY_RETRY);
         return;
     }
     shared.metrics.taken_in_process(n);
@@ -270,7 +278,10 @@ pub async fn run(
             Err(e) => {
                 warn!(source = %name, error = %e, "pulling commands failed; retrying");
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => {
+                        hand_back_offers(&shared, &mut offered);
+                        return;
+                    }
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                 }
             }
@@ -278,18 +289,21 @@ pub async fn run(
     };
     debug!(source = %name, "pulling commands");
     loop {
+        // Offers first: one the gateway made before publishing a key's next command
+        // to the stream is taken before the stream delivers that command.
         let msg = tokio::select! {
+            biased;
             _ = stop.cancelled() => break,
-            _ = workers.next_ended() => {
-                stats.workers.store(workers.len(), Ordering::Relaxed);
-                continue;
-            }
             o = next_offered(&mut offered) => {
                 match o {
                     Some(o) => take_offered(&mut workers, &shared, &stats, o).await,
                     None => offered = None,
                 }
                 workers.reap();
+                stats.workers.store(workers.len(), Ordering::Relaxed);
+                continue;
+            }
+            _ = workers.next_ended() => {
                 stats.workers.store(workers.len(), Ordering::Relaxed);
                 continue;
             }
@@ -359,14 +373,7 @@ pub async fn run(
         rx.close();
     }
     workers.finish().await;
-    if let Some(rx) = offered.as_mut() {
-        while let Ok(o) = rx.try_recv() {
-            shared.intake.took(&o);
-            shared
-                .intake
-                .hand_back(o.subject, o.commands, Duration::ZERO);
-        }
-    }
+    hand_back_offers(&shared, &mut offered);
     stats.workers.store(0, Ordering::Relaxed);
     debug!(source = %name, "stopped pulling commands");
 }

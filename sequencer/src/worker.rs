@@ -163,16 +163,8 @@ pub struct Pending {
     /// `sequencer.command`, when the gateway sent the command's trace: from its
     /// delivery here to its answer (ends when the command is dropped).
     span: Span,
-    /// Offered by the gateway of this process: what handing it back takes.
-    offered: Option<Offered>,
-}
-
-/// A command the gateway of this process offered, as it would hand it back.
-struct Offered {
-    intake: Arc<crate::intake::Intake>,
-    subject: Arc<str>,
-    body: Bytes,
-    traceparent: Option<String>,
+    /// Offered by the gateway of this process: handed back unless answered.
+    offered: Option<crate::intake::Taken>,
 }
 
 impl Pending {
@@ -216,7 +208,7 @@ impl Pending {
         (cmd, reply_to, command_id): Decoded,
         bytes: usize,
         span: Span,
-        offered: Option<Offered>,
+        offered: Option<crate::intake::Taken>,
     ) -> Self {
         let bad_reply_to = reply_to.as_deref().is_some_and(|r| !is_reply_subject(r));
         Self {
@@ -253,18 +245,16 @@ impl Pending {
                 let decoded = decode(&c.body);
                 let span = command_span(tracer, c.traceparent.as_deref(), &decoded.2, 1, arrived);
                 let bytes = c.body.len();
-                let offered = Offered {
-                    intake: intake.clone(),
-                    subject: offered.subject.clone(),
-                    body: c.body,
-                    traceparent: c.traceparent,
-                };
-                Self::new(delivery.clone(), decoded, bytes, span, Some(offered))
+                let taken = crate::intake::Taken::new(intake.clone(), offered.subject.clone(), c);
+                Self::new(delivery.clone(), decoded, bytes, span, Some(taken))
             })
             .collect()
     }
 
     async fn ack(&self) {
+        if let Some(taken) = &self.offered {
+            taken.answered();
+        }
         self.delivery.finish(None).await;
     }
 
@@ -273,14 +263,8 @@ impl Pending {
     /// `USYNC_CMDS`.
     pub(crate) async fn retry_after(&self, delay: Duration) {
         match &self.offered {
-            Some(o) => {
-                let command = ultrasync_shared::local::Command {
-                    body: o.body.clone(),
-                    reply_to: self.reply_to.clone().unwrap_or_default(),
-                    command_id: self.command_id.clone(),
-                    traceparent: o.traceparent.clone(),
-                };
-                o.intake.hand_back(o.subject.clone(), vec![command], delay);
+            Some(taken) => {
+                taken.hand_back(delay);
                 self.delivery.finish(None).await;
             }
             None => self.delivery.finish(Some(delay)).await,

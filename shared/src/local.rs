@@ -37,6 +37,10 @@ pub struct Command {
 
 /// A sequencer's intake of commands from the gateway of its process.
 pub trait Commands: Send + Sync {
+    /// Whether an offer for `subject` would be taken now (the partition held, the
+    /// key not busy); an offer may still be refused.
+    fn would_take(&self, subject: &str) -> bool;
+
     /// Takes the commands of one message for `subject` (`usync.cmd.{org}.{project}.
     /// {ns}`), in order, or hands them all back untouched: the caller then publishes
     /// them to `USYNC_CMDS`. Never waits.
