@@ -142,6 +142,24 @@ async fn spans_of(spans: &Spans, command_id: &str) -> Vec<Received> {
     }
 }
 
+/// A loopback OTLP/HTTP collector: the spans it receives, its address, its task.
+async fn start_collector() -> (
+    Spans,
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let spans: Spans = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let collector = listener.local_addr().expect("addr");
+    let app = Router::new()
+        .route("/v1/traces", post(collect))
+        .with_state(spans.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    (spans, collector, server)
+}
+
 /// Sends command `command_id` over `ws` and returns the `server_seq` of its ack.
 async fn set_over_ws(ws: &mut ultrasync_client::Connection, command_id: &str) -> u64 {
     ws.command(command_id, "index", "k", OpType::Set, json!({"v": 1}))
@@ -198,15 +216,7 @@ fn check_path(spans: &[Received], transport: &str, server_seq: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_command_is_one_trace_across_gateway_and_sequencer() {
-    let spans: Spans = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let collector = listener.local_addr().expect("addr");
-    let app = Router::new()
-        .route("/v1/traces", post(collect))
-        .with_state(spans.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (spans, collector, server) = start_collector().await;
     let endpoint = format!("http://{collector}");
     trace::init(&endpoint, None).expect("tracing on");
 
@@ -293,15 +303,7 @@ async fn one_command_is_one_trace_across_gateway_and_sequencer() {
 /// process without NATS, and its trace is still one path across both services.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_command_is_one_trace_inside_one_serve_process() {
-    let spans: Spans = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let collector = listener.local_addr().expect("addr");
-    let app = Router::new()
-        .route("/v1/traces", post(collect))
-        .with_state(spans.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let (spans, collector, server) = start_collector().await;
 
     let nats = ultrasync_testkit::NatsServer::start();
     let secret = ultrasync_testkit::random_secret();
