@@ -435,13 +435,12 @@ fn settle(
 /// {ns}`, stored as `usync.cmdp.{p}.{org}.{project}.{ns}`): every one published has
 /// been sequenced and acked. `false` when the stream cannot tell.
 async fn stream_holds_none(js: &jetstream::Context, subject: &str) -> bool {
-    let Some(rest) = subject.strip_prefix("usync.cmd.") else {
+    let Some(filter) = nats::stored_cmd_filter(subject) else {
         return false;
     };
     let Ok(stream) = js.get_stream_no_info(nats::CMDS_STREAM).await else {
         return false;
     };
-    let filter = format!("{}*.{rest}", nats::CMD_PARTITIONED_PREFIX);
     let Ok(mut subjects) = stream.info_with_subjects(filter).await else {
         return false;
     };

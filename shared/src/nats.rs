@@ -83,6 +83,13 @@ pub fn partitions_of(cfg: &stream::Config) -> Option<u32> {
         .filter(|p| (1..=MAX_PARTITIONS).contains(p))
 }
 
+/// The filter matching what `USYNC_CMDS` stores for a command published to
+/// `subject` (`usync.cmd.{org}.{project}.{ns}`), in whichever partition.
+pub fn stored_cmd_filter(subject: &str) -> Option<String> {
+    let rest = subject.strip_prefix("usync.cmd.")?;
+    Some(format!("{CMD_PARTITIONED_PREFIX}*.{rest}"))
+}
+
 /// A command subject as stored: the stream key and, when partitioned, its partition.
 /// Takes both `usync.cmd.{org}.{project}.{ns}` (stored before partitions) and
 /// `usync.cmdp.{p}.{org}.{project}.{ns}`.
@@ -877,10 +884,15 @@ mod tests {
         assert_eq!(parse_cmd_subject(&cmd_subject(&k)), Some((None, k.clone())));
         assert_eq!(
             parse_cmd_subject("usync.cmdp.7.acme.web.settings"),
-            Some((Some(7), k))
+            Some((Some(7), k.clone()))
         );
         assert_eq!(parse_cmd_subject("usync.cmdp.x.acme.web.settings"), None);
         assert_eq!(parse_cmd_subject("usync.cmdp.7.acme.web"), None);
+        assert_eq!(
+            stored_cmd_filter(&cmd_subject(&k)).as_deref(),
+            Some("usync.cmdp.*.acme.web.settings")
+        );
+        assert_eq!(stored_cmd_filter("usync.ops.acme.web.settings"), None);
     }
 
     #[tokio::test]
