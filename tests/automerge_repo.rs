@@ -451,48 +451,54 @@ fn field<'a>(v: &'a ciborium::Value, name: &str) -> Option<&'a ciborium::Value> 
         .map(|(_, v)| v)
 }
 
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn text(s: &str) -> ciborium::Value {
+    ciborium::Value::Text(s.to_owned())
+}
+
+/// A `join` frame of an ephemeral peer offering `versions`.
+fn join(peer: &str, versions: &[&str]) -> Vec<u8> {
+    cbor_map(&[
+        ("type", text("join")),
+        ("senderId", text(peer)),
+        (
+            "peerMetadata",
+            ciborium::Value::Map(vec![(text("isEphemeral"), ciborium::Value::Bool(true))]),
+        ),
+        (
+            "supportedProtocolVersions",
+            ciborium::Value::Array(versions.iter().map(|v| text(v)).collect()),
+        ),
+    ])
+}
+
+/// The next frame that is not a ping or a pong.
+async fn next_frame(ws: &mut Socket) -> Message {
+    loop {
+        let m = tokio::time::timeout(BOUND, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("open")
+            .expect("frame");
+        if !matches!(m, Message::Ping(_) | Message::Pong(_)) {
+            return m;
+        }
+    }
+}
+
+fn decode(m: Message) -> ciborium::Value {
+    match m {
+        Message::Binary(b) => ciborium::de::from_reader(&b[..]).expect("cbor"),
+        other => panic!("expected a binary frame, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wire_protocol_join_versions_and_replacement() {
     let stack = Stack::start().await;
     let url = endpoint(&stack.http, "web", &stack.token("alice", "read write"));
-    let text = |s: &str| ciborium::Value::Text(s.to_owned());
-    let join = |peer: &str, versions: &[&str]| {
-        cbor_map(&[
-            ("type", text("join")),
-            ("senderId", text(peer)),
-            (
-                "peerMetadata",
-                ciborium::Value::Map(vec![(text("isEphemeral"), ciborium::Value::Bool(true))]),
-            ),
-            (
-                "supportedProtocolVersions",
-                ciborium::Value::Array(versions.iter().map(|v| text(v)).collect()),
-            ),
-        ])
-    };
-    async fn next_frame(
-        ws: &mut tokio_tungstenite::WebSocketStream<
-            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-        >,
-    ) -> Message {
-        loop {
-            let m = tokio::time::timeout(BOUND, ws.next())
-                .await
-                .expect("a frame in time")
-                .expect("open")
-                .expect("frame");
-            if !matches!(m, Message::Ping(_) | Message::Pong(_)) {
-                return m;
-            }
-        }
-    }
-    let decode = |m: Message| -> ciborium::Value {
-        match m {
-            Message::Binary(b) => ciborium::de::from_reader(&b[..]).expect("cbor"),
-            other => panic!("expected a binary frame, got {other:?}"),
-        }
-    };
-
     // join → peer, with the server's id, a storage id and selectedProtocolVersion.
     let (mut one, _) = tokio_tungstenite::connect_async(&url)
         .await
@@ -573,6 +579,93 @@ async fn the_wire_protocol_join_versions_and_replacement() {
         field(&answer, "type").and_then(|v| v.as_text()),
         Some("doc-unavailable")
     );
+    stack.shutdown().await;
+}
+
+/// A read-only peer whose heads name a change the server lacks, without the change
+/// itself (its sync state holds it back when the server's Bloom filter claims to
+/// have it), is told the change is refused, once for those heads; a read-only
+/// server never asks for the change, so without this the peer would wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_peer_is_told_of_changes_it_holds_back() {
+    use automerge::sync::SyncDoc;
+    let stack = Stack::start().await;
+    let url = endpoint(&stack.http, "web", &stack.token("rita", "read"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    ws.send(Message::Binary(join("ro", &["1"]).into()))
+        .await
+        .expect("send");
+    let peer = decode(next_frame(&mut ws).await);
+    assert_eq!(field(&peer, "type").and_then(|v| v.as_text()), Some("peer"));
+
+    let mut local = AutoCommit::new();
+    local
+        .put(automerge::ROOT, "sneaky", true)
+        .expect("a local change");
+    let mut st = automerge::sync::State::new();
+    let mut msg = local
+        .sync()
+        .generate_sync_message(&mut st)
+        .expect("a message");
+    assert!(!msg.heads.is_empty());
+    msg.changes = Vec::<Vec<u8>>::new().into();
+    let heads_only = msg.encode();
+    let doc = "3Mx7dMZnw3SiFkRJzKPJeGrBv6zS";
+    let sync = |doc: &str, kind: &str, data: Vec<u8>| {
+        cbor_map(&[
+            ("type", text(kind)),
+            ("senderId", text("ro")),
+            ("targetId", text("server")),
+            ("documentId", text(doc)),
+            ("data", ciborium::Value::Bytes(data)),
+        ])
+    };
+    ws.send(Message::Binary(
+        sync(doc, "sync", heads_only.clone()).into(),
+    ))
+    .await
+    .expect("send");
+    let err = loop {
+        let frame = decode(next_frame(&mut ws).await);
+        if field(&frame, "type").and_then(|v| v.as_text()) == Some("error") {
+            break frame;
+        }
+    };
+    let message = field(&err, "message")
+        .and_then(|v| v.as_text())
+        .expect("a message");
+    assert!(
+        message.contains(doc) && message.contains("refused"),
+        "{message}"
+    );
+
+    // The same heads again: no second error. A request for a document nobody has
+    // comes after it on the socket, so the next error frame, if any, would come
+    // before that answer.
+    ws.send(Message::Binary(sync(doc, "sync", heads_only).into()))
+        .await
+        .expect("send");
+    let mut empty = AutoCommit::new();
+    let request = empty
+        .sync()
+        .generate_sync_message(&mut automerge::sync::State::new())
+        .expect("a message")
+        .encode();
+    ws.send(Message::Binary(
+        sync("4NMNnkMhL8jXrdJ9jamS58PAVdXu", "request", request).into(),
+    ))
+    .await
+    .expect("send");
+    loop {
+        let frame = decode(next_frame(&mut ws).await);
+        let kind = field(&frame, "type").and_then(|v| v.as_text());
+        assert_ne!(kind, Some("error"), "{frame:?}");
+        if kind == Some("doc-unavailable") {
+            break;
+        }
+    }
     stack.shutdown().await;
 }
 

@@ -835,6 +835,15 @@ impl Doc {
         self.lock().pending.remove(hash);
     }
 
+    /// Whether some of `heads` are neither in the log nor on their way to it from
+    /// this gateway: changes a peer holds that the server has not seen.
+    pub fn lacks_any(&self, heads: &[ChangeHash]) -> bool {
+        let inner = self.lock();
+        heads
+            .iter()
+            .any(|h| inner.doc.get_change_meta_by_hash(h).is_none() && !inner.pending.contains(h))
+    }
+
     /// Takes a peer's sync message into `sync_state` without applying its changes
     /// (they go through the sequencer), then answers from the durable document.
     pub fn receive(

@@ -69,6 +69,9 @@ struct PeerDoc {
     sync: sync::State,
     /// Ask the peer to send its changes again at this time.
     resync_at: Option<Instant>,
+    /// A digest of the heads a read-only peer was last told its changes are
+    /// refused for, so each new head is refused once, not on every message.
+    refused_heads: Option<u64>,
 }
 
 /// A change on its way to the sequencer.
@@ -479,6 +482,7 @@ impl Session {
                 _lease: lease,
                 sync: sync::State::new(),
                 resync_at: None,
+                refused_heads: None,
             },
         );
         Ok(())
@@ -523,26 +527,38 @@ impl Session {
             ));
         }
         let write = self.access(access::Access::Write);
-        if !message.changes.is_empty() {
-            match &write {
-                Ok(_) => {
-                    let chunks: Vec<Vec<u8>> = message.changes.iter().map(<[u8]>::to_vec).collect();
-                    for chunk in chunks {
-                        self.submit(&doc, chunk).await;
-                    }
-                }
-                Err(r) => {
-                    self.state.docs.metrics.changes_refused.fetch_add(
-                        message.changes.len() as u64,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                    let why = format!(
-                        "changes to document {doc_id} refused: {} ({})",
-                        r.message,
-                        r.code.as_str()
-                    );
-                    self.error(&why);
-                }
+        // A peer that may not write is told so when it sends changes, and also when
+        // its heads name changes the server lacks without carrying them: its sync
+        // state may hold them back (the server's Bloom filter can claim to have a
+        // change it lacks), and a read-only server never asks for them.
+        let refused = match &write {
+            Err(r) if !message.changes.is_empty() || doc.lacks_any(&message.heads) => {
+                Some((r.clone(), heads_digest(&message.heads)))
+            }
+            _ => None,
+        };
+        if !message.changes.is_empty() && write.is_ok() {
+            let chunks: Vec<Vec<u8>> = message.changes.iter().map(<[u8]>::to_vec).collect();
+            for chunk in chunks {
+                self.submit(&doc, chunk).await;
+            }
+        }
+        if let Some((r, digest)) = refused {
+            let first = self
+                .docs
+                .get_mut(&doc_id)
+                .is_some_and(|pd| pd.refused_heads.replace(digest) != Some(digest));
+            if first {
+                self.state.docs.metrics.changes_refused.fetch_add(
+                    message.changes.len().max(1) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                let why = format!(
+                    "changes to document {doc_id} refused: {} ({})",
+                    r.message,
+                    r.code.as_str()
+                );
+                self.error(&why);
             }
         }
         let Some(pd) = self.docs.get_mut(&doc_id) else {
@@ -836,4 +852,12 @@ impl Session {
             self.error(&format!("document {doc_id}: {}", r.message));
         }
     }
+}
+
+/// A digest of a peer's heads, to tell one set of heads from the next.
+fn heads_digest(heads: &[ChangeHash]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    heads.hash(&mut h);
+    h.finish()
 }
