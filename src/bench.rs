@@ -122,6 +122,8 @@ struct Stack {
     nats_monitor: Option<String>,
     /// Partitions of `USYNC_CMDS`, when sequencer processes were started.
     partitions: Option<u32>,
+    /// The `/metrics` of every sequencer this run started (`http://host:port`).
+    sequencer_metrics: Vec<String>,
     own: Option<OwnStack>,
 }
 
@@ -133,10 +135,51 @@ struct OwnStack {
     services: Vec<(String, std::process::Child)>,
 }
 
-/// What the processes of a stack spent: CPU seconds per role, read from /proc, and
-/// the messages nats-server took in and sent out (its `/varz`), when known.
+/// What the processes of a stack spent: CPU seconds per role, read from /proc, the
+/// messages nats-server took in and sent out (its `/varz`), and the sequencers'
+/// durable writes (their `/metrics`), when known.
 #[derive(Clone)]
-struct CpuSample(Vec<(String, f64)>, Option<(u64, u64)>);
+struct CpuSample {
+    cpu: Vec<(String, f64)>,
+    nats_msgs: Option<(u64, u64)>,
+    writes: Option<Writes>,
+    at: Instant,
+}
+
+/// The sequencers' durable writes so far, summed over the instances.
+#[derive(Clone, Copy, Default)]
+struct Writes {
+    /// Committer rounds (one durable write each, of one or more stream keys).
+    rounds: f64,
+    /// Seconds the rounds took, from publish to the server's acks.
+    round_secs: f64,
+    /// One stream key's ops stored together (one log message unless they exceed
+    /// its cap).
+    key_writes: f64,
+    ops: f64,
+}
+
+impl Writes {
+    /// Adds the counters of one sequencer's `/metrics` text.
+    fn add(&mut self, metrics: &str) {
+        for line in metrics.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            match name {
+                "ultrasync_sequencer_commit_seconds_count" => self.rounds += value,
+                "ultrasync_sequencer_commit_seconds_sum" => self.round_secs += value,
+                "ultrasync_sequencer_batch_ops_count" => self.key_writes += value,
+                "ultrasync_sequencer_ops_written_total" => self.ops += value,
+                _ => {}
+            }
+        }
+    }
+}
 
 impl Stack {
     /// Starts a managed nats-server (`sync_interval: always`), then a gateway and a
@@ -181,6 +224,15 @@ impl Stack {
         config.gateway.org_max_inflight_commands = 1 << 20;
         config.gateway.org_max_inflight_bytes = 1 << 30;
         config.materializer.data_dir = dir.path().join("materializer");
+        // Every sequencer serves `/metrics` on a port of its own: the report shows
+        // what the durable writes were (`serve`'s from the file, the others' flags).
+        let mut sequencer_ports = Vec::new();
+        for _ in 0..sequencers.max(1) {
+            sequencer_ports.push(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?);
+        }
+        if one_process {
+            config.sequencer.metrics_listen = Some(sequencer_ports[0]);
+        }
         config.auth.jwt_secret = Some(secret.clone());
         config.validate()?;
         // The secret goes to the services in their environment, not in the file.
@@ -199,6 +251,10 @@ impl Stack {
             nats_url: natsd.url.clone(),
             nats_monitor: Some(format!("http://127.0.0.1:{monitor_port}")),
             partitions: None,
+            sequencer_metrics: sequencer_ports
+                .iter()
+                .map(|a| format!("http://{a}"))
+                .collect(),
             own: Some(OwnStack {
                 natsd,
                 dir,
@@ -220,7 +276,11 @@ impl Stack {
             // start on a ready layout.
             stack.wait_ready().await?;
             for i in own_sequencers {
-                stack.spawn(&format!("sequencer-{}", i + 1), &["sequencer"])?;
+                let metrics = sequencer_ports[i].to_string();
+                stack.spawn(
+                    &format!("sequencer-{}", i + 1),
+                    &["sequencer", "--metrics-listen", &metrics],
+                )?;
             }
             stack.wait_partitions_shared(sequencers.max(1)).await
         }
@@ -335,6 +395,7 @@ impl Stack {
             nats_url,
             nats_monitor: None,
             partitions: None,
+            sequencer_metrics: Vec::new(),
             own: None,
         };
         stack.wait_ready().await?;
@@ -478,13 +539,37 @@ impl Stack {
         {
             msgs = v["in_msgs"].as_u64().zip(v["out_msgs"].as_u64());
         }
-        CpuSample(
-            self.processes()
+        let mut writes = (!self.sequencer_metrics.is_empty()).then(Writes::default);
+        for base in &self.sequencer_metrics {
+            match ultrasync_client::http::request(
+                "GET",
+                base,
+                "/metrics",
+                &[],
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            {
+                Ok(r) if r.status == 200 => {
+                    if let Some(w) = writes.as_mut() {
+                        w.add(&r.body);
+                    }
+                }
+                // One sequencer unheard: no figures rather than wrong ones.
+                _ => writes = None,
+            }
+        }
+        CpuSample {
+            cpu: self
+                .processes()
                 .into_iter()
                 .filter_map(|(name, pid)| Some((name, process_usage(pid)?.0)))
                 .collect(),
-            msgs,
-        )
+            nats_msgs: msgs,
+            writes,
+            at: Instant::now(),
+        }
     }
 }
 
@@ -492,14 +577,37 @@ impl Stack {
 const LOAD_GENERATOR: &str = "load generator (this process)";
 
 impl CpuSample {
+    /// The sequencers' durable writes between `self` and `later`: how many ops
+    /// each stream key's write carried and how the committer's rounds went, which
+    /// with nats-server fsyncing every message decide the rate.
+    fn writes_until(&self, later: &CpuSample, acked: u64) -> Value {
+        let (Some(a), Some(b)) = (self.writes, later.writes) else {
+            return Value::Null;
+        };
+        let secs = later.at.duration_since(self.at).as_secs_f64().max(1e-9);
+        let rounds = b.rounds - a.rounds;
+        let key_writes = b.key_writes - a.key_writes;
+        let ops = b.ops - a.ops;
+        let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
+        json!({
+            "key_writes_per_sec": key_writes / secs,
+            "key_writes_per_acked_op": ratio(key_writes, acked as f64),
+            "ops_per_key_write": ratio(ops, key_writes),
+            "rounds_per_sec": rounds / secs,
+            "keys_per_round": ratio(key_writes, rounds),
+            "ms_per_round": ratio(b.round_secs - a.round_secs, rounds) * 1e3,
+            "committer_busy_share": (b.round_secs - a.round_secs) / secs,
+        })
+    }
+
     /// CPU µs per acked op spent between `self` and `later`, summed by group: the
     /// ultrasync processes, nats-server, and the load generator.
     fn per_op(&self, later: &CpuSample, acked: u64) -> Value {
         let mut groups: BTreeMap<&str, f64> = BTreeMap::new();
         let mut processes: BTreeMap<&str, f64> = BTreeMap::new();
-        for (name, after) in &later.0 {
+        for (name, after) in &later.cpu {
             let before = self
-                .0
+                .cpu
                 .iter()
                 .find(|(n, _)| n == name)
                 .map_or(0.0, |(_, c)| *c);
@@ -516,7 +624,7 @@ impl CpuSample {
         let per_op = |secs: f64| secs * 1e6 / acked.max(1) as f64;
         let server = groups.get("ultrasync").copied().unwrap_or(0.0)
             + groups.get("nats_server").copied().unwrap_or(0.0);
-        let msgs = match (self.1, later.1) {
+        let msgs = match (self.nats_msgs, later.nats_msgs) {
             (Some((i0, o0)), Some((i1, o1))) => json!({
                 "in": i1.saturating_sub(i0) as f64 / acked.max(1) as f64,
                 "out": o1.saturating_sub(o0) as f64 / acked.max(1) as f64,
@@ -525,6 +633,7 @@ impl CpuSample {
         };
         json!({
             "nats_msgs_per_op": msgs,
+            "durable_writes": self.writes_until(later, acked),
             "cpu_secs": groups,
             "cpu_secs_by_process": processes,
             "cpu_us_per_op": {
@@ -781,10 +890,19 @@ async fn closed_loop(
     let acked = acked.load(std::sync::atomic::Ordering::Relaxed);
     let latency = latency.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let rate = acked as f64 / elapsed.as_secs_f64();
+    let writes = &cpu["durable_writes"];
     step.finish(&format!(
-        "{acked} acked ({rate:.0}/s), {}, server CPU {:.0} µs/op",
+        "{acked} acked ({rate:.0}/s), {}, server CPU {:.0} µs/op{}",
         percentiles(&latency),
-        cpu["cpu_us_per_op"]["server_total"].as_f64().unwrap_or(0.0)
+        cpu["cpu_us_per_op"]["server_total"].as_f64().unwrap_or(0.0),
+        match writes["ops_per_key_write"].as_f64() {
+            Some(ops) => format!(
+                ", {ops:.1} ops per durable write of a key, {:.1} keys per {:.1} ms round",
+                writes["keys_per_round"].as_f64().unwrap_or(0.0),
+                writes["ms_per_round"].as_f64().unwrap_or(0.0)
+            ),
+            None => String::new(),
+        }
     ));
     Ok(json!({
         "writers": writers,
@@ -2106,6 +2224,55 @@ mod tests {
             .filter_map(|n| n.text())
             .map(|t| t.trim().to_owned())
             .collect()
+    }
+
+    #[test]
+    fn durable_writes_come_from_the_sequencers_counters() {
+        let metrics = |rounds: u64, secs: f64, writes: u64, ops: u64| {
+            format!(
+                "# TYPE ultrasync_sequencer_commit_seconds histogram\n\
+                 ultrasync_sequencer_commit_seconds_bucket{{le=\"0.001\"}} 1\n\
+                 ultrasync_sequencer_commit_seconds_sum {secs}\n\
+                 ultrasync_sequencer_commit_seconds_count {rounds}\n\
+                 ultrasync_sequencer_batch_ops_sum {ops}\n\
+                 ultrasync_sequencer_batch_ops_count {writes}\n\
+                 ultrasync_sequencer_ops_written_total {ops}\n\
+                 ultrasync_sequencer_partition_ops_written_total{{partition=\"1\"}} 99\n"
+            )
+        };
+        let sample = |texts: &[String], at: Instant| {
+            let mut w = Writes::default();
+            for t in texts {
+                w.add(t);
+            }
+            CpuSample {
+                cpu: Vec::new(),
+                nats_msgs: None,
+                writes: Some(w),
+                at,
+            }
+        };
+        let t0 = Instant::now();
+        // Two sequencers; in 2 s: 100 rounds of 0.5 s in all, 400 key writes, 4,000 ops.
+        let before = sample(&[metrics(10, 1.0, 20, 100), metrics(0, 0.0, 0, 0)], t0);
+        let after = sample(
+            &[metrics(60, 1.25, 220, 2100), metrics(50, 0.25, 200, 2000)],
+            t0 + Duration::from_secs(2),
+        );
+        let w = before.writes_until(&after, 4000);
+        assert_eq!(w["key_writes_per_sec"], 200.0);
+        assert_eq!(w["key_writes_per_acked_op"], 0.1);
+        assert_eq!(w["ops_per_key_write"], 10.0);
+        assert_eq!(w["rounds_per_sec"], 50.0);
+        assert_eq!(w["keys_per_round"], 4.0);
+        assert_eq!(w["ms_per_round"], 5.0);
+        assert_eq!(w["committer_busy_share"], 0.25);
+        // A stack without the sequencers' figures (`--url`) reports none.
+        let unknown = CpuSample {
+            writes: None,
+            ..before.clone()
+        };
+        assert!(unknown.writes_until(&after, 4000).is_null());
     }
 
     #[test]

@@ -80,6 +80,19 @@ fn a_quick_bench_writes_a_report_and_a_chart() {
             "{cpu}"
         );
     }
+    // The sequencers' durable writes during the closed loop, from their `/metrics`:
+    // every acked op was in one, a write carries at least one op.
+    let writes = &closed["cpu"]["durable_writes"];
+    assert!(
+        writes["ops_per_key_write"]
+            .as_f64()
+            .is_some_and(|o| o >= 1.0)
+            && writes["key_writes_per_acked_op"]
+                .as_f64()
+                .is_some_and(|w| w > 0.0 && w <= 1.0)
+            && writes["keys_per_round"].as_f64().is_some_and(|k| k >= 1.0),
+        "{writes}"
+    );
     let processes = report["processes"].as_object().expect("processes");
     for role in [
         "ultrasync gateway",
