@@ -495,18 +495,25 @@ fn decode(m: Message) -> ciborium::Value {
     }
 }
 
+/// A new socket to `url` that sent `join` as `peer` offering `versions`, and the
+/// server's first frame.
+async fn joined(url: &str, peer: &str, versions: &[&str]) -> (Socket, ciborium::Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    ws.send(Message::Binary(join(peer, versions).into()))
+        .await
+        .expect("send");
+    let first = decode(next_frame(&mut ws).await);
+    (ws, first)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wire_protocol_join_versions_and_replacement() {
     let stack = Stack::start().await;
     let url = endpoint(&stack.http, "web", &stack.token("alice", "read write"));
     // join → peer, with the server's id, a storage id and selectedProtocolVersion.
-    let (mut one, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .expect("connect");
-    one.send(Message::Binary(join("p1", &["1"]).into()))
-        .await
-        .expect("send");
-    let peer = decode(next_frame(&mut one).await);
+    let (mut one, peer) = joined(&url, "p1", &["1"]).await;
     assert_eq!(field(&peer, "type").and_then(|v| v.as_text()), Some("peer"));
     assert_eq!(
         field(&peer, "targetId").and_then(|v| v.as_text()),
@@ -526,13 +533,7 @@ async fn the_wire_protocol_join_versions_and_replacement() {
     );
 
     // The same peer id again on a new socket replaces the first one.
-    let (mut two, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .expect("connect");
-    two.send(Message::Binary(join("p1", &["1"]).into()))
-        .await
-        .expect("send");
-    let again = decode(next_frame(&mut two).await);
+    let (mut two, again) = joined(&url, "p1", &["1"]).await;
     let meta2 = field(&again, "peerMetadata").expect("peerMetadata");
     assert_eq!(
         field(meta2, "storageId").and_then(|v| v.as_text()),
@@ -542,14 +543,7 @@ async fn the_wire_protocol_join_versions_and_replacement() {
     assert!(matches!(next_frame(&mut one).await, Message::Close(_)));
 
     // An unsupported version: error, then close.
-    let (mut three, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .expect("connect");
-    three
-        .send(Message::Binary(join("p3", &["99"]).into()))
-        .await
-        .expect("send");
-    let err = decode(next_frame(&mut three).await);
+    let (mut three, err) = joined(&url, "p3", &["99"]).await;
     assert_eq!(field(&err, "type").and_then(|v| v.as_text()), Some("error"));
     assert!(matches!(next_frame(&mut three).await, Message::Close(_)));
 
@@ -591,13 +585,7 @@ async fn a_read_only_peer_is_told_of_changes_it_holds_back() {
     use automerge::sync::SyncDoc;
     let stack = Stack::start().await;
     let url = endpoint(&stack.http, "web", &stack.token("rita", "read"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .expect("connect");
-    ws.send(Message::Binary(join("ro", &["1"]).into()))
-        .await
-        .expect("send");
-    let peer = decode(next_frame(&mut ws).await);
+    let (mut ws, peer) = joined(&url, "ro", &["1"]).await;
     assert_eq!(field(&peer, "type").and_then(|v| v.as_text()), Some("peer"));
 
     let mut local = AutoCommit::new();
