@@ -861,7 +861,7 @@ impl Doc {
         let answered_these_heads =
             sync_state.have_responded && sync_state.last_sent_heads == inner.doc.get_heads();
         sync_state.read_only = true;
-        if let Err(e) = inner.doc.receive_sync_message(sync_state, message) {
+        if let Err(e) = receive_sync(&mut inner.doc, sync_state, message) {
             return Answer::Failed(format!("the sync message does not apply: {e}"));
         }
         sync_state.read_only = !can_write;
@@ -929,6 +929,28 @@ impl Doc {
 /// A sync message from the durable document, without the flags section: a peer
 /// that sees flags assumes the v2 format and may send whole documents, which the
 /// gateway refuses (only changes, each admitted on its own, reach the sequencer).
+/// Takes a peer's sync message into `sync_state`, as automerge does, except for one
+/// shortcut: automerge records a changeless message whose heads equal ours as if we
+/// had sent the peer those heads (`last_sent_heads`), and then says nothing. But the
+/// peer learns the server's heads (automerge-repo's sync info, the page's "saved")
+/// only from a message sent from here, and its heads can equal the log's before the
+/// log's announcement went out: its last change reached the log while its reply to
+/// an older announcement was on the way. Neither the answer to that reply nor
+/// `generate` would then ever tell it. So what was really sent is kept (a message
+/// with empty heads, a peer that lost everything, still resets it).
+fn receive_sync(
+    doc: &mut Automerge,
+    sync_state: &mut sync::State,
+    message: sync::Message,
+) -> Result<(), automerge::AutomergeError> {
+    let sent_heads = (!message.heads.is_empty()).then(|| sync_state.last_sent_heads.clone());
+    doc.receive_sync_message(sync_state, message)?;
+    if let Some(sent) = sent_heads {
+        sync_state.last_sent_heads = sent;
+    }
+    Ok(())
+}
+
 fn generate(doc: &Automerge, sync_state: &mut sync::State) -> Option<Vec<u8>> {
     generate_message(doc, sync_state).map(sync::Message::encode)
 }
@@ -1018,5 +1040,58 @@ async fn load(doc: Weak<Doc>) {
                 backoff = (backoff * 2).min(RELOAD_BACKOFF);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::ROOT;
+    use automerge::transaction::Transactable;
+
+    fn edit(doc: &mut Automerge, n: i64) {
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "n", n).expect("put");
+        tx.commit();
+    }
+
+    #[test]
+    fn a_peer_whose_change_reached_the_log_before_its_reply_is_told_the_heads() {
+        // The log's document announces the peer's first change to it.
+        let mut peer = Automerge::new();
+        edit(&mut peer, 1);
+        let mut log = Automerge::new();
+        log.merge(&mut peer.clone()).expect("merge");
+        let mut state = sync::State::new();
+        state.read_only = true;
+        let announced = generate_message(&log, &mut state).expect("an announcement");
+        assert_eq!(announced.heads, log.get_heads());
+        // The peer's next change reaches the log (through the sequencer, not this
+        // sync state), and then its changeless reply to the older announcement
+        // arrives, naming heads that are now the log's.
+        edit(&mut peer, 2);
+        log.merge(&mut peer.clone()).expect("merge");
+        let mut reply = peer
+            .generate_sync_message(&mut sync::State::new())
+            .expect("a message");
+        reply.changes = Vec::<Vec<u8>>::new().into();
+        assert_eq!(reply.heads, log.get_heads());
+
+        // Automerge's own receive takes the peer's heads as sent from here and has
+        // nothing more to say: the peer would never hear the log's heads.
+        let mut plain = state.clone();
+        log.clone()
+            .receive_sync_message(&mut plain, reply.clone())
+            .expect("receive");
+        assert!(generate_message(&log, &mut plain).is_none());
+
+        receive_sync(&mut log, &mut state, reply).expect("receive");
+        let told = generate_message(&log, &mut state).expect("the log's heads are sent");
+        assert_eq!(told.heads, log.get_heads());
+        assert!(told.changes.is_empty());
+        assert!(
+            generate_message(&log, &mut state).is_none(),
+            "and only once"
+        );
     }
 }

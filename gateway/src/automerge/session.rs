@@ -803,6 +803,9 @@ impl Session {
             pd.sync.needs_reset = true;
             pd.sync.have_responded = false;
             if let Some(data) = pd.doc.generate(&mut pd.sync) {
+                // The peer was sent empty heads, not the log's: the next message
+                // must announce them again.
+                pd.sync.last_sent_heads.clear();
                 let frame = wire::sync(&self.server_id, self.target(), &id, &data);
                 self.out.push(frame);
             }
