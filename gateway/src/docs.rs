@@ -926,9 +926,6 @@ impl Doc {
     }
 }
 
-/// A sync message from the durable document, without the flags section: a peer
-/// that sees flags assumes the v2 format and may send whole documents, which the
-/// gateway refuses (only changes, each admitted on its own, reach the sequencer).
 /// Takes a peer's sync message into `sync_state`, as automerge does, except for one
 /// shortcut: automerge records a changeless message whose heads equal ours as if we
 /// had sent the peer those heads (`last_sent_heads`), and then says nothing. But the
@@ -951,6 +948,9 @@ fn receive_sync(
     Ok(())
 }
 
+/// A sync message from the durable document, without the flags section: a peer
+/// that sees flags assumes the v2 format and may send whole documents, which the
+/// gateway refuses (only changes, each admitted on its own, reach the sequencer).
 fn generate(doc: &Automerge, sync_state: &mut sync::State) -> Option<Vec<u8>> {
     generate_message(doc, sync_state).map(sync::Message::encode)
 }
@@ -1093,5 +1093,12 @@ mod tests {
             generate_message(&log, &mut state).is_none(),
             "and only once"
         );
+        // The same reply again (a peer repeating itself) gets no further answer.
+        let mut again = peer
+            .generate_sync_message(&mut sync::State::new())
+            .expect("a message");
+        again.changes = Vec::<Vec<u8>>::new().into();
+        receive_sync(&mut log, &mut state, again).expect("receive");
+        assert!(generate_message(&log, &mut state).is_none());
     }
 }
