@@ -384,6 +384,17 @@ async fn subscribe_from_start(conn: &mut Connection, namespace: &str) -> ServerM
 
 /// One counter of the gateway's `/metrics`.
 async fn gateway_metric(hub: &Hub, name: &str) -> f64 {
+    metric_on(hub, name)
+        .await
+        .unwrap_or_else(|| panic!("no {name} on /metrics"))
+}
+
+/// A counter of the gateway's `/metrics`, 0 before it first counts.
+async fn gateway_metric_or_zero(hub: &Hub, name: &str) -> f64 {
+    metric_on(hub, name).await.unwrap_or(0.0)
+}
+
+async fn metric_on(hub: &Hub, name: &str) -> Option<f64> {
     let r = http_exchange("GET", &hub.url("/metrics"), &[], "")
         .await
         .expect("metrics");
@@ -392,7 +403,23 @@ async fn gateway_metric(hub: &Hub, name: &str) -> f64 {
         .find(|l| l.split_whitespace().next() == Some(name))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} on /metrics"))
+}
+
+/// A process stopped with SIGSTOP until this is dropped (SIGCONT).
+struct Paused(nix::unistd::Pid);
+
+impl Paused {
+    fn stop(pid: u32) -> Self {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
 }
 
 /// `[v]` nested `depth` deep.
@@ -1068,8 +1095,13 @@ async fn run_row(hub: &mut Hub, row: &str) {
             c.close().await;
         }
         "many actors of one org flood the command queue" => {
-            // 6 actors, each within its own rate, 150 commands each at once: the org's
-            // share of the queue (300 in flight here) refuses the excess.
+            // 6 actors, each within its own rate, 150 commands each. NATS is paused
+            // meanwhile, so nothing is stored and the org's share of the queue (300
+            // in flight here) stays taken: whatever the machine's speed, 300 wait
+            // and the other 600 are refused at once.
+            let rejects = "ultrasync_gateway_rejects_total{code=\"rate_limited\"}";
+            let refused_before = gateway_metric_or_zero(hub, rejects).await;
+            let paused = Paused::stop(hub._nats.pid());
             let mut tasks = Vec::new();
             for a in 0..6 {
                 let token = hub.token(&format!("flood{a}"));
@@ -1084,19 +1116,47 @@ async fn run_row(hub: &mut Hub, row: &str) {
                         .await
                         .expect("http");
                     let answer: Value = serde_json::from_str(&r.body).expect("json");
-                    answer["results"]
-                        .as_array()
-                        .map(|rs| rs.iter().filter(|r| r["code"] == json!("rate_limited")).count())
-                        .unwrap_or(0)
+                    answer["results"].as_array().cloned().unwrap_or_default()
                 }));
             }
-            let mut refused = 0;
-            for t in tasks {
-                refused += t.await.expect("join");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let waiting = gateway_metric(hub, "ultrasync_gateway_commands_waiting").await;
+                let refused = gateway_metric_or_zero(hub, rejects).await - refused_before;
+                if waiting >= 300.0 && refused >= 600.0 {
+                    assert_eq!(
+                        (waiting, refused),
+                        (300.0, 600.0),
+                        "the org's share of 300 commands in flight"
+                    );
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the flood was not taken in: {waiting} waiting, {refused} refused"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            drop(paused);
+            let mut results = Vec::new();
+            for t in tasks {
+                results.extend(t.await.expect("join"));
+            }
+            let refused: Vec<&Value> = results
+                .iter()
+                .filter(|r| r["code"] == json!("rate_limited"))
+                .collect();
+            assert_eq!(refused.len(), 600, "refused of 900: {results:?}");
             assert!(
-                refused > 0,
-                "900 commands in flight at once fit an org share of 300"
+                refused.iter().all(|r| r["reason"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("commands waiting to be queued"))),
+                "refused for another reason: {refused:?}"
+            );
+            let acked = results.iter().filter(|r| r["type"] == json!("ack")).count();
+            assert_eq!(
+                acked, 300,
+                "the 300 that waited are stored once NATS is back"
             );
         }
         "tokens: not yet valid, too long lived, no write scope" => {

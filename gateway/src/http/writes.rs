@@ -23,7 +23,7 @@ use ultrasync_shared::{ErrorCode, Id, OpType, Precondition, StreamKey, log};
 use super::{ApiQuery, body_error, resolve};
 use crate::rules::access::Access;
 use crate::rules::{Refusal, commands, error_response};
-use crate::{AppState, spans};
+use crate::{AppState, Metrics, spans};
 
 /// Most commands in one `POST …/commands`.
 const MAX_BATCH: usize = 1000;
@@ -56,6 +56,7 @@ async fn run_commands(
         };
         if let Err(r) = checked {
             spans::rejected(&span, r.code, &r.message);
+            state.metrics.reject(r.code);
             results[i] = Some(ServerMessage::reject(frame.command_id, r.code, r.message));
             continue;
         }
@@ -63,6 +64,7 @@ async fn run_commands(
         let mut envelope = commands::envelope(principal, key, client_id, frame, reply_to.clone());
         if let Err(e) = state.hooks.before_apply(principal, &mut envelope) {
             spans::rejected(&span, e.code, &e.message);
+            state.metrics.reject(e.code);
             results[i] = Some(ServerMessage::reject(command_id, e.code, e.message));
             continue;
         }
@@ -85,6 +87,7 @@ async fn run_commands(
                 );
             }
             Err(e) => {
+                state.metrics.reject(ErrorCode::InvalidMessage);
                 results[i] = Some(ServerMessage::reject(
                     command_id,
                     ErrorCode::InvalidMessage,
@@ -103,9 +106,19 @@ async fn run_commands(
             let Ok(msg) = serde_json::from_slice::<ServerMessage>(&body) else {
                 continue;
             };
+            // Counted as they come, like a socket's: a refusal shows on `/metrics`
+            // while the rest of the batch still waits.
             let id = match &msg {
-                ServerMessage::Ack { command_id, .. }
-                | ServerMessage::Reject { command_id, .. } => command_id.clone(),
+                ServerMessage::Ack { command_id, .. } => {
+                    Metrics::inc(&state.metrics.acks);
+                    command_id.clone()
+                }
+                ServerMessage::Reject {
+                    command_id, code, ..
+                } => {
+                    state.metrics.reject(*code);
+                    command_id.clone()
+                }
                 _ => continue,
             };
             if let Some(slots) = waiting.remove(&id) {
@@ -128,6 +141,7 @@ async fn run_commands(
             if let Some(span) = traced.get(i) {
                 spans::rejected(span, ErrorCode::Unavailable, "no answer in time");
             }
+            state.metrics.reject(ErrorCode::Unavailable);
             results[i] = Some(ServerMessage::reject(
                 id.clone(),
                 ErrorCode::Unavailable,
