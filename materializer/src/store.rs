@@ -95,13 +95,23 @@ pub struct Store {
     db: DB,
 }
 
-fn sk_bytes(key: &StreamKey) -> Vec<u8> {
-    key.to_string().into_bytes()
-}
-
+/// `tag`, the stream key as `org/project/namespace` (its `Display`), then `0` and
+/// `rest`: built in one allocation, as RocksDB keys are for every op applied.
 fn prefixed(tag: u8, key: &StreamKey, rest: Option<&[u8]>) -> Vec<u8> {
-    let mut k = vec![tag];
-    k.extend(sk_bytes(key));
+    let (org, project, ns) = (
+        key.org.as_str().as_bytes(),
+        key.project.as_str().as_bytes(),
+        key.namespace.as_str().as_bytes(),
+    );
+    let mut k = Vec::with_capacity(
+        4 + org.len() + project.len() + ns.len() + rest.map_or(0, |r| 1 + r.len()),
+    );
+    k.push(tag);
+    k.extend_from_slice(org);
+    k.push(b'/');
+    k.extend_from_slice(project);
+    k.push(b'/');
+    k.extend_from_slice(ns);
     if let Some(rest) = rest {
         k.push(0);
         k.extend_from_slice(rest);
@@ -130,6 +140,17 @@ fn encode_command(command: &str, op_id: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(2 + command.len() + op_id.len());
     v.extend_from_slice(&(command.len() as u16).to_be_bytes());
     v.extend_from_slice(command.as_bytes());
+    v.extend_from_slice(op_id.as_bytes());
+    v
+}
+
+/// [`encode_command`] of a command key given as its 16 bytes (written as hex in
+/// place, without a `String` of its own).
+fn encode_command_key(command: &[u8; 16], op_id: &str) -> Vec<u8> {
+    let mut v = vec![0u8; 2 + 32];
+    v[..2].copy_from_slice(&32u16.to_be_bytes());
+    // 16 bytes always fit 32 hex digits.
+    let _ = hex::encode_to_slice(command, &mut v[2..]);
     v.extend_from_slice(op_id.as_bytes());
     v
 }
@@ -582,17 +603,28 @@ impl Applier {
                         });
                     }
                 }
-                let command = ultrasync_shared::op::command_key_hex(&op.actor_id, &op.command_id);
+                let command = ultrasync_shared::op::command_key(&op.actor_id, &op.command_id);
                 writes.push((
                     command_key(key, entry.server_seq),
-                    Some(encode_command(&command, &entry.op_id)),
+                    Some(encode_command_key(&command, &entry.op_id)),
                 ));
                 head = KeyHead {
                     last_seq: entry.server_seq,
                     head_stream_seq: entry.stream_seq,
                 };
-                heads.insert(key.clone(), head);
-                *out.per_key.entry(key.clone()).or_default() += 1;
+                // The stream key is cloned once per batch, not once per op.
+                match heads.get_mut(key) {
+                    Some(h) => *h = head,
+                    None => {
+                        heads.insert(key.clone(), head);
+                    }
+                }
+                match out.per_key.get_mut(key) {
+                    Some(n) => *n += 1,
+                    None => {
+                        out.per_key.insert(key.clone(), 1);
+                    }
+                }
             }
             last_position = Some(entry.stream_seq);
             out.taken += 1;
@@ -703,6 +735,32 @@ mod tests {
         let applier = Applier::new(store.clone());
         let k = StreamKey::parse("o", "p", "n").expect("key");
         (dir, store, applier, k)
+    }
+
+    #[test]
+    fn keys_and_command_records_keep_their_stored_form() {
+        let k = StreamKey::parse("acme", "web-app", "todos").expect("key");
+        assert_eq!(head_key(&k), b"Hacme/web-app/todos".to_vec());
+        assert_eq!(entry_key(&k, "k1"), b"Kacme/web-app/todos\0k1".to_vec());
+        let mut seq = b"Sacme/web-app/todos\0".to_vec();
+        seq.extend_from_slice(&7u64.to_be_bytes());
+        assert_eq!(command_key(&k, 7), seq);
+        let (from, to) = range(b'K', &k);
+        assert_eq!(
+            (from, to),
+            (
+                b"Kacme/web-app/todos\0".to_vec(),
+                b"Kacme/web-app/todos\x01".to_vec()
+            )
+        );
+        let raw = ultrasync_shared::op::command_key("alice", "c1");
+        let hex = ultrasync_shared::op::command_key_hex("alice", "c1");
+        let record = encode_command_key(&raw, "op-9");
+        assert_eq!(record, encode_command(&hex, "op-9"));
+        assert_eq!(
+            decode_command(&record).expect("decode"),
+            (hex, "op-9".to_owned())
+        );
     }
 
     #[test]
