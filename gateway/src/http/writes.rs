@@ -106,22 +106,18 @@ async fn run_commands(
             let Ok(msg) = serde_json::from_slice::<ServerMessage>(&body) else {
                 continue;
             };
-            // Counted as they come, like a socket's: a refusal shows on `/metrics`
-            // while the rest of the batch still waits.
             let id = match &msg {
-                ServerMessage::Ack { command_id, .. } => {
-                    Metrics::inc(&state.metrics.acks);
-                    command_id.clone()
-                }
-                ServerMessage::Reject {
-                    command_id, code, ..
-                } => {
-                    state.metrics.reject(*code);
-                    command_id.clone()
-                }
+                ServerMessage::Ack { command_id, .. }
+                | ServerMessage::Reject { command_id, .. } => command_id.clone(),
                 _ => continue,
             };
             if let Some(slots) = waiting.remove(&id) {
+                // Counted as they come, like a socket's: a refusal shows on
+                // `/metrics` while the rest of the batch still waits.
+                match &msg {
+                    ServerMessage::Reject { code, .. } => state.metrics.reject(*code),
+                    _ => Metrics::inc(&state.metrics.acks),
+                }
                 for i in slots {
                     if let Some(span) = traced.get_mut(i) {
                         spans::answered(span, &msg);
