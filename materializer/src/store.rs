@@ -147,12 +147,10 @@ fn encode_command(command: &str, op_id: &str) -> Vec<u8> {
 /// [`encode_command`] of a command key given as its 16 bytes (written as hex in
 /// place, without a `String` of its own).
 fn encode_command_key(command: &[u8; 16], op_id: &str) -> Vec<u8> {
-    let mut v = vec![0u8; 2 + 32];
-    v[..2].copy_from_slice(&32u16.to_be_bytes());
-    // 16 bytes always fit 32 hex digits.
-    let _ = hex::encode_to_slice(command, &mut v[2..]);
-    v.extend_from_slice(op_id.as_bytes());
-    v
+    let mut hex = [0u8; 32];
+    // 16 bytes always fit 32 hex digits, and hex digits are UTF-8.
+    let _ = hex::encode_to_slice(command, &mut hex);
+    encode_command(std::str::from_utf8(&hex).unwrap_or_default(), op_id)
 }
 
 fn decode_command(bytes: &[u8]) -> Result<(String, String), StoreError> {
